@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv on first use and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint compat venv clean
+
+$(STAMP): setup.py requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nexedge demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check nexedge tests benchmarks tools setup.py
+
+# The daemon side (runtime, serve, store, card, preprocess) must run on Python 3.8 (JetPack 5).
+DAEMON_MODULES := nexedge/__init__.py nexedge/card.py nexedge/preprocess.py nexedge/runtime nexedge/serve nexedge/store
+compat: $(STAMP)
+	$(BIN)/vermin --no-tips --violations -t=3.8- --eval-annotations --backport dataclasses $(DAEMON_MODULES)
+	$(BIN)/python tools/check_no_torch.py
+
+test: $(STAMP) lint compat
+	$(BIN)/python -m pytest -q -m "not gpu and not tensorrt"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

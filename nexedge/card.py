@@ -1,0 +1,334 @@
+"""ModelCard: the JSON sidecar that travels beside every artifact.
+
+``x.pt`` -> ``x.card.json``, ``x.onnx`` -> ``x.card.json``, ``x.engine`` -> ``x.card.json``.
+The card carries everything a later stage must not guess (classes, geometry,
+normalisation, operating points, validation score distribution, provenance) and
+the sha256 of the artifact it describes, so a stage can refuse an artifact whose
+card is missing or belongs to other bytes.
+
+This module is imported by the daemon: Python 3.8, no torch.
+"""
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+SCHEMA = "nexedge.card/1"
+CROP_MODES = ("center", "five", "ten")
+GRAPH_CROPS = ("host",) + CROP_MODES
+COLORS = ("gray", "rgb")
+PRECISIONS = ("fp32", "fp16", "int8")
+KINDS = ("checkpoint", "onnx", "engine")
+#: TPR targets of the report, as fractions.
+DEFAULT_TPRS = (0.991, 0.993, 0.995, 0.997, 1.0)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CardError(ValueError):
+    """A card is missing, malformed, or does not match its artifact."""
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source = source
+        self.field = field
+        super().__init__(f"{source}: field '{field}': {message}")
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def card_path_for(artifact: str) -> str:
+    """``dir/x.onnx`` -> ``dir/x.card.json`` (also for ``x.int8.onnx`` -> ``x.int8.card.json``)."""
+    base, _ext = os.path.splitext(artifact)
+    return base + ".card.json"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ModelCard:
+    """In-memory view of a card. ``data`` is the plain JSON dict; accessors read it.
+
+    Sections (see docs/modelcard.md):
+    ``artifact`` {file, sha256, kind, precision}; ``parent`` {file, sha256} or None;
+    ``classes``, ``good_class``; ``input`` {color, resize [H, W], crop [h, w],
+    crop_mode, mean, std}; ``graph`` {crops, input_name, output_names, max_batch,
+    quantization}; ``operating_points`` list of {target_tpr, threshold, tpr, fpr,
+    tpr_lower95, n_defects, n_good}; ``val_scores`` {edges, good, defect};
+    ``image_stats`` {name: {mean, std}}; ``metrics``; ``provenance``.
+    """
+
+    def __init__(self, data: Dict[str, Any], source: str = "<memory>") -> None:
+        self.data = data
+        self.source = source
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def new(
+        cls,
+        classes: Sequence[str],
+        good_class: str = "good",
+        resize: Sequence[int] = (255, 255),
+        crop: Sequence[int] = (224, 224),
+        crop_mode: str = "center",
+        color: str = "gray",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        kind: str = "checkpoint",
+        precision: str = "fp32",
+    ) -> "ModelCard":
+        data = {
+            "schema": SCHEMA,
+            "created": _utcnow(),
+            "artifact": {"file": None, "sha256": None, "kind": kind, "precision": precision},
+            "parent": None,
+            "classes": list(classes),
+            "good_class": good_class,
+            "input": {
+                "color": color,
+                "resize": [int(resize[0]), int(resize[1])],
+                "crop": [int(crop[0]), int(crop[1])],
+                "crop_mode": crop_mode,
+                "mean": [float(x) for x in mean],
+                "std": [float(x) for x in std],
+            },
+            "graph": {"crops": "host", "input_name": "input", "output_names": ["logits"], "max_batch": None},
+            "operating_points": [],
+            "val_scores": None,
+            "image_stats": None,
+            "metrics": {},
+            "provenance": {},
+        }
+        card = cls(data)
+        card.validate()
+        return card
+
+    def derive(self, kind: str, precision: Optional[str] = None) -> "ModelCard":
+        """A copy for a child artifact; ``parent`` becomes this card's artifact."""
+        data = copy.deepcopy(self.data)
+        parent = self.data["artifact"]
+        data["parent"] = {"file": parent.get("file"), "sha256": parent.get("sha256"), "kind": parent.get("kind")}
+        data["artifact"] = {
+            "file": None,
+            "sha256": None,
+            "kind": kind,
+            "precision": precision or parent.get("precision", "fp32"),
+        }
+        data["created"] = _utcnow()
+        return ModelCard(data)
+
+    # -- accessors ----------------------------------------------------
+    @property
+    def classes(self) -> List[str]:
+        return list(self.data["classes"])
+
+    @property
+    def good_class(self) -> str:
+        return self.data["good_class"]
+
+    @property
+    def good_index(self) -> int:
+        return self.data["classes"].index(self.data["good_class"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data["classes"])
+
+    @property
+    def input(self) -> Dict[str, Any]:
+        return self.data["input"]
+
+    @property
+    def graph(self) -> Dict[str, Any]:
+        return self.data["graph"]
+
+    @property
+    def precision(self) -> str:
+        return self.data["artifact"]["precision"]
+
+    @property
+    def sha256(self) -> Optional[str]:
+        return self.data["artifact"].get("sha256")
+
+    @property
+    def model_id(self) -> str:
+        """Short id for logs and verdicts: ``<file stem>@<sha8>``."""
+        art = self.data["artifact"]
+        stem = os.path.basename(art.get("file") or "model")
+        return "{}@{}".format(stem, (art.get("sha256") or "unknown")[:8])
+
+    @property
+    def operating_points(self) -> List[Dict[str, Any]]:
+        return list(self.data.get("operating_points") or [])
+
+    def operating_point(self, target_tpr: float) -> Dict[str, Any]:
+        """The operating point for ``target_tpr`` (fraction, 0.991 or percent, 99.1)."""
+        t = target_tpr / 100.0 if target_tpr > 1.0 else target_tpr
+        for op in self.operating_points:
+            if abs(float(op["target_tpr"]) - t) < 1e-9:
+                return op
+        have = [op["target_tpr"] for op in self.operating_points]
+        raise CardError(
+            self.source, "operating_points", f"no operating point for target TPR {t} (card has {have})"
+        )
+
+    # -- validation ---------------------------------------------------
+    def _fail(self, field: str, message: str) -> None:
+        raise CardError(self.source, field, message)
+
+    def validate(self) -> "ModelCard":
+        """Check structure and types; raise :class:`CardError` naming the field."""
+        d = self.data
+        if not isinstance(d, dict):
+            self._fail("<root>", f"expected a JSON object, got {type(d).__name__}")
+        if d.get("schema") != SCHEMA:
+            self._fail("schema", "expected {!r}, got {!r}".format(SCHEMA, d.get("schema")))
+        for key in ("artifact", "classes", "good_class", "input", "graph"):
+            if key not in d:
+                self._fail(key, "missing")
+        art = d["artifact"]
+        if not isinstance(art, dict):
+            self._fail("artifact", "expected an object")
+        if art.get("kind") not in KINDS:
+            self._fail("artifact.kind", "expected one of {}, got {!r}".format(KINDS, art.get("kind")))
+        if art.get("precision") not in PRECISIONS:
+            self._fail("artifact.precision", "expected one of {}, got {!r}".format(PRECISIONS, art.get("precision")))
+        classes = d["classes"]
+        if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+            self._fail("classes", f"expected a list of two or more non-empty class names, got {classes!r}")
+        if len(set(classes)) != len(classes):
+            self._fail("classes", f"duplicate class names in {classes!r}")
+        if d["good_class"] not in classes:
+            self._fail("good_class", "{!r} is not one of the classes {!r}".format(d["good_class"], classes))
+        inp = d["input"]
+        if inp.get("color") not in COLORS:
+            self._fail("input.color", "expected one of {}, got {!r}".format(COLORS, inp.get("color")))
+        for key in ("resize", "crop"):
+            v = inp.get(key)
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)):
+                self._fail("input." + key, f"expected [height, width] of positive integers, got {v!r}")
+        if inp["crop"][0] > inp["resize"][0] or inp["crop"][1] > inp["resize"][1]:
+            self._fail("input.crop", "crop {} larger than resize {}".format(inp["crop"], inp["resize"]))
+        if inp.get("crop_mode") not in CROP_MODES:
+            self._fail("input.crop_mode", "expected one of {}, got {!r}".format(CROP_MODES, inp.get("crop_mode")))
+        for key in ("mean", "std"):
+            v = inp.get(key)
+            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+                self._fail("input." + key, f"expected three numbers, got {v!r}")
+        if any(float(x) <= 0 for x in inp["std"]):
+            self._fail("input.std", "must be positive, got {!r}".format(inp["std"]))
+        g = d["graph"]
+        if g.get("crops") not in GRAPH_CROPS:
+            self._fail("graph.crops", "expected one of {}, got {!r}".format(GRAPH_CROPS, g.get("crops")))
+        mb = g.get("max_batch")
+        if mb is not None and not (isinstance(mb, int) and mb > 0):
+            self._fail("graph.max_batch", f"expected a positive integer or null, got {mb!r}")
+        for i, op in enumerate(d.get("operating_points") or []):
+            for key in ("target_tpr", "threshold"):
+                v = op.get(key) if isinstance(op, dict) else None
+                if not isinstance(v, (int, float)) or math.isnan(float(v)):
+                    self._fail(f"operating_points[{i}].{key}", f"expected a number, got {v!r}")
+        vs = d.get("val_scores")
+        if vs is not None:
+            edges, good, defect = vs.get("edges"), vs.get("good"), vs.get("defect")
+            if not (isinstance(edges, list) and isinstance(good, list) and len(good) == len(edges) - 1):
+                self._fail("val_scores", "expected edges (n+1) and good counts (n)")
+            if defect is not None and len(defect) != len(edges) - 1:
+                self._fail("val_scores.defect", f"expected {len(edges) - 1} counts, got {len(defect)}")
+        return self
+
+    # -- I/O -----------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+
+    def save_for(self, artifact: str, parent: Optional[str] = None) -> str:
+        """Stamp the artifact's name and sha256 (and the parent's) and write the sidecar."""
+        self.data["artifact"]["file"] = os.path.basename(artifact)
+        self.data["artifact"]["sha256"] = sha256_file(artifact)
+        if parent is not None:
+            self.data["parent"] = {
+                "file": os.path.basename(parent),
+                "sha256": sha256_file(parent),
+                "kind": (self.data.get("parent") or {}).get("kind"),
+            }
+        self.validate()
+        path = card_path_for(artifact)
+        self.source = path
+        atomic_write_bytes(path, self.to_json().encode("utf-8"))
+        return path
+
+
+def read_card(path: str) -> ModelCard:
+    """Read and validate a card file (not its artifact)."""
+    if not os.path.exists(path):
+        raise CardError(path, "<file>", "card file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise CardError(path, "<file>", f"not valid JSON: {e}") from None
+    return ModelCard(data, source=path).validate()
+
+
+def load_card(artifact: str, verify: bool = True) -> ModelCard:
+    """Card for ``artifact``; with ``verify`` the artifact's sha256 must match the card."""
+    path = card_path_for(artifact)
+    if not os.path.exists(path):
+        raise CardError(path, "<file>", f"card missing for artifact {artifact} (every artifact needs its card)")
+    card = read_card(path)
+    if verify:
+        if not os.path.exists(artifact):
+            raise CardError(path, "artifact.file", f"artifact {artifact} not found")
+        actual = sha256_file(artifact)
+        expected = card.data["artifact"].get("sha256")
+        if actual != expected:
+            raise CardError(
+                path,
+                "artifact.sha256",
+                f"card says {expected} but {artifact} has sha256 {actual} (artifact changed or card belongs to another file)",
+            )
+    return card
+
+
+def verify_parent(child: ModelCard, parent_artifact: str) -> None:
+    """Raise unless ``child``'s parent sha256 is that of ``parent_artifact``."""
+    parent = child.data.get("parent") or {}
+    actual = sha256_file(parent_artifact)
+    if parent.get("sha256") != actual:
+        raise CardError(
+            child.source,
+            "parent.sha256",
+            "card names parent sha256 {} but {} has {}".format(parent.get("sha256"), parent_artifact, actual),
+        )

@@ -1,0 +1,12 @@
+"""Inference backends behind one interface; see :func:`open_backend`. No torch at import."""
+
+from nexedge.runtime.base import Backend, BackendError, InferenceResult
+
+__all__ = ["Backend", "BackendError", "InferenceResult", "open_backend"]
+
+
+def open_backend(path, **kwargs):  # type: ignore[no-untyped-def]
+    """Open ``path`` with the backend its suffix names (.onnx, .engine, .pt); see nexedge.runtime.factory."""
+    from nexedge.runtime.factory import open_backend as _open
+
+    return _open(path, **kwargs)

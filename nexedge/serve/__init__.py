@@ -1,0 +1,1 @@
+"""nexedge.serve"""

@@ -1,0 +1,72 @@
+"""nexedge: deploy semiconductor defect classifiers on inspection lines.
+
+``setup.py`` is the source of truth for the package metadata. The base install
+carries only what the line-side daemon needs (no torch); training, TensorRT and
+test tooling are extras.
+"""
+
+from setuptools import find_packages, setup
+
+BASE = [
+    "numpy>=1.19",
+    "pyzmq>=22",
+    # Headless: the daemon never opens a window and the GUI build drags in X11/Qt.
+    "opencv-python-headless>=4.5",
+    "pyyaml>=5.3",
+    "onnxruntime>=1.12",
+    "prometheus-client>=0.12",
+]
+
+EXTRAS = {
+    "train": [
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "scikit-learn>=1.0",
+        "scipy>=1.7",
+        "matplotlib>=3.5",
+        "tqdm>=4.60",
+        "onnx>=1.13",
+    ],
+    # On a Jetson, TensorRT and its Python bindings come with JetPack (apt: python3-libnvinfer);
+    # install this extra only on x86 hosts with a CUDA toolkit.
+    "trt": [
+        "tensorrt>=8.5",
+        "cuda-python>=11.8",
+    ],
+    "test": [
+        "pytest>=7",
+        "pytest-timeout>=2",
+        "hypothesis>=6",
+        "imagezmq>=1.1",
+        "tqdm>=4.60",
+    ],
+    "dev": [
+        "ruff>=0.5",
+        "vermin>=1.5",
+    ],
+}
+EXTRAS["all"] = sorted({d for k in ("train", "test", "dev") for d in EXTRAS[k]})
+
+setup(
+    name="nexedge",
+    version="0.1.0",
+    description="Edge deployment of semiconductor defect classifiers: train, export, TensorRT, line daemon",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.8",
+    packages=find_packages(include=["nexedge", "nexedge.*"]),
+    package_data={"nexedge": ["py.typed", "serve/*.yaml"]},
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "nexedge=nexedge.cli:main",
+            "nexedge-daemon=nexedge.serve.daemon:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.8",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from nexedge.card import CardError, ModelCard, card_path_for, load_card, read_card, verify_parent
+
+
+def _card(**kw):
+    return ModelCard.new(["good", "chipping", "scratch"], **kw)
+
+
+def test_card_roundtrip_and_sha(tmp_path):
+    art = tmp_path / "m.onnx"
+    art.write_bytes(b"model-bytes")
+    card = _card(resize=(64, 64), crop=(56, 56), crop_mode="ten")
+    path = card.save_for(str(art))
+    assert path == str(tmp_path / "m.card.json")
+    loaded = load_card(str(art))
+    assert loaded.classes == ["good", "chipping", "scratch"]
+    assert loaded.good_index == 0
+    assert loaded.input["crop_mode"] == "ten"
+    assert loaded.model_id.startswith("m.onnx@")
+
+
+def test_card_rejects_tampered_artifact(tmp_path):
+    art = tmp_path / "m.onnx"
+    art.write_bytes(b"model-bytes")
+    _card().save_for(str(art))
+    art.write_bytes(b"other-bytes")
+    with pytest.raises(CardError) as e:
+        load_card(str(art))
+    assert "artifact.sha256" in str(e.value) and "m.card.json" in str(e.value)
+
+
+def test_card_missing_names_file(tmp_path):
+    with pytest.raises(CardError, match="card missing"):
+        load_card(str(tmp_path / "x.onnx"))
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("good_class", "ok", "good_class"),
+        ("classes", ["good"], "classes"),
+        ("schema", "other/9", "schema"),
+    ],
+)
+def test_card_validation_names_field(tmp_path, field, value, needle):
+    data = _card().data
+    data[field] = value
+    p = tmp_path / "bad.card.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(CardError) as e:
+        read_card(str(p))
+    assert needle in str(e.value) and "bad.card.json" in str(e.value)
+
+
+def test_card_bad_input_geometry():
+    data = _card().data
+    data["input"]["crop"] = [300, 300]
+    with pytest.raises(CardError, match="input.crop"):
+        ModelCard(data).validate()
+    data = _card().data
+    data["input"]["crop_mode"] = "seven"
+    with pytest.raises(CardError, match="crop_mode"):
+        ModelCard(data).validate()
+
+
+def test_derive_and_parent(tmp_path):
+    pt = tmp_path / "m.pt"
+    pt.write_bytes(b"ckpt")
+    parent = _card()
+    parent.save_for(str(pt))
+    child = parent.derive("onnx")
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"graph")
+    child.save_for(str(onnx))
+    verify_parent(load_card(str(onnx)), str(pt))
+    pt.write_bytes(b"changed")
+    with pytest.raises(CardError, match="parent.sha256"):
+        verify_parent(load_card(str(onnx)), str(pt))
+
+
+def test_operating_point_lookup():
+    card = _card()
+    card.data["operating_points"] = [{"target_tpr": 0.995, "threshold": 0.2}, {"target_tpr": 1.0, "threshold": 0.05}]
+    assert card.operating_point(99.5)["threshold"] == 0.2
+    assert card.operating_point(1.0)["threshold"] == 0.05
+    with pytest.raises(CardError, match="0.991"):
+        card.operating_point(0.991)
+
+
+def test_card_path_for():
+    assert card_path_for("a/b/x.int8.onnx") == "a/b/x.int8.card.json"
