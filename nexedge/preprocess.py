@@ -143,3 +143,17 @@ def average_crops(logits: np.ndarray, k: int) -> np.ndarray:
 def defect_score(probs: np.ndarray, good_index: int) -> np.ndarray:
     """1 - p(good): the summed probability of every defect class."""
     return 1.0 - probs[:, good_index]
+
+
+IMAGE_STATS = ("brightness", "contrast", "sharpness")
+
+
+def image_stats(img: np.ndarray) -> Tuple[float, float, float]:
+    """Cheap per-image statistics for the shift monitor, on a prepared uint8 image:
+    brightness = mean/255, contrast = std/255, sharpness = variance of the Laplacian / 255^2."""
+    import cv2
+
+    g = img if img.ndim == 2 else (img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY))
+    g32 = g.astype(np.float32) * (1.0 / 255.0)
+    lap = cv2.Laplacian(g32, cv2.CV_32F, ksize=1)
+    return float(g32.mean()), float(g32.std()), float(lap.var())

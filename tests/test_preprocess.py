@@ -55,3 +55,15 @@ def test_average_and_defect_score():
     np.testing.assert_allclose(pp.defect_score(probs, 0), [1 - np.exp(1) / (np.exp(1) + 1), 0.5], rtol=1e-6)
     with pytest.raises(ValueError):
         pp.average_crops(logits[:3], 2)
+
+
+def test_image_stats_orders_blur_and_brightness():
+    import cv2
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, size=(32, 32, 1), dtype=np.uint8)
+    b, c, s = pp.image_stats(img)
+    blurred = cv2.GaussianBlur(img, (5, 5), 2.0)[:, :, None]
+    assert pp.image_stats(blurred)[2] < s
+    assert pp.image_stats((img // 2).astype(np.uint8))[0] < b
+    assert 0 < c < 1
