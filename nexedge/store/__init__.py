@@ -1,1 +1,8 @@
-"""nexedge.store"""
+"""nexedge.store: the uncertain-sample store (SQLite WAL rows + content-addressed image files).
+
+Imported by the daemon: Python 3.8, no torch.
+"""
+
+from nexedge.store.samples import KINDS, SampleStore, blob_relpath, normalize_ext, write_atomic
+
+__all__ = ["KINDS", "SampleStore", "blob_relpath", "normalize_ext", "write_atomic"]

@@ -1,0 +1,567 @@
+"""Uncertain-sample store: SQLite (WAL) rows plus content-addressed image files.
+
+Layout under ``root``::
+
+    samples.db                 SQLite, WAL journal; one row per logged frame
+    images/ab/<sha256>.<ext>   the original image bytes, written atomically
+    writer.lock                held (flock) by the one writing process
+
+Write order: the image file is written to a temp name, fsynced and
+``os.replace``d into place *before* the row that names it is committed, so a
+committed row always has its file. A crash can leave a temp file or an
+unreferenced image; the writer removes both when it opens the store.
+
+One writer (the daemon's background writer thread) adds rows; any number of
+readers (pull server, ``nexedge pull --store``) query, read images and mark
+samples pulled. Readers open with ``writer=False``.
+
+Retention (``quota_bytes`` counts image bytes on disk): when a new image would
+exceed the quota, samples already pulled are deleted first (oldest first), then
+not-yet-pulled ``audit`` samples (oldest first). Pending ``band``, ``recheck``
+and ``drift`` samples are never deleted to make room; if the quota still cannot
+be met, :meth:`SampleStore.add` returns None and counts a drop.
+
+Python 3.8, no torch.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+try:  # POSIX only; without it the single-writer rule is not enforced
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KINDS = ("band", "audit", "recheck", "drift")
+DB_NAME = "samples.db"
+IMAGES = "images"
+TMP_PREFIX = ".tmp-"
+_EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY,
+    ext TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+    camera TEXT NOT NULL,
+    frame_id TEXT,
+    ts REAL NOT NULL,
+    model_id TEXT,
+    threshold REAL,
+    score REAL,
+    probs TEXT,
+    decision TEXT,
+    reason TEXT,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    pulled REAL
+);
+CREATE INDEX IF NOT EXISTS samples_pending ON samples (pulled, id);
+CREATE INDEX IF NOT EXISTS samples_camera_ts ON samples (camera, ts);
+CREATE INDEX IF NOT EXISTS samples_kind ON samples (kind, pulled, id);
+CREATE INDEX IF NOT EXISTS samples_sha ON samples (sha256);
+"""
+
+_COLUMNS = (
+    "id", "sha256", "camera", "frame_id", "ts", "model_id", "threshold", "score",
+    "probs", "decision", "reason", "kind", "created", "pulled",
+)
+
+
+def normalize_ext(ext: str) -> str:
+    """``".PNG"`` -> ``"png"``; raise ValueError unless 1-8 letters/digits."""
+    e = str(ext).strip().lower().lstrip(".")
+    if e == "jpeg":
+        e = "jpg"
+    if not _EXT_RE.match(e):
+        raise ValueError(f"bad image extension {ext!r}; expected 1-8 letters or digits such as 'png' or 'jpg'")
+    return e
+
+
+def blob_relpath(sha256: str, ext: str) -> str:
+    """Content-addressed relative path ``images/ab/<sha256>.<ext>``."""
+    if not _SHA_RE.match(sha256):
+        raise ValueError(f"bad sha256 {sha256!r}; expected 64 lowercase hex digits")
+    return os.path.join(IMAGES, sha256[:2], f"{sha256}.{normalize_ext(ext)}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Temp file in the same folder, fsync, ``os.replace``, fsync the folder."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _opt_float(meta: Dict[str, Any], key: str) -> Optional[float]:
+    v = meta.get(key)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"sample meta {key!r} must be a number, got {v!r}") from None
+
+
+class SampleStore:
+    """SQLite + content-addressed files. See the module docstring for the rules.
+
+    ``writer=True`` (default) takes the store's writer lock, cleans up after a
+    crash and allows :meth:`add`; readers pass ``writer=False`` and may query,
+    read images and :meth:`mark_pulled`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        quota_bytes: Optional[int] = None,
+        writer: bool = True,
+        busy_timeout_ms: int = 10000,
+    ) -> None:
+        if quota_bytes is not None and int(quota_bytes) <= 0:
+            raise ValueError(f"quota_bytes must be positive or None, got {quota_bytes!r}")
+        self.root = os.path.abspath(root)
+        self.quota_bytes = None if quota_bytes is None else int(quota_bytes)
+        self.writer = bool(writer)
+        self.dropped = 0  # adds refused because the quota could not be met
+        self.evicted = 0  # samples deleted by retention
+        self._lock = threading.RLock()
+        self._lock_fd: Optional[int] = None
+        db_path = os.path.join(self.root, DB_NAME)
+        if self.writer:
+            os.makedirs(os.path.join(self.root, IMAGES), exist_ok=True)
+            self._take_writer_lock()
+        elif not os.path.exists(db_path):
+            raise FileNotFoundError(f"no sample store at {self.root} ({DB_NAME} not found)")
+        self._db = sqlite3.connect(
+            db_path, timeout=busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        if self.writer:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._init_schema()
+        self.store_id = self._meta_get("store_id") or ""
+        self._bytes = self._count_bytes()
+        if self.writer:
+            self.recover()
+
+    # -- setup -----------------------------------------------------------
+    def _take_writer_lock(self) -> None:
+        if fcntl is None:
+            return
+        path = os.path.join(self.root, "writer.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                other = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            raise RuntimeError(
+                f"sample store {self.root} already has a writer (pid {other or '?'}); "
+                "open it with writer=False to read"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    raise RuntimeError(
+                        f"sample store {self.root} has schema version {version}; this nexedge reads {SCHEMA_VERSION}"
+                    )
+                for stmt in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _meta_get(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _count_bytes(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+
+    def recover(self) -> Dict[str, int]:
+        """Writer only: remove temp files and image files no row refers to (crash leftovers)."""
+        if not self.writer:
+            raise RuntimeError("recover() needs the writer (open the store with writer=True)")
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT sha256 FROM blobs")}
+        temps = orphans = 0
+        top = os.path.join(self.root, IMAGES)
+        for sub in sorted(os.listdir(top)):
+            folder = os.path.join(top, sub)
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if name.startswith(TMP_PREFIX):
+                    os.unlink(path)
+                    temps += 1
+                elif name.split(".", 1)[0] not in known:
+                    os.unlink(path)
+                    orphans += 1
+        if temps or orphans:
+            log.warning("sample store %s: removed %d temp and %d orphan files left by a crash", self.root, temps, orphans)
+        return {"temp_files": temps, "orphan_files": orphans}
+
+    # -- writing -----------------------------------------------------------
+    def add(self, image_bytes: bytes, ext: str, meta: Dict[str, Any]) -> Optional[int]:
+        """Store one sample; return its row id, or None when the quota cannot be met.
+
+        ``meta``: camera, frame_id, ts, model_id, threshold, score, probs
+        (dict class -> p), decision, reason, kind (band | audit | recheck | drift).
+        """
+        if not self.writer:
+            raise RuntimeError("this SampleStore was opened read-only (writer=False)")
+        if not isinstance(image_bytes, (bytes, bytearray, memoryview)) or len(image_bytes) == 0:
+            raise ValueError("image_bytes must be non-empty bytes")
+        data = bytes(image_bytes)
+        e = normalize_ext(ext)
+        kind = meta.get("kind", "band")
+        if kind not in KINDS:
+            raise ValueError(f"sample kind {kind!r} unknown; expected one of {KINDS}")
+        camera = str(meta.get("camera") or "")
+        if not camera:
+            raise ValueError("sample meta needs a non-empty 'camera'")
+        probs = meta.get("probs")
+        if probs is not None and not isinstance(probs, dict):
+            raise ValueError(f"sample meta 'probs' must be a dict class -> probability, got {type(probs).__name__}")
+        ts = _opt_float(meta, "ts")
+        row = (
+            camera,
+            None if meta.get("frame_id") is None else str(meta.get("frame_id")),
+            time.time() if ts is None else ts,
+            None if meta.get("model_id") is None else str(meta.get("model_id")),
+            _opt_float(meta, "threshold"),
+            _opt_float(meta, "score"),
+            None if probs is None else json.dumps({str(k): float(v) for k, v in probs.items()}),
+            None if meta.get("decision") is None else str(meta.get("decision")),
+            None if meta.get("reason") is None else str(meta.get("reason")),
+            kind,
+            time.time(),
+        )
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            have = self._db.execute("SELECT ext FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+            if have is None:
+                need = len(data)
+                if self.quota_bytes is not None and self._bytes + need > self.quota_bytes:
+                    if not self._make_room(need):
+                        self.dropped += 1
+                        log.warning(
+                            "sample store %s full (%d of %d bytes; pending samples are kept): dropped a %s sample from %s",
+                            self.root, self._bytes, self.quota_bytes, kind, camera,
+                        )
+                        return None
+                path = os.path.join(self.root, blob_relpath(sha, e))
+                if not os.path.exists(path):
+                    write_atomic(path, data)
+            else:
+                e = have[0]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if have is None:
+                    self._db.execute(
+                        "INSERT INTO blobs (sha256, ext, size, refs) VALUES (?, ?, ?, 1)", (sha, e, len(data))
+                    )
+                else:
+                    self._db.execute("UPDATE blobs SET refs = refs + 1 WHERE sha256 = ?", (sha,))
+                cur = self._db.execute(
+                    "INSERT INTO samples (sha256, camera, frame_id, ts, model_id, threshold, score, probs,"
+                    " decision, reason, kind, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sha,) + row,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            if have is None:
+                self._bytes += len(data)
+            return int(cur.lastrowid)
+
+    def _make_room(self, need: int) -> bool:
+        """Delete pulled samples, then pending audit samples (oldest first) until ``need`` bytes fit."""
+        self._bytes = self._count_bytes()
+        order = (
+            ("pulled", "SELECT id FROM samples WHERE pulled IS NOT NULL ORDER BY id LIMIT 256"),
+            ("audit", "SELECT id FROM samples WHERE pulled IS NULL AND kind = 'audit' ORDER BY id LIMIT 256"),
+        )
+        for _name, sql in order:
+            while self._bytes + need > self.quota_bytes:
+                ids = [r[0] for r in self._db.execute(sql)]
+                if not ids:
+                    break
+                for sid in ids:  # one at a time: stop as soon as the new image fits
+                    self._delete([sid])
+                    if self._bytes + need <= self.quota_bytes:
+                        return True
+        return self._bytes + need <= self.quota_bytes
+
+    def _delete(self, ids: Sequence[int]) -> None:
+        """Delete rows; files whose last reference went are unlinked after the commit."""
+        gone: List[str] = []
+        freed = 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sid in ids:
+                r = self._db.execute("SELECT sha256 FROM samples WHERE id = ?", (int(sid),)).fetchone()
+                if r is None:
+                    continue
+                sha = r[0]
+                self._db.execute("DELETE FROM samples WHERE id = ?", (int(sid),))
+                self._db.execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ?", (sha,))
+                b = self._db.execute("SELECT refs, ext, size FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+                if b is not None and b[0] <= 0:
+                    self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+                    gone.append(blob_relpath(sha, b[1]))
+                    freed += int(b[2])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self.evicted += len(ids)
+        self._bytes -= freed
+        for rel in gone:  # a crash here leaves an orphan file; recover() removes it
+            try:
+                os.unlink(os.path.join(self.root, rel))
+            except FileNotFoundError:
+                pass
+
+    def delete(self, ids: Iterable[int]) -> None:
+        """Writer only: delete samples by id (and their files when no other row uses them)."""
+        if not self.writer:
+            raise RuntimeError("delete() needs the writer (open the store with writer=True)")
+        with self._lock:
+            self._delete([int(i) for i in ids])
+
+    # -- reading -----------------------------------------------------------
+    def query(
+        self,
+        camera: Optional[str] = None,
+        since: Optional[float] = None,
+        until: Optional[float] = None,
+        decision: Optional[str] = None,
+        reason: Optional[str] = None,
+        pending_only: bool = True,
+        limit: Optional[int] = None,
+        after_id: Optional[int] = None,
+        kind: Optional[str] = None,
+    ) -> List[Dict[str, Any]]:
+        """Rows in id order as dicts (``probs`` decoded, plus ``ext``, ``size``, ``path``).
+
+        ``since``/``until`` are epoch seconds on the frame time ``ts`` (since <= ts < until).
+        """
+        where, args = [], []  # type: List[str], List[Any]
+        for col, val in (("s.camera", camera), ("s.decision", decision), ("s.reason", reason), ("s.kind", kind)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("s.ts >= ?")
+            args.append(float(since))
+        if until is not None:
+            where.append("s.ts < ?")
+            args.append(float(until))
+        if pending_only:
+            where.append("s.pulled IS NULL")
+        if after_id is not None:
+            where.append("s.id > ?")
+            args.append(int(after_id))
+        sql = "SELECT {}, b.ext, b.size FROM samples s JOIN blobs b ON b.sha256 = s.sha256".format(
+            ", ".join("s." + c for c in _COLUMNS)
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY s.id"
+        if limit is not None:
+            if int(limit) < 0:
+                raise ValueError(f"limit must be >= 0, got {limit!r}")
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for r in rows:
+            d = dict(zip(_COLUMNS + ("ext", "size"), r))
+            d["probs"] = None if d["probs"] is None else json.loads(d["probs"])
+            d["path"] = blob_relpath(d["sha256"], d["ext"])
+            out.append(d)
+        return out
+
+    def get(self, sample_id: int) -> Optional[Dict[str, Any]]:
+        rows = self.query(pending_only=False, after_id=int(sample_id) - 1, limit=1)
+        return rows[0] if rows and rows[0]["id"] == int(sample_id) else None
+
+    def image_path(self, row: Dict[str, Any]) -> str:
+        """Absolute path of a row's image file."""
+        return os.path.join(self.root, blob_relpath(row["sha256"], row["ext"]))
+
+    def read_image(self, row: Dict[str, Any]) -> bytes:
+        """The row's image bytes; FileNotFoundError if retention removed it meanwhile."""
+        with open(self.image_path(row), "rb") as f:
+            return f.read()
+
+    def mark_pulled(self, ids: Iterable[int]) -> int:
+        """Mark samples pulled (acknowledged by a client); returns how many changed state."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        now = time.time()
+        n = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    cur = self._db.execute(
+                        "UPDATE samples SET pulled = ? WHERE pulled IS NULL AND id IN ({})".format(
+                            ",".join("?" * len(chunk))
+                        ),
+                        [now] + chunk,
+                    )
+                    n += cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def stats(self) -> Dict[str, Any]:
+        """Counts (total, pending, pulled, by kind), image bytes, quota, drops and evictions."""
+        with self._lock:
+            total, pending = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(pulled IS NULL), 0) FROM samples"
+            ).fetchone()
+            kinds = dict(self._db.execute("SELECT kind, COUNT(*) FROM samples GROUP BY kind").fetchall())
+            blobs, nbytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
+        return {
+            "samples": int(total),
+            "pending": int(pending),
+            "pulled": int(total) - int(pending),
+            "by_kind": {k: int(kinds.get(k, 0)) for k in KINDS},
+            "images": int(blobs),
+            "bytes": int(nbytes),
+            "quota_bytes": self.quota_bytes,
+            "dropped": self.dropped,
+            "evicted": self.evicted,
+        }
+
+    def integrity_check(self, verify_hashes: bool = True) -> Dict[str, Any]:
+        """SQLite ``PRAGMA integrity_check`` plus the file invariants.
+
+        Returns {ok, sqlite, missing, corrupt, temp_files, orphans, refs}: every
+        blob row has its file (with the right sha256 when ``verify_hashes``), no
+        temp files, no unreferenced files, blob reference counts match the rows.
+        """
+        with self._lock:
+            sqlite_msg = "; ".join(r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall())
+            blobs = self._db.execute("SELECT sha256, ext, refs FROM blobs").fetchall()
+            counts = dict(self._db.execute("SELECT sha256, COUNT(*) FROM samples GROUP BY sha256").fetchall())
+        missing, corrupt, bad_refs = [], [], []
+        names = set()
+        for sha, ext, refs in blobs:
+            rel = blob_relpath(sha, ext)
+            names.add(os.path.basename(rel))
+            path = os.path.join(self.root, rel)
+            if not os.path.exists(path):
+                missing.append(rel)
+            elif verify_hashes:
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() != sha:
+                        corrupt.append(rel)
+            if counts.get(sha, 0) != refs:
+                bad_refs.append(sha)
+        bad_refs += [sha for sha in counts if sha not in {b[0] for b in blobs}]
+        temps, orphans = [], []
+        top = os.path.join(self.root, IMAGES)
+        for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+            folder = os.path.join(top, sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if name.startswith(TMP_PREFIX):
+                    temps.append(os.path.join(IMAGES, sub, name))
+                elif name not in names:
+                    orphans.append(os.path.join(IMAGES, sub, name))
+        ok = sqlite_msg == "ok" and not (missing or corrupt or temps or orphans or bad_refs)
+        return {
+            "ok": ok,
+            "sqlite": sqlite_msg,
+            "missing": missing,
+            "corrupt": corrupt,
+            "temp_files": temps,
+            "orphans": orphans,
+            "refs": bad_refs,
+        }
+
+    # -- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None  # type: ignore[assignment]
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> "SampleStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
