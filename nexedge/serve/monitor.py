@@ -1,0 +1,288 @@
+"""Shift monitor: per-camera rolling statistics against the ModelCard's references.
+
+Per camera, over the last ``window`` frames:
+
+* ``mean_score``     mean defect score
+* ``reject_rate``    fraction of REJECT decisions
+* ``uncertain_frac`` fraction of frames flagged uncertain
+* ``psi``            population stability index of the score histogram against
+                     the card's ``val_scores`` (same bin edges)
+* ``brightness``, ``contrast``, ``sharpness``: shift of the window mean from the
+  card's ``image_stats`` reference, in units of the reference per-image std
+  (|window mean - ref mean| / ref std)
+
+Every update is O(1) (ring buffers and running sums); the statistics are
+evaluated every ``check_every`` frames once ``min_frames`` are in the window
+(O(bins)). A statistic above its limit raises an alarm (logged, counted,
+returned by :meth:`ShiftMonitor.observe`); it clears when the value falls under
+``clear_ratio`` x limit. While a camera has an alarm, :meth:`audit_rate` returns
+a raised audit-sampling rate so the store fills with the new kind of images.
+
+Python 3.8, numpy only.
+"""
+
+import logging
+import math
+import threading
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("brightness", "contrast", "sharpness")
+#: Default limits; None switches a statistic off. PSI 0.25 is the usual "significant shift" mark.
+DEFAULT_LIMITS: Dict[str, Optional[float]] = {
+    "mean_score": None,
+    "reject_rate": None,
+    "uncertain_frac": 0.3,
+    "psi": 0.25,
+    "brightness": 1.0,
+    "contrast": 1.0,
+    "sharpness": 1.0,
+}
+
+
+class _Window:
+    """Ring buffers and running sums for one camera."""
+
+    def __init__(self, size: int, nbins: int) -> None:
+        self.size = size
+        self.n = 0
+        self.pos = 0
+        self.total = 0
+        self.score = np.zeros(size, np.float64)
+        self.reject = np.zeros(size, np.int8)
+        self.uncertain = np.zeros(size, np.int8)
+        self.bin = np.zeros(size, np.int32)
+        self.stats = np.zeros((size, 3), np.float64)
+        self.has_stats = np.zeros(size, np.int8)
+        self.hist = np.zeros(max(nbins, 1), np.int64)
+        self.sum_score = 0.0
+        self.sum_reject = 0
+        self.sum_uncertain = 0
+        self.sum_stats = np.zeros(3, np.float64)
+        self.n_stats = 0
+        self.active: Dict[str, float] = {}
+        self.raised: Dict[str, int] = {}
+        self.values: Dict[str, Optional[float]] = {}
+
+    def push(self, score: float, reject: int, uncertain: int, b: int, stats: Optional[Sequence[float]]) -> None:
+        i = self.pos
+        if self.n == self.size:  # drop the oldest frame's contribution
+            self.sum_score -= self.score[i]
+            self.sum_reject -= int(self.reject[i])
+            self.sum_uncertain -= int(self.uncertain[i])
+            self.hist[self.bin[i]] -= 1
+            if self.has_stats[i]:
+                self.sum_stats -= self.stats[i]
+                self.n_stats -= 1
+        else:
+            self.n += 1
+        self.score[i] = score
+        self.reject[i] = reject
+        self.uncertain[i] = uncertain
+        self.bin[i] = b
+        self.hist[b] += 1
+        self.sum_score += score
+        self.sum_reject += reject
+        self.sum_uncertain += uncertain
+        if stats is not None:
+            self.stats[i] = stats
+            self.has_stats[i] = 1
+            self.sum_stats += self.stats[i]
+            self.n_stats += 1
+        else:
+            self.has_stats[i] = 0
+        self.pos = (i + 1) % self.size
+        self.total += 1
+        if self.pos == 0:  # once per window: re-sum so float drift cannot build up
+            self.sum_score = float(self.score[: self.n].sum())
+            m = self.has_stats[: self.n].astype(bool)
+            self.sum_stats = self.stats[: self.n][m].sum(axis=0) if m.any() else np.zeros(3)
+
+
+def psi(observed: np.ndarray, expected: np.ndarray, alpha: float = 0.5) -> float:
+    """Population stability index sum((o - e) * ln(o / e)) of two histograms
+    (counts or fractions), with ``alpha`` pseudo-counts so empty bins stay finite."""
+    o = np.asarray(observed, np.float64) + alpha
+    e = np.asarray(expected, np.float64)
+    e = e / max(e.sum(), 1e-12) * max(float(np.sum(observed)), 1.0) + alpha
+    o /= o.sum()
+    e /= e.sum()
+    return float(np.sum((o - e) * np.log(o / e)))
+
+
+class ShiftMonitor:
+    """Rolling per-camera drift statistics against a card's references.
+
+    ``card``: a :class:`nexedge.card.ModelCard` or its ``data`` dict; uses
+    ``val_scores`` {edges, good, defect} and ``image_stats`` {name: {mean, std}}
+    when present (statistics without a reference are switched off).
+    ``limits``: overrides of :data:`DEFAULT_LIMITS` (None disables one).
+    ``defect_prior``: weight of the defect histogram in the PSI reference; None
+    uses the validation mix as it is, a number (e.g. the line's expected defect
+    rate) reweights good and defect counts.
+    """
+
+    def __init__(
+        self,
+        card: Any,
+        window: int = 500,
+        limits: Optional[Mapping[str, Optional[float]]] = None,
+        min_frames: int = 100,
+        check_every: int = 10,
+        clear_ratio: float = 0.8,
+        defect_prior: Optional[float] = None,
+        audit_boost: float = 50.0,
+        alarm_audit_rate: float = 0.05,
+    ) -> None:
+        if window < 10:
+            raise ValueError(f"shift monitor window must be >= 10 frames, got {window}")
+        if not 1 <= min_frames <= window:
+            raise ValueError(f"min_frames must be in [1, window={window}], got {min_frames}")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if not 0.0 < clear_ratio <= 1.0:
+            raise ValueError(f"clear_ratio must be in (0, 1], got {clear_ratio}")
+        self.limits: Dict[str, Optional[float]] = dict(DEFAULT_LIMITS)
+        for k, v in (limits or {}).items():
+            if k not in DEFAULT_LIMITS:
+                raise ValueError(f"unknown shift limit {k!r}; expected some of {sorted(DEFAULT_LIMITS)}")
+            if v is not None and (not isinstance(v, (int, float)) or v <= 0 or math.isnan(v)):
+                raise ValueError(f"shift limit {k} must be a positive number or null, got {v!r}")
+            self.limits[k] = None if v is None else float(v)
+        self.window = int(window)
+        self.min_frames = int(min_frames)
+        self.check_every = int(check_every)
+        self.clear_ratio = float(clear_ratio)
+        self.audit_boost = float(audit_boost)
+        self.alarm_audit_rate = float(alarm_audit_rate)
+        data = card.data if hasattr(card, "data") else dict(card)
+        self._edges, self._ref = self._score_reference(data.get("val_scores"), defect_prior)
+        self._stat_ref = self._image_reference(data.get("image_stats"))
+        self._cams: Dict[str, _Window] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _score_reference(vs: Any, prior: Optional[float]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        if not vs:
+            log.info("card has no val_scores: PSI of the score histogram is off")
+            return None, None
+        edges = np.asarray(vs["edges"], np.float64)
+        good = np.asarray(vs["good"], np.float64)
+        defect = np.asarray(vs.get("defect") or np.zeros_like(good), np.float64)
+        if edges.ndim != 1 or len(edges) < 3 or np.any(np.diff(edges) <= 0):
+            raise ValueError(f"card val_scores.edges must be increasing with >= 2 bins, got {vs['edges']!r}")
+        if prior is None:
+            ref = good + defect
+        else:
+            if not 0.0 <= prior <= 1.0:
+                raise ValueError(f"defect_prior must be in [0, 1], got {prior}")
+            ref = (1 - prior) * good / max(good.sum(), 1.0) + prior * defect / max(defect.sum(), 1.0)
+        if ref.sum() <= 0:
+            raise ValueError("card val_scores holds no counts; cannot be a PSI reference")
+        return edges, ref
+
+    @staticmethod
+    def _image_reference(st: Any) -> Optional[np.ndarray]:
+        if not st:
+            log.info("card has no image_stats: brightness/contrast/sharpness checks are off")
+            return None
+        ref = np.zeros((3, 2))
+        for j, name in enumerate(STAT_NAMES):
+            ent = st.get(name)
+            if not ent:
+                raise ValueError(f"card image_stats lacks {name!r}; expected {{mean, std}} for {STAT_NAMES}")
+            ref[j] = float(ent["mean"]), max(float(ent["std"]), 1e-9)
+        return ref
+
+    # -- per frame ------------------------------------------------------------
+    def observe(
+        self,
+        camera: str,
+        score: float,
+        decision: str,
+        uncertain: bool,
+        stats: Optional[Tuple[float, float, float]] = None,
+    ) -> List[str]:
+        """Add one inspected frame; return the names of alarms newly raised for ``camera``."""
+        with self._lock:
+            w = self._cams.get(camera)
+            if w is None:
+                nb = 1 if self._edges is None else len(self._edges) - 1
+                w = self._cams[camera] = _Window(self.window, nb)
+            b = 0
+            if self._edges is not None:
+                b = int(np.searchsorted(self._edges, score, side="right")) - 1
+                b = min(max(b, 0), len(self._edges) - 2)
+            w.push(float(score), int(decision == "REJECT"), int(bool(uncertain)), b, stats)
+            if w.n < self.min_frames or w.total % self.check_every:
+                return []
+            return self._check(camera, w)
+
+    def _values(self, w: _Window) -> Dict[str, Optional[float]]:
+        n = max(w.n, 1)
+        v: Dict[str, Optional[float]] = {
+            "mean_score": w.sum_score / n,
+            "reject_rate": w.sum_reject / n,
+            "uncertain_frac": w.sum_uncertain / n,
+            "psi": None if self._ref is None else psi(w.hist, self._ref),
+        }
+        for j, name in enumerate(STAT_NAMES):
+            if self._stat_ref is None or w.n_stats == 0:
+                v[name] = None
+            else:
+                mean = w.sum_stats[j] / w.n_stats
+                v[name] = abs(mean - self._stat_ref[j, 0]) / self._stat_ref[j, 1]
+        return v
+
+    def _check(self, camera: str, w: _Window) -> List[str]:
+        w.values = self._values(w)
+        raised = []
+        for name, limit in self.limits.items():
+            val = w.values.get(name)
+            if limit is None or val is None:
+                continue
+            if name not in w.active and val > limit:
+                w.active[name] = val
+                w.raised[name] = w.raised.get(name, 0) + 1
+                raised.append(name)
+                log.warning(
+                    "shift alarm camera=%s stat=%s value=%.4g limit=%.4g window=%d frames",
+                    camera, name, val, limit, w.n,
+                )
+            elif name in w.active and val < limit * self.clear_ratio:
+                del w.active[name]
+                log.info("shift alarm cleared camera=%s stat=%s value=%.4g limit=%.4g", camera, name, val, limit)
+        return raised
+
+    # -- queries ----------------------------------------------------------------
+    def alarms(self, camera: str) -> List[str]:
+        with self._lock:
+            w = self._cams.get(camera)
+            return sorted(w.active) if w else []
+
+    def audit_rate(self, camera: str, base_rate: float) -> float:
+        """``base_rate`` normally; while ``camera`` has an alarm,
+        min(1, max(base_rate * audit_boost, alarm_audit_rate))."""
+        with self._lock:
+            w = self._cams.get(camera)
+            if w is None or not w.active:
+                return base_rate
+        return min(1.0, max(base_rate * self.audit_boost, self.alarm_audit_rate))
+
+    def snapshot(self) -> Dict[str, Dict[str, Any]]:
+        """Per camera: frames seen, window fill, current values, active alarms,
+        alarms raised so far (for Prometheus gauges/counters)."""
+        out = {}
+        with self._lock:
+            for cam, w in self._cams.items():
+                out[cam] = {
+                    "frames": w.total,
+                    "window": w.n,
+                    "values": self._values(w),
+                    "alarms": sorted(w.active),
+                    "raised_total": dict(w.raised),
+                }
+        return out

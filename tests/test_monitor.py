@@ -1,0 +1,102 @@
+"""Shift monitor on controlled score/statistic streams (the synthetic-image test is further down)."""
+
+import numpy as np
+import pytest
+
+from nexedge.serve.monitor import DEFAULT_LIMITS, ShiftMonitor, psi
+
+EDGES = list(np.linspace(0.0, 1.0, 21))
+
+
+def _card(good_scores, defect_scores, stats=None):
+    good, _ = np.histogram(good_scores, bins=EDGES)
+    defect, _ = np.histogram(defect_scores, bins=EDGES)
+    return {
+        "val_scores": {"edges": EDGES, "good": good.tolist(), "defect": defect.tolist()},
+        "image_stats": stats
+        or {"brightness": {"mean": 0.5, "std": 0.05}, "contrast": {"mean": 0.2, "std": 0.02},
+            "sharpness": {"mean": 0.01, "std": 0.002}},
+    }
+
+
+def _stream(rng, n, p_defect=0.1, shift=0.0, bright=0.5):
+    for _ in range(n):
+        d = rng.random() < p_defect
+        s = float(np.clip(rng.beta(8, 2) if d else rng.beta(1.2, 12) + shift, 0, 1))
+        st = (rng.normal(bright, 0.05), rng.normal(0.2, 0.02), rng.normal(0.01, 0.002))
+        yield s, ("REJECT" if s >= 0.5 else "PASS"), abs(s - 0.5) < 0.1, st
+
+
+def _ref(rng, n=4000, p_defect=0.1):
+    nd = int(n * p_defect)
+    return rng.beta(1.2, 12, n - nd), rng.beta(8, 2, nd)
+
+
+def test_psi_is_zero_for_same_and_large_for_shifted():
+    a = np.array([100, 200, 300, 400])
+    assert psi(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert psi(a[::-1], a) > 0.5
+
+
+def test_in_distribution_stream_raises_nothing():
+    rng = np.random.default_rng(0)
+    mon = ShiftMonitor(_card(*_ref(rng)), window=300)
+    alarms = []
+    for s, dec, unc, st in _stream(rng, 3000):
+        alarms += mon.observe("cam0", s, dec, unc, st)
+    assert alarms == []
+    snap = mon.snapshot()["cam0"]
+    assert snap["frames"] == 3000 and snap["window"] == 300 and snap["alarms"] == []
+    assert snap["values"]["psi"] < 0.1
+    assert mon.audit_rate("cam0", 0.001) == 0.001
+
+
+def test_score_shift_raises_psi_within_a_window_and_clears_after():
+    rng = np.random.default_rng(1)
+    mon = ShiftMonitor(_card(*_ref(rng)), window=300, limits={"uncertain_frac": None})
+    for s, dec, unc, st in _stream(rng, 600):
+        assert mon.observe("cam0", s, dec, unc, st) == []
+    first = None
+    for i, (s, dec, unc, st) in enumerate(_stream(rng, 600, shift=0.3)):
+        if "psi" in mon.observe("cam0", s, dec, unc, st) and first is None:
+            first = i
+    assert first is not None and first < 300
+    assert "psi" in mon.alarms("cam0")
+    assert mon.audit_rate("cam0", 0.001) == pytest.approx(0.05)
+    assert mon.snapshot()["cam0"]["raised_total"]["psi"] == 1
+    for s, dec, unc, st in _stream(rng, 900):
+        mon.observe("cam0", s, dec, unc, st)
+    assert "psi" not in mon.alarms("cam0")  # hysteresis lets it clear once the window is back
+
+
+def test_brightness_shift_raises_only_that_camera():
+    rng = np.random.default_rng(2)
+    mon = ShiftMonitor(_card(*_ref(rng)), window=200, min_frames=50)
+    raised = {"a": [], "b": []}
+    for (s, dec, unc, st), (s2, dec2, unc2, st2) in zip(_stream(rng, 400, bright=0.6), _stream(rng, 400)):
+        raised["a"] += mon.observe("a", s, dec, unc, st)
+        raised["b"] += mon.observe("b", s2, dec2, unc2, st2)
+    assert raised["a"] == ["brightness"] and raised["b"] == []
+    assert mon.snapshot()["a"]["values"]["brightness"] == pytest.approx(2.0, abs=0.3)
+
+
+def test_missing_references_switch_statistics_off():
+    mon = ShiftMonitor({}, window=20, min_frames=10, limits={"reject_rate": 0.5})
+    out = []
+    for _ in range(30):
+        out += mon.observe("c", 0.9, "REJECT", False, (0.1, 0.1, 0.1))
+    assert out == ["reject_rate"]
+    v = mon.snapshot()["c"]["values"]
+    assert v["psi"] is None and v["brightness"] is None and v["reject_rate"] == 1.0
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="unknown shift limit"):
+        ShiftMonitor({}, limits={"psy": 0.2})
+    with pytest.raises(ValueError, match="positive"):
+        ShiftMonitor({}, limits={"psi": -1})
+    with pytest.raises(ValueError, match="window"):
+        ShiftMonitor({}, window=5)
+    with pytest.raises(ValueError, match="image_stats"):
+        ShiftMonitor({"image_stats": {"brightness": {"mean": 0.5, "std": 0.1}}})
+    assert set(DEFAULT_LIMITS) >= {"psi", "brightness", "reject_rate", "uncertain_frac", "mean_score"}
