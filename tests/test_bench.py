@@ -1,0 +1,224 @@
+"""nexedge bench: statistics, environment capture, FLOP counting, and real ONNX Runtime runs
+of a tiny exported model through the CLI (JSON, decode stage, --compare, errors)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nexedge.bench import env, gemm, report, runner, stats
+from nexedge.cli import main
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+CLASSES = ["good", "chipping", "scratch"]
+
+
+def test_percentile_is_nearest_rank():
+    v = list(range(1, 101))  # 1..100
+    assert stats.percentile(v, 50) == 50
+    assert stats.percentile(v, 99) == 99
+    assert stats.percentile(v, 100) == 100
+    assert stats.percentile([7.0], 99) == 7.0
+    s = stats.summarize([4.0, 1.0, 3.0, 2.0])
+    assert (s["min"], s["median"], s["max"], s["n"]) == (1.0, 2.0, 4.0, 4)
+    assert s["mean"] == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="no samples"):
+        stats.summarize([])
+    with pytest.raises(ValueError, match="out of range"):
+        stats.percentile(v, 101)
+
+
+def test_env_capture_on_this_machine():
+    e = env.capture(threads=2)
+    assert e["cores_usable"] >= 1 and e["threads_requested"] == 2
+    import onnxruntime
+
+    assert e["libraries"]["onnxruntime"] == onnxruntime.__version__
+    assert e["libraries"]["opencv"]
+    assert "cores" in env.one_line(e)
+
+
+def test_env_jetson_probes_on_fake_sysfs(tmp_path):
+    root = tmp_path
+    (root / "etc").mkdir()
+    (root / "etc/nv_tegra_release").write_text(
+        "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64\n")
+    (root / "proc/device-tree").mkdir(parents=True)
+    (root / "proc/device-tree/model").write_text("NVIDIA Jetson Orin Nano Developer Kit\x00")
+    (root / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: ARMv8 Processor rev 1 (v8l)\n")
+    for i, (lo, hi) in enumerate([(1510400, 1510400), (1510400, 1510400)]):
+        pol = root / f"sys/devices/system/cpu/cpufreq/policy{i * 4}"
+        pol.mkdir(parents=True)
+        (pol / "scaling_min_freq").write_text(f"{lo}\n")
+        (pol / "scaling_max_freq").write_text(f"{hi}\n")
+    gpu = root / "sys/class/devfreq/17000000.ga10b"
+    gpu.mkdir(parents=True)
+    (gpu / "min_freq").write_text("306000000\n")
+    (gpu / "max_freq").write_text("624750000\n")
+    info = env.jetson_info(str(root))
+    assert info["l4t"] == "35.4.1"
+    assert info["model"] == "NVIDIA Jetson Orin Nano Developer Kit"
+    assert info["clocks_locked"] == {"cpu": True, "gpu": False}
+    assert env.cpu_model(str(root)) == "ARMv8 Processor rev 1 (v8l)"
+    (gpu / "min_freq").write_text("624750000\n")
+    assert env.clocks_locked(str(root))["gpu"] is True
+    assert env.jetson_info(str(tmp_path / "nothing")) is None
+    q = "NV Fan Mode:quiet\nNV Power Mode: MAXN\n0\n"
+    assert env.parse_nvpmodel(q) == "MAXN (mode 0)"
+    assert env.parse_nvpmodel("garbage") is None
+
+
+def test_flops_of_a_hand_built_graph(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    fc = numpy_helper.from_array(np.zeros((8 * 16 * 16, 5), np.float32), "fc")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [w, fc])
+    path = str(tmp_path / "g.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    conv = 2 * (8 * 16 * 16) * (3 * 3 * 3)  # outputs x MACs per output
+    mm = 2 * 5 * (8 * 16 * 16)
+    r = gemm.model_flops(path, batch=1)
+    assert r["flops"] == conv + mm and not r["unresolved"]
+    assert gemm.model_flops(path, batch=3)["flops"] == 3 * (conv + mm)
+    assert gemm.flops_per_image(path, host_crops=10)["flops_per_image"] == 10 * (conv + mm)
+
+
+def test_gemm_peak_is_measured():
+    g = gemm.measure_peaks(n=128, threads=1, seconds=0.05)
+    kinds = [r["kernel"] for r in g["rows"]]
+    assert kinds == ["numpy BLAS fp32", "onnxruntime MatMul fp32", "onnxruntime MatMulInteger u8s8"]
+    assert g["fp32_peak"] > 0.1 and g["int8_peak"] > 0.1
+    u = gemm.utilisation(1e9, 2.0, 4.0)
+    assert u == {"achieved_gflops": 2.0, "fraction_of_peak": 0.5}
+
+
+# -- real runs on ONNX Runtime ------------------------------------------------
+
+def _export(ckpt: str, crops: str, out: str) -> str:
+    assert main(["export", ckpt, "--crops", crops, "-o", out, "--parity-images", "2", "--threads", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from nexedge.card import ModelCard
+    from nexedge.models import create_model
+    from nexedge.models.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("bench")
+    card = ModelCard.new(CLASSES, resize=(40, 40), crop=(32, 32), crop_mode="ten", color="gray")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(str(d / "m.pt"), create_model("tiny", 3, width=8), "tiny", CLASSES, "good",
+                           arch_kwargs={"width": 8}, card=card)
+    return {
+        "dir": d,
+        "pt": ckpt,
+        "host": _export(ckpt, "host", str(d / "m.host.onnx")),
+        "ten": _export(ckpt, "ten", str(d / "m.ten.onnx")),
+    }
+
+
+def _bench(capsys, *argv):
+    rc = main(["bench", *argv])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return out
+
+
+def test_bench_onnx_json_and_table(models, capsys, tmp_path):
+    out_json = str(tmp_path / "host.json")
+    text = _bench(capsys, models["host"], "--batch", "1,3", "--iterations", "6", "--warmup", "1",
+                  "--threads", "1", "--crops", "center,ten", "--json", out_json)
+    doc = report.load_json(out_json)
+    assert [(r["crops"], r["batch"], r["iterations"], r["images"]) for r in doc["results"]] == [
+        ("center", 1, 6, 6), ("center", 3, 6, 18), ("ten", 1, 6, 6), ("ten", 3, 6, 18)]
+    for r in doc["results"]:
+        lat = r["latency_ms"]
+        assert {"preprocess", "inference", "postprocess", "total", "e2e"} <= set(lat)
+        e = lat["e2e"]
+        assert 0 < e["min"] <= e["median"] <= e["p90"] <= e["p95"] <= e["p99"] <= e["max"]
+        assert e["n"] == 6
+        # throughput is images over the summed iteration latency
+        assert r["images_per_s"] == pytest.approx(r["batch"] * 1000.0 / e["mean"], rel=1e-6)
+        assert lat["inference"]["mean"] <= e["mean"]
+        assert r["backend"] == "onnxruntime" and r["precision"] == "fp32" and r["crops_where"] == "host"
+    assert doc["env"]["threads_requested"] == 1 and doc["model"]["sha256"]
+    assert "--crops center,ten" in doc["command"]
+    assert "img/s" in text and "inference" in text and "p99 ms" in text
+
+
+def test_bench_in_graph_from_image_files_with_gemm(models, capsys, tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (50, 47), dtype=np.uint8))
+    cv2.imwrite(str(folder / "5.jpg"), rng.integers(0, 256, (61, 64, 3), dtype=np.uint8))
+    out_json = str(tmp_path / "ten.json")
+    text = _bench(capsys, models["ten"], "--batch", "2", "--iterations", "4", "--warmup", "0",
+                  "--threads", "1", "--images", str(folder), "--gemm", "--gemm-size", "64", "--json", out_json)
+    doc = report.load_json(out_json)
+    r = doc["results"][0]
+    assert r["input"] == "files" and r["crops_where"] == "graph"
+    assert r["latency_ms"]["decode"]["n"] == 4 and r["latency_ms"]["resize"]["n"] == 4
+    host_flops = gemm.model_flops(models["host"], batch=1)["flops"]
+    assert r["flops_per_image"] == pytest.approx(10 * host_flops)  # in-graph TenCrop = ten crops of work
+    assert r["utilisation"]["achieved_gflops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e9)
+    assert "GFLOP/s" in text and "decode" in text
+
+
+def test_compare_two_result_files(models, capsys, tmp_path):
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    _bench(capsys, models["host"], "--batch", "1", "--iterations", "3", "--threads", "1", "--json", a)
+    _bench(capsys, models["ten"], "--batch", "1", "--iterations", "3", "--threads", "1", "--json", b)
+    text = _bench(capsys, "--compare", a, b)
+    da, db = report.load_json(a), report.load_json(b)
+    want = db["results"][0]["images_per_s"] / da["results"][0]["images_per_s"]
+    assert "ten@host vs ten@graph" in text
+    assert f"{want:.2f}" in text
+
+
+def test_bench_torch_checkpoint_shares_reporting(models, capsys, tmp_path):
+    out_json = str(tmp_path / "pt.json")
+    _bench(capsys, models["pt"], "--batch", "2", "--iterations", "3", "--threads", "1", "--json", out_json)
+    r = report.load_json(out_json)["results"][0]
+    assert r["backend"] == "torch" and {"h2d", "inference", "d2h"} <= set(r["latency_ms"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "int8"], "fp32 artifact"),
+    (["--backend", "tensorrt"], "build-engine"),
+    (["--batch", "1,x"], "comma-separated"),
+    (["--crops", "center"], "in the graph"),
+    (["--batch", "100"], "maximum batch"),
+])
+def test_bench_errors_name_the_bad_value(models, capsys, argv, message):
+    rc = main(["bench", models["ten"], "--iterations", "1", *argv])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
+def test_compare_rejects_non_results(tmp_path, capsys):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps({"hello": 1}))
+    assert main(["bench", "--compare", str(p), str(p)]) == 1
+    assert "not a nexedge bench result" in capsys.readouterr().err
+    assert main(["bench", "--compare", str(p), os.path.join(str(tmp_path), "missing.json")]) == 1
+
+
+def test_stage_order_puts_known_stages_first():
+    assert runner.stage_order(["postprocess", "zeta", "decode", "inference", "e2e"]) == [
+        "decode", "inference", "postprocess", "e2e", "zeta"]
