@@ -1,0 +1,326 @@
+"""Daemon configuration: YAML file + CLI overrides, validated with errors that
+name the key, the value and what was expected (see docs/configuration.md).
+
+Optional features (``store``, ``monitor``, ``pull``, ``auth``) are on when their
+section is present. Python 3.8, no torch.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and the expected value."""
+
+
+@dataclasses.dataclass
+class ModelCfg:
+    path: str = ""
+    verify_card: bool = True
+    warmup: int = 3
+    #: Keyword options passed to nexedge.runtime.open_backend (e.g. providers, threads).
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SocketsCfg:
+    frames: str = "tcp://127.0.0.1:5555"
+    verdicts: str = "tcp://127.0.0.1:5556"
+    max_message_bytes: int = 32 << 20
+    max_pixels: int = 50_000_000
+    decode_workers: int = 2
+    max_cameras: int = 256
+    hwm: int = 10000
+    linger_ms: int = 2000
+
+
+@dataclasses.dataclass
+class BatchingCfg:
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_queue: int = 64
+    deadline_ms: float = 2000.0
+
+
+@dataclasses.dataclass
+class DecisionCfg:
+    target_tpr: Optional[float] = None
+    threshold: Optional[float] = None
+
+
+@dataclasses.dataclass
+class UncertainCfg:
+    band: float = 1.0
+    audit_fraction: float = 0.001
+    seed: Optional[int] = None
+
+
+@dataclasses.dataclass
+class StoreCfg:
+    path: str = ""
+    quota: Optional[str] = None
+    queue: int = 512
+
+
+@dataclasses.dataclass
+class MetricsCfg:
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclasses.dataclass
+class MonitorCfg:
+    window: int = 500
+    min_frames: int = 100
+    limits: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    alarm_audit_rate: float = 0.05
+    defect_prior: Optional[float] = None
+
+
+@dataclasses.dataclass
+class PullCfg:
+    bind: str = "tcp://127.0.0.1:5557"
+
+
+@dataclasses.dataclass
+class AuthCfg:
+    server_secret_file: str = ""
+    allowed_clients_dir: str = ""
+
+
+@dataclasses.dataclass
+class LoggingCfg:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclasses.dataclass
+class ShutdownCfg:
+    timeout_s: float = 10.0
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelCfg
+    sockets: SocketsCfg
+    batching: BatchingCfg
+    decision: DecisionCfg
+    uncertain: UncertainCfg
+    metrics: Optional[MetricsCfg]
+    logging: LoggingCfg
+    shutdown: ShutdownCfg
+    store: Optional[StoreCfg] = None
+    monitor: Optional[MonitorCfg] = None
+    pull: Optional[PullCfg] = None
+    auth: Optional[AuthCfg] = None
+
+
+SECTIONS = {
+    "model": ModelCfg, "sockets": SocketsCfg, "batching": BatchingCfg, "decision": DecisionCfg,
+    "uncertain": UncertainCfg, "metrics": MetricsCfg, "logging": LoggingCfg, "shutdown": ShutdownCfg,
+    "store": StoreCfg, "monitor": MonitorCfg, "pull": PullCfg, "auth": AuthCfg,
+}
+#: Sections that switch a feature on by being present.
+OPTIONAL = ("store", "monitor", "pull", "auth")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any, key: str) -> int:
+    """``"2GB"``, ``"500 MiB"``, ``1048576`` -> bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: {value!r} is not a size; expected bytes or e.g. '500MB', '2GiB'")
+    unit = (m.group(2) or "").upper().replace("I", "").replace("B", "")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    n = int(float(m.group(1)) * mult)
+    if n <= 0:
+        raise ConfigError(f"{key}: {value!r} must be a positive size")
+    return n
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = getattr(tp, "__origin__", None)
+    if origin is not None and type(None) in getattr(tp, "__args__", ()):  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in tp.__args__ if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin in (dict, Dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _section(name: str, raw: Any) -> Any:
+    cls = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}: unknown key; expected one of {sorted(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def _hints(cls: Any) -> Dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks across keys; raise :class:`ConfigError`."""
+    if not cfg.model.path:
+        raise ConfigError("model.path: missing; expected the path of a model artifact (.onnx, .engine) with its card")
+    _positive("model.warmup", cfg.model.warmup, allow_zero=True)
+    s = cfg.sockets
+    for key in ("frames", "verdicts"):
+        addr = getattr(s, key)
+        if not re.match(r"^(tcp|ipc|inproc)://.+", addr):
+            raise ConfigError(f"sockets.{key}: {addr!r} is not a ZeroMQ endpoint; expected e.g. tcp://127.0.0.1:5555")
+    for key in ("max_message_bytes", "max_pixels", "max_cameras", "hwm"):
+        _positive("sockets." + key, getattr(s, key))
+    _positive("sockets.decode_workers", s.decode_workers, allow_zero=True)
+    _positive("sockets.linger_ms", s.linger_ms, allow_zero=True)
+    b = cfg.batching
+    for key in ("max_batch", "max_queue", "deadline_ms"):
+        _positive("batching." + key, getattr(b, key))
+    _positive("batching.max_delay_ms", b.max_delay_ms, allow_zero=True)
+    if b.max_queue < b.max_batch:
+        raise ConfigError(f"batching.max_queue: {b.max_queue} is smaller than batching.max_batch {b.max_batch}")
+    d = cfg.decision
+    if d.threshold is not None and d.target_tpr is not None:
+        raise ConfigError("decision: set either threshold or target_tpr, not both "
+                          f"(got threshold={d.threshold}, target_tpr={d.target_tpr})")
+    if d.threshold is not None and not 0.0 < d.threshold <= 1.0:
+        raise ConfigError(f"decision.threshold: {d.threshold} must be in (0, 1]")
+    if d.target_tpr is not None and not 0.0 < d.target_tpr <= 100.0:
+        raise ConfigError(f"decision.target_tpr: {d.target_tpr} must be a fraction (0, 1] or a percent (1, 100]")
+    u = cfg.uncertain
+    _positive("uncertain.band", u.band, allow_zero=True)
+    if not 0.0 <= u.audit_fraction <= 1.0:
+        raise ConfigError(f"uncertain.audit_fraction: {u.audit_fraction} must be in [0, 1]")
+    if cfg.store is not None:
+        if not cfg.store.path:
+            raise ConfigError("store.path: missing; expected a folder for the uncertain-sample store")
+        if cfg.store.quota is not None:
+            parse_size(cfg.store.quota, "store.quota")
+        _positive("store.queue", cfg.store.queue)
+    if cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
+        raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
+    if cfg.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: {cfg.logging.level!r}; expected one of {list(LOG_LEVELS)}")
+    if cfg.logging.format not in ("json", "text"):
+        raise ConfigError(f"logging.format: {cfg.logging.format!r}; expected 'json' or 'text'")
+    if cfg.auth is not None and not (cfg.auth.server_secret_file and cfg.auth.allowed_clients_dir):
+        raise ConfigError("auth: needs server_secret_file and allowed_clients_dir (make them with `nexedge keys`)")
+    _positive("shutdown.timeout_s", cfg.shutdown.timeout_s)
+    return cfg
+
+
+def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config:
+    """Build and validate a :class:`Config` from a parsed YAML mapping."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; expected some of {sorted(SECTIONS)}")
+    parts = {}
+    for name in SECTIONS:
+        if name in OPTIONAL and name not in raw:
+            parts[name] = None
+        elif name == "metrics" and name in raw and raw[name] is False:
+            parts[name] = None  # `metrics: false` turns the HTTP endpoint off
+        else:
+            parts[name] = _section(name, raw.get(name))
+    cfg = Config(**parts)
+    if cfg.model.path and source not in ("<config>", "<overrides>") and not os.path.isabs(cfg.model.path):
+        cfg.model.path = os.path.join(os.path.dirname(os.path.abspath(source)), cfg.model.path)
+    return validate(cfg)
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """Set ``section.key`` values (already parsed) into a raw config mapping."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for dotted, value in overrides:
+        section, sep, key = dotted.partition(".")
+        if not sep or not key:
+            raise ConfigError(f"override {dotted!r}: expected section.key=value, e.g. batching.max_batch=16")
+        if section not in SECTIONS:
+            raise ConfigError(f"override {dotted!r}: unknown section {section!r}; expected one of {sorted(SECTIONS)}")
+        sec = out.get(section)
+        if not isinstance(sec, dict):
+            sec = {}
+        sec[key] = value
+        out[section] = sec
+    return out
+
+
+def parse_set(item: str) -> Tuple[str, Any]:
+    """``"batching.max_batch=16"`` -> ("batching.max_batch", 16) (value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+
+
+def load(path: Optional[str], overrides: Optional[List[Tuple[str, Any]]] = None) -> Config:
+    """Read a YAML config (or none), apply overrides, validate."""
+    raw: Dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path} not found")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return from_dict(raw, source=path or "<overrides>")

@@ -1,0 +1,481 @@
+"""nexedge-daemon: ZeroMQ camera ingest -> decode -> dynamic batch -> inference -> decision -> reply/publish.
+
+Threads: the I/O thread (this one: ROUTER + PUB sockets, parsing, replies),
+a small decode pool, one inference worker, the sample writer, the HTTP
+metrics server. Every frame gets exactly one verdict; a frame that was not
+inferred is never PASSed (RECHECK with a reason). See docs/protocol.md and
+docs/configuration.md. Python 3.8, no torch.
+"""
+
+import argparse
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import zmq
+
+from nexedge import __version__
+from nexedge import preprocess as pp
+from nexedge.serve import config as C
+from nexedge.serve import notify
+from nexedge.serve import protocol as P
+from nexedge.serve.batcher import Batcher
+from nexedge.serve.decide import Decider
+from nexedge.serve.decode import EXT, decode, sniff
+from nexedge.serve.logjson import setup_logging
+from nexedge.serve.metrics import DaemonMetrics, HealthServer
+from nexedge.serve.outbox import Outbox
+from nexedge.serve.protocol import ProtocolError, Request
+from nexedge.serve.worker import Frame, InferenceWorker
+
+log = logging.getLogger("nexedge.serve")
+STALL_S = 30.0  # a thread silent this long makes /live fail and stops watchdog pings
+RECV_BURST = 256
+
+
+class Daemon:
+    """The line daemon. ``setup()`` loads and binds (errors raise), ``serve()`` runs until stopped."""
+
+    def __init__(self, cfg: C.Config) -> None:
+        self.cfg = cfg
+        self.metrics = DaemonMetrics(cfg.sockets.max_cameras)
+        self.endpoints: Dict[str, str] = {}
+        self.metrics_port: Optional[int] = None
+        self._stop = threading.Event()
+        self._stopping = False
+        self._ready = False
+        self._lock = threading.Lock()
+        self._outstanding: Dict[int, Any] = {}
+        self._in_decode = 0
+        self._io_ident = -1
+        self._io_beat = time.monotonic()
+        self._seq = P.SeqCounter()
+        self._watchdog = notify.Watchdog()
+        self.http: Optional[HealthServer] = None
+        self.backend: Any = None
+        self.sampler: Any = None
+        self.monitor: Any = None
+        self.pull: Any = None
+        self.auth: Any = None
+        self.worker: Optional[InferenceWorker] = None
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.ctx: Optional[zmq.Context] = None
+
+    # -- health -------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    def is_live(self) -> bool:
+        now = time.monotonic()
+        if now - self._io_beat > STALL_S:
+            return False
+        w = self.worker
+        if w is None:
+            return True
+        return self._stopping or (w.alive() and now - w.heartbeat < STALL_S)
+
+    # -- setup --------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, m = self.cfg, self.metrics
+        if cfg.metrics is not None:
+            self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live)
+            self.http.start()
+            self.metrics_port = self.http.port
+        from nexedge.runtime import open_backend
+
+        t0 = time.monotonic()
+        self.backend = open_backend(cfg.model.path, **cfg.model.options)
+        card = self.card = self.backend.card
+        if self.backend.max_batch < cfg.batching.max_batch:
+            raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
+                                f"({self.backend.max_batch}, from the card's graph.max_batch or model.options)")
+        if cfg.model.warmup:
+            self.backend.warmup(cfg.model.warmup)
+            import numpy as np
+
+            self.backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(self.backend.input_shape), np.uint8))
+        self.decider = Decider(card, cfg.decision, cfg.uncertain)
+        info = self.decider.info
+        log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
+                 card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
+                 info.get("tpr_lower95"), extra={"fields": {"model_id": card.model_id, "threshold_info": info}})
+        m.model.info({
+            "model_id": card.model_id, "precision": card.precision, "backend": str(getattr(self.backend, "name", "?")),
+            "crops": str(self.backend.crops), "crop_mode": str(self.backend.crop_mode),
+            "threshold_source": info["source"], "target_tpr": str(info.get("target_tpr")),
+            "tpr_lower95": str(info.get("tpr_lower95")), "version": __version__,
+        })
+        m.threshold.set(self.decider.threshold)
+        self._setup_optional(card)
+        b = cfg.batching
+        self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
+        self._bind()
+        if cfg.sockets.decode_workers > 0:
+            self.pool = concurrent.futures.ThreadPoolExecutor(cfg.sockets.decode_workers,
+                                                              thread_name_prefix="nexedge-decode")
+        self.worker = InferenceWorker(self.backend, card, self.batcher, self.decider, m, self.answer,
+                                      self.sampler, self.monitor)
+        self.worker.start()
+        if self.pull is not None:
+            self.pull.start()
+        self._ready = True
+        m.ready.set(1)
+        notify.notify("READY=1\nSTATUS=inspecting")
+        log.info("ready: frames on %s, verdicts on %s, metrics on %s", self.endpoints["frames"],
+                 self.endpoints["verdicts"], self.metrics_port,
+                 extra={"fields": {"event": "ready", "endpoints": self.endpoints, "metrics_port": self.metrics_port}})
+
+    def _setup_optional(self, card: Any) -> None:
+        cfg = self.cfg
+        if cfg.store is not None:
+            from nexedge.serve.sampler import Sampler
+            from nexedge.store import SampleStore
+
+            quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
+            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue)
+            log.info("uncertain-sample store at %s (quota %s)", cfg.store.path, cfg.store.quota)
+        if cfg.monitor is not None:
+            from nexedge.serve.monitor import ShiftMonitor
+
+            mc = cfg.monitor
+            self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior)
+            self.metrics.add_snapshot_collector("nexedge_monitor", self.monitor.snapshot)
+        if cfg.auth is not None:
+            from nexedge.serve.auth import CurveConfig
+
+            self.auth = CurveConfig(cfg.auth.server_secret_file, cfg.auth.allowed_clients_dir)
+        if cfg.pull is not None:
+            if cfg.store is None:
+                raise C.ConfigError("pull: needs a store section (the pull endpoint serves the sample store)")
+            from nexedge.serve.pullserver import PullServer
+
+            self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth)
+
+    def _bind(self) -> None:
+        s = self.cfg.sockets
+        self.ctx = zmq.Context()
+        if self.auth is not None:
+            self.auth.start(self.ctx)
+        r = self.router = self.ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.RCVHWM, s.hwm)
+        r.setsockopt(zmq.SNDHWM, s.hwm)
+        r.setsockopt(zmq.LINGER, s.linger_ms)
+        # Hard memory guard per frame; messages between max_message_bytes and this get RECHECK oversize.
+        r.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes + (1 << 20))
+        pub = self.pub = self.ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, s.hwm)
+        pub.setsockopt(zmq.LINGER, s.linger_ms)
+        if self.auth is not None:
+            self.auth.apply_server(r)
+            self.auth.apply_server(pub)
+        try:
+            r.bind(s.frames)
+            pub.bind(s.verdicts)
+        except zmq.ZMQError as e:
+            raise RuntimeError(f"cannot bind sockets.frames={s.frames!r} / sockets.verdicts={s.verdicts!r}: {e}") from e
+        self.endpoints = {"frames": r.getsockopt_string(zmq.LAST_ENDPOINT),
+                          "verdicts": pub.getsockopt_string(zmq.LAST_ENDPOINT)}
+        self.outbox = Outbox(self.ctx)
+
+    # -- answering ----------------------------------------------------------
+    def answer(self, req: Request, t_recv: float, decision: str, reason: str, score: Optional[float] = None,
+               uncertain: bool = False, probs: Optional[Dict[str, float]] = None) -> bool:
+        """Send the one verdict of ``req`` (any thread). False if it was already answered."""
+        with self._lock:
+            if req.answered:
+                return False
+            req.answered = True
+            self._outstanding.pop(id(req), None)
+        latency = time.monotonic() - t_recv
+        v = P.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
+                      self.card.model_id, latency * 1000.0)
+        data = P.encode_verdict(v)
+        m = self.metrics
+        m.verdicts.labels(decision).inc()
+        if decision == "RECHECK":
+            m.rechecks.labels(reason).inc()
+            log.debug("RECHECK %s camera=%s frame=%s", reason, req.camera, req.frame_id)
+        m.e2e.observe(latency)
+        camera = req.camera.encode("utf-8")
+        if threading.get_ident() == self._io_ident:
+            self._send(req.envelope, camera, data)
+        else:
+            self.outbox.send(req.envelope, camera, data)
+        return True
+
+    def _send(self, envelope: List[bytes], camera: bytes, data: bytes) -> None:
+        try:
+            self.router.send_multipart(envelope + [data], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone or its queue full: the camera's own timeout takes over
+            log.debug("reply not sent: %s", e)
+        try:
+            self.pub.send_multipart([camera, data], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # -- ingest ---------------------------------------------------------------
+    def _on_message(self, frames: List[Any]) -> None:
+        t_recv, t_wall = time.monotonic(), time.time()
+        m = self.metrics
+        envelope, body = P.split_envelope(frames)
+        try:
+            size = sum(len(f) for f in body)
+            if size > self.cfg.sockets.max_message_bytes:
+                cam, fid = P._peek_ids(body[0]) if body else ("", None)
+                raise ProtocolError(P.OVERSIZE, f"message of {size} bytes exceeds max_message_bytes "
+                                    f"{self.cfg.sockets.max_message_bytes}", cam, fid)
+            req = P.parse_body(envelope, body, self._seq)
+        except ProtocolError as e:
+            req = Request(envelope, "error", e.camera, e.frame_id, "", None, None, b"")
+            m.frames.labels(m.camera_label(e.camera or "_unknown")).inc()
+            m.protocol.labels("error").inc()
+            log.info("bad frame from camera %r: %s", e.camera, e, extra={"fields": {"reason": e.reason}})
+            self.answer(req, t_recv, "RECHECK", e.reason)
+            return
+        m.frames.labels(m.camera_label(req.camera)).inc()
+        m.protocol.labels(req.kind).inc()
+        if self._stopping:
+            self.answer(req, t_recv, "RECHECK", P.SHUTTING_DOWN)
+            return
+        if len(self.batcher) + self._in_decode >= self.batcher.max_queue:
+            if self.answer(req, t_recv, "RECHECK", P.QUEUE_FULL):
+                self._sample_undecoded(req, t_wall, P.QUEUE_FULL)
+            return
+        deadline = t_recv + (req.deadline_ms or self.cfg.batching.deadline_ms) / 1000.0
+        with self._lock:
+            self._outstanding[id(req)] = req
+            self._in_decode += 1
+        m.decoding.set(self._in_decode)
+        if self.pool is not None:
+            self.pool.submit(self._decode_task, req, t_recv, t_wall, deadline)
+        else:
+            self._decode_task(req, t_recv, t_wall, deadline)
+
+    def _decode_task(self, req: Request, t_recv: float, t_wall: float, deadline: float) -> None:
+        try:
+            t0 = time.monotonic()
+            try:
+                img = decode(req, self.cfg.sockets.max_pixels)
+                try:
+                    prepared = pp.prepare(img, self.card.input)
+                except (ValueError, TypeError) as e:
+                    raise ProtocolError(P.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
+            except ProtocolError as e:
+                self.answer(req, t_recv, "RECHECK", e.reason)
+                return
+            except Exception as e:  # an unexpected decoder failure is still just an uninspected frame
+                log.warning("decode failed for camera %s frame %s: %s", req.camera, req.frame_id, e)
+                self.answer(req, t_recv, "RECHECK", P.UNDECODABLE)
+                return
+            stats = pp.image_stats(prepared) if self.monitor is not None else None
+            raw = req.encoding == "raw"
+            frame = Frame(req, prepared, img if raw else req.payload, "png" if raw else EXT[sniff(req.payload) or "png"],
+                          stats, t_recv, t_wall, deadline)
+            self.metrics.stage.labels("decode").observe(time.monotonic() - t0)
+            if time.monotonic() >= deadline:
+                self.worker.recheck(frame, P.DEADLINE_PASSED)
+            elif not self.batcher.put(frame):
+                self.worker.recheck(frame, P.SHUTTING_DOWN if self.batcher.closed else P.QUEUE_FULL)
+        finally:
+            with self._lock:
+                self._in_decode -= 1
+
+    def _sample_undecoded(self, req: Request, t_wall: float, reason: str) -> None:
+        """A frame refused before decoding still goes to the store when its bytes look like an image."""
+        if self.sampler is None:
+            return
+        if req.encoding == "raw":
+            import numpy as np
+
+            try:
+                original: Any = np.frombuffer(req.payload, req.dtype).reshape(req.shape)
+            except (ValueError, TypeError):
+                return
+            ext = "png"
+        else:
+            fmt = sniff(req.payload)
+            if fmt is None:
+                return
+            original, ext = req.payload, EXT[fmt]
+        self.sampler.submit(original, ext, {
+            "camera": req.camera, "frame_id": req.frame_id, "ts": t_wall, "model_id": self.card.model_id,
+            "threshold": self.decider.threshold, "score": None, "probs": None, "decision": "RECHECK",
+            "reason": reason, "kind": "recheck"})
+
+    # -- main loop ------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the daemon to drain and exit (signal-safe)."""
+        if self._stop.is_set():
+            self._force = True
+        self._stop.set()
+
+    def serve(self) -> int:
+        """Run the I/O loop until :meth:`request_stop`; drain; tear down. Returns the exit code (0)."""
+        self._io_ident = threading.get_ident()
+        self._force = False
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.outbox.pull, zmq.POLLIN)
+        stop_at: Optional[float] = None
+        forced = False
+        while True:
+            events = dict(poller.poll(10))
+            if self.outbox.pull in events:
+                self.outbox.forward(self._send)
+            if self.router in events:
+                for _ in range(RECV_BURST):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._on_message(frames)
+                    except Exception as e:  # last line of defence: log, keep serving
+                        log.exception("unexpected error handling a message: %s", e)
+            now = time.monotonic()
+            for f in self.batcher.expire(now):
+                self.worker.recheck(f, P.DEADLINE_PASSED)
+            self.metrics.queue_depth.set(len(self.batcher))
+            self._io_beat = now
+            self._watchdog.tick(now, self.is_live())
+            if self._stop.is_set() and stop_at is None:
+                stop_at = now + self.cfg.shutdown.timeout_s
+                self._begin_drain()
+            if stop_at is not None:
+                if not self.worker.alive() and self._in_decode == 0:
+                    break
+                if now >= stop_at or self._force:
+                    forced = True
+                    break
+        self.outbox.forward(self._send)
+        if forced:
+            self._answer_outstanding()
+        return self._teardown(forced)
+
+    def _begin_drain(self) -> None:
+        self._stopping = True
+        self.metrics.ready.set(0)
+        notify.notify("STOPPING=1\nSTATUS=draining")
+        pending = self.batcher.close()
+        log.info("stopping: answering %d queued frames RECHECK shutting_down, finishing the batch in flight",
+                 len(pending), extra={"fields": {"event": "stopping", "queued": len(pending)}})
+        for f in pending:
+            self.worker.recheck(f, P.SHUTTING_DOWN)
+
+    def _answer_outstanding(self) -> None:
+        with self._lock:
+            reqs = list(self._outstanding.values())
+        log.error("drain timed out after %.1f s; answering %d frames RECHECK shutting_down",
+                  self.cfg.shutdown.timeout_s, len(reqs))
+        for req in reqs:
+            self.answer(req, time.monotonic(), "RECHECK", P.SHUTTING_DOWN)
+
+    def _teardown(self, forced: bool) -> int:
+        self._ready = False
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+        if self.pull is not None:
+            self.pull.stop()
+        if self.sampler is not None:
+            self.sampler.close(timeout=self.cfg.shutdown.timeout_s)
+        if self.ctx is not None:
+            if hasattr(self, "outbox"):
+                self.outbox.close()
+            for name in ("router", "pub"):
+                sock = getattr(self, name, None)
+                if sock is not None:
+                    sock.close(linger=self.cfg.sockets.linger_ms)
+            if self.auth is not None:
+                self.auth.stop()
+            if forced:
+                self.ctx.destroy(linger=0)
+            else:
+                self.ctx.term()
+        if self.http is not None:
+            self.http.stop()
+        if self.backend is not None and not forced:
+            self.backend.close()
+        log.info("stopped", extra={"fields": {"event": "stopped", "forced": forced}})
+        return 0
+
+    def close_unserved(self) -> None:
+        """Release what :meth:`setup` opened when :meth:`serve` never ran (setup failed)."""
+        self._stopping = True
+        if self.worker is not None:
+            self.batcher.close()
+            self.worker.join(5)
+        self._teardown(forced=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nexedge-daemon",
+        description="Line-side inspection daemon: ZeroMQ camera frames in, PASS/REJECT/RECHECK verdicts out.",
+        epilog="See docs/configuration.md for every key and deploy/line.example.yaml for an example.")
+    p.add_argument("--config", "-c", help="YAML config file (see deploy/line.example.yaml)")
+    p.add_argument("--model", help="model artifact (.onnx/.engine) with its card; overrides model.path")
+    p.add_argument("--frames", help="ROUTER bind address for camera frames; overrides sockets.frames")
+    p.add_argument("--verdicts", help="PUB bind address for verdicts; overrides sockets.verdicts")
+    p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /live, /ready (0 = any free port)")
+    p.add_argument("--store", help="uncertain-sample store folder; overrides store.path (turns the store on)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, value parsed as YAML (repeatable)")
+    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    p.add_argument("--version", action="version", version="nexedge-daemon " + __version__)
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> List[Any]:
+    out: List[Any] = []
+    if args.model:
+        out.append(("model.path", os.path.abspath(args.model)))
+    if args.frames:
+        out.append(("sockets.frames", args.frames))
+    if args.verdicts:
+        out.append(("sockets.verdicts", args.verdicts))
+    if args.metrics_port is not None:
+        out.append(("metrics.port", args.metrics_port))
+    if args.store:
+        out.append(("store.path", os.path.abspath(args.store)))
+    out.extend(C.parse_set(item) for item in args.set)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nexedge-daemon``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = C.load(args.config, overrides_from_args(args))
+    except (C.ConfigError, FileNotFoundError) as e:
+        print(f"nexedge-daemon: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        import dataclasses
+        import json
+
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    try:
+        daemon.setup()
+    except Exception as e:
+        log.error("startup failed: %s", e, exc_info=not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)))
+        try:
+            daemon.close_unserved()
+        except Exception:
+            pass
+        return 1
+    return daemon.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

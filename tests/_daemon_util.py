@@ -1,0 +1,76 @@
+"""Shared helpers for the daemon tests: a real tiny ONNX model with its card, configs, image files."""
+
+import os
+import socket
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+CLASSES = ["good", "particle", "scratch"]
+
+
+def build_tiny_onnx(folder: str, crop_mode: str = "ten", size: int = 32, crop: int = 28,
+                    thresholds: Optional[Dict[float, float]] = None) -> str:
+    """tiny CNN (random weights, seed 0) -> host-crop ONNX (opset 17, dynamic batch) + card."""
+    import torch
+
+    from nexedge.card import ModelCard
+    from nexedge.models import create_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = create_model("tiny", num_classes=len(CLASSES), width=8).eval()
+    path = os.path.join(folder, "tiny.onnx")
+    x = torch.zeros(2, 3, crop, crop)
+    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    card = ModelCard.new(CLASSES, resize=(size, size), crop=(crop, crop), crop_mode=crop_mode, color="gray",
+                         kind="onnx")
+    card.data["graph"].update({"crops": "host", "input_name": "input", "output_names": ["logits"], "max_batch": 32})
+    ops = thresholds or {1.0: 0.5, 0.995: 0.6}
+    card.data["operating_points"] = [
+        {"target_tpr": t, "threshold": thr, "tpr": t, "fpr": 0.1, "tpr_lower95": t - 0.02, "n_defects": 150,
+         "n_good": 300} for t, thr in ops.items()
+    ]
+    card.save_for(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_images(folder: str, n: int = 6, size: int = 48, seed: int = 0) -> List[str]:
+    """A few PNG/JPEG/BMP images (gray and colour) to stream."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        shape = (size, size + 8 * (i % 3)) + ((3,) if i % 2 else ())
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        ext = (".png", ".jpg", ".bmp")[i % 3]
+        p = os.path.join(folder, f"img{i:02d}{ext}")
+        cv2.imwrite(p, img)
+        paths.append(p)
+    return paths
+
+
+def base_config(model: str, **sections: Any) -> Dict[str, Any]:
+    raw: Dict[str, Any] = {
+        "model": {"path": model, "warmup": 1, "options": {"intra_threads": 1}},
+        "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*", "decode_workers": 1},
+        "batching": {"max_batch": 4, "max_delay_ms": 5, "max_queue": 32, "deadline_ms": 5000},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "WARNING", "format": "json"},
+        "shutdown": {"timeout_s": 10},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = dict(raw[k], **v)
+        else:
+            raw[k] = v
+    return raw
