@@ -1,0 +1,122 @@
+"""ModelCards for checkpoints and the top-k checkpoint set.
+
+A card carries the validation operating points (threshold per target TPR with the
+Clopper-Pearson lower bound), the validation score histogram, the reference image
+statistics of the prepared validation images and the run's provenance.
+"""
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from nexedge import metrics, preprocess
+from nexedge.card import ModelCard, atomic_write_bytes, card_path_for
+
+
+def reference_image_stats(images: Sequence[np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """{brightness|contrast|sharpness: {mean, std}} over prepared images."""
+    if not len(images):
+        raise ValueError("no images for the reference image statistics")
+    vals = np.asarray([preprocess.image_stats(im) for im in images], dtype=float)
+    return {
+        name: {"mean": float(vals[:, i].mean()), "std": float(vals[:, i].std())}
+        for i, name in enumerate(preprocess.IMAGE_STATS)
+    }
+
+
+def build_card(
+    classes: Sequence[str],
+    good_class: str,
+    input_cfg: Mapping[str, Any],
+    val_labels: np.ndarray,
+    val_scores: np.ndarray,
+    image_stats: Optional[Dict[str, Dict[str, float]]],
+    metrics_: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    tprs: Sequence[float] = metrics.DEFAULT_TPRS,
+) -> ModelCard:
+    """Card for a checkpoint from its validation scores (defect score per image)."""
+    card = ModelCard.new(
+        classes,
+        good_class=good_class,
+        resize=input_cfg["resize"],
+        crop=input_cfg["crop"],
+        crop_mode=input_cfg["crop_mode"],
+        color=input_cfg["color"],
+        mean=input_cfg["mean"],
+        std=input_cfg["std"],
+    )
+    g = list(classes).index(good_class)
+    y_def = (np.asarray(val_labels) != g).astype(int)
+    if y_def.sum() and (y_def == 0).sum():
+        card.data["operating_points"] = metrics.operating_points(y_def, val_scores, tprs)
+    card.data["val_scores"] = metrics.score_histogram(y_def, val_scores)
+    card.data["image_stats"] = image_stats
+    card.data["metrics"] = _finite(dict(metrics_))
+    card.data["provenance"] = _finite(dict(provenance))
+    return card.validate()
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+class TopK:
+    """Keeps the ``k`` best checkpoints by validation AUC (ties keep the earlier one).
+
+    The index ``topk.json`` in the run folder lists them best first; files that
+    fall out of the set are deleted with their cards.
+    """
+
+    def __init__(self, folder: str, k: int = 10) -> None:
+        if k < 1:
+            raise ValueError(f"--keep must be >= 1, got {k}")
+        self.folder, self.k = folder, k
+        self.path = os.path.join(folder, "topk.json")
+        self.entries: List[Dict[str, Any]] = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.entries = json.load(f)["checkpoints"]
+
+    @staticmethod
+    def _key(auc: Optional[float]) -> float:
+        return -1.0 if auc is None or (isinstance(auc, float) and math.isnan(auc)) else float(auc)
+
+    def wants(self, auc: float) -> bool:
+        if len(self.entries) < self.k:
+            return True
+        return self._key(auc) > min(self._key(e["auc"]) for e in self.entries)
+
+    def add(self, file: str, epoch: int, auc: float) -> List[str]:
+        """Record a saved checkpoint; returns the files removed to keep k."""
+        self.entries = [e for e in self.entries if e["file"] != file]
+        self.entries.append({"file": file, "epoch": int(epoch), "auc": None if math.isnan(auc) else float(auc)})
+        self.entries.sort(key=lambda e: (-self._key(e["auc"]), e["epoch"]))
+        removed = [e["file"] for e in self.entries[self.k:]]
+        self.entries = self.entries[: self.k]
+        for f in removed:
+            for p in (os.path.join(self.folder, f), card_path_for(os.path.join(self.folder, f))):
+                if os.path.exists(p):
+                    os.unlink(p)
+        self.save()
+        return removed
+
+    def save(self) -> None:
+        data = {"metric": "val_auc", "k": self.k, "checkpoints": self.entries}
+        atomic_write_bytes(self.path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+    @property
+    def files(self) -> List[str]:
+        return [os.path.join(self.folder, e["file"]) for e in self.entries]

@@ -1,0 +1,162 @@
+"""``nexedge train``, ``nexedge eval`` and ``nexedge mislabels`` (light imports only;
+torch and friends load inside ``run_*``)."""
+
+import argparse
+from typing import Any, Dict, List, Tuple
+
+LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
+CROPS = ("center", "five", "ten")
+
+
+def _size(text: str) -> Tuple[int, int]:
+    """``64`` -> (64, 64); ``64x80`` -> (64, 80) (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected N or HxW (integers)") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected N or HxW with positive integers")
+    return parts[0], parts[1]
+
+
+def _kv(pairs: List[str], what: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise ValueError(f"{what} {p!r}: expected KEY=VALUE")
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+def configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="data root with train/ and val/ (and test/) of <class>/<image>")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, cards, metrics and plots")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", help="resnet18 (default), resnet34, resnet50, vgg19_bn, <those>_stn, resnet18_att2 or tiny")
+    g.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra architecture option, e.g. stn_params=3 or compat=add (repeatable)")
+    g.add_argument("--pretrained", default="none", help="none (default), imagenet (needs network) or PATH to a state dict")
+    g.add_argument("--good-class", default="good", help="the negative (pass) class; every other class is a defect")
+    d = p.add_argument_group("input")
+    d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
+    d.add_argument("--resize", type=_size, default=(72, 72), help="resize to N or HxW (report: 255; default 72)")
+    d.add_argument("--crop", type=_size, default=(64, 64), help="crop N or HxW (report: 224; default 64)")
+    d.add_argument("--crop-mode", choices=CROPS, default="center", help="crop style at eval/val time (in the card)")
+    d.add_argument("--train-crop", choices=("random",) + CROPS, default="random",
+                   help="train crop: random (default) or a crop style with logits averaged over crops")
+    d.add_argument("--no-augment", action="store_true", help="no rotation/affine/colour jitter")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--batch-size", type=int, default=32, help="per process")
+    o.add_argument("--lr", type=float, default=0.01)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="step: x gamma every --step-size epochs; cosine: annealing over all epochs")
+    o.add_argument("--step-size", type=int, default=14)
+    o.add_argument("--gamma", type=float, default=0.1)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--resume", metavar="CKPT", help="continue from a run's last.pt (same --out)")
+    lo = p.add_argument_group("loss")
+    lo.add_argument("--loss", choices=LOSSES, default="ce")
+    lo.add_argument("--boost", action="append", default=None, metavar="CLASS=FACTOR",
+                    help="class weight (repeatable); sat_boost defaults to x5 for lead_defect, marking_defect, "
+                         "pocket_damage and scratch where present")
+    lo.add_argument("--sat-alpha", type=float, default=0.9, help="SAT soft-label momentum")
+    lo.add_argument("--sat-es", type=int, default=None, help="SAT starts after this epoch (default: half the epochs)")
+    lo.add_argument("--wbce-lambda", type=float, default=0.5, help="weight of CE in wbce")
+    lo.add_argument("--wbce-start", action="append", default=[], metavar="CLASS=EPOCH",
+                    help="first epoch of the binary term for a class (repeatable)")
+    lo.add_argument("--wbce-start-default", type=int, default=1, help="first epoch of the binary term otherwise")
+    r = p.add_argument_group("run")
+    r.add_argument("--keep", type=int, default=10, help="top-k checkpoints kept by val AUC (default 10)")
+    r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
+    r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from nexedge.train.losses import parse_class_map
+    from nexedge.train.trainer import TrainConfig, train
+
+    classes = _classes(args.data)
+    if args.good_class not in classes:
+        raise ValueError(f"--good-class {args.good_class!r} is not one of the class folders {classes}")
+    cfg = TrainConfig(
+        data=args.data, out=args.out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"),
+        pretrained=args.pretrained, good_class=args.good_class, color=args.color, resize=args.resize,
+        crop=args.crop, crop_mode=args.crop_mode, train_crop=args.train_crop, augment=not args.no_augment,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
+        loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
+        sat_alpha=args.sat_alpha, sat_es=args.sat_es, wbce_lambda=args.wbce_lambda,
+        wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--wbce-start", int).items()},
+        wbce_start_default=args.wbce_start_default, keep=args.keep, seed=args.seed, resume=args.resume,
+        workers=args.workers, device=args.device, test_curves=not args.no_test_curves,
+        progress=not args.no_progress, cache=not args.no_cache,
+    )
+    train(cfg)
+    return 0
+
+
+def _classes(root: str) -> List[str]:
+    from nexedge.train.data import list_classes
+
+    return list_classes(root, "train")
+
+
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="CKPT_OR_RUN_DIR",
+                   help="checkpoint(s) or run folder(s) (their top-k checkpoints); several runs are compared")
+    p.add_argument("--data", required=True, help="data root")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--crops", default="center,five,ten", help="comma list of crop styles (default center,five,ten)")
+    p.add_argument("--top", type=int, default=None, help="use only the best N checkpoints of each run")
+    p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from nexedge.train.evaluate import run_evaluation
+
+    crops = [c.strip() for c in args.crops.split(",") if c.strip()]
+    bad = [c for c in crops if c not in CROPS]
+    if bad or not crops:
+        raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROPS)}")
+    run_evaluation(args.runs, args.data, args.split, crops, out=args.out, top=args.top,
+                   batch_size=args.batch_size, progress=not args.no_progress)
+    return 0
+
+
+def configure_mislabels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="CKPT_OR_RUN_DIR", help="a checkpoint or a run folder (its best checkpoint)")
+    p.add_argument("--data", required=True, help="data root (manifest.jsonl with true_label enables precision/recall)")
+    p.add_argument("--split", default="train", help="split to rank (default train; SAT weights exist for train)")
+    p.add_argument("--by", choices=("auto", "model", "sat"), default="auto",
+                   help="suspicion from SAT soft labels where present (auto), the model score, or SAT only")
+    p.add_argument("--top", type=int, default=None, help="rows flagged (default: 2 %% of the split, at least 10)")
+    p.add_argument("--crop-mode", choices=CROPS, default=None, help="crop style (default: the card's)")
+    p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_mislabels(args: argparse.Namespace) -> int:
+    from nexedge.train.mislabels import run_mislabels as run
+
+    run(args.run, args.data, args.split, by=args.by, top=args.top, crop_mode=args.crop_mode, out=args.out,
+        batch_size=args.batch_size, progress=not args.no_progress)
+    return 0

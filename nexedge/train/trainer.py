@@ -1,0 +1,300 @@
+"""``nexedge train``: one training run from a :class:`TrainConfig`.
+
+Writes into ``out``: ``ckpt_eNNN.pt`` (top-k by validation AUC, each with its
+ModelCard), ``last.pt`` (+ card, optimizer, scheduler and loss state for
+``--resume``), ``topk.json``, ``metrics.jsonl`` / ``metrics.csv``, ``sat_state.npz``
+(SAT losses), ``config.json`` and PNG plots. Under torchrun only rank 0 writes.
+"""
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from nexedge import __version__, metrics
+from nexedge.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, atomic_write_bytes
+from nexedge.train import distributed as D
+from nexedge.train.cardbuild import TopK, build_card, reference_image_stats
+from nexedge.train.data import ImageFolderSet, class_counts, data_hash, list_classes
+from nexedge.train.engine import evaluate, train_one_epoch
+from nexedge.train.history import History
+from nexedge.train.losses import SATLoss, build_loss
+from nexedge.train.transforms import EvalTransform, TrainTransform
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "resnet18"
+    arch_kw: Dict[str, Any] = field(default_factory=dict)
+    pretrained: str = "none"
+    good_class: str = "good"
+    color: str = "gray"
+    resize: Tuple[int, int] = (72, 72)
+    crop: Tuple[int, int] = (64, 64)
+    crop_mode: str = "center"
+    train_crop: str = "random"
+    augment: bool = True
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    step_size: int = 14
+    gamma: float = 0.1
+    loss: str = "ce"
+    boost: Optional[Dict[str, float]] = None
+    sat_alpha: float = 0.9
+    sat_es: Optional[int] = None
+    wbce_lambda: float = 0.5
+    wbce_start: Dict[str, int] = field(default_factory=dict)
+    wbce_start_default: int = 1
+    keep: int = 10
+    seed: int = 0
+    resume: Optional[str] = None
+    workers: int = 0
+    device: str = "auto"
+    test_curves: bool = True
+    progress: bool = True
+    cache: bool = True
+    plots: bool = True
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"--schedule {self.schedule!r}: expected step or cosine")
+        if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
+            raise ValueError(f"--crop {list(self.crop)} is larger than --resize {list(self.resize)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    from nexedge.models import _REGISTRY, create_model, list_models
+    from nexedge.models.zoo import arch_accepts
+
+    if cfg.arch not in list_models():
+        raise ValueError(f"unknown --arch {cfg.arch!r}; available: {', '.join(list_models())}")
+    kw = arch_accepts({"input_size": list(cfg.crop)}, _REGISTRY[cfg.arch])
+    kw.update(cfg.arch_kw)
+    model = create_model(cfg.arch, n_classes, pretrained=cfg.pretrained, **kw)
+    return model, kw
+
+
+def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, workers: int):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
+    return DataLoader(
+        ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+        drop_last=False,
+    )
+
+
+def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+
+def _save_sat(path: str, loss: SATLoss, ds: ImageFolderSet) -> None:
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        paths=np.asarray(ds.paths),
+        labels=ds.labels,
+        soft=loss.soft.numpy(),
+        weights=loss.weights.numpy(),
+        classes=np.asarray(ds.classes),
+        loss=np.asarray(loss.name),
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run training; returns a summary dict (best epoch, metrics, files, wall time)."""
+    from nexedge.models.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg.check()
+    t_start = time.time()
+    ctx = D.init_distributed(cfg.device)
+    try:
+        _seed_all(cfg.seed)
+        classes = list_classes(cfg.data, "train")
+        if cfg.good_class not in classes:
+            raise ValueError(f"--good-class {cfg.good_class!r} is not one of the classes {classes}")
+        g = classes.index(cfg.good_class)
+        inp = {
+            "color": cfg.color, "resize": list(cfg.resize), "crop": list(cfg.crop), "crop_mode": cfg.crop_mode,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        }
+        if cfg.augment:
+            ttf = TrainTransform(inp, crop=cfg.train_crop)
+        else:
+            ttf = EvalTransform(inp, cfg.crop_mode if cfg.train_crop == "random" else cfg.train_crop)
+        train_ds = ImageFolderSet(cfg.data, "train", classes, inp, ttf, cfg.cache)
+        val_ds = ImageFolderSet(cfg.data, "val", classes, inp, EvalTransform(inp, cfg.crop_mode), cfg.cache)
+        test_ds = None
+        if cfg.test_curves and os.path.isdir(os.path.join(cfg.data, "test")):
+            test_ds = ImageFolderSet(cfg.data, "test", classes, inp, EvalTransform(inp, cfg.crop_mode), cfg.cache)
+        sat_es = cfg.sat_es if cfg.sat_es is not None else max(1, cfg.epochs // 2)
+        loss_fn = build_loss(
+            cfg.loss, train_ds.labels, classes, cfg.good_class, boost=cfg.boost, sat_alpha=cfg.sat_alpha,
+            sat_es=sat_es, wbce_lambda=cfg.wbce_lambda, wbce_start=cfg.wbce_start,
+            wbce_start_default=cfg.wbce_start_default,
+        )
+        model, arch_kwargs = _make_model(cfg, len(classes))
+        model.to(ctx.device)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        sched = _schedule(cfg, opt)
+        start_epoch = 1
+        if cfg.resume:
+            ck = load_checkpoint(cfg.resume)
+            if ck["classes"] != classes or ck["arch"] != cfg.arch:
+                raise ValueError(
+                    f"--resume {cfg.resume}: checkpoint has arch {ck['arch']} and classes {ck['classes']}, "
+                    f"this run has {cfg.arch} and {classes}"
+                )
+            model.load_state_dict(ck["state_dict"])
+            if ck.get("optimizer"):
+                opt.load_state_dict(ck["optimizer"])
+            if ck.get("scheduler"):
+                sched.load_state_dict(ck["scheduler"])
+            if isinstance(loss_fn, SATLoss):
+                loss_fn.load_state(ck["extra"].get("loss_state", {}))
+            start_epoch = int(ck["epoch"]) + 1
+        net = model
+        if ctx.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+            )
+        train_ld = _loader(train_ds, ctx, cfg.batch_size, True, cfg.seed, cfg.workers)
+        val_ld = _loader(val_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers)
+        test_ld = _loader(test_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers) if test_ds is not None else None
+
+        hist = topk = None
+        ref_stats = dhash = None
+        if ctx.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            hist, topk = History(cfg.out), TopK(cfg.out, cfg.keep)
+            hist.truncate(start_epoch - 1)
+            ref_stats = reference_image_stats([val_ds.prepared(i) for i in range(len(val_ds))])
+            dhash = data_hash(cfg.data)
+            conf = dataclasses.asdict(cfg)
+            conf.update(classes=classes, sat_es_effective=sat_es, world_size=ctx.world_size)
+            atomic_write_bytes(os.path.join(cfg.out, "config.json"), (json.dumps(conf, indent=2) + "\n").encode())
+            _print_start(cfg, classes, train_ds, val_ds, test_ds, ctx)
+        provenance = {
+            "data_hash": dhash, "data_root": os.path.abspath(cfg.data), "arch": cfg.arch, "arch_kwargs": arch_kwargs,
+            "pretrained": cfg.pretrained, "loss": cfg.loss, "sat_es": sat_es if cfg.loss.startswith("sat") else None,
+            "sat_alpha": cfg.sat_alpha if cfg.loss.startswith("sat") else None,
+            "class_weights": loss_fn.class_weights.tolist(), "train_crop": cfg.train_crop,
+            "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule, "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "world_size": ctx.world_size, "nexedge": __version__, "torch": torch.__version__,
+            "train_counts": class_counts(train_ds.labels, classes), "val_counts": class_counts(val_ds.labels, classes),
+        }
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.time()
+            lr = opt.param_groups[0]["lr"]
+            train_ld.sampler.set_epoch(epoch)
+            _, tr_logits, tr_labels, tr_loss = train_one_epoch(net, train_ld, loss_fn, opt, epoch, ctx, cfg.progress)
+            _, va_logits, va_labels = evaluate(net, val_ld, ctx, f"epoch {epoch} val", cfg.progress)
+            te = evaluate(net, test_ld, ctx, f"epoch {epoch} test", cfg.progress) if test_ld is not None else None
+            sched.step()
+            if ctx.is_main:
+                row = {"epoch": epoch, "lr": lr, "time_s": round(time.time() - t0, 2), "train_objective": tr_loss,
+                       "train": metrics.classification_report(tr_logits, tr_labels, classes, g),
+                       "val": metrics.classification_report(va_logits, va_labels, classes, g)}
+                if te is not None:
+                    row["test"] = metrics.classification_report(te[1], te[2], classes, g)
+                hist.append(row)
+                val_scores = metrics.binary_terms(va_logits, g)["score"]
+                card_metrics = {k: row["val"][k] for k in ("auc", "acc", "loss", "bin_acc", "bin_loss", "fpr_at_tpr")}
+                card_metrics["train_loss"] = row["train"]["loss"]
+                card0 = build_card(classes, cfg.good_class, inp, va_labels, val_scores, ref_stats,
+                                   {"val": card_metrics}, dict(provenance, epoch=epoch))
+                common = dict(arch=cfg.arch, classes=classes, good_class=cfg.good_class, arch_kwargs=arch_kwargs,
+                              epoch=epoch)
+                auc = row["val"]["auc"]
+                if topk.wants(auc):
+                    name = f"ckpt_e{epoch:03d}.pt"
+                    save_checkpoint(os.path.join(cfg.out, name), model, card=ModelCard(copy.deepcopy(card0.data)), **common)
+                    topk.add(name, epoch, auc)
+                extra = {"loss_state": loss_fn.state(), "val_auc": float(auc) if auc == auc else -1.0}
+                save_checkpoint(os.path.join(cfg.out, "last.pt"), model, optimizer=opt.state_dict(),
+                                scheduler=sched.state_dict(), extra=extra, card=ModelCard(copy.deepcopy(card0.data)), **common)
+                if isinstance(loss_fn, SATLoss):
+                    _save_sat(os.path.join(cfg.out, "sat_state.npz"), loss_fn, train_ds)
+                _print_epoch(row, cfg.epochs)
+            D.barrier(ctx)
+        summary: Dict[str, Any] = {}
+        if ctx.is_main:
+            if cfg.plots and hist.rows:
+                from nexedge.train.plots import plot_history
+
+                plot_history(hist, classes, cfg.good_class, cfg.out)
+            summary = _summary(cfg, hist, topk, time.time() - t_start)
+            atomic_write_bytes(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
+    finally:
+        D.cleanup(ctx)
+
+
+def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: D.DistContext) -> None:
+    counts = class_counts(tr.labels, classes)
+    print(f"nexedge train: {cfg.arch} ({cfg.pretrained}) loss={cfg.loss} on {cfg.data}")
+    print(f"  classes ({len(classes)}, negative={cfg.good_class!r}): " + ", ".join(f"{c}={n}" for c, n in counts.items()))
+    print(f"  images: train {len(tr)}, val {len(va)}, test {len(te) if te else '-'}; input resize {list(cfg.resize)} "
+          f"crop {list(cfg.crop)} ({cfg.train_crop} at train, {cfg.crop_mode} at eval), {cfg.color}")
+    print(f"  {cfg.epochs} epochs, batch {cfg.batch_size} x {ctx.world_size} process(es) on {ctx.device}, "
+          f"lr {cfg.lr} ({cfg.schedule}), out {cfg.out}")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "   -  " if x is None or x != x else f"{100 * x:6.2f}"
+
+
+def _print_epoch(row: Dict[str, Any], epochs: int) -> None:
+    v, t = row["val"], row["train"]
+    fpr = v.get("fpr_at_tpr", {})
+    print(f"epoch {row['epoch']:3d}/{epochs} {row['time_s']:6.1f}s lr {row['lr']:.2e} | train loss {t['loss']:.4f} "
+          f"acc {_pct(t['acc'])} | val loss {v['loss']:.4f} acc {_pct(v['acc'])} AUC {_pct(v['auc'])} "
+          f"FPR@TPR99.1 {_pct(fpr.get('99.1'))} @100 {_pct(fpr.get('100'))}", flush=True)
+
+
+def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[str, Any]:
+    best = topk.entries[0] if topk.entries else None
+    row = next((r for r in hist.rows if best and r["epoch"] == best["epoch"]), None)
+    summary = {
+        "out": cfg.out, "wall_s": round(wall, 1), "epochs": len(hist.rows),
+        "best": None if best is None else {
+            "file": best["file"], "epoch": best["epoch"], "val_auc": best["auc"],
+            "val_fpr_at_tpr": row["val"]["fpr_at_tpr"] if row else None,
+        },
+        "topk": topk.entries,
+    }
+    print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} top checkpoint(s) by val AUC in {cfg.out}")
+    if best and row:
+        print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %")
+        print("  val FPR % at TPR >= " + ", ".join(f"{k}: {_pct(v).strip()}" for k, v in row["val"]["fpr_at_tpr"].items()))
+    print(f"next: nexedge eval {cfg.out} --data {cfg.data} --split test --crops center,five,ten")
+    return summary
