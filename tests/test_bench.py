@@ -169,7 +169,8 @@ def test_bench_in_graph_from_image_files_with_gemm(models, capsys, tmp_path):
     cv2.imwrite(str(folder / "5.jpg"), rng.integers(0, 256, (61, 64, 3), dtype=np.uint8))
     out_json = str(tmp_path / "ten.json")
     text = _bench(capsys, models["ten"], "--batch", "2", "--iterations", "4", "--warmup", "0",
-                  "--threads", "1", "--images", str(folder), "--gemm", "--gemm-size", "64", "--json", out_json)
+                  "--threads", "1", "--images", str(folder), "--gemm", "--gemm-size", "64", "--gemm-seconds", "0.05",
+                  "--json", out_json)
     doc = report.load_json(out_json)
     r = doc["results"][0]
     assert r["input"] == "files" and r["crops_where"] == "graph"
@@ -222,3 +223,32 @@ def test_compare_rejects_non_results(tmp_path, capsys):
 def test_stage_order_puts_known_stages_first():
     assert runner.stage_order(["postprocess", "zeta", "decode", "inference", "e2e"]) == [
         "decode", "inference", "postprocess", "e2e", "zeta"]
+
+
+def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
+    """benchmarks/run_all.py --only gemm: the GEMM section is measured now (on the tiny model),
+    a pre-existing section file is reused verbatim, missing ones are named, RESULTS.md is rewritten."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "backends.md").write_text("## backends\n\nmeasured earlier: 42 img/s\n")
+    out = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "run_all.py"), "--only", "gemm",
+           "--results-dir", str(results), "--output", str(out), "--section-args",
+           f"gemm=--models {models['host']} --batch 1 --duration 0.2 --gemm-size 64 --gemm-seconds 0.05 --threads 1"]
+    p = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    text = out.read_text()
+    assert p.returncode == 0, p.stdout.decode()[-2000:]
+    assert "measured earlier: 42 img/s" in text and "reused section file" in text
+    assert "## gemm" in text and "of GEMM peak" in text and "m.host.onnx" in text
+    assert "--only gemm" in text and "| CPU |" in text
+    assert "**not run**" in text  # daemon/shift/trainer: no file, not selected
+    assert (results / "gemm.md").exists() and (results / "gemm.log").exists()
+    # a selected section whose script fails makes run_all fail loudly (and still writes the file)
+    bad = [c if not c.startswith("gemm=") else "gemm=--models /nonexistent.onnx" for c in cmd]
+    p = subprocess.run(bad, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert p.returncode == 1
+    assert "**failed**" in out.read_text()

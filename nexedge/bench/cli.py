@@ -47,6 +47,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
                    help="also measure GEMM GFLOP/s on this machine and report achieved GFLOP/s vs that peak "
                         "(ONNX models; needs the onnx package)")
     p.add_argument("--gemm-size", type=int, default=1024, help="matrix size for --gemm (default 1024)")
+    p.add_argument("--gemm-seconds", type=float, default=1.0, help="seconds per GEMM kernel for --gemm (default 1)")
     p.add_argument("--json", metavar="OUT", help="write the result document to this JSON file")
     p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
@@ -67,7 +68,7 @@ def effective_command(args: argparse.Namespace) -> str:
         if value:
             parts += [flag, str(value)]
     if args.gemm:
-        parts += ["--gemm", "--gemm-size", str(args.gemm_size)]
+        parts += ["--gemm", "--gemm-size", str(args.gemm_size), "--gemm-seconds", str(args.gemm_seconds)]
     if args.json:
         parts += ["--json", args.json]
     return " ".join(shlex.quote(p) for p in parts)
@@ -104,7 +105,7 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
     ))
     if args.gemm:
         progress(f"GEMM peak: {args.gemm_size}x{args.gemm_size} matrix products ...")
-        doc["gemm"] = gemm.measure_peaks(args.gemm_size, threads=args.threads)
+        doc["gemm"] = gemm.measure_peaks(args.gemm_size, threads=args.threads, seconds=args.gemm_seconds)
         progress("counting model FLOPs from the ONNX graph ...")
         doc["flops"] = f = gemm.model_flops(args.model, batch=1)
         for r in doc["results"]:
