@@ -41,8 +41,10 @@ RECV_BURST = 256
 class Daemon:
     """The line daemon. ``setup()`` loads and binds (errors raise), ``serve()`` runs until stopped."""
 
-    def __init__(self, cfg: C.Config) -> None:
+    def __init__(self, cfg: C.Config, backend: Any = None) -> None:
+        """``backend``: an already open backend to use instead of opening ``model.path`` (embedding, tests)."""
         self.cfg = cfg
+        self._given_backend = backend
         self.metrics = DaemonMetrics(cfg.sockets.max_cameras)
         self.endpoints: Dict[str, str] = {}
         self.metrics_port: Optional[int] = None
@@ -54,6 +56,8 @@ class Daemon:
         self._in_decode = 0
         self._io_ident = -1
         self._io_beat = time.monotonic()
+        self.n_received = 0
+        self.n_answered = 0
         self._seq = P.SeqCounter()
         self._watchdog = notify.Watchdog()
         self.http: Optional[HealthServer] = None
@@ -89,7 +93,10 @@ class Daemon:
         from nexedge.runtime import open_backend
 
         t0 = time.monotonic()
-        self.backend = open_backend(cfg.model.path, **cfg.model.options)
+        opts = dict(cfg.model.options)
+        if not cfg.model.verify_card:
+            opts["verify"] = False
+        self.backend = self._given_backend if self._given_backend is not None else open_backend(cfg.model.path, **opts)
         card = self.card = self.backend.card
         if self.backend.max_batch < cfg.batching.max_batch:
             raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
@@ -191,6 +198,7 @@ class Daemon:
             if req.answered:
                 return False
             req.answered = True
+            self.n_answered += 1
             self._outstanding.pop(id(req), None)
         latency = time.monotonic() - t_recv
         v = P.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
@@ -223,6 +231,7 @@ class Daemon:
     def _on_message(self, frames: List[Any]) -> None:
         t_recv, t_wall = time.monotonic(), time.time()
         m = self.metrics
+        self.n_received += 1
         envelope, body = P.split_envelope(frames)
         try:
             size = sum(len(f) for f in body)
@@ -356,7 +365,19 @@ class Daemon:
         self.outbox.forward(self._send)
         if forced:
             self._answer_outstanding()
+        else:
+            self._sweep(quiet_s=0.05, until=stop_at)
         return self._teardown(forced)
+
+    def _sweep(self, quiet_s: float, until: float) -> None:
+        """Answer frames still arriving (RECHECK shutting_down) until the socket is quiet or time is up."""
+        while time.monotonic() < until and self.router.poll(int(quiet_s * 1000), zmq.POLLIN):
+            while True:
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_message(frames)
 
     def _begin_drain(self) -> None:
         self._stopping = True
@@ -401,7 +422,9 @@ class Daemon:
             self.http.stop()
         if self.backend is not None and not forced:
             self.backend.close()
-        log.info("stopped", extra={"fields": {"event": "stopped", "forced": forced}})
+        log.info("stopped: %d frames received, %d answered", self.n_received, self.n_answered,
+                 extra={"fields": {"event": "stopped", "forced": forced, "received": self.n_received,
+                                   "answered": self.n_answered}})
         return 0
 
     def close_unserved(self) -> None:
