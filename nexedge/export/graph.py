@@ -1,0 +1,62 @@
+"""In-graph preprocessing: a torch wrapper that exports preprocessing into the ONNX graph.
+
+Input: prepared uint8 images N x H x W x C (C=1 for gray cards, 3 for rgb), as
+:func:`nexedge.preprocess.prepare` makes them. The graph does what
+:func:`nexedge.preprocess.host_batch` does on the host — x/255, gray to three
+channels (by broadcasting against the per-channel mean/std), normalisation, the
+crops in TenCrop order — then the backbone, the per-image mean of the crop
+logits, the softmax and ``defect_score = 1 - p(good)``.
+
+The backbone is the submodule ``backbone``; every ONNX node it produces is named
+``/backbone/...`` by the TorchScript exporter, which the INT8 quantizer uses to
+keep preprocessing and the tail in float (see nexedge.export.quantize).
+"""
+
+from typing import Any, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from nexedge import preprocess as pp
+
+BACKBONE_PREFIX = "/backbone/"
+
+
+def mirrored_offsets(mode: str, size: Tuple[int, int], crop: Tuple[int, int]) -> List[Tuple[int, int, bool]]:
+    """Crop offsets in the original image: a crop at (top, left) of the flipped image
+    is the flip of the crop at (top, W - left - w) of the original."""
+    W, w = int(size[1]), int(crop[1])
+    return [(y, W - x - w if f else x, f) for y, x, f in pp.crop_offsets(mode, size, crop)]
+
+
+class InGraphModel(nn.Module):
+    """uint8 N x H x W x C -> (probs N x K, defect_score N)."""
+
+    def __init__(self, backbone: nn.Module, inp: Mapping[str, Any], crops: str, good_index: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.size = (int(inp["resize"][0]), int(inp["resize"][1]))
+        self.crop = (int(inp["crop"][0]), int(inp["crop"][1]))
+        self.offsets = mirrored_offsets(crops, self.size, self.crop)
+        self.k = len(self.offsets)
+        self.good_index = int(good_index)
+        self.register_buffer("mean", torch.tensor(inp["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(inp["std"], dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Same float32 ops in the same order as preprocess.normalize: x * (1/255), - mean, / std.
+        x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        x = (x - self.mean) / self.std  # N x 1 x H x W broadcasts to N x 3 x H x W for gray
+        h, w = self.crop
+        parts = []
+        for y0, x0, flip in self.offsets:
+            c = x[:, :, y0 : y0 + h, x0 : x0 + w]
+            parts.append(torch.flip(c, dims=[3]) if flip else c)
+        if self.k == 1:
+            crops = parts[0]
+        else:
+            crops = torch.stack(parts, dim=1).reshape(-1, 3, h, w)  # each image's K crops contiguous
+        logits = self.backbone(crops)
+        logits = logits.reshape(-1, self.k, logits.shape[-1]).mean(dim=1)
+        probs = torch.softmax(logits, dim=1)
+        return probs, 1.0 - probs[:, self.good_index]

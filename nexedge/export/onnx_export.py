@@ -1,0 +1,149 @@
+"""Checkpoint -> ONNX (opset 17, TorchScript exporter, dynamic batch), card, parity check.
+
+Two flavours from the same weights:
+
+* ``crops="host"``: float32 (N*K) x 3 x h x w in, ``logits`` out; the host crops.
+* ``crops="center"|"five"|"ten"``: uint8 N x H x W x C in, ``probs`` [N, C] and
+  ``defect_score`` [N] out; preprocessing, crops, averaging and softmax in the graph
+  (see nexedge.export.graph).
+
+The ONNX file is written under a temporary name, checked with onnx.checker and
+against PyTorch, and only then renamed into place with its card.
+"""
+
+import logging
+import os
+from typing import Any, Dict, NamedTuple, Optional
+
+from nexedge.card import GRAPH_CROPS, ModelCard
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+HOST_OUTPUTS = ["logits"]
+GRAPH_OUTPUTS = ["probs", "defect_score"]
+
+
+class ExportResult(NamedTuple):
+    path: str
+    card_path: str
+    card: ModelCard
+    parity: Dict[str, Any]
+
+
+def default_output(checkpoint: str, crops: str) -> str:
+    """``runs/x/best.pt`` + ``ten`` -> ``runs/x/best.ten.onnx``."""
+    return os.path.splitext(checkpoint)[0] + f".{crops}.onnx"
+
+
+def check_crops(crops: str) -> str:
+    if crops not in GRAPH_CROPS:
+        raise ValueError(f"unknown --crops {crops!r}; expected one of {', '.join(GRAPH_CROPS)}")
+    return crops
+
+
+def build_export_module(model: Any, card: ModelCard, crops: str) -> Any:
+    """The torch module to export: the backbone itself (host) or the in-graph wrapper."""
+    if crops == "host":
+        return model
+    from nexedge.export.graph import InGraphModel
+
+    return InGraphModel(model, card.input, crops, card.good_index).eval()
+
+
+def torch_export(module: Any, card: ModelCard, crops: str, path: str, opset: int = OPSET) -> None:
+    """torch.onnx.export with the TorchScript exporter, dynamic batch axis, then onnx.checker."""
+    import onnx
+    import torch
+
+    H, W = card.input["resize"]
+    h, w = card.input["crop"]
+    if crops == "host":
+        dummy = torch.zeros(2, 3, h, w, dtype=torch.float32)
+        outputs = HOST_OUTPUTS
+    else:
+        c = 1 if card.input["color"] == "gray" else 3
+        dummy = torch.zeros(2, H, W, c, dtype=torch.uint8)
+        outputs = GRAPH_OUTPUTS
+    name = "input" if crops == "host" else "images"
+    axes = {name: {0: "batch"}}
+    axes.update({o: {0: "batch"} for o in outputs})
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (dummy,),
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[name],
+            output_names=outputs,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    got = proto.opset_import[0].version if proto.opset_import else None
+    if got != opset:
+        raise RuntimeError(f"exporter wrote opset {got}, expected {opset}")
+
+
+def export_onnx(
+    checkpoint: str,
+    out: Optional[str] = None,
+    crops: str = "host",
+    max_batch: int = 64,
+    parity_data: Optional[str] = None,
+    parity_images: int = 16,
+    tolerance: float = 1e-4,
+    opset: int = OPSET,
+    threads: Optional[int] = None,
+) -> ExportResult:
+    """Export ``checkpoint`` (with card) to ONNX; parity vs torch must hold or nothing is written."""
+    import torch
+
+    from nexedge.export import parity as par
+    from nexedge.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+
+    check_crops(crops)
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    out = out or default_output(checkpoint, crops)
+    model, ck_card = model_from_checkpoint(checkpoint)
+    arch = load_checkpoint(checkpoint)["arch"]
+    card = ck_card.derive("onnx", precision="fp32")
+    card.data["graph"] = {
+        "crops": crops,
+        "input_name": "input" if crops == "host" else "images",
+        "output_names": list(HOST_OUTPUTS if crops == "host" else GRAPH_OUTPUTS),
+        "max_batch": int(max_batch),
+    }
+    card.validate()
+
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(out))
+    try:
+        torch_export(build_export_module(model, card, crops), card, crops, tmp, opset)
+        images, source = par.parity_images(parity_data, card.input, parity_images)
+        mode = card.input["crop_mode"] if crops == "host" else crops
+        with OnnxRuntimeBackend(tmp, card=card, intra_threads=threads) as be:
+            parity = par.check_parity(model, be, images, card.input, mode, tolerance)
+        parity["source"] = source
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    card.data["provenance"]["export"] = {
+        "arch": arch,
+        "opset": opset,
+        "exporter": "torch.onnx (TorchScript, dynamo=False)",
+        "torch": torch.__version__,
+        "parity": parity,
+    }
+    card_path = card.save_for(out, parent=checkpoint)
+    log.info("exported %s (crops=%s, parity max diff %.2g)", out, crops, parity["max_abs_diff"])
+    return ExportResult(out, card_path, card, parity)
+

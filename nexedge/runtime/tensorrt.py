@@ -1,0 +1,271 @@
+"""TensorRT backend for ``.engine`` files (Jetson / GPU line computers).
+
+Name-based tensor API (``num_io_tensors``, ``get_tensor_name``,
+``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), present from
+TensorRT 8.5 (JetPack 5.1) through 10.x. Device buffers are allocated once at
+the optimisation profile's maximum, host buffers are pinned, one CUDA stream.
+CUDA access through cuda-python (``cuda.bindings.runtime``, older
+``cuda.cudart``), falling back to pycuda when cuda-python is missing.
+
+Nothing here imports tensorrt or CUDA at module import: the module loads (and
+is tested for import) on machines without a GPU. Python 3.8, no torch.
+"""
+
+import ctypes
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from nexedge.card import ModelCard, load_card
+from nexedge.runtime.base import Backend, BackendError
+
+
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.8
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+class CudaPython:
+    """The few CUDA runtime calls the backend needs, through cuda-python."""
+
+    name = "cuda-python"
+
+    def __init__(self, device: int = 0) -> None:
+        self.rt = _import_cudart()
+        self._call(self.rt.cudaSetDevice(device))
+        self.stream = self._call(self.rt.cudaStreamCreate())
+
+    def _call(self, ret: Any) -> Any:
+        err, rest = ret[0], ret[1:]
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise BackendError(f"CUDA runtime error {err}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self.stream)
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._call(self.rt.cudaMalloc(nbytes)))
+
+    def pinned(self, shape: Tuple[int, ...], dtype: Any) -> Tuple[np.ndarray, Any]:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape))
+        ptr = int(self._call(self.rt.cudaMallocHost(n * dtype.itemsize)))
+        arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))), (n,))
+        return arr, ptr
+
+    def htod(self, dst: int, src: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, self.stream))
+
+    def dtoh(self, dst: np.ndarray, src: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, self.stream))
+
+    def sync(self) -> None:
+        self._call(self.rt.cudaStreamSynchronize(self.stream))
+
+    def free(self, ptr: int) -> None:
+        self.rt.cudaFree(ptr)
+
+    def free_pinned(self, handle: Any) -> None:
+        self.rt.cudaFreeHost(handle)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.rt.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+
+class PyCuda:
+    """The same calls through pycuda (fallback when cuda-python is not installed)."""
+
+    name = "pycuda"
+
+    def __init__(self, device: int = 0) -> None:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        self.cuda = cuda
+        self.ctx = cuda.Device(device).retain_primary_context()
+        self.ctx.push()
+        self.stream = cuda.Stream()
+        self._allocs: Dict[int, Any] = {}
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self.stream.handle)
+
+    def malloc(self, nbytes: int) -> int:
+        mem = self.cuda.mem_alloc(nbytes)
+        self._allocs[int(mem)] = mem
+        return int(mem)
+
+    def pinned(self, shape: Tuple[int, ...], dtype: Any) -> Tuple[np.ndarray, Any]:
+        arr = self.cuda.pagelocked_empty((int(np.prod(shape)),), np.dtype(dtype))
+        return arr, arr
+
+    def htod(self, dst: int, src: np.ndarray) -> None:
+        self.cuda.memcpy_htod_async(dst, src, self.stream)
+
+    def dtoh(self, dst: np.ndarray, src: int) -> None:
+        self.cuda.memcpy_dtoh_async(dst, src, self.stream)
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def free(self, ptr: int) -> None:
+        mem = self._allocs.pop(ptr, None)
+        if mem is not None:
+            mem.free()
+
+    def free_pinned(self, handle: Any) -> None:
+        base = getattr(handle, "base", None)
+        if base is not None and hasattr(base, "free"):
+            base.free()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.pop()
+            self.ctx = None
+
+
+def open_cuda(device: int = 0) -> Any:
+    """cuda-python if importable, else pycuda; ImportError naming both when neither is."""
+    try:
+        _import_cudart()
+        return CudaPython(device)
+    except ImportError:
+        pass
+    try:
+        return PyCuda(device)
+    except ImportError:
+        raise ImportError("the TensorRT backend needs cuda-python (pip install cuda-python) or pycuda; "
+                          "neither is installed") from None
+
+
+class _Tensor:
+    def __init__(self, name: str, is_input: bool, dtype: Any, max_shape: Tuple[int, ...]) -> None:
+        self.name, self.is_input, self.dtype, self.max_shape = name, is_input, np.dtype(dtype), max_shape
+        self.device = 0
+        self.host: Optional[np.ndarray] = None
+        self.host_handle: Any = None
+
+
+def profile_max_shape(engine: Any, name: str) -> Tuple[int, ...]:
+    """Max shape of input ``name`` in profile 0 (``get_tensor_profile_shape``, or the pre-10 call)."""
+    if hasattr(engine, "get_tensor_profile_shape"):
+        shapes = engine.get_tensor_profile_shape(name, 0)
+    else:
+        shapes = engine.get_profile_shape(0, name)
+    return tuple(int(d) for d in shapes[2])
+
+
+class TensorRTBackend(Backend):
+    """Runs a serialized TensorRT engine described by its card."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str, card: Optional[ModelCard] = None, device: int = 0,
+                 max_batch: Optional[int] = None, verify: bool = True) -> None:
+        import tensorrt as trt
+
+        self.cuda: Any = None
+        self.tensors: List[_Tensor] = []
+        self.context: Any = None
+        card = card if card is not None else load_card(path, verify=verify)
+        super().__init__(card, max_batch)
+        self.path, self.trt = path, trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with open(path, "rb") as f:
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            built = (card.data.get("provenance", {}).get("engine") or {}).get("tensorrt")
+            raise BackendError(f"{path}: TensorRT {trt.__version__} could not deserialize the engine "
+                               f"(built with TensorRT {built}; engines are tied to the version and GPU)")
+        self.context = self.engine.create_execution_context()
+        self.cuda = open_cuda(device)
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self) -> None:
+        trt, eng, ctx = self.trt, self.engine, self.context
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        inputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise BackendError(f"{self.path}: expected one input tensor, engine has {inputs}")
+        self.input_name = inputs[0]
+        in_max = profile_max_shape(eng, self.input_name)
+        per_image = self.k if self.crops == "host" else 1
+        if in_max[0] < self.max_batch * per_image:
+            raise BackendError(f"{self.path}: engine profile max batch {in_max[0]} is below the card's "
+                               f"{self.max_batch} images x {per_image} crops")
+        ctx.set_input_shape(self.input_name, in_max)
+        for n in names:
+            is_in = n == self.input_name
+            shape = in_max if is_in else tuple(int(d) for d in ctx.get_tensor_shape(n))
+            t = _Tensor(n, is_in, trt.nptype(eng.get_tensor_dtype(n)), shape)
+            t.device = self.cuda.malloc(int(np.prod(shape)) * t.dtype.itemsize)
+            t.host, t.host_handle = self.cuda.pinned(shape, t.dtype)
+            ctx.set_tensor_address(n, t.device)
+            self.tensors.append(t)
+        want = "probs" if self.crops != "host" else [n for n in names if n != self.input_name][0]
+        if want not in names:
+            raise BackendError(f"{self.path}: in-graph engine must output 'probs', has {names}")
+        self.output_name = want
+
+    def _execute(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
+        if self.context is None:
+            raise BackendError(f"{self.path}: backend is closed")
+        tin = next(t for t in self.tensors if t.is_input)
+        tout = next(t for t in self.tensors if t.name == self.output_name)
+        if x.dtype != tin.dtype:
+            raise BackendError(f"{self.path}: input dtype {x.dtype}, engine expects {tin.dtype}")
+        t0 = time.perf_counter()
+        host_in = tin.host[: x.size].reshape(x.shape)
+        np.copyto(host_in, x)
+        if not self.context.set_input_shape(self.input_name, x.shape):
+            raise BackendError(f"{self.path}: input shape {x.shape} is outside the engine profile {tin.max_shape}")
+        self.cuda.htod(tin.device, host_in)
+        self.cuda.sync()
+        t1 = time.perf_counter()
+        if not self.context.execute_async_v3(self.cuda.stream_handle):
+            raise BackendError(f"{self.path}: execute_async_v3 failed for input {x.shape}")
+        self.cuda.sync()
+        t2 = time.perf_counter()
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        host_out = tout.host[: int(np.prod(out_shape))].reshape(out_shape)
+        self.cuda.dtoh(host_out, tout.device)
+        self.cuda.sync()
+        t3 = time.perf_counter()
+        timings.update(h2d=t1 - t0, inference=t2 - t1, d2h=t3 - t2)
+        return host_out.astype(np.float32, copy=True)
+
+    def _run_host(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
+        return self._execute(x, timings)
+
+    def _run_graph(self, images: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
+        return self._execute(images, timings)
+
+    def close(self) -> None:
+        cuda = getattr(self, "cuda", None)
+        if cuda is not None:
+            for t in getattr(self, "tensors", []):
+                if t.device:
+                    cuda.free(t.device)
+                if t.host_handle is not None:
+                    cuda.free_pinned(t.host_handle)
+            self.tensors = []
+            cuda.close()
+            self.cuda = None
+        self.context = None
+        self.engine = None
