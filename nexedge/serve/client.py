@@ -30,7 +30,7 @@ class CameraClient:
     """Native DEALER client: many frames in flight, verdicts matched by frame id."""
 
     def __init__(self, endpoint: str, camera: str, context: Optional[zmq.Context] = None,
-                 hwm: int = 10000, curve: Optional[Dict[str, bytes]] = None) -> None:
+                 hwm: int = 10000, curve: Any = None) -> None:
         self.camera = camera
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
@@ -38,10 +38,8 @@ class CameraClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
-        if curve:  # {"public": ..., "secret": ..., "server_public": ...} z85 keys
-            self.sock.curve_publickey = curve["public"]
-            self.sock.curve_secretkey = curve["secret"]
-            self.sock.curve_serverkey = curve["server_public"]
+        if curve is not None:  # nexedge.serve.auth.CurveClient (or anything with apply_client(socket))
+            curve.apply_client(self.sock)
         self.sock.connect(endpoint)
         self.pending: Dict[Any, float] = {}
         self._ids = itertools.count(1)
@@ -134,11 +132,14 @@ class CameraClient:
 class VerdictSubscriber:
     """SUB socket on the daemon's verdict PUB socket; ``cameras`` empty = all."""
 
-    def __init__(self, endpoint: str, cameras: Sequence[str] = (), context: Optional[zmq.Context] = None) -> None:
+    def __init__(self, endpoint: str, cameras: Sequence[str] = (), context: Optional[zmq.Context] = None,
+                 curve: Any = None) -> None:
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply_client(self.sock)
         for cam in cameras or [""]:
             self.sock.setsockopt(zmq.SUBSCRIBE, cam.encode("utf-8"))
         self.cameras = set(cameras)

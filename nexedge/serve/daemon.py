@@ -130,6 +130,7 @@ class Daemon:
         self.worker.start()
         if self.pull is not None:
             self.pull.start()
+            self.endpoints["pull"] = str(self.pull.endpoint)
         self._ready = True
         m.ready.set(1)
         notify.notify("READY=1\nSTATUS=inspecting")
@@ -157,6 +158,10 @@ class Daemon:
             from nexedge.serve.auth import CurveConfig
 
             self.auth = CurveConfig(cfg.auth.server_secret_file, cfg.auth.allowed_clients_dir)
+            auth = self.auth
+            self.metrics.add_counter_callback(
+                "nexedge_auth_refused", "Connections refused by CurveZMQ authentication, by reason", "reason",
+                lambda: {k: v for k, v in auth.counts().items() if k != "total"})
         if cfg.pull is not None:
             if cfg.store is None:
                 raise C.ConfigError("pull: needs a store section (the pull endpoint serves the sample store)")

@@ -8,7 +8,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LAT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -67,6 +67,29 @@ class DaemonMetrics:
     def add_snapshot_collector(self, name: str, fn: Callable[[], Dict[str, Any]]) -> None:
         """Export a ``{camera: {key: number}}`` snapshot (e.g. the shift monitor) at scrape time."""
         self.registry.register(_SnapshotCollector(name, fn))
+
+
+    def add_counter_callback(self, name: str, doc: str, label: str, fn: Callable[[], Dict[str, int]]) -> None:
+        """Export counts kept elsewhere (e.g. CURVE refusals) as a labelled counter, read at scrape time."""
+        self.registry.register(_CounterCollector(name, doc, label, fn))
+
+
+class _CounterCollector:
+    def __init__(self, name: str, doc: str, label: str, fn: Callable[[], Dict[str, int]]) -> None:
+        self.name, self.doc, self.label, self.fn = name, doc, label, fn
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        try:
+            counts = self.fn() or {}
+        except Exception:
+            counts = {}
+        for key, v in counts.items():
+            fam.add_metric([str(key)], float(v))
+        yield fam
 
 
 class _SnapshotCollector:

@@ -1,0 +1,98 @@
+"""Daemon with every optional section on: store, shift monitor, pull endpoint, CurveZMQ auth (real sockets)."""
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+from _daemon_util import base_config, build_tiny_onnx
+
+from nexedge.serve import config as C
+from nexedge.serve.auth import CurveClient
+from nexedge.serve.client import CameraClient, VerdictSubscriber
+from nexedge.serve.daemon import Daemon
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_onnx(str(tmp_path_factory.mktemp("model")))
+
+
+def _keys(tmp_path):
+    keys = tmp_path / "keys"
+    allowed = tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    zmq.auth.create_certificates(str(keys), "server")
+    pub, _ = zmq.auth.create_certificates(str(keys), "cam")
+    zmq.auth.create_certificates(str(keys), "stranger")
+    shutil.copy(pub, str(allowed / "cam.key"))
+    return keys, allowed
+
+
+def test_all_sections_with_curve_auth(model, tmp_path):
+    keys, allowed = _keys(tmp_path)
+    store = str(tmp_path / "store")
+    raw = base_config(
+        model,
+        store={"path": store, "quota": "50MB"},
+        uncertain={"band": 50.0},
+        monitor={"window": 20, "min_frames": 10},
+        pull={"bind": "tcp://127.0.0.1:*"},
+        auth={"server_secret_file": str(keys / "server.key_secret"), "allowed_clients_dir": str(allowed)},
+    )
+    d = Daemon(C.from_dict(raw))
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    try:
+        good = CurveClient(str(keys / "cam.key_secret"), str(keys / "server.key"))
+        stranger = CurveClient(str(keys / "stranger.key_secret"), str(keys / "server.key"))
+        im = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+        with CameraClient(d.endpoints["frames"], "camA", curve=good) as cam:
+            verdicts = [cam.infer(im, timeout_ms=10000) for _ in range(12)]
+        with CameraClient(d.endpoints["frames"], "camX", curve=stranger) as cam:
+            cam.send(im)
+            assert cam.recv(timeout_ms=1000) is None  # refused: never reaches the daemon
+        with CameraClient(d.endpoints["frames"], "camP") as cam:  # plain TCP, no CURVE
+            cam.send(im)
+            assert cam.recv(timeout_ms=500) is None
+        sub = VerdictSubscriber(d.endpoints["verdicts"], curve=good)
+        sub.close()
+        # pull endpoint (the store engineer's protocol) sees the stored samples, through CURVE too
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        good.apply_client(s)
+        s.connect(d.endpoints["pull"])
+        deadline = time.monotonic() + 10
+        pending = 0
+        while pending < 12 and time.monotonic() < deadline:
+            s.send_multipart([b"", json.dumps({"op": "hello"}).encode()])
+            assert s.poll(5000)
+            pending = json.loads(s.recv_multipart()[-1])["pending"]
+        s.close()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    finally:
+        d.request_stop()
+        t.join(20)
+    assert not t.is_alive()
+    assert all(v["decision"] in ("PASS", "REJECT") and v["uncertain"] for v in verdicts)
+    assert pending == 12
+    saved = {ln.split('"')[1]: float(ln.split()[-1]) for ln in body.splitlines()
+             if ln.startswith("nexedge_samples_saved_total")}
+    # every frame is in the band; the frame that raised the shift alarm is filed as drift
+    assert sum(saved.values()) == 12 and saved.get("drift", 0) >= 1
+    assert 'nexedge_monitor_alarms_total{alarm="uncertain_frac",camera="camA"}' in body
+    assert 'nexedge_monitor{camera="camA",key=' in body
+    refused = [ln for ln in body.splitlines() if ln.startswith("nexedge_auth_refused_total")]
+    assert sum(float(ln.split()[-1]) for ln in refused) >= 2, refused
+    assert 'nexedge_frames_received_total{camera="camA"} 12.0' in body
+    assert "camX" not in body and "camP" not in body
+    assert os.path.exists(os.path.join(store, "samples.db"))
