@@ -1,0 +1,167 @@
+"""The stages of ``nexedge demo``; each calls the real command or library of its stage.
+
+Commands run in this process through ``nexedge.cli.main`` (their own progress
+output shows); the daemon runs as a separate ``nexedge-daemon`` process, as on
+a line computer. A stage whose piece is not in this build raises, naming it.
+"""
+
+import glob
+import json
+import os
+from typing import Any, Dict, List, Sequence
+
+from nexedge.bench.demo import Demo
+
+
+def _require(command: str) -> None:
+    """Fail loudly when a subcommand is not registered or its module does not load."""
+    import importlib
+
+    from nexedge.cli import COMMANDS
+
+    entry = next((c for c in COMMANDS if c[0] == command), None)
+    if entry is None:
+        raise RuntimeError(f"this build has no `nexedge {command}` command; the demo needs it")
+    try:
+        mod = importlib.import_module(entry[1])
+    except ImportError as e:
+        raise RuntimeError(f"`nexedge {command}` is not available: {entry[1]} does not import ({e})") from e
+    fn = "run_" + command.replace("-", "_")
+    if not hasattr(mod, fn):
+        raise RuntimeError(f"`nexedge {command}` is not available: {entry[1]} has no {fn}()")
+
+
+def nexedge(demo: Demo, argv: Sequence[str]) -> None:
+    """Run ``nexedge ARGV`` in this process; a non-zero exit fails the stage."""
+    from nexedge.cli import main
+
+    _require(argv[0])
+    demo.say("$ nexedge " + " ".join(argv))
+    rc = main(list(argv))
+    if rc != 0:
+        raise RuntimeError(f"`nexedge {' '.join(argv)}` exited with status {rc}")
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+# -- 1. data -----------------------------------------------------------------
+
+def count_images(root: str) -> Dict[str, Dict[str, int]]:
+    """{split: {class: n}} of an ImageFolder tree."""
+    out: Dict[str, Dict[str, int]] = {}
+    for split in ("train", "val", "test"):
+        d = os.path.join(root, split)
+        if os.path.isdir(d):
+            out[split] = {c: len(os.listdir(os.path.join(d, c))) for c in sorted(os.listdir(d))
+                          if os.path.isdir(os.path.join(d, c))}
+    return out
+
+
+def stage_data(demo: Demo) -> None:
+    s = demo.settings
+    root = demo.path("data")
+    argv = ["synth", root, "--n", str(s["images"]), "--size", str(s["size"]), "--seed", str(s["seed"]),
+            "--workers", str(s["threads"])]
+    if s.get("good_fraction"):
+        argv += ["--good-fraction", str(s["good_fraction"])]
+    nexedge(demo, argv)
+    counts = count_images(root)
+    if not counts.get("test") or not counts.get("train"):
+        raise RuntimeError(f"`nexedge synth` wrote no train/test split under {root}")
+    demo.results["data"] = {"root": root, "counts": {k: sum(v.values()) for k, v in counts.items()},
+                            "classes": sorted(counts["train"])}
+    demo.say("images per split: " + ", ".join(f"{k} {sum(v.values())}" for k, v in counts.items()))
+    demo.say("test split: " + ", ".join(f"{c} {n}" for c, n in counts["test"].items()))
+
+
+# -- 2. train ----------------------------------------------------------------
+
+def stage_train(demo: Demo) -> None:
+    s = demo.settings
+    _set_threads(s["threads"])
+    run = demo.path("train")
+    nexedge(demo, ["train", "--data", demo.results["data"]["root"], "--out", run, "--arch", s["arch"],
+                   "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", "ten",
+                   "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
+                   "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"])
+    from nexedge.train.evaluate import resolve_checkpoints
+
+    _, ckpts = resolve_checkpoints(run)
+    summary: Dict[str, Any] = {}
+    if os.path.exists(os.path.join(run, "summary.json")):
+        with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    demo.results["train"] = {"run": run, "best": ckpts[0], "best_val_auc": (summary.get("best") or {}).get("val_auc"),
+                             "wall_s": summary.get("wall_s")}
+
+
+# -- 3. eval -----------------------------------------------------------------
+
+def stage_eval(demo: Demo) -> None:
+    out = demo.path("eval")
+    nexedge(demo, ["eval", demo.results["train"]["run"], "--data", demo.results["data"]["root"],
+                   "--split", "test", "--crops", "center,ten", "--top", "3", "--out", out, "--no-progress"])
+    path = os.path.join(out, "eval.json")
+    if not os.path.exists(path):
+        raise RuntimeError(f"`nexedge eval` wrote no {path}")
+    with open(path, encoding="utf-8") as f:
+        demo.results["eval"] = {"file": path, "table": json.load(f)}
+
+
+# -- 4. export ---------------------------------------------------------------
+
+def stage_export(demo: Demo) -> None:
+    best = demo.results["train"]["best"]
+    onnx_path = demo.path("model", "model.ten.onnx")
+    os.makedirs(os.path.dirname(onnx_path), exist_ok=True)
+    nexedge(demo, ["export", best, "--crops", "ten", "-o", onnx_path, "--max-batch", "16",
+                   "--parity-data", demo.results["data"]["root"], "--threads", str(demo.settings["threads"])])
+    demo.results["export"] = {"onnx": onnx_path, "bytes": os.path.getsize(onnx_path)}
+
+
+# -- 5. int8 -----------------------------------------------------------------
+
+def stage_calibrate(demo: Demo) -> None:
+    src = demo.results["export"]["onnx"]
+    nexedge(demo, ["calibrate", src, "--data", demo.results["data"]["root"],
+                   "--images", str(demo.settings["calib_images"]), "--out", demo.path("model")])
+    found = sorted(glob.glob(demo.path("model", "*int8*.onnx")))
+    if not found:
+        raise RuntimeError(f"`nexedge calibrate` wrote no INT8 ONNX (*int8*.onnx) under {demo.path('model')}")
+    from nexedge.card import load_card
+
+    ort_int8 = [f for f in found if "ort" in os.path.basename(f) or "u8s8" in os.path.basename(f)] or found
+    card = load_card(ort_int8[0])
+    demo.results["int8"] = {"onnx": ort_int8[0], "all": found, "quantization": card.graph.get("quantization"),
+                            "metrics": card.data.get("metrics", {}).get("int8_vs_fp32")}
+
+
+# -- 6-8. the line: see demo_line ---------------------------------------------
+
+def stage_daemon(demo: Demo) -> None:
+    from nexedge.bench import demo_line
+
+    demo_line.start_daemon(demo)
+
+
+def stage_stream(demo: Demo) -> None:
+    from nexedge.bench import demo_line
+
+    demo_line.stream_test_images(demo)
+
+
+def stage_pull(demo: Demo) -> None:
+    out = demo.path("pulled")
+    store = demo.results["daemon"]["store"]
+    nexedge(demo, ["pull", "--store", store, "--out", out, "--format", "labelstudio,folders",
+                   "--classes", ",".join(demo.results["data"]["classes"])])
+    files: List[str] = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".npy"))]
+    demo.results["pull"] = {"out": out, "images": len(images), "files": sorted(files)[:20]}
+    demo.say(f"pulled {len(images)} uncertain sample images to {out}")
+    for f in sorted(f for f in files if f not in images)[:10]:
+        demo.say(f"  {os.path.join(out, f)}")
