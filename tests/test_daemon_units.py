@@ -246,3 +246,23 @@ def test_sd_notify_and_watchdog_over_a_real_unix_datagram_socket(tmp_path, monke
         srv.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not notify.notify("READY=1")
+
+
+# -- shipped files ------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_example_config_validates_and_packaged_copy_matches():
+    path = os.path.join(ROOT, "deploy", "line.example.yaml")
+    cfg = C.load(path)
+    assert cfg.store is not None and cfg.monitor is not None and cfg.pull is not None and cfg.auth is None
+    assert cfg.decision.target_tpr == 1.0 and cfg.batching.max_batch == 8
+    with open(path, "rb") as a, open(os.path.join(ROOT, "nexedge", "serve", "line.example.yaml"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_systemd_unit_is_notify_with_watchdog_and_restart():
+    with open(os.path.join(ROOT, "deploy", "nexedge-daemon.service")) as f:
+        lines = {ln.split("=", 1)[0]: ln.split("=", 1)[1].strip() for ln in f if "=" in ln and not ln.startswith("#")}
+    assert lines["Type"] == "notify" and lines["Restart"] == "on-failure"
+    assert int(lines["WatchdogSec"]) > 0 and "nexedge-daemon --config" in lines["ExecStart"]
