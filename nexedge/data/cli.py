@@ -1,0 +1,102 @@
+"""``nexedge synth`` and ``nexedge split`` (light imports: numpy and OpenCV only)."""
+
+import argparse
+import json
+from typing import Optional, Tuple
+
+from nexedge.data.spec import BATCHES, parse_class_counts
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``"275x267"`` (width x height) or ``"96"`` (square) -> (width, height)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"bad --size {text!r}; expected WIDTHxHEIGHT like 275x267, or one number") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2:
+        raise ValueError(f"bad --size {text!r}; expected WIDTHxHEIGHT like 275x267, or one number")
+    from nexedge.data.synth import check_size
+
+    return check_size(nums)
+
+
+def configure_synth(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Render a synthetic Nexperia-like data set: OUT/{train,val,test}/<class>/*.png split like the "
+        "report (10%% test, 10%% of the rest val, at least one of each class in both), manifest.jsonl "
+        "(path, split, label, true_label, bbox, severity, batch, noisy, ...) and dataset.json."
+    )
+    p.add_argument("out", nargs="?", help="output folder (must not hold a data set yet)")
+    p.add_argument("--n", type=int, default=None, help="number of images (default 2000; class mix of the batch)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data set (default 0)")
+    p.add_argument("--batch", type=int, default=2,
+                   help="production batch 1|2|3: optics, camera and package differ; 3 adds tin_particle "
+                        "and camera_glitch classes (default 2)")
+    p.add_argument("--noise", type=float, default=0.01,
+                   help="fraction of defect images written with label good (default 0.01)")
+    p.add_argument("--size", default="275x267", help="image WIDTHxHEIGHT or one number (default 275x267, native)")
+    p.add_argument("--workers", type=int, default=0, help="render processes (default 0 = one per core)")
+    p.add_argument("--class-counts", default=None, metavar="CLS=N,...",
+                   help="exact images per class, e.g. good=900,scratch=50 (0 or >= 3 each; others 0)")
+    p.add_argument("--good-fraction", type=float, default=None,
+                   help="fraction of good images; defects keep the batch's relative mix")
+    p.add_argument("--contact-sheet", default=None, metavar="PNG",
+                   help="also (or only, without OUT) write a contact sheet: one labelled row per class")
+    p.add_argument("--sheet-per-class", type=int, default=5, help="images per row of the contact sheet (default 5)")
+    p.add_argument("--sheet-scale", type=float, default=0.5, help="tile scale of the contact sheet (default 0.5)")
+    p.add_argument("--sheet-boxes", action="store_true", help="draw defect bounding boxes on the contact sheet")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    if args.batch not in BATCHES:
+        raise ValueError(f"--batch {args.batch} is not a known production batch; expected one of {list(BATCHES)}")
+    if not args.out and not args.contact_sheet:
+        raise ValueError("nothing to do: give an output folder OUT and/or --contact-sheet PNG")
+    size = parse_size(args.size)
+    counts = parse_class_counts(args.class_counts, args.batch) if args.class_counts else None
+    if args.out:
+        from nexedge.data.generate import generate
+
+        n: Optional[int] = args.n
+        if n is None and counts is None:
+            n = 2000
+        summary = generate(args.out, n=n, seed=args.seed, batch=args.batch, noise=args.noise, size=size,
+                           workers=args.workers, progress=not args.no_progress, class_counts=counts,
+                           good_fraction=args.good_fraction)
+        tot = {s: sum(c.values()) for s, c in summary["counts"].items()}
+        print(f"wrote {summary['n']} images to {args.out} (train {tot['train']}, val {tot['val']}, "
+              f"test {tot['test']}; {summary['n_noisy']} noisy labels) in {summary['seconds']:.1f} s, "
+              f"{summary['images_per_s']} images/s with {summary['workers']} worker(s)")
+    if args.contact_sheet:
+        from nexedge.data.contact import contact_sheet
+
+        path = contact_sheet(args.contact_sheet, batch=args.batch, per_class=args.sheet_per_class, seed=args.seed,
+                             size=size, scale=args.sheet_scale, boxes=args.sheet_boxes)
+        print(f"wrote contact sheet {path}")
+    return 0
+
+
+def configure_split(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Split SRC/<class>/<image> into OUT/{train,val,test}/<class>/ like the report: per class 10%% to "
+        "test, 10%% of the rest to val (exactly one each for classes under 10 images); writes "
+        "manifest.jsonl and dataset.json. Deterministic for a seed."
+    )
+    p.add_argument("src", help="folder with one sub-folder of images per class")
+    p.add_argument("out", help="output folder (must not hold a data set yet)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--link", nargs="?", const="hard", default=None, choices=["hard", "sym"],
+                   help="link instead of copying: hard (default for bare --link) or sym")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from nexedge.data.split import split_folder
+
+    summary = split_folder(args.src, args.out, seed=args.seed, link=args.link, progress=not args.no_progress)
+    print(json.dumps({"out": summary["out"], "n": summary["n"], "counts": summary["counts"]}, indent=1))
+    return 0

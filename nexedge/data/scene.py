@@ -1,0 +1,333 @@
+"""Scene parameters and drawing of a SOT-23-style device in a carrier-tape pocket.
+
+Everything is drawn as float32 gray levels (0..255, before camera gain and noise) on a
+canvas of the render size; geometry is given at the native 275 x 267 size and scaled.
+Drawing is split into a background (tape, pocket) and an unrotated device layer with
+an alpha mask; :func:`composite` rotates and places the device. Defects hook in between.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from nexedge.data.spec import NATIVE_SIZE, BatchStyle
+
+NH, NW = NATIVE_SIZE
+_CODE_CHARS = "ABCDEFHKLMNPRSTUVWXYZ0123456789"
+FLIPS = ("none", "rot180", "mirror", "vmirror")
+
+
+@dataclass
+class Lead:
+    side: str  # "top" or "bottom" edge of the body
+    x: float  # base position along the body, relative to the body centre (native px)
+    width: float
+    length: float
+    angle: float = 0.0  # deviation from straight out (degrees)
+    levels: Tuple[float, float, float, float] = (245.0, 95.0, 190.0, 130.0)
+    flat: bool = False  # bottom side of a flipped device: plain pads, no bands
+    streaks: Tuple[float, ...] = (1.0,) * 16  # brightness of strips along the lead (rolled metal)
+
+
+@dataclass
+class Scene:
+    """All pose and look parameters of one image (no defect)."""
+
+    size: Tuple[int, int]  # render canvas H, W
+    style: BatchStyle
+    pocket_dx: float
+    pocket_dy: float
+    cx: float  # body centre in native px (before the pose offset)
+    cy: float
+    dx: float  # pose offset (native px)
+    dy: float
+    angle: float  # degrees
+    body_w: float
+    body_h: float
+    floor: float
+    body_gray: float
+    rim_gray: float
+    wall_gray: float
+    leads: List[Lead]
+    text: str
+    flip: str
+    mark_gray: float
+    tex_x: int
+    tex_y: int
+    tilt: Tuple[float, float]
+    blur: float
+    gain: float
+    device: bool = True
+    bottom_side: bool = False
+    marking_erase: List[Tuple[float, float, float, float]] = field(default_factory=list)  # body-rel fractions
+    mark_fade: float = 1.0
+
+    @property
+    def sx(self) -> float:
+        return self.size[1] / NW
+
+    @property
+    def sy(self) -> float:
+        return self.size[0] / NH
+
+    @property
+    def s(self) -> float:
+        return min(self.sx, self.sy)
+
+    def copy(self) -> "Scene":
+        return copy.deepcopy(self)
+
+
+def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchStyle) -> Scene:
+    """Draw a random good-device scene (pose jitter, marking, lead brightness, pocket offset)."""
+    u = rng.uniform
+    bw = style.body[0] * u(0.98, 1.02)
+    bh = style.body[1] * u(0.97, 1.03)
+    lw = style.lead_width * u(0.95, 1.05)
+    llen = u(52.0, 58.0)
+    pitch = bw * u(0.36, 0.375)
+
+    def levels() -> Tuple[float, float, float, float]:
+        k = u(0.85, 1.05)
+        return (245.0 * k, u(70.0, 110.0) * k, u(160.0, 215.0) * k, u(100.0, 150.0) * k)
+
+    def streaks() -> Tuple[float, ...]:
+        return tuple(float(v) for v in u(0.82, 1.08, 16))
+
+    leads = [
+        Lead("top", -pitch, lw, llen, 0.0, levels(), streaks=streaks()),
+        Lead("top", pitch, lw, llen, 0.0, levels(), streaks=streaks()),
+        Lead("bottom", u(-3.0, 4.0), lw, llen, 0.0, levels(), streaks=streaks()),
+    ]
+    n_code = int(rng.integers(2, 4))
+    code = "".join(_CODE_CHARS[int(i)] for i in rng.integers(0, len(_CODE_CHARS), n_code))
+    if rng.random() < 0.6:  # most Nexperia codes carry a "W"
+        pos = int(rng.integers(0, n_code))
+        code = code[:pos] + "W" + code[pos + 1:]
+    date = "9" + str(int(rng.integers(5, 10)))
+    text = code + " " + date if rng.random() < 0.5 else date + " " + code
+    flip = FLIPS[int(rng.choice(4, p=[0.2, 0.3, 0.3, 0.2]))]
+    return Scene(
+        size=size, style=style,
+        pocket_dx=u(-3.0, 3.0), pocket_dy=u(-3.0, 3.0),
+        cx=NW / 2.0, cy=NH / 2.0 + 2.0,
+        dx=style.shift[0] + u(-5.0, 5.0), dy=style.shift[1] + u(-4.0, 4.0),
+        angle=float(rng.normal(0.0, 1.5)),
+        body_w=bw, body_h=bh,
+        floor=u(18.0, 24.0), body_gray=u(29.0, 36.0), rim_gray=u(42.0, 70.0), wall_gray=u(28.0, 40.0),
+        leads=leads, text=text, flip=flip, mark_gray=style.mark_gray * u(0.9, 1.1),
+        tex_x=int(rng.integers(0, 32)), tex_y=int(rng.integers(0, 32)),
+        tilt=(style.illum_tilt[0] + u(-0.03, 0.03), style.illum_tilt[1] + u(-0.03, 0.03)),
+        blur=style.blur * u(0.9, 1.1), gain=style.gain * u(0.96, 1.04),
+    )
+
+
+_TEXTURES: Dict[Tuple[int, int], np.ndarray] = {}
+
+
+def _texture(h: int, w: int) -> np.ndarray:
+    """Embossed carrier-tape texture (brick-like rows), fixed per size, 32 px larger than the canvas."""
+    key = (h, w)
+    if key not in _TEXTURES:
+        rng = np.random.default_rng(1234)
+        th, tw = h + 32, w + 32
+        t = np.zeros((th, tw), np.float32)
+        row = 9
+        for r in range(0, th, row):
+            t[r:r + 1, :] -= 5.0
+            off = (r // row) % 2 * 7
+            for c in range(off, tw, 14):
+                t[r:r + row, c:c + 1] -= 3.5
+        t += cv2.GaussianBlur(rng.normal(0, 6.0, (th, tw)).astype(np.float32), (0, 0), 3.0)
+        _TEXTURES[key] = cv2.GaussianBlur(t, (0, 0), 0.7)
+    return _TEXTURES[key]
+
+
+def rounded_rect(img: np.ndarray, p0: Tuple[float, float], p1: Tuple[float, float], r: float,
+                 color: float, thickness: int) -> None:
+    """Outline of a rounded rectangle (anti-aliased) from corner ``p0`` to ``p1``."""
+    x0, y0 = int(round(p0[0])), int(round(p0[1]))
+    x1, y1 = int(round(p1[0])), int(round(p1[1]))
+    r = int(round(max(1.0, min(r, (x1 - x0) / 2.0, (y1 - y0) / 2.0))))
+    c, t, aa = float(color), max(1, thickness), cv2.LINE_AA
+    cv2.line(img, (x0 + r, y0), (x1 - r, y0), c, t, aa)
+    cv2.line(img, (x0 + r, y1), (x1 - r, y1), c, t, aa)
+    cv2.line(img, (x0, y0 + r), (x0, y1 - r), c, t, aa)
+    cv2.line(img, (x1, y0 + r), (x1, y1 - r), c, t, aa)
+    for (cx, cy), a in (((x0 + r, y0 + r), 180), ((x1 - r, y0 + r), 270), ((x1 - r, y1 - r), 0), ((x0 + r, y1 - r), 90)):
+        cv2.ellipse(img, (cx, cy), (r, r), a, 0, 90, c, t, aa)
+
+
+def pocket_box(sc: Scene) -> Tuple[float, float, float, float]:
+    """Outer pocket rim (x0, y0, x1, y1) in render px."""
+    return (
+        (3 + sc.pocket_dx) * sc.sx, (2 + sc.pocket_dy) * sc.sy,
+        (NW - 3 + sc.pocket_dx) * sc.sx, (NH - 2 + sc.pocket_dy) * sc.sy,
+    )
+
+
+def draw_background(sc: Scene) -> np.ndarray:
+    """Carrier tape floor, pocket walls with rounded corners, the recess under the bottom lead, the hole."""
+    h, w = sc.size
+    img = _texture(h, w)[sc.tex_y:sc.tex_y + h, sc.tex_x:sc.tex_x + w] + np.float32(sc.floor)
+    x0, y0, x1, y1 = pocket_box(sc)
+    s = sc.s
+    inset = 10 * s
+    walls = np.zeros((h, w), np.float32)
+    # wall band between rim and floor edge: lighter, strongest on the left and right walls
+    cv2.rectangle(walls, (int(x0), int(y0)), (int(x1), int(y1)), 1.0, -1)
+    cv2.rectangle(walls, (int(x0 + inset), int(y0 + inset)), (int(x1 - inset), int(y1 - inset)), 0.0, -1)
+    img += walls * np.float32(sc.wall_gray - sc.floor) * 0.5
+    rounded_rect(img, (x0, y0), (x1, y1), 24 * s, sc.rim_gray, max(1, int(round(2 * s))))
+    rounded_rect(img, (x0 + inset, y0 + inset), (x1 - inset, y1 - inset), 18 * s, sc.rim_gray * 0.7, 1)
+    # bright specular streaks on the side walls
+    for xs in (x0 + 4 * s, x1 - 4 * s):
+        cv2.line(img, (int(xs), int(y0 + 30 * s)), (int(xs), int(y1 - 40 * s)), sc.rim_gray * 1.3, 1, cv2.LINE_AA)
+    # recess around the bottom lead: a U with rounded bottom
+    bx = (sc.cx + sc.pocket_dx) * sc.sx
+    top, bot = (sc.cy + sc.body_h / 2 + 12) * sc.sy, y1 - 14 * s
+    half = 34 * sc.sx
+    rc = int(round(14 * s))
+    for xs in (bx - half, bx + half):
+        cv2.line(img, (int(xs), int(top)), (int(xs), int(bot - rc)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.ellipse(img, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.ellipse(img, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.line(img, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    # punched hole in the pocket floor (hidden under the device)
+    hc = (int(round((sc.cx + sc.pocket_dx) * sc.sx)), int(round((sc.cy + sc.pocket_dy) * sc.sy)))
+    cv2.circle(img, hc, int(round(13 * s)), 6.0, -1, cv2.LINE_AA)
+    cv2.circle(img, hc, int(round(13 * s)), sc.rim_gray * 0.6, 1, cv2.LINE_AA)
+    return img
+
+
+def body_rect(sc: Scene) -> Tuple[float, float, float, float]:
+    """Unrotated body rectangle (x0, y0, x1, y1) in render px."""
+    return (
+        (sc.cx - sc.body_w / 2) * sc.sx, (sc.cy - sc.body_h / 2) * sc.sy,
+        (sc.cx + sc.body_w / 2) * sc.sx, (sc.cy + sc.body_h / 2) * sc.sy,
+    )
+
+
+def lead_quad(sc: Scene, ld: Lead, f0: float, f1: float, under: float = 6.0) -> np.ndarray:
+    """Corners (4x2 render px) of the part of a lead from fraction ``f0`` to ``f1`` of its length."""
+    sign = -1.0 if ld.side == "top" else 1.0
+    a = np.deg2rad(ld.angle)
+    dx, dy = np.sin(a), sign * np.cos(a)  # outward direction
+    nx, ny = np.cos(a) * ld.width / 2, -sign * np.sin(a) * ld.width / 2  # half-width across
+    bx, by = sc.cx + ld.x, sc.cy + sign * (sc.body_h / 2 - under)
+    t0, t1 = (ld.length + under) * f0, (ld.length + under) * f1
+    ax, ay, cx, cy = bx + dx * t0, by + dy * t0, bx + dx * t1, by + dy * t1
+    q = [[ax - nx, ay - ny], [ax + nx, ay + ny], [cx + nx, cy + ny], [cx - nx, cy - ny]]
+    return np.array(q) * np.array([sc.sx, sc.sy])
+
+
+def _fill(img: np.ndarray, quad: np.ndarray, value: float) -> None:
+    cv2.fillConvexPoly(img, np.round(quad * 16).astype(np.int32), float(value), cv2.LINE_AA, 4)
+
+
+def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
+    """One lead: bright band at the body, a dark band, a second band, a dull tip; streaky metal."""
+    q = lead_quad(sc, ld, 0.0, 1.0)
+    _fill(alpha, q, 1.0)
+    if ld.flat:
+        _fill(dev, q, ld.levels[2] * 0.8)
+        _fill(dev, lead_quad(sc, ld, 0.15, 0.85), ld.levels[2] * 0.65)
+        return
+    bands = ((0.45, ld.levels[0]), (0.6, ld.levels[1]), (0.9, ld.levels[2]), (1.01, ld.levels[3]))
+    (n0x, n0y), (n1x, n1y), (f1x, f1y), (f0x, f0y) = (q * 16).tolist()  # 1/16 px fixed point
+    n = len(ld.streaks)
+    for i, k in enumerate(ld.streaks):
+        a, b = i / n, (i + 1) / n
+        v = next(lv for end, lv in bands if (a + b) / 2 < end)
+        pts = [(n0x + (f0x - n0x) * a, n0y + (f0y - n0y) * a), (n1x + (f1x - n1x) * a, n1y + (f1y - n1y) * a),
+               (n1x + (f1x - n1x) * b, n1y + (f1y - n1y) * b), (n0x + (f0x - n0x) * b, n0y + (f0y - n0y) * b)]
+        cv2.fillConvexPoly(dev, np.array(pts, np.int32), float(v * k), cv2.LINE_AA, 4)
+
+
+def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
+    """Marking text as a 0..1 mask the size of the body, flipped as the scene says."""
+    m = np.zeros((hb, wb), np.uint8)  # OpenCV 5 draws text on 8-bit images only
+    font = getattr(cv2, sc.style.font)
+    th = max(1, int(round(2.3 * sc.s)))
+    (tw, tht), _ = cv2.getTextSize(sc.text, font, 1.0, th)
+    scale = min(0.78 * wb / tw, 0.55 * hb / tht)
+    (tw, tht), base = cv2.getTextSize(sc.text, font, scale, th)
+    org = (int((wb - tw) / 2), int((hb + tht) / 2))
+    if sc.style.marking == "outline":  # hollow laser strokes: bright edges, dimmer core
+        cv2.putText(m, sc.text, org, font, scale, 255, th + 1, cv2.LINE_AA)
+        cv2.putText(m, sc.text, org, font, scale, 140, max(1, th - 1), cv2.LINE_AA)
+    else:
+        cv2.putText(m, sc.text, org, font, scale, 255, th, cv2.LINE_AA)
+    if sc.flip == "rot180":
+        m = m[::-1, ::-1]
+    elif sc.flip == "mirror":
+        m = m[:, ::-1]
+    elif sc.flip == "vmirror":
+        m = m[::-1, :]
+    m = m.astype(np.float32) * np.float32(1.0 / 255.0)
+    for fx0, fy0, fx1, fy1 in sc.marking_erase:
+        m[int(fy0 * hb):int(np.ceil(fy1 * hb)), int(fx0 * wb):int(np.ceil(fx1 * wb))] = 0.0
+    return m * np.float32(sc.mark_fade)
+
+
+def draw_device(sc: Scene) -> Tuple[np.ndarray, np.ndarray]:
+    """Unrotated device (leads, body, marking) and its alpha mask, both float32 H x W."""
+    h, w = sc.size
+    dev = np.zeros((h, w), np.float32)
+    alpha = np.zeros((h, w), np.float32)
+    for ld in sc.leads:
+        draw_lead(dev, alpha, sc, ld)
+    x0, y0, x1, y1 = body_rect(sc)
+    quad = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    _fill(alpha, quad, 1.0)
+    _fill(dev, quad, sc.body_gray + 24.0)  # lighter moulded edge
+    e = 1.6 * sc.s
+    _fill(dev, quad + np.array([[e, e], [-e, e], [-e, -e], [e, -e]]), sc.body_gray)
+    if sc.bottom_side:
+        for fx in (0.3, 0.7):  # ejector-pin marks of the mould
+            c = (int(round(x0 + fx * (x1 - x0))), int(round((y0 + y1) / 2)))
+            cv2.circle(dev, c, int(round(9 * sc.s)), sc.body_gray - 8.0, -1, cv2.LINE_AA)
+            cv2.circle(dev, c, int(round(9 * sc.s)), sc.body_gray + 10.0, 1, cv2.LINE_AA)
+        return dev, alpha
+    ix0, iy0, ix1, iy1 = int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+    if ix1 > ix0 and iy1 > iy0:
+        m = marking_layer(sc, iy1 - iy0, ix1 - ix0)
+        dev[iy0:iy1, ix0:ix1] += m * np.float32(sc.mark_gray - sc.body_gray)
+    return dev, alpha
+
+
+def pose_matrix(sc: Scene) -> np.ndarray:
+    """2x3 affine: rotate about the body centre, then shift by the pose offset (render px)."""
+    c = (sc.cx * sc.sx, sc.cy * sc.sy)
+    m = cv2.getRotationMatrix2D(c, sc.angle, 1.0)
+    m[0, 2] += (sc.dx + sc.pocket_dx) * sc.sx
+    m[1, 2] += (sc.dy + sc.pocket_dy) * sc.sy
+    return m
+
+
+def composite(bg: np.ndarray, dev: np.ndarray, alpha: np.ndarray, sc: Scene,
+              m: Optional[np.ndarray] = None) -> np.ndarray:
+    """Place the device on the background with its pose, plus a soft contact shadow."""
+    h, w = sc.size
+    m = pose_matrix(sc) if m is None else m
+    # warp only the region the device can reach (body, leads, glue blobs, pose offset)
+    x0, y0, x1, y1 = body_rect(sc)
+    mx, my = 70 * sc.sx, 75 * sc.sy
+    corners = np.array([[x0 - mx, y0 - my, 1.0], [x1 + mx, y0 - my, 1.0], [x1 + mx, y1 + my, 1.0], [x0 - mx, y1 + my, 1.0]])
+    pts = corners @ m.T
+    rx0, ry0 = max(0, int(pts[:, 0].min())), max(0, int(pts[:, 1].min()))
+    rx1, ry1 = min(w, int(np.ceil(pts[:, 0].max()))), min(h, int(np.ceil(pts[:, 1].max())))
+    m2 = m.copy()
+    m2[0, 2] -= rx0
+    m2[1, 2] -= ry0
+    part = cv2.warpAffine(cv2.merge([dev, alpha]), m2, (rx1 - rx0, ry1 - ry0), flags=cv2.INTER_LINEAR)
+    warped = np.zeros((h, w, 2), np.float32)
+    warped[ry0:ry1, rx0:rx1] = part
+    dev_w, a_w = warped[:, :, 0], warped[:, :, 1]
+    small = cv2.resize(a_w, (w // 4, h // 4), interpolation=cv2.INTER_AREA)  # blur at 1/4 size: cheap
+    shadow = cv2.resize(cv2.GaussianBlur(small, (0, 0), sc.s), (w, h), interpolation=cv2.INTER_LINEAR)
+    out = bg * (1.0 - 0.45 * shadow)
+    return out + (dev_w - out) * a_w

@@ -1,0 +1,172 @@
+"""Render one synthetic Nexperia-like inspection image (the library API other stages call).
+
+``render_image(cls, seed)`` -> (uint8 H x W image, meta). Each image uses three random
+streams derived from its seed: scene (pose, marking, looks), defect, and sensor noise.
+The clean twin (:func:`render_pair`) re-renders the same scene and noise without the
+defect, so the defect's pixels, and its bounding box, are exact.
+"""
+
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from nexedge.data import defects as D
+from nexedge.data.scene import Scene, composite, draw_background, draw_device, sample_scene
+from nexedge.data.spec import (
+    FIXED_SEVERITY,
+    GOOD,
+    NATIVE_SIZE,
+    STYLES,
+    BatchStyle,
+    batch_classes,
+    check_batch,
+)
+
+SeedLike = Union[int, Sequence[int], np.random.Generator, np.random.SeedSequence]
+NATIVE_WH: Tuple[int, int] = (NATIVE_SIZE[1], NATIVE_SIZE[0])  # (275, 267)
+BBOX_THRESHOLD = 4.0  # gray levels (before camera gain) that count as "changed by the defect"
+
+
+def _streams(seed: SeedLike) -> Tuple[np.random.Generator, np.random.Generator, np.random.SeedSequence]:
+    if isinstance(seed, np.random.Generator):
+        ss = np.random.SeedSequence([int(v) for v in seed.integers(0, 2**63 - 1, 2)])
+    elif isinstance(seed, np.random.SeedSequence):
+        ss = seed
+    else:
+        ss = np.random.SeedSequence(seed)
+    a, b, c = ss.spawn(3)
+    return np.random.default_rng(a), np.random.default_rng(b), c
+
+
+def check_size(size: Sequence[int]) -> Tuple[int, int]:
+    """Validate an output (width, height)."""
+    try:
+        w, h = int(size[0]), int(size[1])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"bad image size {size!r}; expected (width, height)") from None
+    if w < 16 or h < 16 or w > 4096 or h > 4096:
+        raise ValueError(f"image size {w}x{h} out of range; expected 16..4096 px per side")
+    return w, h
+
+
+def render_shape(size: Sequence[int]) -> Tuple[int, int]:
+    """Canvas (H, W) the scene is drawn on: at least native size; smaller outputs are downscaled."""
+    w, h = check_size(size)
+    return max(h, NATIVE_SIZE[0]), max(w, NATIVE_SIZE[1])
+
+
+def sample_severity(rng: np.random.Generator) -> float:
+    """Defect severity in (0, 1]: mostly clear, about 1 in 10 below 0.2 (borderline)."""
+    return float(np.clip(rng.beta(1.5, 1.2), 0.03, 1.0))
+
+
+def _canvas(sc: Scene, d: Optional[D.Defect]) -> np.ndarray:
+    s2 = D.modify(sc, d) if d is not None else sc
+    bg = draw_background(s2)
+    if d is not None:
+        D.on_background(bg, s2, d)
+    if s2.device:
+        dev, alpha = draw_device(s2)
+        if d is not None:
+            D.on_device(dev, alpha, s2, d)
+        img = composite(bg, dev, alpha, s2)
+    else:
+        img = bg
+    if d is not None:
+        img = D.on_image(img, s2, d)
+    return img
+
+
+_GRIDS: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _grid(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+    if (h, w) not in _GRIDS:
+        y = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
+        x = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
+        _GRIDS[(h, w)] = (y, x)
+    return _GRIDS[(h, w)]
+
+
+def _finish(canvas: np.ndarray, sc: Scene, noise: np.random.SeedSequence, out_wh: Tuple[int, int]) -> np.ndarray:
+    """Camera: illumination field, gain/offset, optics blur, read + shot noise, row banding, resize."""
+    h, w = canvas.shape
+    st = sc.style
+    y, x = _grid(h, w)
+    fy = (1.0 + sc.tilt[1] * y) * (1.0 - 0.10 * y * y) * np.float32(sc.gain)
+    fx = (1.0 + sc.tilt[0] * x) * (1.0 - 0.10 * x * x)
+    img = canvas * (fy * fx) + np.float32(st.offset)
+    img = cv2.GaussianBlur(img, (0, 0), sc.blur * sc.s)
+    rng = np.random.default_rng(noise)
+    var = cv2.max(img, 0.0) * np.float32(st.shot) + np.float32(st.noise**2)
+    img += rng.standard_normal((h, w), dtype=np.float32) * cv2.sqrt(var)
+    img += rng.standard_normal((h, 1), dtype=np.float32) * np.float32(0.8)
+    if (w, h) != out_wh:
+        img = cv2.resize(img, out_wh, interpolation=cv2.INTER_AREA)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _bbox(a: np.ndarray, b: np.ndarray, sc: Scene, out_wh: Tuple[int, int]) -> Optional[list]:
+    ys, xs = np.nonzero(np.abs(a - b) > BBOX_THRESHOLD)
+    if len(ys) == 0:
+        return None
+    h, w = a.shape
+    pad = int(np.ceil(2.5 * sc.blur * sc.s)) + 1
+    kx, ky = out_wh[0] / w, out_wh[1] / h
+    x0, y0 = max(0, xs.min() - pad), max(0, ys.min() - pad)
+    x1, y1 = min(w, xs.max() + 1 + pad), min(h, ys.max() + 1 + pad)
+    return [int(np.floor(x0 * kx)), int(np.floor(y0 * ky)), int(np.ceil(x1 * kx)), int(np.ceil(y1 * ky))]
+
+
+def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity: Optional[float],
+            twin: bool, style: Optional[BatchStyle]) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+    check_batch(batch)
+    if cls not in batch_classes(batch):
+        raise ValueError(f"unknown class {cls!r} for batch {batch}; expected one of {batch_classes(batch)}")
+    out_wh = check_size(size)
+    st = style or STYLES[batch]
+    scene_rng, defect_rng, noise = _streams(seed)
+    sc = sample_scene(scene_rng, render_shape(out_wh), st)
+    meta: Dict[str, Any] = {
+        "class": cls, "batch": batch, "variant": st.variant, "size": list(out_wh), "marking": sc.text,
+        "flip": sc.flip, "pose": {"angle": round(sc.angle, 3), "dx": round(sc.dx, 2), "dy": round(sc.dy, 2)},
+        "severity": 0.0, "bbox": None,
+    }
+    clean = _canvas(sc, None)
+    if cls == GOOD:
+        img = _finish(clean, sc, noise, out_wh)
+        return img, (img.copy() if twin else None), meta
+    sev = sample_severity(defect_rng) if severity is None else float(severity)
+    if cls in FIXED_SEVERITY:
+        sev = 1.0
+    d = D.sample_defect(cls, sc, defect_rng, sev)
+    bad = _canvas(sc, d)
+    meta["severity"] = round(sev, 4)
+    meta["bbox"] = _bbox(bad, clean, sc, out_wh)
+    meta["defect"] = {k: v for k, v in d.params.items() if k == "mode"}
+    img = _finish(bad, sc, noise, out_wh)
+    return img, (_finish(clean, sc, noise, out_wh) if twin else None), meta
+
+
+def render_image(cls: str, seed: SeedLike, batch: int = 2, size: Sequence[int] = NATIVE_WH,
+                 severity: Optional[float] = None, style: Optional[BatchStyle] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Render one grayscale image of class ``cls``.
+
+    ``seed``: int, sequence of ints (e.g. ``(seed, index)``), SeedSequence or Generator.
+    ``size``: output (width, height). ``severity`` in (0, 1] (drawn when None; ignored for
+    good, fixed at 1 for device_flip, empty_pocket, camera_glitch).
+    Returns (uint8 H x W, meta) with meta keys class, batch, variant, size, marking, flip,
+    pose, severity, bbox ([x0, y0, x1, y1], x1/y1 exclusive, or None for good).
+    """
+    img, _, meta = _render(cls, seed, batch, size, severity, False, style)
+    return img, meta
+
+
+def render_pair(cls: str, seed: SeedLike, batch: int = 2, size: Sequence[int] = NATIVE_WH,
+                severity: Optional[float] = None,
+                style: Optional[BatchStyle] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """Like :func:`render_image`, plus the clean twin: same scene, pose and noise, no defect."""
+    img, clean, meta = _render(cls, seed, batch, size, severity, True, style)
+    assert clean is not None
+    return img, clean, meta
