@@ -159,9 +159,24 @@ def stage_pull(demo: Demo) -> None:
     store = demo.results["daemon"]["store"]
     nexedge(demo, ["pull", "--store", store, "--out", out, "--format", "labelstudio,folders",
                    "--classes", ",".join(demo.results["data"]["classes"])])
-    files: List[str] = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
-    images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".npy"))]
-    demo.results["pull"] = {"out": out, "images": len(images), "files": sorted(files)[:20]}
-    demo.say(f"pulled {len(images)} uncertain sample images to {out}")
-    for f in sorted(f for f in files if f not in images)[:10]:
-        demo.say(f"  {os.path.join(out, f)}")
+    manifest = os.path.join(out, "manifest.jsonl")
+    if not os.path.exists(manifest):
+        raise RuntimeError(f"`nexedge pull` wrote no {manifest}")
+    with open(manifest, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    reasons: Dict[str, int] = {}
+    for r in rows:
+        key = "{} {}".format(r.get("decision", "?"), r.get("reason") or "").strip()
+        reasons[key] = reasons.get(key, 0) + 1
+    layout: List[str] = []
+    for d, dirs, files in sorted(os.walk(out)):
+        dirs.sort()
+        if files:
+            layout.append("  {:<60} {} file(s)".format(os.path.relpath(d, demo.out) + "/", len(files)))
+    demo.results["pull"] = {"out": out, "samples": len(rows), "by_decision_reason": reasons, "layout": layout}
+    demo.say(f"pulled {len(rows)} uncertain/audit samples out of the line store into {out}:")
+    demo.say("  by decision and reason: " + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
+    for line in layout[:12]:
+        demo.say(line)
+    demo.say("  (manifest.jsonl = canonical list; labelstudio/ = import into Label Studio; folders/ = by predicted "
+             "class for CVAT; label them, then `nexedge import-labels` adds them to the data set)")
