@@ -1,0 +1,130 @@
+"""CLI of the relabeling loop: ``nexedge pull``, ``nexedge import-labels``, ``nexedge keys``."""
+
+import argparse
+import datetime as _dt
+import json
+from typing import List, Optional
+
+FORMAT_CHOICES = ("manifest", "labelstudio", "folders", "cleanlab")
+
+
+def _time(text: Optional[str]) -> Optional[float]:
+    """Epoch seconds or ISO 8601 (naive = UTC) -> epoch seconds."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"time {text!r}: expected epoch seconds or ISO 8601 like 2026-11-28T14:00:00Z") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()
+
+
+def _formats(values: Optional[List[str]]) -> List[str]:
+    out = ["manifest"]
+    for v in values or []:
+        for f in v.split(","):
+            f = f.strip()
+            if f not in FORMAT_CHOICES:
+                raise ValueError(f"--format {f!r}: expected some of {', '.join(FORMAT_CHOICES)}")
+            if f not in out:
+                out.append(f)
+    return out
+
+
+def configure_pull(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("source (exactly one)")
+    src.add_argument("--store", metavar="PATH", help="a sample-store folder on this machine")
+    src.add_argument("--connect", metavar="ENDPOINT", help="a daemon's pull endpoint, e.g. tcp://line3:5560")
+    src.add_argument("--mislabels", metavar="CSV", help="a `nexedge mislabels` CSV to review (needs --dataset)")
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder (re-running resumes into it)")
+    p.add_argument("--format", action="append", metavar="FMT",
+                   help=f"extra formats besides manifest.jsonl: {', '.join(FORMAT_CHOICES[1:])} (repeat or comma-separate)")
+    p.add_argument("--client-key", metavar="FILE", help="this client's *.key_secret (CurveZMQ)")
+    p.add_argument("--server-key", metavar="FILE", help="the daemon's public *.key (CurveZMQ)")
+    f = p.add_argument_group("filters")
+    f.add_argument("--camera", help="only this camera id")
+    f.add_argument("--since", help="frames at or after this time (epoch s or ISO 8601, UTC)")
+    f.add_argument("--until", help="frames before this time")
+    f.add_argument("--decision", choices=("PASS", "REJECT", "RECHECK"), help="only this decision")
+    f.add_argument("--reason", help="only this reason (e.g. band, audit, deadline)")
+    f.add_argument("--limit", type=int, help="pull at most this many samples")
+    p.add_argument("--dataset", metavar="ROOT", help="data set root the --mislabels paths refer to")
+    p.add_argument("--all-rows", action="store_true", help="with --mislabels: every row, not only flagged ones")
+    p.add_argument("--top", type=int, help="with --mislabels: the N most suspicious rows")
+    p.add_argument("--classes", help="class list for the exports (comma-separated; default: from the probabilities)")
+    p.add_argument("--ls-url-prefix", help="prefix of image URLs in Label Studio tasks (default: local-files "
+                                           "serving with document root /)")
+    p.add_argument("--page-size", type=int, default=64, help="samples per request (default 64)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
+    p.add_argument("--retries", type=int, default=3, help="re-sends of a request that got no reply (default 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    from nexedge.relabel.formats import export_formats
+    from nexedge.relabel.pull import open_source, pull
+    from nexedge.relabel.review import export_mislabels
+
+    formats = _formats(args.format)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    if args.mislabels:
+        if args.store or args.connect:
+            raise ValueError("give exactly one of --store, --connect or --mislabels")
+        if not args.dataset:
+            raise ValueError("--mislabels needs --dataset ROOT (the data set its paths refer to)")
+        counts = export_mislabels(args.mislabels, args.dataset, args.out, flagged_only=not args.all_rows, top=args.top)
+    else:
+        filters = {"camera": args.camera, "since": _time(args.since), "until": _time(args.until),
+                   "decision": args.decision, "reason": args.reason}
+        src = open_source(args.store, args.connect, args.client_key, args.server_key, args.timeout, args.retries)
+        try:
+            counts = pull(src, args.out, filters=filters, limit=args.limit, page_size=args.page_size,
+                          progress=not args.no_progress)
+        finally:
+            src.close()
+    written = export_formats(args.out, formats, classes=classes, ls_url_prefix=args.ls_url_prefix)
+    print(json.dumps({"counts": counts, "written": {k: len(v) for k, v in written.items()}}))
+    return 0
+
+
+def configure_import_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("labels", metavar="FILE", help="Label Studio export (JSON or JSON-MIN) or CSV (path|sha256, label)")
+    p.add_argument("--dataset", required=True, metavar="ROOT", help="data set root (<root>/<split>/<class>/...)")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="where new images go")
+    p.add_argument("--images", metavar="DIR", help="the `nexedge pull --out` folder the labelled images came from")
+    p.add_argument("--source", help="provenance source name (default: the labels file name)")
+    p.add_argument("--skip-bad", action="store_true", help="import the good rows and report the bad ones "
+                                                           "(default: any bad row stops the import)")
+    p.add_argument("--dry-run", action="store_true", help="validate and report, write nothing")
+
+
+def run_import_labels(args: argparse.Namespace) -> int:
+    import sys
+
+    from nexedge.relabel.importer import import_labels
+
+    res = import_labels(args.labels, args.dataset, split=args.split, images_dir=args.images, skip_bad=args.skip_bad,
+                        dry_run=args.dry_run, source=args.source)
+    for e in res["errors"]:
+        print("skipped: " + e, file=sys.stderr)
+    print(json.dumps(res["counts"]))
+    return 0
+
+
+def configure_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the key files")
+    p.add_argument("--name", required=True, help="key pair name, e.g. daemon-line3 or laptop-alice")
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from nexedge.relabel.keys import make_keys, usage_note
+
+    paths = make_keys(args.out, args.name)
+    print(usage_note(paths, args.name))
+    return 0

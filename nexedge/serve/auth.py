@@ -1,0 +1,214 @@
+"""CurveZMQ authentication for daemon sockets: server key pair plus an allow-list
+of client public keys (pyzmq's ``zmq.auth``).
+
+Server side::
+
+    curve = CurveConfig("keys/server.key_secret", "keys/allowed_clients")
+    curve.apply_server(sock)      # before bind; starts the ZAP handler for sock's context
+    ...
+    curve.refused                 # refused connection attempts (unknown key or no/bad CURVE)
+    curve.stop()
+
+A client whose public key is not a ``*.key`` file in ``allowed_clients_dir``
+is denied by the ZAP handler (counted as ``unknown_key`` and logged with its
+key); a client that does not speak CURVE, or has the wrong server key, fails the
+handshake (counted as ``handshake`` from the socket monitor). Either way it
+never gets a message through. The allow-list is re-read when the folder
+changes, so removing a key file revokes that client for new connections.
+
+Key pairs come from ``nexedge keys`` (``zmq.auth.create_certificates``).
+
+Python 3.8, no torch.
+"""
+
+import logging
+import os
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+log = logging.getLogger(__name__)
+
+_FAIL_EVENTS = {
+    getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0x0800): "handshake",
+    getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0x2000): "handshake",
+}
+_AUTH_EVENT = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000)
+
+
+def load_secret(path: str) -> Tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a ``*.key_secret`` file; clear errors when it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CURVE secret key file {path} not found (make one with `nexedge keys`)")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a CURVE key file: {e}") from None
+    if not secret:
+        raise ValueError(f"{path} holds only a public key; expected the *.key_secret file")
+    return public, secret
+
+
+def load_public(path: str) -> bytes:
+    """z85 public key from a ``*.key`` (or ``*.key_secret``) file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CURVE public key file {path} not found")
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a CURVE key file: {e}") from None
+    return public
+
+
+class _AllowList:
+    """ZAP credentials provider: allows the public keys found in a folder; counts denials."""
+
+    def __init__(self, folder: str, on_deny: Any) -> None:
+        self.folder = folder
+        self.on_deny = on_deny
+        self._stamp: Optional[Tuple[float, int]] = None
+        self._keys: Dict[bytes, bool] = {}
+        self._lock = threading.Lock()
+        self.reload()
+
+    def reload(self) -> int:
+        keys = zmq.auth.load_certificates(self.folder)
+        with self._lock:
+            self._keys = {k: True for k in keys}
+            st = os.stat(self.folder)
+            self._stamp = (st.st_mtime, st.st_ino)
+        return len(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        st = os.stat(self.folder)
+        if (st.st_mtime, st.st_ino) != self._stamp:
+            n = self.reload()
+            log.info("CURVE allow-list %s reloaded: %d client keys", self.folder, n)
+        with self._lock:
+            ok = key in self._keys
+        if not ok:
+            self.on_deny("unknown_key", key.decode("ascii", "replace"))
+        return ok
+
+
+class CurveConfig:
+    """Server key pair + allow-list; one ZAP handler per ZeroMQ context it serves."""
+
+    def __init__(self, server_secret_file: str, allowed_clients_dir: str) -> None:
+        self.server_public, self.server_secret = load_secret(server_secret_file)
+        if not os.path.isdir(allowed_clients_dir):
+            raise FileNotFoundError(
+                f"allowed-clients folder {allowed_clients_dir} not found (put the clients' *.key files there)"
+            )
+        self.allowed_clients_dir = allowed_clients_dir
+        self.refused = 0
+        self.refused_by_reason: Dict[str, int] = {"unknown_key": 0, "handshake": 0}
+        self._count_lock = threading.Lock()
+        self._allow = _AllowList(allowed_clients_dir, self._deny)
+        if not self._allow._keys:
+            log.warning("CURVE allow-list %s is empty: every client will be refused", allowed_clients_dir)
+        self._auths: Dict[int, ThreadAuthenticator] = {}
+        self._monitors: List[Tuple[int, threading.Thread, threading.Event]] = []
+
+    def _deny(self, reason: str, detail: str) -> None:
+        with self._count_lock:
+            self.refused += 1
+            self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
+        log.warning("refused connection: %s %s", reason, detail)
+
+    def start(self, context: Optional[zmq.Context] = None) -> None:
+        """Start the ZAP handler for ``context`` (default: the global instance); idempotent."""
+        ctx = context or zmq.Context.instance()
+        if id(ctx) in self._auths:
+            return
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
+        auth.start()
+        auth.configure_curve_callback("*", credentials_provider=self._allow)
+        self._auths[id(ctx)] = auth
+
+    def apply_server(self, socket: zmq.Socket, monitor: bool = True) -> None:
+        """Make ``socket`` a CURVE server (call before bind); count failed handshakes."""
+        self.start(socket.context)
+        socket.curve_secretkey = self.server_secret
+        socket.curve_publickey = self.server_public
+        socket.curve_server = True
+        socket.zap_domain = b"*"
+        if monitor:
+            events = _AUTH_EVENT | sum(_FAIL_EVENTS)
+            mon = socket.get_monitor_socket(events)
+            stop = threading.Event()
+            t = threading.Thread(target=self._watch, args=(mon, stop), name="curve-monitor", daemon=True)
+            t.start()
+            self._monitors.append((id(socket.context), t, stop))
+
+    def _watch(self, mon: zmq.Socket, stop: threading.Event) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        try:
+            while not stop.is_set():
+                if not mon.poll(200):
+                    continue
+                ev = recv_monitor_message(mon)
+                kind = int(ev["event"])
+                if kind == zmq.EVENT_MONITOR_STOPPED:
+                    break
+                reason = _FAIL_EVENTS.get(kind)
+                if reason is not None:  # unknown keys were already counted by the ZAP handler
+                    addr = ev.get("endpoint", b"")
+                    self._deny(reason, f"(no CURVE or wrong server key) on {addr.decode('ascii', 'replace')}")
+        except zmq.ZMQError:
+            pass
+        finally:
+            mon.close(linger=0)
+
+    def stop(self, context: Optional[zmq.Context] = None) -> None:
+        """Stop monitors and ZAP handlers (after the served sockets are closed); only
+        those of ``context`` when given."""
+        keep = []
+        for cid, t, stop in self._monitors:
+            if context is None or cid == id(context):
+                stop.set()
+                t.join(timeout=2)
+            else:
+                keep.append((cid, t, stop))
+        self._monitors = keep
+        for cid in list(self._auths):
+            if context is None or cid == id(context):
+                self._auths.pop(cid).stop()
+
+    def counts(self) -> Dict[str, int]:
+        with self._count_lock:
+            out = dict(self.refused_by_reason)
+            out["total"] = self.refused
+        return out
+
+
+class CurveClient:
+    """Client side: own key pair plus the server's public key."""
+
+    def __init__(self, client_secret_file: str, server_public_file: str) -> None:
+        self.public, self.secret = load_secret(client_secret_file)
+        self.server_public = load_public(server_public_file)
+
+    def apply_client(self, socket: zmq.Socket) -> None:
+        socket.curve_secretkey = self.secret
+        socket.curve_publickey = self.public
+        socket.curve_serverkey = self.server_public
+
+
+def make_keypair(out_dir: str, name: str) -> Tuple[str, str]:
+    """Write ``<name>.key`` (public) and ``<name>.key_secret`` into ``out_dir``; refuse to overwrite."""
+    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
+    if not safe or safe != name:
+        raise ValueError(f"key name {name!r} must be letters, digits, '-', '_' or '.' (not starting with '.')")
+    os.makedirs(out_dir, exist_ok=True)
+    for ext in (".key", ".key_secret"):
+        path = os.path.join(out_dir, name + ext)
+        if os.path.exists(path):
+            raise ValueError(f"{path} exists; refusing to overwrite a key (remove it first)")
+    public, secret = zmq.auth.create_certificates(out_dir, name)
+    os.chmod(secret, 0o600)
+    return public, secret

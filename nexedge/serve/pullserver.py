@@ -1,0 +1,211 @@
+"""Pull endpoint: hands pending uncertain samples to ``nexedge pull --connect`` over
+ZeroMQ request/reply. Off by default in the daemon.
+
+Wire protocol (version 1), one JSON request frame from a REQ (or DEALER with an
+empty delimiter) client:
+
+* ``{"v": 1, "op": "hello"}`` -> ``{"ok": true, "v": 1, "store_id", "pending"}``
+* ``{"v": 1, "op": "page", "after_id": N|null, "limit": N, "filters": {camera,
+  since, until, decision, reason}}`` -> ``[{"ok": true, "samples": [row, ...],
+  "skipped": k}, image bytes of row 0, image bytes of row 1, ...]``; rows in id
+  order, pending only, at most ``limit`` (capped) rows and about
+  ``max_page_bytes`` of images. A row whose image retention removed meanwhile
+  is left out (``skipped``).
+* ``{"v": 1, "op": "ack", "ids": [...]}`` -> ``{"ok": true, "acked": n}``: the
+  client has written the samples and its manifest; they become *pulled*.
+* any error -> ``{"ok": false, "error": "..."}``.
+
+The endpoint hands out proprietary images: binding anything but loopback
+(127.0.0.0/8, ::1, localhost, ipc://, inproc://) needs a :class:`CurveConfig`.
+
+Python 3.8, no torch.
+"""
+
+import json
+import logging
+import threading
+from typing import Any, Dict, List, Optional
+
+import zmq
+
+from nexedge.serve.auth import CurveConfig
+from nexedge.store import SampleStore
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_PAGE = 256
+FILTER_KEYS = ("camera", "since", "until", "decision", "reason")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if ";" in host:  # "source;dest" form: judge the bound side
+        host = host.split(";")[-1]
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+class PullServer:
+    """A thread with its own ROUTER socket serving one :class:`SampleStore` (read + ack)."""
+
+    def __init__(
+        self,
+        store_root: str,
+        bind: str = "tcp://127.0.0.1:5560",
+        auth: Optional[CurveConfig] = None,
+        max_page_bytes: int = 16 << 20,
+    ) -> None:
+        if auth is None and not is_loopback(bind):
+            raise ValueError(
+                f"pull endpoint bind {bind!r} is not loopback: it hands out images, so it needs "
+                "CurveZMQ authentication (configure a server key and an allowed-clients folder) "
+                "or a loopback address such as tcp://127.0.0.1:5560"
+            )
+        self.store_root = store_root
+        self.bind = bind
+        self.auth = auth
+        self.max_page_bytes = int(max_page_bytes)
+        self.endpoint: Optional[str] = None
+        self.counters: Dict[str, int] = {"requests": 0, "samples_sent": 0, "acked": 0, "errors": 0}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._ctx: Optional[zmq.Context] = None
+        self._sock: Optional[zmq.Socket] = None
+
+    @property
+    def refused(self) -> int:
+        """Connection attempts refused by authentication (0 without auth)."""
+        return self.auth.refused if self.auth is not None else 0
+
+    def start(self) -> "PullServer":
+        """Bind (errors surface here) and serve in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("pull server already started")
+        store = SampleStore(self.store_root, writer=False)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        try:
+            if self.auth is not None:
+                self.auth.apply_server(sock)
+            sock.bind(self.bind)
+        except BaseException:
+            sock.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop(ctx)
+            ctx.term()
+            store.close()
+            raise
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ctx, self._sock = ctx, sock
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, args=(sock, store), name="pull-server", daemon=True)
+        self._thread.start()
+        log.info("pull endpoint on %s (%s)", self.endpoint, "CURVE" if self.auth else "loopback, no auth")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        self._thread = None
+        if self.auth is not None and self._ctx is not None:
+            self.auth.stop(self._ctx)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._ctx = self._sock = None
+
+    def __enter__(self) -> "PullServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- serving --------------------------------------------------------------
+    def _serve(self, sock: zmq.Socket, store: SampleStore) -> None:
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(100):
+                    continue
+                msg = sock.recv_multipart()
+                # REQ peers: [identity, b"", request]; DEALER peers may omit the delimiter.
+                if len(msg) >= 3 and msg[1] == b"":
+                    head, body = msg[:2], msg[2:]
+                else:
+                    head, body = msg[:1], msg[1:]
+                self.counters["requests"] += 1
+                try:
+                    reply = self._handle(store, body)
+                except Exception as e:  # a bad request must not stop the endpoint
+                    self.counters["errors"] += 1
+                    log.warning("pull request failed: %s", e)
+                    reply = [json.dumps({"ok": False, "error": str(e)}).encode()]
+                sock.send_multipart(head + reply, copy=False)
+        finally:
+            sock.close(linger=0)
+            store.close()
+
+    def _handle(self, store: SampleStore, body: List[bytes]) -> List[bytes]:
+        if len(body) != 1:
+            raise ValueError(f"expected one JSON request frame, got {len(body)} frames")
+        try:
+            req = json.loads(body[0].decode("utf-8"))
+        except ValueError:
+            raise ValueError("request is not valid UTF-8 JSON") from None
+        if not isinstance(req, dict):
+            raise ValueError("request must be a JSON object")
+        if req.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {req.get('v')!r} not supported; this server speaks {PROTOCOL_VERSION}")
+        op = req.get("op")
+        if op == "hello":
+            st = store.stats()
+            return [_j({"ok": True, "v": PROTOCOL_VERSION, "store_id": store.store_id, "pending": st["pending"]})]
+        if op == "page":
+            return self._page(store, req)
+        if op == "ack":
+            ids = req.get("ids")
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise ValueError("ack needs 'ids': a list of integers")
+            n = store.mark_pulled(ids)
+            self.counters["acked"] += n
+            return [_j({"ok": True, "acked": n})]
+        raise ValueError(f"unknown op {op!r}; expected hello, page or ack")
+
+    def _page(self, store: SampleStore, req: Dict[str, Any]) -> List[bytes]:
+        filters = req.get("filters") or {}
+        if not isinstance(filters, dict) or set(filters) - set(FILTER_KEYS):
+            raise ValueError(f"filters must be an object with keys from {FILTER_KEYS}, got {filters!r}")
+        limit = req.get("limit", 64)
+        after = req.get("after_id")
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        if after is not None and not isinstance(after, int):
+            raise ValueError(f"after_id must be an integer or null, got {after!r}")
+        rows = store.query(after_id=after, limit=min(limit, MAX_PAGE), pending_only=True, **filters)
+        out_rows, blobs, size, skipped = [], [], 0, 0
+        for r in rows:
+            try:
+                data = store.read_image(r)
+            except FileNotFoundError:  # removed by retention after the query
+                skipped += 1
+                continue
+            if blobs and size + len(data) > self.max_page_bytes:
+                break
+            out_rows.append(r)
+            blobs.append(data)
+            size += len(data)
+        self.counters["samples_sent"] += len(out_rows)
+        header = {"ok": True, "samples": out_rows, "skipped": skipped, "store_id": store.store_id}
+        if not out_rows and rows:  # everything in this page vanished: let the client move past it
+            header["next_after_id"] = rows[-1]["id"]
+        return [_j(header)] + blobs
+
+
+def _j(obj: Dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode("utf-8")
