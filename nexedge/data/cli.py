@@ -46,7 +46,7 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contact-sheet", default=None, metavar="PNG",
                    help="also (or only, without OUT) write a contact sheet: one labelled row per class")
     p.add_argument("--sheet-per-class", type=int, default=5, help="images per row of the contact sheet (default 5)")
-    p.add_argument("--sheet-scale", type=float, default=0.5, help="tile scale of the contact sheet (default 0.5)")
+    p.add_argument("--sheet-scale", type=float, default=0.45, help="tile scale of the contact sheet (default 0.45)")
     p.add_argument("--sheet-boxes", action="store_true", help="draw defect bounding boxes on the contact sheet")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

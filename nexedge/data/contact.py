@@ -11,7 +11,7 @@ from nexedge.data.synth import NATIVE_WH, check_size, render_image
 
 
 def contact_sheet(path: str, batch: int = 2, per_class: int = 5, seed: int = 0, size: Sequence[int] = NATIVE_WH,
-                  scale: float = 0.5, boxes: bool = False, classes: Optional[Sequence[str]] = None) -> str:
+                  scale: float = 0.45, boxes: bool = False, classes: Optional[Sequence[str]] = None) -> str:
     """Write a PNG with ``per_class`` images of every class (severity falling left to right).
 
     ``scale`` shrinks each tile; ``boxes`` draws each defect's bounding box. Returns ``path``.

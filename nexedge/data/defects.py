@@ -58,24 +58,26 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
     x0, y0, x1, y1 = body_rect(sc)
     p: Dict[str, Any] = {}
     if kind == "chipping":
-        corner = rng.random() < 0.5
-        if corner:
+        cxm, cym = (x0 + x1) / 2, (y0 + y1) / 2
+        if rng.random() < 0.5:  # a corner
             c = (x0 if rng.random() < 0.5 else x1, y0 if rng.random() < 0.5 else y1)
-        else:
+        else:  # a long edge
             c = (rng.uniform(x0 + 10 * s, x1 - 10 * s), y0 if rng.random() < 0.5 else y1)
-        r = (4.5 + 24.0 * sv) * s
-        p = {"outer": _blob(rng, c, r), "inner": _blob(rng, c, 0.7 * r), "deep": sv > 0.15,
-             "gray": sc.body_gray + 30.0 + 55.0 * sv, "grain": rng.uniform(0.7, 1.3, 64).astype(np.float32)}
+        r = (6.0 + 26.0 * sv) * s
+        # the fracture reaches into the body; the missing part sits at the edge
+        fc = (c[0] + 0.3 * r * np.sign(cxm - c[0]) * (c[0] in (x0, x1)), c[1] + 0.3 * r * np.sign(cym - c[1]))
+        p = {"outer": _blob(rng, fc, r), "inner": _blob(rng, c, 0.75 * r), "deep": sv > 0.15,
+             "gray": sc.body_gray + 35.0 + 60.0 * sv, "grain": rng.uniform(0.6, 1.4, 64).astype(np.float32)}
     elif kind == "scratch":
         length = (18.0 + 150.0 * sv) * s
         a = rng.uniform(-np.pi / 3, np.pi / 3)
         start = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
-        n = 8
+        n = 12
         t = np.linspace(0, 1, n)[:, None]
         d = np.array([np.cos(a), np.sin(a)])
         pts = start + t * length * d + rng.normal(0, 0.8 * s, (n, 2))
-        p = {"pts": pts, "width": max(1, int(round((1.0 + 2.5 * sv) * s))),
-             "delta": 22.0 + 120.0 * sv, "seg": rng.uniform(0.4, 1.2, n - 1)}
+        p = {"pts": pts, "width": max(1, int(round((1.0 + 6.0 * sv**1.5) * s))),
+             "delta": 22.0 + 120.0 * sv, "seg": rng.uniform(0.3, 1.3, n - 1)}
     elif kind == "lead_glue":
         i = int(rng.integers(0, len(sc.leads)))
         q = lead_quad(sc, sc.leads[i], 0.25, 0.95)
@@ -199,6 +201,8 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         for i in range(len(pts) - 1):
             a = tuple(int(v) for v in np.round(pts[i] * 16))
             b = tuple(int(v) for v in np.round(pts[i + 1] * 16))
+            if p["width"] >= 3:  # a wide scratch: scuffed band around a bright core
+                cv2.line(line, a, b, 0.35 * float(p["seg"][i]), 3 * p["width"], cv2.LINE_AA, 4)
             cv2.line(line, a, b, float(p["seg"][i]), p["width"], cv2.LINE_AA, 4)
         clip = np.zeros(dev.shape, np.float32)
         e = 2.5 * sc.s

@@ -117,7 +117,7 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
         dx=style.shift[0] + u(-5.0, 5.0), dy=style.shift[1] + u(-4.0, 4.0),
         angle=float(rng.normal(0.0, 1.5)),
         body_w=bw, body_h=bh,
-        floor=u(18.0, 24.0), body_gray=u(29.0, 36.0), rim_gray=u(42.0, 70.0), wall_gray=u(28.0, 40.0),
+        floor=u(18.0, 24.0), body_gray=u(29.0, 36.0), rim_gray=u(34.0, 60.0), wall_gray=u(28.0, 40.0),
         leads=leads, text=text, flip=flip, mark_gray=style.mark_gray * u(0.9, 1.1),
         tex_x=int(rng.integers(0, 32)), tex_y=int(rng.integers(0, 32)),
         tilt=(style.illum_tilt[0] + u(-0.03, 0.03), style.illum_tilt[1] + u(-0.03, 0.03)),
@@ -143,6 +143,17 @@ def _texture(h: int, w: int) -> np.ndarray:
                 t[r:r + row, c:c + 1] -= 3.5
         t += cv2.GaussianBlur(rng.normal(0, 6.0, (th, tw)).astype(np.float32), (0, 0), 3.0)
         _TEXTURES[key] = cv2.GaussianBlur(t, (0, 0), 0.7)
+    return _TEXTURES[key]
+
+
+def _light(h: int, w: int) -> np.ndarray:
+    """Smooth random lighting field (mean 1, 0.1..2.2), fixed per size, 64 px larger than the canvas."""
+    key = (-h, -w)
+    if key not in _TEXTURES:
+        rng = np.random.default_rng(4321)
+        f = cv2.GaussianBlur(rng.normal(0, 1, (h + 64, w + 64)).astype(np.float32), (0, 0), 14.0)
+        f = 1.0 + 0.6 * f / max(1e-6, float(f.std()))
+        _TEXTURES[key] = np.clip(f, 0.1, 2.2).astype(np.float32)
     return _TEXTURES[key]
 
 
@@ -181,21 +192,25 @@ def draw_background(sc: Scene) -> np.ndarray:
     cv2.rectangle(walls, (int(x0), int(y0)), (int(x1), int(y1)), 1.0, -1)
     cv2.rectangle(walls, (int(x0 + inset), int(y0 + inset)), (int(x1 - inset), int(y1 - inset)), 0.0, -1)
     img += walls * np.float32(sc.wall_gray - sc.floor) * 0.5
-    rounded_rect(img, (x0, y0), (x1, y1), 24 * s, sc.rim_gray, max(1, int(round(2 * s))))
-    rounded_rect(img, (x0 + inset, y0 + inset), (x1 - inset, y1 - inset), 18 * s, sc.rim_gray * 0.7, 1)
-    # bright specular streaks on the side walls
-    for xs in (x0 + 4 * s, x1 - 4 * s):
-        cv2.line(img, (int(xs), int(y0 + 30 * s)), (int(xs), int(y1 - 40 * s)), sc.rim_gray * 1.3, 1, cv2.LINE_AA)
+    rim = np.zeros((h, w), np.float32)  # edges of the moulded pocket, lit unevenly
+    rounded_rect(rim, (x0, y0), (x1, y1), 24 * s, sc.rim_gray, max(1, int(round(2 * s))))
+    rounded_rect(rim, (x0 + inset, y0 + inset), (x1 - inset, y1 - inset), 18 * s, sc.rim_gray * 0.7, 1)
+    for xs in (x0 + 4 * s, x1 - 4 * s):  # specular streaks on the side walls
+        cv2.line(rim, (int(xs), int(y0 + 30 * s)), (int(xs), int(y1 - 40 * s)), sc.rim_gray * 1.3, 1, cv2.LINE_AA)
+    # inner step of the pocket around the device
+    bx, by = (sc.cx + sc.pocket_dx) * sc.sx, (sc.cy + sc.pocket_dy) * sc.sy
+    ix, iy = (sc.body_w / 2 + 22) * sc.sx, (sc.body_h / 2 + 62) * sc.sy
+    rounded_rect(rim, (bx - ix, by - iy), (bx + ix, by + iy), 14 * s, sc.rim_gray * 0.55, 1)
     # recess around the bottom lead: a U with rounded bottom
-    bx = (sc.cx + sc.pocket_dx) * sc.sx
     top, bot = (sc.cy + sc.body_h / 2 + 12) * sc.sy, y1 - 14 * s
     half = 34 * sc.sx
     rc = int(round(14 * s))
     for xs in (bx - half, bx + half):
-        cv2.line(img, (int(xs), int(top)), (int(xs), int(bot - rc)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.ellipse(img, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.ellipse(img, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.line(img, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+        cv2.line(rim, (int(xs), int(top)), (int(xs), int(bot - rc)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.ellipse(rim, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.ellipse(rim, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    cv2.line(rim, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w]
     # punched hole in the pocket floor (hidden under the device)
     hc = (int(round((sc.cx + sc.pocket_dx) * sc.sx)), int(round((sc.cy + sc.pocket_dy) * sc.sy)))
     cv2.circle(img, hc, int(round(13 * s)), 6.0, -1, cv2.LINE_AA)
@@ -248,19 +263,31 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
 
 
 def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
-    """Marking text as a 0..1 mask the size of the body, flipped as the scene says."""
-    m = np.zeros((hb, wb), np.uint8)  # OpenCV 5 draws text on 8-bit images only
+    """Marking text as a 0..1 mask the size of the body: spaced, condensed laser glyphs, flipped as the scene says."""
     font = getattr(cv2, sc.style.font)
-    th = max(1, int(round(2.3 * sc.s)))
-    (tw, tht), _ = cv2.getTextSize(sc.text, font, 1.0, th)
-    scale = min(0.78 * wb / tw, 0.55 * hb / tht)
-    (tw, tht), base = cv2.getTextSize(sc.text, font, scale, th)
-    org = (int((wb - tw) / 2), int((hb + tht) / 2))
-    if sc.style.marking == "outline":  # hollow laser strokes: bright edges, dimmer core
-        cv2.putText(m, sc.text, org, font, scale, 255, th + 1, cv2.LINE_AA)
-        cv2.putText(m, sc.text, org, font, scale, 140, max(1, th - 1), cv2.LINE_AA)
-    else:
-        cv2.putText(m, sc.text, org, font, scale, 255, th, cv2.LINE_AA)
+    th = max(1, int(round(1.8 * sc.s)))
+    (_, ch), _ = cv2.getTextSize("W", font, 1.0, th)
+    scale = 0.58 * hb / ch
+    gap = int(round(0.07 * hb))
+    widths = [int(round(0.22 * hb)) if c == " " else cv2.getTextSize(c, font, scale, th)[0][0] for c in sc.text]
+    tw = sum(widths) + gap * (len(widths) - 1) + 2 * th + 2
+    line = np.zeros((hb, tw), np.uint8)  # OpenCV 5 draws text on 8-bit images only
+    base_y = int(round((hb + 0.58 * hb) / 2))
+    x = th + 1
+    for c, cw in zip(sc.text, widths):
+        if c != " ":
+            if sc.style.marking == "outline":  # hollow laser strokes: bright edges, dimmer core
+                cv2.putText(line, c, (x, base_y), font, scale, 255, th + 1, cv2.LINE_AA)
+                cv2.putText(line, c, (x, base_y), font, scale, 110, max(1, th - 1), cv2.LINE_AA)
+            else:
+                cv2.putText(line, c, (x, base_y), font, scale, 255, th, cv2.LINE_AA)
+        x += cw + gap
+    fit = min(tw, int(0.84 * wb))
+    if fit != tw:
+        line = cv2.resize(line, (fit, hb), interpolation=cv2.INTER_AREA)
+    m = np.zeros((hb, wb), np.uint8)
+    x0 = (wb - fit) // 2
+    m[:, x0:x0 + fit] = line
     if sc.flip == "rot180":
         m = m[::-1, ::-1]
     elif sc.flip == "mirror":
