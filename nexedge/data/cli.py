@@ -26,7 +26,7 @@ def parse_size(text: str) -> Tuple[int, int]:
 def configure_synth(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Render a synthetic Nexperia-like data set: OUT/{train,val,test}/<class>/*.png split like the "
-        "report (10%% test, 10%% of the rest val, at least one of each class in both), manifest.jsonl "
+        "report (10% test, 10% of the rest val, at least one of each class in both), manifest.jsonl "
         "(path, split, label, true_label, bbox, severity, batch, noisy, ...) and dataset.json."
     )
     p.add_argument("out", nargs="?", help="output folder (must not hold a data set yet)")
@@ -82,8 +82,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def configure_split(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Split SRC/<class>/<image> into OUT/{train,val,test}/<class>/ like the report: per class 10%% to "
-        "test, 10%% of the rest to val (exactly one each for classes under 10 images); writes "
+        "Split SRC/<class>/<image> into OUT/{train,val,test}/<class>/ like the report: per class 10% to "
+        "test, 10% of the rest to val (exactly one each for classes under 10 images); writes "
         "manifest.jsonl and dataset.json. Deterministic for a seed."
     )
     p.add_argument("src", help="folder with one sub-folder of images per class")
