@@ -241,7 +241,7 @@ class Daemon:
         try:
             size = sum(len(f) for f in body)
             if size > self.cfg.sockets.max_message_bytes:
-                cam, fid = P._peek_ids(body[0]) if body else ("", None)
+                cam, fid = P.peek_ids(body[0]) if body else ("", None)
                 raise ProtocolError(P.OVERSIZE, f"message of {size} bytes exceeds max_message_bytes "
                                     f"{self.cfg.sockets.max_message_bytes}", cam, fid)
             req = P.parse_body(envelope, body, self._seq)
@@ -299,6 +299,7 @@ class Daemon:
         finally:
             with self._lock:
                 self._in_decode -= 1
+            self.metrics.decoding.set(self._in_decode)
 
     def _sample_undecoded(self, req: Request, t_wall: float, reason: str) -> None:
         """A frame refused before decoding still goes to the store when its bytes look like an image."""

@@ -130,7 +130,7 @@ def parse_body(envelope: List[bytes], body: List[Any], next_seq: "SeqCounter") -
     if len(body) != 2:
         camera, frame_id = "", None
         if body:
-            camera, frame_id = _peek_ids(body[0])
+            camera, frame_id = peek_ids(body[0])
         raise ProtocolError(WRONG_FRAME_COUNT, f"expected 2 frames (header, payload), got {len(body)}",
                             camera, frame_id)
     raw_header = _to_bytes(body[0])
@@ -149,7 +149,7 @@ def parse_body(envelope: List[bytes], body: List[Any], next_seq: "SeqCounter") -
                         f"{sorted(header)[:8]}")
 
 
-def _peek_ids(frame: Any) -> Tuple[str, FrameId]:
+def peek_ids(frame: Any) -> Tuple[str, FrameId]:
     """Best-effort camera/frame id from a header, for error replies."""
     try:
         h = json.loads(_to_bytes(frame).decode("utf-8"))

@@ -82,7 +82,9 @@ class Sampler:
         self._thread.join(timeout=max(end - time.monotonic(), 0.1))
         done = not self._thread.is_alive()
         if not done:
+            # Closing SQLite under a running writer is worse than leaving it: WAL recovers on the next open.
             log.error("sample writer did not finish within %.1f s; %d samples not written", timeout, self._q.qsize())
+            return False
         try:
             self.store.close()
         except Exception as e:
