@@ -120,3 +120,14 @@ def test_sigterm_drains_every_frame_answered_exit_0(model, tmp_path):
     assert reasons <= {"shutting_down"}
     late = [v for v in got if v["frame_id"] in set(sent_after)]
     assert all(v["decision"] == "RECHECK" for v in late)
+
+
+def test_check_config_prints_merged_config(tmp_path):
+    p = tmp_path / "line.yaml"
+    p.write_text("model: {path: m.onnx}\n")
+    r = subprocess.run(_cmd("--config", str(p), "--set", "batching.max_batch=16", "--metrics-port", "0",
+                            "--check-config"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["batching"]["max_batch"] == 16 and cfg["metrics"]["port"] == 0
+    assert cfg["model"]["path"] == str(tmp_path / "m.onnx") and cfg["store"] is None

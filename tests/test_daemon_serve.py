@@ -106,6 +106,8 @@ def test_concurrent_native_cameras_every_frame_one_verdict_matching_backend(mode
     verdicts = sum(v for (name, _), v in m.items() if name == "nexedge_verdicts_total")
     assert verdicts == total
     assert m[("nexedge_batch_size_sum", ())] == total
+    assert m[("nexedge_stage_seconds_count", (("stage", "decode"),))] == total
+    assert m[("nexedge_queue_wait_seconds_count", ())] == total
     assert m[("nexedge_end_to_end_seconds_count", ())] == total
     assert m[("nexedge_ready", ())] == 1.0
 
@@ -283,3 +285,13 @@ def test_health_endpoints_and_camera_sim(model, tmp_path, capsys):
     assert rc2 == 0 and "sent 6  received 6  lost 0" in text and "latency ms: p50" in text
     assert m[("nexedge_requests_total", (("kind", "native"),))] == 18
     assert m[("nexedge_requests_total", (("kind", "imagezmq"),))] == 6
+
+
+def test_decode_on_the_io_thread(model):
+    ims = [_img(i, (36, 36, 3)) for i in range(10)]
+    with running(model, sockets={"decode_workers": 0}) as d:
+        with CameraClient(d.endpoints["frames"], "inline") as cam:
+            ids = [cam.send(im) for im in ims]
+            got = cam.drain(10000)
+    assert sorted(v["frame_id"] for v in got) == sorted(ids)
+    assert all(v["decision"] in ("PASS", "REJECT") for v in got)

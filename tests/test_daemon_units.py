@@ -266,3 +266,14 @@ def test_systemd_unit_is_notify_with_watchdog_and_restart():
         lines = {ln.split("=", 1)[0]: ln.split("=", 1)[1].strip() for ln in f if "=" in ln and not ln.startswith("#")}
     assert lines["Type"] == "notify" and lines["Restart"] == "on-failure"
     assert int(lines["WatchdogSec"]) > 0 and "nexedge-daemon --config" in lines["ExecStart"]
+
+
+def test_json_log_lines_carry_fields():
+    import logging
+
+    from nexedge.serve.logjson import JsonFormatter
+
+    rec = logging.LogRecord("nexedge.serve", logging.WARNING, __file__, 1, "bad frame %s", ("x",), None)
+    rec.fields = {"reason": "oversize", "camera": "c1"}
+    d = json.loads(JsonFormatter().format(rec))
+    assert d["msg"] == "bad frame x" and d["level"] == "WARNING" and d["reason"] == "oversize" and "ts" in d
