@@ -100,3 +100,46 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="image_stats"):
         ShiftMonitor({"image_stats": {"brightness": {"mean": 0.5, "std": 0.1}}})
     assert set(DEFAULT_LIMITS) >= {"psi", "brightness", "reject_rate", "uncertain_frac", "mean_score"}
+
+
+def _synthetic(batch, n, seed, size=72):
+    """Prepared frames of a synthetic production batch (class mix of the batch) and their image stats."""
+    from nexedge.data.spec import default_weights
+    from nexedge.data.synth import render_image
+    from nexedge.preprocess import image_stats, prepare
+
+    w = default_weights(batch)
+    names = sorted(w)
+    p = np.array([w[c] for c in names])
+    rng = np.random.default_rng([seed, batch])
+    out = []
+    for i, c in enumerate(rng.choice(names, size=n, p=p / p.sum())):
+        img, _ = render_image(str(c), (seed, batch, i), batch=batch)
+        out.append((str(c), image_stats(prepare(img, {"color": "gray", "resize": [size, size]}))))
+    return out
+
+
+def test_batch3_after_batch2_raises_within_40_frames_batch2_alone_does_not():
+    """Synthetic images (nexedge.data): batch 3 has different optics and camera. No trained model
+    here, so scores are a fixed class-conditional stand-in (identical for both batches): the alarm
+    has to come from the image statistics, checked against a reference of 80 separate batch-2 images."""
+    ref = _synthetic(2, 80, seed=100)
+    stats = np.array([s for _, s in ref])
+    rng = np.random.default_rng(5)
+    card = _card(*_ref(rng))
+    card["image_stats"] = {n: {"mean": float(stats[:, j].mean()), "std": float(stats[:, j].std())}
+                           for j, n in enumerate(("brightness", "contrast", "sharpness"))}
+    b2, b3 = _synthetic(2, 120, seed=1), _synthetic(3, 60, seed=1)
+
+    def feed(frames):
+        mon = ShiftMonitor(card, window=60, min_frames=30)
+        first = None
+        for i, (cls, st) in enumerate(frames):
+            s = float(rng.beta(1.2, 12) if cls == "good" else rng.beta(8, 2))
+            if mon.observe("cam", s, "REJECT" if s >= 0.5 else "PASS", False, st) and first is None:
+                first = i
+        return first
+
+    assert feed(b2) is None  # batch 2 alone, 120 frames: no alarm
+    first = feed(b2[:60] + b3)
+    assert first is not None and 60 <= first < 60 + 40

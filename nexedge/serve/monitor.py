@@ -6,7 +6,10 @@ Per camera, over the last ``window`` frames:
 * ``reject_rate``    fraction of REJECT decisions
 * ``uncertain_frac`` fraction of frames flagged uncertain
 * ``psi``            population stability index of the score histogram against
-                     the card's ``val_scores`` (same bin edges)
+                     the card's ``val_scores`` (its bin edges, adjacent bins merged
+                     until each holds >= ``min_bin_frac`` of the reference), minus
+                     its chance level (K - 1)(1/n + 1/N) for a window of n frames
+                     and N reference scores, so one limit fits any window size
 * ``brightness``, ``contrast``, ``sharpness``: shift of the window mean from the
   card's ``image_stats`` reference, in units of the reference per-image std
   (|window mean - ref mean| / ref std)
@@ -136,6 +139,7 @@ class ShiftMonitor:
         defect_prior: Optional[float] = None,
         audit_boost: float = 50.0,
         alarm_audit_rate: float = 0.05,
+        min_bin_frac: float = 0.05,
     ) -> None:
         if window < 10:
             raise ValueError(f"shift monitor window must be >= 10 frames, got {window}")
@@ -143,6 +147,8 @@ class ShiftMonitor:
             raise ValueError(f"min_frames must be in [1, window={window}], got {min_frames}")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if not 0.0 < min_bin_frac <= 0.5:
+            raise ValueError(f"min_bin_frac must be in (0, 0.5], got {min_bin_frac}")
         if not 0.0 < clear_ratio <= 1.0:
             raise ValueError(f"clear_ratio must be in (0, 1], got {clear_ratio}")
         self.limits: Dict[str, Optional[float]] = dict(DEFAULT_LIMITS)
@@ -159,7 +165,10 @@ class ShiftMonitor:
         self.audit_boost = float(audit_boost)
         self.alarm_audit_rate = float(alarm_audit_rate)
         data = card.data if hasattr(card, "data") else dict(card)
-        self._edges, self._ref = self._score_reference(data.get("val_scores"), defect_prior)
+        vs = data.get("val_scores")
+        self._ref_count = float(sum(vs.get("good") or []) + sum(vs.get("defect") or [])) if vs else 0.0
+        self._edges, self._ref = self._score_reference(vs, defect_prior)
+        self._merge_bins(min_bin_frac)
         self._stat_ref = self._image_reference(data.get("image_stats"))
         self._cams: Dict[str, _Window] = {}
         self._lock = threading.Lock()
@@ -183,6 +192,25 @@ class ShiftMonitor:
         if ref.sum() <= 0:
             raise ValueError("card val_scores holds no counts; cannot be a PSI reference")
         return edges, ref
+
+    def _merge_bins(self, min_frac: float) -> None:
+        """Group adjacent score bins until each holds >= ``min_frac`` of the reference,
+        so sparse tails do not dominate the PSI."""
+        if self._ref is None:
+            return
+        frac = self._ref / self._ref.sum()
+        group = np.zeros(len(frac), np.int64)
+        g, acc = 0, 0.0
+        for i, f in enumerate(frac):
+            group[i] = g
+            acc += f
+            if acc >= min_frac and i < len(frac) - 1:
+                g, acc = g + 1, 0.0
+        if acc < min_frac and g > 0:  # a thin last group joins the one before
+            group[group == g] = g - 1
+        self._group = group
+        self._ref_groups = np.bincount(group, weights=self._ref)
+        self._n_ref = float(self._ref_count)
 
     @staticmethod
     def _image_reference(st: Any) -> Optional[np.ndarray]:
@@ -221,13 +249,21 @@ class ShiftMonitor:
                 return []
             return self._check(camera, w)
 
+    def _psi_excess(self, w: _Window) -> float:
+        """PSI over the merged bins minus what two samples of these sizes from one
+        distribution give by chance, about (K - 1) * (1/n + 1/N)."""
+        obs = np.bincount(self._group, weights=w.hist, minlength=len(self._ref_groups))
+        k = len(self._ref_groups)
+        chance = (k - 1) * (1.0 / max(w.n, 1) + 1.0 / max(self._n_ref, 1.0))
+        return max(psi(obs, self._ref_groups) - chance, 0.0)
+
     def _values(self, w: _Window) -> Dict[str, Optional[float]]:
         n = max(w.n, 1)
         v: Dict[str, Optional[float]] = {
             "mean_score": w.sum_score / n,
             "reject_rate": w.sum_reject / n,
             "uncertain_frac": w.sum_uncertain / n,
-            "psi": None if self._ref is None else psi(w.hist, self._ref),
+            "psi": None if self._ref is None else self._psi_excess(w),
         }
         for j, name in enumerate(STAT_NAMES):
             if self._stat_ref is None or w.n_stats == 0:

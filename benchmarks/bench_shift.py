@@ -1,0 +1,229 @@
+"""Shift-monitor benchmark: detection delay for a batch-2 -> batch-3 change and the
+false-alarm rate on batch 2 alone, over several seeds, on synthetic images.
+
+Per seed, two streams of the same length go through a fresh ShiftMonitor each:
+
+* shift:  ``--before`` batch-2 frames, then ``--after`` batch-3 frames
+* steady: ``--before + --after`` batch-2 frames
+
+Frames are rendered by nexedge.data (class mix of the batch), prepared with the
+card's input geometry and measured with nexedge.preprocess.image_stats, as the
+daemon does. Scores come from ``--checkpoint`` (a trained model, run with torch
+on the CPU) when given; without one, a fixed class-conditional score model
+(good ~ Beta(1.2, 12), defect ~ Beta(8, 2)) stands in, identical for both
+batches, so then only the image statistics can detect the change (PSI and score
+statistics are not a real test without a model). The card's references
+(val_scores, image_stats) are used when the checkpoint's card has them, else
+computed from ``--ref`` separate batch-2 images.
+
+    python benchmarks/bench_shift.py --seeds 5 --markdown benchmarks/results/shift.md
+"""
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nexedge.preprocess import image_stats, prepare  # noqa: E402
+from nexedge.serve.monitor import DEFAULT_LIMITS, STAT_NAMES, ShiftMonitor  # noqa: E402
+
+EDGES = [i / 20 for i in range(21)]
+TAGS = {"ref": 0, "steady": 1, "after": 2}
+
+
+def _render_many(args: Tuple[int, str, int, int, Dict[str, Any]]) -> Tuple[np.ndarray, List[str], np.ndarray]:
+    """(prepared images, classes, stats) for frames ``start..start+n`` of one stream."""
+    from nexedge.data.spec import default_weights
+    from nexedge.data.synth import render_image
+
+    batch, tag, seed, n, inp = args[0], args[1], args[2], args[3], args[4]
+    w = default_weights(batch)
+    names = sorted(w)
+    p = np.array([w[c] for c in names])
+    rng = np.random.default_rng([seed, batch, TAGS[tag]])
+    cls = [str(c) for c in rng.choice(names, size=n, p=p / p.sum())]
+    imgs, stats = [], []
+    for i, c in enumerate(cls):
+        img, _ = render_image(c, (seed, batch, TAGS[tag], i), batch=batch)
+        pre = prepare(img, inp)
+        imgs.append(pre)
+        stats.append(image_stats(pre))
+    return np.stack(imgs), cls, np.asarray(stats)
+
+
+class Scorer:
+    """Defect scores from a checkpoint, or the fixed class-conditional stand-in."""
+
+    def __init__(self, checkpoint: Optional[str], seed: int) -> None:
+        self.card = None
+        self.model = None
+        self.rng = np.random.default_rng(seed)
+        if checkpoint:
+            import torch
+
+            from nexedge.models.checkpoint import model_from_checkpoint
+
+            torch.set_num_threads(1)
+            self.model, self.card = model_from_checkpoint(checkpoint)
+            self.model.eval()
+
+    def __call__(self, imgs: np.ndarray, classes: List[str]) -> np.ndarray:
+        if self.model is None:
+            good = np.array([c == "good" for c in classes])
+            return np.where(good, self.rng.beta(1.2, 12, len(classes)), self.rng.beta(8, 2, len(classes)))
+        import torch
+
+        from nexedge.preprocess import average_crops, defect_score, host_batch, n_crops, softmax
+
+        inp = self.card.input
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(imgs), 64):
+                x = host_batch(imgs[i : i + 64], inp)
+                logits = self.model(torch.from_numpy(x)).numpy()
+                probs = softmax(average_crops(logits, n_crops(inp["crop_mode"])))
+                out.append(defect_score(probs, self.card.good_index))
+        return np.concatenate(out)
+
+
+def reference(scorer: Scorer, imgs: np.ndarray, classes: List[str], stats: np.ndarray) -> Dict[str, Any]:
+    """Card-style references: use the checkpoint card's when present, else from these images."""
+    card = dict(scorer.card.data) if scorer.card is not None else {}
+    src = []
+    if not card.get("val_scores"):
+        s = scorer(imgs, classes)
+        good = np.array([c == "good" for c in classes])
+        card["val_scores"] = {"edges": EDGES, "good": np.histogram(s[good], EDGES)[0].tolist(),
+                              "defect": np.histogram(s[~good], EDGES)[0].tolist()}
+        src.append(f"val_scores from {len(classes)} batch-2 reference images")
+    if not card.get("image_stats"):
+        card["image_stats"] = {n: {"mean": float(stats[:, j].mean()), "std": float(stats[:, j].std())}
+                               for j, n in enumerate(STAT_NAMES)}
+        src.append(f"image_stats from {len(classes)} batch-2 reference images")
+    card["_ref_source"] = "; ".join(src) or "the checkpoint's card"
+    return card
+
+
+def threshold_of(card: Dict[str, Any]) -> float:
+    for op in card.get("operating_points") or []:
+        if abs(float(op["target_tpr"]) - 1.0) < 1e-9:
+            return float(op["threshold"])
+    return 0.5
+
+
+def run_stream(card: Dict[str, Any], scores: np.ndarray, stats: np.ndarray, thr: float, window: int,
+               switch: Optional[int]) -> Dict[str, Any]:
+    mon = ShiftMonitor(card, window=window, min_frames=window // 2)
+    lt = np.log(thr / (1 - thr))
+    first: Dict[str, int] = {}
+    before_switch = 0
+    t0 = time.perf_counter()
+    for i, (s, st) in enumerate(zip(scores, stats)):
+        sc = float(np.clip(s, 1e-6, 1 - 1e-6))
+        unc = abs(np.log(sc / (1 - sc)) - lt) < 1.0
+        for a in mon.observe("cam0", sc, "REJECT" if sc >= thr else "PASS", bool(unc), tuple(st)):
+            first.setdefault(a, i)
+            if switch is not None and i < switch:
+                before_switch += 1
+    cost = (time.perf_counter() - t0) / len(scores)
+    return {"first": first, "before_switch": before_switch, "us_per_frame": cost * 1e6,
+            "final": mon.snapshot()["cam0"]["values"]}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="trained checkpoint (.pt with card) for real scores; default: stand-in scores")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--before", type=int, default=300, help="batch-2 frames before the switch")
+    ap.add_argument("--after", type=int, default=300, help="batch-3 frames after the switch")
+    ap.add_argument("--window", type=int, default=200, help="monitor window (frames)")
+    ap.add_argument("--ref", type=int, default=300, help="batch-2 reference images when the card has no references")
+    ap.add_argument("--resize", type=int, default=72, help="input size without a checkpoint")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--markdown", help="write the results section here")
+    a = ap.parse_args(argv)
+    scorer = Scorer(a.checkpoint, 0)
+    inp = scorer.card.input if scorer.card is not None else {"color": "gray", "resize": [a.resize, a.resize]}
+    t_start = time.time()
+    have = scorer.card.data if scorer.card is not None else {}
+    need_ref = not (have.get("val_scores") and have.get("image_stats"))
+    jobs = [(2, "ref", 10_000, a.ref if need_ref else 8, inp)]  # a few frames to time image_stats on
+    for s in range(a.seeds):
+        jobs += [(2, "steady", s, a.before + a.after, inp), (3, "after", s, a.after, inp)]
+    with ProcessPoolExecutor(max_workers=a.workers) as ex:
+        rendered = list(ex.map(_render_many, jobs))
+    t_render = time.time() - t_start
+    ref_imgs, ref_cls, ref_stats = rendered[0]
+    card = reference(scorer, ref_imgs, ref_cls, ref_stats)
+    thr = threshold_of(card)
+    t0 = time.perf_counter()
+    for img in ref_imgs[:100]:  # noqa: B007 - timing only
+        image_stats(img)
+    stats_us = (time.perf_counter() - t0) / min(100, len(ref_imgs)) * 1e6
+    rows = []
+    for s in range(a.seeds):
+        (b2, c2, st2), (b3, c3, st3) = rendered[1 + 2 * s], rendered[2 + 2 * s]
+        sc2, sc3 = scorer(b2, c2), scorer(b3, c3)
+        steady = run_stream(card, sc2, st2, thr, a.window, None)
+        shift_scores = np.concatenate([sc2[: a.before], sc3])
+        shift_stats = np.concatenate([st2[: a.before], st3])
+        shift = run_stream(card, shift_scores, shift_stats, thr, a.window, a.before)
+        after = {k: v - a.before for k, v in shift["first"].items() if v >= a.before}
+        rows.append({"seed": s, "delay": min(after.values()) if after else None, "by_stat": after,
+                     "false_steady": sorted(steady["first"]), "false_before": shift["before_switch"],
+                     "us": (steady["us_per_frame"] + shift["us_per_frame"]) / 2,
+                     "mean_score_b2": float(sc2.mean()), "mean_score_b3": float(sc3.mean())})
+    delays = [r["delay"] for r in rows if r["delay"] is not None]
+    false_streams = sum(1 for r in rows if r["false_steady"]) + sum(1 for r in rows if r["false_before"])
+    steady_frames = a.seeds * (a.before + a.after) + a.seeds * a.before
+    lines = [
+        "## Shift monitor: batch 2 -> batch 3 (synthetic)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU, "
+        f"shared with other jobs. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Command: `python benchmarks/bench_shift.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        f"Scores: {'checkpoint ' + os.path.basename(a.checkpoint) if a.checkpoint else 'fixed class-conditional stand-in (no model; PSI/score statistics cannot see the change)'}; "
+        f"references: {card['_ref_source']}; threshold {thr:.3f}; input {inp['resize']} {inp['color']}; "
+        f"window {a.window} frames (alarms from {a.window // 2}); limits {dict((k, v) for k, v in DEFAULT_LIMITS.items() if v)}.",
+        "",
+        "| seed | delay after switch (frames) | first alarm per statistic (frames after switch) | alarms on batch 2 only | mean score b2 / b3 |",
+        "|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        by = ", ".join(f"{k} {v}" for k, v in sorted(r["by_stat"].items(), key=lambda kv: kv[1])) or "none"
+        fs = ", ".join(r["false_steady"]) or "none"
+        if r["false_before"]:
+            fs += f" (+{r['false_before']} before the switch)"
+        lines.append(f"| {r['seed']} | {r['delay'] if r['delay'] is not None else 'missed'} | {by} | {fs} | "
+                     f"{r['mean_score_b2']:.3f} / {r['mean_score_b3']:.3f} |")
+    lines += [
+        "",
+        f"- Detected in {len(delays)} of {a.seeds} shift streams; delay median {np.median(delays) if delays else float('nan'):.0f}, "
+        f"max {max(delays) if delays else float('nan')} frames after the first batch-3 frame "
+        f"(= {np.median(delays) / a.window if delays else float('nan'):.2f} x window).",
+        f"- False alarms: {false_streams} of {2 * a.seeds} batch-2 stretches "
+        f"({steady_frames} batch-2 frames in all: every steady stream plus every shift stream's lead-in).",
+        f"- Monitor cost: {np.mean([r['us'] for r in rows]):.1f} us/frame for observe(); image_stats {stats_us:.0f} us/frame "
+        f"on {inp['resize'][0]}x{inp['resize'][1]}; rendering took {t_render:.0f} s.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if a.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(a.markdown)), exist_ok=True)
+        with open(a.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
