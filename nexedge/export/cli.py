@@ -43,3 +43,51 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {res.path} and {res.card_path}")
     print("parity: " + json.dumps(res.parity))
     return 0
+
+
+def configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("onnx", help="fp32 ONNX model (from `nexedge export`) with its card")
+    p.add_argument("--data", required=True, help="data-set root with <split>/<class>/<image> folders")
+    p.add_argument("--name", help="calibration set name: calibrate/<name>/ (default: the model file stem)")
+    p.add_argument("--images", type=int, default=512, help="calibration images, class stratified (default 512)")
+    p.add_argument("--split", default="train", help="split the calibration images come from (default train)")
+    p.add_argument("--eval-split", default="val",
+                   help="labelled split for the INT8-vs-FP32 report (AUC, FPR at TPR, decision flips); "
+                        "'' to skip (default val)")
+    p.add_argument("--eval-images", type=int, default=0, help="cap on report images (default 0 = all)")
+    p.add_argument("--targets", default="tensorrt,ort",
+                   help="tensorrt: symmetric int8 Q/DQ for TensorRT; ort: U8S8 Q/DQ for ONNX Runtime CPU "
+                        "(default both)")
+    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="range calibration method for the Q/DQ models (default minmax)")
+    p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
+    p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")
+    p.add_argument("--rebuild", action="store_true", help="make a new manifest even if calibrate/<name>/ has one")
+    p.add_argument("--trt-cache", action="store_true",
+                   help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the report")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from nexedge.export.int8 import run_calibration
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    res = run_calibration(
+        args.onnx, args.data, name=args.name, n_images=args.images, split=args.split,
+        eval_split=args.eval_split or None, eval_images=args.eval_images, targets=targets, method=args.method,
+        out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
+        seed=args.seed, threads=args.threads,
+    )
+    print(f"calibration set: {res.manifest}")
+    for target, path in res.outputs.items():
+        rep = res.reports.get(target) or {}
+        line = f"{target}: {path}"
+        if rep:
+            flips = max((f["flip_fraction"] for f in rep["decision_flips"]), default=float("nan"))
+            line += (f"  AUC fp32 {rep['auc_fp32']:.4f} int8 {rep['auc_int8']:.4f} "
+                     f"({rep['auc_delta_points']:+.2f} points), max decision flips {100 * flips:.1f}%")
+        print(line)
+    if res.trt_cache:
+        print(f"TensorRT calibration cache: {res.trt_cache}")
+    return 0

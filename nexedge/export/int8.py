@@ -1,0 +1,131 @@
+"""``nexedge calibrate``: calibration set -> Q/DQ INT8 models (+ TensorRT cache) -> report in the cards."""
+
+import logging
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+from nexedge.card import load_card, sha256_file
+from nexedge.export import calibrate as cal
+from nexedge.export import quantize as qz
+
+log = logging.getLogger(__name__)
+
+SUFFIX = {"tensorrt": "int8-trt", "ort": "int8-ort"}
+
+
+class CalibrationResult(NamedTuple):
+    manifest: str
+    outputs: Dict[str, str]  # target -> int8 onnx path
+    reports: Dict[str, Dict[str, Any]]
+    trt_cache: Optional[str]
+
+
+def int8_path(fp32_path: str, target: str, out_dir: Optional[str] = None) -> str:
+    """``m.ten.onnx`` -> ``m.ten.int8-trt.onnx`` (beside it, or in ``out_dir``)."""
+    stem = os.path.splitext(os.path.basename(fp32_path))[0]
+    return os.path.join(out_dir or os.path.dirname(os.path.abspath(fp32_path)), f"{stem}.{SUFFIX[target]}.onnx")
+
+
+def trt_cache_path(manifest: str, onnx_sha256: str, trt_version: str) -> str:
+    """``calibrate/<name>/cache.<onnx sha8>.trt<version>.bin`` (git-ignored)."""
+    return os.path.join(os.path.dirname(manifest), f"cache.{onnx_sha256[:8]}.trt{trt_version}.bin")
+
+
+def run_calibration(
+    onnx_path: str,
+    data_root: str,
+    name: Optional[str] = None,
+    n_images: int = 512,
+    split: str = "train",
+    eval_split: Optional[str] = "val",
+    eval_images: int = 0,
+    targets: Sequence[str] = ("tensorrt", "ort"),
+    method: str = "minmax",
+    out_root: str = "calibrate",
+    out_dir: Optional[str] = None,
+    rebuild: bool = False,
+    trt_cache: bool = False,
+    seed: int = 0,
+    threads: Optional[int] = None,
+) -> CalibrationResult:
+    """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``."""
+    from nexedge.export.parity import read_image
+    from nexedge.preprocess import prepare
+    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+
+    for t in targets:
+        qz.check_target(t)
+    if trt_cache:
+        _require_tensorrt()  # fail before the slow part
+    card = load_card(onnx_path)
+    if card.data["artifact"]["kind"] != "onnx" or card.precision != "fp32":
+        raise ValueError(f"{onnx_path}: calibrate takes an fp32 ONNX model (card says "
+                         f"{card.data['artifact']['kind']}/{card.precision})")
+    name = name or os.path.splitext(os.path.basename(onnx_path))[0]
+    manifest = os.path.join(out_root, name, "manifest.json")
+    if rebuild or not os.path.exists(manifest):
+        cal.build_manifest(data_root, name, card.input, n=n_images, split=split, seed=seed, out_root=out_root)
+    else:
+        log.info("reusing calibration manifest %s (--rebuild to make a new one)", manifest)
+    images, _ = cal.load_manifest_images(manifest, card.input, data_root)
+    m = cal.read_manifest(manifest)
+    calibration = {"manifest": manifest, "n_images": len(images), "split": m["split"],
+                   "per_class": m["per_class"], "manifest_sha256": sha256_file(manifest)}
+
+    eval_imgs, eval_labels = None, []
+    if eval_split:
+        per_class = cal.class_folders(data_root, eval_split)
+        paths: List[str] = []
+        for cls in sorted(per_class):
+            chosen = per_class[cls] if not eval_images else per_class[cls][: max(1, eval_images // len(per_class))]
+            paths += chosen
+            eval_labels += [cls] * len(chosen)
+        import numpy as np
+
+        eval_imgs = np.stack([prepare(read_image(os.path.join(data_root, p)), card.input) for p in paths])
+
+    outputs, reports = {}, {}
+    for target in targets:
+        out = int8_path(onnx_path, target, out_dir)
+        reader = cal.OrtCalibrationReader(images, card)
+        quant = qz.quantize_model(onnx_path, out, card, reader, target, method)
+        report = None
+        if eval_imgs is not None:
+            with OnnxRuntimeBackend(onnx_path, card=card, intra_threads=threads) as a, \
+                    OnnxRuntimeBackend(out, card=card, intra_threads=threads, verify=False) as b:
+                report = qz.compare_int8(a, b, eval_imgs, eval_labels, card)
+            report["split"] = eval_split
+        icard = qz.int8_card(card, quant, report, calibration)
+        icard.save_for(out, parent=onnx_path)
+        outputs[target], reports[target] = out, report or {}
+        log.info("wrote %s (%s)", out, target)
+
+    cache = None
+    if trt_cache:
+        cache = build_trt_cache(onnx_path, card, images, manifest)
+    return CalibrationResult(manifest, outputs, reports, cache)
+
+
+def _require_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeError("--trt-cache needs TensorRT (import tensorrt failed); run it on the target "
+                           "(Jetson) or use the Q/DQ model, which needs no cache") from None
+    return trt
+
+
+def build_trt_cache(onnx_path: str, card: Any, images: Any, manifest: str, batch_images: int = 8) -> str:
+    """Entropy-calibrate with TensorRT (implicit quantization, TensorRT <= 10) and keep the cache."""
+    trt = _require_tensorrt()
+    from nexedge.export import engine as eng
+
+    stream = cal.CalibrationBatchStream(images, card, batch_images)
+    path = trt_cache_path(manifest, card.sha256, trt.__version__)
+    calibrator = cal.make_entropy_calibrator(trt, stream, path)
+    opts = eng.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
+                            calibrator=calibrator)
+    eng.build_serialized(trt, onnx_path, card, opts)
+    if not os.path.exists(path):
+        raise RuntimeError(f"TensorRT finished but wrote no calibration cache at {path}")
+    return path
