@@ -56,12 +56,23 @@ def test_train_transform_shapes(crop, k):
     assert x.shape == (k, 3, 32, 32) and x.dtype == torch.float32
 
 
+def test_train_transform_without_jitter_equals_eval_preprocessing():
+    img = np.random.default_rng(1).integers(0, 255, (40, 40, 1), dtype=np.uint8)
+    for mode in ("center", "ten"):
+        still = TrainTransform(INP, crop=mode, rotation=0, translate=0, scale=0, jitter=0)
+        np.testing.assert_allclose(still(img).numpy(), EvalTransform(INP, mode)(img).numpy(), atol=1e-5)
+    torch.manual_seed(0)
+    moved = TrainTransform(INP, crop="center")(img)
+    assert not np.allclose(moved.numpy(), EvalTransform(INP, "center")(img).numpy(), atol=1e-3)
+
+
 def test_forward_crops_averages_logits_before_softmax():
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     x = torch.randn(2, 10, 3, 4, 4)
     out = forward_crops(model, x)
     per = model(x.flatten(0, 1)).detach().numpy()
-    np.testing.assert_allclose(out.detach().numpy(), preprocess.average_crops(per, 10), rtol=1e-6)
+    np.testing.assert_allclose(out.detach().numpy(), preprocess.average_crops(per, 10), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="B x K x 3 x h x w"):
         forward_crops(model, x[0])
 

@@ -50,6 +50,7 @@ def _per_class_figure(hist: History, classes: Sequence[str], key: str, bin_key: 
         n = [r.get("train", {}).get("per_class", {}).get(name, {}).get("n") for r in hist.rows[-1:]]
         ax.set_title(f"{name}" + (f" (train {n[0]})" if n and n[0] is not None else ""), fontsize=9)
         ax.tick_params(labelsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if i == 0 or name == "all (binary)":
             ax.legend(fontsize=6)
     for j in range(len(panels), rows * cols):
@@ -78,6 +79,7 @@ def plot_history(hist: History, classes: Sequence[str], good_class: str, out: st
         if not all(math.isnan(v) for v in ys):
             ax.plot(hist.epochs, [100 * v for v in ys], style, label=split)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("FPR % at TPR = 100 %")
     ax.legend()
     fig.tight_layout()

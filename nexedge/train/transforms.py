@@ -29,7 +29,13 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Prepared image -> K x 3 x h x w augmented tensor (K = 1 for ``random``/``center``)."""
+    """Prepared image -> K x 3 x h x w augmented tensor (K = 1 for ``random``/``center``).
+
+    One OpenCV warp does rotation (within ``rotation`` degrees), scale and
+    translation; then brightness, contrast and (colour images) saturation jitter;
+    then a random crop or the eval crop style; then normalisation. Random numbers
+    come from torch, which DataLoader seeds per worker.
+    """
 
     def __init__(
         self,
@@ -40,31 +46,36 @@ class TrainTransform:
         scale: float = 0.05,
         jitter: float = 0.2,
     ) -> None:
-        from torchvision.transforms import v2
-
         if crop not in TRAIN_CROPS:
             raise ValueError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
         self.input_cfg = dict(input_cfg)
         self.crop = crop
-        self.geo = v2.Compose(
-            [
-                v2.RandomRotation(rotation),
-                v2.RandomAffine(degrees=0, translate=(translate, translate), scale=(1 - scale, 1 + scale)),
-            ]
-        )
-        self.color = v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)
-        self.random_crop = v2.RandomCrop(tuple(self.input_cfg["crop"]))
+        self.rotation, self.translate, self.scale, self.jitter = rotation, translate, scale, jitter
+
+    def augment(self, img: np.ndarray) -> np.ndarray:
+        """uint8 H x W x C -> float32 H x W x C in [0, 255], geometrically and photometrically jittered."""
+        import cv2
+
+        r = (torch.rand(7) * 2 - 1).tolist()
+        h, w = img.shape[:2]
+        m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), r[0] * self.rotation, 1.0 + r[1] * self.scale)
+        m[:, 2] += (r[2] * self.translate * w, r[3] * self.translate * h)
+        out = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        x = out.reshape(h, w, -1).astype(np.float32)
+        x *= 1.0 + r[4] * self.jitter
+        mu = float(x.mean())
+        x = (x - mu) * (1.0 + r[5] * self.jitter) + mu
+        if x.shape[2] == 3:
+            gray = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
+            x = (x - gray[:, :, None]) * (1.0 + r[6] * self.jitter) + gray[:, :, None]
+        return np.clip(x, 0.0, 255.0)
 
     def __call__(self, img: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        if t.shape[0] == 1:
-            t = t.expand(3, -1, -1).contiguous()
-        t = self.color(self.geo(t))
+        x = self.augment(img)
         if self.crop == "random":
-            t = self.random_crop(t)
-            x = t.float().div_(255.0)
-            mean = torch.tensor(self.input_cfg["mean"]).view(3, 1, 1)
-            std = torch.tensor(self.input_cfg["std"]).view(3, 1, 1)
-            return ((x - mean) / std).unsqueeze(0)
-        # Eval crop geometry on the augmented image (RGB already, so gray is kept as is).
-        return torch.from_numpy(preprocess.host_batch(t.permute(1, 2, 0).numpy()[None], self.input_cfg, self.crop))
+            ch, cw = self.input_cfg["crop"]
+            top = int(torch.randint(0, x.shape[0] - ch + 1, (1,)))
+            left = int(torch.randint(0, x.shape[1] - cw + 1, (1,)))
+            x = preprocess.normalize(x[top : top + ch, left : left + cw], self.input_cfg["mean"], self.input_cfg["std"])
+            return torch.from_numpy(x).unsqueeze(0)
+        return torch.from_numpy(preprocess.host_batch(x[None], self.input_cfg, self.crop))
