@@ -20,25 +20,24 @@ from typing import Any, Dict, List, Optional, Sequence
 import zmq
 
 from nexedge import __version__
-from nexedge import preprocess as pp
 from nexedge.serve import config as C
 from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
-from nexedge.serve.decode import EXT, decode, sniff
+from nexedge.serve.ingest import IngestMixin
 from nexedge.serve.logjson import setup_logging
 from nexedge.serve.metrics import DaemonMetrics, HealthServer
 from nexedge.serve.outbox import Outbox
-from nexedge.serve.protocol import ProtocolError, Request
-from nexedge.serve.worker import Frame, InferenceWorker
+from nexedge.serve.protocol import Request
+from nexedge.serve.worker import InferenceWorker
 
 log = logging.getLogger("nexedge.serve")
 STALL_S = 30.0  # a thread silent this long makes /live fail and stops watchdog pings
 RECV_BURST = 256
 
 
-class Daemon:
+class Daemon(IngestMixin):
     """The line daemon. ``setup()`` loads and binds (errors raise), ``serve()`` runs until stopped."""
 
     def __init__(self, cfg: C.Config, backend: Any = None) -> None:
@@ -231,97 +230,6 @@ class Daemon:
             self.pub.send_multipart([camera, data], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-
-    # -- ingest ---------------------------------------------------------------
-    def _on_message(self, frames: List[Any]) -> None:
-        t_recv, t_wall = time.monotonic(), time.time()
-        m = self.metrics
-        self.n_received += 1
-        envelope, body = P.split_envelope(frames)
-        try:
-            size = sum(len(f) for f in body)
-            if size > self.cfg.sockets.max_message_bytes:
-                cam, fid = P.peek_ids(body[0]) if body else ("", None)
-                raise ProtocolError(P.OVERSIZE, f"message of {size} bytes exceeds max_message_bytes "
-                                    f"{self.cfg.sockets.max_message_bytes}", cam, fid)
-            req = P.parse_body(envelope, body, self._seq)
-        except ProtocolError as e:
-            req = Request(envelope, "error", e.camera, e.frame_id, "", None, None, b"")
-            m.frames.labels(m.camera_label(e.camera or "_unknown")).inc()
-            m.protocol.labels("error").inc()
-            log.info("bad frame from camera %r: %s", e.camera, e, extra={"fields": {"reason": e.reason}})
-            self.answer(req, t_recv, "RECHECK", e.reason)
-            return
-        m.frames.labels(m.camera_label(req.camera)).inc()
-        m.protocol.labels(req.kind).inc()
-        if self._stopping:
-            self.answer(req, t_recv, "RECHECK", P.SHUTTING_DOWN)
-            return
-        if len(self.batcher) + self._in_decode >= self.batcher.max_queue:
-            if self.answer(req, t_recv, "RECHECK", P.QUEUE_FULL):
-                self._sample_undecoded(req, t_wall, P.QUEUE_FULL)
-            return
-        deadline = t_recv + (req.deadline_ms or self.cfg.batching.deadline_ms) / 1000.0
-        with self._lock:
-            self._outstanding[id(req)] = req
-            self._in_decode += 1
-        m.decoding.set(self._in_decode)
-        if self.pool is not None:
-            self.pool.submit(self._decode_task, req, t_recv, t_wall, deadline)
-        else:
-            self._decode_task(req, t_recv, t_wall, deadline)
-
-    def _decode_task(self, req: Request, t_recv: float, t_wall: float, deadline: float) -> None:
-        try:
-            t0 = time.monotonic()
-            try:
-                img = decode(req, self.cfg.sockets.max_pixels)
-                try:
-                    prepared = pp.prepare(img, self.card.input)
-                except (ValueError, TypeError) as e:
-                    raise ProtocolError(P.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
-            except ProtocolError as e:
-                self.answer(req, t_recv, "RECHECK", e.reason)
-                return
-            except Exception as e:  # an unexpected decoder failure is still just an uninspected frame
-                log.warning("decode failed for camera %s frame %s: %s", req.camera, req.frame_id, e)
-                self.answer(req, t_recv, "RECHECK", P.UNDECODABLE)
-                return
-            stats = pp.image_stats(prepared) if self.monitor is not None else None
-            raw = req.encoding == "raw"
-            frame = Frame(req, prepared, img if raw else req.payload, "png" if raw else EXT[sniff(req.payload) or "png"],
-                          stats, t_recv, t_wall, deadline)
-            self.metrics.stage.labels("decode").observe(time.monotonic() - t0)
-            if time.monotonic() >= deadline:
-                self.worker.recheck(frame, P.DEADLINE_PASSED)
-            elif not self.batcher.put(frame):
-                self.worker.recheck(frame, P.SHUTTING_DOWN if self.batcher.closed else P.QUEUE_FULL)
-        finally:
-            with self._lock:
-                self._in_decode -= 1
-            self.metrics.decoding.set(self._in_decode)
-
-    def _sample_undecoded(self, req: Request, t_wall: float, reason: str) -> None:
-        """A frame refused before decoding still goes to the store when its bytes look like an image."""
-        if self.sampler is None:
-            return
-        if req.encoding == "raw":
-            import numpy as np
-
-            try:
-                original: Any = np.frombuffer(req.payload, req.dtype).reshape(req.shape)
-            except (ValueError, TypeError):
-                return
-            ext = "png"
-        else:
-            fmt = sniff(req.payload)
-            if fmt is None:
-                return
-            original, ext = req.payload, EXT[fmt]
-        self.sampler.submit(original, ext, {
-            "camera": req.camera, "frame_id": req.frame_id, "ts": t_wall, "model_id": self.card.model_id,
-            "threshold": self.decider.threshold, "score": None, "probs": None, "decision": "RECHECK",
-            "reason": reason, "kind": "recheck"})
 
     # -- main loop ------------------------------------------------------------
     def request_stop(self) -> None:
