@@ -252,3 +252,44 @@ def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
     p = subprocess.run(bad, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert p.returncode == 1
     assert "**failed**" in out.read_text()
+
+
+def test_engine_path_shares_reporting_with_fake_tensorrt_backend(models, capsys, tmp_path, monkeypatch):
+    """No TensorRT here: a fake engine backend (numpy logits, h2d/inference/d2h timings) checks that
+    .engine artifacts go through the same runner and report, and that engine-only rules hold."""
+    import nexedge.runtime as rt
+    from nexedge.card import load_card
+    from nexedge.runtime.base import Backend
+
+    engine = str(tmp_path / "m.int8.engine")
+    with open(engine, "wb") as f:
+        f.write(b"not a real engine")
+    card = load_card(models["host"]).derive("engine", precision="int8")
+    card.data["graph"]["max_batch"] = 4
+    card.save_for(engine, parent=models["host"])
+
+    class FakeTensorRT(Backend):
+        name = "tensorrt"
+
+        def __init__(self, path, **kw):
+            assert kw == {}, kw  # no threads/crop_mode/max_batch for engines
+            super().__init__(load_card(path))
+
+        def _run_host(self, x, timings):
+            timings.update(h2d=1e-4, inference=2e-4, d2h=1e-4)
+            return np.zeros((x.shape[0], 3), np.float32)
+
+    monkeypatch.setattr(rt, "open_backend", lambda path, **kw: FakeTensorRT(path, **kw))
+    out_json = str(tmp_path / "engine.json")
+    text = _bench(capsys, engine, "--backend", "tensorrt", "--precision", "int8", "--batch", "1,4",
+                  "--iterations", "3", "--json", out_json)
+    doc = report.load_json(out_json)
+    assert [(r["backend"], r["precision"], r["batch"]) for r in doc["results"]] == [
+        ("tensorrt", "int8", 1), ("tensorrt", "int8", 4)]
+    assert {"h2d", "inference", "d2h"} <= set(doc["results"][0]["latency_ms"])
+    assert doc["results"][0]["latency_ms"]["h2d"]["median"] == pytest.approx(0.1)
+    assert "h2d" in text and "d2h" in text
+    assert main(["bench", engine, "--threads", "2", "--iterations", "1"]) == 1
+    assert "does not apply to a TensorRT engine" in capsys.readouterr().err
+    assert main(["bench", engine, "--batch", "8", "--iterations", "1"]) == 1
+    assert "maximum batch 4" in capsys.readouterr().err

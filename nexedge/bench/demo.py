@@ -129,6 +129,45 @@ def run_stages(demo: Demo, plan: List[Tuple[str, str, Callable[[Demo], None]]],
                 demo.say(f"cleanup error: {e}")
 
 
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100.0 * float(x):.1f}%"
+
+
+def print_recap(demo: Demo) -> None:
+    """The numbers a reader wants from the run, from the stages that finished."""
+    r = demo.results
+    lines = []
+    if "data" in r:
+        c = r["data"]["counts"]
+        lines.append("data: {} images (train {}, val {}, test {}) in {}".format(
+            sum(c.values()), c.get("train"), c.get("val"), c.get("test"), r["data"]["root"]))
+    if "train" in r:
+        lines.append("model: {} -> {} (val AUC {})".format(demo.settings["arch"], r["train"]["best"],
+                                                        _pct(r["train"].get("best_val_auc"))))
+    if "eval" in r:
+        for crop, e in r["eval"]["crops"].items():
+            lines.append("test {:>6}: AUC {}  FPR at TPR>=99.1% {}  at 100% {}".format(
+                crop, _pct(e["auc"]), _pct(e["fpr_at_tpr"].get("99.1")), _pct(e["fpr_at_tpr"].get("100"))))
+    if "int8" in r:
+        lines.append(f"INT8 model: {r['int8']['onnx']}")
+        if r["int8"].get("metrics"):
+            lines.append("INT8 vs FP32: " + json.dumps(r["int8"]["metrics"], default=str)[:300])
+    if "stream" in r:
+        s = r["stream"]
+        d = s["decisions"]
+        lat = s.get("daemon_latency_ms") or {}
+        lines.append("line: {} frames, PASS {} REJECT {} RECHECK {}, escapes {}, overkill {}, latency p50 {} p95 {} "
+                     "p99 {} ms".format(s["frames"], d["PASS"], d["REJECT"], d["RECHECK"], s["escapes"],
+                                       s["overkill"], *(f"{lat[k]:.1f}" if lat else "-"
+                                                        for k in ("median", "p95", "p99"))))
+    if "pull" in r:
+        lines.append(f"pulled: {r['pull']['samples']} samples -> {r['pull']['out']}")
+    if lines:
+        demo.say("\nsummary:")
+        for ln in lines:
+            demo.say("  " + ln)
+
+
 def print_timings(demo: Demo, records: List[Dict[str, Any]], wall: float) -> None:
     demo.say("\nstage timings:")
     for r in records:
@@ -144,6 +183,11 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"run folder {out} exists and is not empty; give a new --out")
     os.makedirs(out, exist_ok=True)
     demo = Demo(out, settings)
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("the demo trains a model and needs the train extra: pip install 'nexedge[train]'") from None
+    torch.set_num_threads(settings["threads"])
     from nexedge.bench.env import capture, one_line
 
     demo.say(f"nexedge demo ({settings['profile']}): run folder {demo.out}")
@@ -161,6 +205,7 @@ def run_demo(args: argparse.Namespace) -> int:
                "error": None if error is None else f"{type(error).__name__}: {error}"}
     with open(demo.path("demo-summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
+    print_recap(demo)
     print_timings(demo, records, wall)
     if error is not None:
         demo.say(f"\ndemo FAILED: {summary['error']}")

@@ -42,12 +42,6 @@ def nexedge(demo: Demo, argv: Sequence[str]) -> None:
         raise RuntimeError(f"`nexedge {' '.join(argv)}` exited with status {rc}")
 
 
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(n)))
-
-
 # -- 1. data -----------------------------------------------------------------
 
 def count_images(root: str) -> Dict[str, Dict[str, int]]:
@@ -82,7 +76,6 @@ def stage_data(demo: Demo) -> None:
 
 def stage_train(demo: Demo) -> None:
     s = demo.settings
-    _set_threads(s["threads"])
     run = demo.path("train")
     nexedge(demo, ["train", "--data", demo.results["data"]["root"], "--out", run, "--arch", s["arch"],
                    "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", "ten",
@@ -109,7 +102,11 @@ def stage_eval(demo: Demo) -> None:
     if not os.path.exists(path):
         raise RuntimeError(f"`nexedge eval` wrote no {path}")
     with open(path, encoding="utf-8") as f:
-        demo.results["eval"] = {"file": path, "table": json.load(f)}
+        table = json.load(f)
+    run = next(iter(table["runs"].values()))
+    demo.results["eval"] = {"file": path, "n_good": run.get("n_good"), "n_defects": run.get("n_defects"), "crops": {
+        crop: {"auc": r["auc"]["mean"], "fpr_at_tpr": {k: v["mean"] for k, v in r["fpr_at_tpr"].items()}}
+        for crop, r in run["crops"].items()}}
 
 
 # -- 4. export ---------------------------------------------------------------
