@@ -233,3 +233,18 @@ def test_cli_synth_writes_data_set_and_sheet(tmp_path, capsys):
     assert len(_manifest(str(out))) == 40 and sheet.is_file()
     img = cv2.imread(str(out / _manifest(str(out))[0]["path"]), cv2.IMREAD_UNCHANGED)
     assert img.shape == (40, 48)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: render_image("dirt", 1), ["'dirt'", "scratch"]),
+    (lambda: render_image("tin_particle", 1, batch=2), ["'tin_particle'", "batch 2"]),
+    (lambda: render_image("scratch", 1, severity=0.0), ["severity 0.0"]),
+    (lambda: render_image("scratch", 1, severity=1.5), ["severity 1.5"]),
+    (lambda: render_image("good", 1, size=(8, 8)), ["8x8"]),
+    (lambda: render_image("good", 1, batch=0), ["batch 0"]),
+])
+def test_render_errors_name_bad_values(call, words):
+    with pytest.raises(ValueError) as e:
+        call()
+    for w in words:
+        assert w in str(e.value)
