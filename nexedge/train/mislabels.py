@@ -4,7 +4,8 @@ Suspicion is the probability of the other side of the good/defect split: for a
 good-labelled image its defect score, for a defect-labelled image p(good). Where
 a SAT loss updated an image's soft label (``sat_state.npz`` of the run, train
 split), the soft label gives it instead (1 - t_good or t_good): SAT's running
-average over epochs is steadier than one checkpoint's score. With a manifest that
+average over epochs is steadier than one checkpoint's score. The SAT sample
+weight w_i = max_j t_ij (low for doubtful labels) is written beside it. With a manifest that
 has ``true_label`` the ranking's precision and recall against the real noise are
 printed (binary flips good <-> defect, which this ranking targets, and all
 label noise).
@@ -56,6 +57,7 @@ def rank_mislabels(
     is_good = labels == g
     susp = np.where(is_good, score, 1.0 - score)
     source = np.array(["model"] * len(labels), dtype=object)
+    sat_w = np.full(len(labels), np.nan)
     run_dir = run if os.path.isdir(run) else os.path.dirname(run)
     sat = load_sat_state(run_dir) if by != "model" else None
     if by == "sat" and sat is None:
@@ -69,6 +71,7 @@ def rank_mislabels(
             if j is None or (only_good and not is_good[i]):
                 continue
             t_good = float(sat["soft"][j, g_sat])
+            sat_w[i] = float(sat["weights"][j])
             susp[i] = 1.0 - t_good if is_good[i] else t_good
             source[i] = "sat"
     order = np.argsort(-susp, kind="stable")
@@ -81,6 +84,7 @@ def rank_mislabels(
             "rank": rank, "path": paths[i], "given_label": classes[labels[i]],
             "direction": "good->defect" if is_good[i] else "defect->good",
             "suspicion": round(float(susp[i]), 6), "source": source[i], "defect_score": round(float(score[i]), 6),
+            "sat_weight": "" if np.isnan(sat_w[i]) else round(float(sat_w[i]), 6),
             "flagged": int(rank <= n_top), "true_label": true[i] if true[i] is not None else "",
         })
     result: Dict[str, Any] = {"checkpoint": ckpt, "crop_mode": mode, "rows": rows, "n": len(rows), "top": n_top,
