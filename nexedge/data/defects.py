@@ -67,7 +67,7 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         # the fracture reaches into the body; the missing part sits at the edge
         fc = (c[0] + 0.3 * r * np.sign(cxm - c[0]) * (c[0] in (x0, x1)), c[1] + 0.3 * r * np.sign(cym - c[1]))
         p = {"outer": _blob(rng, fc, r), "inner": _blob(rng, c, 0.75 * r), "deep": sv > 0.15,
-             "gray": sc.body_gray + 35.0 + 60.0 * sv, "grain": rng.uniform(0.6, 1.4, 64).astype(np.float32)}
+             "gray": sc.body_gray + 22.0 + 38.0 * sv, "grain": rng.uniform(0.75, 1.25, 64).astype(np.float32)}
     elif kind == "scratch":
         length = (18.0 + 150.0 * sv) * s
         a = rng.uniform(-np.pi / 3, np.pi / 3)

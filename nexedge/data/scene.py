@@ -87,15 +87,15 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
     bw = style.body[0] * u(0.98, 1.02)
     bh = style.body[1] * u(0.97, 1.03)
     lw = style.lead_width * u(0.95, 1.05)
-    llen = u(52.0, 58.0)
+    llen = u(47.0, 53.0)
     pitch = bw * u(0.36, 0.375)
 
     def levels() -> Tuple[float, float, float, float]:
         k = u(0.85, 1.05)
-        return (245.0 * k, u(70.0, 110.0) * k, u(160.0, 215.0) * k, u(100.0, 150.0) * k)
+        return (245.0 * k, u(70.0, 110.0) * k, u(160.0, 215.0) * k, u(130.0, 170.0) * k)
 
     def streaks() -> Tuple[float, ...]:
-        return tuple(float(v) for v in u(0.82, 1.08, 16))
+        return tuple(float(v) for v in u(0.9, 1.05, 16))
 
     leads = [
         Lead("top", -pitch, lw, llen, 0.0, levels(), streaks=streaks()),
@@ -251,7 +251,7 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
         _fill(dev, q, ld.levels[2] * 0.8)
         _fill(dev, lead_quad(sc, ld, 0.15, 0.85), ld.levels[2] * 0.65)
         return
-    bands = ((0.45, ld.levels[0]), (0.6, ld.levels[1]), (0.9, ld.levels[2]), (1.01, ld.levels[3]))
+    bands = ((0.48, ld.levels[0]), (0.6, ld.levels[1]), (0.94, ld.levels[2]), (1.01, ld.levels[3]))
     (n0x, n0y), (n1x, n1y), (f1x, f1y), (f0x, f0y) = (q * 16).tolist()  # 1/16 px fixed point
     n = len(ld.streaks)
     for i, k in enumerate(ld.streaks):
