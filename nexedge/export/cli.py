@@ -91,3 +91,47 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if res.trt_cache:
         print(f"TensorRT calibration cache: {res.trt_cache}")
     return 0
+
+
+def configure_build_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("onnx", help="ONNX model with its card: fp32, or the Q/DQ *.int8-trt.onnx from calibrate")
+    p.add_argument("--precision", default="fp16", help="fp16 (default), int8 or fp32")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="largest batch in images (default: the card's graph.max_batch); host-crop models "
+                        "multiply it by the crops per image")
+    p.add_argument("--opt-batch", type=int, default=0, help="batch in images TensorRT tunes for (default min(8, max))")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    p.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), GPU fallback on")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="engine runs on later TensorRT versions too (8.6+; slower to load)")
+    p.add_argument("--calib-cache", help="entropy-calibration cache for INT8 from an fp32 ONNX (implicit INT8)")
+    p.add_argument("--timing-cache", help="timing cache file to reuse and update "
+                   "(default trt_engines/<device>.trt<version>.timing.cache)")
+    p.add_argument("--out-dir", default="trt_engines", help="where engines go (default trt_engines)")
+    p.add_argument("--name", help="engine name prefix (default: the ONNX file stem)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+
+
+def run_build_engine(args: argparse.Namespace) -> int:
+    import os
+
+    from nexedge.export import engine as eng
+
+    eng.check_precision(args.precision)
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
+                           "device, see trt_engines/README.md") from None
+    dev = eng.device_info(0)
+    timing = args.timing_cache or os.path.join(
+        args.out_dir, f"{eng.device_slug(dev.name)}.trt{trt.__version__}.timing.cache")
+    opts = eng.BuildOptions(
+        precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+        workspace=args.workspace_mib << 20, dla_core=args.dla_core, version_compatible=args.version_compatible,
+        calib_cache=args.calib_cache, timing_cache=timing,
+    )
+    path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
+                                    force=args.force)
+    print(("reused " if reused else "built ") + eng.describe(path))
+    return 0

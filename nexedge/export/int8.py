@@ -123,8 +123,9 @@ def build_trt_cache(onnx_path: str, card: Any, images: Any, manifest: str, batch
     stream = cal.CalibrationBatchStream(images, card, batch_images)
     path = trt_cache_path(manifest, card.sha256, trt.__version__)
     calibrator = cal.make_entropy_calibrator(trt, stream, path)
+    # TensorRT calibrates at the profile's opt shape: make it the calibration batch.
     opts = eng.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
-                            calibrator=calibrator)
+                            opt_batch=batch_images, calibrator=calibrator)
     eng.build_serialized(trt, onnx_path, card, opts)
     if not os.path.exists(path):
         raise RuntimeError(f"TensorRT finished but wrote no calibration cache at {path}")

@@ -183,10 +183,13 @@ class TensorRTBackend(Backend):
         self.path, self.trt = path, trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        engine_info = card.data.get("provenance", {}).get("engine") or {}
+        if (engine_info.get("key") or {}).get("version_compatible"):
+            self.runtime.engine_host_code_allowed = True  # version-compatible engines embed a lean runtime
         with open(path, "rb") as f:
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
-            built = (card.data.get("provenance", {}).get("engine") or {}).get("tensorrt")
+            built = engine_info.get("tensorrt")
             raise BackendError(f"{path}: TensorRT {trt.__version__} could not deserialize the engine "
                                f"(built with TensorRT {built}; engines are tied to the version and GPU)")
         self.context = self.engine.create_execution_context()

@@ -1,0 +1,341 @@
+"""ONNX (fp32 or Q/DQ INT8) -> TensorRT engine, for TensorRT 8.5/8.6 (JetPack 5/6.0) and 10.x.
+
+The TensorRT-free logic (version parsing, precision rules, network flags,
+profile shapes, names and cache keys, parser error reports) is plain Python and
+unit-tested; :func:`build_serialized` drives whatever ``tensorrt`` module it is
+given (the real one on a GPU box, a fake in tests).
+
+Engine files: ``trt_engines/<name>-<onnx sha8>.<precision>.b<max>.trt<version>.<device>.engine``
+plus ``.card.json``. A cached engine is reused only when its card's full build
+key (ONNX sha256, precision, INT8 mode and cache, batch profile, workspace, DLA,
+version compatibility, TensorRT version, device) equals the requested one.
+"""
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+from nexedge import preprocess as pp
+from nexedge.card import PRECISIONS, CardError, ModelCard, atomic_write_bytes, load_card, sha256_file
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (8, 5)
+GiB = 1 << 30
+
+
+class DeviceInfo(NamedTuple):
+    name: str  # e.g. "Orin", "NVIDIA GeForce RTX 4090"
+    compute_capability: Tuple[int, int]
+
+
+class BuildOptions(NamedTuple):
+    precision: str = "fp16"
+    max_batch: int = 0  # images; 0 = the card's graph.max_batch
+    opt_batch: int = 0  # images; 0 = min(8, max)
+    workspace: int = GiB
+    dla_core: Optional[int] = None
+    version_compatible: bool = False
+    calib_cache: Optional[str] = None  # implicit INT8 (fp32 ONNX + entropy-calibration cache)
+    calibrator: Any = None  # a live calibrator (used by `nexedge calibrate --trt-cache`)
+    timing_cache: Optional[str] = None
+
+
+# -- pure logic ------------------------------------------------------------
+def parse_version(version: str) -> Tuple[int, int, int]:
+    """``"10.3.0.30"`` -> (10, 3, 0); ValueError for versions before 8.5 or unparsable ones."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", str(version))
+    if not m:
+        raise ValueError(f"cannot parse TensorRT version {version!r}")
+    v = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+    if v[:2] < MIN_VERSION:
+        raise ValueError(f"TensorRT {version} is too old: need 8.5 or newer (name-based tensor API, "
+                         "set_memory_pool_limit, build_serialized_network)")
+    return v
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def int8_mode(onnx_precision: str, precision: str, has_calibration: bool) -> Optional[str]:
+    """``"explicit"`` (Q/DQ ONNX), ``"implicit"`` (fp32 ONNX + calibration) or None (no INT8)."""
+    check_precision(precision)
+    if onnx_precision == "int8":
+        if precision != "int8":
+            raise ValueError(f"the ONNX model is Q/DQ INT8; it builds an INT8 engine, not {precision} "
+                             "(use --precision int8, or build from the fp32 ONNX)")
+        return "explicit"
+    if precision != "int8":
+        return None
+    if not has_calibration:
+        raise ValueError("INT8 from an fp32 ONNX model needs a calibration cache (--calib-cache, from "
+                         "`nexedge calibrate --trt-cache`); or build from the Q/DQ model "
+                         "(`nexedge calibrate` writes *.int8-trt.onnx)")
+    return "implicit"
+
+
+def network_flags(trt: Any, version: Tuple[int, int, int]) -> int:
+    """EXPLICIT_BATCH is required before TensorRT 10 and deprecated (implied) from 10 on."""
+    if version[0] < 10:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return 0
+
+
+def batch_limits(card: ModelCard, max_batch: int = 0, opt_batch: int = 0) -> Tuple[int, int]:
+    """(opt, max) in images; max from the card's graph.max_batch when not given."""
+    mx = int(max_batch or card.graph.get("max_batch") or 0)
+    if mx < 1:
+        raise ValueError(f"max batch must be a positive number of images, got {mx} "
+                         "(pass --max-batch or export with --max-batch)")
+    opt = int(opt_batch or min(8, mx))
+    if not 1 <= opt <= mx:
+        raise ValueError(f"--opt-batch {opt} must be between 1 and the max batch {mx}")
+    return opt, mx
+
+
+def profile_shapes(card: ModelCard, opt: int, mx: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """(min, opt, max) input shapes: images for in-graph models, images x crops for host-crop models."""
+    inp = card.input
+    if card.graph["crops"] == "host":
+        k = pp.n_crops(inp["crop_mode"])
+        h, w = inp["crop"]
+        return tuple((n * k, 3, h, w) for n in (1, opt, mx))  # type: ignore[return-value]
+    H, W = inp["resize"]
+    c = 1 if inp["color"] == "gray" else 3
+    return tuple((n, H, W, c) for n in (1, opt, mx))  # type: ignore[return-value]
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA GeForce RTX 4090"`` -> ``"geforce-rtx-4090"``; ``"Orin"`` -> ``"orin"``."""
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    s = re.sub(r"^nvidia-", "", s)
+    return s or "gpu"
+
+
+def engine_filename(name: str, onnx_sha256: str, precision: str, max_batch: int, trt_version: str,
+                    device: str, dla_core: Optional[int] = None) -> str:
+    dev = device_slug(device) + (f"-dla{dla_core}" if dla_core is not None else "")
+    return f"{name}-{onnx_sha256[:8]}.{precision}.b{max_batch}.trt{trt_version}.{dev}.engine"
+
+
+def build_key(onnx_sha256: str, precision: str, mode: Optional[str], shapes: Any, opts: BuildOptions,
+              trt_version: str, device: DeviceInfo) -> Dict[str, Any]:
+    """Everything the engine depends on; reuse needs equality of the whole dict."""
+    return {
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "int8_mode": mode,
+        "calib_cache_sha256": sha256_file(opts.calib_cache) if opts.calib_cache else None,
+        "profile": [list(s) for s in shapes],
+        "workspace": int(opts.workspace),
+        "dla_core": opts.dla_core,
+        "version_compatible": bool(opts.version_compatible),
+        "tensorrt": str(trt_version),
+        "device": device.name,
+        "compute_capability": list(device.compute_capability),
+    }
+
+
+def has_fast_int8(builder: Any, device: DeviceInfo) -> bool:
+    """``platform_has_fast_int8`` where the builder still has it (deprecated in 10.5), else the
+    compute capability: DP4A from SM 6.1, except SM 6.2 (Jetson TX2)."""
+    if hasattr(builder, "platform_has_fast_int8"):
+        return bool(builder.platform_has_fast_int8)
+    cc = tuple(device.compute_capability)
+    return cc >= (6, 1) and cc != (6, 2)
+
+
+def has_fast_fp16(builder: Any, device: DeviceInfo) -> bool:
+    if hasattr(builder, "platform_has_fast_fp16"):
+        return bool(builder.platform_has_fast_fp16)
+    return tuple(device.compute_capability) >= (5, 3)
+
+
+def parser_errors(parser: Any) -> List[str]:
+    return [str(parser.get_error(i)) for i in range(parser.num_errors)]
+
+
+def format_parser_errors(onnx_path: str, errors: List[str]) -> str:
+    lines = [f"TensorRT's ONNX parser rejected {onnx_path} with {len(errors)} error(s):"]
+    lines += [f"  {i + 1}. {e}" for i, e in enumerate(errors)]
+    return "\n".join(lines)
+
+
+def device_info(device: int = 0) -> DeviceInfo:
+    """Name and compute capability of CUDA device ``device`` (cuda-python, else pycuda)."""
+    try:
+        from nexedge.runtime.tensorrt import _import_cudart
+
+        rt = _import_cudart()
+        err, props = rt.cudaGetDeviceProperties(device)
+        if err != rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaGetDeviceProperties({device}) failed: {err}")
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        return DeviceInfo(name.rstrip("\x00"), (int(props.major), int(props.minor)))
+    except ImportError:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        d = cuda.Device(device)
+        return DeviceInfo(d.name(), tuple(d.compute_capability()))  # type: ignore[arg-type]
+
+
+def make_cache_calibrator(trt: Any, cache: bytes) -> Any:
+    """A calibrator that only replays an existing entropy-calibration cache (no images needed)."""
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: List[str]) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data: Any) -> None:
+            pass
+
+    return CacheCalibrator()
+
+
+# -- TensorRT driver -------------------------------------------------------
+def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptions,
+                     device: Optional[DeviceInfo] = None) -> Tuple[bytes, Dict[str, Any]]:
+    """Parse, configure and build; returns (serialized engine, build info)."""
+    version = parse_version(trt.__version__)
+    precision = check_precision(opts.precision)
+    device = device or device_info()
+    mode = int8_mode(card.precision, precision, bool(opts.calib_cache or opts.calibrator))
+    opt, mx = batch_limits(card, opts.max_batch, opts.opt_batch)
+    shapes = profile_shapes(card, opt, mx)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if precision == "int8" and not has_fast_int8(builder, device):
+        raise RuntimeError(f"INT8 requested but {device.name} (SM {device.compute_capability[0]}."
+                           f"{device.compute_capability[1]}) has no fast INT8; refusing to build a slow or FP32 "
+                           "engine. Use --precision fp16.")
+    if precision == "fp16" and not has_fast_fp16(builder, device):
+        raise RuntimeError(f"FP16 requested but {device.name} has no fast FP16; use --precision fp32")
+    network = builder.create_network(network_flags(trt, version))
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as f:
+        ok = parser.parse(f.read())
+    errors = parser_errors(parser)
+    if not ok or errors:
+        raise RuntimeError(format_parser_errors(onnx_path, errors or ["parse() returned False without errors"]))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        if mode == "implicit":
+            if version[:2] >= (10, 1):
+                log.warning("implicit INT8 (calibration cache) is deprecated since TensorRT 10.1; "
+                            "prefer the Q/DQ model")
+            if opts.calibrator is not None:
+                config.int8_calibrator = opts.calibrator
+            else:
+                with open(opts.calib_cache, "rb") as f:
+                    config.int8_calibrator = make_cache_calibrator(trt, f.read())
+    if opts.dla_core is not None:
+        if precision == "fp32":
+            raise ValueError("DLA runs FP16 or INT8 only; use --precision fp16 or int8 with --dla-core")
+        n_dla = int(getattr(builder, "num_DLA_cores", 0))
+        if not 0 <= opts.dla_core < n_dla:
+            raise ValueError(f"--dla-core {opts.dla_core}: this device has {n_dla} DLA core(s)")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(opts.dla_core)
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if opts.version_compatible:
+        if version[:2] < (8, 6):
+            raise ValueError(f"version-compatible engines need TensorRT 8.6 or newer (have {trt.__version__})")
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+
+    input_name = network.get_input(0).name
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *shapes)
+    config.add_optimization_profile(profile)
+    if mode == "implicit" and hasattr(config, "set_calibration_profile"):
+        config.set_calibration_profile(profile)
+
+    cache = None
+    if opts.timing_cache:
+        blob = b""
+        if os.path.exists(opts.timing_cache):
+            with open(opts.timing_cache, "rb") as f:
+                blob = f.read()
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, False)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT {trt.__version__} failed to build {onnx_path} ({precision}); "
+                           "see the TensorRT log above")
+    if cache is not None:
+        atomic_write_bytes(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
+    info = {"int8_mode": mode, "profile": [list(s) for s in shapes], "opt_batch": opt, "max_batch": mx,
+            "build_seconds": round(time.perf_counter() - t0, 3), "input_name": input_name}
+    return bytes(serialized), info
+
+
+def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines", name: Optional[str] = None,
+                 trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False) -> Tuple[str, bool]:
+    """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused)."""
+    if trt is None:
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
+                               "device, see trt_engines/README.md") from None
+    check_precision(opts.precision)
+    parse_version(trt.__version__)
+    card = load_card(onnx_path)
+    if card.data["artifact"]["kind"] != "onnx":
+        raise ValueError(f"{onnx_path}: build-engine takes an ONNX model (card kind {card.data['artifact']['kind']})")
+    device = device or device_info()
+    mode = int8_mode(card.precision, opts.precision, bool(opts.calib_cache or opts.calibrator))
+    opt, mx = batch_limits(card, opts.max_batch, opts.opt_batch)
+    shapes = profile_shapes(card, opt, mx)
+    key = build_key(card.sha256 or "", opts.precision, mode, shapes, opts, trt.__version__, device)
+    name = name or os.path.splitext(os.path.basename(onnx_path))[0]
+    path = os.path.join(out_dir, engine_filename(name, card.sha256 or "", opts.precision, mx, trt.__version__,
+                                                 device.name, opts.dla_core))
+    if not force and os.path.exists(path):
+        try:
+            cached = load_card(path)
+            if (cached.data.get("provenance", {}).get("engine") or {}).get("key") == key:
+                log.info("reusing %s (build key matches)", path)
+                return path, True
+            log.info("rebuilding %s: build key differs", path)
+        except CardError as e:
+            log.warning("rebuilding %s: %s", path, e)
+    blob, info = build_serialized(trt, onnx_path, card, opts, device)
+    atomic_write_bytes(path, blob)
+    ecard = card.derive("engine", precision=opts.precision)
+    ecard.data["graph"] = dict(ecard.data["graph"], max_batch=mx)
+    ecard.data["provenance"]["engine"] = dict(info, key=key, tensorrt=trt.__version__, device=device.name)
+    ecard.save_for(path, parent=onnx_path)
+    log.info("built %s in %.1f s", path, info["build_seconds"])
+    return path, False
+
+
+def describe(path: str) -> str:
+    """One-line JSON summary of an engine card (for the CLI)."""
+    card = load_card(path)
+    eng = card.data["provenance"].get("engine", {})
+    return json.dumps({"engine": path, "precision": card.precision, "int8_mode": eng.get("int8_mode"),
+                       "profile": eng.get("profile"), "tensorrt": eng.get("tensorrt"), "device": eng.get("device")})
