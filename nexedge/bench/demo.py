@@ -150,8 +150,13 @@ def print_recap(demo: Demo) -> None:
                 crop, _pct(e["auc"]), _pct(e["fpr_at_tpr"].get("99.1")), _pct(e["fpr_at_tpr"].get("100"))))
     if "int8" in r:
         lines.append(f"INT8 model: {r['int8']['onnx']}")
-        if r["int8"].get("metrics"):
-            lines.append("INT8 vs FP32: " + json.dumps(r["int8"]["metrics"], default=str)[:300])
+        m = r["int8"].get("metrics")
+        if m:
+            lines.append("INT8 vs FP32 on val ({} images): AUC {} vs {}, max score diff {:.4f}, decisions flipped "
+                         "{}; size {:.1f} MB vs {:.1f} MB".format(
+                             m["n_images"], _pct(m["auc_int8"]), _pct(m["auc_fp32"]), m["max_abs_score_diff"],
+                             _pct(r["int8"]["max_decision_flips"]), r["int8"]["bytes"] / 1e6,
+                             r["int8"]["fp32_bytes"] / 1e6))
     if "stream" in r:
         s = r["stream"]
         d = s["decisions"]

@@ -124,17 +124,27 @@ def stage_export(demo: Demo) -> None:
 
 def stage_calibrate(demo: Demo) -> None:
     src = demo.results["export"]["onnx"]
-    nexedge(demo, ["calibrate", src, "--data", demo.results["data"]["root"],
-                   "--images", str(demo.settings["calib_images"]), "--out", demo.path("model")])
-    found = sorted(glob.glob(demo.path("model", "*int8*.onnx")))
+    model_dir = demo.path("model")
+    nexedge(demo, ["calibrate", src, "--data", demo.results["data"]["root"], "--name", "demo",
+                   "--images", str(demo.settings["calib_images"]), "--targets", "ort",
+                   "--calib-root", demo.path("calibrate"), "--out-dir", model_dir,
+                   "--threads", str(demo.settings["threads"])])
+    found = sorted(glob.glob(os.path.join(model_dir, "*.int8-ort.onnx")))
     if not found:
-        raise RuntimeError(f"`nexedge calibrate` wrote no INT8 ONNX (*int8*.onnx) under {demo.path('model')}")
+        raise RuntimeError(f"`nexedge calibrate` wrote no *.int8-ort.onnx under {model_dir}")
     from nexedge.card import load_card
 
-    ort_int8 = [f for f in found if "ort" in os.path.basename(f) or "u8s8" in os.path.basename(f)] or found
-    card = load_card(ort_int8[0])
-    demo.results["int8"] = {"onnx": ort_int8[0], "all": found, "quantization": card.graph.get("quantization"),
-                            "metrics": card.data.get("metrics", {}).get("int8_vs_fp32")}
+    card = load_card(found[0])
+    if card.precision != "int8":
+        raise RuntimeError(f"{found[0]}: card says precision {card.precision!r}, expected int8")
+    rep = (card.data.get("metrics") or {}).get("int8_vs_fp32") or {}
+    flips = [f["flip_fraction"] for f in rep.get("decision_flips", [])]
+    demo.results["int8"] = {
+        "onnx": found[0], "bytes": os.path.getsize(found[0]), "fp32_bytes": demo.results["export"]["bytes"],
+        "metrics": {k: rep.get(k) for k in ("n_images", "auc_fp32", "auc_int8", "auc_delta_points",
+                                            "max_abs_score_diff")} if rep else None,
+        "max_decision_flips": max(flips) if flips else None,
+    }
 
 
 # -- 6-8. the line: see demo_line ---------------------------------------------

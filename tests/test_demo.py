@@ -1,0 +1,107 @@
+"""nexedge demo: the stage runner, the verdict summary, and a real end-to-end run at --tiny size."""
+
+import json
+import os
+
+import pytest
+
+from nexedge.bench import demo as D
+from nexedge.bench import demo_line as L
+from nexedge.bench import demo_stages as S
+from nexedge.cli import main
+
+
+def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):
+    lines = []
+
+    class Out:
+        def write(self, s):
+            lines.append(s)
+
+        def flush(self):
+            pass
+
+    demo = D.Demo(str(tmp_path), {}, stream=Out())
+    ran, cleaned = [], []
+
+    def ok(d):
+        ran.append("a")
+        d.cleanups.append(lambda: cleaned.append("a"))
+
+    def boom(d):
+        raise RuntimeError("piece missing")
+
+    def never(d):
+        ran.append("c")
+
+    records = []
+    with pytest.raises(RuntimeError, match="piece missing"):
+        D.run_stages(demo, [("a", "first", ok), ("b", "second", boom), ("c", "third", never)], records)
+    assert ran == ["a"] and cleaned == ["a"]
+    assert [(r["stage"], r["status"]) for r in records] == [("a", "ok"), ("b", "FAILED")]
+    assert "piece missing" in records[1]["error"]
+    assert any("[2/3] b" in s for s in lines)
+
+
+def test_missing_command_fails_loudly():
+    with pytest.raises(RuntimeError, match="no `nexedge no-such-stage` command"):
+        S._require("no-such-stage")
+
+
+def test_demo_refuses_a_used_run_folder_and_bad_sizes(tmp_path, capsys):
+    (tmp_path / "x").write_text("keep me")
+    assert main(["demo", "--tiny", "--out", str(tmp_path)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "x").read_text() == "keep me"
+    assert main(["demo", "--tiny", "--images", "5", "--out", str(tmp_path / "new")]) == 1
+    assert "at least 40 images" in capsys.readouterr().err
+
+
+def test_verdict_summary_counts_confusion_and_latency():
+    images = [("a", "good"), ("b", "good"), ("c", "good"), ("d", "scratch"), ("e", "chipping"), ("f", "chipping")]
+    dec = ["PASS", "REJECT", "PASS", "REJECT", "PASS", "RECHECK"]
+    verdicts = {i: {"frame_id": i, "decision": d, "latency_ms": float(i + 1), "rtt_ms": 10.0 + i,
+                    "uncertain": i in (1, 4), "reason": "deadline_passed" if d == "RECHECK" else "",
+                    "threshold": 0.5, "model_id": "m@1234"} for i, d in enumerate(dec)}
+    s = L.summarize_verdicts(images, verdicts, wall=2.0)
+    assert s["decisions"] == {"PASS": 3, "REJECT": 2, "RECHECK": 1}
+    assert s["binary"]["good"] == {"PASS": 2, "REJECT": 1, "RECHECK": 0}
+    assert s["binary"]["defect"] == {"PASS": 1, "REJECT": 1, "RECHECK": 1}
+    assert s["escapes"] == 1 and s["escape_rate"] == pytest.approx(1 / 3)
+    assert s["overkill"] == 1 and s["overkill_rate"] == pytest.approx(1 / 3)
+    assert s["per_class"]["chipping"] == {"PASS": 1, "REJECT": 0, "RECHECK": 1}
+    assert s["recheck_reasons"] == {"deadline_passed": 1} and s["uncertain"] == 2
+    assert s["daemon_latency_ms"]["max"] == 6.0 and s["client_rtt_ms"]["median"] == 12.0
+    assert s["frames_per_s"] == 3.0
+    text = "\n".join(L.format_verdicts(s))
+    assert "PASS 3  REJECT 2  RECHECK 1" in text and "escapes (defect PASSed): 1 (33.3%)" in text
+
+
+@pytest.mark.slow
+def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    rc = main(["demo", "--tiny", "--threads", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    summary = json.loads((out / "demo-summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == [s[0] for s in D.stages()]
+    assert all(r["status"] == "ok" for r in summary["stages"])
+    res = summary["results"]
+    n_test = res["data"]["counts"]["test"]
+    st = res["stream"]
+    assert st["frames"] == n_test == sum(st["decisions"].values())
+    assert sum(sum(r.values()) for r in st["per_class"].values()) == n_test
+    assert st["decisions"]["RECHECK"] == 0, st["recheck_reasons"]
+    assert st["daemon_latency_ms"]["p99"] > 0
+    assert res["daemon"]["exit_status"] == 0
+    for path in (res["train"]["best"], res["export"]["onnx"], res["int8"]["onnx"], res["daemon"]["config"],
+                 res["daemon"]["log"]):
+        assert os.path.exists(path) and path.startswith(str(out))
+    # every uncertain verdict was stored by the daemon and pulled out (manifest rows = images pulled)
+    manifest = out / "pulled" / "manifest.jsonl"
+    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()] if manifest.exists() else []
+    assert res["pull"]["samples"] == len(rows) >= st["uncertain"]
+    assert "verdict summary" in text and "stage timings" in text and "total" in text
