@@ -31,8 +31,8 @@ BBOX_THRESHOLD = 4.0  # gray levels (before camera gain) that count as "changed 
 def _streams(seed: SeedLike) -> Tuple[np.random.Generator, np.random.Generator, np.random.SeedSequence]:
     if isinstance(seed, np.random.Generator):
         ss = np.random.SeedSequence([int(v) for v in seed.integers(0, 2**63 - 1, 2)])
-    elif isinstance(seed, np.random.SeedSequence):
-        ss = seed
+    elif isinstance(seed, np.random.SeedSequence):  # a copy: spawning must not change the caller's object
+        ss = np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key, pool_size=seed.pool_size)
     else:
         ss = np.random.SeedSequence(seed)
     a, b, c = ss.spawn(3)
