@@ -321,3 +321,48 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
         ra, rb = a.infer(imgs), b.infer(imgs)
     assert set(rb.timings) >= {"h2d", "inference", "d2h"}
     np.testing.assert_allclose(ra.probs, rb.probs, atol=2e-2)
+
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "trt_engines", "recipes")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(RECIPES)))
+def test_shipped_recipes_load(name):
+    r = eng.load_recipe(os.path.join(RECIPES, name))
+    assert r["precision"] in ("fp16", "int8") and r["max_batch"] >= r["opt_batch"] >= 1 and r["tensorrt"]
+
+
+def test_recipe_errors_and_version_check(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("precision: fp16\nmax_batchh: 8\n")
+    with pytest.raises(ValueError, match="unknown key 'max_batchh'; expected some of target"):
+        eng.load_recipe(str(bad))
+    bad.write_text("max_batch: eight\n")
+    with pytest.raises(ValueError, match="max_batch must be int, got 'eight'"):
+        eng.load_recipe(str(bad))
+    bad.write_text("precision: int4\n")
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        eng.load_recipe(str(bad))
+    eng.check_recipe_version({"tensorrt": "10.3"}, "10.3.0.30")
+    eng.check_recipe_version({"tensorrt": "10"}, "10.7.0")
+    with pytest.raises(ValueError, match="is for TensorRT 8.5 .*this machine has TensorRT 10.3.0"):
+        eng.check_recipe_version({"tensorrt": "8.5", "target": "jetson-xavier"}, "10.3.0")
+    with pytest.raises(ValueError, match="is for TensorRT 10.3"):
+        eng.check_recipe_version({"tensorrt": "10.3"}, "10.30.1")
+
+
+def test_cli_settings_recipe_then_flags():
+    import argparse
+
+    from nexedge.export.cli import build_settings, configure_build_engine
+
+    p = argparse.ArgumentParser()
+    configure_build_engine(p)
+    recipe = os.path.join(RECIPES, "jetson-orin-jp6.yaml")
+    s = build_settings(p.parse_args(["m.onnx", "--recipe", recipe]))
+    assert (s["precision"], s["max_batch"], s["opt_batch"], s["workspace_mib"]) == ("int8", 8, 4, 1024)
+    s = build_settings(p.parse_args(["m.onnx", "--recipe", recipe, "--precision", "fp16", "--max-batch", "2",
+                                     "--opt-batch", "1"]))
+    assert (s["precision"], s["max_batch"], s["opt_batch"]) == ("fp16", 2, 1)
+    s = build_settings(p.parse_args(["m.onnx"]))
+    assert s["precision"] == "fp16" and s["version_compatible"] is False and s["workspace_mib"] == 1024

@@ -95,14 +95,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def configure_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx", help="ONNX model with its card: fp32, or the Q/DQ *.int8-trt.onnx from calibrate")
-    p.add_argument("--precision", default="fp16", help="fp16 (default), int8 or fp32")
-    p.add_argument("--max-batch", type=int, default=0,
+    p.add_argument("--recipe", help="per-target settings (trt_engines/recipes/*.yaml); flags given here win")
+    p.add_argument("--precision", help="fp16 (default), int8 or fp32")
+    p.add_argument("--max-batch", type=int,
                    help="largest batch in images (default: the card's graph.max_batch); host-crop models "
                         "multiply it by the crops per image")
-    p.add_argument("--opt-batch", type=int, default=0, help="batch in images TensorRT tunes for (default min(8, max))")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    p.add_argument("--opt-batch", type=int, help="batch in images TensorRT tunes for (default min(8, max))")
+    p.add_argument("--workspace-mib", type=int, help="builder workspace limit in MiB (default 1024)")
     p.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), GPU fallback on")
-    p.add_argument("--version-compatible", action="store_true",
+    p.add_argument("--version-compatible", action="store_true", default=None,
                    help="engine runs on later TensorRT versions too (8.6+; slower to load)")
     p.add_argument("--calib-cache", help="entropy-calibration cache for INT8 from an fp32 ONNX (implicit INT8)")
     p.add_argument("--timing-cache", help="timing cache file to reuse and update "
@@ -112,23 +113,43 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
 
 
+def build_settings(args: argparse.Namespace) -> dict:
+    """Defaults < recipe < command-line flags."""
+    from nexedge.export import engine as eng
+
+    settings = {"precision": "fp16", "max_batch": 0, "opt_batch": 0, "workspace_mib": 1024, "dla_core": None,
+                "version_compatible": False}
+    if args.recipe:
+        recipe = eng.load_recipe(args.recipe)
+        settings.update({k: v for k, v in recipe.items() if k in settings and v is not None})
+        settings["_recipe"] = recipe
+    for key in ("precision", "max_batch", "opt_batch", "workspace_mib", "dla_core", "version_compatible"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    eng.check_precision(settings["precision"])
+    return settings
+
+
 def run_build_engine(args: argparse.Namespace) -> int:
     import os
 
     from nexedge.export import engine as eng
 
-    eng.check_precision(args.precision)
+    s = build_settings(args)
     try:
         import tensorrt as trt
     except ImportError:
         raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
                            "device, see trt_engines/README.md") from None
+    if "_recipe" in s:
+        eng.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
     dev = eng.device_info(0)
     timing = args.timing_cache or os.path.join(
         args.out_dir, f"{eng.device_slug(dev.name)}.trt{trt.__version__}.timing.cache")
     opts = eng.BuildOptions(
-        precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
-        workspace=args.workspace_mib << 20, dla_core=args.dla_core, version_compatible=args.version_compatible,
+        precision=s["precision"], max_batch=s["max_batch"], opt_batch=s["opt_batch"],
+        workspace=s["workspace_mib"] << 20, dla_core=s["dla_core"], version_compatible=s["version_compatible"],
         calib_cache=args.calib_cache, timing_cache=timing,
     )
     path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
