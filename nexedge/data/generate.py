@@ -79,6 +79,10 @@ def _render_write(job: Tuple[str, int, int, str, int, Tuple[int, int], str]) -> 
     return meta
 
 
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+
+
 def _pool_map(jobs: List[Any], workers: int, bar: Any) -> List[Dict[str, Any]]:
     metas: List[Dict[str, Any]] = []
     if workers <= 1:
@@ -87,7 +91,7 @@ def _pool_map(jobs: List[Any], workers: int, bar: Any) -> List[Dict[str, Any]]:
             bar.update(1)
         return metas
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
         for m in pool.imap(_render_write, jobs, chunksize=8):
             metas.append(m)
             bar.update(1)
