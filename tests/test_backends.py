@@ -116,3 +116,162 @@ def test_runtime_modules_do_not_import_torch():
             "nexedge.runtime.tensorrt; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _FakeCuda:
+    """Device memory as numpy byte arrays keyed by fake pointers (no GPU here)."""
+
+    def __init__(self):
+        self.mem, self.pinned_count, self.freed, self.next = {}, 0, [], 0x1000
+        self.stream_handle, self.closed = 77, False
+
+    def malloc(self, n):
+        self.next += 0x1000
+        self.mem[self.next] = np.zeros(n, np.uint8)
+        return self.next
+
+    def pinned(self, shape, dtype):
+        self.pinned_count += 1
+        arr = np.zeros(int(np.prod(shape)), dtype)
+        return arr, arr
+
+    def htod(self, dst, src):
+        self.mem[dst][: src.nbytes] = src.reshape(-1).view(np.uint8)
+
+    def dtoh(self, dst, src):
+        dst.reshape(-1).view(np.uint8)[:] = self.mem[src][: dst.nbytes]
+
+    def sync(self):
+        pass
+
+    def free(self, ptr):
+        self.freed.append(ptr)
+
+    def free_pinned(self, handle):
+        self.pinned_count -= 1
+
+    def close(self):
+        self.closed = True
+
+
+def _fake_tensorrt_module(cuda, n_classes=3, max_images=4, image_shape=(36, 36, 1)):
+    import types
+
+    class Mode:
+        INPUT, OUTPUT = "in", "out"
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addr = {}, {}
+
+        def set_input_shape(self, name, shape):
+            if shape[0] > max_images:
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            n = self.shapes["images"][0]
+            return (n, n_classes) if name == "probs" else (n,)
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream):
+            assert stream == cuda.stream_handle
+            n = self.shapes["images"][0]
+            x = cuda.mem[self.addr["images"]][: n * int(np.prod(image_shape))].reshape((n,) + image_shape)
+            m = x.reshape(n, -1).mean(1).astype(np.float32) / 255.0  # "probs": a function of the pixels
+            probs = np.stack([m, (1 - m) / 2, (1 - m) / 2], 1).astype(np.float32)
+            cuda.mem[self.addr["probs"]][: probs.nbytes] = probs.reshape(-1).view(np.uint8)
+            return True
+
+    class Engine:
+        num_io_tensors = 3
+        names = ["images", "probs", "defect_score"]
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return Mode.INPUT if name == "images" else Mode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1,) + image_shape, (2,) + image_shape, (max_images,) + image_shape]
+
+        def get_tensor_dtype(self, name):
+            return "uint8" if name == "images" else "float32"
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return Engine() if blob == b"ENGINE" else None
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(__version__="10.3.0", Logger=Logger, Runtime=Runtime, TensorIOMode=Mode,
+                                 nptype=np.dtype)
+
+
+def _engine_with_card(tmp_path, blob=b"ENGINE"):
+    from nexedge.card import ModelCard
+
+    path = tmp_path / "m.engine"
+    path.write_bytes(blob)
+    card = ModelCard.new(["good", "chip", "scratch"], resize=(36, 36), crop=(32, 32), crop_mode="five",
+                         kind="engine", precision="fp16")
+    card.data["graph"] = {"crops": "five", "input_name": "images", "output_names": ["probs", "defect_score"],
+                          "max_batch": 4}
+    card.data["provenance"]["engine"] = {"tensorrt": "10.3.0", "key": {"version_compatible": False}}
+    card.save_for(str(path))
+    return str(path)
+
+
+def test_tensorrt_backend_with_fake_tensorrt(tmp_path, monkeypatch):
+    """Our buffer/shape/copy logic around TensorRT and CUDA (both absent here)."""
+    import nexedge.runtime.tensorrt as trt_backend
+
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(cuda))
+    monkeypatch.setattr(trt_backend, "open_cuda", lambda device=0: cuda)
+    path = _engine_with_card(tmp_path)
+    with open_backend(path) as be:
+        assert be.max_batch == 4 and len(cuda.mem) == 3  # allocated once, at the profile max
+        sizes = sorted(len(v) for v in cuda.mem.values())
+        assert sizes == sorted([4 * 36 * 36, 4 * 3 * 4, 4 * 4])
+        imgs = _images(3)
+        res = be.infer(imgs)
+        m = imgs.reshape(3, -1).mean(1) / 255.0
+        np.testing.assert_allclose(res.probs[:, 0], m, rtol=1e-6)
+        np.testing.assert_allclose(res.defect_score, 1 - m, rtol=1e-6)
+        assert set(res.timings) >= {"h2d", "inference", "d2h", "total"}
+        np.testing.assert_allclose(be.infer(imgs[:1]).probs, res.probs[:1])
+        with pytest.raises(BackendError, match="1..4"):
+            be.infer(_images(5))
+    assert cuda.closed and sorted(cuda.freed) == sorted(cuda.mem) and cuda.pinned_count == 0
+    with pytest.raises(BackendError, match="closed"):
+        be.infer(imgs)
+
+
+def test_tensorrt_backend_bad_engine_names_versions_with_fake_tensorrt(tmp_path, monkeypatch):
+    import nexedge.runtime.tensorrt as trt_backend
+
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(cuda))
+    monkeypatch.setattr(trt_backend, "open_cuda", lambda device=0: cuda)
+    path = _engine_with_card(tmp_path, blob=b"OTHER")
+    with pytest.raises(BackendError, match="TensorRT 10.3.0 could not deserialize.*built with TensorRT 10.3.0"):
+        open_backend(path)
+    # An engine whose profile is smaller than the card's max batch is refused.
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(cuda, max_images=2))
+    with pytest.raises(BackendError, match="profile max batch 2 is below the card's 4 images"):
+        open_backend(_engine_with_card(tmp_path))
