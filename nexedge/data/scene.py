@@ -88,11 +88,11 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
     bh = style.body[1] * u(0.97, 1.03)
     lw = style.lead_width * u(0.95, 1.05)
     llen = u(47.0, 53.0)
-    pitch = bw * u(0.36, 0.375)
+    pitch = bw * u(0.33, 0.345)
 
     def levels() -> Tuple[float, float, float, float]:
         k = u(0.85, 1.05)
-        return (245.0 * k, u(70.0, 110.0) * k, u(160.0, 215.0) * k, u(130.0, 170.0) * k)
+        return (245.0 * k, u(60.0, 100.0) * k, u(125.0, 180.0) * k, u(105.0, 145.0) * k)
 
     def streaks() -> Tuple[float, ...]:
         return tuple(float(v) for v in u(0.9, 1.05, 16))
@@ -117,7 +117,7 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
         dx=style.shift[0] + u(-5.0, 5.0), dy=style.shift[1] + u(-4.0, 4.0),
         angle=float(rng.normal(0.0, 1.5)),
         body_w=bw, body_h=bh,
-        floor=u(18.0, 24.0), body_gray=u(29.0, 36.0), rim_gray=u(34.0, 60.0), wall_gray=u(28.0, 40.0),
+        floor=u(20.0, 26.0), body_gray=u(29.0, 36.0), rim_gray=u(34.0, 60.0), wall_gray=u(28.0, 40.0),
         leads=leads, text=text, flip=flip, mark_gray=style.mark_gray * u(0.9, 1.1),
         tex_x=int(rng.integers(0, 32)), tex_y=int(rng.integers(0, 32)),
         tilt=(style.illum_tilt[0] + u(-0.03, 0.03), style.illum_tilt[1] + u(-0.03, 0.03)),
