@@ -55,12 +55,13 @@ def build_models(work: str, arch: str, resize: int, crop: int, threads: int, cal
     fp32 = os.path.join(work, f"{arch}.host.onnx")
     _nexedge(main, ["export", ckpt, "--crops", "host", "-o", fp32, "--threads", str(threads)])
     data = os.path.join(work, "calib-data")
-    _nexedge(main, ["synth", "--out", data, "--n", str(max(40, calib_images)), "--size", str(resize), str(resize)])
-    _nexedge(main, ["calibrate", fp32, "--data", data, "--images", str(calib_images), "--out", work])
-    int8 = sorted(f for f in glob.glob(os.path.join(work, "*int8*.onnx")) if "ort" in os.path.basename(f)
-                  or "u8s8" in os.path.basename(f)) or sorted(glob.glob(os.path.join(work, "*int8*.onnx")))
+    _nexedge(main, ["synth", data, "--n", str(max(60, 2 * calib_images)), "--size", str(resize),
+                    "--workers", str(threads), "--no-progress"])
+    _nexedge(main, ["calibrate", fp32, "--data", data, "--images", str(calib_images), "--targets", "ort",
+                    "--eval-split", "", "--calib-root", os.path.join(work, "calibrate"), "--out-dir", work])
+    int8 = sorted(glob.glob(os.path.join(work, "*.int8-ort.onnx")))
     if not int8:
-        raise RuntimeError(f"nexedge calibrate wrote no INT8 ONNX under {work}")
+        raise RuntimeError(f"nexedge calibrate wrote no *.int8-ort.onnx under {work}")
     return [fp32, int8[0]]
 
 
