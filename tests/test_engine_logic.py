@@ -270,6 +270,10 @@ def test_parser_errors_are_all_listed_with_fake_tensorrt(tmp_path):
     msg = str(e.value)
     assert "rejected" in msg and "3 error(s)" in msg
     assert all(f"{i + 1}. {err}" in msg for i, err in enumerate(errs))
+    assert "hint" not in msg
+    trt85, _ = _fake_trt(version="8.5.2", parse_errors=("Unsupported ONNX data type: UINT8 (2)",))
+    with pytest.raises(RuntimeError, match="(?s)1 error.*UINT8.*hint: .*export with --crops host"):
+        eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt85, device=ORIN)
 
 
 def test_dla_and_version_compatible_with_fake_tensorrt(tmp_path):

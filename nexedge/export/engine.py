@@ -269,7 +269,11 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
         ok = parser.parse(f.read())
     errors = parser_errors(parser)
     if not ok or errors:
-        raise RuntimeError(format_parser_errors(onnx_path, errors or ["parse() returned False without errors"]))
+        msg = format_parser_errors(onnx_path, errors or ["parse() returned False without errors"])
+        if card.graph["crops"] != "host" and version[:2] < (8, 6):
+            msg += ("\nhint: in-graph models take uint8 images; UINT8 network inputs (Cast) need TensorRT 8.6+. "
+                    "For TensorRT 8.5 export with --crops host.")
+        raise RuntimeError(msg)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace))
