@@ -7,6 +7,7 @@ import argparse
 import datetime as _dt
 import shlex
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -14,13 +15,12 @@ CROPS = ("center", "five", "ten")
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
-    p.description = (
+    p.description = textwrap.fill(
         "Measure images/s and latency (min, mean, median, p90, p95, p99, max) of a model, split by "
         "stage (decode, resize, preprocess, h2d, inference, d2h, postprocess) as far as the backend "
         "can tell them apart. MODEL is a .onnx (ONNX Runtime), .engine (TensorRT) or .pt checkpoint "
         "(torch), each with its card beside it. The machine (CPU, threads, library versions, load; on "
-        "a Jetson the power mode and clock lock) is recorded with the result."
-    )
+        "a Jetson the power mode and clock lock) is recorded with the result.", 100)
     p.epilog = ("examples:\n  nexedge bench model.onnx --batch 1,10 --duration 10\n"
                 "  nexedge bench model.int8.onnx --json int8.json\n"
                 "  nexedge bench --compare fp32.json int8.json")
