@@ -37,6 +37,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--good-fraction", type=float, default=0.6, help="share of good images (default 0.6)")
     p.add_argument("--noise", type=float, default=0.05, help="fraction of training labels that are wrong (default 0.05)")
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE", help="e.g. width=32 for tiny")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--sat-es", type=int, default=None, help="SAT start epoch (default: half the epochs)")
     p.add_argument("--losses", default="ce,sat", help="comma list of losses to compare (default ce,sat)")
@@ -56,6 +57,7 @@ def main(argv: List[str]) -> int:
 
     torch.set_num_threads(args.threads)
     from nexedge.data.generate import generate
+    from nexedge.train.cli import _kv
     from nexedge.train.evaluate import format_table, run_evaluation
     from nexedge.train.mislabels import rank_mislabels
     from nexedge.train.trainer import TrainConfig, train
@@ -79,7 +81,7 @@ def main(argv: List[str]) -> int:
     runs: Dict[str, Dict[str, Any]] = {}
     for loss in losses:
         out = os.path.join(work, loss)
-        cfg = TrainConfig(data=data, out=out, arch=args.arch, resize=(args.resize,) * 2, crop=(args.crop,) * 2,
+        cfg = TrainConfig(data=data, out=out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"), resize=(args.resize,) * 2, crop=(args.crop,) * 2,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="cosine",
                           loss=loss, sat_es=args.sat_es, keep=args.keep, seed=args.seed, progress=False,
                           test_curves=False)
@@ -126,7 +128,7 @@ def _markdown(args, argv, synth, counts, runs, ev, mis, t_synth, t_eval, wall, t
         f"{synth['n_noisy']} training labels wrong ({100 * synth['n_noisy'] / counts['train']:.1f} % of train: "
         f"defect images labelled good); the generator also leaves {synth['wrong'].get('val', 0)} in val and "
         f"{synth['wrong'].get('test', 0)} in test, scored by their given label as the report's test set was",
-        f"- model: {args.arch} from scratch, input resize {args.resize} / crop {args.crop} (gray), random-crop "
+        f"- model: {args.arch} {' '.join(args.arch_kw)} from scratch, input resize {args.resize} / crop {args.crop} (gray), random-crop "
         f"augmentation, {args.epochs} epochs, SGD lr {args.lr} cosine, batch {args.batch_size}, "
         f"SAT alpha 0.9 from epoch {args.sat_es if args.sat_es is not None else max(1, args.epochs // 2)}",
         f"- wall time: synth {t_synth:.0f} s; "
