@@ -71,11 +71,11 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
     elif kind == "scratch":
         length = (18.0 + 150.0 * sv) * s
         a = rng.uniform(-np.pi / 3, np.pi / 3)
-        start = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
+        mid = np.array([rng.uniform(x0 + 12 * s, x1 - 12 * s), rng.uniform(y0 + 8 * s, y1 - 8 * s)])
         n = 12
-        t = np.linspace(0, 1, n)[:, None]
+        t = np.linspace(-0.5, 0.5, n)[:, None]
         d = np.array([np.cos(a), np.sin(a)])
-        pts = start + t * length * d + rng.normal(0, 0.8 * s, (n, 2))
+        pts = mid + t * length * d + rng.normal(0, 0.8 * s, (n, 2))  # centred in the body, clipped at its edge
         p = {"pts": pts, "width": max(1, int(round((1.0 + 6.0 * sv**1.5) * s))),
              "delta": 22.0 + 120.0 * sv, "seg": rng.uniform(0.3, 1.3, n - 1)}
     elif kind == "lead_glue":

@@ -140,10 +140,16 @@ def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity:
     sev = sample_severity(defect_rng) if severity is None else float(severity)
     if cls in FIXED_SEVERITY:
         sev = 1.0
-    d = D.sample_defect(cls, sc, defect_rng, sev)
-    bad = _canvas(sc, d)
+    for _ in range(8):  # a defect drawn where it cannot show (e.g. clipped away) is drawn again
+        d = D.sample_defect(cls, sc, defect_rng, sev)
+        bad = _canvas(sc, d)
+        bbox = _bbox(bad, clean, sc, out_wh)
+        if bbox is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place a visible {cls} defect (severity {sev}) in image {seed!r}")
     meta["severity"] = round(sev, 4)
-    meta["bbox"] = _bbox(bad, clean, sc, out_wh)
+    meta["bbox"] = bbox
     meta["defect"] = {k: v for k, v in d.params.items() if k == "mode"}
     img = _finish(bad, sc, noise, out_wh)
     return img, (_finish(clean, sc, noise, out_wh) if twin else None), meta
