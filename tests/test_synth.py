@@ -248,3 +248,10 @@ def test_render_errors_name_bad_values(call, words):
         call()
     for w in words:
         assert w in str(e.value)
+
+
+def test_lowest_severity_defects_still_change_pixels():
+    for cls in ("scratch", "chipping", "foreign_material", "lead_glue"):
+        for i in range(12):
+            img, clean, meta = render_pair(cls, (99, i), severity=0.03)
+            assert meta["bbox"] is not None and not np.array_equal(img, clean), (cls, i)
