@@ -11,8 +11,8 @@ One run, side by side:
 4. where the daemon's time went (its own stage histograms, scraped over HTTP).
 
 Without ``--model`` it trains a small toy model (ResNet18 by default, TenCrop, host
-crops), exports it to ONNX and, with ``--int8``, calibrates an ONNX Runtime INT8
-(U8S8 Q/DQ) copy when the calibration stage is installed.
+crops), exports it to ONNX and calibrates an ONNX Runtime INT8 (U8S8 Q/DQ) copy
+(``--precision fp32`` skips that).
 
     python benchmarks/bench_daemon.py --markdown benchmarks/results/daemon.md
     python benchmarks/bench_daemon.py --model runs/x/best.ten.int8-ort.onnx --seconds 20
@@ -44,7 +44,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18", help="arch of the toy model when --model is not given (default %(default)s)")
     p.add_argument("--size", type=int, default=72, help="toy model resize (crop = size - 8) (default %(default)s)")
     p.add_argument("--crop-mode", default="ten", choices=["center", "five", "ten"], help="toy model crops (default %(default)s)")
-    p.add_argument("--int8", action="store_true", help="calibrate an ORT INT8 copy of the toy model and use it")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                   help="toy model: ONNX Runtime INT8 (U8S8 Q/DQ, calibrated here) or fp32 (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="daemon max_batch and bare-backend batch (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default %(default)s)")
     p.add_argument("--cameras", type=int, default=2, help="simulated cameras (default %(default)s)")
@@ -67,7 +68,7 @@ def build_model(args: argparse.Namespace, work: str) -> Tuple[str, str]:
     ck = train_toy_checkpoint(os.path.join(work, "toy.pt"), arch=args.arch, inp=inp, steps=20, n_val=60)
     onnx = export_onnx(ck, os.path.join(work, "toy.onnx"), crops="host", max_batch=64).path
     desc = f"toy {args.arch}, {args.size} px gray, {args.crop_mode} crops on the host, ONNX Runtime fp32"
-    if not args.int8:
+    if args.precision == "fp32":
         return onnx, desc
     try:
         from nexedge.export.int8 import run_calibration
