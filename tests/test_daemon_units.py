@@ -277,3 +277,39 @@ def test_json_log_lines_carry_fields():
     rec.fields = {"reason": "oversize", "camera": "c1"}
     d = json.loads(JsonFormatter().format(rec))
     assert d["msg"] == "bad frame x" and d["level"] == "WARNING" and d["reason"] == "oversize" and "ts" in d
+
+
+# -- robustness -----------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_header = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(
+        st.sampled_from(["v", "camera", "frame_id", "encoding", "dtype", "shape", "msg", "ts", "deadline_ms"]),
+        st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True),
+                  st.text(max_size=8), st.lists(st.integers(-2, 40), max_size=4),
+                  st.sampled_from(["raw", "png", "jpeg", "bmp", "uint8", "uint16", "float32"])),
+        max_size=8)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(st.one_of(_header, st.binary(max_size=300)), min_size=0, max_size=4), delim=st.booleans())
+def test_parser_and_decoder_only_ever_raise_protocol_errors(frames, delim):
+    msg = [b"peer"] + ([b""] if delim else []) + frames
+    env, body = P.split_envelope(msg)
+    try:
+        req = P.parse_body(env, body, P.SeqCounter())
+        decode(req, 1_000_000)
+    except P.ProtocolError as e:
+        assert e.reason in P.REASONS
+
+
+def test_camera_label_cardinality_is_bounded():
+    from nexedge.serve.metrics import OTHER_CAMERA, DaemonMetrics
+
+    m = DaemonMetrics(max_cameras=3)
+    labels = [m.camera_label(f"cam{i}") for i in range(10)]
+    assert labels[:3] == ["cam0", "cam1", "cam2"] and set(labels[3:]) == {OTHER_CAMERA}
+    assert m.camera_label("cam1") == "cam1"

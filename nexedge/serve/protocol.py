@@ -187,7 +187,7 @@ def _parse_native(envelope: List[bytes], h: Dict[str, Any], payload: Buffer) -> 
     ts = h.get("ts")
     ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) else None
     dl = h.get("deadline_ms")
-    deadline_ms = float(dl) if isinstance(dl, (int, float)) and not isinstance(dl, bool) and dl > 0 else None
+    deadline_ms = float(dl) if isinstance(dl, (int, float)) and not isinstance(dl, bool) and 0 < dl < 1e9 else None
     return Request(envelope, "native", camera, frame_id, enc, dtype, shape, payload, ts, deadline_ms)
 
 
