@@ -91,6 +91,10 @@ def test_label_studio_export_adds_images_with_provenance_and_skips_duplicates(tm
         assert p["path"].startswith(f"train/{p['label']}/") and hashlib.sha256(open(path, "rb").read()).hexdigest() == p["sha256"]
     man = {r["path"]: r for r in map(json.loads, open(os.path.join(ds, "manifest.jsonl")))}
     assert all(man[p["path"]]["label"] == p["label"] for p in prov)
+    from nexedge.train.data import list_classes, scan_split
+
+    listed = {p for p, _ in scan_split(ds, "train", list_classes(ds))}
+    assert {p["path"] for p in prov} <= listed  # the trainer sees the new images
     before = snapshot(ds)
     res = import_labels(exp, ds, images_dir=out)  # again: every image is already there
     assert res["counts"]["add"] == 0 and res["counts"]["duplicate"] == 4 and res["counts"]["unlabelled"] == 1

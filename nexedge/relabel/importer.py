@@ -37,7 +37,7 @@ from nexedge.store import write_atomic
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the trainer reads
 _SHA_IN = re.compile(r"([0-9a-f]{64})")
 _TMP = ".tmp-import-"
 
@@ -273,7 +273,10 @@ def plan_import(labels_file: str, dataset: str, split: str = "train", images_dir
                 log.warning("line %d: image already in the data set as %s with another label; left as it is",
                             it.line, have)
         else:
-            ext = os.path.splitext(src)[1].lower() or ".png"
+            ext = os.path.splitext(src)[1].lower()
+            if ext not in IMAGE_EXTS:
+                errors.append(f"line {it.line}: {src} has extension {ext!r}; the trainer reads {IMAGE_EXTS}")
+                continue
             op.update(action="add", src_abs=src, path=f"{split}/{it.label}/{sha}{ext}", previous=None)
         ops.append(op)
     if errors and not skip_bad:

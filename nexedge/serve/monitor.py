@@ -34,11 +34,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("brightness", "contrast", "sharpness")
-#: Default limits; None switches a statistic off. PSI 0.25 is the usual "significant shift" mark.
+#: Default limits; None switches a statistic off (it is still computed and exported). PSI 0.25
+#: is the usual "significant shift" mark. mean_score, reject_rate and uncertain_frac have no
+#: reference in the card and depend on the model and the line, so they are off until configured.
 DEFAULT_LIMITS: Dict[str, Optional[float]] = {
     "mean_score": None,
     "reject_rate": None,
-    "uncertain_frac": 0.3,
+    "uncertain_frac": None,
     "psi": 0.25,
     "brightness": 1.0,
     "contrast": 1.0,
