@@ -138,9 +138,38 @@ def run_stream(card: Dict[str, Any], scores: np.ndarray, stats: np.ndarray, thr:
             "final": mon.snapshot()["cam0"]["values"]}
 
 
+def train_tiny(workdir: str) -> str:
+    """nexedge synth (800 batch-2 images) + nexedge train --arch tiny; returns the best checkpoint."""
+    import json
+    import subprocess
+
+    data, run = os.path.join(workdir, "data"), os.path.join(workdir, "run")
+    cli = [sys.executable, "-m", "nexedge.cli"]
+    if not os.path.exists(os.path.join(data, "manifest.jsonl")):
+        subprocess.run(cli + ["synth", data, "--n", "800", "--seed", "1", "--batch", "2", "--no-progress"], check=True)
+    if not os.path.exists(os.path.join(run, "topk.json")):
+        subprocess.run(cli + ["train", "--data", data, "--out", run, "--arch", "tiny", "--epochs", "6", "--resize", "72",
+                              "--crop", "64", "--workers", "0", "--no-progress", "--seed", "1"], check=True)
+    with open(os.path.join(run, "topk.json")) as f:
+        best = json.load(f)["checkpoints"][0]["file"]
+    return os.path.join(run, best)
+
+
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="trained checkpoint (.pt with card) for real scores; default: stand-in scores")
+    ap.add_argument("--train-tiny", metavar="DIR", help="render a batch-2 data set with nexedge synth and train the "
+                    "tiny model on it in DIR (about 3 min on 2 CPU cores); its best checkpoint gives the scores")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--before", type=int, default=300, help="batch-2 frames before the switch")
     ap.add_argument("--after", type=int, default=300, help="batch-3 frames after the switch")
@@ -150,6 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--markdown", help="write the results section here")
     a = ap.parse_args(argv)
+    if a.train_tiny and not a.checkpoint:
+        a.checkpoint = train_tiny(a.train_tiny)
     scorers = [Scorer(None, 0)] + ([Scorer(a.checkpoint, 0)] if a.checkpoint else [])
     model_card = scorers[-1].card
     inp = model_card.input if model_card is not None else {"color": "gray", "resize": [a.resize, a.resize]}
@@ -171,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "## Shift monitor: batch 2 -> batch 3 (synthetic)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU, "
-        f"shared with other jobs. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"shared with other jobs. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"code (and synthetic generator) at commit {_git_head()}.",
         f"Command: `python benchmarks/bench_shift.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         f"{a.seeds} seeds; per seed a shift stream ({a.before} batch-2 frames, then {a.after} batch-3 frames) and a "

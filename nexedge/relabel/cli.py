@@ -40,7 +40,7 @@ def _formats(values: Optional[List[str]]) -> List[str]:
 def configure_pull(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source (exactly one)")
     src.add_argument("--store", metavar="PATH", help="a sample-store folder on this machine")
-    src.add_argument("--connect", metavar="ENDPOINT", help="a daemon's pull endpoint, e.g. tcp://line3:5560")
+    src.add_argument("--connect", metavar="ENDPOINT", help="a daemon's pull endpoint, e.g. tcp://line3:5557")
     src.add_argument("--mislabels", metavar="CSV", help="a `nexedge mislabels` CSV to review (needs --dataset)")
     p.add_argument("--out", required=True, metavar="DIR", help="export folder (re-running resumes into it)")
     p.add_argument("--format", action="append", metavar="FMT",

@@ -56,7 +56,7 @@ class PullServer:
     def __init__(
         self,
         store_root: str,
-        bind: str = "tcp://127.0.0.1:5560",
+        bind: str = "tcp://127.0.0.1:5557",
         auth: Optional[CurveConfig] = None,
         max_page_bytes: int = 16 << 20,
     ) -> None:
@@ -64,7 +64,7 @@ class PullServer:
             raise ValueError(
                 f"pull endpoint bind {bind!r} is not loopback: it hands out images, so it needs "
                 "CurveZMQ authentication (configure a server key and an allowed-clients folder) "
-                "or a loopback address such as tcp://127.0.0.1:5560"
+                "or a loopback address such as tcp://127.0.0.1:5557"
             )
         self.store_root = store_root
         self.bind = bind
