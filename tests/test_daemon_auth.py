@@ -43,7 +43,7 @@ def test_all_sections_with_curve_auth(model, tmp_path):
         model,
         store={"path": store, "quota": "50MB"},
         uncertain={"band": 50.0},
-        monitor={"window": 20, "min_frames": 10},
+        monitor={"window": 20, "min_frames": 10, "limits": {"uncertain_frac": 0.3}},
         pull={"bind": "tcp://127.0.0.1:*"},
         auth={"server_secret_file": str(keys / "server.key_secret"), "allowed_clients_dir": str(allowed)},
     )
