@@ -186,7 +186,7 @@ def test_overload_answers_recheck_quickly_instead_of_queueing(model):
     assert full and all(v["reason"] == P.QUEUE_FULL for v in full)
     assert sum(v["decision"] != "RECHECK" for v in got) >= 8
     # refused frames are answered at once, not after waiting behind the queue
-    assert np.percentile([v["latency_ms"] for v in full], 95) < 50
+    assert np.percentile([v["latency_ms"] for v in full], 95) < 250
     # accepted frames wait at most a bounded queue: max_queue / max_batch batches of inference
     inferred = [v["latency_ms"] for v in got if v["decision"] != "RECHECK"]
     assert max(inferred) < 2000 and elapsed < 30
@@ -194,12 +194,12 @@ def test_overload_answers_recheck_quickly_instead_of_queueing(model):
 
 def test_deadline_passed_gets_recheck(model):
     im = _img(4)
-    with running(model, batching={"max_batch": 8, "max_delay_ms": 200}) as d:
+    with running(model, batching={"max_batch": 8, "max_delay_ms": 1000}) as d:
         with CameraClient(d.endpoints["frames"], "slowline") as cam:
             late = cam.wait_for(cam.send(im, deadline_ms=20), 5000)
             ok = cam.infer(im)
     assert (late["decision"], late["reason"]) == ("RECHECK", P.DEADLINE_PASSED)
-    assert late["latency_ms"] < 150
+    assert late["latency_ms"] < 800  # answered at its deadline, not when the batch closes (1 s)
     assert ok["decision"] in ("PASS", "REJECT")
 
 
