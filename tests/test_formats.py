@@ -117,3 +117,19 @@ def test_mislabel_rows_outside_the_dataset_are_refused(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         export_mislabels(str(csv_path), str(tmp_path / "ds"), str(tmp_path / "out"))
     assert not os.listdir(tmp_path / "out" / "images")
+
+
+def test_mislabel_export_uses_the_dataset_classes(tmp_path):
+    ds = tmp_path / "ds"
+    for cls in ("good", "scratch", "chipping"):
+        (ds / "train" / cls).mkdir(parents=True)
+    (ds / "train" / "scratch" / "a.png").write_bytes(b"a" * 50)
+    csv_path = tmp_path / "m.csv"  # the trainer's columns, no class probabilities
+    csv_path.write_text("rank,path,given_label,direction,suspicion,source,defect_score,sat_weight,flagged,true_label\n"
+                        "1,train/scratch/a.png,scratch,defect->good,0.8,model,0.2,,1,scratch\n")
+    out = str(tmp_path / "out")
+    assert main(["pull", "--mislabels", str(csv_path), "--dataset", str(ds), "--out", out, "--format", "labelstudio"]) == 0
+    cfg = ET.parse(os.path.join(out, "labelstudio", "labeling_config.xml")).getroot()
+    assert [c.get("value") for c in cfg.iter("Choice")] == ["chipping", "good", "scratch"]
+    (task,) = json.load(open(os.path.join(out, "labelstudio", "tasks.json")))
+    assert task["predictions"][0]["result"][0]["value"]["choices"] == ["good"] and "score" not in task["predictions"][0]

@@ -79,6 +79,10 @@ def run_pull(args: argparse.Namespace) -> int:
         if not args.dataset:
             raise ValueError("--mislabels needs --dataset ROOT (the data set its paths refer to)")
         counts = export_mislabels(args.mislabels, args.dataset, args.out, flagged_only=not args.all_rows, top=args.top)
+        if classes is None:  # the data set's class folders, in the trainer's (sorted) order
+            from nexedge.relabel.importer import Dataset
+
+            classes = sorted(Dataset(args.dataset).classes)
     else:
         filters = {"camera": args.camera, "since": _time(args.since), "until": _time(args.until),
                    "decision": args.decision, "reason": args.reason}

@@ -144,15 +144,16 @@ def read_manifest(out_dir: str) -> List[Dict[str, Any]]:
 
 
 def class_list(rows: Iterable[Dict[str, Any]], classes: Optional[Sequence[str]] = None) -> List[str]:
-    """``classes`` if given, else class names in first-seen order from probs and labels."""
+    """``classes`` if given, else class names in first-seen order from probs, predictions and labels."""
     if classes:
         return list(classes)
     seen: Dict[str, None] = {}
     for r in rows:
         for c in (r.get("probs") or {}):
             seen.setdefault(c, None)
-        if r.get("label") is not None:
-            seen.setdefault(r["label"], None)
+        for key in ("predicted", "label"):
+            if r.get(key) is not None:
+                seen.setdefault(r[key], None)
     return list(seen)
 
 
