@@ -212,3 +212,74 @@ def test_kill9_of_pull_client_mid_transfer_then_rerun(tmp_path):
         done = subprocess.run(CLIENT + ["--connect", srv.endpoint, "--out", out], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     check_exact(out, store, 200)
+
+
+def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
+    """The real daemon (tiny ONNX model) logs uncertain frames; `nexedge pull --connect` with keys gets
+    them, a plain client gets nothing; labels go back into a data set the trainer reads."""
+    import numpy as np
+    from _daemon_util import CLASSES, base_config, build_tiny_onnx
+
+    from nexedge.cli import main
+    from nexedge.relabel.importer import import_labels
+    from nexedge.serve import config as C
+    from nexedge.serve.auth import CurveClient
+    from nexedge.serve.client import CameraClient
+    from nexedge.serve.daemon import Daemon
+    from nexedge.train.data import list_classes, scan_split
+
+    (tmp_path / "model").mkdir()
+    model = build_tiny_onnx(str(tmp_path / "model"))
+    keys, allowed = str(tmp_path / "keys"), tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("daemon", "cam", "alice"):
+        assert main(["keys", "--out", keys, "--name", name]) == 0
+    for name in ("cam", "alice"):
+        os.link(os.path.join(keys, name + ".key"), str(allowed / (name + ".key")))
+    store, port = str(tmp_path / "store"), free_port()
+    cfg = base_config(model, store={"path": store}, uncertain={"band": 50.0, "audit_fraction": 0.0},
+                      pull={"bind": f"tcp://127.0.0.1:{port}"},
+                      auth={"server_secret_file": os.path.join(keys, "daemon.key_secret"),
+                            "allowed_clients_dir": str(allowed)})
+    d = Daemon(C.from_dict(cfg))
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    try:
+        curve = CurveClient(os.path.join(keys, "cam.key_secret"), os.path.join(keys, "daemon.key"))
+        with CameraClient(d.endpoints["frames"], "line3-cam1", curve=curve) as cam:
+            for i in range(8):
+                cam.infer(np.random.default_rng(i).integers(0, 256, (40, 40), dtype=np.uint8))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with SampleStore(store, writer=False) as st:
+                if st.stats()["samples"] == 8:
+                    break
+            time.sleep(0.05)
+        ep = f"tcp://127.0.0.1:{port}"
+        assert main(["pull", "--connect", ep, "--out", str(tmp_path / "plain"), "--timeout", "0.5",
+                     "--retries", "0", "--no-progress"]) == 1
+        out = str(tmp_path / "out")
+        assert main(["pull", "--connect", ep, "--client-key", os.path.join(keys, "alice.key_secret"),
+                     "--server-key", os.path.join(keys, "daemon.key"), "--out", out, "--format", "labelstudio",
+                     "--no-progress"]) == 0
+        assert d.auth.counts()["handshake"] >= 1
+    finally:
+        d.request_stop()
+        t.join(20)
+    rows = manifest(out)
+    assert len(rows) == 8 and {r["camera"] for r in rows} == {"line3-cam1"} and set(rows[0]["probs"]) == set(CLASSES)
+    with SampleStore(store, writer=False) as st:
+        assert st.stats()["pulled"] == 8
+    ds = tmp_path / "ds"
+    for cls in CLASSES:
+        (ds / "train" / cls).mkdir(parents=True)
+        (ds / "train" / cls / "seed.png").write_bytes(cls.encode() * 10)
+    tasks = json.load(open(os.path.join(out, "labelstudio", "tasks.json")))
+    export = [dict(tk, id=i, annotations=[{"completed_by": 3, "result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [CLASSES[i % 2]]}}]}])
+        for i, tk in enumerate(tasks)]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    res = import_labels(str(tmp_path / "export.json"), str(ds), images_dir=out)
+    assert res["counts"]["add"] == len({r["sha256"] for r in rows})
+    assert len(scan_split(str(ds), "train", list_classes(str(ds)))) == len(CLASSES) + res["counts"]["add"]
