@@ -295,3 +295,33 @@ def test_decode_on_the_io_thread(model):
             got = cam.drain(10000)
     assert sorted(v["frame_id"] for v in got) == sorted(ids)
     assert all(v["decision"] in ("PASS", "REJECT") for v in got)
+
+
+def test_uint16_and_bgra_frames_are_inspected_like_their_8bit_gray(model):
+    im8 = _img(11, (40, 40))
+    im16 = im8.astype(np.uint16) << 8 | 0x7F  # a 16-bit camera: same image in the high byte
+    bgra = np.dstack([im8, im8, im8, np.full_like(im8, 255)])
+    with running(model) as d:
+        with CameraClient(d.endpoints["frames"], "c16") as cam:
+            a, b, c = cam.infer(im8), cam.infer(im16), cam.infer(bgra)
+    assert a["decision"] in ("PASS", "REJECT")
+    assert b["score"] == pytest.approx(a["score"], abs=1e-5) and c["score"] == pytest.approx(a["score"], abs=1e-5)
+
+
+def test_in_graph_tencrop_model(tmp_path):
+    pytest.importorskip("torch")
+    from nexedge.export.onnx_export import export_onnx
+    from nexedge.export.toy import train_toy_checkpoint
+
+    ck = train_toy_checkpoint(str(tmp_path / "toy.pt"), arch="tiny", steps=2, n_val=30,
+                              inp={"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "ten"})
+    onnx = export_onnx(ck, str(tmp_path / "toy.ten.onnx"), crops="ten", max_batch=8, parity_images=4).path
+    ref = open_backend(onnx, intra_threads=1)
+    assert ref.crops == "ten"
+    ims = [_img(i, (50, 60, 3)) for i in range(5)]
+    want = ref.infer(np.stack([pp.prepare(im, ref.card.input) for im in ims])).defect_score
+    with running(onnx, decision={"target_tpr": 1.0}) as d:
+        with CameraClient(d.endpoints["frames"], "g") as cam:
+            got = [cam.infer(im) for im in ims]
+    for v, w in zip(got, want):
+        assert v["decision"] in ("PASS", "REJECT") and v["score"] == pytest.approx(float(w), abs=1e-4)
