@@ -86,7 +86,11 @@ class Daemon(IngestMixin):
     def setup(self) -> None:
         cfg, m = self.cfg, self.metrics
         if cfg.metrics is not None:
-            self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live)
+            try:
+                self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live)
+            except OSError as e:
+                raise RuntimeError(f"cannot serve metrics on metrics.host={cfg.metrics.host!r} "
+                                   f"metrics.port={cfg.metrics.port}: {e}") from e
             self.http.start()
             self.metrics_port = self.http.port
         from nexedge.runtime import open_backend
