@@ -325,3 +325,14 @@ def test_in_graph_tencrop_model(tmp_path):
             got = [cam.infer(im) for im in ims]
     for v, w in zip(got, want):
         assert v["decision"] in ("PASS", "REJECT") and v["score"] == pytest.approx(float(w), abs=1e-4)
+
+
+def test_address_in_use_is_a_clear_startup_error(model):
+    with running(model) as d:
+        taken = d.endpoints["frames"]
+        other = Daemon(C.from_dict(base_config(model, sockets={"frames": taken})))
+        with pytest.raises(RuntimeError, match="sockets.frames"):
+            other.setup()
+        other.close_unserved()
+        with CameraClient(taken, "still") as cam:  # the first daemon is unaffected
+            assert cam.infer(_img(1))["decision"] in ("PASS", "REJECT")
