@@ -34,6 +34,8 @@ def snapshot(root):
     out = {}
     for d, _, files in os.walk(root):
         for f in files:
+            if f == ".import.lock":
+                continue
             p = os.path.join(d, f)
             out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
@@ -166,6 +168,12 @@ def test_failure_while_copying_leaves_no_files(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         import_labels(exp, ds, images_dir=out)
     assert snapshot(ds) == before  # no temp files, no partial images, no provenance
+    # an import killed mid-copy leaves temp files; the next import clears them
+    leftover = os.path.join(ds, "train", "good", ".tmp-import-deadbeef")
+    open(leftover, "wb").write(b"half")
+    monkeypatch.setattr(importer, "write_atomic", real)
+    assert import_labels(exp, ds, images_dir=out)["counts"]["add"] == 4
+    assert not os.path.exists(leftover)
 
 
 def test_mislabel_review_round_trip_moves_files_between_class_folders(tmp_path):

@@ -284,8 +284,47 @@ def plan_import(labels_file: str, dataset: str, split: str = "train", images_dir
     return {"ops": ops, "errors": errors, "unlabelled": unlabelled, "dataset": ds.root, "source": labels_file}
 
 
+class _DatasetLock:
+    """One import at a time per data set (flock on ``<dataset>/.import.lock``); clears temp
+    files an interrupted import left in the class folders."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_DatasetLock":
+        self.fd = os.open(os.path.join(self.root, ".import.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            os.close(self.fd)
+            raise RuntimeError(f"another import-labels is writing into {self.root}; wait for it") from None
+        for split in SPLITS:
+            sdir = os.path.join(self.root, split)
+            for cls in os.listdir(sdir) if os.path.isdir(sdir) else []:
+                cdir = os.path.join(sdir, cls)
+                for name in os.listdir(cdir) if os.path.isdir(cdir) else []:
+                    if name.startswith((_TMP, ".tmp-")):
+                        os.unlink(os.path.join(cdir, name))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def apply_import(plan: Dict[str, Any], source: Optional[str] = None) -> Dict[str, int]:
-    """Carry out a validated plan: temp copies, then renames, then manifest and provenance."""
+    """Carry out a validated plan (under the data-set lock)."""
+    with _DatasetLock(plan["dataset"]):
+        return _apply(plan, source)
+
+
+def _apply(plan: Dict[str, Any], source: Optional[str]) -> Dict[str, int]:
+    """Temp copies, then renames, then manifest and provenance."""
     root = plan["dataset"]
     ops = plan["ops"]
     temps: List[Tuple[str, str]] = []

@@ -90,6 +90,7 @@ class PullServer:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # requests are small JSON; drop anything bigger
         try:
             if self.auth is not None:
                 self.auth.apply_server(sock)
