@@ -108,7 +108,7 @@ def run_stages(demo: Demo, plan: List[Tuple[str, str, Callable[[Demo], None]]],
     try:
         for i, (name, title, fn) in enumerate(plan, 1):
             demo.say(f"\n=== [{i}/{n}] {name}: {title} ===")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             rec: Dict[str, Any] = {"stage": name, "title": title}
             records.append(rec)
             try:
@@ -120,6 +120,7 @@ def run_stages(demo: Demo, plan: List[Tuple[str, str, Callable[[Demo], None]]],
                 raise
             finally:
                 rec["seconds"] = round(time.perf_counter() - t0, 2)
+                rec["cpu_seconds"] = round(cpu_seconds() - c0, 2)
                 demo.say(f"--- {name}: {rec['status']} in {rec['seconds']:.1f} s")
     finally:
         for fn in reversed(demo.cleanups):
@@ -173,11 +174,19 @@ def print_recap(demo: Demo) -> None:
             demo.say("  " + ln)
 
 
-def print_timings(demo: Demo, records: List[Dict[str, Any]], wall: float) -> None:
-    demo.say("\nstage timings:")
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (synth workers, the daemon once stopped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def print_timings(demo: Demo, records: List[Dict[str, Any]], wall: float, cpu: float) -> None:
+    demo.say("\nstage timings (wall, and CPU seconds used; CPU > wall means several cores busy):")
     for r in records:
-        demo.say("  {:<8} {:>7.1f} s  {}".format(r["stage"], r["seconds"], r["status"]))
-    demo.say("  {:<8} {:>7.1f} s  (wall, {:.1f} min)".format("total", wall, wall / 60))
+        demo.say("  {:<8} {:>7.1f} s  cpu {:>7.1f} s  {}".format(r["stage"], r["seconds"], r.get("cpu_seconds", 0.0),
+                                                               r["status"]))
+    demo.say("  {:<8} {:>7.1f} s  cpu {:>7.1f} s  (wall {:.1f} min; load average at the end {})".format(
+        "total", wall, cpu, wall / 60, " ".join(f"{x:.1f}" for x in os.getloadavg())))
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -197,21 +206,22 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo.say(f"nexedge demo ({settings['profile']}): run folder {demo.out}")
     demo.say("machine: " + one_line(capture(settings["threads"])))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     records: List[Dict[str, Any]] = []
     error: Optional[BaseException] = None
     try:
         run_stages(demo, stages(), records)
     except Exception as e:
         error = e
-    wall = time.perf_counter() - t0
-    summary = {"settings": settings, "out": demo.out, "wall_s": round(wall, 1), "stages": records,
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    summary = {"settings": settings, "out": demo.out, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+               "load_average_end": list(os.getloadavg()), "stages": records,
                "results": demo.results,
                "error": None if error is None else f"{type(error).__name__}: {error}"}
     with open(demo.path("demo-summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
     print_recap(demo)
-    print_timings(demo, records, wall)
+    print_timings(demo, records, wall, cpu)
     if error is not None:
         demo.say(f"\ndemo FAILED: {summary['error']}")
         demo.say(f"artifacts so far: {demo.out}")
