@@ -100,7 +100,7 @@ def score_histogram(y_defect: Sequence[int], scores: Sequence[float], bins: int 
     edges = np.linspace(0.0, 1.0, bins + 1)
     good, _ = np.histogram(s[y == 0], bins=edges)
     defect, _ = np.histogram(s[y == 1], bins=edges)
-    return {"edges": [float(e) for e in edges], "good": good.tolist(), "defect": defect.tolist()}
+    return {"edges": [round(float(e), 9) for e in edges], "good": good.tolist(), "defect": defect.tolist()}
 
 
 def binary_terms(logits: np.ndarray, good_index: int) -> Dict[str, np.ndarray]:
