@@ -16,7 +16,7 @@ statistics are not a real test without a model). The card's references
 (val_scores, image_stats) are used when the checkpoint's card has them, else
 computed from ``--ref`` separate batch-2 images.
 
-    python benchmarks/bench_shift.py --seeds 5 --markdown benchmarks/results/shift.md
+    python benchmarks/bench_shift.py --train /tmp/shift --seeds 5 --markdown benchmarks/results/shift.md
 """
 
 import argparse
@@ -138,17 +138,18 @@ def run_stream(card: Dict[str, Any], scores: np.ndarray, stats: np.ndarray, thr:
             "final": mon.snapshot()["cam0"]["values"]}
 
 
-def train_tiny(workdir: str) -> str:
-    """nexedge synth (800 batch-2 images) + nexedge train --arch tiny; returns the best checkpoint."""
+def train_model(workdir: str, arch: str = "tiny", epochs: int = 6) -> str:
+    """nexedge synth (800 batch-2 images) + nexedge train; returns the best checkpoint by val AUC."""
     import json
     import subprocess
 
-    data, run = os.path.join(workdir, "data"), os.path.join(workdir, "run")
+    data = os.path.join(workdir, "data")
     cli = [sys.executable, "-m", "nexedge.cli"]
     if not os.path.exists(os.path.join(data, "manifest.jsonl")):
         subprocess.run(cli + ["synth", data, "--n", "800", "--seed", "1", "--batch", "2", "--no-progress"], check=True)
+    run = os.path.join(workdir, f"run-{arch}-{epochs}")
     if not os.path.exists(os.path.join(run, "topk.json")):
-        subprocess.run(cli + ["train", "--data", data, "--out", run, "--arch", "tiny", "--epochs", "6", "--resize", "72",
+        subprocess.run(cli + ["train", "--data", data, "--out", run, "--arch", arch, "--epochs", str(epochs), "--resize", "72",
                               "--crop", "64", "--workers", "0", "--no-progress", "--seed", "1"], check=True)
     with open(os.path.join(run, "topk.json")) as f:
         best = json.load(f)["checkpoints"][0]["file"]
@@ -168,8 +169,10 @@ def _git_head() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="trained checkpoint (.pt with card) for real scores; default: stand-in scores")
-    ap.add_argument("--train-tiny", metavar="DIR", help="render a batch-2 data set with nexedge synth and train the "
-                    "tiny model on it in DIR (about 3 min on 2 CPU cores); its best checkpoint gives the scores")
+    ap.add_argument("--train", metavar="DIR", help="render a batch-2 data set with nexedge synth and train a model "
+                    "on it in DIR (tiny: about 3 min on 2 CPU cores); its best checkpoint gives the scores")
+    ap.add_argument("--train-arch", default="tiny", help="architecture for --train (default tiny)")
+    ap.add_argument("--train-epochs", type=int, default=6, help="epochs for --train (default 6)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--before", type=int, default=300, help="batch-2 frames before the switch")
     ap.add_argument("--after", type=int, default=300, help="batch-3 frames after the switch")
@@ -179,8 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--markdown", help="write the results section here")
     a = ap.parse_args(argv)
-    if a.train_tiny and not a.checkpoint:
-        a.checkpoint = train_tiny(a.train_tiny)
+    if a.train and not a.checkpoint:
+        a.checkpoint = train_model(a.train, a.train_arch, a.train_epochs)
     scorers = [Scorer(None, 0)] + ([Scorer(a.checkpoint, 0)] if a.checkpoint else [])
     model_card = scorers[-1].card
     inp = model_card.input if model_card is not None else {"color": "gray", "resize": [a.resize, a.resize]}

@@ -20,7 +20,7 @@ from nexedge.relabel.formats import (
     manifest_row_from_sample,
 )
 from nexedge.store import SampleStore, normalize_ext, write_atomic
-from nexedge.store.samples import TMP_PREFIX
+from nexedge.store.files import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from nexedge.store.files import IMAGES, TMP_PREFIX, blob_relpath, normalize_ext, write_atomic
 
 try:  # POSIX only; without it the single-writer rule is not enforced
     import fcntl
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 KINDS = ("band", "audit", "recheck", "drift")
 DB_NAME = "samples.db"
-IMAGES = "images"
-TMP_PREFIX = ".tmp-"
-_EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,56 +81,6 @@ _COLUMNS = (
     "id", "sha256", "camera", "frame_id", "ts", "model_id", "threshold", "score",
     "probs", "decision", "reason", "kind", "created", "pulled",
 )
-
-
-def normalize_ext(ext: str) -> str:
-    """``".PNG"`` -> ``"png"``; raise ValueError unless 1-8 letters/digits."""
-    e = str(ext).strip().lower().lstrip(".")
-    if e == "jpeg":
-        e = "jpg"
-    if not _EXT_RE.match(e):
-        raise ValueError(f"bad image extension {ext!r}; expected 1-8 letters or digits such as 'png' or 'jpg'")
-    return e
-
-
-def blob_relpath(sha256: str, ext: str) -> str:
-    """Content-addressed relative path ``images/ab/<sha256>.<ext>``."""
-    if not _SHA_RE.match(sha256):
-        raise ValueError(f"bad sha256 {sha256!r}; expected 64 lowercase hex digits")
-    return os.path.join(IMAGES, sha256[:2], f"{sha256}.{normalize_ext(ext)}")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Temp file in the same folder, fsync, ``os.replace``, fsync the folder."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _opt_float(meta: Dict[str, Any], key: str) -> Optional[float]:
@@ -505,50 +452,10 @@ class SampleStore:
         }
 
     def integrity_check(self, verify_hashes: bool = True) -> Dict[str, Any]:
-        """SQLite ``PRAGMA integrity_check`` plus the file invariants.
+        """SQLite ``PRAGMA integrity_check`` plus the file invariants (see :func:`check_store`)."""
+        from nexedge.store.check import check_store
 
-        Returns {ok, sqlite, missing, corrupt, temp_files, orphans, refs}: every
-        blob row has its file (with the right sha256 when ``verify_hashes``), no
-        temp files, no unreferenced files, blob reference counts match the rows.
-        """
-        with self._lock:
-            sqlite_msg = "; ".join(r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall())
-            blobs = self._db.execute("SELECT sha256, ext, refs FROM blobs").fetchall()
-            counts = dict(self._db.execute("SELECT sha256, COUNT(*) FROM samples GROUP BY sha256").fetchall())
-        missing, corrupt, bad_refs = [], [], []
-        names = set()
-        for sha, ext, refs in blobs:
-            rel = blob_relpath(sha, ext)
-            names.add(os.path.basename(rel))
-            path = os.path.join(self.root, rel)
-            if not os.path.exists(path):
-                missing.append(rel)
-            elif verify_hashes:
-                with open(path, "rb") as f:
-                    if hashlib.sha256(f.read()).hexdigest() != sha:
-                        corrupt.append(rel)
-            if counts.get(sha, 0) != refs:
-                bad_refs.append(sha)
-        bad_refs += [sha for sha in counts if sha not in {b[0] for b in blobs}]
-        temps, orphans = [], []
-        top = os.path.join(self.root, IMAGES)
-        for sub in sorted(os.listdir(top)) if os.path.isdir(top) else []:
-            folder = os.path.join(top, sub)
-            for name in os.listdir(folder) if os.path.isdir(folder) else []:
-                if name.startswith(TMP_PREFIX):
-                    temps.append(os.path.join(IMAGES, sub, name))
-                elif name not in names:
-                    orphans.append(os.path.join(IMAGES, sub, name))
-        ok = sqlite_msg == "ok" and not (missing or corrupt or temps or orphans or bad_refs)
-        return {
-            "ok": ok,
-            "sqlite": sqlite_msg,
-            "missing": missing,
-            "corrupt": corrupt,
-            "temp_files": temps,
-            "orphans": orphans,
-            "refs": bad_refs,
-        }
+        return check_store(self, verify_hashes)
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
