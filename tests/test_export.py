@@ -137,3 +137,13 @@ def test_cli_export(tmp_path, trained, capsys):
                           "max_batch": 8}
     assert "parity" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "missing.pt")]) == 1
+
+
+def test_parity_uses_the_trainers_data_root(tmp_path):
+    ckpt = train_toy_checkpoint(str(tmp_path / "m.pt"), inp=dict(INP), steps=2)
+    data = write_toy_dataset(str(tmp_path / "data"), load_card(ckpt).input, {"val": 6})
+    card = load_card(ckpt)
+    card.data["provenance"]["data_root"] = data  # what nexedge train records
+    card.save_for(ckpt)
+    res = export_onnx(ckpt, crops="center", parity_images=4, threads=1)
+    assert res.parity["source"] == f"{data}:4"

@@ -127,6 +127,10 @@ def export_onnx(
     tmp = os.path.join(folder, ".tmp-" + os.path.basename(out))
     try:
         torch_export(build_export_module(model, card, crops), card, crops, tmp, opset)
+        if parity_data is None:  # the trainer records its data root: use its real images when still there
+            root = (ck_card.data.get("provenance") or {}).get("data_root")
+            if isinstance(root, str) and os.path.isdir(root):
+                parity_data = root
         images, source = par.parity_images(parity_data, card.input, parity_images)
         mode = card.input["crop_mode"] if crops == "host" else crops
         with OnnxRuntimeBackend(tmp, card=card, intra_threads=threads) as be:
