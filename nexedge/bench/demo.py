@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 #: Sizes of the default run (tuned to finish in well under 10 minutes on 2 CPU cores)
 #: and of ``--tiny`` (the smoke test: seconds, real pipeline, meaningless accuracy).
 PROFILES: Dict[str, Dict[str, Any]] = {
-    "default": {"images": 2000, "size": 96, "arch": "resnet18", "resize": 80, "crop": 72, "epochs": 6,
-                "batch_size": 32, "lr": 0.02, "calib_images": 128, "cameras": 3, "good_fraction": 0.6},
+    "default": {"images": 1500, "size": 128, "arch": "resnet18", "resize": 128, "crop": 112, "epochs": 5,
+                "batch_size": 32, "lr": 0.02, "calib_images": 128, "cameras": 3, "good_fraction": 0.5},
     "tiny": {"images": 120, "size": 48, "arch": "tiny", "resize": 36, "crop": 32, "epochs": 1,
              "batch_size": 16, "lr": 0.05, "calib_images": 16, "cameras": 2, "good_fraction": 0.5},
 }
