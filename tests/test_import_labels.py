@@ -221,3 +221,8 @@ def test_json_min_export_and_clear_errors(tmp_path):
         import_labels(str(tmp_path / "obj.json"), ds)
     with pytest.raises(ValueError, match="split"):
         import_labels(str(exp), ds, split="holdout")
+    # Label Studio's CSV export: the image URL column carries the content hash
+    lscsv = tmp_path / "ls.csv"
+    lscsv.write_text("image,id,label,annotator\n" + f"/data/local-files/?d=x/{os.path.basename(rows[1]['path'])},2,good,dan\n")
+    res = import_labels(str(lscsv), ds, images_dir=out)
+    assert res["counts"]["add"] == 1

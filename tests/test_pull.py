@@ -193,14 +193,14 @@ def test_server_restart_mid_pull(tmp_path):
     check_exact(out, store, 120)
 
 
-CLIENT = [sys.executable, "-m", "nexedge.cli", "pull", "--page-size", "2", "--no-progress", "--timeout", "5"]
+CLIENT = [sys.executable, "-m", "nexedge.cli", "pull", "--page-size", "1", "--no-progress", "--timeout", "5"]
 
 
 def test_kill9_of_pull_client_mid_transfer_then_rerun(tmp_path):
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
     fill(store, 200, size=20000)
     with PullServer(store, "tcp://127.0.0.1:*") as srv:
-        for stop_at in (10, 60, 130):
+        for stop_at in (10, 50, 90):
             proc = subprocess.Popen(CLIENT + ["--connect", srv.endpoint, "--out", out],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             deadline = time.time() + 60

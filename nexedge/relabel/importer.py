@@ -1,7 +1,7 @@
 """``nexedge import-labels``: bring human labels back into a training data set.
 
-Input: a Label Studio export (JSON, full or JSON-MIN) or a CSV with a ``path``
-or ``sha256`` column and a ``label`` column (``corrected_label``/``new_label``
+Input: a Label Studio export (JSON, full or JSON-MIN, or its CSV with the
+``image`` URL) or a CSV with a ``path`` or ``sha256`` column and a ``label`` column (``corrected_label``/``new_label``
 win over ``label`` when present; optional ``annotator``).
 
 Every row is validated first (class name is one of the data set's class
@@ -122,9 +122,9 @@ def read_labels(path: str) -> Tuple[List[Item], List[str], int]:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             label_col = next((c for c in ("corrected_label", "new_label", "label") if c in cols), None)
-            if label_col is None or not ({"path", "sha256"} & set(cols)):
-                raise ValueError(f"{path}: CSV needs a 'label' (or corrected_label) column and a 'path' or "
-                                 f"'sha256' column; found {cols}")
+            if label_col is None or not ({"path", "sha256", "image"} & set(cols)):
+                raise ValueError(f"{path}: CSV needs a 'label' (or corrected_label) column and a 'path', "
+                                 f"'sha256' or 'image' (Label Studio CSV export) column; found {cols}")
             for row in reader:
                 ln = reader.line_num
                 label = (row.get(label_col) or "").strip()
@@ -133,6 +133,9 @@ def read_labels(path: str) -> Tuple[List[Item], List[str], int]:
                     continue
                 sha = (row.get("sha256") or "").strip().lower() or None
                 p = (row.get("path") or "").strip() or None
+                if sha is None and p is None and row.get("image"):  # Label Studio CSV: the task's image URL
+                    m = _SHA_IN.findall(row["image"])
+                    sha = m[-1] if m else None
                 if sha is None and p is None:
                     errors.append(f"line {ln}: neither path nor sha256 given")
                     continue
