@@ -36,6 +36,9 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=64, help="model crop (default 64)")
     p.add_argument("--good-fraction", type=float, default=0.6, help="share of good images (default 0.6)")
     p.add_argument("--noise", type=float, default=0.05, help="fraction of training labels that are wrong (default 0.05)")
+    p.add_argument("--toy", action="store_true",
+                   help="use the drawn toy set (nexedge.train.toydata: good, scratch, blob, dots; marks a small CNN "
+                        "learns in minutes) instead of nexedge synth; --noise flips good <-> scratch in train")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE", help="e.g. width=32 for tiny")
     p.add_argument("--epochs", type=int, default=12)
@@ -65,11 +68,21 @@ def main(argv: List[str]) -> int:
     work = args.workdir or tempfile.mkdtemp(prefix="bench_trainer_")
     data = os.path.join(work, "data")
     t0 = time.time()
-    per_defect_noise = min(1.0, args.noise / (1.0 - args.good_fraction))
-    synth = generate(data, n=args.n, seed=args.seed, noise=per_defect_noise, size=(args.size, args.size),
-                     workers=args.threads, progress=False, good_fraction=args.good_fraction)
+    if args.toy:
+        from nexedge.train.toydata import make_toy_imagefolder
+
+        per = {"train": int(args.n * 0.7) // 4, "val": int(args.n * 0.15) // 4, "test": int(args.n * 0.15) // 4}
+        # noise flips only good and scratch (half the classes): twice the rate gives --noise overall
+        make_toy_imagefolder(data, ("good", "scratch", "blob", "dots"), {k: [v] * 4 for k, v in per.items()},
+                             size=args.size, noise=min(1.0, 2 * args.noise), seed=args.seed)
+        synth = {"n": 4 * sum(per.values())}
+        counts = {k: 4 * v for k, v in per.items()}
+    else:
+        per_defect_noise = min(1.0, args.noise / (1.0 - args.good_fraction))
+        synth = generate(data, n=args.n, seed=args.seed, noise=per_defect_noise, size=(args.size, args.size),
+                         workers=args.threads, progress=False, good_fraction=args.good_fraction)
+        counts = {s: sum(c.values()) for s, c in synth["counts"].items()}
     t_synth = time.time() - t0
-    counts = {s: sum(c.values()) for s, c in synth["counts"].items()}
     with open(os.path.join(data, "manifest.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     wrong = {sp: sum(1 for r in rows if r["split"] == sp and r["label"] != r["true_label"]) for sp in counts}
@@ -117,17 +130,26 @@ def _ratio(a: float, b: float) -> str:
 
 def _markdown(args, argv, synth, counts, runs, ev, mis, t_synth, t_eval, wall, table) -> str:
     e = env.capture(args.threads)
+    if args.toy:
+        data_line = (f"- data: drawn toy set (`nexedge.train.toydata`: good, scratch, blob, dots), {synth['n']} images "
+                     f"at {args.size}x{args.size} px (train {counts['train']}, val {counts['val']}, test "
+                     f"{counts['test']}); {synth['n_noisy']} training labels wrong "
+                     f"({100 * synth['n_noisy'] / counts['train']:.1f} % of train: good <-> scratch flips); val and "
+                     "test clean")
+    else:
+        data_line = (f"- data: `nexedge synth` batch 2, {synth['n']} images rendered at {args.size}x{args.size} px "
+                     f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), good share "
+                     f"{args.good_fraction}; {synth['n_noisy']} training labels wrong "
+                     f"({100 * synth['n_noisy'] / counts['train']:.1f} % of train: defect images labelled good); the "
+                     f"generator also leaves {synth['wrong'].get('val', 0)} in val and {synth['wrong'].get('test', 0)} "
+                     "in test, scored by their given label as the report's test set was")
     lines = [
-        "## Trainer: CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking",
+        "### " + ("Toy set" if args.toy else "Synthetic set (`nexedge synth`)"),
         "",
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {env.one_line(e)}; torch threads {args.threads}; shared with other jobs",
         "- command: `" + " ".join(["python", "benchmarks/bench_trainer.py"] + [shlex.quote(a) for a in argv]) + "`",
-        f"- data: `nexedge synth` batch 2, {synth['n']} images rendered at {args.size}x{args.size} px "
-        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), good share {args.good_fraction}; "
-        f"{synth['n_noisy']} training labels wrong ({100 * synth['n_noisy'] / counts['train']:.1f} % of train: "
-        f"defect images labelled good); the generator also leaves {synth['wrong'].get('val', 0)} in val and "
-        f"{synth['wrong'].get('test', 0)} in test, scored by their given label as the report's test set was",
+        data_line,
         f"- model: {args.arch} {' '.join(args.arch_kw)} from scratch, input resize {args.resize} / crop {args.crop} (gray), random-crop "
         f"augmentation, {args.epochs} epochs, SGD lr {args.lr} cosine, batch {args.batch_size}, "
         f"SAT alpha 0.9 from epoch {args.sat_es if args.sat_es is not None else max(1, args.epochs // 2)}",

@@ -14,7 +14,8 @@ from nexedge.models import create_model, list_models  # noqa: E402
 from nexedge.models.stn import SpatialTransformer, affine_grid  # noqa: E402
 from nexedge.models.zoo import ExportableAdaptiveAvgPool2d  # noqa: E402
 
-SMALL = ["resnet18", "resnet34", "resnet50", "resnet18_stn", "resnet34_stn", "resnet50_stn", "resnet18_att2", "tiny"]
+SMALL = ["resnet18", "resnet34", "resnet50", "resnet18_stn", "resnet34_stn", "resnet50_stn", "resnet18_att2", "tiny",
+         "small_max"]
 BIG = ["vgg19_bn", "vgg19_bn_stn"]
 
 
