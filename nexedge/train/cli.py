@@ -64,6 +64,12 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     o.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: x gamma every --step-size epochs; cosine: annealing over all epochs")
     o.add_argument("--step-size", type=int, default=14)
+    o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (default, with --momentum) or adamw (try --lr 1e-3 to 3e-3)")
+    o.add_argument("--warmup-epochs", type=int, default=0, help="linear lr warm-up epochs before the schedule")
+    o.add_argument("--balanced", nargs="?", const="class", default="none", choices=("none", "class", "binary", "sqrt"),
+                   help="class-balanced sampling with replacement: class (bare --balanced; every class equally), "
+                        "binary (half good, half defects) or sqrt (by sqrt of class counts); default none")
     o.add_argument("--gamma", type=float, default=0.1)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--resume", metavar="CKPT", help="continue from a run's last.pt (same --out)")
@@ -99,7 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, train_crop=args.train_crop, augment=not args.no_augment,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
+        weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
+        warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,
         loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
         sat_alpha=args.sat_alpha, sat_es=args.sat_es, wbce_lambda=args.wbce_lambda,
         wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--wbce-start", int).items()},

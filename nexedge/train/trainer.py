@@ -27,7 +27,10 @@ from nexedge.train.data import ImageFolderSet, class_counts, data_hash, list_cla
 from nexedge.train.engine import evaluate, train_one_epoch
 from nexedge.train.history import History
 from nexedge.train.losses import SATLoss, build_loss
+from nexedge.train.sampling import BALANCE_MODES, BalancedSampler
 from nexedge.train.transforms import EvalTransform, TrainTransform
+
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -50,6 +53,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "step"
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    balanced: str = "none"
     step_size: int = 14
     gamma: float = 0.1
     loss: str = "ce"
@@ -80,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"--crop {list(self.crop)} is larger than --resize {list(self.resize)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if self.balanced not in BALANCE_MODES:
+            raise ValueError(f"--balanced {self.balanced!r}: expected one of {', '.join(BALANCE_MODES)}")
 
 
 def _seed_all(seed: int) -> None:
@@ -100,20 +112,36 @@ def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict
     return model, kw
 
 
-def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, workers: int):
+def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, workers: int,
+            balanced: str = "none", good_index: int = 0):
     from torch.utils.data import DataLoader, DistributedSampler
 
-    sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
+    if balanced != "none":
+        sampler = BalancedSampler(ds.labels, balanced, good_index, seed, ctx.world_size, ctx.rank)
+    else:
+        sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
     return DataLoader(
         ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
         drop_last=False,
     )
 
 
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    """Per-epoch schedule; ``warmup_epochs`` > 0 ramps the lr linearly up to --lr first."""
     if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        main = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    else:
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs - cfg.warmup_epochs)
+    if cfg.warmup_epochs == 0:
+        return main
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (cfg.warmup_epochs + 1), total_iters=cfg.warmup_epochs)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[cfg.warmup_epochs])
 
 
 def _save_sat(path: str, loss: SATLoss, ds: ImageFolderSet) -> None:
@@ -164,7 +192,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         )
         model, arch_kwargs = _make_model(cfg, len(classes))
         model.to(ctx.device)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = _optimizer(cfg, model)
         sched = _schedule(cfg, opt)
         start_epoch = 1
         if cfg.resume:
@@ -187,7 +215,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
             )
-        train_ld = _loader(train_ds, ctx, cfg.batch_size, True, cfg.seed, cfg.workers)
+        train_ld = _loader(train_ds, ctx, cfg.batch_size, True, cfg.seed, cfg.workers, cfg.balanced, g)
         val_ld = _loader(val_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers)
         test_ld = _loader(test_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers) if test_ds is not None else None
 
@@ -208,7 +236,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "pretrained": cfg.pretrained, "loss": cfg.loss, "sat_es": sat_es if cfg.loss.startswith("sat") else None,
             "sat_alpha": cfg.sat_alpha if cfg.loss.startswith("sat") else None,
             "class_weights": loss_fn.class_weights.tolist(), "train_crop": cfg.train_crop,
-            "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule, "batch_size": cfg.batch_size,
+            "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
+            "warmup_epochs": cfg.warmup_epochs, "balanced": cfg.balanced, "batch_size": cfg.batch_size,
             "seed": cfg.seed, "world_size": ctx.world_size, "nexedge": __version__, "torch": torch.__version__,
             "train_counts": class_counts(train_ds.labels, classes), "val_counts": class_counts(val_ds.labels, classes),
         }
@@ -266,7 +295,8 @@ def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: D.DistCo
     print(f"  images: train {len(tr)}, val {len(va)}, test {len(te) if te else '-'}; input resize {list(cfg.resize)} "
           f"crop {list(cfg.crop)} ({cfg.train_crop} at train, {cfg.crop_mode} at eval), {cfg.color}")
     print(f"  {cfg.epochs} epochs, batch {cfg.batch_size} x {ctx.world_size} process(es) on {ctx.device}, "
-          f"lr {cfg.lr} ({cfg.schedule}), out {cfg.out}")
+          f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}, warmup {cfg.warmup_epochs}), "
+          f"sampling {cfg.balanced}, out {cfg.out}")
 
 
 def _pct(x: Optional[float]) -> str:
