@@ -22,8 +22,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 #: Sizes of the default run (tuned to finish in well under 10 minutes on 2 CPU cores)
 #: and of ``--tiny`` (the smoke test: seconds, real pipeline, meaningless accuracy).
 PROFILES: Dict[str, Dict[str, Any]] = {
-    "default": {"images": 1500, "size": 128, "arch": "resnet18", "resize": 128, "crop": 112, "epochs": 5,
-                "batch_size": 32, "lr": 0.02, "calib_images": 128, "cameras": 3, "good_fraction": 0.5},
+    # A CPU-learnable mix: the default batch-2 mix is ~47 % chipping (2-4 px corner notches at
+    # 128 px) plus lead_glue specks, which a from-scratch CNN does not learn in minutes on 2 cores
+    # (measured: AUC 0.5-0.6). The demo leaves out chipping, lead_glue and pocket_damage and
+    # says so; `nexedge synth` without --class-counts keeps the report's full mix.
+    "default": {"images": 1450, "size": 128, "arch": "small_max", "arch_kw": ["width=16"], "resize": 128,
+                "crop": 112, "epochs": 20, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw",
+                "warmup_epochs": 1, "calib_images": 128, "cameras": 3,
+                "class_counts": {"good": 700, "scratch": 200, "foreign_material": 250, "lead_defect": 100,
+                                 "marking_defect": 100, "empty_pocket": 50, "device_flip": 50}},
     "tiny": {"images": 120, "size": 48, "arch": "tiny", "resize": 36, "crop": 32, "epochs": 1,
              "batch_size": 16, "lr": 0.05, "calib_images": 16, "cameras": 2, "good_fraction": 0.5},
 }

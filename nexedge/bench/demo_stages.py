@@ -58,9 +58,17 @@ def count_images(root: str) -> Dict[str, Dict[str, int]]:
 def stage_data(demo: Demo) -> None:
     s = demo.settings
     root = demo.path("data")
-    argv = ["synth", root, "--n", str(s["images"]), "--size", str(s["size"]), "--seed", str(s["seed"]),
-            "--workers", str(s["threads"])]
-    if s.get("good_fraction"):
+    argv = ["synth", root, "--size", str(s["size"]), "--seed", str(s["seed"]), "--workers", str(s["threads"])]
+    if not s.get("class_counts"):
+        argv += ["--n", str(s["images"])]
+    if s.get("class_counts"):
+        counts = dict(s["class_counts"])
+        scale = s["images"] / float(sum(counts.values()))
+        argv += ["--class-counts", ",".join(f"{c}={max(3, round(n * scale))}" for c, n in counts.items())]
+        left_out = [c for c in ("chipping", "lead_glue", "pocket_damage") if c not in counts]
+        demo.say("demo class mix (learnable on a CPU in minutes; left out: " + ", ".join(left_out)
+                 + "): " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    elif s.get("good_fraction"):
         argv += ["--good-fraction", str(s["good_fraction"])]
     nexedge(demo, argv)
     counts = count_images(root)
@@ -80,7 +88,9 @@ def stage_train(demo: Demo) -> None:
     nexedge(demo, ["train", "--data", demo.results["data"]["root"], "--out", run, "--arch", s["arch"],
                    "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", "ten",
                    "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
-                   "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"])
+                   "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"]
+             + ["--optimizer", s.get("optimizer", "sgd"), "--warmup-epochs", str(s.get("warmup_epochs", 0))]
+             + [a for kw in s.get("arch_kw", []) for a in ("--arch-kw", kw)])
     from nexedge.train.evaluate import resolve_checkpoints
 
     _, ckpts = resolve_checkpoints(run)

@@ -90,7 +90,9 @@ def _pool_map(jobs: List[Any], workers: int, bar: Any) -> List[Dict[str, Any]]:
             metas.append(_render_write(j))
             bar.update(1)
         return metas
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Not "fork": a caller with live threads (ONNX Runtime, torch, a daemon in the same process)
+    # can leave a lock held in the forked child, and the pool then hangs forever.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker) as pool:
         for m in pool.imap(_render_write, jobs, chunksize=8):
             metas.append(m)
