@@ -45,6 +45,10 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--sat-es", type=int, default=None, help="SAT start epoch (default: half the epochs)")
     p.add_argument("--losses", default="ce,sat", help="comma list of losses to compare (default ce,sat)")
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--class-counts", default="", metavar="CLS=N,...",
+                   help="exact images per class for nexedge synth (overrides --n and --good-fraction)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--keep", type=int, default=5, help="top-k checkpoints per run (table: mean (std) over them)")
     p.add_argument("--threads", type=int, default=2)
@@ -78,9 +82,15 @@ def main(argv: List[str]) -> int:
         synth = {"n": 4 * sum(per.values())}
         counts = {k: 4 * v for k, v in per.items()}
     else:
+        class_counts = {k: int(v) for k, v in _kv(args.class_counts.split(","), "--class-counts").items()} \
+            if args.class_counts else None
+        if class_counts:
+            args.n = sum(class_counts.values())
+            args.good_fraction = class_counts.get("good", 0) / float(args.n)
         per_defect_noise = min(1.0, args.noise / (1.0 - args.good_fraction))
         synth = generate(data, n=args.n, seed=args.seed, noise=per_defect_noise, size=(args.size, args.size),
-                         workers=args.threads, progress=False, good_fraction=args.good_fraction)
+                         workers=args.threads, progress=False,
+                         good_fraction=None if class_counts else args.good_fraction, class_counts=class_counts)
         counts = {s: sum(c.values()) for s, c in synth["counts"].items()}
     t_synth = time.time() - t0
     with open(os.path.join(data, "manifest.jsonl"), encoding="utf-8") as f:
@@ -97,7 +107,7 @@ def main(argv: List[str]) -> int:
         cfg = TrainConfig(data=data, out=out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"), resize=(args.resize,) * 2, crop=(args.crop,) * 2,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="cosine",
                           loss=loss, sat_es=args.sat_es, keep=args.keep, seed=args.seed, progress=False,
-                          test_curves=False)
+                          test_curves=False, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs)
         t = time.time()
         summary = train(cfg)
         runs[loss] = {"out": out, "train_s": time.time() - t, "summary": summary}
