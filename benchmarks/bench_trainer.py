@@ -149,7 +149,7 @@ def _markdown(args, argv, synth, counts, runs, ev, mis, t_synth, t_eval, wall, t
     else:
         data_line = (f"- data: `nexedge synth` batch 2, {synth['n']} images rendered at {args.size}x{args.size} px "
                      f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), good share "
-                     f"{args.good_fraction}; {synth['n_noisy']} training labels wrong "
+                     f"{args.good_fraction:.2f}; {synth['n_noisy']} training labels wrong "
                      f"({100 * synth['n_noisy'] / counts['train']:.1f} % of train: defect images labelled good); the "
                      f"generator also leaves {synth['wrong'].get('val', 0)} in val and {synth['wrong'].get('test', 0)} "
                      "in test, scored by their given label as the report's test set was")
@@ -161,7 +161,8 @@ def _markdown(args, argv, synth, counts, runs, ev, mis, t_synth, t_eval, wall, t
         "- command: `" + " ".join(["python", "benchmarks/bench_trainer.py"] + [shlex.quote(a) for a in argv]) + "`",
         data_line,
         f"- model: {args.arch} {' '.join(args.arch_kw)} from scratch, input resize {args.resize} / crop {args.crop} (gray), random-crop "
-        f"augmentation, {args.epochs} epochs, SGD lr {args.lr} cosine, batch {args.batch_size}, "
+        f"augmentation, {args.epochs} epochs, {args.optimizer} lr {args.lr} cosine (warmup {args.warmup_epochs}), "
+        f"batch {args.batch_size}, "
         f"SAT alpha 0.9 from epoch {args.sat_es if args.sat_es is not None else max(1, args.epochs // 2)}",
         f"- wall time: synth {t_synth:.0f} s; "
         + "; ".join(f"train {k} {v['train_s'] / 60:.1f} min" for k, v in runs.items())
