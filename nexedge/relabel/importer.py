@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from nexedge.relabel.formats import LS_FROM_NAME, MANIFEST, inside
 from nexedge.store import write_atomic
+from nexedge.store.files import try_flock
 
 log = logging.getLogger(__name__)
 
@@ -296,16 +297,9 @@ class _DatasetLock:
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "_DatasetLock":
-        self.fd = os.open(os.path.join(self.root, ".import.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        except OSError:
-            os.close(self.fd)
-            raise RuntimeError(f"another import-labels is writing into {self.root}; wait for it") from None
+        self.fd = try_flock(os.path.join(self.root, ".import.lock"))
+        if self.fd is None:
+            raise RuntimeError(f"another import-labels is writing into {self.root}; wait for it")
         for split in SPLITS:
             sdir = os.path.join(self.root, split)
             for cls in os.listdir(sdir) if os.path.isdir(sdir) else []:

@@ -20,7 +20,7 @@ from nexedge.relabel.formats import (
     manifest_row_from_sample,
 )
 from nexedge.store import SampleStore, normalize_ext, write_atomic
-from nexedge.store.files import TMP_PREFIX
+from nexedge.store.files import TMP_PREFIX, try_flock
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +181,9 @@ class _OutLock:
     def __enter__(self) -> "_OutLock":
         images = os.path.join(self.out_dir, "images")
         os.makedirs(images, exist_ok=True)
-        self.fd = os.open(os.path.join(self.out_dir, ".pull.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        except OSError:
-            os.close(self.fd)
-            raise RuntimeError(f"another pull is writing into {self.out_dir}; wait for it or use another --out") from None
+        self.fd = try_flock(os.path.join(self.out_dir, ".pull.lock"))
+        if self.fd is None:
+            raise RuntimeError(f"another pull is writing into {self.out_dir}; wait for it or use another --out")
         for name in os.listdir(images):
             if name.startswith(TMP_PREFIX):
                 os.unlink(os.path.join(images, name))

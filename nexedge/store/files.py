@@ -6,6 +6,7 @@ Python 3.8, no torch.
 import os
 import re
 import uuid
+from typing import Optional
 
 IMAGES = "images"
 TMP_PREFIX = ".tmp-"
@@ -61,3 +62,22 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def try_flock(path: str) -> Optional[int]:
+    """Open ``path`` and take an exclusive, non-blocking flock on it.
+
+    Returns the open fd (closing it releases the lock), or None when another process
+    holds the lock. Where flock does not exist (not POSIX) the fd comes back unlocked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
