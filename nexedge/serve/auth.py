@@ -39,14 +39,18 @@ _FAIL_EVENTS = {
 _AUTH_EVENT = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000)
 
 
-def load_secret(path: str) -> Tuple[bytes, bytes]:
-    """(public, secret) z85 keys from a ``*.key_secret`` file; clear errors when it is not one."""
+def _load_cert(path: str, what: str, hint: str = "") -> Tuple[bytes, Optional[bytes]]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CURVE secret key file {path} not found (make one with `nexedge keys`)")
+        raise FileNotFoundError(f"CURVE {what} key file {path} not found{hint}")
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a CURVE key file: {e}") from None
+
+
+def load_secret(path: str) -> Tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a ``*.key_secret`` file; clear errors when it is not one."""
+    public, secret = _load_cert(path, "secret", " (make one with `nexedge keys`)")
     if not secret:
         raise ValueError(f"{path} holds only a public key; expected the *.key_secret file")
     return public, secret
@@ -54,13 +58,7 @@ def load_secret(path: str) -> Tuple[bytes, bytes]:
 
 def load_public(path: str) -> bytes:
     """z85 public key from a ``*.key`` (or ``*.key_secret``) file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CURVE public key file {path} not found")
-    try:
-        public, _ = zmq.auth.load_certificate(path)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a CURVE key file: {e}") from None
-    return public
+    return _load_cert(path, "public")[0]
 
 
 class _AllowList:
