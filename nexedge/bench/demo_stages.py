@@ -58,7 +58,9 @@ def count_images(root: str) -> Dict[str, Dict[str, int]]:
 def stage_data(demo: Demo) -> None:
     s = demo.settings
     root = demo.path("data")
-    argv = ["synth", root, "--size", str(s["size"]), "--seed", str(s["seed"]), "--workers", str(s["threads"])]
+    argv = ["synth", root, "--seed", str(s["seed"]), "--workers", str(s["threads"])]
+    if s.get("size"):  # else the generator's native 275 x 267
+        argv += ["--size", str(s["size"])]
     if not s.get("class_counts"):
         argv += ["--n", str(s["images"])]
     if s.get("class_counts"):
@@ -70,6 +72,8 @@ def stage_data(demo: Demo) -> None:
                  + "): " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     elif s.get("good_fraction"):
         argv += ["--good-fraction", str(s["good_fraction"])]
+        demo.say("demo class mix: the report's batch 2 (every class, chipping included), "
+                 f"{100 * s['good_fraction']:.0f} % good, 1 % label noise")
     nexedge(demo, argv)
     counts = count_images(root)
     if not counts.get("test") or not counts.get("train"):
@@ -90,7 +94,10 @@ def stage_train(demo: Demo) -> None:
                    "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
                    "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"]
              + ["--optimizer", s.get("optimizer", "sgd"), "--warmup-epochs", str(s.get("warmup_epochs", 0))]
-             + [a for kw in s.get("arch_kw", []) for a in ("--arch-kw", kw)])
+             + [a for kw in s.get("arch_kw", []) for a in ("--arch-kw", kw)]
+             + ["--pretrained", s.get("pretrained", "none"), "--freeze", str(s.get("freeze", 0)),
+                "--balanced", s.get("balanced", "none")]
+             + (["--channels-last"] if s.get("channels_last") else []))
     from nexedge.train.evaluate import resolve_checkpoints
 
     _, ckpts = resolve_checkpoints(run)
@@ -107,7 +114,7 @@ def stage_train(demo: Demo) -> None:
 def stage_eval(demo: Demo) -> None:
     out = demo.path("eval")
     nexedge(demo, ["eval", demo.results["train"]["run"], "--data", demo.results["data"]["root"],
-                   "--split", "test", "--crops", "center,ten", "--top", "3", "--out", out, "--no-progress"])
+                   "--split", "test", "--crops", "center,ten", "--top", "1", "--out", out, "--no-progress"])
     path = os.path.join(out, "eval.json")
     if not os.path.exists(path):
         raise RuntimeError(f"`nexedge eval` wrote no {path}")

@@ -5,20 +5,29 @@ modules listed in ``_ARCH_MODULES`` are imported on first use.
 """
 
 import importlib
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _REGISTRY: Dict[str, Callable] = {}
-_ARCH_MODULES = ["nexedge.models.tiny", "nexedge.models.zoo"]
+_NORM: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {}
+_ARCH_MODULES = ["nexedge.models.tiny", "nexedge.models.zoo", "nexedge.models.efficientnet_lite"]
 _loaded = False
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: register a factory ``fn(num_classes, pretrained='none', **kw) -> nn.Module``."""
+def register(
+    name: str, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: register a factory ``fn(num_classes, pretrained='none', **kw) -> nn.Module``.
+
+    ``mean``/``std``: the input normalisation the architecture's pretrained weights
+    expect (default ImageNet's); the trainer writes it into the card.
+    """
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn
+        if mean is not None and std is not None:
+            _NORM[name] = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         return fn
 
     return deco
@@ -40,6 +49,14 @@ def _load_all() -> None:
 def list_models() -> List[str]:
     _load_all()
     return sorted(_REGISTRY)
+
+
+def input_normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) on [0, 1] RGB that architecture ``name`` is trained with (ImageNet's unless registered)."""
+    from nexedge.card import IMAGENET_MEAN, IMAGENET_STD
+
+    _load_all()
+    return _NORM.get(name, (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)))
 
 
 def create_model(name: str, num_classes: int, pretrained: str = "none", **kwargs):  # type: ignore[no-untyped-def]

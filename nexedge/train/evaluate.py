@@ -99,7 +99,8 @@ def run_evaluation(
             y = (s["labels"] != s["good_index"]).astype(int)
             for c in crops:
                 rec = {"checkpoint": os.path.basename(f), "auc": metrics.roc_auc(y, s[c]),
-                       "fpr_at_tpr": metrics.fpr_at_tprs(y, s[c], tprs)}
+                       "fpr_at_tpr": metrics.fpr_at_tprs(y, s[c], tprs),
+                       "class_auc": metrics.class_aucs(s["labels"], s[c], s["classes"], s["good_index"])}
                 per_crop[c].append(rec)
                 rows.append({"run": label, "crop": c, "checkpoint": rec["checkpoint"], "auc": rec["auc"],
                              **{f"fpr@{k}": v for k, v in rec["fpr_at_tpr"].items()}})
@@ -131,6 +132,8 @@ def _aggregate(recs: List[Dict[str, Any]], tprs: Sequence[float]) -> Dict[str, A
     return {
         "per_checkpoint": recs,
         "auc": metrics.mean_std([r["auc"] for r in recs]),
+        "class_auc": {k: dict(metrics.mean_std([r["class_auc"][k]["auc"] for r in recs]),
+                              n_images=recs[0]["class_auc"][k]["n"]) for k in recs[0]["class_auc"]},
         "fpr_at_tpr": {
             metrics.tpr_key(t): metrics.mean_std([r["fpr_at_tpr"][metrics.tpr_key(t)] for r in recs]) for t in tprs
         },
@@ -164,6 +167,10 @@ def format_table(results: Dict[str, Any], markdown: bool = False) -> str:
     body = [["AUC"] + [_cell(results["runs"][r]["crops"][c]["auc"]) for r, c in cols]]
     for k in keys:
         body.append([f"FPR at TPR >= {k}"] + [_cell(results["runs"][r]["crops"][c]["fpr_at_tpr"][k]) for r, c in cols])
+    for k in first["crops"][results["crops"][0]].get("class_auc", {}):
+        n_img = first["crops"][results["crops"][0]]["class_auc"][k]["n_images"]
+        body.append([f"AUC good vs {k} ({n_img})"]
+                    + [_cell(results["runs"][r]["crops"][c].get("class_auc", {}).get(k, {"n": 0})) for r, c in cols])
     n = [len(v["checkpoints"]) for v in results["runs"].values()]
     note = (f"{results['split']} split: {first['n_good']} good, {first['n_defects']} defect images; "
             f"mean (std) over {', '.join(map(str, n))} checkpoint(s)")

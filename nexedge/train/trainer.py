@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nexedge import __version__, metrics
-from nexedge.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, atomic_write_bytes
+from nexedge.card import ModelCard, atomic_write_bytes
 from nexedge.train import distributed as D
 from nexedge.train.cardbuild import TopK, build_card, reference_image_stats
 from nexedge.train.data import ImageFolderSet, class_counts, data_hash, list_classes
@@ -40,6 +40,8 @@ class TrainConfig:
     arch: str = "resnet18"
     arch_kw: Dict[str, Any] = field(default_factory=dict)
     pretrained: str = "none"
+    freeze: int = 0
+    channels_last: bool = False
     good_class: str = "good"
     color: str = "gray"
     resize: Tuple[int, int] = (72, 72)
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if self.freeze < 0:
+            raise ValueError(f"--freeze must be >= 0 stages, got {self.freeze}")
         if self.balanced not in BALANCE_MODES:
             raise ValueError(f"--balanced {self.balanced!r}: expected one of {', '.join(BALANCE_MODES)}")
 
@@ -109,6 +113,14 @@ def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict
     kw = arch_accepts({"input_size": list(cfg.crop)}, _REGISTRY[cfg.arch])
     kw.update(cfg.arch_kw)
     model = create_model(cfg.arch, n_classes, pretrained=cfg.pretrained, **kw)
+    if cfg.freeze:
+        from nexedge.models.freeze import freeze_stages
+
+        freeze_stages(model, cfg.freeze)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        # NCHW batches become NHWC on the way in, so the loop and the loss stay as they are.
+        model.register_forward_pre_hook(lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),))
     return model, kw
 
 
@@ -127,9 +139,10 @@ def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, worker
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen stages stay out
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer):
@@ -171,9 +184,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if cfg.good_class not in classes:
             raise ValueError(f"--good-class {cfg.good_class!r} is not one of the classes {classes}")
         g = classes.index(cfg.good_class)
+        from nexedge.models import input_normalization
+
+        mean, std = input_normalization(cfg.arch)
         inp = {
             "color": cfg.color, "resize": list(cfg.resize), "crop": list(cfg.crop), "crop_mode": cfg.crop_mode,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "mean": list(mean), "std": list(std),
         }
         if cfg.augment:
             ttf = TrainTransform(inp, crop=cfg.train_crop)
@@ -233,7 +249,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             _print_start(cfg, classes, train_ds, val_ds, test_ds, ctx)
         provenance = {
             "data_hash": dhash, "data_root": os.path.abspath(cfg.data), "arch": cfg.arch, "arch_kwargs": arch_kwargs,
-            "pretrained": cfg.pretrained, "loss": cfg.loss, "sat_es": sat_es if cfg.loss.startswith("sat") else None,
+            "pretrained": cfg.pretrained, "freeze": cfg.freeze, "loss": cfg.loss, "sat_es": sat_es if cfg.loss.startswith("sat") else None,
             "sat_alpha": cfg.sat_alpha if cfg.loss.startswith("sat") else None,
             "class_weights": loss_fn.class_weights.tolist(), "train_crop": cfg.train_crop,
             "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
@@ -290,7 +306,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: D.DistContext) -> None:
     counts = class_counts(tr.labels, classes)
-    print(f"nexedge train: {cfg.arch} ({cfg.pretrained}) loss={cfg.loss} on {cfg.data}")
+    frozen = f", first {cfg.freeze} stage(s) frozen" if cfg.freeze else ""
+    print(f"nexedge train: {cfg.arch} ({cfg.pretrained}{frozen}) loss={cfg.loss} on {cfg.data}")
     print(f"  classes ({len(classes)}, negative={cfg.good_class!r}): " + ", ".join(f"{c}={n}" for c, n in counts.items()))
     print(f"  images: train {len(tr)}, val {len(va)}, test {len(te) if te else '-'}; input resize {list(cfg.resize)} "
           f"crop {list(cfg.crop)} ({cfg.train_crop} at train, {cfg.crop_mode} at eval), {cfg.color}")

