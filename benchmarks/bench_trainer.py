@@ -18,6 +18,15 @@ small_max for scale, and the per-image data cost with and without the decoded-im
 cache. CPU seconds are reported beside wall time (the box is shared).
 
     python benchmarks/bench_trainer.py --speed --crop 160 --markdown benchmarks/results/trainer_speed.md
+
+``--compare RUN [RUN ...] --data ROOT``: trained run folders of the same data set side by
+side: test AUC, FPR at TPR 99.1 % and 100 %, AUC of good vs each defect class (TenCrop
+and CenterCrop of the best checkpoint), training wall and CPU time from the run's own
+records, and ms per TenCrop image through ONNX Runtime fp32 and INT8 (in-graph TenCrop
+export and ``nexedge calibrate --targets ort``, opened like the daemon opens them).
+
+    python benchmarks/bench_trainer.py --compare runs/lite0 runs/resnet18 runs/small_max --data data \
+        --markdown benchmarks/results/trainer_compare.md
 """
 
 import argparse
@@ -63,6 +72,10 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep data and runs here (default: a temp folder)")
     p.add_argument("--markdown", default=None, help="write the Markdown section here")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="compare these trained run folders (see above)")
+    p.add_argument("--data", help="--compare: the data root the runs were trained on")
+    p.add_argument("--train-log", action="append", default=[], metavar="RUN=LOG",
+                   help="--compare: a /usr/bin/time -v log of the run's training (CPU seconds, load)")
     p.add_argument("--speed", action="store_true", help="measure training-step speed-ups instead (see above)")
     p.add_argument("--steps", type=int, default=3, help="--speed: timed steps per configuration (best kept)")
     return p.parse_args(argv)
@@ -146,6 +159,126 @@ def _data_cost(crop: int, n: int, seed: int) -> Dict[str, float]:
     return out
 
 
+def _cpu_from_time_log(path: str) -> Dict[str, float]:
+    """User+system CPU seconds and wall seconds from a GNU ``time -v`` log."""
+    out: Dict[str, float] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            k, _, v = line.strip().partition(": ")
+            if k in ("User time (seconds)", "System time (seconds)"):
+                out["cpu_s"] = out.get("cpu_s", 0.0) + float(v)
+            elif k.startswith("Elapsed (wall clock) time"):
+                parts = [float(x) for x in v.split(":")]
+                out["wall_s"] = sum(x * 60 ** i for i, x in enumerate(reversed(parts)))
+    return out
+
+
+def _ms_per_tencrop_image(onnx_path: str, images, threads: int, repeats: int = 5) -> float:
+    """Median ms per image of ``open_backend(path).infer`` on batches of 4 (in-graph TenCrop)."""
+    import numpy as np
+
+    from nexedge.runtime import open_backend
+
+    batch = np.stack(images[:4])
+    with open_backend(onnx_path, intra_threads=threads) as be:
+        be.infer(batch)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            be.infer(batch)
+            ts.append(time.perf_counter() - t)
+    return 1000 * sorted(ts)[len(ts) // 2] / len(batch)
+
+
+def compare_main(args: argparse.Namespace, argv: List[str]) -> int:
+    from nexedge.card import load_card
+    from nexedge.export.int8 import run_calibration
+    from nexedge.export.onnx_export import export_onnx
+    from nexedge.preprocess import prepare
+    from nexedge.train.data import load_image, scan_split
+    from nexedge.train.evaluate import resolve_checkpoints, run_evaluation
+
+    if not args.data:
+        raise SystemExit("--compare needs --data ROOT (the data set the runs were trained on)")
+    logs = dict(kv.split("=", 1) for kv in args.train_log)
+    t0 = time.time()
+    rows: Dict[str, Dict[str, Any]] = {}
+    for run in args.compare:
+        _, ckpts = resolve_checkpoints(run, 1)
+        ev = run_evaluation([ckpts[0]], args.data, "test", ["center", "ten"],
+                            out=os.path.join(run, "eval_compare"), progress=False, print_table=False)
+        res = next(iter(ev["runs"].values()))
+        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+            conf = json.load(f)
+        summ = {}
+        if os.path.exists(os.path.join(run, "summary.json")):
+            with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+                summ = json.load(f)
+        times = _cpu_from_time_log(logs[run]) if run in logs else {}
+        onnx = export_onnx(ckpts[0], out=os.path.join(run, "compare.ten.onnx"), crops="ten", max_batch=8,
+                           parity_data=args.data, parity_images=4, threads=args.threads).path
+        int8 = run_calibration(onnx, args.data, n_images=64, targets=("ort",), out_root=os.path.join(run, "calib"),
+                               threads=args.threads).outputs["ort"]
+        card = load_card(onnx)
+        items = scan_split(args.data, "test", card.classes)[:8]
+        imgs = [prepare(load_image(os.path.join(args.data, p), card.input["color"]), card.input) for p, _ in items]
+        rows[run] = {
+            "arch": conf["arch"], "pretrained": conf.get("pretrained"), "freeze": conf.get("freeze", 0),
+            "epochs": conf["epochs"], "input": f"{conf['resize'][0]}/{conf['crop'][0]}",
+            "train_wall_s": times.get("wall_s", summ.get("wall_s")), "train_cpu_s": times.get("cpu_s"),
+            "crops": res["crops"], "n_good": res["n_good"], "n_defects": res["n_defects"],
+            "ort_fp32_ms": _ms_per_tencrop_image(onnx, imgs, args.threads),
+            "ort_int8_ms": _ms_per_tencrop_image(int8, imgs, args.threads),
+        }
+        print(f"{run}: {rows[run]['arch']} test AUC ten {res['crops']['ten']['auc']['mean']:.4f}", flush=True)
+
+    def pct(ms: Dict[str, Any]) -> str:
+        v = ms.get("mean")
+        return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+    first = next(iter(rows.values()))
+    classes = list(first["crops"]["ten"]["class_auc"])
+    head = ["", *[f"{r['arch']} ({'ImageNet' if r['pretrained'] == 'imagenet' else 'scratch'})" for r in rows.values()]]
+    body = [["epochs, input resize/crop, frozen stages"]
+            + [f"{r['epochs']}, {r['input']}, {r['freeze']}" for r in rows.values()]]
+    for crop in ("ten", "center"):
+        body.append([f"test AUC % ({crop})"] + [pct(r["crops"][crop]["auc"]) for r in rows.values()])
+        for k in ("99.1", "100"):
+            body.append([f"FPR % at TPR >= {k} ({crop})"] + [pct(r["crops"][crop]["fpr_at_tpr"][k])
+                                                             for r in rows.values()])
+    for c in classes:
+        n = first["crops"]["ten"]["class_auc"][c]["n_images"]
+        body.append([f"AUC % good vs {c} ({n} test images, ten)"]
+                    + [pct(r["crops"]["ten"]["class_auc"].get(c, {})) for r in rows.values()])
+    body.append(["training wall min (CPU min)"] + [
+        "-" if r["train_wall_s"] is None else f"{r['train_wall_s'] / 60:.1f}"
+        + ("" if r["train_cpu_s"] is None else f" ({r['train_cpu_s'] / 60:.1f})") for r in rows.values()])
+    body.append(["ORT fp32 ms per TenCrop image"] + [f"{r['ort_fp32_ms']:.1f}" for r in rows.values()])
+    body.append(["ORT INT8 ms per TenCrop image"] + [f"{r['ort_int8_ms']:.1f}" for r in rows.values()])
+    lines = [
+        "### EfficientNet-Lite0 pretrained vs ResNet18 from scratch vs small_max (`--compare`)",
+        "",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {env.one_line(env.capture(args.threads))}; shared with other jobs",
+        "- command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv) + "`",
+        f"- data: {os.path.abspath(args.data)}; test split {first['n_good']} good, {first['n_defects']} defect images; "
+        "the best checkpoint (validation AUC) of each run; ORT times: median of 5 calls of 4 images, "
+        f"{args.threads} thread(s), the daemon's backend; comparison took {time.time() - t0:.0f} s",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ] + ["| " + " | ".join(r) + " |" for r in body] + [""]
+    md = "\n".join(lines)
+    print(md)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(md)
+        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0
+
+
 def speed_main(args: argparse.Namespace, argv: List[str]) -> int:
     import torch
 
@@ -200,6 +333,8 @@ def main(argv: List[str]) -> int:
     args = _parse(argv)
     if args.speed:
         return speed_main(args, argv)
+    if args.compare:
+        return compare_main(args, argv)
     import torch
 
     torch.set_num_threads(args.threads)
