@@ -39,7 +39,7 @@ SECTIONS: List[Tuple[str, str, str]] = [
     ("gemm", "bench_gemm.py", "achieved GFLOP/s of inference vs a GEMM measured on the same machine in the same run"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
-    ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long)"),
+    ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
 ]
 NAMES = [s[0] for s in SECTIONS]
 
