@@ -19,8 +19,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-#: Sizes of the default run (tuned to finish in well under 10 minutes on 2 CPU cores)
-#: and of ``--tiny`` (the smoke test: seconds, real pipeline, meaningless accuracy).
+#: Sizes of the default run (measured: about 790 CPU seconds in all on the 2-core dev box,
+#: docs/benchmarking.md), of ``--arch small_max`` (the earlier recipe) and of ``--tiny``
+#: (the smoke test: seconds, real pipeline, meaningless accuracy).
 PROFILES: Dict[str, Dict[str, Any]] = {
     # The report's full batch-2 class mix (chipping, lead_glue and pocket_damage included) at
     # half good, near native resolution, fine-tuning the ImageNet EfficientNet-Lite0 that the
@@ -50,7 +51,7 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
         "Run the whole product on synthetic data: generate images, train on the CPU, print the "
         "evaluation table, export to ONNX, quantize to INT8, start the line daemon, stream the test "
         "images from simulated cameras, print the verdicts and latency, and pull the uncertain samples. "
-        "No arguments needed; finishes in under 10 minutes on 2 CPU cores."
+        "No arguments needed; about 800 CPU seconds (some 7 minutes on 2 idle cores)."
     )
     p.add_argument("--out", help="run folder (default runs/demo-<UTC timestamp>)")
     p.add_argument("--tiny", action="store_true",
