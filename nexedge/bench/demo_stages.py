@@ -148,7 +148,7 @@ def stage_calibrate(demo: Demo) -> None:
     if card.precision != "int8":
         raise RuntimeError(f"{found[0]}: card says precision {card.precision!r}, expected int8")
     rep = (card.data.get("metrics") or {}).get("int8_vs_fp32") or {}
-    flips = [f["flip_fraction"] for f in rep.get("decision_flips", [])]
+    flips = [max(f["flip_fraction_good"], f["flip_fraction_defect"]) for f in rep.get("deployed", [])]
     demo.results["int8"] = {
         "onnx": found[0], "bytes": os.path.getsize(found[0]), "fp32_bytes": demo.results["export"]["bytes"],
         "metrics": {k: rep.get(k) for k in ("n_images", "auc_fp32", "auc_int8", "auc_delta_points",
