@@ -81,6 +81,7 @@ def test_ten_crop_export_measures_its_own_operating_points(toy, ten):
 
 def test_daemon_refuses_thresholds_measured_with_another_crop_mode(toy, tmp_path, caplog):
     from _daemon_util import base_config
+
     from nexedge.export.onnx_export import export_onnx
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
@@ -312,6 +313,7 @@ def test_thresholds_cli_prints_weak_warning(toy, ten, capsys):
 
 def test_daemon_warns_and_exports_the_tpr_lower_bound(tmp_path, caplog):
     from _daemon_util import base_config, build_tiny_onnx
+
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
 
@@ -376,6 +378,7 @@ def test_card_monotone_points_and_histogram_counts():
 
 def test_daemon_refuses_card_with_infinite_threshold(tmp_path):
     from _daemon_util import base_config, build_tiny_onnx
+
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
 
@@ -517,3 +520,18 @@ def test_resize_short_keeps_aspect_ratio_and_is_carried_by_the_card():
         card.validate()
     with pytest.raises(ValueError, match="resize mode 'crop'"):
         pp.prepare(img, {"color": "gray", "resize": [20, 20], "resize_mode": "crop"})
+
+
+# -- demo: claimed TPR beside what the line delivered ----------------------------------
+
+def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
+    from _daemon_util import build_tiny_onnx
+
+    from nexedge.bench.demo import deployed_claim_line
+
+    model = build_tiny_onnx(str(tmp_path))  # card: TPR 1.0 claimed, lower bound 0.98, 150 val defects
+    stream = {"binary": {"defect": {"PASS": 1, "REJECT": 19, "RECHECK": 0},
+                         "good": {"PASS": 36, "REJECT": 4, "RECHECK": 0}}}
+    line = deployed_claim_line({"model": model}, stream)
+    assert "claimed TPR 100.0% (95% lower bound 98.0%" in line
+    assert "on test: TPR 95.0% FPR 10.0% (20 defect, 40 good" in line
