@@ -185,13 +185,12 @@ def remeasure_or_mark(artifact: str, parent: ModelCard, open_fn: Optional[Callab
             be = (open_fn or open_backend)(artifact)
         except Exception as e:  # no TensorRT / CUDA here, or the engine does not load on this machine
             reason = f"cannot run {os.path.basename(artifact)} on this machine ({type(e).__name__}: {e})"
-    if reason is not None:
-        card = mark_from_parent(load_card(artifact), reason)
+    if reason is not None or root is None or be is None:
+        card = mark_from_parent(load_card(artifact), reason or "not measured")
         card.save_for(artifact)
         log.warning("%s: operating points from parent (not re-measured): %s", artifact, reason)
         return card
     try:
-        assert root is not None
         return measure_artifact(artifact, root, split, backend=be).card
     finally:
         be.close()
