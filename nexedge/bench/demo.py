@@ -160,9 +160,9 @@ def print_recap(demo: Demo) -> None:
         lines.append(f"INT8 model: {r['int8']['onnx']}")
         m = r["int8"].get("metrics")
         if m:
-            lines.append("INT8 vs FP32 on val ({} images): AUC {} vs {}, max score diff {:.4f}, decisions flipped "
+            lines.append("INT8 vs FP32 on {} ({} images): AUC {} vs {}, max score diff {:.4f}, decisions flipped "
                          "{}; size {:.1f} MB vs {:.1f} MB".format(
-                             m["n_images"], _pct(m["auc_int8"]), _pct(m["auc_fp32"]), m["max_abs_score_diff"],
+                             m.get("split", "?"), m["n_images"], _pct(m["auc_int8"]), _pct(m["auc_fp32"]), m["max_abs_score_diff"],
                              _pct(r["int8"]["max_decision_flips"]), r["int8"]["bytes"] / 1e6,
                              r["int8"]["fp32_bytes"] / 1e6))
     if "stream" in r:

@@ -152,7 +152,7 @@ def stage_calibrate(demo: Demo) -> None:
     flips = [max(f["flip_fraction_good"], f["flip_fraction_defect"]) for f in rep.get("deployed", [])]
     demo.results["int8"] = {
         "onnx": found[0], "bytes": os.path.getsize(found[0]), "fp32_bytes": demo.results["export"]["bytes"],
-        "metrics": {k: rep.get(k) for k in ("n_images", "auc_fp32", "auc_int8", "auc_delta_points",
+        "metrics": {k: rep.get(k) for k in ("split", "n_images", "auc_fp32", "auc_int8", "auc_delta_points",
                                             "max_abs_score_diff")} if rep else None,
         "max_decision_flips": max(flips) if flips else None,
     }
