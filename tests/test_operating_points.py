@@ -219,6 +219,11 @@ def test_int8_card_carries_its_own_operating_points_and_report_at_deployed_thres
     flips = (s32 >= dep["threshold_fp32"]) != (s8 >= dep["threshold_int8"])
     assert dep["flip_fraction_good"] == pytest.approx(flips[~is_def].mean())
     assert dep["flip_fraction_defect"] == pytest.approx(flips[is_def].mean())
+    from nexedge.export.cli import format_deployed
+
+    text = format_deployed(dep, rep)
+    assert f"total escapes fp32 {dep['escapes_fp32']} int8 {dep['escapes_int8']}" in text
+    assert any(line.split()[:2] == ["good", "overkill"] for line in text.splitlines())
 
 
 def test_int8_report_refuses_the_threshold_split(toy, ten, tmp_path):

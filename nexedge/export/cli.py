@@ -138,10 +138,12 @@ def format_deployed(dep: dict, rep: dict) -> str:
     lines = [f"  at the deployed point TPR {100 * dep['target_tpr']:g} % on {rep['split']} "
              f"({rep['n_defects']} defect, {rep['n_good']} good; thresholds fp32 {dep['threshold_fp32']:.4g} "
              f"int8 {dep['threshold_int8']:.4g} from {rep['thresholds_from']['int8']}):",
-             f"    {'class':<14} {'images':>6}  {'fp32':>5}  {'int8':>5}"]
+             ""]
+    w = max([5] + [len(c) for c in dep["per_class"]])
+    lines[-1] = f"    {'class':<{w}}  {'counted':<8}  {'images':>6}  {'fp32':>5}  {'int8':>5}"
     for cls, row in dep["per_class"].items():
         what = "overkill" if "overkill" in row["fp32"] else "escapes"
-        lines.append(f"    {cls + ' ' + what:<14} {row['fp32']['n']:>6}  {row['fp32'][what]:>5}  {row['int8'][what]:>5}")
+        lines.append(f"    {cls:<{w}}  {what:<8}  {row['fp32']['n']:>6}  {row['fp32'][what]:>5}  {row['int8'][what]:>5}")
     lines.append(f"    total escapes fp32 {dep['escapes_fp32']} int8 {dep['escapes_int8']}, overkill fp32 "
                  f"{dep['overkill_fp32']} int8 {dep['overkill_int8']}; decisions flipped: "
                  f"{100 * dep['flip_fraction_defect']:.1f} % of defects, {100 * dep['flip_fraction_good']:.1f} % of good")
