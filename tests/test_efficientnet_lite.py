@@ -115,6 +115,7 @@ def test_lite0_exports_quantizes_and_runs_like_the_daemon(tmp_path):
     inp = {"color": "gray", "resize": [40, 40], "crop": [32, 32], "crop_mode": "ten"}
     ckpt = train_toy_checkpoint(str(tmp_path / "lite0.pt"), arch="efficientnet_lite0", inp=dict(inp), steps=20)
     data = write_toy_dataset(str(tmp_path / "data"), load_card(ckpt).input, {"train": 40, "val": 60})
+    write_toy_dataset(data, load_card(ckpt).input, {"test": 60}, seed=7)  # the INT8 report's held-out split
     onnx_path = export_onnx(ckpt, crops="ten", parity_data=data, parity_images=4, threads=1).path
     res = run_calibration(onnx_path, data, n_images=40, targets=("ort",), out_root=str(tmp_path / "c"), threads=1)
     rep = load_card(res.outputs["ort"]).data["metrics"]["int8_vs_fp32"]
