@@ -88,3 +88,16 @@ def base_config(model: str, **sections: Any) -> Dict[str, Any]:
         else:
             raw[k] = v
     return raw
+
+
+def png_header(width: int, height: int, depth: int = 8, color: int = 0, idat: bytes = b"") -> bytes:
+    """A PNG signature + a valid IHDR chunk (right CRC) claiming ``width`` x ``height``, then ``idat``
+    as one IDAT chunk and IEND: what an attacker sends to make a small file decode to a huge image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

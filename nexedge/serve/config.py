@@ -31,7 +31,9 @@ class SocketsCfg:
     frames: str = "tcp://127.0.0.1:5555"
     verdicts: str = "tcp://127.0.0.1:5556"
     max_message_bytes: int = 32 << 20
+    max_header_bytes: int = 16 << 10
     max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 128 << 20
     decode_workers: int = 2
     max_cameras: int = 256
     hwm: int = 10000
@@ -64,12 +66,16 @@ class StoreCfg:
     path: str = ""
     quota: Optional[str] = None
     queue: int = 512
+    queue_bytes: str = "64MiB"
+    recheck_per_minute: float = 6.0
 
 
 @dataclasses.dataclass
 class MetricsCfg:
     host: str = "127.0.0.1"
     port: int = 9108
+    max_connections: int = 16
+    timeout_s: float = 5.0
 
 
 @dataclasses.dataclass
@@ -220,7 +226,7 @@ def validate(cfg: Config) -> Config:
         addr = getattr(s, key)
         if not re.match(r"^(tcp|ipc|inproc)://.+", addr):
             raise ConfigError(f"sockets.{key}: {addr!r} is not a ZeroMQ endpoint; expected e.g. tcp://127.0.0.1:5555")
-    for key in ("max_message_bytes", "max_pixels", "max_cameras", "hwm"):
+    for key in ("max_message_bytes", "max_header_bytes", "max_pixels", "max_decoded_bytes", "max_cameras", "hwm"):
         _positive("sockets." + key, getattr(s, key))
     _positive("sockets.decode_workers", s.decode_workers, allow_zero=True)
     _positive("sockets.linger_ms", s.linger_ms, allow_zero=True)
@@ -248,8 +254,13 @@ def validate(cfg: Config) -> Config:
         if cfg.store.quota is not None:
             parse_size(cfg.store.quota, "store.quota")
         _positive("store.queue", cfg.store.queue)
-    if cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
-        raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
+        parse_size(cfg.store.queue_bytes, "store.queue_bytes")
+        _positive("store.recheck_per_minute", cfg.store.recheck_per_minute, allow_zero=True)
+    if cfg.metrics is not None:
+        if not 0 <= cfg.metrics.port <= 65535:
+            raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
+        _positive("metrics.max_connections", cfg.metrics.max_connections)
+        _positive("metrics.timeout_s", cfg.metrics.timeout_s)
     if cfg.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: {cfg.logging.level!r}; expected one of {list(LOG_LEVELS)}")
     if cfg.logging.format not in ("json", "text"):

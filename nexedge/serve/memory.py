@@ -1,0 +1,82 @@
+"""Give memory back to the OS after floods (glibc malloc).
+
+Measured (benchmarks/RESULTS.md, "daemon memory after floods"): after a flood
+of large messages the daemon's RSS stayed near its peak although nothing held
+the buffers any more. It was the allocator, not the daemon: glibc raises its
+mmap threshold dynamically after a large block is freed (up to 32 MiB on
+64-bit), so later multi-MiB message buffers come from the heap arenas, and
+freed arena memory stays in the process. Two cheap settings fix it:
+
+* a fixed ``M_MMAP_THRESHOLD`` (default 1 MiB): every large buffer (message
+  parts, decoded images) is its own mapping, unmapped on free;
+* ``malloc_trim(0)`` once the daemon has been idle for a moment after a
+  burst: returns freed arena pages (the many small allocations) to the OS.
+
+Both are no-ops where glibc is absent (musl, macOS). Python 3.8, no torch.
+"""
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from typing import Any, Optional
+
+log = logging.getLogger("nexedge.serve")
+
+M_MMAP_THRESHOLD = -3
+
+
+def _libc() -> Optional[Any]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        libc.mallopt  # noqa: B018
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class AllocatorTrim:
+    """Fixed mmap threshold at start; ``malloc_trim`` after ``idle_s`` without work following activity."""
+
+    def __init__(self, mmap_threshold: int = 1 << 20, idle_s: float = 1.0, enabled: bool = True) -> None:
+        self.libc = _libc() if enabled else None
+        self.idle_s = idle_s
+        self.trims = 0
+        self._dirty = False
+        self._idle_since: Optional[float] = None
+        if self.libc is not None and mmap_threshold > 0:
+            if not self.libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)):
+                log.warning("mallopt(M_MMAP_THRESHOLD, %d) failed; large buffers may stay in the heap",
+                            mmap_threshold)
+
+    def tick(self, now: float, busy: bool) -> None:
+        """Called every I/O loop: trim once when the daemon turns idle after being busy."""
+        if self.libc is None:
+            return
+        if busy:
+            self._dirty = True
+            self._idle_since = None
+            return
+        if not self._dirty:
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= self.idle_s:
+            self.trim()
+
+    def trim(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+            self.trims += 1
+        self._dirty = False
+        self._idle_since = None
