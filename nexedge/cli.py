@@ -25,6 +25,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("build-engine", "nexedge.export.cli", "ONNX -> TensorRT engine (FP16/INT8) for this GPU"),
     ("camera-sim", "nexedge.serve.cli", "stream a folder of images to the daemon from N simulated cameras"),
     ("pull", "nexedge.relabel.cli", "pull uncertain samples from a store or a running daemon"),
+    ("store", "nexedge.store.cli", "check a sample store's integrity or print its stats (read-only)"),
     ("import-labels", "nexedge.relabel.cli", "add labelled images (Label Studio JSON or CSV) to a data set"),
     ("keys", "nexedge.relabel.cli", "make CurveZMQ key pairs for daemon authentication"),
     ("bench", "nexedge.bench.cli", "latency/throughput benchmark of a model on a backend"),

@@ -10,6 +10,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from _daemon_util import png_header
 
 from nexedge.card import CardError, ModelCard
 from nexedge.serve import config as C
@@ -18,8 +19,6 @@ from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider, logit
 from nexedge.serve.decode import decode, image_dims, sniff
-
-from _daemon_util import png_header  # noqa: E402  (isort: tests/ is on sys.path)
 
 
 def _parse(frames):

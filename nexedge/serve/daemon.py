@@ -88,7 +88,11 @@ class Daemon(IngestMixin):
         cfg, m = self.cfg, self.metrics
         if cfg.metrics is not None:
             try:
-                self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live)
+                self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live,
+                                         cfg.metrics.max_connections, cfg.metrics.timeout_s)
+                http_srv = self.http
+                m.add_counter_callback("nexedge_http_refused", "Metrics HTTP connections closed unserved "
+                                       "(metrics.max_connections busy)", "endpoint", lambda: {"http": http_srv.refused})
             except OSError as e:
                 raise RuntimeError(f"cannot serve metrics on metrics.host={cfg.metrics.host!r} "
                                    f"metrics.port={cfg.metrics.port}: {e}") from e
@@ -148,15 +152,19 @@ class Daemon(IngestMixin):
             from nexedge.store import SampleStore
 
             quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
-            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue)
+            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue,
+                                   C.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
+                                   cfg.store.recheck_per_minute, cfg.sockets.max_cameras)
             log.info("uncertain-sample store at %s (quota %s)", cfg.store.path, cfg.store.quota)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
             mc = cfg.monitor
             self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
-                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior)
-            self.metrics.add_snapshot_collector("nexedge_monitor", self.monitor.snapshot)
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior,
+                                        max_cameras=cfg.sockets.max_cameras)
+            mon = self.monitor
+            self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
         if cfg.auth is not None:
             from nexedge.serve.auth import CurveConfig
 

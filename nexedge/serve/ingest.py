@@ -73,7 +73,7 @@ class DecodePool:
     """
 
     def __init__(self, n: int, fn: Any) -> None:
-        self._q: "queue.Queue[Optional[Tuple[Any, ...]]]" = queue.Queue()
+        self._q: queue.Queue[Optional[Tuple[Any, ...]]] = queue.Queue()
         self._fn = fn
         self._threads = [threading.Thread(target=self._run, name=f"nexedge-decode-{i}", daemon=True)
                          for i in range(n)]
