@@ -1,6 +1,7 @@
 """Uncertain-sample store: real SQLite files, real image files, a real SIGKILL."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -261,3 +262,27 @@ def test_kill9_during_writes_leaves_a_consistent_store(tmp_path, quota):
                     assert hashlib.sha256(f.read()).hexdigest() == r["sha256"]
             if quota:
                 assert st.stats()["bytes"] <= quota
+
+
+def test_store_command_check_and_stats(tmp_path, capsys):
+    """Issue 13 item 16: ``nexedge store check|stats PATH``; a malformed row is reported, not raised."""
+    import sqlite3
+
+    from nexedge.cli import main
+
+    root = str(tmp_path / "s")
+    with SampleStore(root) as st:
+        for i in range(3):
+            st.add(_img(i), "png", _meta(i))
+    assert main(["store", "check", root]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["store", "stats", root, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["samples"] == 3 and stats["rows"] == 3 and stats["bytes"] == 300
+    db = sqlite3.connect(os.path.join(root, "samples.db"))
+    db.execute("UPDATE blobs SET ext = '../../x' WHERE rowid = 1")
+    db.commit()
+    db.close()
+    assert main(["store", "check", root]) == 1
+    out = capsys.readouterr().out
+    assert "malformed rows: 1" in out and "PROBLEMS FOUND" in out

@@ -89,6 +89,7 @@ class DecodePool:
             if job is None:
                 return
             self._fn(*job)
+            del job  # do not hold the last frame's payload while waiting for the next one
 
     def shutdown(self) -> None:
         """Ask the threads to stop after their current job; does not wait."""
