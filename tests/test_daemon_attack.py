@@ -204,8 +204,8 @@ def test_monitor_bounds_cameras_and_exports_its_values(tmp_path):
         assert len(d.monitor._cams) <= 5
     cams = {dict(k[1])["camera"] for k in m if k[0] == "nexedge_monitor_psi"}
     assert cams and len(cams) <= 5 and "_other" in cams
-    for stat in ("psi", "brightness", "contrast", "sharpness", "uncertain_frac"):
-        assert ("nexedge_monitor_" + stat, (("camera", "cam0"),)) in m, stat
+    for name in ("psi", "brightness", "contrast", "sharpness", "uncertain_frac"):
+        assert ("nexedge_monitor_" + name, (("camera", "cam0"),)) in m, name
     assert m[("nexedge_monitor_other_frames_total", ())] > 0
     series = [k for k in m if k[0].startswith("nexedge_monitor")]
     assert len(series) < 100
