@@ -72,6 +72,40 @@ def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
     return got
 
 
+def in_process(model: str, allocator: bool) -> None:
+    """Daemon in this process; mixed flood of large raw frames; RSS after 2 s idle, then after an
+    explicit malloc_trim(0): what malloc_trim releases was held by the allocator, the rest is held."""
+    import ctypes
+    import gc
+    import threading
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import base_config
+
+    import nexedge.serve.memory as M
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+
+    if not allocator:
+        M.AllocatorTrim.__init__.__defaults__ = (0, 1.0, False)
+    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"})))
+    d._memory.libc = None  # no automatic trim after the burst: we trim by hand below
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    base = M.rss_bytes()
+    flood(d.endpoints["frames"], "mixed", 4, 1, 1)
+    time.sleep(2)
+    gc.collect()
+    after = M.rss_bytes()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = M.rss_bytes()
+    d.request_stop()
+    t.join()
+    print(f"in-process mixed flood, fixed mmap threshold {'on ' if allocator else 'off'}: base {base >> 20} MB, "
+          f"after {after >> 20} MB, after malloc_trim {trimmed >> 20} MB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -81,7 +115,16 @@ def main() -> int:
     ap.add_argument("--part-mib", type=int, default=8)
     ap.add_argument("--kinds", default="multipart,mixed", help="floods to run: multipart, mixed, single")
     ap.add_argument("--max-message-mib", type=int, default=32)
+    ap.add_argument("--in-process", action="store_true", help="allocator vs held: in-process probe, both settings")
     args = ap.parse_args()
+    if args.in_process:
+        for allocator in (False, True):
+            pid = os.fork()
+            if pid == 0:
+                in_process(args.model, allocator)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        return 0
     env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code_root))
     print(f"code: {args.code_root}; load average {os.getloadavg()[0]:.2f}")
     print(f"{'flood':<12} {'base MB':>8} {'peak MB':>8} {'after 3 s MB':>12} {'replies':>8}")

@@ -1,18 +1,21 @@
 """Give memory back to the OS after floods (glibc malloc).
 
-Measured (benchmarks/RESULTS.md, "daemon memory after floods"): after a flood
-of large messages the daemon's RSS stayed near its peak although nothing held
-the buffers any more. It was the allocator, not the daemon: glibc raises its
-mmap threshold dynamically after a large block is freed (up to 32 MiB on
-64-bit), so later multi-MiB message buffers come from the heap arenas, and
-freed arena memory stays in the process. Two cheap settings fix it:
+What stays after a flood (benchmarks/bench_memory_flood.py, benchmarks/RESULTS.md):
 
-* a fixed ``M_MMAP_THRESHOLD`` (default 1 MiB): every large buffer (message
-  parts, decoded images) is its own mapping, unmapped on free;
-* ``malloc_trim(0)`` once the daemon has been idle for a moment after a
-  burst: returns freed arena pages (the many small allocations) to the OS.
+* multipart bombs (40 parts of 16 MiB): libzmq assembles the whole message
+  before the daemon sees its first part, so the peak (~720 MB) is inside
+  libzmq; once answered, RSS went back to its baseline on this box with the old
+  and the new code alike;
+* floods of large valid frames: glibc raises its mmap threshold dynamically
+  after a large block is freed, so later multi-MiB buffers come from the heap
+  arenas and stay there: 6-10 MB here that ``malloc_trim`` gives back; a
+  further ~35 MB above the baseline is not released by ``malloc_trim`` (native
+  libraries' own pools), i.e. held, not allocator slack.
 
-Both are no-ops where glibc is absent (musl, macOS). Python 3.8, no torch.
+So the daemon fixes ``M_MMAP_THRESHOLD`` (1 MiB: every large buffer is its own
+mapping, unmapped on free) and calls ``malloc_trim(0)`` once it has been idle
+for a moment after a burst. Both are no-ops where glibc is absent (musl,
+macOS). Python 3.8, no torch.
 """
 
 import ctypes
