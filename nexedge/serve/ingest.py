@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import zmq
 
@@ -73,7 +73,7 @@ class DecodePool:
     """
 
     def __init__(self, n: int, fn: Any) -> None:
-        self._q: queue.Queue[Optional[Tuple[Any, ...]]] = queue.Queue()
+        self._q = queue.Queue()  # type: queue.Queue  # of job tuples, None to stop
         self._fn = fn
         self._threads = [threading.Thread(target=self._run, name=f"nexedge-decode-{i}", daemon=True)
                          for i in range(n)]

@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from typing import Any, Dict, List, Optional
+from typing import OrderedDict as OrderedDictT
 
 import zmq
 
@@ -61,7 +62,7 @@ class Lease:
 
     def __init__(self, max_ids: int = MAX_LEASE, ttl_s: float = LEASE_S) -> None:
         self.max_ids, self.ttl_s = max_ids, ttl_s
-        self._ids: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._ids: OrderedDictT[int, float] = collections.OrderedDict()
 
     def grant(self, ids: List[int], now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now

@@ -1,17 +1,20 @@
 """Daemon memory after floods: RSS before, at peak and after idle, for a flood of many-part
 large messages (the multipart bomb) and of large valid frames, with and without the allocator
-settings (nexedge.serve.memory). Prints one table; writes nothing else. Not a test.
+settings (nexedge.serve.memory). Prints a table; ``--markdown`` writes it as a RESULTS.md section. Not a test.
 
-    PYTHONPATH=$PWD python benchmarks/bench_memory_flood.py --model MODEL.onnx [--code-root DIR]
+    PYTHONPATH=$PWD python benchmarks/bench_memory.py [--model MODEL.onnx] [--code-roots .,/work/main]
 
-``--code-root`` runs the daemon from another checkout (e.g. /work/main) for a side-by-side run.
+``--code-roots`` runs the daemon from each checkout in turn (e.g. this one and main) for a
+side-by-side run.
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import zmq
@@ -106,36 +109,70 @@ def in_process(model: str, allocator: bool) -> None:
           f"after {after >> 20} MB, after malloc_trim {trimmed >> 20} MB")
 
 
+def _model(path: Optional[str]) -> str:
+    if path:
+        return os.path.abspath(path)
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import build_tiny_onnx
+
+    return build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-mem-"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--code-root", default=os.getcwd(), help="checkout whose nexedge the daemon runs")
-    ap.add_argument("--n", type=int, default=6, help="messages per flood")
-    ap.add_argument("--parts", type=int, default=20, help="parts per multipart bomb")
-    ap.add_argument("--part-mib", type=int, default=8)
-    ap.add_argument("--kinds", default="multipart,mixed", help="floods to run: multipart, mixed, single")
+    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
+    ap.add_argument("--code-roots", default=os.getcwd(),
+                    help="comma-separated checkouts whose nexedge the daemon runs, side by side (e.g. .,/work/main)")
+    ap.add_argument("--n", type=int, default=4, help="messages per flood")
+    ap.add_argument("--parts", type=int, default=40, help="parts per multipart bomb")
+    ap.add_argument("--part-mib", type=int, default=16)
+    ap.add_argument("--kinds", default="multipart,pipelined,mixed", help="floods: multipart, pipelined, mixed, single")
     ap.add_argument("--max-message-mib", type=int, default=32)
-    ap.add_argument("--in-process", action="store_true", help="allocator vs held: in-process probe, both settings")
+    ap.add_argument("--probe", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", help="write the results as a Markdown section here")
     args = ap.parse_args()
-    if args.in_process:
-        for allocator in (False, True):
-            pid = os.fork()
-            if pid == 0:
-                in_process(args.model, allocator)
-                os._exit(0)
-            os.waitpid(pid, 0)
+    model = _model(args.model)
+    if args.probe:
+        in_process(model, args.probe == "on")
         return 0
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code_root))
-    print(f"code: {args.code_root}; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'flood':<12} {'base MB':>8} {'peak MB':>8} {'after 3 s MB':>12} {'replies':>8}")
-    for kind in args.kinds.split(","):
-        d = DaemonProc(_config(args.model, args.max_message_mib << 20), env=env).wait_ready()
-        base = d.status()["rss"]
-        got = flood(d.frames, kind, args.n, args.part_mib, args.parts)
-        time.sleep(3.0)
-        st = d.status()
-        d.stop()
-        print(f"{kind:<12} {base / 2**20:8.0f} {st['hwm'] / 2**20:8.0f} {st['rss'] / 2**20:12.0f} {got:>8}")
+    rows = []
+    load0 = os.getloadavg()
+    for root in [r.strip() for r in args.code_roots.split(",") if r.strip()]:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        for kind in args.kinds.split(","):
+            d = DaemonProc(_config(model, args.max_message_mib << 20), env=env).wait_ready()
+            base = d.status()["rss"]
+            got = flood(d.frames, kind, args.n, args.part_mib, args.parts)
+            time.sleep(3.0)
+            st = d.status()
+            d.stop()
+            rows.append((os.path.abspath(root), kind, base >> 20, st["hwm"] >> 20, st["rss"] >> 20, got))
+            print(f"{root:<20} {kind:<10} base {base >> 20} MB, peak {st['hwm'] >> 20} MB, after 3 s idle "
+                  f"{st['rss'] >> 20} MB, replies {got}", flush=True)
+    probes = []
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model, "--probe", mode],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("in-process")]
+        probes.append(line[0] if line else f"probe {mode} failed: {out.stderr[-500:]}")
+        print(probes[-1], flush=True)
+    if args.markdown:
+        md = ["## Daemon memory after floods", "",
+              f"`python benchmarks/bench_memory.py --code-roots {args.code_roots}` on "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load0[0]:.1f} at the start "
+              f"(2-core AMD EPYC, shared). Floods: `multipart` = {args.n} messages of {args.parts} parts x "
+              f"{args.part_mib} MiB sent one after the other, `pipelined` = the same sent at once, `mixed` = "
+              "a bomb then 8 valid raw frames of 0.1-6 Mpx, four times. RSS in MB of the daemon process "
+              "(VmHWM for the peak).", "",
+              "| code | flood | base | peak | after 3 s idle | replies |", "|---|---|---|---|---|---|"]
+        md += [f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in rows]
+        md += ["", "Allocator slack vs held memory (daemon in the probing process, mixed flood, then "
+               "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held):", ""]
+        md += [f"- {p}" for p in probes]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md) + "\n")
     return 0
 
 

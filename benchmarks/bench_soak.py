@@ -14,8 +14,11 @@ deadline, client-side), PASS without a score (must be 0), p50/p99 latency of wel
 frames, RSS slope (MB/hour, least squares after the first ``--warmup-s`` seconds), threads,
 fds, store rows/bytes. Writes a JSON result with ``--out``.
 
-    PYTHONPATH=$PWD nice python benchmarks/soak_daemon.py --model /tmp/m/tiny.onnx --minutes 30 \\
-        --out benchmarks/results/soak.json
+    PYTHONPATH=$PWD nice python benchmarks/bench_soak.py [--model M.onnx] --minutes 30 \\
+        --out benchmarks/results/soak.json --markdown benchmarks/results/soak.md
+    python benchmarks/bench_soak.py --from-json benchmarks/results/soak.json --markdown benchmarks/results/soak.md
+
+Without ``--model`` the tiny test model (tests/_daemon_util.py) is built first.
 """
 
 import argparse
@@ -219,9 +222,45 @@ def slope_mb_per_hour(samples: List[Dict[str, Any]], warmup_s: float) -> float:
     return float(np.polyfit(t / 3600.0, r, 1)[0])
 
 
+def markdown(res: Dict[str, Any], command: str) -> str:
+    s = res["soak"]
+    short = "" if res["minutes"] >= 29.5 else (f" **Shorter than the 30 minutes the issue asks for: "
+                                               f"{res['minutes']:.1f} min.**")
+    rows = [
+        ("duration", f"{res['minutes']:.1f} min{short}"),
+        ("measured capacity (8 cameras flat out)", f"{res['capacity_fps']:.1f} inferred frames/s"),
+        ("offered load", f"{res['rate_fps']:.1f} frames/s (80 %) from 8 cameras + {s['hostile_sent']} hostile "
+                         f"messages ({s['hostile_sent'] / max(s['sent'], 1):.2%})"),
+        ("frames sent / replies", f"{s['sent']} / {s['replied']}"),
+        ("lost (no reply)", str(s["lost"])),
+        ("duplicate replies", str(s["duplicates"])),
+        ("late (reply after deadline + 50 ms, client side)", f"{s['late']} ({s['late'] / max(s['sent'], 1):.3%})"),
+        ("PASS without a score", str(s["pass_without_score"])),
+        ("decisions", ", ".join(f"{k} {v}" for k, v in sorted(s["decisions"].items()))),
+        ("latency of inferred frames p50 / p99 / max", f"{s['p50_ms']:.0f} / {s['p99_ms']:.0f} / {s['max_ms']:.0f} ms "
+                                                       f"(deadline {res.get('deadline_ms', 2000):.0f} ms)"),
+        ("hostile messages answered", f"{s['hostile_replied']} of {s['hostile_sent']}"),
+        ("RSS first / last / max", f"{res['rss_mb_first']:.1f} / {res['rss_mb_last']:.1f} / {res['rss_mb_max']:.1f} MB"),
+        ("RSS slope (least squares after warm-up)", f"{res['rss_slope_mb_per_hour']:.2f} MB/hour"),
+        ("threads min / max", "{} / {}".format(*res["threads_min_max"])),
+        ("open fds min / max", "{} / {}".format(*res["fds_min_max"])),
+        ("store rows / image bytes at the end", f"{res['store_rows_last']} / {res['store_bytes_last']}"),
+        ("/metrics and /ready at every sample", "200" if res["metrics_ok"] and res["ready_ok"] else "NOT always 200"),
+        ("daemon exit code after SIGTERM", str(res["daemon_exit"])),
+        ("load average start / end", " / ".join(f"{x[0]:.1f} {x[1]:.1f} {x[2]:.1f}"
+                                                for x in (res["load_avg_start"], res["load_avg_end"]))),
+    ]
+    out = ["## Soak: 8 cameras at 80 % of capacity with 1 % hostile traffic", "",
+           f"`{command}`, {res.get('date', '')}, {res['machine']}, nice'd while other engineers' jobs ran "
+           "(see the load average). Model: the tiny test model (32x32 TenCrop, random weights); images: "
+           "the real Nexperia reference PNGs.", "", "| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="ONNX model with its card")
+    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of measured capacity")
     ap.add_argument("--hostile", type=float, default=0.01, help="hostile messages as a fraction of frames")
@@ -230,7 +269,23 @@ def main() -> int:
     ap.add_argument("--warmup-s", type=float, default=120.0)
     ap.add_argument("--deadline-ms", type=float, default=2000.0)
     ap.add_argument("--out", help="write the result JSON here")
+    ap.add_argument("--markdown", help="write the result as a RESULTS.md section here")
+    ap.add_argument("--from-json", help="only render --markdown from a result JSON written earlier")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            res = json.load(f)
+        text = markdown(res, res.get("command", "python benchmarks/bench_soak.py"))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+        print(text)
+        return 0
+    if not args.model:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from _daemon_util import build_tiny_onnx
+
+        args.model = build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-soak-model-"))
     work = tempfile.mkdtemp(prefix="nexedge-soak-")
     store = os.path.join(work, "store")
     max_msg = 4 << 20
@@ -271,13 +326,18 @@ def main() -> int:
         "fds_min_max": [min(s["fds"] for s in samples), max(s["fds"] for s in samples)],
         "store_rows_last": samples[-1].get("rows"), "store_bytes_last": samples[-1].get("store_bytes"),
         "metrics_ok": all(s["metrics"] == 200 for s in samples), "ready_ok": all(s["ready"] == 200 for s in samples),
-        "daemon_exit": code, "samples": samples,
+        "daemon_exit": code, "deadline_ms": args.deadline_ms,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:]), "samples": samples,
     }
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(res, res["command"]))
     return 0
 
 
