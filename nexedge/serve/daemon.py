@@ -211,11 +211,6 @@ class Daemon(IngestMixin):
     def n_answered(self) -> int:
         return self.ledger.answered
 
-    def answer(self, req: Request, decision: str, reason: str, score: Optional[float] = None,
-               uncertain: bool = False, probs: Optional[Dict[str, float]] = None) -> bool:
-        """Send the one verdict of ``req`` (any thread). False if it was already answered. Never raises."""
-        return self.ledger.answer(req, decision, reason, score, uncertain, probs)
-
     def _deliver(self, req: Request, decision: str, reason: str, latency: float, score: Optional[float],
                  uncertain: bool, probs: Optional[Dict[str, float]]) -> None:
         """Build, count and send one verdict (called by the ledger, once per frame)."""
@@ -276,7 +271,8 @@ class Daemon(IngestMixin):
             now = time.monotonic()
             for f in self.batcher.expire(now):
                 self.worker.recheck(f, P.DEADLINE_PASSED)  # decoded: answered and sampled
-            self.ledger.expire(now)  # anywhere else: waiting for or in decode, in a batch
+            for req in self.ledger.expire(now):  # anywhere else: waiting for or in decode, in a batch
+                self._sample_undecoded(req, req.t_wall, P.DEADLINE_PASSED)
             self.metrics.queue_depth.set(len(self.batcher))
             self._io_beat = now
             self._watchdog.tick(now, self.is_live())

@@ -230,6 +230,12 @@ class IngestMixin:
         plausible image and the per-camera RECHECK sampling budget allows (see Sampler)."""
         if self.sampler is None:
             return
+        try:
+            self._sample_undecoded_or_raise(req, t_wall, reason)
+        except Exception as e:  # sampling is best effort; it never costs a verdict or the I/O loop
+            log.error("could not sample camera %r frame %r: %s", req.camera, req.frame_id, e)
+
+    def _sample_undecoded_or_raise(self, req: Request, t_wall: float, reason: str) -> None:
         if req.encoding == "raw":
             import numpy as np
 

@@ -70,11 +70,11 @@ class Ledger:
             log.error("could not deliver the verdict of camera %r frame %r: %s", req.camera, req.frame_id, e)
         return True
 
-    def expire(self, now: float) -> int:
-        """Answer every frame whose deadline has passed RECHECK deadline_passed; returns how many."""
+    def expire(self, now: float) -> List[Request]:
+        """Answer every frame whose deadline has passed RECHECK deadline_passed; returns those answered."""
         with self._lock:
             late = [r for r in self._open.values() if r.deadline <= now]
-        return sum(self.answer(r, "RECHECK", P.DEADLINE_PASSED) for r in late)
+        return [r for r in late if self.answer(r, "RECHECK", P.DEADLINE_PASSED)]
 
     def answer_all(self, reason: str, keep: Iterable[Request] = ()) -> int:
         """Answer every open frame RECHECK ``reason`` except those in ``keep`` (e.g. the batch in flight)."""

@@ -143,21 +143,29 @@ class RecheckLimiter:
         self._order: Deque[bytes] = collections.deque()
         self._lock = threading.Lock()
 
+    def _bucket(self, camera: str, now: float) -> list:
+        """[tokens, last refill] of ``camera`` (or of ``_other`` past max_cameras), refilled to ``now``."""
+        key = camera if (camera in self._buckets or len(self._buckets) < self.max_cameras) else "_other"
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = [self.burst, now]
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        return b
+
     def refuse(self, camera: str, image: Image, now: Optional[float] = None) -> Optional[str]:
         """None to keep the sample, else the drop reason (``recheck_rate`` or ``duplicate``)."""
         if self.rate <= 0:
             return "recheck_rate"
         now = time.monotonic() if now is None else now
+        with self._lock:
+            b = self._bucket(camera, now)
+            if b[0] < 1.0:  # out of budget: refuse before hashing anything
+                return "recheck_rate"
         digest = hashlib.sha1(image if not isinstance(image, np.ndarray) else np.ascontiguousarray(image)).digest()
         with self._lock:
             if digest in self._seen:
                 return "duplicate"
-            key = camera if (camera in self._buckets or len(self._buckets) < self.max_cameras) else "_other"
-            b = self._buckets.get(key)
-            if b is None:
-                b = self._buckets[key] = [self.burst, now]
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
             if b[0] < 1.0:
                 return "recheck_rate"
             b[0] -= 1.0
