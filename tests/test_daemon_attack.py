@@ -404,3 +404,15 @@ def test_secret_key_file_is_never_readable_by_others(tmp_path, monkeypatch):
     real_chmod(secret, 0o644)
     with pytest.raises(ValueError, match="other users can read"):
         load_secret(secret)
+
+
+def test_metrics_on_a_non_loopback_address_warns(caplog):
+    from nexedge.serve.metrics import DaemonMetrics, HealthServer
+
+    caplog.set_level(logging.WARNING, logger="nexedge.serve")
+    srv = HealthServer(DaemonMetrics(), "0.0.0.0", 0, lambda: True, lambda: True)
+    srv.httpd.server_close()
+    assert any("not loopback" in r.getMessage() and "reverse proxy" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    HealthServer(DaemonMetrics(), "127.0.0.1", 0, lambda: True, lambda: True).httpd.server_close()
+    assert not caplog.records
