@@ -67,7 +67,9 @@ class DaemonProc:
                     self.metrics_port = int(rec.get("metrics_port") or 0)
                     return self
             time.sleep(0.1)
-        raise RuntimeError(f"daemon not ready within {timeout} s:\n{self.log()[-3000:]}")
+        text = self.log()[-3000:]
+        self.stop(timeout=10)  # never leave a daemon behind
+        raise RuntimeError(f"daemon not ready within {timeout} s:\n{text}")
 
     def log(self) -> str:
         with open(self.log_path, "rb") as f:
