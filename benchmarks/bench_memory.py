@@ -109,6 +109,54 @@ def in_process(model: str, allocator: bool) -> None:
           f"after {after >> 20} MB, after malloc_trim {trimmed >> 20} MB")
 
 
+def camera_probe(model: str) -> str:
+    """RSS cost of new camera ids (monitor window 200, store on): 256 new ids (= max_cameras), then 500
+    more past the bound, each one frame; in this process."""
+    import gc
+    import tempfile
+    import threading
+
+    import cv2
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import base_config
+
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+    from nexedge.serve.memory import rss_bytes
+
+    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"}, monitor={"window": 200, "min_frames": 50},
+                                       store={"path": tempfile.mkdtemp(prefix="nexedge-cam-")})))
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(d.endpoints["frames"])
+    png = cv2.imencode(".png", np.zeros((40, 40), np.uint8))[1].tobytes()
+
+    def burst(prefix: str, n: int) -> int:
+        for i in range(n):
+            h = json.dumps({"v": 1, "camera": f"{prefix}{i}", "frame_id": i, "encoding": "png"}).encode()
+            s.send_multipart([b"", h, png])
+            s.poll(10000)
+            s.recv_multipart()
+        time.sleep(1.5)
+        gc.collect()
+        return rss_bytes()
+
+    r0 = burst("warm", 20)
+    r1 = burst("new", 256)
+    r2 = burst("more", 500)
+    d.request_stop()
+    t.join()
+    s.close(0)
+    ctx.term()
+    return (f"new camera ids (sockets.max_cameras 256, monitor window 200, store on): the first 256 cost "
+            f"{(r1 - r0) / 2**20:+.1f} MB ({(r1 - r0) / 256 / 1024:.1f} KB each), 500 more past the bound "
+            f"{(r2 - r1) / 2**20:+.1f} MB")
+
+
 def _model(path: Optional[str]) -> str:
     if path:
         return os.path.abspath(path)
@@ -130,10 +178,13 @@ def main() -> int:
     ap.add_argument("--part-mib", type=int, default=16)
     ap.add_argument("--kinds", default="multipart,pipelined,mixed", help="floods: multipart, pipelined, mixed, single")
     ap.add_argument("--max-message-mib", type=int, default=32)
-    ap.add_argument("--probe", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=("on", "off", "cameras"), help=argparse.SUPPRESS)
     ap.add_argument("--markdown", help="write the results as a Markdown section here")
     args = ap.parse_args()
     model = _model(args.model)
+    if args.probe == "cameras":
+        print(camera_probe(model))
+        return 0
     if args.probe:
         in_process(model, args.probe == "on")
         return 0
@@ -152,10 +203,10 @@ def main() -> int:
             print(f"{root:<20} {kind:<10} base {base >> 20} MB, peak {st['hwm'] >> 20} MB, after 3 s idle "
                   f"{st['rss'] >> 20} MB, replies {got}", flush=True)
     probes = []
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "cameras"):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model, "--probe", mode],
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("in-process")]
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith(("in-process", "new camera"))]
         probes.append(line[0] if line else f"probe {mode} failed: {out.stderr[-500:]}")
         print(probes[-1], flush=True)
     if args.markdown:
