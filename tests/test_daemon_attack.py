@@ -193,7 +193,7 @@ def _card_with_references(model):
     with open(path) as f:
         card = json.load(f)
     edges = list(np.linspace(0, 1, 11))
-    card["val_scores"] = {"edges": edges, "good": [50] * 10, "defect": [5] * 10}
+    card["val_scores"] = {"edges": edges, "good": [30] * 10, "defect": [15] * 10}  # = n_good, n_defects
     card["image_stats"] = {k: {"mean": 0.5, "std": 0.1} for k in ("brightness", "contrast", "sharpness")}
     with open(path, "w") as f:
         json.dump(card, f)
