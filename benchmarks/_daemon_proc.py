@@ -13,8 +13,8 @@ import yaml
 
 
 def proc_status(pid: int) -> Dict[str, int]:
-    """VmRSS, VmHWM (bytes), threads and open fds of a process (Linux /proc)."""
-    out = {"rss": 0, "hwm": 0, "threads": 0, "fds": 0}
+    """VmRSS, VmHWM, RssAnon (bytes), threads and open fds of a process (Linux /proc)."""
+    out = {"rss": 0, "hwm": 0, "anon": 0, "threads": 0, "fds": 0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -23,6 +23,8 @@ def proc_status(pid: int) -> Dict[str, int]:
                     out["rss"] = int(v.split()[0]) * 1024
                 elif k == "VmHWM":
                     out["hwm"] = int(v.split()[0]) * 1024
+                elif k == "RssAnon":  # RSS without file-backed pages (shared libraries the OS may drop)
+                    out["anon"] = int(v.split()[0]) * 1024
                 elif k == "Threads":
                     out["threads"] = int(v.split()[0])
         out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))

@@ -177,7 +177,7 @@ def run_phase(d: DaemonProc, images: List[bytes], fps_each: float, seconds: floa
         if samples is not None and time.monotonic() >= next_sample:
             samples.append(sample(d, store, time.monotonic() - t0))
             s = samples[-1]
-            print(f"  t={s['t']:6.0f} s  rss {s['rss'] / 2**20:6.1f} MB  threads {s['threads']}  fds {s['fds']}  "
+            print(f"  t={s['t']:6.0f} s  rss {s['rss'] / 2**20:6.1f} MB (anon {s['anon'] / 2**20:6.1f})  threads {s['threads']}  fds {s['fds']}  "
                   f"rows {s.get('rows')}  /metrics {s['metrics']} /ready {s['ready']}  load {s['load']:.2f}",
                   flush=True)
             next_sample += sample_s
@@ -209,7 +209,7 @@ def run_phase(d: DaemonProc, images: List[bytes], fps_each: float, seconds: floa
 
 def sample(d: DaemonProc, store: Optional[str], t: float) -> Dict[str, Any]:
     st = proc_status(d.proc.pid)
-    out: Dict[str, Any] = {"t": t, "rss": st["rss"], "threads": st["threads"], "fds": st["fds"],
+    out: Dict[str, Any] = {"t": t, "rss": st["rss"], "anon": st["anon"], "threads": st["threads"], "fds": st["fds"],
                            "metrics": d.http("/metrics"), "ready": d.http("/ready"), "load": os.getloadavg()[0]}
     if store and os.path.exists(os.path.join(store, "samples.db")):
         from nexedge.store import SampleStore
@@ -223,8 +223,8 @@ def sample(d: DaemonProc, store: Optional[str], t: float) -> Dict[str, Any]:
     return out
 
 
-def slope_mb_per_hour(samples: List[Dict[str, Any]], warmup_s: float) -> float:
-    pts = [(s["t"], s["rss"] / 2**20) for s in samples if s["t"] >= warmup_s]
+def slope_mb_per_hour(samples: List[Dict[str, Any]], warmup_s: float, key: str = "rss") -> float:
+    pts = [(s["t"], s.get(key, 0) / 2**20) for s in samples if s["t"] >= warmup_s]
     if len(pts) < 3:
         return float("nan")
     t, r = np.array(pts).T
@@ -235,7 +235,7 @@ def _rows(res: Dict[str, Any]) -> List[Any]:
     s = res["soak"]
     tail = res.get("rss_slope_last_half_mb_per_hour")
     return [
-        ("date, command", f"{res.get('date', '')}: `{res.get('command', '')}`"),
+        ("finished, command", f"{res.get('date', '')}: `{res.get('command', '')}`"),
         ("duration", f"{res['minutes']:.1f} min" + ("" if res["minutes"] >= 29.5 else " (shorter than 30 min)")),
         ("measured capacity (8 cameras flat out)", f"{res['capacity_fps']:.1f} inferred frames/s"),
         ("offered load", f"{res['rate_fps']:.1f} frames/s (80 %) from 8 cameras + {s['hostile_sent']} hostile "
@@ -250,11 +250,16 @@ def _rows(res: Dict[str, Any]) -> List[Any]:
          f"{s['max_ms']:.0f} ms (deadline {res.get('deadline_ms', 2000):.0f} ms)"),
         ("same, daemon side (verdict latency_ms)", "not recorded" if "server_p99_ms" not in s else
          f"{s['server_p50_ms']:.0f} / {s['server_p99_ms']:.0f} / {s['server_max_ms']:.0f} ms"),
-        ("replies past the deadline, daemon side", "not recorded" if "server_late" not in s else str(s["server_late"])),
+        ("replies with daemon-side latency_ms over the deadline (any decision; deadline_passed RECHECKs are "
+         "answered within one 10 ms I/O loop after it)", "not recorded" if "server_late" not in s
+         else str(s["server_late"])),
         ("hostile messages answered", f"{s['hostile_replied']} of {s['hostile_sent']}"),
         ("RSS first / last / max", f"{res['rss_mb_first']:.1f} / {res['rss_mb_last']:.1f} / {res['rss_mb_max']:.1f} MB"),
         ("RSS slope after warm-up (least squares)", f"{res['rss_slope_mb_per_hour']:.2f} MB/hour"),
         ("RSS slope over the last half", "n/a" if tail is None else f"{tail:.2f} MB/hour"),
+        ("anonymous RSS (RssAnon) first / last, slope after warm-up", "not recorded" if "anon_slope_mb_per_hour"
+         not in res else "{:.1f} / {:.1f} MB, {:.2f} MB/hour".format(*res["anon_mb_first_last"],
+                                                                   res["anon_slope_mb_per_hour"])),
         ("threads min / max", "{} / {}".format(*res["threads_min_max"])),
         ("open fds min / max", "{} / {}".format(*res["fds_min_max"])),
         ("store rows / image bytes at the end", f"{res['store_rows_last']} / {res['store_bytes_last']}"),
@@ -276,6 +281,13 @@ def markdown(results: List[Dict[str, Any]]) -> str:
     cols = [_rows(r) for r in results]
     for i, (name, _) in enumerate(cols[0]):
         out.append(f"| {name} | " + " | ".join(c[i][1] for c in cols) + " |")
+    out += ["", "Reading: RSS counts file-backed pages of the shared libraries too, which the OS may drop under "
+            "memory pressure from other jobs, so RSS can fall; anonymous RSS (RssAnon, recorded from run 3 on) "
+            "is the daemon's own memory. New camera ids from the hostile traffic add state up to "
+            "`sockets.max_cameras` (see the memory section for its cost), so a slope over a short run "
+            "overstates the long-run trend. RECHECK answers to the well-formed cameras are not broken down by "
+            "reason by the client (for a well-formed frame they can only be `queue_full` or "
+            "`deadline_passed`; the daemon counts them in `nexedge_recheck_total`)."]
     return "\n".join(out) + "\n"
 
 
@@ -354,6 +366,8 @@ def main() -> int:
         "machine": "2-core AMD EPYC (shared)", "minutes": soak["seconds"] / 60.0, "capacity_fps": capacity,
         "rate_fps": rate, "load_avg_start": load_start, "load_avg_end": load_end, "soak": soak,
         "rss_slope_mb_per_hour": slope_mb_per_hour(samples, args.warmup_s),
+        "anon_slope_mb_per_hour": slope_mb_per_hour(samples, args.warmup_s, "anon"),
+        "anon_mb_first_last": [samples[0].get("anon", 0) / 2**20, samples[-1].get("anon", 0) / 2**20],
         "rss_mb_first": samples[0]["rss"] / 2**20, "rss_mb_last": samples[-1]["rss"] / 2**20,
         "rss_mb_max": max(s["rss"] for s in samples) / 2**20,
         "threads_min_max": [min(s["threads"] for s in samples), max(s["threads"] for s in samples)],
