@@ -51,6 +51,7 @@ def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
             s.send_multipart([b"", h] + [big] * parts)
             if s.poll(30000):
                 s.recv_multipart()
+                got += 1
             for j in range(8):
                 side = int(rng.integers(300, 2500))
                 hh = json.dumps({"v": 1, "camera": "cam", "frame_id": f"{i}-{j}", "encoding": "raw",
@@ -58,6 +59,7 @@ def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
                 s.send_multipart([b"", hh, bytes(side * side)])
                 if s.poll(30000):
                     s.recv_multipart()
+                    got += 1
             continue
         elif kind == "pipelined":  # all bombs at once, replies collected afterwards
             s.send_multipart([b"", h] + [big] * parts)
@@ -67,7 +69,7 @@ def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
         if s.poll(30000):
             s.recv_multipart()
             got += 1
-    while got < n and s.poll(30000):
+    while kind == "pipelined" and got < n and s.poll(30000):
         s.recv_multipart()
         got += 1
     s.close()

@@ -1,21 +1,22 @@
 """Give memory back to the OS after floods (glibc malloc).
 
-What stays after a flood (benchmarks/bench_memory_flood.py, benchmarks/RESULTS.md):
+What stays after a flood (benchmarks/bench_memory.py, benchmarks/RESULTS.md):
 
 * multipart bombs (40 parts of 16 MiB): libzmq assembles the whole message
-  before the daemon sees its first part, so the peak (~720 MB) is inside
+  before the daemon sees its first part, so the peak (~710 MB) is inside
   libzmq; once answered, RSS went back to its baseline on this box with the old
-  and the new code alike;
-* floods of large valid frames: glibc raises its mmap threshold dynamically
-  after a large block is freed, so later multi-MiB buffers come from the heap
-  arenas and stay there: 6-10 MB here that ``malloc_trim`` gives back; a
-  further ~35 MB above the baseline is not released by ``malloc_trim`` (native
-  libraries' own pools), i.e. held, not allocator slack.
+  and the new code alike: the 724 MB "after" of the issue did not reproduce;
+* floods of large valid frames: about 20 MB stays above the baseline, with
+  the old and the new code alike. In a probe with the client in the same
+  process, ``malloc_trim`` gave back 16 MB without a fixed mmap threshold and
+  1 MB with it; the rest is held by native libraries' pools, not free lists.
 
-So the daemon fixes ``M_MMAP_THRESHOLD`` (1 MiB: every large buffer is its own
-mapping, unmapped on free) and calls ``malloc_trim(0)`` once it has been idle
-for a moment after a burst. Both are no-ops where glibc is absent (musl,
-macOS). Python 3.8, no torch.
+glibc raises its mmap threshold dynamically after a large block is freed, so
+later multi-MiB buffers can come from the heap arenas and stay there. As a
+cheap guard the daemon fixes ``M_MMAP_THRESHOLD`` (1 MiB: every large buffer
+is its own mapping, unmapped on free) and calls ``malloc_trim(0)`` once it has
+been idle for a moment after a burst. Both are no-ops where glibc is absent
+(musl, macOS). Python 3.8, no torch.
 """
 
 import ctypes
