@@ -222,7 +222,8 @@ def main() -> int:
               "| code | flood | base | peak | after 3 s idle | replies |", "|---|---|---|---|---|---|"]
         md += [f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in rows]
         md += ["", "Allocator slack vs held memory (daemon in the probing process, mixed flood, then "
-               "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held):", ""]
+               "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held; the flood "
+               "client runs in that process too, so its buffers count as well):", ""]
         md += [f"- {p}" for p in probes]
         with open(args.markdown, "w") as f:
             f.write("\n".join(md) + "\n")
