@@ -1,4 +1,4 @@
-"""``nexedge export``, ``nexedge calibrate``, ``nexedge build-engine``.
+"""``nexedge export``, ``nexedge calibrate``, ``nexedge build-engine``, ``nexedge check-onnx``.
 
 Light at import (argparse only); torch, onnx, onnxruntime and tensorrt are
 imported inside the ``run_*`` functions.
@@ -111,6 +111,8 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="trt_engines", help="where engines go (default trt_engines)")
     p.add_argument("--name", help="engine name prefix (default: the ONNX file stem)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the static TensorRT lint (`nexedge check-onnx`) before parsing")
 
 
 def build_settings(args: argparse.Namespace) -> dict:
@@ -123,10 +125,14 @@ def build_settings(args: argparse.Namespace) -> dict:
         recipe = eng.load_recipe(args.recipe)
         settings.update({k: v for k, v in recipe.items() if k in settings and v is not None})
         settings["_recipe"] = recipe
+        if recipe.get("precision") is not None:
+            settings["_precision_from"] = args.recipe
     for key in ("precision", "max_batch", "opt_batch", "workspace_mib", "dla_core", "version_compatible"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+            if key == "precision":
+                settings.pop("_precision_from", None)
     eng.check_precision(settings["precision"])
     return settings
 
@@ -134,9 +140,13 @@ def build_settings(args: argparse.Namespace) -> dict:
 def run_build_engine(args: argparse.Namespace) -> int:
     import os
 
+    from nexedge.card import load_card
     from nexedge.export import engine as eng
 
     s = build_settings(args)
+    # Precision rules before anything slow, naming the recipe when the precision came from it.
+    src = f" (precision int8 from {s['_precision_from']})" if "_precision_from" in s else ""
+    eng.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
     try:
         import tensorrt as trt
     except ImportError:
@@ -146,13 +156,36 @@ def run_build_engine(args: argparse.Namespace) -> int:
         eng.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
     dev = eng.device_info(0)
     timing = args.timing_cache or os.path.join(
-        args.out_dir, f"{eng.device_slug(dev.name)}.trt{trt.__version__}.timing.cache")
+        args.out_dir, f"{eng.device_tag(dev)}.trt{trt.__version__}.timing.cache")
     opts = eng.BuildOptions(
         precision=s["precision"], max_batch=s["max_batch"], opt_batch=s["opt_batch"],
         workspace=s["workspace_mib"] << 20, dla_core=s["dla_core"], version_compatible=s["version_compatible"],
         calib_cache=args.calib_cache, timing_cache=timing,
     )
     path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
-                                    force=args.force)
+                                    force=args.force, check=not args.no_check)
     print(("reused " if reused else "built ") + eng.describe(path))
     return 0
+
+
+def configure_check_onnx(p: argparse.ArgumentParser) -> None:
+    from nexedge.export.onnx_check import TARGETS
+
+    p.add_argument("onnx", nargs="+", help="ONNX model(s) to check")
+    p.add_argument("--target", default="all", help=f"{'|'.join(TARGETS)} or all (default all); comma list allowed")
+    p.add_argument("--dla", action="store_true", help="also check the DLA rules (static shapes, no Q/DQ before 10)")
+    p.add_argument("--strict", action="store_true", help="warnings fail too")
+
+
+def run_check_onnx(args: argparse.Namespace) -> int:
+    """Exit 0 when every model passes every target, 1 otherwise; prints each finding."""
+    from nexedge.export import onnx_check as oc
+
+    targets = list(oc.TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
+    bad = 0
+    for path in args.onnx:
+        for t in targets:
+            found = oc.check_onnx(path, t, dla=args.dla)
+            print(oc.format_findings(path, t, found))
+            bad += len(oc.errors(found)) + (len(found) if args.strict else 0)
+    return 1 if bad else 0

@@ -89,6 +89,8 @@ def run_calibration(
         out = int8_path(onnx_path, target, out_dir)
         reader = cal.OrtCalibrationReader(images, card)
         quant = qz.quantize_model(onnx_path, out, card, reader, target, method)
+        if target == "tensorrt":
+            _check_for_tensorrt(out)
         report = None
         if eval_imgs is not None:
             with OnnxRuntimeBackend(onnx_path, card=card, intra_threads=threads) as a, \
@@ -104,6 +106,17 @@ def run_calibration(
     if trt_cache:
         cache = build_trt_cache(onnx_path, card, images, manifest)
     return CalibrationResult(manifest, outputs, reports, cache)
+
+
+def _check_for_tensorrt(path: str) -> None:
+    """The TensorRT Q/DQ model must pass `nexedge check-onnx` for every TensorRT release; else it is removed."""
+    from nexedge.export import onnx_check as oc
+
+    try:
+        oc.require_clean(path, oc.TARGETS, what=path)
+    except RuntimeError:
+        os.unlink(path)
+        raise
 
 
 def _require_tensorrt() -> Any:
