@@ -122,6 +122,11 @@ def test_entropy_calibrator_with_fake_tensorrt(setup, tmp_path):
         def sync(self):
             pass
 
+        def active(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
     fake_trt = types.SimpleNamespace(IInt8EntropyCalibrator2=FakeBase)
     cuda = FakeCuda()
     stream = cal.CalibrationBatchStream(_imgs(9), load_card(setup["host"]), batch_images=4)

@@ -209,7 +209,8 @@ def make_entropy_calibrator(trt: Any, stream: CalibrationBatchStream, cache_path
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.stream, self.cache_path, self.cuda = stream, cache_path, cuda
-            self.device = cuda.malloc(stream.nbytes)
+            with cuda.active():  # TensorRT calls get_batch on the building thread: make CUDA current there
+                self.device = cuda.malloc(stream.nbytes)
 
         def get_batch_size(self) -> int:
             return stream.batch_size
@@ -218,8 +219,9 @@ def make_entropy_calibrator(trt: Any, stream: CalibrationBatchStream, cache_path
             batch = stream.next_batch()
             if batch is None:
                 return None
-            cuda.htod(self.device, batch)
-            cuda.sync()
+            with cuda.active():
+                cuda.htod(self.device, batch)
+                cuda.sync()
             return [int(self.device)]
 
         def read_calibration_cache(self) -> Optional[bytes]:

@@ -125,6 +125,9 @@ def _require_tensorrt() -> Any:
     except ImportError:
         raise RuntimeError("--trt-cache needs TensorRT (import tensorrt failed); run it on the target "
                            "(Jetson) or use the Q/DQ model, which needs no cache") from None
+    from nexedge.export import engine as eng
+
+    eng.check_builder_api(trt, eng.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
     return trt
 
 
