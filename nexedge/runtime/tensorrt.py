@@ -223,10 +223,6 @@ def profile_shapes(engine: Any, name: str) -> Tuple[Tuple[int, ...], ...]:
     return tuple(tuple(int(d) for d in s) for s in shapes)
 
 
-def profile_max_shape(engine: Any, name: str) -> Tuple[int, ...]:
-    return profile_shapes(engine, name)[2]
-
-
 class TensorRTBackend(Backend):
     """Runs a serialized TensorRT engine described by its card."""
 
