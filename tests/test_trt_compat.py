@@ -3,8 +3,13 @@
 The matrix test exports every registered architecture in every crop flavour (host,
 center, five, ten), fp32 and TensorRT Q/DQ INT8, once per (arch, flavour) into a
 module-scoped cache, and requires every graph to pass the rules of TensorRT 8.5,
-8.6 and 10. Tiny inputs (36x36, crop 32) and untrained weights keep it fast;
-VGG19 is marked slow like in test_export.
+8.6 and 10. Tiny inputs (36x36, crop 32) and untrained weights keep it fast.
+
+VGG19 (and its STN variant) is the exception: its 100M-parameter classifier made
+each export + quantization 2-4 minutes on the shared 2-core box (8 of them: 23 min
+of a 57 min suite run). Its fp32 host and TenCrop graphs are linted where
+test_export already exports them; its ops are a subset of ResNet's (STN as in
+resnet*_stn), and the Q/DQ rules depend on the quantizer settings, not the arch.
 """
 
 import numpy as np
@@ -69,10 +74,11 @@ def exported(tmp_path_factory):
 
 def _matrix():
     for arch in list_models():
-        marks = [pytest.mark.slow] if arch.startswith("vgg") else []
+        if arch.startswith("vgg"):
+            continue  # see the module docstring: linted in test_export
         for flavour in FLAVOURS:
             for precision in ("fp32", "int8"):
-                yield pytest.param(arch, flavour, precision, marks=marks, id=f"{arch}-{flavour}-{precision}")
+                yield pytest.param(arch, flavour, precision, id=f"{arch}-{flavour}-{precision}")
 
 
 @pytest.mark.parametrize("arch,flavour,precision", list(_matrix()))
