@@ -475,8 +475,10 @@ def dla_placement(network: Any, config: Any) -> Dict[str, Any]:
 
 def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines", name: Optional[str] = None,
                  trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False,
-                 check: bool = True) -> Tuple[str, bool]:
-    """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused).
+                 runner: Any = None, data: Optional[str] = None, check: bool = True) -> Tuple[str, bool]:
+    """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused). A new engine's
+    operating points are re-measured through ``runner(engine)`` (default: the TensorRT backend) when it
+    runs here, else its card says they are the parent ONNX's (see nexedge.export.thresholds).
 
     ``check``: run the static TensorRT lint (:mod:`nexedge.export.onnx_check`) for the installed
     version first, so a graph the parser would reject fails with every rule it breaks named."""
@@ -528,6 +530,9 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
                                               board=device.board, sm_count=device.sm_count)
     ecard.save_for(path, parent=onnx_path)
     log.info("built %s in %.1f s", path, info["build_seconds"])
+    from nexedge.export.thresholds import remeasure_or_mark
+
+    remeasure_or_mark(path, card, runner, data)
     return path, False
 
 

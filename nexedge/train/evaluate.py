@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nexedge import metrics, preprocess
+from nexedge import metrics
 from nexedge.card import atomic_write_bytes
 
 CROP_LABEL = {"center": "CenterCrop", "five": "FiveCrop", "ten": "TenCrop"}
@@ -67,15 +67,14 @@ def score_checkpoint(
     out: Dict[str, Any] = {"labels": labels, "paths": ds.paths, "good_index": card.good_index, "classes": card.classes}
     for c in crops:
         sel = [0] if widest == "center" else CROP_SLICE[c]
-        probs = preprocess.softmax(logits[:, sel].mean(axis=1))
-        out[c] = preprocess.defect_score(probs, card.good_index)
+        out[c] = metrics.defect_score(logits[:, sel].mean(axis=1), card.good_index)
     return out
 
 
 def run_evaluation(
     runs: Sequence[str], data: str, split: str, crops: Sequence[str], out: Optional[str] = None,
     top: Optional[int] = None, batch_size: int = 64, progress: bool = True, tprs: Sequence[float] = metrics.DEFAULT_TPRS,
-    print_table: bool = True,
+    print_table: bool = True, tpr_floor: float = metrics.DEFAULT_TPR_FLOOR,
 ) -> Dict[str, Any]:
     """Evaluate every checkpoint of every run; print and write the table; return the results."""
     from sklearn.metrics import roc_curve
@@ -121,10 +120,29 @@ def run_evaluation(
     w.writerows(rows)
     atomic_write_bytes(os.path.join(out, "eval.csv"), buf.getvalue().encode())
     results["out"] = out
+    results["weak"] = weak_split_warnings(results, tprs, tpr_floor)
     if print_table:
         print(format_table(results))
+        for line in results["weak"]:
+            print("WARNING: " + line)
         print(f"\nwrote {out}/eval.json, eval.csv and roc_<crop>.png")
     return results
+
+
+def weak_split_warnings(results: Dict[str, Any], tprs: Sequence[float], floor: float) -> List[str]:
+    """One line per TPR target that the split's defect count cannot support: even with every defect
+    detected, the 95 % lower bound on TPR stays below ``floor``."""
+    first = next(iter(results["runs"].values()), None)
+    n = int(first["n_defects"]) if first else 0
+    if not n:
+        return []
+    best = metrics.clopper_pearson_lower(n, n)
+    if best >= floor:
+        return []
+    need = metrics.defects_needed(max(tprs), floor)
+    return [f"{results['split']} has {n} defect images: even with all detected the 95 % lower bound on TPR is "
+            f"{best:.3f} < floor {floor}; FPR at TPR >= {', '.join(metrics.tpr_key(t) for t in tprs)} % is not "
+            f"supported by this split (about {need} defects would be)"]
 
 
 def _aggregate(recs: List[Dict[str, Any]], tprs: Sequence[float]) -> Dict[str, Any]:
