@@ -32,6 +32,30 @@ COMMANDS: List[Tuple[str, str, str]] = [
 ]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default unless its help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.default == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def quiet_opencv() -> None:
+    """OpenCV's own warnings (``[ WARN:0@0.02] ... PNG input buffer is incomplete``) go straight to
+    stderr; our commands report unreadable files themselves, with their paths."""
+    try:
+        import cv2
+    except ImportError:
+        return
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # very old OpenCV builds
+        pass
+
+
 def _fn_name(cmd: str) -> str:
     return cmd.replace("-", "_")
 
@@ -50,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             configure = getattr(mod, "configure_" + _fn_name(name))
         except (ImportError, AttributeError):
             continue  # stage not installed in this build
-        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
+        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+                           formatter_class=HelpFormatter)
         configure(p)
         p.set_defaults(_module=module, _name=name)
     return parser
@@ -64,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.verbose < 2:
+        quiet_opencv()
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))
     try:
