@@ -347,6 +347,10 @@ def test_14_messages_name_the_real_problem(user, tmp_path, capsys):
     script.write_text("print('hi')\n")
     assert main(["split", str(script), str(tmp_path / "out")]) == 1
     assert "is a file; expected a folder" in _err(capsys)
+    assert main(["camera-sim", str(script)]) == 1  # sibling: camera-sim on a file
+    assert "is a file; expected a folder of images" in _err(capsys)
+    assert main(["train", "--data", user["photos"], "--out", str(tmp_path / "r")]) == 1  # sibling: unsplit folders
+    assert "split it first: nexedge split" in _err(capsys)
     assert main(["bench", str(tmp_path / "nope.onnx")]) == 1
     err = _err(capsys)
     assert "nope.onnx: no such file" in err and "card missing" not in err

@@ -37,6 +37,8 @@ def load_images(folder: str, limit: int = 0, skipped: Optional[List[str]] = None
     """
     import cv2
 
+    if os.path.isfile(folder):
+        raise ValueError(f"{folder} is a file; expected a folder of images (sub-folders are class labels)")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} not found")
     paths = []

@@ -24,7 +24,11 @@ def list_classes(root: str, split: str = "train") -> List[str]:
     """Sorted class folder names of ``root/split`` (two or more)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data split folder not found: {folder} (expected <root>/{split}/<class>/<image>)")
+        hint = ""
+        if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val", "test")):
+            hint = f"; if {root} holds one folder per class, split it first: nexedge split {root} DATA"
+        raise FileNotFoundError(f"data split folder not found: {folder} (expected <root>/{split}/<class>/<image>)"
+                                + hint)
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{folder} has {len(classes)} class folder(s) {classes}; expected two or more")
