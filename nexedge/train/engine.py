@@ -99,9 +99,12 @@ def crop_logits(model: torch.nn.Module, loader, device: torch.device, desc: str 
                 progress: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-crop logits (N x K x C) without averaging, for evaluating several crop
     styles from one TenCrop pass (center = crop 4, five = crops 0-4)."""
+    from nexedge.progress import progress as _progress
+
     model.eval()
     idx_all, out, lab_all = [], [], []
-    for batch in _bar(loader, desc, progress, stage_line=True):
+    bar = _progress(desc=desc, total=len(loader.dataset), unit="images", enabled=progress)
+    for batch in loader:
         if batch is None:
             continue
         x, y, idx = batch
@@ -109,4 +112,8 @@ def crop_logits(model: torch.nn.Module, loader, device: torch.device, desc: str 
         out.append(model(x.to(device).flatten(0, 1)).view(b, k, -1).float().cpu().numpy())
         idx_all.append(idx.numpy())
         lab_all.append(y.numpy())
+        bar.update(b)
+    bar.close()
+    if not idx_all:
+        raise ValueError(f"{desc}: no readable images")
     return np.concatenate(idx_all), np.concatenate(out), np.concatenate(lab_all)
