@@ -164,11 +164,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     from nexedge.models.checkpoint import load_checkpoint, save_checkpoint
 
     cfg.check()
-    if not cfg.resume:
-        prepare_run_folder(cfg.out, cfg.overwrite)
     t_start = time.time()
     ctx = D.init_distributed(cfg.device)
     try:
+        if ctx.is_main and not cfg.resume:  # only the writer checks: other ranks would see its new files
+            prepare_run_folder(cfg.out, cfg.overwrite)
         _seed_all(cfg.seed)
         classes = list_classes(cfg.data, "train")
         if cfg.good_class not in classes:
