@@ -43,19 +43,6 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def quiet_opencv() -> None:
-    """OpenCV's own warnings (``[ WARN:0@0.02] ... PNG input buffer is incomplete``) go straight to
-    stderr; our commands report unreadable files themselves, with their paths."""
-    try:
-        import cv2
-    except ImportError:
-        return
-    try:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    except AttributeError:  # very old OpenCV builds
-        pass
-
-
 def _fn_name(cmd: str) -> str:
     return cmd.replace("-", "_")
 
@@ -90,6 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.verbose < 2:
+        from nexedge.preprocess import quiet_opencv
+
         quiet_opencv()
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))

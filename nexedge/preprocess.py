@@ -157,3 +157,16 @@ def image_stats(img: np.ndarray) -> Tuple[float, float, float]:
     g32 = g.astype(np.float32) * (1.0 / 255.0)
     lap = cv2.Laplacian(g32, cv2.CV_32F, ksize=1)
     return float(g32.mean()), float(g32.std()), float(lap.var())
+
+
+def quiet_opencv() -> None:
+    """OpenCV's own warnings (``[ WARN:0@0.02] ... PNG input buffer is incomplete``) go straight to
+    stderr; nexedge reports an unreadable image itself, with its path (or as RECHECK undecodable)."""
+    try:
+        import cv2
+    except ImportError:
+        return
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # very old OpenCV builds
+        pass

@@ -82,7 +82,7 @@ def test_walkthrough_own_images_start_to_finish(tmp_path, capsys, monkeypatch):
     os.makedirs("line")
     cfg = {"model": {"path": "../" + model, "warmup": 1, "options": {"intra_threads": 1}},
            "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*"},
-           "uncertain": {"band": 4.0, "audit_fraction": 0.0}, "store": {"path": "samples"},
+           "uncertain": {"band": 1.0, "audit_fraction": 1.0}, "store": {"path": "samples"},
            "metrics": {"host": "127.0.0.1", "port": 0}, "pull": {"bind": "tcp://127.0.0.1:*"},
            "logging": {"level": "INFO", "format": "json"}}
     with open("line/line.yaml", "w") as f:

@@ -352,7 +352,15 @@ def check_files(cfg: Config, user: Optional[str] = None) -> List[str]:
 
     need_file("model.path", cfg.model.path, "model")
     if os.path.isfile(cfg.model.path):
+        n = len(problems)
         need_file("model.path", card_path_for(cfg.model.path), "model card")
+        if len(problems) == n and os.access(card_path_for(cfg.model.path), os.R_OK):
+            from nexedge.card import CardError, load_card
+
+            try:
+                load_card(cfg.model.path, verify=cfg.model.verify_card)
+            except (CardError, ValueError, OSError) as e:
+                problems.append(f"model.path: {e}")
     if cfg.auth is not None:
         need_file("auth.server_secret_file", cfg.auth.server_secret_file, "server key")
         d = cfg.auth.allowed_clients_dir

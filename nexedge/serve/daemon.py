@@ -414,6 +414,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"nexedge-daemon: configuration error: {p}", file=sys.stderr)
         return 2 if problems else 0
     setup_logging(cfg.logging.level, cfg.logging.format)
+    if cfg.logging.level != "DEBUG":
+        from nexedge.preprocess import quiet_opencv
+
+        quiet_opencv()  # a corrupt frame is answered RECHECK undecodable and logged by us, once
     daemon = Daemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
