@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check nexedge tests benchmarks tools setup.py
 
 # The daemon side (runtime, serve, store, card, preprocess) must run on Python 3.8 (JetPack 5).
-DAEMON_MODULES := nexedge/__init__.py nexedge/card.py nexedge/preprocess.py nexedge/runtime nexedge/serve nexedge/store
+DAEMON_MODULES := nexedge/__init__.py nexedge/card.py nexedge/metrics.py nexedge/preprocess.py nexedge/runtime nexedge/serve nexedge/store
 compat: $(STAMP)
 	$(BIN)/vermin --no-tips --violations -t=3.8- --eval-annotations --backport dataclasses $(DAEMON_MODULES)
 	$(BIN)/python tools/check_no_torch.py

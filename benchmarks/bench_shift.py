@@ -81,7 +81,8 @@ class Scorer:
             return np.where(good, self.rng.beta(1.2, 12, len(classes)), self.rng.beta(8, 2, len(classes)))
         import torch
 
-        from nexedge.preprocess import average_crops, defect_score, host_batch, n_crops, softmax
+        from nexedge.metrics import defect_score
+        from nexedge.preprocess import average_crops, host_batch, n_crops
 
         inp = self.card.input
         out = []
@@ -89,8 +90,7 @@ class Scorer:
             for i in range(0, len(imgs), 64):
                 x = host_batch(imgs[i : i + 64], inp)
                 logits = self.model(torch.from_numpy(x)).numpy()
-                probs = softmax(average_crops(logits, n_crops(inp["crop_mode"])))
-                out.append(defect_score(probs, self.card.good_index))
+                out.append(defect_score(average_crops(logits, n_crops(inp["crop_mode"])), self.card.good_index))
         return np.concatenate(out)
 
 

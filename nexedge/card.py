@@ -24,6 +24,11 @@ GRAPH_CROPS = ("host",) + CROP_MODES
 COLORS = ("gray", "rgb")
 PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("checkpoint", "onnx", "engine")
+RESIZE_MODES = ("stretch", "short")
+#: ``operating_points_source.status``: measured on this artifact, or copied from its parent.
+OPS_MEASURED = "measured"
+OPS_FROM_PARENT = "from_parent"
+OPS_STATUSES = (OPS_MEASURED, OPS_FROM_PARENT)
 #: TPR targets of the report, as fractions.
 DEFAULT_TPRS = (0.991, 0.993, 0.995, 0.997, 1.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,7 +106,9 @@ class ModelCard:
     crop_mode, mean, std}; ``graph`` {crops, input_name, output_names, max_batch,
     quantization}; ``operating_points`` list of {target_tpr, threshold, tpr, fpr,
     tpr_lower95, n_defects, n_good}; ``val_scores`` {edges, good, defect};
-    ``image_stats`` {name: {mean, std}}; ``metrics``; ``provenance``.
+    ``image_stats`` {name: {mean, std}}; ``operating_points_source`` {status
+    (measured | from_parent), split, n_good, n_defects, artifact_sha256, crop_mode,
+    backend, ...}; ``metrics``; ``provenance``.
     """
 
     def __init__(self, data: Dict[str, Any], source: str = "<memory>") -> None:
@@ -122,6 +129,7 @@ class ModelCard:
         std: Sequence[float] = IMAGENET_STD,
         kind: str = "checkpoint",
         precision: str = "fp32",
+        resize_mode: str = "stretch",
     ) -> "ModelCard":
         data = {
             "schema": SCHEMA,
@@ -135,6 +143,7 @@ class ModelCard:
                 "resize": [int(resize[0]), int(resize[1])],
                 "crop": [int(crop[0]), int(crop[1])],
                 "crop_mode": crop_mode,
+                "resize_mode": resize_mode,
                 "mean": [float(x) for x in mean],
                 "std": [float(x) for x in std],
             },
@@ -161,6 +170,13 @@ class ModelCard:
             "precision": precision or parent.get("precision", "fp32"),
         }
         data["created"] = _utcnow()
+        src = data.get("operating_points_source")
+        if src and data.get("operating_points"):
+            # The child's numbers may differ (crops, precision, engine): until `nexedge thresholds`
+            # re-measures them on the child, they are the parent's and say so.
+            data["operating_points_source"] = dict(
+                status=OPS_FROM_PARENT, parent_status=src.get("status"),
+                **{k: v for k, v in src.items() if k not in ("status", "parent_status")})
         return ModelCard(data)
 
     # -- accessors ----------------------------------------------------
@@ -202,6 +218,45 @@ class ModelCard:
         art = self.data["artifact"]
         stem = os.path.basename(art.get("file") or "model")
         return "{}@{}".format(stem, (art.get("sha256") or "unknown")[:8])
+
+    @property
+    def runtime_crop_mode(self) -> str:
+        """The crop mode the artifact runs: the graph's crops, or the host's ``input.crop_mode``."""
+        crops = self.data["graph"].get("crops", "host")
+        return self.data["input"]["crop_mode"] if crops == "host" else crops
+
+    @property
+    def ops_source(self) -> Dict[str, Any]:
+        """``operating_points_source`` ({} when the card predates it)."""
+        return dict(self.data.get("operating_points_source") or {})
+
+    def ops_status_line(self) -> str:
+        """One line for logs: whether the operating points were measured on this artifact."""
+        src = self.ops_source
+        if not self.operating_points:
+            return "no operating points"
+        if not src:
+            return "operating points of unknown provenance (card predates measurement records)"
+        where = "split {!r}, {} good / {} defect images, crop mode {}, backend {}".format(
+            src.get("split"), src.get("n_good"), src.get("n_defects"), src.get("crop_mode"), src.get("backend"))
+        if src.get("status") == OPS_MEASURED:
+            return f"operating points measured on this artifact ({where})"
+        return f"operating points from parent (not re-measured) ({where})"
+
+    def crop_mode_mismatch(self, runs: Optional[str] = None) -> Optional[str]:
+        """A message when the operating points were measured with another crop mode than the
+        artifact runs (``runs``, default :attr:`runtime_crop_mode`) or with an unknown one, else None."""
+        if not self.operating_points:
+            return None
+        measured = self.ops_source.get("crop_mode")
+        runs = runs or self.runtime_crop_mode
+        if measured is None:
+            return (f"the card does not say which crop mode its operating points were measured with; the "
+                    f"artifact runs {runs!r}: re-measure with `nexedge thresholds`")
+        if measured != runs:
+            return (f"operating points were measured with crop mode {measured!r} but the artifact runs "
+                    f"{runs!r}: re-measure with `nexedge thresholds`")
+        return None
 
     @property
     def operating_points(self) -> List[Dict[str, Any]]:
@@ -269,18 +324,69 @@ class ModelCard:
         mb = g.get("max_batch")
         if mb is not None and not (isinstance(mb, int) and mb > 0):
             self._fail("graph.max_batch", f"expected a positive integer or null, got {mb!r}")
-        for i, op in enumerate(d.get("operating_points") or []):
+        if inp.get("resize_mode", "stretch") not in RESIZE_MODES:
+            self._fail("input.resize_mode",
+                       "expected one of {}, got {!r}".format(RESIZE_MODES, inp.get("resize_mode")))
+        ops = d.get("operating_points") or []
+        if not isinstance(ops, list):
+            self._fail("operating_points", f"expected a list, got {type(ops).__name__}")
+        for i, op in enumerate(ops):
+            if not isinstance(op, dict):
+                self._fail(f"operating_points[{i}]", f"expected an object, got {op!r}")
             for key in ("target_tpr", "threshold"):
-                v = op.get(key) if isinstance(op, dict) else None
-                if not isinstance(v, (int, float)) or math.isnan(float(v)):
-                    self._fail(f"operating_points[{i}].{key}", f"expected a number, got {v!r}")
+                v = op.get(key)
+                # bool is an int; Infinity / NaN parse from JSON as floats
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+                        or not 0.0 < float(v) <= 1.0:
+                    self._fail(f"operating_points[{i}].{key}",
+                               f"expected a finite number in (0, 1], got {v!r}"
+                               + (" (a threshold above 1 or infinite PASSes every device)" if key == "threshold"
+                                  else ""))
+            for key in ("tpr", "fpr", "tpr_lower95"):
+                v = op.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                      or not 0.0 <= float(v) <= 1.0):
+                    self._fail(f"operating_points[{i}].{key}", f"expected null or a number in [0, 1], got {v!r}")
+        order = sorted(range(len(ops)), key=lambda j: float(ops[j]["target_tpr"]))
+        for a_i, b_i in zip(order, order[1:]):
+            a, b = ops[a_i], ops[b_i]
+            if float(a["target_tpr"]) == float(b["target_tpr"]):
+                self._fail(f"operating_points[{b_i}].target_tpr", "duplicate target {}".format(b["target_tpr"]))
+            if float(b["threshold"]) > float(a["threshold"]):
+                self._fail(f"operating_points[{b_i}].threshold",
+                           "a higher target TPR needs a threshold no higher than a lower target's: "
+                           "{} at TPR {} but {} at TPR {}".format(b["threshold"], b["target_tpr"],
+                                                                 a["threshold"], a["target_tpr"]))
         vs = d.get("val_scores")
         if vs is not None:
+            if not isinstance(vs, dict):
+                self._fail("val_scores", "expected an object")
             edges, good, defect = vs.get("edges"), vs.get("good"), vs.get("defect")
             if not (isinstance(edges, list) and isinstance(good, list) and len(good) == len(edges) - 1):
                 self._fail("val_scores", "expected edges (n+1) and good counts (n)")
-            if defect is not None and len(defect) != len(edges) - 1:
-                self._fail("val_scores.defect", f"expected {len(edges) - 1} counts, got {len(defect)}")
+            if defect is not None and (not isinstance(defect, list) or len(defect) != len(edges) - 1):
+                self._fail("val_scores.defect", f"expected {len(edges) - 1} counts, got {defect!r}")
+            for key, counts in (("good", good), ("defect", defect or [])):
+                if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                    self._fail("val_scores." + key, f"expected non-negative integer counts, got {counts!r}")
+            if ops:
+                for key, field in (("good", "n_good"), ("defect", "n_defects")):
+                    n = ops[0].get(field)
+                    counts = vs.get(key)
+                    if isinstance(n, int) and counts is not None and sum(counts) != n:
+                        self._fail("val_scores." + key,
+                                   f"histogram holds {sum(counts)} scores but the operating points were "
+                                   f"measured on {n} ({field}): histogram and operating points disagree")
+        src = d.get("operating_points_source")
+        if src is not None:
+            if not isinstance(src, dict):
+                self._fail("operating_points_source", "expected an object")
+            if src.get("status") not in OPS_STATUSES:
+                self._fail("operating_points_source.status",
+                           "expected one of {}, got {!r}".format(OPS_STATUSES, src.get("status")))
+            if src.get("crop_mode") is not None and src.get("crop_mode") not in CROP_MODES:
+                self._fail("operating_points_source.crop_mode",
+                           "expected one of {}, got {!r}".format(CROP_MODES, src.get("crop_mode")))
         return self
 
     # -- I/O -----------------------------------------------------------

@@ -23,6 +23,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("export", "nexedge.export.cli", "checkpoint -> ONNX (host or in-graph crops) with parity check"),
     ("calibrate", "nexedge.export.cli", "INT8 calibration: Q/DQ ONNX for TensorRT and ONNX Runtime, TRT cache"),
     ("build-engine", "nexedge.export.cli", "ONNX -> TensorRT engine (FP16/INT8) for this GPU"),
+    ("thresholds", "nexedge.export.cli", "measure an artifact's operating points through its own backend"),
     ("camera-sim", "nexedge.serve.cli", "stream a folder of images to the daemon from N simulated cameras"),
     ("pull", "nexedge.relabel.cli", "pull uncertain samples from a store or a running daemon"),
     ("import-labels", "nexedge.relabel.cli", "add labelled images (Label Studio JSON or CSV) to a data set"),

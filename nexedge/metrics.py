@@ -1,12 +1,17 @@
 """Metrics of the report, for any class list with one negative ("good") class.
 
-Positive = defect. Defect score = 1 - p(good). ROC via scikit-learn. FPR at
+Positive = defect. Defect score = the summed probability of the defect classes,
+computed by :func:`defect_score` (the one definition that the trainer, the card,
+``nexedge eval``, the runtime and the exported graph share). It equals
+``1 - p(good)`` but keeps its precision near 0, where ``1 - p(good)`` in float32
+is exactly 0 below about 6e-8. ROC via scikit-learn. FPR at
 TPR >= t is the smallest FPR among ROC points with TPR >= t; its threshold is the
 score threshold of that point (REJECT if score >= threshold). The one-sided 95%
 Clopper-Pearson lower bound on TPR says what the number of validation defects
 supports.
 
 numpy at import; scikit-learn and scipy inside the functions that need them.
+The daemon imports this module (Python 3.8, no torch).
 """
 
 import math
@@ -20,6 +25,34 @@ DEFAULT_TPRS = (0.991, 0.993, 0.995, 0.997, 1.0)
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def defect_score(logits: np.ndarray, good_index: int) -> np.ndarray:
+    """Defect score per row of ``logits`` (N x C): the sum of the defect classes' softmax
+    probabilities, ``exp(logsumexp(defect logits) - logsumexp(all logits))`` in float64.
+
+    Never computed as ``1 - p(good)``: that difference is exactly 0 in float32 for scores
+    below about 6e-8, where the TPR 100 % operating point often lies.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or not 0 <= good_index < z.shape[1] or z.shape[1] < 2:
+        raise ValueError(f"logits of shape {z.shape} with good class {good_index}: expected N x C, C >= 2")
+    return np.exp(_logsumexp(np.delete(z, good_index, axis=1)) - _logsumexp(z))
+
+
+def defect_score_from_probs(probs: np.ndarray, good_index: int) -> np.ndarray:
+    """The same score from class probabilities (outputs of in-graph-crop models): the sum
+    of the defect classes' probabilities, in float64 (each one is precise near 0)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or not 0 <= good_index < p.shape[1]:
+        raise ValueError(f"probabilities of shape {p.shape} with good class {good_index}: expected N x C")
+    return np.delete(p, good_index, axis=1).sum(axis=1)
 
 
 def clopper_pearson_lower(k: int, n: int, confidence: float = 0.95) -> float:
@@ -52,7 +85,12 @@ def roc_auc(y_defect: Sequence[int], scores: Sequence[float]) -> float:
 
 
 def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr: float) -> Dict[str, Any]:
-    """Threshold with TPR >= target and the smallest FPR, plus the TPR lower bound."""
+    """Threshold with TPR >= target and the smallest FPR, plus the TPR lower bound.
+
+    The threshold is always > 0 (a card threshold of 0 would REJECT every device):
+    when defects score exactly 0 the point with the highest reachable TPR is returned
+    and its ``tpr`` says it falls short of the target.
+    """
     from sklearn.metrics import roc_curve
 
     y, s = np.asarray(y_defect, dtype=int), np.asarray(scores, dtype=float)
@@ -60,8 +98,16 @@ def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr
     n_def, n_good = int(y.sum()), int((y == 0).sum())
     if n_def == 0 or n_good == 0:
         raise ValueError(f"need both good and defect samples for an operating point (good {n_good}, defect {n_def})")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} scores are not finite")
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
-    ok = np.flatnonzero((tpr >= target_tpr - 1e-12) & np.isfinite(thr))
+    valid = np.isfinite(thr) & (thr > 0)
+    if not valid.any():
+        raise ValueError("every score is 0: no threshold > 0 separates anything")
+    ok = np.flatnonzero(valid & (tpr >= target_tpr - 1e-12))
+    if ok.size == 0:  # defects at score 0: the best reachable TPR
+        best = tpr[valid].max()
+        ok = np.flatnonzero(valid & (tpr == best))
     i = int(ok[np.argmin(fpr[ok])])  # first (highest-threshold) point of the smallest FPR
     k = int(round(tpr[i] * n_def))
     return {
@@ -73,6 +119,55 @@ def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr
         "n_defects": n_def,
         "n_good": n_good,
     }
+
+
+#: Default floor on an operating point's 95 % TPR lower bound below which tools warn.
+DEFAULT_TPR_FLOOR = 0.95
+
+
+def defects_needed(target_tpr: float, floor: float = DEFAULT_TPR_FLOOR, confidence: float = 0.95,
+                   limit: int = 10_000_000) -> Optional[int]:
+    """Smallest number of validation defects for which meeting ``target_tpr`` exactly gives a
+    Clopper-Pearson lower bound >= ``floor`` (None when no count can: target <= floor)."""
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"TPR floor must be in (0, 1), got {floor}")
+    if target_tpr <= floor:
+        return None
+
+    def ok(n: int) -> bool:
+        k = min(n, int(math.ceil(target_tpr * n - 1e-9)))
+        return clopper_pearson_lower(k, n, confidence) >= floor
+
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:  # first n that passes (the bound is monotone in n up to rounding of k)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def weak_points(ops: Sequence[Dict[str, Any]], floor: float = DEFAULT_TPR_FLOOR) -> List[Dict[str, Any]]:
+    """Operating points whose TPR lower bound is below ``floor``, each with the validation
+    defects its target would need (``defects_needed``) and a one-line ``message``."""
+    out = []
+    for op in ops:
+        lb = op.get("tpr_lower95")
+        if lb is None or not (isinstance(lb, (int, float)) and lb >= floor):
+            need = defects_needed(float(op["target_tpr"]), floor)
+            have = op.get("n_defects")
+            msg = (f"operating point TPR {tpr_key(float(op['target_tpr']))} % rests on {have} validation defects: "
+                   f"95 % lower bound on TPR {lb if lb is None else round(float(lb), 3)} < floor {floor}; ")
+            msg += (f"about {need} defects (all detected) would support it" if need is not None
+                    else "no number of defects can support a target at or below the floor")
+            out.append(dict(op, floor=floor, defects_needed=need, message=msg))
+    return out
 
 
 def operating_points(
@@ -105,12 +200,10 @@ def score_histogram(y_defect: Sequence[int], scores: Sequence[float], bins: int 
 
 def binary_terms(logits: np.ndarray, good_index: int) -> Dict[str, np.ndarray]:
     """Per-sample log p(good), log p(defect) (log-sum-exp of the defect logits) and defect score."""
-    lp = log_softmax(np.asarray(logits, dtype=np.float64))
-    log_good = lp[:, good_index]
-    others = np.delete(lp, good_index, axis=1)
-    m = others.max(axis=1, keepdims=True)
-    log_def = (m + np.log(np.exp(others - m).sum(axis=1, keepdims=True)))[:, 0]
-    return {"log_good": log_good, "log_defect": log_def, "score": np.exp(log_def)}
+    z = np.asarray(logits, dtype=np.float64)
+    lp = log_softmax(z)
+    log_def = _logsumexp(np.delete(lp, good_index, axis=1))
+    return {"log_good": lp[:, good_index], "log_defect": log_def, "score": defect_score(z, good_index)}
 
 
 def classification_report(

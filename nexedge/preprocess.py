@@ -3,7 +3,11 @@ export parity checks, benchmarks and the daemon.
 
 Steps: decoded image (any size, gray or colour, uint8/uint16) -> model colour
 (``gray`` keeps one channel, ``rgb`` three) -> resize to the card's [H, W]
-(cv2 INTER_AREA) -> uint8 H x W x C. From there either the graph does the rest
+(cv2 INTER_AREA) -> uint8 H x W x C. The card's ``input.resize_mode`` says how:
+``stretch`` (default) scales each axis to [H, W] and changes the aspect ratio;
+``short`` scales the image, keeping its aspect ratio, until it covers [H, W]
+(the short side fits) and center-crops [H, W] out of it, as the report's
+``Resize(short side)`` + center crop do. From there either the graph does the rest
 (in-graph crops) or :func:`host_batch` does: gray to 3 channels, scale to
 [0, 1], normalise with mean/std, crops (center | five | ten).
 
@@ -13,7 +17,7 @@ the same five of the horizontally flipped image (torchvision's order).
 Imported by the daemon: Python 3.8, numpy and OpenCV only.
 """
 
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -75,9 +79,28 @@ def resize(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
+RESIZE_MODES = ("stretch", "short")
+
+
+def resize_short(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Scale ``img`` keeping its aspect ratio until it covers ``size`` = [H, W], then center-crop [H, W]."""
+    h, w = int(size[0]), int(size[1])
+    s = max(h / img.shape[0], w / img.shape[1])
+    nh, nw = max(h, int(round(img.shape[0] * s))), max(w, int(round(img.shape[1] * s)))
+    out = resize(img, (nh, nw))
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return np.ascontiguousarray(out[top : top + h, left : left + w])
+
+
 def prepare(img: np.ndarray, inp: Mapping[str, Any]) -> np.ndarray:
-    """Host part common to every model: colour + resize -> uint8 H x W x C (card ``input``)."""
-    return resize(as_model_color(img, inp["color"]), inp["resize"])
+    """Host part common to every model: colour + resize (``input.resize_mode``) -> uint8 H x W x C."""
+    mode = inp.get("resize_mode", "stretch")
+    img = as_model_color(img, inp["color"])
+    if mode == "stretch":
+        return resize(img, inp["resize"])
+    if mode == "short":
+        return resize_short(img, inp["resize"])
+    raise ValueError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
 
 
 def crop_offsets(mode: str, size: Sequence[int], crop: Sequence[int]) -> List[Tuple[int, int, bool]]:
@@ -140,11 +163,6 @@ def average_crops(logits: np.ndarray, k: int) -> np.ndarray:
     return logits.reshape(-1, k, logits.shape[-1]).mean(axis=1)
 
 
-def defect_score(probs: np.ndarray, good_index: int) -> np.ndarray:
-    """1 - p(good): the summed probability of every defect class."""
-    return 1.0 - probs[:, good_index]
-
-
 IMAGE_STATS = ("brightness", "contrast", "sharpness")
 
 
@@ -157,6 +175,18 @@ def image_stats(img: np.ndarray) -> Tuple[float, float, float]:
     g32 = g.astype(np.float32) * (1.0 / 255.0)
     lap = cv2.Laplacian(g32, cv2.CV_32F, ksize=1)
     return float(g32.mean()), float(g32.std()), float(lap.var())
+
+
+def reference_image_stats(stats: Sequence[Sequence[float]]) -> Dict[str, Dict[str, float]]:
+    """{brightness|contrast|sharpness: {mean, std}} over per-image :func:`image_stats` rows
+    (the card's ``image_stats``, the shift monitor's reference)."""
+    vals = np.asarray(stats, dtype=float)
+    if vals.ndim != 2 or not len(vals):
+        raise ValueError("no images for the reference image statistics")
+    return {
+        name: {"mean": float(vals[:, i].mean()), "std": float(vals[:, i].std())}
+        for i, name in enumerate(IMAGE_STATS)
+    }
 
 
 def quiet_opencv() -> None:

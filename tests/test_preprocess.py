@@ -52,7 +52,11 @@ def test_average_and_defect_score():
     avg = pp.average_crops(logits, 2)
     np.testing.assert_allclose(avg, [[1.0, 0.0], [1.0, 1.0]])
     probs = pp.softmax(avg)
-    np.testing.assert_allclose(pp.defect_score(probs, 0), [1 - np.exp(1) / (np.exp(1) + 1), 0.5], rtol=1e-6)
+    from nexedge.metrics import defect_score, defect_score_from_probs
+
+    want = [1 - np.exp(1) / (np.exp(1) + 1), 0.5]
+    np.testing.assert_allclose(defect_score(avg, 0), want, rtol=1e-6)
+    np.testing.assert_allclose(defect_score_from_probs(probs, 0), want, rtol=1e-6)
     with pytest.raises(ValueError):
         pp.average_crops(logits[:3], 2)
 

@@ -146,6 +146,10 @@ def test_4_best_pt_and_run_folders_for_export_eval_mislabels(user, tmp_path, cap
     assert "with best.pt" in capsys.readouterr().out
     assert main(["export", str(tmp_path)]) == 1
     assert "without checkpoints" in _err(capsys)
+    run = str(tmp_path / "copy")
+    shutil.copytree(user["run"], run)
+    assert main(["thresholds", run, "--data", user["data"]]) == 0
+    assert "best.card.json" in capsys.readouterr().out
 
 
 # -- 6. every config path relative to the config file ----------------------------------------

@@ -12,7 +12,7 @@ class _Block:
         return None
 
 
-ROOTS = ["nexedge.card", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve", "nexedge.store"]
+ROOTS = ["nexedge.card", "nexedge.metrics", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve", "nexedge.store"]
 
 
 def main() -> int:

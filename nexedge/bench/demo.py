@@ -160,9 +160,9 @@ def print_recap(demo: Demo) -> None:
         lines.append(f"INT8 model: {r['int8']['onnx']}")
         m = r["int8"].get("metrics")
         if m:
-            lines.append("INT8 vs FP32 on val ({} images): AUC {} vs {}, max score diff {:.4f}, decisions flipped "
+            lines.append("INT8 vs FP32 on {} ({} images): AUC {} vs {}, max score diff {:.4f}, decisions flipped "
                          "{}; size {:.1f} MB vs {:.1f} MB".format(
-                             m["n_images"], _pct(m["auc_int8"]), _pct(m["auc_fp32"]), m["max_abs_score_diff"],
+                             m.get("split", "?"), m["n_images"], _pct(m["auc_int8"]), _pct(m["auc_fp32"]), m["max_abs_score_diff"],
                              _pct(r["int8"]["max_decision_flips"]), r["int8"]["bytes"] / 1e6,
                              r["int8"]["fp32_bytes"] / 1e6))
     if "stream" in r:
@@ -173,12 +173,37 @@ def print_recap(demo: Demo) -> None:
                      "p99 {} ms".format(s["frames"], d["PASS"], d["REJECT"], d["RECHECK"], s["escapes"],
                                        s["overkill"], *(f"{lat[k]:.1f}" if lat else "-"
                                                         for k in ("median", "p95", "p99"))))
+    if "stream" in r and "daemon" in r:
+        lines.append(deployed_claim_line(r["daemon"], r["stream"]))
     if "pull" in r:
         lines.append(f"pulled: {r['pull']['samples']} samples -> {r['pull']['out']}")
     if lines:
         demo.say("\nsummary:")
         for ln in lines:
             demo.say("  " + ln)
+
+
+def deployed_claim_line(daemon: Dict[str, Any], stream: Dict[str, Any]) -> str:
+    """The deployed artifact's claimed TPR and its 95 % lower bound (from its card) beside the TPR and
+    FPR the daemon actually delivered on the test images."""
+    from nexedge.card import load_card
+
+    try:
+        card = load_card(daemon["model"], verify=False)
+        target = daemon.get("target_tpr") or 1.0  # demo_line configures the daemon at TPR 100 %
+        op = card.operating_point(target)
+    except (ValueError, OSError) as e:
+        return f"deployed {daemon.get('model')}: no operating point to compare ({e})"
+    b = stream["binary"]
+    n_def, n_good = sum(b["defect"].values()), sum(b["good"].values())
+    tpr = b["defect"]["REJECT"] / n_def if n_def else None
+    fpr = b["good"]["REJECT"] / n_good if n_good else None
+    src = card.ops_source
+    return ("deployed {}: claimed TPR {} (95% lower bound {}, {} {} defects, {}) | on test: TPR {} FPR {} "
+            "({} defect, {} good; RECHECK counts as not rejected)".format(
+                os.path.basename(daemon["model"]), _pct(op.get("tpr")), _pct(op.get("tpr_lower95")),
+                src.get("split", "?"), op.get("n_defects"), src.get("status", "provenance unknown"),
+                _pct(tpr), _pct(fpr), n_def, n_good))
 
 
 def cpu_seconds() -> float:

@@ -8,6 +8,7 @@ a line computer. A stage whose piece is not in this build raises, naming it.
 import glob
 import json
 import os
+import time
 from typing import Any, Dict, List, Sequence
 
 from nexedge.bench.demo import Demo
@@ -148,10 +149,10 @@ def stage_calibrate(demo: Demo) -> None:
     if card.precision != "int8":
         raise RuntimeError(f"{found[0]}: card says precision {card.precision!r}, expected int8")
     rep = (card.data.get("metrics") or {}).get("int8_vs_fp32") or {}
-    flips = [f["flip_fraction"] for f in rep.get("decision_flips", [])]
+    flips = [max(f["flip_fraction_good"], f["flip_fraction_defect"]) for f in rep.get("deployed", [])]
     demo.results["int8"] = {
         "onnx": found[0], "bytes": os.path.getsize(found[0]), "fp32_bytes": demo.results["export"]["bytes"],
-        "metrics": {k: rep.get(k) for k in ("n_images", "auc_fp32", "auc_int8", "auc_delta_points",
+        "metrics": {k: rep.get(k) for k in ("split", "n_images", "auc_fp32", "auc_int8", "auc_delta_points",
                                             "max_abs_score_diff")} if rep else None,
         "max_decision_flips": max(flips) if flips else None,
     }
@@ -171,9 +172,31 @@ def stage_stream(demo: Demo) -> None:
     demo_line.stream_test_images(demo)
 
 
+def wait_for_store(store: str, want: int, timeout: float = 30.0) -> int:
+    """Wait until the daemon's background sample writer has stored ``want`` samples (it answers the
+    camera first and writes afterwards); returns how many are there."""
+    import sqlite3
+
+    db, n = os.path.join(store, "samples.db"), 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+            try:
+                n = int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass  # not created yet / busy: try again
+        if n >= want or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
+
+
 def stage_pull(demo: Demo) -> None:
     out = demo.path("pulled")
     store = demo.results["daemon"]["store"]
+    wait_for_store(store, int((demo.results.get("stream") or {}).get("uncertain") or 0))
     nexedge(demo, ["pull", "--store", store, "--out", out, "--format", "labelstudio,folders",
                    "--classes", ",".join(demo.results["data"]["classes"])])
     manifest = os.path.join(out, "manifest.jsonl")

@@ -26,6 +26,11 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs probability difference ONNX vs torch (default 1e-4)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the parity run")
+    p.add_argument("--data", help="labelled data-set root on which the ONNX model's own operating points are "
+                                  "measured (default: the trainer's data root, if still there)")
+    p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
+    p.add_argument("--tpr-floor", type=float, default=0.95,
+                   help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -41,9 +46,40 @@ def run_export(args: argparse.Namespace) -> int:
         parity_images=args.parity_images,
         tolerance=args.tolerance,
         threads=args.threads,
+        data=args.data,
+        split=args.split,
     )
+    from nexedge.export.thresholds import format_points
+
     print(f"wrote {res.path} and {res.card_path}")
     print("parity: " + json.dumps(res.parity))
+    print(format_points(res.card, args.tpr_floor))
+    return 0
+
+
+def configure_thresholds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="checkpoint (.pt), ONNX (any flavour, INT8 too) or engine, with its card; "
+                                    "or a run folder (its best.pt)")
+    p.add_argument("--data", required=True, help="labelled data-set root with <split>/<class>/<image> folders")
+    p.add_argument("--split", default="val", help="split to measure on (default val; keep test for reporting)")
+    p.add_argument("--tpr-floor", type=float, default=0.95,
+                   help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads")
+
+
+def run_thresholds(args: argparse.Namespace) -> int:
+    from nexedge.export.thresholds import format_points, measure_artifact
+    from nexedge.runs import resolve_artifact
+    from nexedge.runtime.factory import backend_kind
+
+    args.artifact = resolve_artifact(args.artifact)
+    kind = backend_kind(args.artifact)
+    opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(kind, {})
+    m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
+                         backend_options=opts, progress=True)
+    print(f"wrote {m.card_path}")
+    print(format_points(m.card, args.tpr_floor))
     return 0
 
 
@@ -53,9 +89,13 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="calibration set name: calibrate/<name>/ (default: the model file stem)")
     p.add_argument("--images", type=int, default=512, help="calibration images, class stratified (default 512)")
     p.add_argument("--split", default="train", help="split the calibration images come from (default train)")
-    p.add_argument("--eval-split", default="val",
-                   help="labelled split for the INT8-vs-FP32 report (AUC, FPR at TPR, decision flips); "
-                        "'' to skip (default val)")
+    p.add_argument("--thresholds-split", default="val",
+                   help="labelled split on which each INT8 model's own operating points are measured (default val)")
+    p.add_argument("--eval-split", default="test",
+                   help="labelled split for the INT8-vs-FP32 report at the deployed thresholds (escapes and "
+                        "overkill per class); must differ from --thresholds-split; '' to skip (default test)")
+    p.add_argument("--deploy-tpr", type=float, default=1.0,
+                   help="target TPR of the operating point the console report shows (default 1.0, the daemon's)")
     p.add_argument("--eval-images", type=int, default=0, help="cap on report images (default 0 = all)")
     p.add_argument("--targets", default="tensorrt,ort",
                    help="tensorrt: symmetric int8 Q/DQ for TensorRT; ort: U8S8 Q/DQ for ONNX Runtime CPU "
@@ -78,7 +118,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     res = run_calibration(
         args.onnx, args.data, name=args.name, n_images=args.images, split=args.split,
-        eval_split=args.eval_split or None, eval_images=args.eval_images, targets=targets, method=args.method,
+        eval_split=args.eval_split or None, thresholds_split=args.thresholds_split, eval_images=args.eval_images, targets=targets, method=args.method,
         out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
         seed=args.seed, threads=args.threads, force=args.force,
     )
@@ -87,13 +127,33 @@ def run_calibrate(args: argparse.Namespace) -> int:
         rep = res.reports.get(target) or {}
         line = f"{target}: {path}"
         if rep:
-            flips = max((f["flip_fraction"] for f in rep["decision_flips"]), default=float("nan"))
             line += (f"  AUC fp32 {rep['auc_fp32']:.4f} int8 {rep['auc_int8']:.4f} "
-                     f"({rep['auc_delta_points']:+.2f} points), max decision flips {100 * flips:.1f}%")
+                     f"({rep['auc_delta_points']:+.2f} points) on {rep['split']}")
         print(line)
+        dep = next((d for d in (rep or {}).get("deployed", []) if abs(d["target_tpr"] - args.deploy_tpr) < 1e-9),
+                   None)
+        if dep:
+            print(format_deployed(dep, rep))
     if res.trt_cache:
         print(f"TensorRT calibration cache: {res.trt_cache}")
     return 0
+
+
+def format_deployed(dep: dict, rep: dict) -> str:
+    """Escapes and overkill per class at the deployed operating point, FP32 beside INT8."""
+    lines = [f"  at the deployed point TPR {100 * dep['target_tpr']:g} % on {rep['split']} "
+             f"({rep['n_defects']} defect, {rep['n_good']} good; thresholds fp32 {dep['threshold_fp32']:.4g} "
+             f"int8 {dep['threshold_int8']:.4g} from {rep['thresholds_from']['int8']}):",
+             ""]
+    w = max([5] + [len(c) for c in dep["per_class"]])
+    lines[-1] = f"    {'class':<{w}}  {'counted':<8}  {'images':>6}  {'fp32':>5}  {'int8':>5}"
+    for cls, row in dep["per_class"].items():
+        what = "overkill" if "overkill" in row["fp32"] else "escapes"
+        lines.append(f"    {cls:<{w}}  {what:<8}  {row['fp32']['n']:>6}  {row['fp32'][what]:>5}  {row['int8'][what]:>5}")
+    lines.append(f"    total escapes fp32 {dep['escapes_fp32']} int8 {dep['escapes_int8']}, overkill fp32 "
+                 f"{dep['overkill_fp32']} int8 {dep['overkill_int8']}; decisions flipped: "
+                 f"{100 * dep['flip_fraction_defect']:.1f} % of defects, {100 * dep['flip_fraction_good']:.1f} % of good")
+    return "\n".join(lines)
 
 
 def configure_build_engine(p: argparse.ArgumentParser) -> None:
@@ -114,6 +174,8 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="trt_engines", help="where engines go (default trt_engines)")
     p.add_argument("--name", help="engine name prefix (default: the ONNX file stem)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+    p.add_argument("--data", help="labelled data-set root to re-measure the engine's operating points on "
+                                  "(default: where the ONNX model's were measured)")
 
 
 def build_settings(args: argparse.Namespace) -> dict:
@@ -156,6 +218,6 @@ def run_build_engine(args: argparse.Namespace) -> int:
         calib_cache=args.calib_cache, timing_cache=timing,
     )
     path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
-                                    force=args.force)
+                                    force=args.force, data=args.data)
     print(("reused " if reused else "built ") + eng.describe(path))
     return 0

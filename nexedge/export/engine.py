@@ -333,8 +333,11 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
 
 
 def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines", name: Optional[str] = None,
-                 trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False) -> Tuple[str, bool]:
-    """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused)."""
+                 trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False,
+                 runner: Any = None, data: Optional[str] = None) -> Tuple[str, bool]:
+    """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused). A new engine's
+    operating points are re-measured through ``runner(engine)`` (default: the TensorRT backend) when it
+    runs here, else its card says they are the parent ONNX's (see nexedge.export.thresholds)."""
     if trt is None:
         try:
             import tensorrt as trt
@@ -370,6 +373,9 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
     ecard.data["provenance"]["engine"] = dict(info, key=key, tensorrt=trt.__version__, device=device.name)
     ecard.save_for(path, parent=onnx_path)
     log.info("built %s in %.1f s", path, info["build_seconds"])
+    from nexedge.export.thresholds import remeasure_or_mark
+
+    remeasure_or_mark(path, card, runner, data)
     return path, False
 
 

@@ -5,7 +5,9 @@ Input: prepared uint8 images N x H x W x C (C=1 for gray cards, 3 for rgb), as
 :func:`nexedge.preprocess.host_batch` does on the host — x/255, gray to three
 channels (by broadcasting against the per-channel mean/std), normalisation, the
 crops in TenCrop order — then the backbone, the per-image mean of the crop
-logits, the softmax and ``defect_score = 1 - p(good)``.
+logits, the softmax and ``defect_score`` = the sum of the defect classes'
+probabilities (:func:`nexedge.metrics.defect_score`; never ``1 - p(good)``,
+which is exactly 0 in float32 below about 6e-8).
 
 The backbone is the submodule ``backbone``; every ONNX node it produces is named
 ``/backbone/...`` by the TorchScript exporter, which the INT8 quantizer uses to
@@ -59,4 +61,5 @@ class InGraphModel(nn.Module):
         logits = self.backbone(crops)
         logits = logits.reshape(-1, self.k, logits.shape[-1]).mean(dim=1)
         probs = torch.softmax(logits, dim=1)
-        return probs, 1.0 - probs[:, self.good_index]
+        g = self.good_index
+        return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1)

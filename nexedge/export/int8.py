@@ -37,7 +37,8 @@ def run_calibration(
     name: Optional[str] = None,
     n_images: int = 512,
     split: str = "train",
-    eval_split: Optional[str] = "val",
+    eval_split: Optional[str] = "test",
+    thresholds_split: str = "val",
     eval_images: int = 0,
     targets: Sequence[str] = ("tensorrt", "ort"),
     method: str = "minmax",
@@ -49,11 +50,14 @@ def run_calibration(
     threads: Optional[int] = None,
     force: bool = False,
 ) -> CalibrationResult:
-    """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``.
+    """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``, measure each
+    INT8 model's own operating points on ``thresholds_split`` and report INT8 beside FP32 at the
+    deployed thresholds on ``eval_split`` (which must differ from ``thresholds_split``).
 
     Refuses a data set whose classes differ from the model's, a calibration set made from
     another data set (unless ``rebuild``), and existing INT8 outputs (unless ``force``)."""
     from nexedge.export.parity import read_images_skipping
+    from nexedge.export.thresholds import mark_from_parent, measure_artifact
     from nexedge.preprocess import prepare
     from nexedge.runtime.onnxrt import OnnxRuntimeBackend
 
@@ -61,11 +65,15 @@ def run_calibration(
         qz.check_target(t)
     if trt_cache:
         _require_tensorrt()  # fail before the slow part
+    if eval_split and eval_split == thresholds_split:
+        raise ValueError(f"--eval-split {eval_split!r} is the split the thresholds are picked on; the INT8 report "
+                         "needs a split not used to pick them (e.g. test)")
     card = load_card(onnx_path)
     if card.data["artifact"]["kind"] != "onnx" or card.precision != "fp32":
         raise ValueError(f"{onnx_path}: calibrate takes an fp32 ONNX model (card says "
                          f"{card.data['artifact']['kind']}/{card.precision})")
-    check_classes(card.classes, data_root, [split] + ([eval_split] if eval_split else []))
+    check_classes(card.classes, data_root, [split] + ([eval_split] if eval_split else [])
+                  + ([thresholds_split] if os.path.isdir(os.path.join(data_root, thresholds_split)) else []))
     existing = [int8_path(onnx_path, t, out_dir) for t in targets if os.path.exists(int8_path(onnx_path, t, out_dir))]
     if existing and not force:
         raise ValueError(f"{', '.join(existing)} already exist(s); --force to replace, or --out-dir for another folder")
@@ -104,14 +112,25 @@ def run_calibration(
         out = int8_path(onnx_path, target, out_dir)
         reader = cal.OrtCalibrationReader(images, card)
         quant = qz.quantize_model(onnx_path, out, card, reader, target, method)
+        icard = qz.int8_card(card, quant, None, calibration)
+        icard.save_for(out, parent=onnx_path)
+        # The INT8 model's own operating points, through the backend that runs it (ONNX Runtime).
+        if os.path.isdir(os.path.join(data_root, thresholds_split)):
+            icard = measure_artifact(out, data_root, thresholds_split,
+                                     backend_options={"intra_threads": threads}).card
+        else:
+            mark_from_parent(icard, f"no {thresholds_split}/ split under {data_root} to measure on")
+            icard.save_for(out)
+            log.warning("%s: operating points copied from the fp32 model, NOT re-measured (no %s/ split)",
+                        out, thresholds_split)
         report = None
         if eval_imgs is not None:
             with OnnxRuntimeBackend(onnx_path, card=card, intra_threads=threads) as a, \
-                    OnnxRuntimeBackend(out, card=card, intra_threads=threads, verify=False) as b:
-                report = qz.compare_int8(a, b, eval_imgs, eval_labels, card)
+                    OnnxRuntimeBackend(out, card=icard, intra_threads=threads, verify=False) as b:
+                report = qz.compare_int8(a, b, eval_imgs, eval_labels, card, icard)
             report["split"] = eval_split
-        icard = qz.int8_card(card, quant, report, calibration)
-        icard.save_for(out, parent=onnx_path)
+            icard.data["metrics"] = dict(icard.data.get("metrics") or {}, int8_vs_fp32=report)
+            icard.save_for(out)
         outputs[target], reports[target] = out, report or {}
         log.info("wrote %s (%s)", out, target)
 

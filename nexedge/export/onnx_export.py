@@ -8,7 +8,10 @@ Two flavours from the same weights:
   (see nexedge.export.graph).
 
 The ONNX file is written under a temporary name, checked with onnx.checker and
-against PyTorch, and only then renamed into place with its card.
+against PyTorch, and only then renamed into place with its card. Then the
+operating points are re-measured on the ONNX model itself, through ONNX Runtime
+(``nexedge thresholds``): a ten-crop graph's scores differ from the trainer's
+center-crop ones, so the checkpoint's thresholds do not carry over.
 """
 
 import logging
@@ -29,6 +32,7 @@ class ExportResult(NamedTuple):
     card_path: str
     card: ModelCard
     parity: Dict[str, Any]
+    measured: bool = False  # operating points re-measured on this artifact
 
 
 def default_output(checkpoint: str, crops: str) -> str:
@@ -97,8 +101,13 @@ def export_onnx(
     tolerance: float = 1e-4,
     opset: int = OPSET,
     threads: Optional[int] = None,
+    data: Optional[str] = None,
+    split: str = "val",
 ) -> ExportResult:
-    """Export ``checkpoint`` (with card) to ONNX; parity vs torch must hold or nothing is written."""
+    """Export ``checkpoint`` (with card) to ONNX; parity vs torch must hold or nothing is written.
+    The operating points are then measured on the ONNX model on ``data/<split>`` (default: the
+    trainer's data root when still there); without labelled data the card says they are the
+    checkpoint's, not re-measured."""
     import torch
 
     from nexedge.export import parity as par
@@ -147,7 +156,17 @@ def export_onnx(
         "torch": torch.__version__,
         "parity": parity,
     }
+    from nexedge.export.thresholds import data_root_of, mark_from_parent, measure_artifact
+
+    root = data or data_root_of(ck_card)
+    if root is None:
+        mark_from_parent(card, "no labelled data (--data) to measure on and the trainer's data root is gone")
     card_path = card.save_for(out, parent=checkpoint)
     log.info("exported %s (crops=%s, parity max diff %.2g)", out, crops, parity["max_abs_diff"])
-    return ExportResult(out, card_path, card, parity)
+    if root is None:
+        log.warning("%s: operating points copied from the checkpoint, NOT re-measured on this artifact; run "
+                    "`nexedge thresholds %s --data ROOT`", out, out)
+        return ExportResult(out, card_path, card, parity, False)
+    m = measure_artifact(out, root, split, backend_options={"intra_threads": threads})
+    return ExportResult(out, m.card_path, m.card, parity, True)
 

@@ -9,7 +9,8 @@ Two targets, both ``onnxruntime.quantization.quantize_static`` in QDQ format:
   quantize_static default) is no faster on the dev box.
 
 Both keep the sensitive tail in float: the final fully connected layer and
-everything after it (crop averaging, softmax, defect score). For in-graph-crop
+everything after it (crop averaging, softmax, defect score), and the spatial
+transformer of ``*_stn`` models (a quantized sampling grid moves pixels). For in-graph-crop
 models the preprocessing (cast, /255, mean/std, crops, flips) stays float too:
 only nodes of the backbone (``/backbone/...``) are quantized, and the uint8
 images feed calibration directly. Host-crop models are calibrated on the float
@@ -31,6 +32,9 @@ TARGETS = ("tensorrt", "ort")
 METHODS = ("minmax", "entropy", "percentile")
 TAIL_STOP_OPS = ("Gemm", "MatMul")
 BACKBONE_PREFIX = "/backbone/"
+#: Nodes of a spatial transformer (``STNNet.stn``): its affine grid (MatMul) and GridSample sampling
+#: positions would snap to the INT8 grid (about 0.9 px at 224), so the whole STN stays float.
+STN_MARK = "/stn/"
 
 
 def check_target(target: str) -> str:
@@ -59,9 +63,10 @@ def tail_nodes(graph: Any) -> List[str]:
 
 
 def float_nodes(graph: Any, crops: str) -> List[str]:
-    """Nodes quantize_static must leave in float: the tail, and for in-graph models everything
-    outside the backbone (preprocessing, crops, averaging)."""
+    """Nodes quantize_static must leave in float: the tail, any spatial transformer, and for
+    in-graph models everything outside the backbone (preprocessing, crops, averaging)."""
     keep = set(tail_nodes(graph))
+    keep |= {n.name for n in graph.node if STN_MARK in n.name}
     if crops != "host":
         keep |= {n.name for n in graph.node if not n.name.startswith(BACKBONE_PREFIX)}
     return sorted(keep)
@@ -171,34 +176,77 @@ def check_symmetric(model: Any) -> None:
                                    "TensorRT Q/DQ must be symmetric")
 
 
-def compare_int8(fp32_backend: Any, int8_backend: Any, images: np.ndarray, labels: Sequence[str], card: ModelCard,
-                 tprs: Sequence[float] = DEFAULT_TPRS, batch: int = 16) -> Dict[str, Any]:
-    """INT8 vs FP32 on a labelled split: AUC, FPR at each TPR, decision flips at the card's thresholds."""
+def decisions_by_class(scores: np.ndarray, labels: Sequence[str], card: ModelCard, threshold: float
+                       ) -> Dict[str, Dict[str, Any]]:
+    """Per class at ``threshold``: images, escapes (defect -> PASS) or overkill (good -> REJECT)."""
+    lab = np.asarray(labels)
+    out: Dict[str, Dict[str, Any]] = {}
+    for cls in sorted(set(lab.tolist())):
+        s = scores[lab == cls]
+        if cls == card.good_class:
+            out[cls] = {"n": int(s.size), "overkill": int((s >= threshold).sum())}
+        else:
+            out[cls] = {"n": int(s.size), "escapes": int((s < threshold).sum())}
+    return out
+
+
+def compare_int8(fp32_backend: Any, int8_backend: Any, images: np.ndarray, labels: Sequence[str],
+                 fp32_card: ModelCard, int8_card_: ModelCard, tprs: Sequence[float] = DEFAULT_TPRS,
+                 batch: int = 16) -> Dict[str, Any]:
+    """INT8 vs FP32 on a labelled split that did not pick the thresholds: AUC, FPR at each TPR, and
+    at each deployed operating point (each model at its own card's threshold) the escapes and
+    overkill per class and the decision flips among good and among defect images."""
     from nexedge import metrics
 
     def scores(be: Any) -> np.ndarray:
         n = min(batch, be.max_batch)
-        return np.concatenate([be.infer(images[i : i + n]).defect_score for i in range(0, len(images), n)])
+        return np.concatenate([np.asarray(be.infer(images[i : i + n]).defect_score, np.float64)
+                               for i in range(0, len(images), n)])
 
     s32, s8 = scores(fp32_backend), scores(int8_backend)
-    y = np.array([lab != card.good_class for lab in labels], dtype=int)
-    flips = []
-    for op in card.operating_points:
-        thr = float(op["threshold"])
-        flips.append({"target_tpr": op["target_tpr"], "threshold": thr,
-                      "flip_fraction": float(np.mean((s32 >= thr) != (s8 >= thr)))})
+    good = np.array([lab == fp32_card.good_class for lab in labels])
+    y = (~good).astype(int)
+    deployed = []
+    for op8 in int8_card_.operating_points:
+        try:
+            op32 = fp32_card.operating_point(float(op8["target_tpr"]))
+        except ValueError:
+            continue
+        t32, t8 = float(op32["threshold"]), float(op8["threshold"])
+        d32, d8 = s32 >= t32, s8 >= t8
+        flip = d32 != d8
+        c32, c8 = decisions_by_class(s32, labels, fp32_card, t32), decisions_by_class(s8, labels, fp32_card, t8)
+        deployed.append({
+            "target_tpr": float(op8["target_tpr"]),
+            "threshold_fp32": t32,
+            "threshold_int8": t8,
+            "escapes_fp32": int((~d32 & ~good).sum()),
+            "escapes_int8": int((~d8 & ~good).sum()),
+            "overkill_fp32": int((d32 & good).sum()),
+            "overkill_int8": int((d8 & good).sum()),
+            "tpr_fp32": float(d32[~good].mean()) if (~good).any() else float("nan"),
+            "tpr_int8": float(d8[~good].mean()) if (~good).any() else float("nan"),
+            "fpr_fp32": float(d32[good].mean()) if good.any() else float("nan"),
+            "fpr_int8": float(d8[good].mean()) if good.any() else float("nan"),
+            "flip_fraction_good": float(flip[good].mean()) if good.any() else float("nan"),
+            "flip_fraction_defect": float(flip[~good].mean()) if (~good).any() else float("nan"),
+            "per_class": {c: {"fp32": c32[c], "int8": c8[c]} for c in c32},
+        })
     both = bool(y.min(initial=0) != y.max(initial=0))
     auc32 = metrics.roc_auc(y, s32) if both else float("nan")
     auc8 = metrics.roc_auc(y, s8) if both else float("nan")
     return {
         "n_images": int(len(images)),
         "n_defects": int(y.sum()),
+        "n_good": int(good.sum()),
+        "thresholds_from": {"fp32": fp32_card.ops_source.get("split"), "int8": int8_card_.ops_source.get("split"),
+                            "fp32_status": fp32_card.ops_source.get("status")},
         "auc_fp32": auc32,
         "auc_int8": auc8,
         "auc_delta_points": 100.0 * (auc8 - auc32),
         "fpr_at_tpr_fp32": metrics.fpr_at_tprs(y, s32, tprs),
         "fpr_at_tpr_int8": metrics.fpr_at_tprs(y, s8, tprs),
-        "decision_flips": flips,
+        "deployed": deployed,
         "max_abs_score_diff": float(np.abs(s32 - s8).max()),
         "mean_abs_score_diff": float(np.abs(s32 - s8).mean()),
     }

@@ -10,12 +10,13 @@ Classes: ``good`` (textured background), ``scratch`` (a thin bright line),
 """
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nexedge import metrics
 from nexedge import preprocess as pp
-from nexedge.card import DEFAULT_TPRS, ModelCard
+from nexedge.card import ModelCard
 
 CLASSES = ["good", "chip", "scratch"]
 
@@ -68,21 +69,6 @@ def write_toy_dataset(root: str, inp: Dict[str, Any], per_split: Optional[Dict[s
     return root
 
 
-def operating_points(scores: np.ndarray, is_defect: np.ndarray, tprs: Sequence[float] = DEFAULT_TPRS
-                     ) -> List[Dict[str, Any]]:
-    """Threshold per target TPR: the highest threshold whose TPR reaches the target."""
-    d = np.sort(scores[is_defect])[::-1]
-    g = scores[~is_defect]
-    out = []
-    for t in tprs:
-        k = max(1, int(np.ceil(t * len(d) - 1e-9)))
-        thr = float(d[k - 1])
-        out.append({"target_tpr": float(t), "threshold": thr, "tpr": float((d >= thr).mean()),
-                    "fpr": float((g >= thr).mean()), "tpr_lower95": None,
-                    "n_defects": int(len(d)), "n_good": int(len(g))})
-    return out
-
-
 def train_toy_checkpoint(path: str, arch: str = "tiny", inp: Optional[Dict[str, Any]] = None, steps: int = 60,
                          n_train: int = 0, n_val: int = 60, seed: int = 0, lr: float = 3e-3,
                          arch_kwargs: Optional[Dict[str, Any]] = None) -> str:
@@ -117,9 +103,15 @@ def train_toy_checkpoint(path: str, arch: str = "tiny", inp: Optional[Dict[str, 
     v_img, vy = toy_images(n_val, inp, seed=seed + 7)
     with torch.inference_mode():
         logits = model(torch.from_numpy(pp.host_batch(v_img, inp, inp["crop_mode"]))).numpy()
-    probs = pp.softmax(pp.average_crops(logits, pp.n_crops(inp["crop_mode"])))
-    scores = pp.defect_score(probs, card.good_index)
-    card.data["operating_points"] = operating_points(scores, vy != card.good_index)
+    mean_logits = pp.average_crops(logits, pp.n_crops(inp["crop_mode"]))
+    probs = pp.softmax(mean_logits)
+    y_def = (vy != card.good_index).astype(int)
+    scores = metrics.defect_score(mean_logits, card.good_index)
+    card.data["operating_points"] = metrics.operating_points(y_def, scores)
+    card.data["val_scores"] = metrics.score_histogram(y_def, scores)
+    card.data["operating_points_source"] = {
+        "status": "measured", "split": "toy val (generated)", "n_good": int((y_def == 0).sum()),
+        "n_defects": int(y_def.sum()), "crop_mode": inp["crop_mode"], "backend": "torch", "artifact_sha256": None}
     card.data["metrics"] = {"val_accuracy": float((probs.argmax(1) == vy).mean()), "train_steps": steps}
     card.data["provenance"] = {"arch": arch, "data": "nexedge.export.toy (generated)", "seed": seed}
     save_checkpoint(path, model, arch, CLASSES, "good", arch_kwargs=arch_kwargs, card=card)

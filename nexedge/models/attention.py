@@ -2,16 +2,25 @@
 as in the report's Table 1: attention after conv4 (layer3) and conv5 (layer4); the
 average pool replaced by a 3x3 512-channel conv and a global max-pool giving g.
 
-Compatibility ``c_i = <u, l_i (+) g>``. With ``compat="concat"`` (the report's
-formula, the default) ``(+)`` is concatenation: then ``<u_g, g>`` is the same for
-every position and cancels in the softmax, so the map depends on ``l_i`` only.
-``compat="add"`` is the paper's parametrised form: ``l_i`` is projected to g's
-dimension by a 1x1 conv and added to g, so the global feature steers the map.
+Three compatibility functions between a local feature ``l_i`` and g:
+
+* ``compat="concat"`` (the report's formula, the default, kept for reproduction):
+  ``c_i = <u, [l_i, g]> = <u_l, l_i> + <u_g, g>``. The g term is the same at every
+  position and cancels in the softmax: the map depends on ``l_i`` only, and conv6
+  (which only feeds g) gets no gradient from the classifier.
+* ``compat="add"`` (the paper's parametrised form): ``c_i = <u, P l_i + g>`` with a
+  1x1 conv P; it is ``<u, P l_i> + <u, g>`` and g cancels in exactly the same way.
+  It does not let g steer the map.
+* ``compat="dot"`` (the paper's dot-product form): ``c_i = <P l_i, g>`` after P
+  projects ``l_i`` to g's width. g multiplies every position differently, so it
+  steers the map and conv6 learns. Use this one when g should matter.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+COMPATS = ("concat", "add", "dot")
 
 
 class AttentionEstimator(nn.Module):
@@ -19,24 +28,30 @@ class AttentionEstimator(nn.Module):
 
     def __init__(self, local_ch: int, global_ch: int, compat: str = "concat") -> None:
         super().__init__()
-        if compat not in ("concat", "add"):
-            raise ValueError(f"attention compat must be 'concat' or 'add', got {compat!r}")
+        if compat not in COMPATS:
+            raise ValueError(f"attention compat must be one of {', '.join(COMPATS)}, got {compat!r}")
         self.compat = compat
+        self.u = None
         if compat == "concat":
             self.u = nn.Linear(local_ch + global_ch, 1, bias=False)
             self.proj = None
         else:
             self.proj = nn.Conv2d(local_ch, global_ch, kernel_size=1, bias=False)
-            self.u = nn.Linear(global_ch, 1, bias=False)
+            if compat == "add":
+                self.u = nn.Linear(global_ch, 1, bias=False)
 
     def forward(self, l: torch.Tensor, g: torch.Tensor):  # noqa: E741
         n, c, h, w = l.shape
-        if self.proj is None:
-            g_map = g[:, :, None, None].expand(n, g.shape[1], h, w)
-            feat = torch.cat([l, g_map], dim=1)
+        if self.compat == "dot":
+            # <P l_i, g> / sqrt(d): the scale keeps the softmax out of saturation at init.
+            comp = torch.bmm(g.unsqueeze(1), self.proj(l).flatten(2)).squeeze(1) / float(g.shape[1]) ** 0.5
         else:
-            feat = self.proj(l) + g[:, :, None, None]
-        comp = self.u(feat.flatten(2).transpose(1, 2)).squeeze(2)  # N x (h*w)
+            if self.proj is None:
+                g_map = g[:, :, None, None].expand(n, g.shape[1], h, w)
+                feat = torch.cat([l, g_map], dim=1)
+            else:
+                feat = self.proj(l) + g[:, :, None, None]
+            comp = self.u(feat.flatten(2).transpose(1, 2)).squeeze(2)  # N x (h*w)
         a = F.softmax(comp, dim=1)
         g_a = torch.bmm(l.flatten(2), a.unsqueeze(2)).squeeze(2)  # N x C
         return g_a, a.view(n, 1, h, w)

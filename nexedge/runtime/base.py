@@ -15,6 +15,7 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
+from nexedge import metrics
 from nexedge import preprocess as pp
 from nexedge.card import ModelCard
 
@@ -25,7 +26,7 @@ class BackendError(RuntimeError):
 
 class InferenceResult(NamedTuple):
     probs: np.ndarray  # N x C float32
-    defect_score: np.ndarray  # N float32
+    defect_score: np.ndarray  # N float64 (nexedge.metrics.defect_score: precise near 0)
     timings: Dict[str, float]  # stage -> seconds for this call
 
 
@@ -80,12 +81,14 @@ class Backend:
             timings["preprocess"] = time.perf_counter() - t0
             logits = self._run_host(x, timings)
             t1 = time.perf_counter()
-            probs = pp.softmax(pp.average_crops(np.asarray(logits, np.float32), self.k))
+            mean_logits = pp.average_crops(np.asarray(logits, np.float64), self.k)
+            probs = pp.softmax(mean_logits)
+            score = metrics.defect_score(mean_logits, self.card.good_index)
         else:
             timings["preprocess"] = 0.0
             probs = np.asarray(self._run_graph(np.ascontiguousarray(images), timings), np.float32)
             t1 = time.perf_counter()
-        score = pp.defect_score(probs, self.card.good_index).astype(np.float32)
+            score = metrics.defect_score_from_probs(probs, self.card.good_index)
         timings["postprocess"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         return InferenceResult(probs.astype(np.float32), score, timings)

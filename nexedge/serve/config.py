@@ -50,6 +50,10 @@ class BatchingCfg:
 class DecisionCfg:
     target_tpr: Optional[float] = None
     threshold: Optional[float] = None
+    #: Start even when the card's operating points were measured with another crop mode than the model runs.
+    allow_unmeasured: bool = False
+    #: WARNING at start when the operating point's 95 % TPR lower bound is below this.
+    tpr_floor: float = 0.95
 
 
 @dataclasses.dataclass
@@ -236,6 +240,8 @@ def validate(cfg: Config) -> Config:
                           f"(got threshold={d.threshold}, target_tpr={d.target_tpr})")
     if d.threshold is not None and not 0.0 < d.threshold <= 1.0:
         raise ConfigError(f"decision.threshold: {d.threshold} must be in (0, 1]")
+    if not 0.0 < d.tpr_floor < 1.0:
+        raise ConfigError(f"decision.tpr_floor: {d.tpr_floor} must be in (0, 1)")
     if d.target_tpr is not None and not 0.0 < d.target_tpr <= 100.0:
         raise ConfigError(f"decision.target_tpr: {d.target_tpr} must be a fraction (0, 1] or a percent (1, 100]")
     u = cfg.uncertain

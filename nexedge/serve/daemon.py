@@ -101,6 +101,7 @@ class Daemon(IngestMixin):
             opts["verify"] = False
         self.backend = self._given_backend if self._given_backend is not None else open_backend(cfg.model.path, **opts)
         card = self.card = self.backend.card
+        self._check_operating_points(card, cfg.decision)
         if self.backend.max_batch < cfg.batching.max_batch:
             raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
                                 f"({self.backend.max_batch}, from the card's graph.max_batch or model.options)")
@@ -121,6 +122,16 @@ class Daemon(IngestMixin):
             "tpr_lower95": str(info.get("tpr_lower95")), "version": __version__,
         })
         m.threshold.set(self.decider.threshold)
+        lb = info.get("tpr_lower95")
+        m.tpr_lower95.set(float("nan") if lb is None else float(lb))
+        weak = info["source"] == "card" and (lb is None or float(lb) < cfg.decision.tpr_floor)
+        m.weak_operating_point.set(1 if weak else 0)
+        if weak:
+            from nexedge.metrics import weak_points
+
+            op = card.operating_point(float(info["target_tpr"]))
+            log.warning("WEAK OPERATING POINT: %s", weak_points([op], cfg.decision.tpr_floor)[0]["message"],
+                        extra={"fields": {"tpr_lower95": lb, "tpr_floor": cfg.decision.tpr_floor}})
         self._setup_optional(card)
         b = cfg.batching
         self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
@@ -140,6 +151,21 @@ class Daemon(IngestMixin):
         log.info("ready: frames on %s, verdicts on %s, metrics on %s", self.endpoints["frames"],
                  self.endpoints["verdicts"], self.metrics_port,
                  extra={"fields": {"event": "ready", "endpoints": self.endpoints, "metrics_port": self.metrics_port}})
+
+    def _check_operating_points(self, card: Any, d: C.DecisionCfg) -> None:
+        """Log where the card's operating points come from; refuse (fail closed) thresholds that were
+        measured with another crop mode than the backend runs, unless ``decision.allow_unmeasured``."""
+        log.info("card %s: %s", card.model_id, card.ops_status_line(),
+                 extra={"fields": {"operating_points_source": card.ops_source}})
+        if d.threshold is not None:
+            return  # an explicit threshold does not rest on the card's measurement
+        problem = card.crop_mode_mismatch(str(self.backend.crop_mode))
+        if problem is None:
+            return
+        if not d.allow_unmeasured:
+            raise C.ConfigError(f"{card.source}: {problem}; or set decision.allow_unmeasured: true to run on "
+                                "these unmeasured thresholds anyway")
+        log.warning("UNMEASURED OPERATING POINTS (decision.allow_unmeasured is set): %s", problem)
 
     def _setup_optional(self, card: Any) -> None:
         cfg = self.cfg

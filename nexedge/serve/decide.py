@@ -1,7 +1,9 @@
 """Decisions: threshold from the card (or explicit), PASS/REJECT, uncertain band, audit sampling.
 
 REJECT when score >= threshold, PASS otherwise. A frame is *uncertain* when
-``|logit(score) - logit(threshold)| <= band`` (log-odds). Python 3.8, no torch.
+``|logit(score) - logit(threshold)| <= band`` (log-odds). Scores are not clamped:
+card thresholds near 0 (5e-8 is common at TPR 100 %) keep their meaning.
+Python 3.8, no torch.
 """
 
 import logging
@@ -13,12 +15,16 @@ from nexedge.card import ModelCard
 from nexedge.serve.config import DecisionCfg, UncertainCfg
 
 log = logging.getLogger("nexedge.serve")
-EPS = 1e-7
 
 
 def logit(p: float) -> float:
-    p = min(max(float(p), EPS), 1.0 - EPS)
-    return math.log(p / (1.0 - p))
+    """log(p / (1 - p)) without clamping: -inf at 0, +inf at 1."""
+    p = float(p)
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
 
 
 def resolve_threshold(card: ModelCard, cfg: DecisionCfg) -> Tuple[float, Dict[str, Any]]:
@@ -55,7 +61,8 @@ class Decider:
     def decide(self, score: float) -> Tuple[str, bool]:
         """(PASS | REJECT, uncertain)."""
         decision = "REJECT" if score >= self.threshold else "PASS"
-        uncertain = abs(logit(score) - self._t_logit) <= self.band
+        gap = logit(score) - self._t_logit
+        uncertain = score == self.threshold or abs(gap) <= self.band  # inf - inf is NaN at threshold 1
         return decision, uncertain
 
     def audit(self, rate: Optional[float] = None) -> bool:

@@ -44,6 +44,11 @@ class DaemonMetrics:
         self.ready = Gauge("nexedge_ready", "1 when model loaded, warmed up and sockets bound", registry=r)
         self.model = Info("nexedge_model", "Model and decision settings in use", registry=r)
         self.threshold = Gauge("nexedge_threshold", "Decision threshold on the defect score", registry=r)
+        self.tpr_lower95 = Gauge("nexedge_threshold_tpr_lower95",
+                                 "95% lower bound on TPR of the card's operating point in use (NaN when unknown)",
+                                 registry=r)
+        self.weak_operating_point = Gauge("nexedge_weak_operating_point",
+                                          "1 when that TPR lower bound is below decision.tpr_floor", registry=r)
         self.samples = Counter("nexedge_samples_saved", "Samples written to the uncertain store, by kind", ["kind"],
                                registry=r)
         self.samples_dropped = Counter("nexedge_samples_dropped", "Samples not stored, by reason", ["reason"],

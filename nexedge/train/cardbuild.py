@@ -18,13 +18,7 @@ from nexedge.card import ModelCard, atomic_write_bytes, card_path_for
 
 def reference_image_stats(images: Sequence[np.ndarray]) -> Dict[str, Dict[str, float]]:
     """{brightness|contrast|sharpness: {mean, std}} over prepared images."""
-    if not len(images):
-        raise ValueError("no images for the reference image statistics")
-    vals = np.asarray([preprocess.image_stats(im) for im in images], dtype=float)
-    return {
-        name: {"mean": float(vals[:, i].mean()), "std": float(vals[:, i].std())}
-        for i, name in enumerate(preprocess.IMAGE_STATS)
-    }
+    return preprocess.reference_image_stats([preprocess.image_stats(im) for im in images])
 
 
 def build_card(
@@ -37,8 +31,10 @@ def build_card(
     metrics_: Mapping[str, Any],
     provenance: Mapping[str, Any],
     tprs: Sequence[float] = metrics.DEFAULT_TPRS,
+    source: Optional[Mapping[str, Any]] = None,
 ) -> ModelCard:
-    """Card for a checkpoint from its validation scores (defect score per image)."""
+    """Card for a checkpoint from its validation scores (defect score per image); ``source``
+    adds to the ``operating_points_source`` record (split, backend, ...)."""
     card = ModelCard.new(
         classes,
         good_class=good_class,
@@ -48,11 +44,18 @@ def build_card(
         color=input_cfg["color"],
         mean=input_cfg["mean"],
         std=input_cfg["std"],
+        resize_mode=input_cfg.get("resize_mode", "stretch"),
     )
     g = list(classes).index(good_class)
     y_def = (np.asarray(val_labels) != g).astype(int)
     if y_def.sum() and (y_def == 0).sum():
         card.data["operating_points"] = metrics.operating_points(y_def, val_scores, tprs)
+        card.data["operating_points_source"] = dict(
+            {"status": "measured", "split": "val", "n_good": int((y_def == 0).sum()), "n_defects": int(y_def.sum()),
+             "artifact_sha256": None, "kind": "checkpoint", "precision": "fp32",
+             "crop_mode": input_cfg["crop_mode"], "resize_mode": input_cfg.get("resize_mode", "stretch"),
+             "backend": "torch (trainer)"},
+            **dict(source or {}))
     card.data["val_scores"] = metrics.score_histogram(y_def, val_scores)
     card.data["image_stats"] = image_stats
     card.data["metrics"] = _finite(dict(metrics_))

@@ -55,6 +55,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("input")
     d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
     d.add_argument("--resize", type=_size, default=(72, 72), help="resize to N or HxW (report: 255; default 72)")
+    d.add_argument("--resize-mode", default="stretch", choices=("stretch", "short"),
+                   help="stretch: scale each axis to --resize (aspect ratio changes; default); short: keep the "
+                        "aspect ratio, fit the short side and center-crop (the report's Resize + crop); "
+                        "the card carries it to export, calibration and the daemon")
     d.add_argument("--crop", type=_size, default=(64, 64), help="crop N or HxW (report: 224; default 64)")
     d.add_argument("--crop-mode", choices=CROPS, default="center", help="crop style at eval/val time (in the card)")
     d.add_argument("--train-crop", choices=("random",) + CROPS, default="random",
@@ -101,6 +105,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bars (without a terminal on stderr there are none anyway: one line per epoch)")
+    r.add_argument("--tpr-floor", type=float, default=0.95,
+                   help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -117,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"),
         pretrained=args.pretrained, good_class=args.good_class, color=args.color, resize=args.resize,
-        crop=args.crop, crop_mode=args.crop_mode, train_crop=args.train_crop, augment=not args.no_augment,
+        crop=args.crop, crop_mode=args.crop_mode, resize_mode=args.resize_mode, tpr_floor=args.tpr_floor, train_crop=args.train_crop, augment=not args.no_augment,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,
@@ -148,6 +154,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tpr-floor", type=float, default=0.95,
+                   help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
+                        "this (default 0.95)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -158,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if bad or not crops:
         raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROPS)}")
     run_evaluation(args.runs, args.data, args.split, crops, out=args.out, top=args.top,
-                   batch_size=args.batch_size, progress=not args.no_progress)
+                   batch_size=args.batch_size, progress=not args.no_progress, tpr_floor=args.tpr_floor)
     return 0
 
 

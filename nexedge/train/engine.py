@@ -66,7 +66,7 @@ def train_one_epoch(
         lab_all.append(y.cpu().numpy())
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    loss_fn.sync()
+    loss_fn.sync(ctx.device)
     index, (logits_np, labels_np) = gather_rows(
         ctx, np.concatenate(idx_all), np.concatenate(logit_all), np.concatenate(lab_all)
     )

@@ -64,16 +64,16 @@ def score_checkpoint(
                            "probs": {}, "card": card}
     for c in crops:
         sel = [0] if widest == "center" else CROP_SLICE[c]
-        probs = preprocess.softmax(logits[:, sel].mean(axis=1))
-        out["probs"][c] = probs
-        out[c] = preprocess.defect_score(probs, card.good_index)
+        mean_logits = logits[:, sel].mean(axis=1)
+        out["probs"][c] = preprocess.softmax(mean_logits)
+        out[c] = metrics.defect_score(mean_logits, card.good_index)
     return out
 
 
 def run_evaluation(
     runs: Sequence[str], data: str, split: str, crops: Sequence[str], out: Optional[str] = None,
     top: Optional[int] = None, batch_size: int = 64, progress: bool = True, tprs: Sequence[float] = metrics.DEFAULT_TPRS,
-    print_table: bool = True,
+    print_table: bool = True, tpr_floor: float = metrics.DEFAULT_TPR_FLOOR,
 ) -> Dict[str, Any]:
     """Evaluate every checkpoint of every run; print and write the table; return the results."""
     from sklearn.metrics import roc_curve
@@ -123,8 +123,11 @@ def run_evaluation(
     w.writerows(rows)
     atomic_write_bytes(os.path.join(out, "eval.csv"), buf.getvalue().encode())
     results["out"] = out
+    results["weak"] = weak_split_warnings(results, tprs, tpr_floor)
     if print_table:
         print(format_table(results))
+        for line in results["weak"]:
+            print("WARNING: " + line)
         for label, r in results["runs"].items():
             print()
             print(format_best(label if len(results["runs"]) > 1 else "", r["best"], results["split"]))
@@ -221,6 +224,22 @@ def format_best(label: str, b: Dict[str, Any], split: str) -> str:
 
 def _pct(x: Any) -> str:
     return "-" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def weak_split_warnings(results: Dict[str, Any], tprs: Sequence[float], floor: float) -> List[str]:
+    """One line per TPR target that the split's defect count cannot support: even with every defect
+    detected, the 95 % lower bound on TPR stays below ``floor``."""
+    first = next(iter(results["runs"].values()), None)
+    n = int(first["n_defects"]) if first else 0
+    if not n:
+        return []
+    best = metrics.clopper_pearson_lower(n, n)
+    if best >= floor:
+        return []
+    need = metrics.defects_needed(max(tprs), floor)
+    return [f"{results['split']} has {n} defect images: even with all detected the 95 % lower bound on TPR is "
+            f"{best:.3f} < floor {floor}; FPR at TPR >= {', '.join(metrics.tpr_key(t) for t in tprs)} % is not "
+            f"supported by this split (about {need} defects would be)"]
 
 
 def _aggregate(recs: List[Dict[str, Any]], tprs: Sequence[float]) -> Dict[str, Any]:

@@ -57,8 +57,9 @@ class TrainLoss:
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         pass
 
-    def sync(self) -> None:
-        """Make per-sample state identical across DDP ranks (after each epoch)."""
+    def sync(self, device: Optional[torch.device] = None) -> None:
+        """Make per-sample state identical across DDP ranks (after each epoch); collectives run on
+        ``device``."""
 
 
 class WBCELoss(TrainLoss):
@@ -121,18 +122,27 @@ class SATLoss(TrainLoss):
         self.soft = F.one_hot(labels_t, num_classes).float()
         self.labels = labels_t
         self.touched = torch.zeros(len(labels_t), dtype=torch.bool)
+        #: Epoch of each sample's last soft-label update: with balanced sampling (with replacement) a
+        #: sample drawn several times in an epoch is still updated once, as in the report's epoch loop.
+        self.updated_epoch = torch.zeros(len(labels_t), dtype=torch.long)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         cw = self.sample_weights(targets)
         if epoch <= self.es:
             return _weighted_mean(F.cross_entropy(logits, targets, reduction="none"), cw)
         idx = index.cpu()
-        upd = idx if not self.only_good else idx[(targets == self.good_index).cpu()]
-        if len(upd):
-            prob = F.softmax(logits.detach().float(), dim=1).cpu()
-            sel = prob if not self.only_good else prob[(targets == self.good_index).cpu()]
+        mask = torch.ones(len(idx), dtype=torch.bool) if not self.only_good else (targets == self.good_index).cpu()
+        # Once per sample per epoch: not yet updated this epoch, and its first draw in this batch.
+        mask &= self.updated_epoch[idx] < epoch
+        first = torch.zeros(len(idx), dtype=torch.bool)
+        first[np.unique(idx.numpy(), return_index=True)[1]] = True
+        mask &= first
+        if mask.any():
+            upd = idx[mask]
+            sel = F.softmax(logits.detach().float(), dim=1).cpu()[mask]
             self.soft[upd] = self.alpha * self.soft[upd] + (1.0 - self.alpha) * sel
             self.touched[upd] = True
+            self.updated_epoch[upd] = epoch
         t = self.soft[idx].to(logits.device)
         w = t.max(dim=1).values * cw
         per = -(t * F.log_softmax(logits, dim=1)).sum(dim=1)
@@ -155,15 +165,18 @@ class SATLoss(TrainLoss):
             )
         self.soft = soft.float().clone()
 
-    def sync(self) -> None:
+    def sync(self, device: Optional[torch.device] = None) -> None:
+        """Average this epoch's soft-label updates over the ranks. The all-reduce runs on ``device``
+        (the rank's training device): NCCL refuses CPU tensors."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             m = self.touched.float()[:, None]
-            total = self.soft * m
-            count = m.clone()
+            total = (self.soft * m).to(device or "cpu")
+            count = m.to(device or "cpu")
             dist.all_reduce(total)
             dist.all_reduce(count)
+            total, count = total.cpu(), count.cpu()
             hit = count[:, 0] > 0
             self.soft[hit] = total[hit] / count[hit]
         self.touched.zero_()

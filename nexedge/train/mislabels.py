@@ -4,7 +4,9 @@ Suspicion is the probability of the other side of the good/defect split: for a
 good-labelled image its defect score, for a defect-labelled image p(good). Where
 a SAT loss updated an image's soft label (``sat_state.npz`` of the run, train
 split), the soft label gives it instead (1 - t_good or t_good): SAT's running
-average over epochs is steadier than one checkpoint's score. The SAT sample
+average over epochs is steadier than one checkpoint's score. A soft label that is
+still the one-hot given label (SAT had not started, or the image was never drawn)
+says nothing, so those images keep the model's probabilities. The SAT sample
 weight w_i = max_j t_ij (low for doubtful labels) is written beside it. With a manifest that
 has ``true_label`` the ranking's precision and recall against the real noise are
 printed (binary flips good <-> defect, which this ranking targets, and all
@@ -70,6 +72,8 @@ def rank_mislabels(
         for i, p in enumerate(paths):
             j = sat_index.get(p)
             if j is None or (only_good and not is_good[i]):
+                continue
+            if float(np.max(sat["soft"][j])) >= 1.0:  # never updated: one-hot, would rank it 0
                 continue
             t_good = float(sat["soft"][j, g_sat])
             sat_w[i] = float(sat["weights"][j])

@@ -45,6 +45,8 @@ class TrainConfig:
     resize: Tuple[int, int] = (72, 72)
     crop: Tuple[int, int] = (64, 64)
     crop_mode: str = "center"
+    resize_mode: str = "stretch"
+    tpr_floor: float = 0.95
     train_crop: str = "random"
     augment: bool = True
     epochs: int = 30
@@ -93,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
         if self.balanced not in BALANCE_MODES:
             raise ValueError(f"--balanced {self.balanced!r}: expected one of {', '.join(BALANCE_MODES)}")
+        if self.resize_mode not in ("stretch", "short"):
+            raise ValueError(f"--resize-mode {self.resize_mode!r}: expected stretch or short")
+        if not 0.0 < self.tpr_floor < 1.0:
+            raise ValueError(f"--tpr-floor must be in (0, 1), got {self.tpr_floor}")
 
 
 def _seed_all(seed: int) -> None:
@@ -176,7 +182,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         g = classes.index(cfg.good_class)
         inp = {
             "color": cfg.color, "resize": list(cfg.resize), "crop": list(cfg.crop), "crop_mode": cfg.crop_mode,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "resize_mode": cfg.resize_mode, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         }
         if cfg.augment:
             ttf = TrainTransform(inp, crop=cfg.train_crop)
@@ -357,6 +363,25 @@ def write_best(out: str, ckpt_file: str) -> str:
     return dst
 
 
+def _print_weak(ckpt: str, floor: float) -> List[Dict[str, Any]]:
+    """Print each operating point of ``ckpt``'s card beside its 95 % TPR lower bound, and a WARNING
+    for each bound below ``floor``; returns the weak points."""
+    from nexedge.card import card_path_for, read_card
+
+    path = card_path_for(ckpt)
+    if not os.path.exists(path):
+        return []
+    ops = read_card(path).operating_points
+    if ops:
+        print("  val TPR 95% lower bound at TPR >= " + ", ".join(
+            f"{metrics.tpr_key(op['target_tpr'])}: {op['tpr_lower95']:.3f}" for op in ops)
+            + f" ({ops[0]['n_defects']} val defects)")
+    weak = metrics.weak_points(ops, floor)
+    for w in weak:
+        print("WARNING: " + w["message"])
+    return [{k: w[k] for k in ("target_tpr", "tpr_lower95", "n_defects", "defects_needed")} for w in weak]
+
+
 def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: D.DistContext) -> None:
     counts = class_counts(tr.labels, classes)
     print(f"nexedge train: {cfg.arch} ({cfg.pretrained}) loss={cfg.loss} on {cfg.data}")
@@ -398,5 +423,6 @@ def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[s
         print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %, val loss "
               f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULE})")
         print("  val FPR % at TPR >= " + ", ".join(f"{k}: {_pct(v).strip()}" for k, v in row["val"]["fpr_at_tpr"].items()))
+        summary["weak_operating_points"] = _print_weak(os.path.join(cfg.out, best["file"]), cfg.tpr_floor)
     print(f"next: nexedge eval {cfg.out} --data {cfg.data} --split test --crops center,five,ten")
     return summary
