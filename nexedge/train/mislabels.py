@@ -56,7 +56,7 @@ def rank_mislabels(
     s = score_checkpoint(ckpt, data, split, [mode], batch_size, progress)
     classes, g = s["classes"], s["good_index"]
     labels, paths, score = s["labels"], [os.path.normpath(p) for p in s["paths"]], s[mode]
-    probs = s["probs"][mode]
+    probs = (s.get("probs") or {}).get(mode)
     is_good = labels == g
     susp = np.where(is_good, score, 1.0 - score)
     source = np.array(["model"] * len(labels), dtype=object)
@@ -92,7 +92,7 @@ def rank_mislabels(
             "sat_weight": "" if np.isnan(sat_w[i]) else round(float(sat_w[i]), 6),
             "flagged": int(rank <= n_top), "true_label": true[i] if true[i] is not None else "",
             # class probabilities: `nexedge pull --mislabels ... --format cleanlab` needs them
-            **{f"p_{c}": round(float(probs[i, k]), 6) for k, c in enumerate(classes)},
+            **({f"p_{c}": round(float(probs[i, k]), 6) for k, c in enumerate(classes)} if probs is not None else {}),
         })
     result: Dict[str, Any] = {"checkpoint": ckpt, "crop_mode": mode, "rows": rows, "n": len(rows), "top": n_top,
                               "sat": sat is not None}
