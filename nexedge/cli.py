@@ -34,6 +34,17 @@ COMMANDS: List[Tuple[str, str, str]] = [
 ]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default unless its help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.default == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _fn_name(cmd: str) -> str:
     return cmd.replace("-", "_")
 
@@ -52,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
             configure = getattr(mod, "configure_" + _fn_name(name))
         except (ImportError, AttributeError):
             continue  # stage not installed in this build
-        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
+        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+                           formatter_class=HelpFormatter)
         configure(p)
         p.set_defaults(_module=module, _name=name)
     return parser
@@ -66,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.verbose < 2:
+        from nexedge.preprocess import quiet_opencv
+
+        quiet_opencv()
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))
     try:

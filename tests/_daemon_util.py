@@ -1,8 +1,10 @@
 """Shared helpers for the daemon tests: a real tiny ONNX model with its card, configs, image files."""
 
+import contextlib
 import os
 import socket
-from typing import Any, Dict, List, Optional
+import threading
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -91,3 +93,21 @@ def base_config(model: str, **sections: Any) -> Dict[str, Any]:
         else:
             raw[k] = v
     return raw
+
+
+@contextlib.contextmanager
+def running(model: str, backend: Any = None, **sections: Any) -> Iterator[Any]:
+    """A real Daemon (base_config + ``sections``) serving on a thread until the block ends."""
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+
+    d = Daemon(C.from_dict(base_config(model, **sections)), backend=backend)
+    d.setup()
+    t = threading.Thread(target=d.serve, name="daemon-io")
+    t.start()
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        t.join(20)
+        assert not t.is_alive(), "daemon did not stop"

@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 
 import cv2
 import numpy as np
@@ -85,7 +86,8 @@ def test_oversized_dimensions_refused_before_decoding():
     ok, png = cv2.imencode(".png", np.zeros((20, 30), np.uint8))
     data = bytearray(png.tobytes())
     assert sniff(bytes(data)) == "png" and image_dims(bytes(data), "png") == (20, 30)
-    data[16:24] = (100000).to_bytes(4, "big") * 2  # header claims 100000 x 100000
+    data[16:24] = (100000).to_bytes(4, "big") * 2  # header claims 100000 x 100000, with a valid CRC
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     req = _parse([b"i", b"", P.native_header("c", 1, "png"), bytes(data)])
     with pytest.raises(P.ProtocolError) as ei:
         decode(req, 50_000_000)

@@ -11,7 +11,8 @@ from nexedge.card import GRAPH_CROPS
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="trained checkpoint (.pt) with its .card.json beside it")
+    p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR",
+                   help="trained checkpoint (.pt) with its .card.json beside it, or a run folder (its best.pt)")
     p.add_argument("--crops", default="host", choices=GRAPH_CROPS,
                    help="host: float crops in, logits out (host does the crops); center|five|ten: uint8 "
                         "prepared images in, crops+softmax in the graph, probs/defect_score out (default: host)")
@@ -34,9 +35,10 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from nexedge.export.onnx_export import export_onnx
+    from nexedge.runs import resolve_artifact
 
     res = export_onnx(
-        args.checkpoint,
+        resolve_artifact(args.checkpoint),
         out=args.out,
         crops=args.crops,
         max_batch=args.max_batch,
@@ -56,7 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def configure_thresholds(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", help="checkpoint (.pt), ONNX (any flavour, INT8 too) or engine, with its card")
+    p.add_argument("artifact", help="checkpoint (.pt), ONNX (any flavour, INT8 too) or engine, with its card; "
+                                    "or a run folder (its best.pt)")
     p.add_argument("--data", required=True, help="labelled data-set root with <split>/<class>/<image> folders")
     p.add_argument("--split", default="val", help="split to measure on (default val; keep test for reporting)")
     p.add_argument("--tpr-floor", type=float, default=0.95,
@@ -67,8 +70,10 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
 
 def run_thresholds(args: argparse.Namespace) -> int:
     from nexedge.export.thresholds import format_points, measure_artifact
+    from nexedge.runs import resolve_artifact
     from nexedge.runtime.factory import backend_kind
 
+    args.artifact = resolve_artifact(args.artifact)
     kind = backend_kind(args.artifact)
     opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(kind, {})
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
@@ -104,6 +109,7 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the report")
+    p.add_argument("--force", action="store_true", help="replace INT8 models that already exist")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -114,7 +120,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.onnx, args.data, name=args.name, n_images=args.images, split=args.split,
         eval_split=args.eval_split or None, thresholds_split=args.thresholds_split, eval_images=args.eval_images, targets=targets, method=args.method,
         out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, force=args.force,
     )
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():

@@ -6,6 +6,7 @@ Python 3.8, numpy and OpenCV only.
 """
 
 import struct
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -56,6 +57,12 @@ def image_dims(buf: P.Buffer, fmt: str) -> Optional[Tuple[int, int]]:
     return None
 
 
+def png_header_intact(buf: P.Buffer) -> bool:
+    """True when a PNG's IHDR chunk (which holds the size) passes its CRC."""
+    b = bytes(buf[:33])
+    return len(b) == 33 and b[12:16] == b"IHDR" and struct.unpack(">I", b[29:33])[0] == zlib.crc32(b[12:29])
+
+
 def decode(req: Request, max_pixels: int) -> np.ndarray:
     """Decode ``req.payload`` to an image array; raise :class:`ProtocolError` with a RECHECK reason."""
     buf = req.payload
@@ -76,6 +83,10 @@ def decode(req: Request, max_pixels: int) -> np.ndarray:
         if dims[0] * dims[1] == 0:
             raise ProtocolError(P.EMPTY_IMAGE, f"{fmt} header says {dims[0]}x{dims[1]} pixels",
                                 req.camera, req.frame_id)
+        if dims[0] * dims[1] > max_pixels and fmt == "png" and not png_header_intact(buf):
+            # A damaged file reads as a huge image; it is undecodable, not too large.
+            raise ProtocolError(P.UNDECODABLE, f"png header is corrupt (IHDR checksum mismatch; it claims "
+                                f"{dims[0]}x{dims[1]} pixels)", req.camera, req.frame_id)
         if dims[0] * dims[1] > max_pixels:
             raise ProtocolError(P.TOO_MANY_PIXELS, f"{fmt} of {dims[0]}x{dims[1]} exceeds max_pixels {max_pixels}",
                                 req.camera, req.frame_id)

@@ -21,7 +21,7 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("raw", "jpeg", "png", "bmp")
+ENCODINGS = ("raw", "jpeg", "png", "bmp", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP
 RAW_DTYPES = ("uint8", "uint16")
 DECISIONS = ("PASS", "REJECT", "RECHECK")
 MAX_ID_CHARS = 128
@@ -196,6 +196,8 @@ def _parse_imagezmq(envelope: List[bytes], h: Dict[str, Any], payload: Buffer, n
     camera_s, sep, fid_s = msg.partition("|")
     camera = _clean_id(camera_s, "imagezmq msg (camera)")
     frame_id: FrameId = _clean_id(fid_s, "imagezmq msg frame id") if sep else next_seq(camera)
+    if isinstance(frame_id, str) and frame_id.isdigit() and len(frame_id) < 19:
+        frame_id = int(frame_id)  # "cam|12" answers frame_id 12, like an auto-numbered frame
     if "dtype" in h or "shape" in h:
         dtype = h.get("dtype")
         if dtype not in RAW_DTYPES:
