@@ -1,8 +1,10 @@
 """Shared helpers for the daemon tests: a real tiny ONNX model with its card, configs, image files."""
 
+import contextlib
 import os
 import socket
-from typing import Any, Dict, List, Optional
+import threading
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -104,3 +106,21 @@ def png_header(width: int, height: int, depth: int = 8, color: int = 0, idat: by
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def running(model: str, backend: Any = None, **sections: Any) -> Iterator[Any]:
+    """A real Daemon (base_config + ``sections``) serving on a thread until the block ends."""
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+
+    d = Daemon(C.from_dict(base_config(model, **sections)), backend=backend)
+    d.setup()
+    t = threading.Thread(target=d.serve, name="daemon-io")
+    t.start()
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        t.join(20)
+        assert not t.is_alive(), "daemon did not stop"

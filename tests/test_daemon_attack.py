@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import build_tiny_onnx, png_header
-from test_daemon_serve import FailingBackend, running, scrape
+from _daemon_util import build_tiny_onnx, png_header, running
+from test_daemon_serve import FailingBackend, scrape
 
 from nexedge.runtime import open_backend
 from nexedge.serve import protocol as P

@@ -208,11 +208,11 @@ def _pull(source: Any, out_dir: str, filters: Dict[str, Any], limit: Optional[in
     counts = {"received": 0, "new": 0, "already": 0, "files": 0, "acked": 0}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from nexedge.progress import progress as _bar
 
         total = info.get("pending")
-        bar = tqdm(total=min(total, limit) if (limit is not None and total is not None) else total,
-                   unit="img", desc="pull")
+        bar = _bar(total=min(total, limit) if (limit is not None and total is not None) else total,
+                   unit="img", desc="pull", leave=True)
     after: Optional[int] = None
     pages = relet = 0
     try:

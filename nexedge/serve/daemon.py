@@ -223,11 +223,11 @@ class Daemon(IngestMixin):
         if self.auth is not None:
             self.auth.apply_server(r)
             self.auth.apply_server(pub)
-        try:
-            r.bind(s.frames)
-            pub.bind(s.verdicts)
-        except zmq.ZMQError as e:
-            raise RuntimeError(f"cannot bind sockets.frames={s.frames!r} / sockets.verdicts={s.verdicts!r}: {e}") from e
+        for sock, key, addr in ((r, "sockets.frames", s.frames), (pub, "sockets.verdicts", s.verdicts)):
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as e:
+                raise RuntimeError(f"cannot bind {key}={addr!r}: {e}") from e
         self.endpoints = {"frames": r.getsockopt_string(zmq.LAST_ENDPOINT),
                           "verdicts": pub.getsockopt_string(zmq.LAST_ENDPOINT)}
         self.outbox = Outbox(self.ctx)
@@ -422,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="uncertain-sample store folder; overrides store.path (turns the store on)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable)")
-    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration and check that every file it names exists and is readable "
+                        "(the store folder writable); print it and exit (2 when anything is wrong)")
+    p.add_argument("--user", metavar="NAME",
+                   help="with --check-config: check the files as this user would see them (the systemd unit's "
+                        "User=, e.g. nexedge), not as the user running the check")
     p.add_argument("--version", action="version", version="nexedge-daemon " + __version__)
     return p
 
@@ -456,8 +461,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import json
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return 0
+        try:
+            problems = C.check_files(cfg, args.user)
+        except C.ConfigError as e:
+            problems = [str(e)]
+        for p in problems:
+            print(f"nexedge-daemon: configuration error: {p}", file=sys.stderr)
+        return 2 if problems else 0
     setup_logging(cfg.logging.level, cfg.logging.format)
+    if cfg.logging.level != "DEBUG":
+        from nexedge.preprocess import quiet_opencv
+
+        quiet_opencv()  # a corrupt frame is answered RECHECK undecodable and logged by us, once
     daemon = Daemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())

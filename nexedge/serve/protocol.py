@@ -22,7 +22,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("raw", "jpeg", "png", "bmp")
+ENCODINGS = ("raw", "jpeg", "png", "bmp", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP
 RAW_DTYPES = ("uint8", "uint16")
 DECISIONS = ("PASS", "REJECT", "RECHECK")
 MAX_ID_CHARS = 128
@@ -272,14 +272,21 @@ def _parse_native(envelope: List[bytes], h: Dict[str, Any], payload: Buffer) -> 
     return Request(envelope, "native", camera, frame_id, enc, dtype, shape, payload, ts, deadline_ms)
 
 
+def _numeric_id(fid: FrameId) -> FrameId:
+    """"cam|12" answers frame_id 12, like an auto-numbered frame (ASCII digits, int64 range)."""
+    if isinstance(fid, str) and fid.isascii() and fid.isdigit() and len(fid) < 19:
+        return int(fid)
+    return fid
+
+
 def _parse_imagezmq(envelope: List[bytes], h: Dict[str, Any], payload: Buffer, next_seq: "SeqCounter") -> Request:
     msg = h.get("msg")
     if not isinstance(msg, str):
         raise ProtocolError(GARBAGE_HEADER, f"imagezmq msg {_show(msg)} must be a string (the camera name)")
     camera_s, sep, fid_s = msg.partition("|")
-    fid_read = readable_frame_id(fid_s) if sep else None
+    fid_read = _numeric_id(readable_frame_id(fid_s)) if sep else None
     camera = _clean_id(camera_s, "imagezmq msg (camera)", "", fid_read)
-    frame_id: FrameId = _clean_id(fid_s, "imagezmq msg frame id", camera) if sep else next_seq(camera)
+    frame_id: FrameId = _numeric_id(_clean_id(fid_s, "imagezmq msg frame id", camera)) if sep else next_seq(camera)
     if "dtype" in h or "shape" in h:
         dtype = h.get("dtype")
         if not isinstance(dtype, str) or dtype not in RAW_DTYPES:

@@ -143,7 +143,10 @@ class PullServer:
         try:
             if self.auth is not None:
                 self.auth.apply_server(sock)
-            sock.bind(self.bind)
+            try:
+                sock.bind(self.bind)
+            except zmq.ZMQError as e:
+                raise RuntimeError(f"cannot bind pull.bind={self.bind!r}: {e}") from e
         except BaseException:
             sock.close(linger=0)
             if self.auth is not None:
