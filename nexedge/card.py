@@ -62,12 +62,26 @@ def card_path_for(artifact: str) -> str:
     return base + ".card.json"
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_like_open(path: str) -> None:
+    """Give a ``mkstemp`` file (always 0600) the mode ``open()`` would have given it: 0666 & ~umask,
+    so a copied card or checkpoint stays readable to the service user where the umask allows."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        chmod_like_open(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -411,6 +425,8 @@ def read_card(path: str) -> ModelCard:
 def load_card(artifact: str, verify: bool = True) -> ModelCard:
     """Card for ``artifact``; with ``verify`` the artifact's sha256 must match the card."""
     path = card_path_for(artifact)
+    if not os.path.exists(path) and not os.path.exists(artifact):
+        raise FileNotFoundError(f"{artifact}: no such file (expected a model artifact with its card beside it)")
     if not os.path.exists(path):
         raise CardError(path, "<file>", f"card missing for artifact {artifact} (every artifact needs its card)")
     card = read_card(path)

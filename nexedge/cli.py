@@ -23,14 +23,27 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("export", "nexedge.export.cli", "checkpoint -> ONNX (host or in-graph crops) with parity check"),
     ("calibrate", "nexedge.export.cli", "INT8 calibration: Q/DQ ONNX for TensorRT and ONNX Runtime, TRT cache"),
     ("build-engine", "nexedge.export.cli", "ONNX -> TensorRT engine (FP16/INT8) for this GPU"),
+    ("check-onnx", "nexedge.export.cli", "static TensorRT 8.5/8.6/10 compatibility check of an ONNX graph"),
     ("thresholds", "nexedge.export.cli", "measure an artifact's operating points through its own backend"),
     ("camera-sim", "nexedge.serve.cli", "stream a folder of images to the daemon from N simulated cameras"),
     ("pull", "nexedge.relabel.cli", "pull uncertain samples from a store or a running daemon"),
+    ("store", "nexedge.store.cli", "check a sample store's integrity or print its stats (read-only)"),
     ("import-labels", "nexedge.relabel.cli", "add labelled images (Label Studio JSON or CSV) to a data set"),
     ("keys", "nexedge.relabel.cli", "make CurveZMQ key pairs for daemon authentication"),
     ("bench", "nexedge.bench.cli", "latency/throughput benchmark of a model on a backend"),
     ("demo", "nexedge.bench.demo", "the whole product end to end on synthetic data (CPU, minutes)"),
 ]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default unless its help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.default == []):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _fn_name(cmd: str) -> str:
@@ -51,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             configure = getattr(mod, "configure_" + _fn_name(name))
         except (ImportError, AttributeError):
             continue  # stage not installed in this build
-        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
+        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+                           formatter_class=HelpFormatter)
         configure(p)
         p.set_defaults(_module=module, _name=name)
     return parser
@@ -65,6 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.verbose < 2:
+        from nexedge.preprocess import quiet_opencv
+
+        quiet_opencv()
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))
     try:

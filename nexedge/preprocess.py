@@ -187,3 +187,16 @@ def reference_image_stats(stats: Sequence[Sequence[float]]) -> Dict[str, Dict[st
         name: {"mean": float(vals[:, i].mean()), "std": float(vals[:, i].std())}
         for i, name in enumerate(IMAGE_STATS)
     }
+
+
+def quiet_opencv() -> None:
+    """OpenCV's own warnings (``[ WARN:0@0.02] ... PNG input buffer is incomplete``) go straight to
+    stderr; nexedge reports an unreadable image itself, with its path (or as RECHECK undecodable)."""
+    try:
+        import cv2
+    except ImportError:
+        return
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # very old OpenCV builds
+        pass

@@ -1,8 +1,10 @@
 """Shared helpers for the daemon tests: a real tiny ONNX model with its card, configs, image files."""
 
+import contextlib
 import os
 import socket
-from typing import Any, Dict, List, Optional
+import threading
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -91,3 +93,34 @@ def base_config(model: str, **sections: Any) -> Dict[str, Any]:
         else:
             raw[k] = v
     return raw
+
+
+def png_header(width: int, height: int, depth: int = 8, color: int = 0, idat: bytes = b"") -> bytes:
+    """A PNG signature + a valid IHDR chunk (right CRC) claiming ``width`` x ``height``, then ``idat``
+    as one IDAT chunk and IEND: what an attacker sends to make a small file decode to a huge image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def running(model: str, backend: Any = None, **sections: Any) -> Iterator[Any]:
+    """A real Daemon (base_config + ``sections``) serving on a thread until the block ends."""
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+
+    d = Daemon(C.from_dict(base_config(model, **sections)), backend=backend)
+    d.setup()
+    t = threading.Thread(target=d.serve, name="daemon-io")
+    t.start()
+    try:
+        yield d
+    finally:
+        d.request_stop()
+        t.join(20)
+        assert not t.is_alive(), "daemon did not stop"

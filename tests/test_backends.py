@@ -153,6 +153,11 @@ class _FakeCuda:
     def close(self):
         self.closed = True
 
+    def active(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
 
 def _fake_tensorrt_module(cuda, n_classes=3, max_images=4, image_shape=(36, 36, 1)):
     import types
@@ -200,7 +205,7 @@ def _fake_tensorrt_module(cuda, n_classes=3, max_images=4, image_shape=(36, 36, 
             return [(1,) + image_shape, (2,) + image_shape, (max_images,) + image_shape]
 
         def get_tensor_dtype(self, name):
-            return "uint8" if name == "images" else "float32"
+            return DataType.UINT8 if name == "images" else DataType.FLOAT
 
         def create_execution_context(self):
             return Context()
@@ -218,8 +223,16 @@ def _fake_tensorrt_module(cuda, n_classes=3, max_images=4, image_shape=(36, 36, 
         def __init__(self, level):
             pass
 
+    import enum
+
+    class DataType(enum.Enum):  # tensorrt.DataType: pybind11 enum members with .name
+        FLOAT, HALF, INT8, INT32, BOOL, UINT8 = 0, 1, 2, 3, 4, 5
+
+    def nptype(dt):  # TensorRT 8.5.2's nptype builds its table with np.bool (gone in numpy >= 1.24)
+        raise AttributeError("module 'numpy' has no attribute 'bool'.")
+
     return types.SimpleNamespace(__version__="10.3.0", Logger=Logger, Runtime=Runtime, TensorIOMode=Mode,
-                                 nptype=np.dtype)
+                                 DataType=DataType, nptype=nptype)
 
 
 def _engine_with_card(tmp_path, blob=b"ENGINE"):

@@ -123,6 +123,11 @@ def test_entropy_calibrator_with_fake_tensorrt(setup, tmp_path):
         def sync(self):
             pass
 
+        def active(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
     fake_trt = types.SimpleNamespace(IInt8EntropyCalibrator2=FakeBase)
     cuda = FakeCuda()
     stream = cal.CalibrationBatchStream(_imgs(9), load_card(setup["host"]), batch_images=4)
@@ -190,6 +195,15 @@ def test_int8_quantization_layout(setup, int8):
 
     trt = onnx.load(int8["host"].outputs["tensorrt"])
     assert all(np.all(z == 0) and z.dtype == np.int8 for z in _zero_points(trt))  # symmetric int8
+    # TensorRT's DequantizeLinear takes INT8 only: no INT32 (quantized bias) inputs, and the static
+    # TensorRT lint passes for every release.
+    from nexedge.export import onnx_check as oc
+
+    for flavour in ("host", "ten"):
+        m = onnx.load(int8[flavour].outputs["tensorrt"])
+        types = oc.tensor_types(m)
+        assert {types[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear"} == {oc.INT8}
+        assert all(not oc.errors(oc.check_onnx(m, t)) for t in oc.TARGETS)
     ort_ = onnx.load(int8["host"].outputs["ort"])
     assert {z.dtype for z in _zero_points(ort_)} == {np.dtype(np.uint8)}  # U8S8 activations
     for model in (trt, ort_):
@@ -249,3 +263,17 @@ def test_cli_calibrate(setup, tmp_path, capsys):
 def test_int8_card_is_valid_modelcard(int8):
     card = load_card(int8["ten"].outputs["ort"])
     assert isinstance(card, ModelCard) and card.graph["crops"] == "ten"
+
+
+def test_check_dq_inputs_int8_rejects_quantized_bias():
+    """quantize_model's guard: an INT32 DequantizeLinear input (ORT's default QuantizeBias) is refused."""
+    from onnx import TensorProto, helper
+
+    from nexedge.export.quantize import check_dq_inputs_int8
+
+    b = helper.make_tensor("b", TensorProto.INT32, [2], [1, 2])
+    s = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    g = helper.make_graph([helper.make_node("DequantizeLinear", ["b", "s"], ["y"], name="bias_dq")], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [b, s])
+    with pytest.raises(RuntimeError, match="1 DequantizeLinear node.*bias_dq on 'b' \\(INT32\\).*INT8 only"):
+        check_dq_inputs_int8(helper.make_model(g))

@@ -33,7 +33,13 @@ def test_card_rejects_tampered_artifact(tmp_path):
 
 
 def test_card_missing_names_file(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"model-bytes")
     with pytest.raises(CardError, match="card missing"):
+        load_card(str(tmp_path / "x.onnx"))
+
+
+def test_missing_artifact_is_reported_as_missing_not_as_missing_card(tmp_path):
+    with pytest.raises(FileNotFoundError, match="x.onnx: no such file"):
         load_card(str(tmp_path / "x.onnx"))
 
 

@@ -10,11 +10,10 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
-import zmq.auth
 from _daemon_util import base_config, build_tiny_onnx
 
 from nexedge.serve import config as C
-from nexedge.serve.auth import CurveClient
+from nexedge.serve.auth import CurveClient, make_keypair
 from nexedge.serve.client import CameraClient, VerdictSubscriber
 from nexedge.serve.daemon import Daemon
 
@@ -29,9 +28,9 @@ def _keys(tmp_path):
     allowed = tmp_path / "allowed"
     keys.mkdir()
     allowed.mkdir()
-    zmq.auth.create_certificates(str(keys), "server")
-    pub, _ = zmq.auth.create_certificates(str(keys), "cam")
-    zmq.auth.create_certificates(str(keys), "stranger")
+    make_keypair(str(keys), "server")
+    pub, _ = make_keypair(str(keys), "cam")
+    make_keypair(str(keys), "stranger")
     shutil.copy(pub, str(allowed / "cam.key"))
     return keys, allowed
 

@@ -122,7 +122,13 @@ def test_sigterm_drains_every_frame_answered_exit_0(model, tmp_path):
     assert all(v["decision"] == "RECHECK" for v in late)
 
 
-def test_check_config_prints_merged_config(tmp_path):
+def test_check_config_prints_merged_config(model, tmp_path):
+    import shutil
+
+    from nexedge.card import card_path_for
+
+    shutil.copy(model, tmp_path / "m.onnx")
+    shutil.copy(card_path_for(model), tmp_path / "m.card.json")
     p = tmp_path / "line.yaml"
     p.write_text("model: {path: m.onnx}\n")
     r = subprocess.run(_cmd("--config", str(p), "--set", "batching.max_batch=16", "--metrics-port", "0",

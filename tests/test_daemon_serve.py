@@ -1,6 +1,5 @@
 """The daemon over real loopback TCP with a real ONNX Runtime model, native and imagezmq clients."""
 
-import contextlib
 import json
 import threading
 import time
@@ -11,7 +10,7 @@ import imagezmq
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import CLASSES, base_config, build_tiny_onnx, make_images
+from _daemon_util import CLASSES, base_config, build_tiny_onnx, make_images, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexedge import preprocess as pp
@@ -27,18 +26,6 @@ def model(tmp_path_factory):
     return build_tiny_onnx(str(tmp_path_factory.mktemp("model")))
 
 
-@contextlib.contextmanager
-def running(model, backend=None, **sections):
-    d = Daemon(C.from_dict(base_config(model, **sections)), backend=backend)
-    d.setup()
-    t = threading.Thread(target=d.serve, name="daemon-io")
-    t.start()
-    try:
-        yield d
-    finally:
-        d.request_stop()
-        t.join(20)
-        assert not t.is_alive(), "daemon did not stop"
 
 
 def scrape(d):

@@ -5,10 +5,12 @@ import os
 import socket
 import threading
 import time
+import zlib
 
 import cv2
 import numpy as np
 import pytest
+from _daemon_util import png_header
 
 from nexedge.card import CardError, ModelCard
 from nexedge.serve import config as C
@@ -73,7 +75,8 @@ def test_imagezmq_headers_raw_and_jpg():
     ([b"i", b"", P.native_header("c", 1, "png"), b""], P.EMPTY_IMAGE),
     ([b"i", b"", P.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(8) + bytes([0, 0, 0, 1] * 2) + bytes(40)],
      P.UNDECODABLE),
-    ([b"i", b"", P.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(40)], P.EMPTY_IMAGE),
+    ([b"i", b"", P.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(40)], P.UNDECODABLE),
+    ([b"i", b"", P.native_header("c", 1, "png"), png_header(0, 5)], P.EMPTY_IMAGE),
     ([b"i", b"", P.native_header("c", 1, "jpeg"), b"hello world"], P.UNDECODABLE),
     ([b"i", b"", P.native_header("", 1, "png"), b"x"], P.GARBAGE_HEADER),
 ])
@@ -85,7 +88,8 @@ def test_oversized_dimensions_refused_before_decoding():
     ok, png = cv2.imencode(".png", np.zeros((20, 30), np.uint8))
     data = bytearray(png.tobytes())
     assert sniff(bytes(data)) == "png" and image_dims(bytes(data), "png") == (20, 30)
-    data[16:24] = (100000).to_bytes(4, "big") * 2  # header claims 100000 x 100000
+    data[16:24] = (100000).to_bytes(4, "big") * 2  # header claims 100000 x 100000 (with a valid CRC)
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     req = _parse([b"i", b"", P.native_header("c", 1, "png"), bytes(data)])
     with pytest.raises(P.ProtocolError) as ei:
         decode(req, 50_000_000)

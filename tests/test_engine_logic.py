@@ -12,124 +12,48 @@ import types
 
 import numpy as np
 import pytest
+from _trt_fakes import fake_trt
 
 from nexedge.card import ModelCard, load_card
 from nexedge.export import engine as eng
 
-ORIN = eng.DeviceInfo("Orin", (8, 7))
+# cudaGetDeviceProperties names every Orin module "Orin": the SM count and board tell them apart.
+ORIN = eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+ORIN_NANO = eng.DeviceInfo("Orin", (8, 7), 8, 7, "NVIDIA Jetson Orin Nano Developer Kit")
 
 
 def _fake_trt(version="10.3.0.30", fast_int8=True, parse_errors=(), dla_cores=2, has_platform_queries=True):
-    calls = {"builds": 0}
+    trt, calls = fake_trt(version, fast_int8=fast_int8, dla_cores=dla_cores,
+                          has_platform_queries=has_platform_queries)
+    if parse_errors:
+        class Parser(trt.OnnxParser):
+            def parse(self, data):
+                self.errors = list(parse_errors)
+                return False
 
-    class Flag(enum.IntEnum):
-        EXPLICIT_BATCH = 0
-
-    class BuilderFlag(enum.Enum):
-        FP16 = "FP16"
-        INT8 = "INT8"
-        GPU_FALLBACK = "GPU_FALLBACK"
-        VERSION_COMPATIBLE = "VERSION_COMPATIBLE"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
-
-    class Tensor:
-        name = "images"
-
-    class Network:
-        def __init__(self, flags):
-            calls["network_flags"] = flags
-
-        def get_input(self, i):
-            return Tensor()
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.num_errors = len(parse_errors)
-
-        def parse(self, data):
-            calls["parsed_bytes"] = len(data)
-            return not parse_errors
-
-        def get_error(self, i):
-            return parse_errors[i]
-
-    class TimingCache:
-        def __init__(self, blob):
-            self.blob = blob
-
-        def serialize(self):
-            return b"timing:" + self.blob
-
-    class Config:
-        def __init__(self):
-            self.flags, self.int8_calibrator, self.default_device_type, self.DLA_core = [], None, None, None
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = (pool, size)
-
-        def set_flag(self, flag):
-            self.flags.append(flag.value)
-
-        def add_optimization_profile(self, profile):
-            calls["profile"] = profile.shapes
-
-        def set_calibration_profile(self, profile):
-            calls["calibration_profile"] = profile.shapes
-
-        def create_timing_cache(self, blob):
-            return TimingCache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def set_shape(self, name, mn, opt, mx):
-            self.shapes = (name, mn, opt, mx)
-
-    class Builder:
-        num_DLA_cores = dla_cores
-
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return Network(flags)
-
-        def create_builder_config(self):
-            calls["config"] = Config()
-            return calls["config"]
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            calls["builds"] += 1
-            return b"ENGINE-" + ",".join(config.flags).encode()
-
-    if has_platform_queries:
-        Builder.platform_has_fast_int8 = fast_int8
-        Builder.platform_has_fast_fp16 = True
-
-    class Calib:
-        def __init__(self):
-            pass
-
-    trt = types.SimpleNamespace(
-        __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
-        NetworkDefinitionCreationFlag=Flag, BuilderFlag=BuilderFlag,
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-        DeviceType=types.SimpleNamespace(DLA="DLA", GPU="GPU"), IInt8EntropyCalibrator2=Calib,
-    )
+        trt.OnnxParser = Parser
     return trt, calls
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Real tiny ONNX models (host and ten-crop, fp32 and TensorRT Q/DQ), exported once."""
+    pytest.importorskip("torch")
+    from _trt_fakes import export_tiny_models
+
+    return export_tiny_models(str(tmp_path_factory.mktemp("models")))
+
+
+def _copy_model(models, key, tmp_path, name=None):
+    import shutil
+
+    from nexedge.card import card_path_for
+
+    src = models[key]
+    dst = tmp_path / (name or os.path.basename(src))
+    shutil.copy(src, dst)
+    shutil.copy(card_path_for(src), card_path_for(str(dst)))
+    return str(dst)
 
 
 def _onnx_with_card(tmp_path, crops="ten", precision="fp32", max_batch=8, name="m.onnx"):
@@ -187,22 +111,57 @@ def test_profile_shapes_host_crops_multiply(tmp_path):
 def test_engine_filename_and_device_slug():
     assert eng.device_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
     assert eng.device_slug("Orin") == "orin"
-    name = eng.engine_filename("resnet18.ten", "ab" * 32, "int8", 16, "10.3.0.30", "Orin", dla_core=0)
-    assert name == "resnet18.ten-abababab.int8.b16.trt10.3.0.30.orin-dla0.engine"
+    name = eng.engine_filename("resnet18.ten", "ab" * 32, "int8", 16, "10.3.0.30", ORIN, dla_core=0)
+    assert name == "resnet18.ten-abababab.int8.b16.trt10.3.0.30.jetson-agx-orin-developer-kit-sm16-dla0.engine"
+    assert eng.device_tag(eng.DeviceInfo("NVIDIA GeForce RTX 4090", (8, 9), 128, 24)) == "geforce-rtx-4090-sm128"
 
 
-def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path)
+def test_cache_key_tells_orin_modules_apart_with_fake_tensorrt(models, tmp_path):
+    """Item 10: AGX Orin, Orin NX and Orin Nano all report "Orin"; an engine built on one is not reused
+    (nor even named the same) on another."""
+    onnx = _copy_model(models, "ten", tmp_path)
+    trt, calls = _fake_trt()
+    out = str(tmp_path / "engines")
+    a, _ = eng.build_engine(onnx, eng.BuildOptions(), out_dir=out, trt=trt, device=ORIN)
+    b, reused = eng.build_engine(onnx, eng.BuildOptions(), out_dir=out, trt=trt, device=ORIN_NANO)
+    assert a != b and not reused and calls["builds"] == 2
+    key = load_card(b).data["provenance"]["engine"]["key"]
+    assert key["sm_count"] == 8 and key["board"] == ORIN_NANO.board and key["total_mem_gib"] == 7
+    # Same board name but a different SM count (e.g. a 4 GB Nano): still a different key.
+    nano4 = ORIN_NANO._replace(sm_count=4, total_mem_gib=3)
+    eng.build_engine(onnx, eng.BuildOptions(), out_dir=out, trt=trt, device=nano4)
+    assert calls["builds"] == 3
+
+
+def test_device_info_reads_sm_count_and_board_with_fake_cudart(monkeypatch, tmp_path):
+    import nexedge.runtime.tensorrt as rtmod
+
+    class Err(enum.Enum):
+        cudaSuccess = 0
+
+    props = types.SimpleNamespace(name=b"Orin\x00", major=8, minor=7, multiProcessorCount=8,
+                                  totalGlobalMem=7 * (1 << 30) + 123)
+    rt = types.SimpleNamespace(cudaError_t=Err, cudaGetDeviceProperties=lambda d: (Err.cudaSuccess, props))
+    monkeypatch.setattr(rtmod, "_import_cudart", lambda: rt)
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    monkeypatch.setattr(eng, "JETSON_MODEL_FILE", str(model))
+    assert eng.device_info(0) == ORIN_NANO
+
+
+def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(models, tmp_path):
+    onnx = _copy_model(models, "ten", tmp_path, "m.onnx")
     trt, calls = _fake_trt()
     out = str(tmp_path / "engines")
     opts = eng.BuildOptions(precision="fp16", opt_batch=4, workspace=512 << 20,
                             timing_cache=str(tmp_path / "t.timing.cache"))
     path, reused = eng.build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)
     sha8 = load_card(onnx).sha256[:8]
-    assert os.path.basename(path) == f"m-{sha8}.fp16.b8.trt10.3.0.30.orin.engine" and not reused
+    assert os.path.basename(path) == f"m-{sha8}.fp16.b8.trt10.3.0.30.jetson-agx-orin-developer-kit-sm16.engine"
+    assert not reused
     assert open(path, "rb").read() == b"ENGINE-FP16"
     assert calls["network_flags"] == 0 and calls["workspace"] == ("WORKSPACE", 512 << 20)
-    assert calls["profile"] == ("images", (1, 255, 255, 1), (4, 255, 255, 1), (8, 255, 255, 1))
+    assert calls["profile"] == ("images", (1, 36, 36, 1), (4, 36, 36, 1), (8, 36, 36, 1))
     assert open(tmp_path / "t.timing.cache", "rb").read() == b"timing:"
     card = load_card(path)
     assert card.data["artifact"]["kind"] == "engine" and card.precision == "fp16"
@@ -216,7 +175,7 @@ def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(tmp_path):
     eng.build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt, device=ORIN)
     assert calls["builds"] == 2
     eng.build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt,
-                     device=eng.DeviceInfo("Orin", (8, 6)))
+                     device=ORIN._replace(compute_capability=(8, 6)))
     assert calls["builds"] == 3
     # A tampered cached engine is never reused.
     with open(path, "ab") as f:
@@ -224,18 +183,43 @@ def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(tmp_path):
     assert eng.build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)[1] is False
 
 
-def test_trt8_explicit_batch_and_int8_qdq_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path, crops="host", precision="int8")
-    trt, calls = _fake_trt(version="8.5.2.2")
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.2", "10.3.0.30"])
+def test_ingraph_uint8_model_parses_with_fake_tensorrt(models, tmp_path, version):
+    """Item 1: the in-graph model casts the uint8 images first, so 8.5 (Cast of a UINT8 input) and 8.6+
+    (no UINT8 intermediate tensors) both parse it."""
+    onnx = _copy_model(models, "ten", tmp_path)
+    trt, calls = _fake_trt(version=version)
+    path, _ = eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    assert calls["builds"] == 1 and os.path.exists(path)
+
+
+@pytest.mark.parametrize("flavour", ["host", "ten"])
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0.30"])
+def test_int8_qdq_model_parses_and_sets_fp16_with_fake_tensorrt(models, tmp_path, flavour, version):
+    """Items 2 and 9: the real Q/DQ model from quantize_model parses (no INT32 bias DequantizeLinear), and an
+    INT8 build sets FP16 too so the unquantized layers do not run in FP32."""
+    onnx = _copy_model(models, flavour + "-qdq", tmp_path)
+    trt, calls = _fake_trt(version=version)
     path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="int8", max_batch=4, opt_batch=2),
-                               out_dir=str(tmp_path), trt=trt, device=ORIN)
-    assert calls["network_flags"] == 1 and open(path, "rb").read() == b"ENGINE-INT8"
-    assert calls["profile"][1:] == ((10, 3, 224, 224), (20, 3, 224, 224), (40, 3, 224, 224))
-    assert load_card(path).data["provenance"]["engine"]["int8_mode"] == "explicit"
+                               out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    assert calls["network_flags"] == (1 if version.startswith("8") else 0)
+    assert open(path, "rb").read() == b"ENGINE-FP16,INT8"
+    info = load_card(path).data["provenance"]["engine"]
+    assert info["int8_mode"] == "explicit" and info["flags"] == ["FP16", "INT8"]
+    if flavour == "host":
+        assert calls["profile"][1:] == ((10, 3, 32, 32), (20, 3, 32, 32), (40, 3, 32, 32))
 
 
-def test_implicit_int8_uses_calibration_cache_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path)
+def test_int8_without_fast_fp16_sets_only_int8_with_fake_tensorrt(models, tmp_path):
+    onnx = _copy_model(models, "host-qdq", tmp_path)
+    trt, calls = fake_trt(fast_fp16=False)
+    path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt,
+                               device=ORIN)
+    assert open(path, "rb").read() == b"ENGINE-INT8"
+
+
+def test_implicit_int8_uses_calibration_cache_with_fake_tensorrt(models, tmp_path):
+    onnx = _copy_model(models, "ten", tmp_path)
     cache = tmp_path / "cache.bin"
     cache.write_bytes(b"TRT-8502-EntropyCalibration2\n")
     trt, calls = _fake_trt(version="8.6.1")
@@ -248,8 +232,8 @@ def test_implicit_int8_uses_calibration_cache_with_fake_tensorrt(tmp_path):
     assert calls["calibration_profile"] == calls["profile"]
 
 
-def test_int8_without_fast_int8_fails_loudly_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path, precision="int8")
+def test_int8_without_fast_int8_fails_loudly_with_fake_tensorrt(models, tmp_path):
+    onnx = _copy_model(models, "ten-qdq", tmp_path)
     trt, calls = _fake_trt(fast_int8=False)
     with pytest.raises(RuntimeError, match="INT8 requested but Orin .*has no fast INT8"):
         eng.build_engine(onnx, eng.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt, device=ORIN)
@@ -261,8 +245,8 @@ def test_int8_without_fast_int8_fails_loudly_with_fake_tensorrt(tmp_path):
                          device=eng.DeviceInfo("Jetson TX2", (6, 2)))
 
 
-def test_parser_errors_are_all_listed_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path)
+def test_parser_errors_are_all_listed_with_fake_tensorrt(models, tmp_path):
+    onnx = _copy_model(models, "ten", tmp_path)
     errs = ("In node 3 (Slice): unsupported step", "In node 9 (Flip): no importer", "weights are external")
     trt, _ = _fake_trt(parse_errors=errs)
     with pytest.raises(RuntimeError) as e:
@@ -271,20 +255,50 @@ def test_parser_errors_are_all_listed_with_fake_tensorrt(tmp_path):
     assert "rejected" in msg and "3 error(s)" in msg
     assert all(f"{i + 1}. {err}" in msg for i, err in enumerate(errs))
     assert "hint" not in msg
-    trt85, _ = _fake_trt(version="8.5.2", parse_errors=("Unsupported ONNX data type: UINT8 (2)",))
-    with pytest.raises(RuntimeError, match="(?s)1 error.*UINT8.*hint: .*export with --crops host"):
-        eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt85, device=ORIN)
+    trt86, _ = _fake_trt(version="8.6.1", parse_errors=("TensorRT does not support UINT8 types for intermediate "
+                                                        "tensors!",))
+    with pytest.raises(RuntimeError, match="(?s)1 error.*UINT8.*hint: .*re-export.*check-onnx"):
+        eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt86, device=ORIN)
 
 
-def test_dla_and_version_compatible_with_fake_tensorrt(tmp_path):
-    onnx = _onnx_with_card(tmp_path)
+def test_fake_parser_rejects_what_onnx_tensorrt_rejects(models, tmp_path):
+    """The fake parser is only useful if it fails where the real one does: a uint8 Transpose (the old
+    in-graph export), an INT32 DequantizeLinear (a quantized bias) and non-ONNX bytes."""
+    import onnx
+    from _trt_fakes import fake_parse_errors
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])
+    old = helper.make_model(helper.make_graph(
+        [helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+         helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT)], "g", [x], [y]))
+    assert any("UINT8 types for intermediate" in e for e in fake_parse_errors(old.SerializeToString(), (8, 6)))
+    assert fake_parse_errors(old.SerializeToString(), (8, 5))
+    bias = helper.make_tensor("b", TensorProto.INT32, [2], [1, 2])
+    s = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    dq = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["b", "s"], ["y"])], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [bias, s]))
+    assert any("only activation types" in e for e in fake_parse_errors(dq.SerializeToString(), (10, 3)))
+    assert fake_parse_errors(b"onnx-bytes", (10, 3))
+    assert not fake_parse_errors(onnx.load(models["ten"]).SerializeToString(), (8, 6))
+
+
+def test_dla_static_profile_and_layer_report_with_fake_tensorrt(models, tmp_path):
+    """Item 8: DLA needs min = opt = max; the card says how many layers run on the DLA."""
+    onnx = _copy_model(models, "host", tmp_path)
     trt, calls = _fake_trt(version="8.6.2")
-    opts = eng.BuildOptions(precision="fp16", dla_core=1, version_compatible=True)
+    opts = eng.BuildOptions(precision="fp16", dla_core=1, version_compatible=True, max_batch=2)
     path, _ = eng.build_engine(onnx, opts, out_dir=str(tmp_path), trt=trt, device=ORIN)
     cfg = calls["config"]
     assert cfg.default_device_type == "DLA" and cfg.DLA_core == 1
-    assert cfg.flags == ["FP16", "GPU_FALLBACK", "VERSION_COMPATIBLE"]
-    assert path.endswith(".orin-dla1.engine")
+    assert sorted(cfg.flags) == ["FP16", "GPU_FALLBACK", "VERSION_COMPATIBLE"]
+    assert calls["profile"] == ("input", (20, 3, 32, 32), (20, 3, 32, 32), (20, 3, 32, 32))  # static
+    assert path.endswith("-dla1.engine")
+    dla = load_card(path).data["provenance"]["engine"]["dla"]
+    assert dla["layers_on_dla"] == calls["dla_layers"] > 0 and dla["layers"] >= dla["layers_on_dla"]
+    assert dla["core"] == 1
     with pytest.raises(ValueError, match="--dla-core 2: this device has 2 DLA core"):
         eng.build_engine(onnx, opts._replace(dla_core=2), out_dir=str(tmp_path), trt=trt, device=ORIN)
     with pytest.raises(ValueError, match="DLA runs FP16 or INT8 only"):
@@ -293,6 +307,93 @@ def test_dla_and_version_compatible_with_fake_tensorrt(tmp_path):
     with pytest.raises(ValueError, match="version-compatible engines need TensorRT 8.6"):
         eng.build_engine(onnx, eng.BuildOptions(version_compatible=True), out_dir=str(tmp_path), trt=old,
                          device=ORIN, force=True)
+
+
+def test_dla_refuses_qdq_on_trt8_with_fake_tensorrt(models, tmp_path):
+    """Item 8: DLA in TensorRT 8.x takes no explicit Q/DQ graphs (the Orin recipe used to pair them)."""
+    onnx = _copy_model(models, "host-qdq", tmp_path)
+    trt, calls = _fake_trt(version="8.6.2")
+    with pytest.raises(ValueError, match="on DLA does not take explicit Q/DQ INT8"):
+        eng.build_engine(onnx, eng.BuildOptions(precision="int8", dla_core=0), out_dir=str(tmp_path), trt=trt,
+                         device=ORIN)
+    assert calls["builds"] == 0
+    trt10, calls10 = _fake_trt(version="10.3.0")
+    path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="int8", dla_core=0, max_batch=1),
+                               out_dir=str(tmp_path), trt=trt10, device=ORIN)
+    assert load_card(path).data["provenance"]["engine"]["dla"]["layers_on_dla"] == calls10["dla_layers"] > 0
+
+
+def test_tensorrt_11_refused_clearly_with_fake_tensorrt(models, tmp_path):
+    """Item 5: TensorRT 11 removed BuilderFlag.FP16/INT8 and the calibrators: a message, not an AttributeError."""
+    onnx = _copy_model(models, "ten", tmp_path)
+    trt, calls = _fake_trt(version="11.0.0.9")
+    for precision in ("fp16", "int8"):
+        with pytest.raises(RuntimeError, match="TensorRT 11.0.0.9 is not supported.*tensorrt>=10,<11"):
+            eng.build_engine(onnx, eng.BuildOptions(precision=precision, calib_cache=__file__),
+                             out_dir=str(tmp_path), trt=trt, device=ORIN)
+    assert calls["builds"] == 0
+
+
+def test_setup_trt_extra_is_bounded_and_pinned_per_platform():
+    """Items 3 and 5: what pip resolves for `nexedge[trt]` on JetPack 5, JetPack 6 and x86."""
+    import ast
+
+    from packaging.requirements import Requirement
+
+    src = open(os.path.join(os.path.dirname(__file__), "..", "setup.py"), encoding="utf-8").read()
+    extras = next(ast.literal_eval(n.value) for n in ast.walk(ast.parse(src))
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "EXTRAS")
+    reqs = [Requirement(r) for r in extras["trt"]]
+
+    def allowed(env, name, version):
+        env = dict(platform_machine=env[0], python_version=env[1], python_full_version=env[1] + ".0")
+        active = [r for r in reqs if r.name == name and (r.marker is None or r.marker.evaluate(env))]
+        return bool(active) and all(r.specifier.contains(version, prereleases=True) for r in active)
+
+    jp5, jp6, x86 = ("aarch64", "3.8"), ("aarch64", "3.10"), ("x86_64", "3.11")
+    assert allowed(jp5, "cuda-python", "11.8.3") and allowed(jp5, "cuda-python", "11.5.0")
+    assert not allowed(jp5, "cuda-python", "12.0.0") and not allowed(jp5, "cuda-python", "11.4.0")
+    assert allowed(jp6, "cuda-python", "12.6.2") and not allowed(jp6, "cuda-python", "13.0.0")
+    assert not allowed(jp6, "cuda-python", "12.8.0")
+    assert allowed(x86, "cuda-python", "12.9.0") and not allowed(x86, "cuda-python", "13.0.1")
+    assert allowed(x86, "tensorrt", "10.13.0") and not allowed(x86, "tensorrt", "11.0.0")
+    assert not allowed(jp6, "tensorrt", "10.3.0")  # JetPack's TensorRT, never PyPI's SBSA wheel
+
+
+def test_device_info_names_driver_mismatch_with_real_cuda_bindings():
+    """Item 3: cuda-python 13 (installed here) against no/old driver: the message names both versions and
+    the pins instead of a bare cudaErrorInsufficientDriver."""
+    try:
+        from nexedge.runtime.tensorrt import _import_cudart
+
+        rt = _import_cudart()
+    except ImportError:
+        pytest.skip("cuda-python is not installed")
+    err, _ = rt.cudaGetDeviceProperties(0)
+    if err == rt.cudaError_t.cudaSuccess:
+        pytest.skip("a working CUDA device is present")
+    with pytest.raises(RuntimeError) as e:
+        eng.device_info(0)
+    msg = str(e.value)
+    assert "cudaGetDeviceProperties(0) failed" in msg and "CUDA driver supports CUDA" in msg
+    assert "cuda-python" in msg and "was built for CUDA" in msg and "cuda-python>=11.5,<12" in msg
+
+
+def test_device_info_mismatch_message_with_fake_cudart(monkeypatch):
+    """The same message for a JetPack 6.1 driver (CUDA 12.6) with cuda-python 13 (CUDA 13.0)."""
+    import nexedge.runtime.tensorrt as rtmod
+
+    class Err(enum.Enum):
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    rt = types.SimpleNamespace(
+        cudaError_t=Err, cudaGetDeviceProperties=lambda d: (Err.cudaErrorInsufficientDriver, None),
+        cudaDriverGetVersion=lambda: (Err.cudaSuccess, 12060), cudaRuntimeGetVersion=lambda: (Err.cudaSuccess, 13000))
+    monkeypatch.setattr(rtmod, "_import_cudart", lambda: rt)
+    with pytest.raises(RuntimeError, match="(?s)driver supports CUDA 12.6.*built for CUDA 13.0.*matching the "
+                                           "driver's CUDA 12.*JetPack 6"):
+        eng.device_info(0)
 
 
 def test_cli_build_engine_without_tensorrt(tmp_path, capsys):
@@ -370,3 +471,73 @@ def test_cli_settings_recipe_then_flags():
     assert (s["precision"], s["max_batch"], s["opt_batch"]) == ("fp16", 2, 1)
     s = build_settings(p.parse_args(["m.onnx"]))
     assert s["precision"] == "fp16" and s["version_compatible"] is False and s["workspace_mib"] == 1024
+
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _documented_build_commands():
+    """Every `nexedge build-engine ...` command in README.md and trt_engines/README.md (continuations joined)."""
+    import re
+
+    cmds = []
+    for doc in ("README.md", os.path.join("trt_engines", "README.md")):
+        text = open(os.path.join(REPO, doc), encoding="utf-8").read().replace("\\\n", " ")
+        in_sh = False
+        for line in text.splitlines():
+            if line.strip().startswith("```"):
+                in_sh = line.strip() in ("```sh", "```bash") and not in_sh
+                continue
+            m = re.match(r"^\s*(nexedge build-engine [^#`]*)", line)
+            if in_sh and m:
+                cmds.append(pytest.param(m.group(1).strip(), id=f"{os.path.basename(doc)}:{m.group(1)[21:60]}"))
+    return cmds
+
+
+@pytest.mark.parametrize("command", _documented_build_commands())
+def test_documented_build_engine_commands_run_as_written_with_fake_tensorrt(command, models, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Item 4: each documented command, typed as written on the device the recipe names, builds an engine.
+    (The README's FP16 line with the Orin recipe used to stop at "needs a calibration cache".)"""
+    import shlex
+    import shutil
+    import sys
+
+    from nexedge.cli import main
+
+    args = shlex.split(command)[1:]
+    recipe = next((args[i + 1] for i, a in enumerate(args) if a == "--recipe"), None)
+    version = {"8.5": "8.5.2.2", "8.6": "8.6.2", "10.3": "10.3.0.30", "10": "10.7.0"}[
+        eng.load_recipe(os.path.join(REPO, recipe))["tensorrt"]] if recipe else "10.3.0.30"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(os.path.join(REPO, "trt_engines", "recipes"), "trt_engines/recipes")
+    for i, a in enumerate(args):  # the files the command names, made real
+        if a.endswith(".onnx"):
+            os.makedirs(os.path.dirname(a) or ".", exist_ok=True)
+            _copy_model(models, "ten-qdq" if a.endswith(".int8-trt.onnx") else "ten", tmp_path, a)
+        if i and args[i - 1] == "--calib-cache":
+            os.makedirs(os.path.dirname(a), exist_ok=True)
+            open(a, "wb").write(b"TRT-8502-EntropyCalibration2\n")
+    trt, calls = _fake_trt(version=version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(eng, "device_info", lambda device=0: ORIN)
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert calls["builds"] == 1 and out.startswith("built ")
+
+
+def test_cli_precision_overrides_recipe_and_names_it(models, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from nexedge.cli import main
+
+    onnx = _copy_model(models, "ten", tmp_path)
+    recipe = os.path.join(RECIPES, "x86-gpu-trt10.yaml")  # precision: int8
+    trt, calls = _fake_trt(version="10.7.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(eng, "device_info", lambda device=0: ORIN)
+    assert main(["build-engine", onnx, "--recipe", recipe, "--out-dir", str(tmp_path)]) == 1
+    assert f"precision int8 from {recipe}" in capsys.readouterr().err and calls["builds"] == 0
+    assert main(["build-engine", onnx, "--recipe", recipe, "--precision", "fp16", "--out-dir", str(tmp_path)]) == 0
+    assert calls["builds"] == 1 and '"precision": "fp16"' in capsys.readouterr().out

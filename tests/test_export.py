@@ -60,6 +60,13 @@ def test_export_every_arch_both_flavours_with_parity(tmp_path, arch, crops):
     card = load_card(res.path)
     assert card.graph["crops"] == crops and card.data["parent"]["sha256"] == load_card(ckpt).sha256
     assert card.data["provenance"]["export"]["arch"] == arch
+    # TensorRT 8.5/8.6/10 parser rules (`nexedge check-onnx`); the full matrix is in test_trt_compat.
+    from nexedge.export import onnx_check as oc
+
+    for target in oc.TARGETS:
+        assert not oc.errors(oc.check_onnx(proto, target)), oc.format_findings(res.path, target,
+                                                                                oc.check_onnx(proto, target))
+    assert card.data["provenance"]["export"]["tensorrt_check"] == {t: "ok" for t in oc.TARGETS}
 
 
 def test_ingraph_crops_equal_host_batch_exactly():

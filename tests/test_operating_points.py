@@ -242,7 +242,7 @@ def _fake_trt_that_keeps_the_onnx():
     class Parser(trt.OnnxParser):
         def parse(self, data):
             calls["onnx"] = bytes(data)
-            return True
+            return super().parse(data)  # the faithful fake parser (network inputs and layers from the ONNX)
 
     def build(self, network, config):
         calls["builds"] += 1
@@ -448,7 +448,7 @@ def test_mislabels_falls_back_to_model_for_never_updated_sat_labels(tmp_path, mo
     from nexedge.train import mislabels as ml
 
     paths = ["train/good/a.png", "train/good/b.png", "train/scratch/c.png"]
-    monkeypatch.setattr("nexedge.train.evaluate.resolve_checkpoints", lambda run: ("r", [str(tmp_path / "x.pt")]))
+    monkeypatch.setattr("nexedge.runs.resolve_artifact", lambda run: str(tmp_path / "x.pt"))
     monkeypatch.setattr("nexedge.card.load_card", lambda *a, **k: types.SimpleNamespace(input={"crop_mode": "center"}))
     monkeypatch.setattr("nexedge.train.evaluate.score_checkpoint", lambda *a, **k: {
         "classes": ["good", "scratch"], "good_index": 0, "labels": np.array([0, 0, 1]), "paths": paths,

@@ -283,3 +283,32 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
     res = import_labels(str(tmp_path / "export.json"), str(ds), images_dir=out)
     assert res["counts"]["add"] == len({r["sha256"] for r in rows})
     assert len(scan_split(str(ds), "train", list_classes(str(ds)))) == len(CLASSES) + res["counts"]["add"]
+
+
+def test_ack_accepts_only_integer_ids_of_the_current_lease(tmp_path):
+    """Issue 13 item 10: ``ack [true]`` marked sample 1 pulled, and ids never handed out were acked."""
+    store = str(tmp_path / "store")
+    fill(store, 10)
+    with PullServer(store, "tcp://127.0.0.1:*") as srv:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REQ)
+        s.connect(srv.endpoint)
+
+        def call(req):
+            s.send(json.dumps(req).encode())
+            assert s.poll(5000)
+            return json.loads(s.recv_multipart()[0])
+
+        for ids in ([True], [1.0], ["1"], [1], [5, 6]):  # nothing handed out yet
+            head = call({"op": "ack", "ids": ids})
+            assert head["ok"] is False, ids
+        page = call({"op": "page", "after_id": None, "limit": 3})
+        leased = [r["id"] for r in page["samples"]]
+        head = call({"op": "ack", "ids": leased + [9]})  # one id outside the lease refuses the whole ack
+        assert head["ok"] is False and head["not_leased"] == [9]
+        assert call({"op": "ack", "ids": leased}) == {"ok": True, "acked": 3}
+        assert call({"op": "ack", "ids": leased})["ok"] is False  # the lease ended with the ack
+        s.close(0)
+        ctx.term()
+    with SampleStore(store, writer=False) as st:
+        assert st.stats()["pulled"] == 3

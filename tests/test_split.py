@@ -103,7 +103,7 @@ def test_split_folder_refuses_bad_input(tmp_path):
 def test_cli_split(tmp_path, capsys):
     src = _make_src(tmp_path / "src", {"good": 12, "scratch": 4})
     out = tmp_path / "out"
-    assert main(["split", str(src), str(out), "--seed", "2", "--link", "--no-progress"]) == 0
+    assert main(["split", str(src), str(out), "--seed", "2", "--link", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 16
     assert len(_rows(out)) == 16
     assert main(["split", str(tmp_path / "missing"), str(tmp_path / "o")]) == 1

@@ -1,6 +1,7 @@
 """Uncertain-sample store: real SQLite files, real image files, a real SIGKILL."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from nexedge.store import SampleStore, blob_relpath, normalize_ext
+from nexedge.store.samples import ROW_BYTES
 
 
 def _meta(i, kind="band", camera="cam0", **kw):
@@ -79,10 +81,11 @@ def test_filters_and_paging(tmp_path):
         assert st.stats()["pulled"] == 4
 
 
-def test_retention_deletes_pulled_first_then_audit_never_pending_band(tmp_path):
-    with SampleStore(str(tmp_path / "s"), quota_bytes=800) as st:
-        band = [st.add(_img(i), "png", _meta(i, kind="band")) for i in range(4)]  # 400 B
-        audit = [st.add(_img(10 + i), "png", _meta(10 + i, kind="audit")) for i in range(4)]  # 800 B: full
+def test_retention_order_pulled_then_recheck_then_audit_never_pending_band(tmp_path):
+    unit = 100 + ROW_BYTES  # one 100-byte image and its row
+    with SampleStore(str(tmp_path / "s"), quota_bytes=8 * unit) as st:
+        band = [st.add(_img(i), "png", _meta(i, kind="band")) for i in range(4)]
+        audit = [st.add(_img(10 + i), "png", _meta(10 + i, kind="audit")) for i in range(4)]  # full
         st.mark_pulled(band[:2])
         # Two more: the two pulled band samples go, nothing else.
         new = st.add(_img(20), "png", _meta(20, kind="band"))
@@ -90,19 +93,44 @@ def test_retention_deletes_pulled_first_then_audit_never_pending_band(tmp_path):
         assert new and new2
         left = {r["id"] for r in st.query(pending_only=False)}
         assert not (set(band[:2]) & left) and set(band[2:]) <= left and set(audit) <= left
-        # Next: the oldest audit sample goes.
-        new3 = st.add(_img(22), "png", _meta(22, kind="recheck"))
+        # A RECHECK sample (never inspected) does not push out an audit sample: refused.
+        assert st.add(_img(22), "png", _meta(22, kind="recheck")) is None
+        assert {r["id"] for r in st.query(pending_only=False)} == left
+        # A band sample pushes out the oldest audit sample.
+        new3 = st.add(_img(23), "png", _meta(23, kind="band"))
         left = {r["id"] for r in st.query(pending_only=False)}
         assert new3 in left and audit[0] not in left and set(audit[1:]) <= left
         assert st.evicted == 3
-        # Fill with band samples until only pending band/recheck rows remain -> refused, counted.
+        # Fill with band samples until only pending band rows remain -> refused, counted.
         ids = [st.add(_img(30 + i), "png", _meta(30 + i, kind="band")) for i in range(5)]
         assert None not in ids[:3] and ids[3:] == [None, None]
-        assert st.dropped == 2 and st.evicted == 6
+        assert st.dropped == 3 and st.evicted == 6
         kinds = {r["kind"] for r in st.query(pending_only=False)}
-        assert kinds == {"band", "recheck"}
-        assert st.stats()["bytes"] == 800
+        assert kinds == {"band"}
+        assert st.stats()["used_bytes"] == 8 * unit
         assert st.integrity_check()["ok"]
+
+
+def test_pending_recheck_junk_is_evicted_before_audit_samples(tmp_path):
+    unit = 100 + ROW_BYTES
+    with SampleStore(str(tmp_path / "s"), quota_bytes=6 * unit) as st:
+        junk = [st.add(_img(i), "png", _meta(i, kind="recheck")) for i in range(4)]
+        audit = [st.add(_img(10 + i), "png", _meta(10 + i, kind="audit")) for i in range(2)]  # full
+        new = [st.add(_img(20 + i), "png", _meta(20 + i, kind="band")) for i in range(4)]
+        assert None not in new
+        left = {r["id"] for r in st.query(pending_only=False)}
+        assert not (set(junk) & left) and set(audit) <= left
+
+
+def test_duplicate_images_are_counted_against_the_quota(tmp_path):
+    """Same bytes again and again used to add rows for free: 72 -> 3,072 rows with the quota full."""
+    quota = 4 * (100 + ROW_BYTES)
+    with SampleStore(str(tmp_path / "s"), quota_bytes=quota) as st:
+        ids = [st.add(_img(0), "png", _meta(i, kind="band")) for i in range(50)]
+        kept = [i for i in ids if i is not None]
+        st_ = st.stats()
+        assert st_["rows"] == len(kept) <= 4 and st_["used_bytes"] <= quota
+        assert st.dropped == 50 - len(kept)
 
 
 def test_bad_input_is_refused_with_clear_errors(tmp_path):
@@ -234,3 +262,27 @@ def test_kill9_during_writes_leaves_a_consistent_store(tmp_path, quota):
                     assert hashlib.sha256(f.read()).hexdigest() == r["sha256"]
             if quota:
                 assert st.stats()["bytes"] <= quota
+
+
+def test_store_command_check_and_stats(tmp_path, capsys):
+    """Issue 13 item 16: ``nexedge store check|stats PATH``; a malformed row is reported, not raised."""
+    import sqlite3
+
+    from nexedge.cli import main
+
+    root = str(tmp_path / "s")
+    with SampleStore(root) as st:
+        for i in range(3):
+            st.add(_img(i), "png", _meta(i))
+    assert main(["store", "check", root]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["store", "stats", root, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["samples"] == 3 and stats["rows"] == 3 and stats["bytes"] == 300
+    db = sqlite3.connect(os.path.join(root, "samples.db"))
+    db.execute("UPDATE blobs SET ext = '../../x' WHERE rowid = 1")
+    db.commit()
+    db.close()
+    assert main(["store", "check", root]) == 1
+    out = capsys.readouterr().out
+    assert "malformed rows: 1" in out and "PROBLEMS FOUND" in out

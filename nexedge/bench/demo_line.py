@@ -180,7 +180,7 @@ def _camera(endpoint: str, name: str, items: Sequence[Tuple[int, bytes]], window
 
 
 def stream_test_images(demo: Demo) -> None:
-    from tqdm import tqdm
+    from nexedge.progress import progress
 
     images = test_images(demo.results["data"]["root"])
     n_cam = int(demo.settings["cameras"])
@@ -198,11 +198,12 @@ def stream_test_images(demo: Demo) -> None:
     t0 = time.perf_counter()
     for t in threads:
         t.start()
-    with tqdm(total=len(images), desc="verdicts", unit="frame") as bar:
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.2)
-            bar.update(len(verdicts) - bar.n)
+    bar = progress(total=len(images), desc="verdicts", unit="frame", leave=True)
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.2)
         bar.update(len(verdicts) - bar.n)
+    bar.update(len(verdicts) - bar.n)
+    bar.close()
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError("streaming failed: " + "; ".join(errors))

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from typing import Optional, Tuple
 
 from nexedge.data.spec import BATCHES, parse_class_counts
@@ -91,12 +92,31 @@ def configure_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--link", nargs="?", const="hard", default=None, choices=["hard", "sym"],
                    help="link instead of copying: hard (default for bare --link) or sym")
+    p.add_argument("--good-class", default=None,
+                   help="the negative (pass) class, recorded in dataset.json; `nexedge train` uses it as its "
+                        "default --good-class (default: 'good' when there is such a folder)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from nexedge.data.split import split_folder
+    from nexedge.data.split import SPLITS, split_folder
 
-    summary = split_folder(args.src, args.out, seed=args.seed, link=args.link, progress=not args.no_progress)
-    print(json.dumps({"out": summary["out"], "n": summary["n"], "counts": summary["counts"]}, indent=1))
+    s = split_folder(args.src, args.out, seed=args.seed, link=args.link, progress=not args.no_progress,
+                     good_class=args.good_class)
+    if args.json:
+        print(json.dumps({k: s[k] for k in ("out", "n", "counts", "good_class", "unreadable", "skipped")}, indent=1))
+        return 0
+    classes = sorted({c for split in s["counts"].values() for c in split})
+    w = max(len(c) for c in classes + ["class"])
+    print(f"split {s['n']} images into {s['out']} (negative class: {s['good_class'] or 'not set, use --good-class'})")
+    print(f"  {'class':<{w}}  " + "  ".join(f"{x:>5}" for x in SPLITS))
+    for c in classes:
+        print(f"  {c:<{w}}  " + "  ".join(f"{s['counts'][x].get(c, 0):>5}" for x in SPLITS))
+    for r in s["unreadable"]:
+        print(f"  left out (unreadable): {r['path']}: {r['reason']}")
+    for r in s["skipped"]:
+        print(f"  skipped: {r['path']}: {r['reason']}")
+    if s["unreadable"] or s["skipped"]:
+        print(f"  listed in {os.path.join(s['out'], 'split_report.json')}")
     return 0

@@ -61,6 +61,15 @@ def check_out_dir(out: str) -> None:
         raise ValueError(f"output folder {out!r} already holds a data set ({', '.join(taken)}); choose a new folder")
 
 
+def dataset_good_class(root: str) -> Optional[str]:
+    """``good_class`` recorded in ``<root>/dataset.json`` by ``nexedge split``/``synth`` (None when absent)."""
+    path = os.path.join(root, "dataset.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("good_class")
+
+
 def write_json_atomic(path: str, obj: Any, lines: bool = False) -> None:
     """Write JSON (or JSON lines from an iterable) to a temp file, then rename it into place."""
     tmp = path + ".tmp"
@@ -85,26 +94,63 @@ def count_table(rows: Iterable[Mapping[str, Any]], key: str = "label") -> Dict[s
     return {s: dict(sorted(v.items())) for s, v in t.items()}
 
 
-def scan_class_folders(src: str, exts: Sequence[str] = IMAGE_EXTS) -> Dict[str, List[str]]:
-    """{class: sorted image file names} for the class sub-folders of ``src``."""
-    if not os.path.isdir(src):
+def scan_class_folders(src: str, exts: Sequence[str] = IMAGE_EXTS,
+                       skipped: Optional[List[Dict[str, str]]] = None) -> Dict[str, List[str]]:
+    """{class: sorted image file names} for the class sub-folders of ``src``.
+
+    Files and folders that are not taken are appended to ``skipped`` as {path, reason}.
+    """
+    if not os.path.exists(src):
         raise FileNotFoundError(f"source folder {src!r} does not exist")
+    if not os.path.isdir(src):
+        raise ValueError(f"source {src!r} is a file; expected a folder with one sub-folder of images per class "
+                         f"(SRC/<class>/<image>)")
     if any(os.path.isdir(os.path.join(src, s)) for s in ("train", "test")):
         raise ValueError(f"source {src!r} looks already split (has train/ or test/); expected one folder per class")
+    skipped = skipped if skipped is not None else []
     found: Dict[str, List[str]] = {}
     for cls in sorted(os.listdir(src)):
         d = os.path.join(src, cls)
-        if not os.path.isdir(d) or cls.startswith("."):
+        if not os.path.isdir(d):
+            skipped.append({"path": cls, "reason": "file at the top level (class folders only)"})
             continue
-        files = sorted(f for f in os.listdir(d)
-                       if f.lower().endswith(tuple(exts)) and os.path.isfile(os.path.join(d, f)))
+        if cls.startswith("."):
+            continue
+        files = []
+        for f in sorted(os.listdir(d)):
+            if not os.path.isfile(os.path.join(d, f)):
+                skipped.append({"path": f"{cls}/{f}", "reason": "sub-folder inside a class folder (not searched)"})
+            elif f.startswith("."):
+                continue
+            elif not f.lower().endswith(tuple(exts)):
+                skipped.append({"path": f"{cls}/{f}",
+                                "reason": f"not an image file name (extensions {', '.join(exts)})"})
+            else:
+                files.append(f)
         if not files:
-            log.warning("skipping class folder %r: no images with extensions %s", d, list(exts))
+            skipped.append({"path": cls + "/", "reason": "class folder without images: not a class of the data set"})
             continue
         found[cls] = files
     if not found:
         raise ValueError(f"no class folders with images ({', '.join(exts)}) under {src!r}")
     return found
+
+
+def unreadable_reason(path: str) -> Optional[str]:
+    """None when ``path`` decodes as an image, else why not."""
+    import cv2
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read the file ({e.strerror or e})"
+    if not data:
+        return "empty file"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        return f"does not decode as an image ({len(data)} bytes; truncated or corrupt?)"
+    return None
 
 
 def _place(src: str, dst: str, mode: str) -> None:
@@ -120,17 +166,41 @@ def _place(src: str, dst: str, mode: str) -> None:
 
 
 def split_folder(src: str, out: str, seed: int = 0, link: Optional[str] = None, progress: bool = True,
-                 exts: Sequence[str] = IMAGE_EXTS) -> Dict[str, Any]:
+                 exts: Sequence[str] = IMAGE_EXTS, good_class: Optional[str] = None) -> Dict[str, Any]:
     """Split ``src/<class>/<image>`` into ``out/{train,val,test}/<class>/`` plus manifest.jsonl and dataset.json.
 
     ``link``: None (copy), "hard" (hard links) or "sym" (absolute symlinks). Deterministic for a seed.
+    Every image is decoded first: unreadable ones stay out of the data set and are listed, with the
+    files that were not images, in ``out/split_report.json``. ``good_class`` (the negative class) is
+    recorded in dataset.json, where ``nexedge train`` takes its default --good-class from.
     Returns a summary with counts per split and class.
     """
     mode = link or "copy"
     if mode not in LINK_MODES:
         raise ValueError(f"unknown link mode {link!r}; expected one of {list(LINK_MODES)}")
-    classes = scan_class_folders(src, exts)
+    skipped: List[Dict[str, str]] = []
+    classes = scan_class_folders(src, exts, skipped)
     check_out_dir(out)
+    unreadable: List[Dict[str, str]] = []
+    bar = _progress(sum(map(len, classes.values())), "verify", progress)
+    for c in sorted(classes):
+        good = []
+        for f in classes[c]:
+            why = unreadable_reason(os.path.join(src, c, f))
+            if why is None:
+                good.append(f)
+            else:
+                unreadable.append({"path": f"{c}/{f}", "reason": why})
+            bar.update(1)
+        classes[c] = good
+    bar.close()
+    for c in [c for c, files in classes.items() if not files]:
+        del classes[c]
+        skipped.append({"path": c + "/", "reason": "class folder without readable images"})
+    if not classes:
+        raise ValueError(f"no readable images under {src!r} ({len(unreadable)} unreadable)")
+    if good_class is not None and good_class not in classes:
+        raise ValueError(f"--good-class {good_class!r} is not one of the class folders {sorted(classes)}")
     keys = {c: [(c, f) for f in files] for c, files in classes.items()}
     where = assign_splits(keys, seed)
     rows = []
@@ -148,11 +218,14 @@ def split_folder(src: str, out: str, seed: int = 0, link: Optional[str] = None, 
     bar.close()
     write_json_atomic(os.path.join(out, "manifest.jsonl"), rows, lines=True)
     counts = count_table(rows)
+    good = good_class or ("good" if "good" in classes else None)
+    report = {"unreadable": unreadable, "skipped": skipped}
+    write_json_atomic(os.path.join(out, "split_report.json"), report)
     info = {"format": "nexedge-split", "version": 1, "source": os.path.abspath(src), "classes": sorted(classes),
-            "good_class": "good" if "good" in classes else None, "counts": counts, "n_images": len(rows),
-            "args": {"seed": seed, "link": mode}}
+            "good_class": good, "counts": counts, "n_images": len(rows),
+            "n_unreadable": len(unreadable), "n_skipped": len(skipped), "args": {"seed": seed, "link": mode}}
     write_json_atomic(os.path.join(out, "dataset.json"), info)
-    return {"out": out, "n": len(rows), "counts": counts}
+    return {"out": out, "n": len(rows), "counts": counts, "good_class": good, **report}
 
 
 class _NoBar:
@@ -164,12 +237,9 @@ class _NoBar:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (tqdm comes with the train/test extras); no bar when disabled or not installed."""
+    """A tqdm bar on a terminal, one line at the end otherwise; nothing when disabled."""
     if not enabled:
         return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        log.info("tqdm is not installed; no progress bar")
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    from nexedge.progress import progress
+
+    return progress(desc=desc, total=total, unit="img", leave=True)

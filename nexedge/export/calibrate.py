@@ -21,7 +21,7 @@ import numpy as np
 
 from nexedge import preprocess as pp
 from nexedge.card import ModelCard, atomic_write_bytes
-from nexedge.export.parity import IMAGE_EXTS, read_image
+from nexedge.export.parity import IMAGE_EXTS, read_images_skipping
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,10 @@ def load_manifest_images(path: str, inp: Mapping[str, Any], data_root: Optional[
             raise ValueError(f"{path}: made for input {k}={m['input'][k]!r}, the model needs {inp[k]!r}; "
                              f"rebuild the calibration set")
     root = data_root or m["data_root"]
-    imgs = [pp.prepare(read_image(os.path.join(root, e["path"])), inp) for e in m["images"]]
-    return np.stack(imgs), [e["label"] for e in m["images"]]
+    raw, kept = read_images_skipping([os.path.join(root, e["path"]) for e in m["images"]])
+    if not raw:
+        raise ValueError(f"{path}: none of its {len(m['images'])} images could be read under {root}")
+    return np.stack([pp.prepare(im, inp) for im in raw]), [m["images"][i]["label"] for i in kept]
 
 
 def model_feed(images: np.ndarray, card: ModelCard) -> np.ndarray:
@@ -209,7 +211,8 @@ def make_entropy_calibrator(trt: Any, stream: CalibrationBatchStream, cache_path
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.stream, self.cache_path, self.cuda = stream, cache_path, cuda
-            self.device = cuda.malloc(stream.nbytes)
+            with cuda.active():  # TensorRT calls get_batch on the building thread: make CUDA current there
+                self.device = cuda.malloc(stream.nbytes)
 
         def get_batch_size(self) -> int:
             return stream.batch_size
@@ -218,8 +221,9 @@ def make_entropy_calibrator(trt: Any, stream: CalibrationBatchStream, cache_path
             batch = stream.next_batch()
             if batch is None:
                 return None
-            cuda.htod(self.device, batch)
-            cuda.sync()
+            with cuda.active():
+                cuda.htod(self.device, batch)
+                cuda.sync()
             return [int(self.device)]
 
         def read_calibration_cache(self) -> Optional[bytes]:

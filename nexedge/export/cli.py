@@ -1,4 +1,4 @@
-"""``nexedge export``, ``nexedge calibrate``, ``nexedge build-engine``.
+"""``nexedge export``, ``nexedge calibrate``, ``nexedge build-engine``, ``nexedge check-onnx``.
 
 Light at import (argparse only); torch, onnx, onnxruntime and tensorrt are
 imported inside the ``run_*`` functions.
@@ -11,7 +11,8 @@ from nexedge.card import GRAPH_CROPS
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="trained checkpoint (.pt) with its .card.json beside it")
+    p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR",
+                   help="trained checkpoint (.pt) with its .card.json beside it, or a run folder (its best.pt)")
     p.add_argument("--crops", default="host", choices=GRAPH_CROPS,
                    help="host: float crops in, logits out (host does the crops); center|five|ten: uint8 "
                         "prepared images in, crops+softmax in the graph, probs/defect_score out (default: host)")
@@ -34,9 +35,10 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from nexedge.export.onnx_export import export_onnx
+    from nexedge.runs import resolve_artifact
 
     res = export_onnx(
-        args.checkpoint,
+        resolve_artifact(args.checkpoint),
         out=args.out,
         crops=args.crops,
         max_batch=args.max_batch,
@@ -56,7 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def configure_thresholds(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", help="checkpoint (.pt), ONNX (any flavour, INT8 too) or engine, with its card")
+    p.add_argument("artifact", help="checkpoint (.pt), ONNX (any flavour, INT8 too) or engine, with its card; "
+                                    "or a run folder (its best.pt)")
     p.add_argument("--data", required=True, help="labelled data-set root with <split>/<class>/<image> folders")
     p.add_argument("--split", default="val", help="split to measure on (default val; keep test for reporting)")
     p.add_argument("--tpr-floor", type=float, default=0.95,
@@ -67,8 +70,10 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
 
 def run_thresholds(args: argparse.Namespace) -> int:
     from nexedge.export.thresholds import format_points, measure_artifact
+    from nexedge.runs import resolve_artifact
     from nexedge.runtime.factory import backend_kind
 
+    args.artifact = resolve_artifact(args.artifact)
     kind = backend_kind(args.artifact)
     opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(kind, {})
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
@@ -104,6 +109,7 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the report")
+    p.add_argument("--force", action="store_true", help="replace INT8 models that already exist")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -114,7 +120,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.onnx, args.data, name=args.name, n_images=args.images, split=args.split,
         eval_split=args.eval_split or None, thresholds_split=args.thresholds_split, eval_images=args.eval_images, targets=targets, method=args.method,
         out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, force=args.force,
     )
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():
@@ -168,6 +174,8 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="trt_engines", help="where engines go (default trt_engines)")
     p.add_argument("--name", help="engine name prefix (default: the ONNX file stem)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the static TensorRT lint (`nexedge check-onnx`) before parsing")
     p.add_argument("--data", help="labelled data-set root to re-measure the engine's operating points on "
                                   "(default: where the ONNX model's were measured)")
 
@@ -182,10 +190,14 @@ def build_settings(args: argparse.Namespace) -> dict:
         recipe = eng.load_recipe(args.recipe)
         settings.update({k: v for k, v in recipe.items() if k in settings and v is not None})
         settings["_recipe"] = recipe
+        if recipe.get("precision") is not None:
+            settings["_precision_from"] = args.recipe
     for key in ("precision", "max_batch", "opt_batch", "workspace_mib", "dla_core", "version_compatible"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+            if key == "precision":
+                settings.pop("_precision_from", None)
     eng.check_precision(settings["precision"])
     return settings
 
@@ -193,9 +205,13 @@ def build_settings(args: argparse.Namespace) -> dict:
 def run_build_engine(args: argparse.Namespace) -> int:
     import os
 
+    from nexedge.card import load_card
     from nexedge.export import engine as eng
 
     s = build_settings(args)
+    # Precision rules before anything slow, naming the recipe when the precision came from it.
+    src = f" (precision int8 from {s['_precision_from']})" if "_precision_from" in s else ""
+    eng.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
     try:
         import tensorrt as trt
     except ImportError:
@@ -205,13 +221,36 @@ def run_build_engine(args: argparse.Namespace) -> int:
         eng.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
     dev = eng.device_info(0)
     timing = args.timing_cache or os.path.join(
-        args.out_dir, f"{eng.device_slug(dev.name)}.trt{trt.__version__}.timing.cache")
+        args.out_dir, f"{eng.device_tag(dev)}.trt{trt.__version__}.timing.cache")
     opts = eng.BuildOptions(
         precision=s["precision"], max_batch=s["max_batch"], opt_batch=s["opt_batch"],
         workspace=s["workspace_mib"] << 20, dla_core=s["dla_core"], version_compatible=s["version_compatible"],
         calib_cache=args.calib_cache, timing_cache=timing,
     )
     path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
-                                    force=args.force, data=args.data)
+                                    force=args.force, data=args.data, check=not args.no_check)
     print(("reused " if reused else "built ") + eng.describe(path))
     return 0
+
+
+def configure_check_onnx(p: argparse.ArgumentParser) -> None:
+    from nexedge.export.onnx_check import TARGETS
+
+    p.add_argument("onnx", nargs="+", help="ONNX model(s) to check")
+    p.add_argument("--target", default="all", help=f"{'|'.join(TARGETS)} or all (default all); comma list allowed")
+    p.add_argument("--dla", action="store_true", help="also check the DLA rules (static shapes, no Q/DQ before 10)")
+    p.add_argument("--strict", action="store_true", help="warnings fail too")
+
+
+def run_check_onnx(args: argparse.Namespace) -> int:
+    """Exit 0 when every model passes every target, 1 otherwise; prints each finding."""
+    from nexedge.export import onnx_check as oc
+
+    targets = list(oc.TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
+    bad = 0
+    for path in args.onnx:
+        for t in targets:
+            found = oc.check_onnx(path, t, dla=args.dla)
+            print(oc.format_findings(path, t, found))
+            bad += len(oc.errors(found)) + (len(found) if args.strict else 0)
+    return 1 if bad else 0

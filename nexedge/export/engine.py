@@ -1,5 +1,9 @@
 """ONNX (fp32 or Q/DQ INT8) -> TensorRT engine, for TensorRT 8.5/8.6 (JetPack 5/6.0) and 10.x.
 
+TensorRT 11 is refused with a message: it removed BuilderFlag.FP16/INT8, the INT8
+calibrators and ``platform_has_fast_*`` (weakly typed networks are gone; only
+strongly typed networks, whose precision comes from the ONNX types, remain).
+
 The TensorRT-free logic (version parsing, precision rules, network flags,
 profile shapes, names and cache keys, parser error reports) is plain Python and
 unit-tested; :func:`build_serialized` drives whatever ``tensorrt`` module it is
@@ -24,12 +28,20 @@ from nexedge.card import PRECISIONS, CardError, ModelCard, atomic_write_bytes, l
 log = logging.getLogger(__name__)
 
 MIN_VERSION = (8, 5)
+MAX_MAJOR = 10  # TensorRT 11 dropped the weakly typed builder API nexedge uses
 GiB = 1 << 30
+JETSON_MODEL_FILE = "/proc/device-tree/model"
 
 
 class DeviceInfo(NamedTuple):
+    """What an engine is tied to. ``name`` alone is not enough: cudaGetDeviceProperties says "Orin"
+    for AGX Orin, Orin NX and Orin Nano alike; they differ in SM count and memory."""
+
     name: str  # e.g. "Orin", "NVIDIA GeForce RTX 4090"
     compute_capability: Tuple[int, int]
+    sm_count: int = 0  # multiProcessorCount
+    total_mem_gib: int = 0  # totalGlobalMem, rounded
+    board: str = ""  # Jetson module (/proc/device-tree/model), e.g. "NVIDIA Jetson Orin Nano Developer Kit"
 
 
 class BuildOptions(NamedTuple):
@@ -57,13 +69,24 @@ def parse_version(version: str) -> Tuple[int, int, int]:
     return v
 
 
+def check_builder_api(trt: Any, version: Tuple[int, int, int]) -> None:
+    """Refuse TensorRT 11+ (or any build without BuilderFlag.FP16/INT8) with what to install instead."""
+    flags = getattr(trt, "BuilderFlag", None)
+    if version[0] > MAX_MAJOR or not (hasattr(flags, "FP16") and hasattr(flags, "INT8")):
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} is not supported for building: TensorRT 11 removed BuilderFlag.FP16/INT8, "
+            "IInt8EntropyCalibrator2 and platform_has_fast_* (strongly typed networks only). nexedge builds with "
+            "TensorRT 8.5-10.x: on x86 `pip install 'tensorrt>=10,<11'` (what `pip install nexedge[trt]` pins); "
+            "on a Jetson use JetPack's TensorRT.")
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return precision
 
 
-def int8_mode(onnx_precision: str, precision: str, has_calibration: bool) -> Optional[str]:
+def int8_mode(onnx_precision: str, precision: str, has_calibration: bool, source: str = "") -> Optional[str]:
     """``"explicit"`` (Q/DQ ONNX), ``"implicit"`` (fp32 ONNX + calibration) or None (no INT8)."""
     check_precision(precision)
     if onnx_precision == "int8":
@@ -74,9 +97,9 @@ def int8_mode(onnx_precision: str, precision: str, has_calibration: bool) -> Opt
     if precision != "int8":
         return None
     if not has_calibration:
-        raise ValueError("INT8 from an fp32 ONNX model needs a calibration cache (--calib-cache, from "
+        raise ValueError(f"INT8{source} from an fp32 ONNX model needs a calibration cache (--calib-cache, from "
                          "`nexedge calibrate --trt-cache`); or build from the Q/DQ model "
-                         "(`nexedge calibrate` writes *.int8-trt.onnx)")
+                         "(`nexedge calibrate` writes *.int8-trt.onnx); or pass --precision fp16")
     return "implicit"
 
 
@@ -99,16 +122,23 @@ def batch_limits(card: ModelCard, max_batch: int = 0, opt_batch: int = 0) -> Tup
     return opt, mx
 
 
-def profile_shapes(card: ModelCard, opt: int, mx: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
-    """(min, opt, max) input shapes: images for in-graph models, images x crops for host-crop models."""
+def profile_shapes(card: ModelCard, opt: int, mx: int, static: bool = False
+                   ) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """(min, opt, max) input shapes: images for in-graph models, images x crops for host-crop models.
+
+    ``static``: min = opt = max = the max batch. DLA needs it ("DLA does not support dynamic shapes":
+    with min != max every layer falls back to the GPU; TensorRT developer guide, Working with DLA);
+    the runtime zero-pads smaller batches.
+    """
     inp = card.input
+    batches = (mx, mx, mx) if static else (1, opt, mx)
     if card.graph["crops"] == "host":
         k = pp.n_crops(inp["crop_mode"])
         h, w = inp["crop"]
-        return tuple((n * k, 3, h, w) for n in (1, opt, mx))  # type: ignore[return-value]
+        return tuple((n * k, 3, h, w) for n in batches)  # type: ignore[return-value]
     H, W = inp["resize"]
     c = 1 if inp["color"] == "gray" else 3
-    return tuple((n, H, W, c) for n in (1, opt, mx))  # type: ignore[return-value]
+    return tuple((n, H, W, c) for n in batches)  # type: ignore[return-value]
 
 
 def device_slug(name: str) -> str:
@@ -118,9 +148,17 @@ def device_slug(name: str) -> str:
     return s or "gpu"
 
 
+def device_tag(device: DeviceInfo) -> str:
+    """File-name tag: the Jetson module (else the GPU name) and the SM count, e.g.
+    ``jetson-orin-nano-developer-kit-sm8``, ``geforce-rtx-4090-sm128``."""
+    tag = device_slug(device.board or device.name)
+    return tag + (f"-sm{device.sm_count}" if device.sm_count else "")
+
+
 def engine_filename(name: str, onnx_sha256: str, precision: str, max_batch: int, trt_version: str,
-                    device: str, dla_core: Optional[int] = None) -> str:
-    dev = device_slug(device) + (f"-dla{dla_core}" if dla_core is not None else "")
+                    device: Any, dla_core: Optional[int] = None) -> str:
+    dev = (device_tag(device) if isinstance(device, DeviceInfo) else device_slug(device))
+    dev += f"-dla{dla_core}" if dla_core is not None else ""
     return f"{name}-{onnx_sha256[:8]}.{precision}.b{max_batch}.trt{trt_version}.{dev}.engine"
 
 
@@ -138,6 +176,9 @@ def build_key(onnx_sha256: str, precision: str, mode: Optional[str], shapes: Any
         "version_compatible": bool(opts.version_compatible),
         "tensorrt": str(trt_version),
         "device": device.name,
+        "board": device.board,
+        "sm_count": int(device.sm_count),
+        "total_mem_gib": int(device.total_mem_gib),
         "compute_capability": list(device.compute_capability),
     }
 
@@ -167,23 +208,78 @@ def format_parser_errors(onnx_path: str, errors: List[str]) -> str:
     return "\n".join(lines)
 
 
+def jetson_board(path: str = JETSON_MODEL_FILE) -> str:
+    """The Jetson module name from the device tree ("" elsewhere)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace").strip("\x00 \n")
+    except OSError:
+        return ""
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else "none"
+
+
+# cuda-python per platform, as setup.py's `trt` extra pins it (the wheels pip resolves: 13.x needs a
+# 580+ driver and has no cuda.cudart; there is no aarch64 wheel for 11.4, 11.5-11.8 cp38 ones exist).
+CUDA_PYTHON_PINS = ("JetPack 5 (CUDA 11.4): cuda-python>=11.5,<12; JetPack 6 (CUDA 12.2/12.6): "
+                    "cuda-python>=12.6,<12.7; x86: the CUDA major of your driver, e.g. cuda-python>=12,<13")
+
+
+def cuda_mismatch_message(rt: Any, err: Any, what: str) -> str:
+    """Explain a CUDA runtime error at start-up: driver vs cuda-python versions and the pins."""
+    try:
+        import importlib.metadata as md
+
+        pkg = next((f"{d} {md.version(d)}" for d in ("cuda-python", "cuda-bindings") if _has_dist(md, d)), "")
+    except ImportError:  # Python 3.7 metadata backport not needed on 3.8+
+        pkg = ""
+    drv = rt.cudaDriverGetVersion()
+    rtv = rt.cudaRuntimeGetVersion()
+    driver = _cuda_version(int(drv[1])) if drv[0] == rt.cudaError_t.cudaSuccess else "unknown"
+    runtime = _cuda_version(int(rtv[1])) if rtv[0] == rt.cudaError_t.cudaSuccess else "unknown"
+    msg = f"{what} failed: {err}. CUDA driver supports CUDA {driver}; cuda-python ({pkg or 'version unknown'}) " \
+          f"was built for CUDA {runtime}."
+    if driver == "none":
+        msg += " No NVIDIA driver was found (is this a GPU machine, and is the driver loaded?)."
+    elif runtime != "unknown" and driver != "unknown" and runtime.split(".")[0] != driver.split(".")[0]:
+        msg += f" Install the cuda-python matching the driver's CUDA {driver.split('.')[0]}.x."
+    elif "InsufficientDriver" in str(err):
+        msg += " The driver is older than this cuda-python needs: install an older cuda-python."
+    return msg + " Pins: " + CUDA_PYTHON_PINS
+
+
+def _has_dist(md: Any, name: str) -> bool:
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def device_info(device: int = 0) -> DeviceInfo:
-    """Name and compute capability of CUDA device ``device`` (cuda-python, else pycuda)."""
+    """Name, compute capability, SM count, memory and Jetson board of CUDA device ``device``
+    (cuda-python, else pycuda). A driver/cuda-python mismatch raises a RuntimeError that says so."""
+    board = jetson_board(JETSON_MODEL_FILE)
     try:
         from nexedge.runtime.tensorrt import _import_cudart
 
         rt = _import_cudart()
-        err, props = rt.cudaGetDeviceProperties(device)
-        if err != rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"cudaGetDeviceProperties({device}) failed: {err}")
-        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        return DeviceInfo(name.rstrip("\x00"), (int(props.major), int(props.minor)))
     except ImportError:
         import pycuda.driver as cuda
 
         cuda.init()
         d = cuda.Device(device)
-        return DeviceInfo(d.name(), tuple(d.compute_capability()))  # type: ignore[arg-type]
+        attr = cuda.device_attribute
+        return DeviceInfo(d.name(), tuple(d.compute_capability()),  # type: ignore[arg-type]
+                          int(d.get_attribute(attr.MULTIPROCESSOR_COUNT)), round(d.total_memory() / GiB), board)
+    err, props = rt.cudaGetDeviceProperties(device)
+    if err != rt.cudaError_t.cudaSuccess:
+        raise RuntimeError(cuda_mismatch_message(rt, err, f"cudaGetDeviceProperties({device})"))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return DeviceInfo(name.rstrip("\x00"), (int(props.major), int(props.minor)), int(props.multiProcessorCount),
+                      round(int(props.totalGlobalMem) / GiB), board)
 
 
 def make_cache_calibrator(trt: Any, cache: bytes) -> Any:
@@ -249,11 +345,13 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
                      device: Optional[DeviceInfo] = None) -> Tuple[bytes, Dict[str, Any]]:
     """Parse, configure and build; returns (serialized engine, build info)."""
     version = parse_version(trt.__version__)
+    check_builder_api(trt, version)
     precision = check_precision(opts.precision)
     device = device or device_info()
     mode = int8_mode(card.precision, precision, bool(opts.calib_cache or opts.calibrator))
+    check_dla(opts, precision, mode, version, card)
     opt, mx = batch_limits(card, opts.max_batch, opts.opt_batch)
-    shapes = profile_shapes(card, opt, mx)
+    shapes = profile_shapes(card, opt, mx, static=opts.dla_core is not None)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -270,14 +368,17 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
     errors = parser_errors(parser)
     if not ok or errors:
         msg = format_parser_errors(onnx_path, errors or ["parse() returned False without errors"])
-        if card.graph["crops"] != "host" and version[:2] < (8, 6):
-            msg += ("\nhint: in-graph models take uint8 images; UINT8 network inputs (Cast) need TensorRT 8.6+. "
-                    "For TensorRT 8.5 export with --crops host.")
+        if card.graph["crops"] != "host" and any("UINT8" in e for e in errors):
+            # Every TensorRT from 8.5 takes a UINT8 network input into a Cast (8.5: DataType::kUINT8 docs,
+            # TensorRT issue 1503); 8.6+ reject UINT8 anywhere else. Older nexedge exports permuted first.
+            msg += ("\nhint: the graph uses UINT8 past its input; re-export with this nexedge (it casts the "
+                    "uint8 images to float first) and check it with `nexedge check-onnx`, or export --crops host.")
         raise RuntimeError(msg)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace))
-    if precision == "fp16":
+    if precision == "fp16" or (precision == "int8" and has_fast_fp16(builder, device)):
+        # With INT8 too: layers left unquantized (preprocessing, the float tail) would otherwise run FP32.
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
@@ -291,8 +392,6 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
                 with open(opts.calib_cache, "rb") as f:
                     config.int8_calibrator = make_cache_calibrator(trt, f.read())
     if opts.dla_core is not None:
-        if precision == "fp32":
-            raise ValueError("DLA runs FP16 or INT8 only; use --precision fp16 or int8 with --dla-core")
         n_dla = int(getattr(builder, "num_DLA_cores", 0))
         if not 0 <= opts.dla_core < n_dla:
             raise ValueError(f"--dla-core {opts.dla_core}: this device has {n_dla} DLA core(s)")
@@ -311,6 +410,8 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
     if mode == "implicit" and hasattr(config, "set_calibration_profile"):
         config.set_calibration_profile(profile)
 
+    dla = dla_placement(network, config) if opts.dla_core is not None else None
+
     cache = None
     if opts.timing_cache:
         blob = b""
@@ -328,16 +429,59 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
     if cache is not None:
         atomic_write_bytes(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
     info = {"int8_mode": mode, "profile": [list(s) for s in shapes], "opt_batch": opt, "max_batch": mx,
-            "build_seconds": round(time.perf_counter() - t0, 3), "input_name": input_name}
+            "build_seconds": round(time.perf_counter() - t0, 3), "input_name": input_name,
+            "flags": sorted(_flag_names(trt, config))}
+    if dla is not None:
+        info["dla"] = dla
     return bytes(serialized), info
+
+
+def _flag_names(trt: Any, config: Any) -> List[str]:
+    names = ("FP16", "INT8", "GPU_FALLBACK", "VERSION_COMPATIBLE")
+    return [n for n in names if hasattr(trt.BuilderFlag, n) and config.get_flag(getattr(trt.BuilderFlag, n))]
+
+
+def check_dla(opts: BuildOptions, precision: str, mode: Optional[str], version: Tuple[int, int, int],
+              card: ModelCard) -> None:
+    """Refuse DLA combinations TensorRT cannot build; warn about ones that mostly run on the GPU."""
+    if opts.dla_core is None:
+        return
+    if precision == "fp32":
+        raise ValueError("DLA runs FP16 or INT8 only; use --precision fp16 or int8 with --dla-core")
+    if mode == "explicit" and version[0] < 10:
+        # TensorRT 8.x developer guide, Working with DLA: explicit quantization (Q/DQ) is not supported on DLA.
+        raise ValueError(f"TensorRT {'.'.join(map(str, version))} on DLA does not take explicit Q/DQ INT8 graphs; "
+                         "build the Q/DQ model for the GPU (drop --dla-core), or build INT8 for DLA from the fp32 "
+                         "ONNX with --calib-cache, or use --precision fp16 with the fp32 ONNX")
+    if card.graph["crops"] != "host":
+        log.warning("DLA: in-graph preprocessing (Cast, Slice, crops) runs on the GPU; host-crop models "
+                    "(export --crops host) put more of the network on the DLA")
+
+
+def dla_placement(network: Any, config: Any) -> Dict[str, Any]:
+    """How many layers the builder can place on the DLA (IBuilderConfig.can_run_on_DLA, with the final
+    profile and flags set); the rest fall back to the GPU. Warns when none do."""
+    n = int(network.num_layers)
+    gpu = [network.get_layer(i).name for i in range(n) if not config.can_run_on_DLA(network.get_layer(i))]
+    on_dla = n - len(gpu)
+    if on_dla == 0:
+        log.warning("DLA core %s: none of the %d layers can run on the DLA; the engine runs on the GPU",
+                    config.DLA_core, n)
+    else:
+        log.info("DLA core %s: %d of %d layers on the DLA", config.DLA_core, on_dla, n)
+    return {"core": int(config.DLA_core), "layers": n, "layers_on_dla": on_dla, "gpu_fallback_layers": gpu[:20],
+            "source": "IBuilderConfig.can_run_on_DLA"}
 
 
 def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines", name: Optional[str] = None,
                  trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False,
-                 runner: Any = None, data: Optional[str] = None) -> Tuple[str, bool]:
+                 runner: Any = None, data: Optional[str] = None, check: bool = True) -> Tuple[str, bool]:
     """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused). A new engine's
     operating points are re-measured through ``runner(engine)`` (default: the TensorRT backend) when it
-    runs here, else its card says they are the parent ONNX's (see nexedge.export.thresholds)."""
+    runs here, else its card says they are the parent ONNX's (see nexedge.export.thresholds).
+
+    ``check``: run the static TensorRT lint (:mod:`nexedge.export.onnx_check`) for the installed
+    version first, so a graph the parser would reject fails with every rule it breaks named."""
     if trt is None:
         try:
             import tensorrt as trt
@@ -345,18 +489,20 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
             raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
                                "device, see trt_engines/README.md") from None
     check_precision(opts.precision)
-    parse_version(trt.__version__)
+    version = parse_version(trt.__version__)
+    check_builder_api(trt, version)
     card = load_card(onnx_path)
     if card.data["artifact"]["kind"] != "onnx":
         raise ValueError(f"{onnx_path}: build-engine takes an ONNX model (card kind {card.data['artifact']['kind']})")
-    device = device or device_info()
     mode = int8_mode(card.precision, opts.precision, bool(opts.calib_cache or opts.calibrator))
+    check_dla(opts, opts.precision, mode, version, card)
+    device = device or device_info()
     opt, mx = batch_limits(card, opts.max_batch, opts.opt_batch)
-    shapes = profile_shapes(card, opt, mx)
+    shapes = profile_shapes(card, opt, mx, static=opts.dla_core is not None)
     key = build_key(card.sha256 or "", opts.precision, mode, shapes, opts, trt.__version__, device)
     name = name or os.path.splitext(os.path.basename(onnx_path))[0]
     path = os.path.join(out_dir, engine_filename(name, card.sha256 or "", opts.precision, mx, trt.__version__,
-                                                 device.name, opts.dla_core))
+                                                 device, opts.dla_core))
     if not force and os.path.exists(path):
         try:
             cached = load_card(path)
@@ -366,11 +512,22 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
             log.info("rebuilding %s: build key differs", path)
         except CardError as e:
             log.warning("rebuilding %s: %s", path, e)
+    if check:
+        from nexedge.export import onnx_check as oc
+
+        try:
+            import onnx  # noqa: F401  (a line-side Jetson install may lack it)
+        except ImportError:
+            log.warning("onnx is not installed: skipping the static TensorRT check (pip install onnx)")
+        else:
+            oc.require_clean(onnx_path, [oc.target_for_version(trt.__version__)], dla=opts.dla_core is not None,
+                             what=onnx_path)
     blob, info = build_serialized(trt, onnx_path, card, opts, device)
     atomic_write_bytes(path, blob)
     ecard = card.derive("engine", precision=opts.precision)
     ecard.data["graph"] = dict(ecard.data["graph"], max_batch=mx)
-    ecard.data["provenance"]["engine"] = dict(info, key=key, tensorrt=trt.__version__, device=device.name)
+    ecard.data["provenance"]["engine"] = dict(info, key=key, tensorrt=trt.__version__, device=device.name,
+                                              board=device.board, sm_count=device.sm_count)
     ecard.save_for(path, parent=onnx_path)
     log.info("built %s in %.1f s", path, info["build_seconds"])
     from nexedge.export.thresholds import remeasure_or_mark
@@ -383,5 +540,8 @@ def describe(path: str) -> str:
     """One-line JSON summary of an engine card (for the CLI)."""
     card = load_card(path)
     eng = card.data["provenance"].get("engine", {})
-    return json.dumps({"engine": path, "precision": card.precision, "int8_mode": eng.get("int8_mode"),
-                       "profile": eng.get("profile"), "tensorrt": eng.get("tensorrt"), "device": eng.get("device")})
+    out = {"engine": path, "precision": card.precision, "int8_mode": eng.get("int8_mode"),
+           "profile": eng.get("profile"), "tensorrt": eng.get("tensorrt"), "device": eng.get("device")}
+    if eng.get("dla"):
+        out["dla_layers"] = f"{eng['dla']['layers_on_dla']}/{eng['dla']['layers']}"
+    return json.dumps(out)

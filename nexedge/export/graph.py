@@ -46,8 +46,11 @@ class InGraphModel(nn.Module):
         self.register_buffer("std", torch.tensor(inp["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Same float32 ops in the same order as preprocess.normalize: x * (1/255), - mean, / std.
-        x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        # Cast before anything else: TensorRT 8.6+ rejects UINT8 intermediate tensors ("TensorRT does not
+        # support UINT8 types for intermediate tensors", onnx-tensorrt ModelImporter.cpp) and 8.5 takes a
+        # UINT8 input only into a Cast (DataType::kUINT8 docs). Then the same float32 ops in the same
+        # order as preprocess.normalize: x * (1/255), - mean, / std.
+        x = images.float().permute(0, 3, 1, 2) * (1.0 / 255.0)
         x = (x - self.mean) / self.std  # N x 1 x H x W broadcasts to N x 3 x H x W for gray
         h, w = self.crop
         parts = []

@@ -48,11 +48,15 @@ def run_calibration(
     trt_cache: bool = False,
     seed: int = 0,
     threads: Optional[int] = None,
+    force: bool = False,
 ) -> CalibrationResult:
     """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``, measure each
     INT8 model's own operating points on ``thresholds_split`` and report INT8 beside FP32 at the
-    deployed thresholds on ``eval_split`` (which must differ from ``thresholds_split``)."""
-    from nexedge.export.parity import read_image
+    deployed thresholds on ``eval_split`` (which must differ from ``thresholds_split``).
+
+    Refuses a data set whose classes differ from the model's, a calibration set made from
+    another data set (unless ``rebuild``), and existing INT8 outputs (unless ``force``)."""
+    from nexedge.export.parity import read_images_skipping
     from nexedge.export.thresholds import mark_from_parent, measure_artifact
     from nexedge.preprocess import prepare
     from nexedge.runtime.onnxrt import OnnxRuntimeBackend
@@ -68,8 +72,18 @@ def run_calibration(
     if card.data["artifact"]["kind"] != "onnx" or card.precision != "fp32":
         raise ValueError(f"{onnx_path}: calibrate takes an fp32 ONNX model (card says "
                          f"{card.data['artifact']['kind']}/{card.precision})")
+    check_classes(card.classes, data_root, [split] + ([eval_split] if eval_split else [])
+                  + ([thresholds_split] if os.path.isdir(os.path.join(data_root, thresholds_split)) else []))
+    existing = [int8_path(onnx_path, t, out_dir) for t in targets if os.path.exists(int8_path(onnx_path, t, out_dir))]
+    if existing and not force:
+        raise ValueError(f"{', '.join(existing)} already exist(s); --force to replace, or --out-dir for another folder")
     name = name or os.path.splitext(os.path.basename(onnx_path))[0]
     manifest = os.path.join(out_root, name, "manifest.json")
+    if os.path.exists(manifest) and not rebuild:
+        made_from = cal.read_manifest(manifest).get("data_root")
+        if made_from and os.path.abspath(made_from) != os.path.abspath(data_root):
+            raise ValueError(f"calibration set {manifest} was made from {made_from}, not {os.path.abspath(data_root)}; "
+                             "--rebuild to replace it or --name for a new one")
     if rebuild or not os.path.exists(manifest):
         cal.build_manifest(data_root, name, card.input, n=n_images, split=split, seed=seed, out_root=out_root)
     else:
@@ -89,13 +103,17 @@ def run_calibration(
             eval_labels += [cls] * len(chosen)
         import numpy as np
 
-        eval_imgs = np.stack([prepare(read_image(os.path.join(data_root, p)), card.input) for p in paths])
+        raw, kept = read_images_skipping([os.path.join(data_root, p) for p in paths])
+        eval_labels = [eval_labels[i] for i in kept]
+        eval_imgs = np.stack([prepare(im, card.input) for im in raw])
 
     outputs, reports = {}, {}
     for target in targets:
         out = int8_path(onnx_path, target, out_dir)
         reader = cal.OrtCalibrationReader(images, card)
         quant = qz.quantize_model(onnx_path, out, card, reader, target, method)
+        if target == "tensorrt":
+            _check_for_tensorrt(out)
         icard = qz.int8_card(card, quant, None, calibration)
         icard.save_for(out, parent=onnx_path)
         # The INT8 model's own operating points, through the backend that runs it (ONNX Runtime).
@@ -124,12 +142,36 @@ def run_calibration(
     return CalibrationResult(manifest, outputs, reports, cache)
 
 
+def _check_for_tensorrt(path: str) -> None:
+    """The TensorRT Q/DQ model must pass `nexedge check-onnx` for every TensorRT release; else it is removed."""
+    from nexedge.export import onnx_check as oc
+
+    try:
+        oc.require_clean(path, oc.TARGETS, what=path)
+    except RuntimeError:
+        os.unlink(path)
+        raise
+
+
+def check_classes(model_classes: Sequence[str], data_root: str, splits: Sequence[str]) -> None:
+    """The data set's class folders (with images) must be the model's classes: calibrating or reporting
+    on other classes would give an INT8 model and an accuracy report that mean nothing."""
+    for split in splits:
+        have = sorted(cal.class_folders(data_root, split))
+        if have != sorted(model_classes):
+            raise ValueError(f"{os.path.join(data_root, split)} has classes {have} but the model was trained on "
+                             f"{list(model_classes)}; calibrate on the model's own data set")
+
+
 def _require_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
         raise RuntimeError("--trt-cache needs TensorRT (import tensorrt failed); run it on the target "
                            "(Jetson) or use the Q/DQ model, which needs no cache") from None
+    from nexedge.export import engine as eng
+
+    eng.check_builder_api(trt, eng.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
     return trt
 
 

@@ -91,6 +91,17 @@ def torch_export(module: Any, card: ModelCard, crops: str, path: str, opset: int
         raise RuntimeError(f"exporter wrote opset {got}, expected {opset}")
 
 
+def tensorrt_check(path: str, shown_as: str) -> Dict[str, Any]:
+    """`nexedge check-onnx` for every TensorRT target: warn (the model may be for ONNX Runtime only)."""
+    from nexedge.export import onnx_check as oc
+
+    res = oc.summary(path)
+    for target, verdict in res.items():
+        if verdict != "ok":
+            log.warning("%s will not parse in TensorRT %s: %s", shown_as, target[3:], "; ".join(verdict))
+    return res
+
+
 def export_onnx(
     checkpoint: str,
     out: Optional[str] = None,
@@ -136,6 +147,7 @@ def export_onnx(
     tmp = os.path.join(folder, ".tmp-" + os.path.basename(out))
     try:
         torch_export(build_export_module(model, card, crops), card, crops, tmp, opset)
+        trt_check = tensorrt_check(tmp, out)
         if parity_data is None:  # the trainer records its data root: use its real images when still there
             root = (ck_card.data.get("provenance") or {}).get("data_root")
             if isinstance(root, str) and os.path.isdir(root):
@@ -155,6 +167,7 @@ def export_onnx(
         "exporter": "torch.onnx (TorchScript, dynamo=False)",
         "torch": torch.__version__,
         "parity": parity,
+        "tensorrt_check": trt_check,
     }
     from nexedge.export.thresholds import data_root_of, mark_from_parent, measure_artifact
 

@@ -53,6 +53,21 @@ def read_image(path: str) -> np.ndarray:
     return img
 
 
+def read_images_skipping(paths: List[str]) -> Tuple[List[np.ndarray], List[int]]:
+    """(images, indexes of the paths that decoded): an unreadable file is logged with its path and
+    left out, so one bad file does not stop a calibration or a parity check."""
+    import logging
+
+    imgs, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            imgs.append(read_image(p))
+            kept.append(i)
+        except ValueError as e:
+            logging.getLogger(__name__).warning("skipping unreadable image: %s", e)
+    return imgs, kept
+
+
 def spread(paths: List[str], n: int) -> List[str]:
     """``n`` paths spread evenly over the sorted list (so every class folder is visited)."""
     if len(paths) <= n:

@@ -126,7 +126,12 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
         graph = onnx.load(pre).graph
         keep, tail = float_nodes(graph, card.graph["crops"]), tail_nodes(graph)
         if target == "tensorrt":
-            act, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True}
+            # QuantizeBias False: quantize_static's default leaves INT32 biases behind DequantizeLinear,
+            # which TensorRT's parser rejects (DequantizeLinear takes INT8 in 8.x; INT8/FP8/INT4 in 10.x;
+            # onnx-tensorrt issue 850, onnxruntime issues 14229, 17738). TensorRT fuses the float bias into
+            # the INT8 conv itself; NVIDIA's ORT-based quantizer passes the same option.
+            act, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "QuantizeBias": False}
         else:
             act, extra = QuantType.QUInt8, {"WeightSymmetric": True}
         # MinMax keeps only per-batch ReduceMin/ReduceMax outputs: small. (CalibMaxIntermediateOutputs
@@ -151,6 +156,7 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
         raise RuntimeError(f"{out_path}: quantize_static inserted no QuantizeLinear nodes; nothing was quantized")
     if target == "tensorrt":
         check_symmetric(model)
+        check_dq_inputs_int8(model)
     return {
         "target": target,
         "format": "QDQ",
@@ -174,6 +180,20 @@ def check_symmetric(model: Any) -> None:
             if zp is not None and np.any(numpy_helper.to_array(zp) != 0):
                 raise RuntimeError(f"node {n.name}: zero point {numpy_helper.to_array(zp)} is not 0; "
                                    "TensorRT Q/DQ must be symmetric")
+
+
+def check_dq_inputs_int8(model: Any) -> None:
+    """Raise unless every DequantizeLinear input is INT8: TensorRT 8.x's DequantizeLinear takes INT8 only
+    ("only activation types allowed as input to this layer" for an INT32 bias), 10.x adds FP8/INT4 only."""
+    from nexedge.export.onnx_check import INT8, TYPE_NAMES, tensor_types
+
+    types = tensor_types(model)
+    bad = [(n.name, n.input[0], types.get(n.input[0])) for n in model.graph.node
+           if n.op_type == "DequantizeLinear" and types.get(n.input[0]) != INT8]
+    if bad:
+        name, inp, t = bad[0]
+        raise RuntimeError(f"{len(bad)} DequantizeLinear node(s) take non-INT8 input, e.g. {name} on {inp!r} "
+                           f"({TYPE_NAMES.get(t, t)}); TensorRT's DequantizeLinear takes INT8 only")
 
 
 def decisions_by_class(scores: np.ndarray, labels: Sequence[str], card: ModelCard, threshold: float

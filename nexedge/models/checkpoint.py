@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from nexedge.card import ModelCard, load_card
+from nexedge.card import ModelCard, chmod_like_open, load_card
 from nexedge.models import create_model
 
 FORMAT = "nexedge.ckpt/1"
@@ -53,6 +53,7 @@ def save_checkpoint(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     os.close(fd)
     try:
+        chmod_like_open(tmp)
         torch.save(payload, tmp)
         os.replace(tmp, path)
     finally:

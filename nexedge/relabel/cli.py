@@ -67,7 +67,9 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from nexedge.relabel.formats import export_formats
+    import os
+
+    from nexedge.relabel.formats import MANIFEST, export_formats
     from nexedge.relabel.pull import open_source, pull
     from nexedge.relabel.review import export_mislabels
 
@@ -84,6 +86,10 @@ def run_pull(args: argparse.Namespace) -> int:
 
             classes = sorted(Dataset(args.dataset).classes)
     else:
+        if "cleanlab" in formats:  # checked before anything is pulled and acknowledged
+            raise ValueError("--format cleanlab needs a given label and class probabilities per image; samples "
+                             "pulled from a line have no label. Pull with labelstudio or folders, label them, "
+                             "`nexedge import-labels`; or use cleanlab with --mislabels CSV --dataset ROOT")
         filters = {"camera": args.camera, "since": _time(args.since), "until": _time(args.until),
                    "decision": args.decision, "reason": args.reason}
         src = open_source(args.store, args.connect, args.client_key, args.server_key, args.timeout, args.retries)
@@ -92,7 +98,17 @@ def run_pull(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
         finally:
             src.close()
-    written = export_formats(args.out, formats, classes=classes, ls_url_prefix=args.ls_url_prefix)
+        if not os.path.exists(os.path.join(args.out, MANIFEST)):
+            print(f"nothing pending in {args.store or args.connect}"
+                  f"{' matching the filters' if any(v is not None for v in filters.values()) else ''}; "
+                  f"nothing written to {args.out}")
+            print(json.dumps({"counts": counts, "written": {}}))
+            return 0
+    try:
+        written = export_formats(args.out, formats, classes=classes, ls_url_prefix=args.ls_url_prefix)
+    except ValueError as e:
+        raise ValueError(f"{e}. The pulled samples are safe in {os.path.join(args.out, MANIFEST)}: fix the "
+                         f"option and run the same `nexedge pull --out {args.out}` again to write the formats") from None
     print(json.dumps({"counts": counts, "written": {k: len(v) for k, v in written.items()}}))
     return 0
 
@@ -100,7 +116,11 @@ def run_pull(args: argparse.Namespace) -> int:
 def configure_import_labels(p: argparse.ArgumentParser) -> None:
     p.add_argument("labels", metavar="FILE", help="Label Studio export (JSON or JSON-MIN) or CSV (path|sha256, label)")
     p.add_argument("--dataset", required=True, metavar="ROOT", help="data set root (<root>/<split>/<class>/...)")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="where new images go")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"),
+                   help="split that new images go to (images already in the data set stay in theirs)")
+    p.add_argument("--relabel", action="store_true",
+                   help="an image already in the data set under another class is moved to the annotator's "
+                        "class (with a provenance row); by default it is left as it is and reported")
     p.add_argument("--images", metavar="DIR", help="the `nexedge pull --out` folder the labelled images came from")
     p.add_argument("--source", help="provenance source name (default: the labels file name)")
     p.add_argument("--skip-bad", action="store_true", help="import the good rows and report the bad ones "
@@ -114,7 +134,7 @@ def run_import_labels(args: argparse.Namespace) -> int:
     from nexedge.relabel.importer import import_labels
 
     res = import_labels(args.labels, args.dataset, split=args.split, images_dir=args.images, skip_bad=args.skip_bad,
-                        dry_run=args.dry_run, source=args.source)
+                        dry_run=args.dry_run, source=args.source, relabel=args.relabel)
     for e in res["errors"]:
         print("skipped: " + e, file=sys.stderr)
     print(json.dumps(res["counts"]))

@@ -172,10 +172,15 @@ def labeling_config(classes: Sequence[str]) -> str:
 
 
 def labelstudio_tasks(rows: Sequence[Dict[str, Any]], url_prefix: str) -> List[Dict[str, Any]]:
-    """Label Studio import tasks: ``data`` (image URL plus our metadata) and, where the
-    model scored the image, one ``predictions`` entry with a ``choices`` result."""
-    tasks = []
+    """Label Studio import tasks, one per distinct image (an image seen by several cameras or frames
+    is labelled once): ``data`` (image URL plus our metadata, ``sample_ids`` of every sample with these
+    bytes) and, where the model scored the image, one ``predictions`` entry with a ``choices`` result."""
+    by_sha: Dict[str, List[Dict[str, Any]]] = {}
     for r in rows:
+        by_sha.setdefault(r["sha256"], []).append(r)
+    tasks = []
+    for same in by_sha.values():
+        r = next((x for x in same if x.get("probs") or x.get("predicted")), same[0])
         data = {
             "image": url_prefix + r["path"],
             "sha256": r["sha256"],
@@ -186,6 +191,9 @@ def labelstudio_tasks(rows: Sequence[Dict[str, Any]], url_prefix: str) -> List[D
             "decision": r.get("decision"),
             "reason": r.get("reason"),
         }
+        if len(same) > 1:
+            data["sample_ids"] = [x["sample_id"] for x in same]
+            data["cameras"] = sorted({str(x.get("camera")) for x in same if x.get("camera") is not None})
         if r.get("label") is not None:
             data["given_label"] = r["label"]
         if r.get("dataset_path"):

@@ -12,13 +12,16 @@ rest). Then:
 
 * a new image is copied to ``<dataset>/<split>/<label>/<sha256>.<ext>`` (temp
   file, fsync, then all renamed at the end);
-* an image already in the data set (same bytes) is skipped as a duplicate;
+* an image already in the data set (same bytes) is skipped as a duplicate; with
+  another label it is counted as a label conflict, or moved to the new class
+  with ``relabel`` (``--relabel``);
 * an image that *is* a data-set image (mislabel review: its ``dataset_path``,
   or a CSV path inside the data set) with a different label is moved to the new
   class folder (relabel); with the same label it is recorded as confirmed;
 * one provenance row per change goes to ``<dataset>/provenance.jsonl`` (action,
   path, sha256, label, previous label, source, annotator, time, input line), and
-  ``<dataset>/manifest.jsonl`` is updated when the data set has one.
+  ``<dataset>/manifest.jsonl`` and the counts in ``<dataset>/dataset.json`` are
+  updated when the data set has them.
 """
 
 import csv
@@ -228,8 +231,17 @@ def _resolve(item: Item, ds: Dataset, images_dir: Optional[str], base_dir: str) 
     return None, False, f"no image with sha256 {item.sha256} in {images_dir or '(no --images folder)'} or the data set"
 
 
+def _move_op(op: Dict[str, Any], rel: str, label: str, sha: str, root: str) -> None:
+    """Turn ``op`` into a move of data-set image ``rel`` (``<split>/<class>/<file>``) to class ``label``."""
+    parts = rel.split("/")
+    dst = f"{parts[0]}/{label}/{parts[2]}"
+    if os.path.exists(os.path.join(root, dst)):
+        dst = f"{parts[0]}/{label}/{sha}{os.path.splitext(parts[2])[1].lower()}"
+    op.update(action="relabel", src=rel, path=dst, previous=parts[1])
+
+
 def plan_import(labels_file: str, dataset: str, split: str = "train", images_dir: Optional[str] = None,
-                skip_bad: bool = False) -> Dict[str, Any]:
+                skip_bad: bool = False, relabel: bool = False) -> Dict[str, Any]:
     """Validate everything and return the plan (nothing is written)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
@@ -266,16 +278,16 @@ def plan_import(labels_file: str, dataset: str, split: str = "train", images_dir
             if parts[1] == it.label:
                 op.update(action="confirm", path=rel, previous=parts[1])
             else:
-                dst = f"{parts[0]}/{it.label}/{parts[2]}"
-                if os.path.exists(os.path.join(ds.root, dst)):
-                    dst = f"{parts[0]}/{it.label}/{sha}{os.path.splitext(parts[2])[1].lower()}"
-                op.update(action="relabel", src=rel, path=dst, previous=parts[1])
+                _move_op(op, rel, it.label, sha, ds.root)
         elif sha in ds.by_sha:
             have = ds.by_sha[sha]
             op.update(action="duplicate", path=have, previous=have.split("/")[1])
-            if op["previous"] != it.label:
-                log.warning("line %d: image already in the data set as %s with another label; left as it is",
-                            it.line, have)
+            if op["previous"] != it.label and relabel:
+                _move_op(op, have, it.label, sha, ds.root)  # the annotator corrected a data-set image
+            elif op["previous"] != it.label:
+                log.warning("line %d: image already in the data set as %s, labelled %r there and %r here; left as "
+                            "it is (--relabel moves it to %r)", it.line, have, op["previous"], it.label, it.label)
+                op["conflict"] = True
         else:
             ext = os.path.splitext(src)[1].lower()
             if ext not in IMAGE_EXTS:
@@ -348,6 +360,7 @@ def _apply(plan: Dict[str, Any], source: Optional[str]) -> Dict[str, int]:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.rename(os.path.join(root, op["src"]), dst)
     _update_manifest(root, ops)
+    update_dataset_counts(root)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     src_name = source or os.path.basename(plan["source"])
     prov = []
@@ -367,12 +380,36 @@ def _apply(plan: Dict[str, Any], source: Optional[str]) -> Dict[str, int]:
             f.write("".join(prov))
             f.flush()
             os.fsync(f.fileno())
-    counts = {k: 0 for k in ("add", "relabel", "confirm", "duplicate")}
-    for op in ops:
-        counts[op["action"]] += 1
-    counts["bad"] = len(plan["errors"])
-    counts["unlabelled"] = plan["unlabelled"]
+    return _counts(plan)
+
+
+def _counts(plan: Dict[str, Any]) -> Dict[str, int]:
+    counts = {k: sum(op["action"] == k for op in plan["ops"]) for k in ("add", "relabel", "confirm", "duplicate")}
+    counts["label_conflicts"] = sum(bool(op.get("conflict")) for op in plan["ops"])
+    counts.update(bad=len(plan["errors"]), unlabelled=plan["unlabelled"])
     return counts
+
+
+def update_dataset_counts(root: str) -> None:
+    """Recount ``<dataset>/dataset.json`` (counts per split and class, n_images) from the class folders,
+    so what it says matches what the trainer will read. Untouched when the data set has none."""
+    path = os.path.join(root, "dataset.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    counts: Dict[str, Dict[str, int]] = {}
+    for split in SPLITS:
+        sdir = os.path.join(root, split)
+        counts[split] = {}
+        for cls in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+            cdir = os.path.join(sdir, cls)
+            if os.path.isdir(cdir) and not cls.startswith("."):
+                counts[split][cls] = sum(1 for n in os.listdir(cdir)
+                                         if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS))
+    info["counts"] = counts
+    info["n_images"] = sum(sum(c.values()) for c in counts.values())
+    write_atomic(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _update_manifest(root: str, ops: List[Dict[str, Any]]) -> None:
@@ -398,12 +435,12 @@ def _update_manifest(root: str, ops: List[Dict[str, Any]]) -> None:
 
 
 def import_labels(labels_file: str, dataset: str, split: str = "train", images_dir: Optional[str] = None,
-                  skip_bad: bool = False, dry_run: bool = False, source: Optional[str] = None) -> Dict[str, Any]:
+                  skip_bad: bool = False, dry_run: bool = False, source: Optional[str] = None,
+                  relabel: bool = False) -> Dict[str, Any]:
     """Validate, then (unless ``dry_run``) apply. Returns counts and the problems found."""
-    plan = plan_import(labels_file, dataset, split=split, images_dir=images_dir, skip_bad=skip_bad)
+    plan = plan_import(labels_file, dataset, split=split, images_dir=images_dir, skip_bad=skip_bad, relabel=relabel)
     if dry_run:
-        counts = {k: sum(op["action"] == k for op in plan["ops"]) for k in ("add", "relabel", "confirm", "duplicate")}
-        counts.update(bad=len(plan["errors"]), unlabelled=plan["unlabelled"])
+        counts = _counts(plan)
     else:
         counts = apply_import(plan, source=source)
     return {"counts": counts, "errors": plan["errors"]}

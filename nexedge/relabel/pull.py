@@ -56,6 +56,10 @@ class LocalSource:
         self.store.close()
 
 
+class LeaseLost(RuntimeError):
+    """The endpoint no longer holds the page being acknowledged (e.g. it restarted): page again."""
+
+
 class RemoteSource:
     """Pull from a daemon's :class:`~nexedge.serve.pullserver.PullServer` (REQ socket,
     Lazy-Pirate retries: a timed-out request is re-sent on a fresh socket)."""
@@ -103,6 +107,8 @@ class RemoteSource:
             if self.sock.poll(self.timeout_ms):
                 frames = self.sock.recv_multipart()
                 head = json.loads(frames[0].decode("utf-8"))
+                if not head.get("ok") and "not_leased" in head:
+                    raise LeaseLost(f"pull endpoint {self.connect}: {head.get('error')}")
                 if not head.get("ok"):
                     raise RuntimeError(f"pull endpoint {self.connect} refused {req['op']!r}: {head.get('error')}")
                 return head, frames[1:]
@@ -202,13 +208,13 @@ def _pull(source: Any, out_dir: str, filters: Dict[str, Any], limit: Optional[in
     counts = {"received": 0, "new": 0, "already": 0, "files": 0, "acked": 0}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from nexedge.progress import progress as _bar
 
         total = info.get("pending")
-        bar = tqdm(total=min(total, limit) if (limit is not None and total is not None) else total,
-                   unit="img", desc="pull")
+        bar = _bar(total=min(total, limit) if (limit is not None and total is not None) else total,
+                   unit="img", desc="pull", leave=True)
     after: Optional[int] = None
-    pages = 0
+    pages = relet = 0
     try:
         while limit is None or counts["received"] < limit:
             n = page_size if limit is None else min(page_size, limit - counts["received"])
@@ -236,7 +242,15 @@ def _pull(source: Any, out_dir: str, filters: Dict[str, Any], limit: Optional[in
                     new_rows.append(rec)
             manifest.append(new_rows)
             counts["new"] += len(new_rows)
-            counts["acked"] += source.ack([r["id"] for r in rows])
+            try:
+                counts["acked"] += source.ack([r["id"] for r in rows])
+            except LeaseLost as e:  # the manifest has these rows: paging again re-sends them as "already"
+                relet += 1
+                if relet > 3:
+                    raise
+                log.warning("%s; paging again", e)
+                continue
+            relet = 0
             counts["received"] += len(rows)
             after = rows[-1]["id"]
             if bar is not None:

@@ -50,7 +50,12 @@ def read_mislabel_csv(csv_path: str, flagged_only: bool = True, top: Optional[in
 def export_mislabels(csv_path: str, dataset: str, out_dir: str, flagged_only: bool = True,
                      top: Optional[int] = None) -> Dict[str, int]:
     """Copy the listed data-set images to ``out/images`` and write manifest rows."""
+    from nexedge.data.split import dataset_good_class
+
     rows = read_mislabel_csv(csv_path, flagged_only, top)
+    good = dataset_good_class(dataset)  # recorded by `nexedge split --good-class`
+    if good is None and any(os.path.isdir(os.path.join(dataset, sp, "good")) for sp in ("train", "val", "test")):
+        good = "good"
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     manifest = ManifestWriter(out_dir)
     new, files = [], 0
@@ -76,7 +81,7 @@ def export_mislabels(csv_path: str, dataset: str, out_dir: str, flagged_only: bo
         probs = {k[2:]: float(v) for k, v in r.items() if k.startswith("p_") and _float(v) is not None} or None
         predicted = max(probs.items(), key=lambda kv: kv[1])[0] if probs else None
         if predicted is None and r.get("direction") == "defect->good":
-            predicted = "good"
+            predicted = good  # the data set's negative class, whatever it is called
         new.append({
             "sample_id": sid, "path": out_rel, "sha256": sha, "camera": None, "frame_id": None, "time": None,
             "ts": None, "model_id": None, "threshold": None, "score": _float(r.get("defect_score")),

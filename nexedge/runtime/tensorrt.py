@@ -7,13 +7,20 @@ the optimisation profile's maximum, host buffers are pinned, one CUDA stream.
 CUDA access through cuda-python (``cuda.bindings.runtime``, older
 ``cuda.cudart``), falling back to pycuda when cuda-python is missing.
 
+Threads: the daemon opens the backend on one thread and infers on another.
+CUDA state is per thread (the runtime API's current device, the driver API's
+context stack), so every CUDA and TensorRT call runs inside ``cuda.active()``,
+which makes the backend's device/context current on the calling thread.
+
 Nothing here imports tensorrt or CUDA at module import: the module loads (and
 is tested for import) on machines without a GPU. Python 3.8, no torch.
 """
 
+import contextlib
 import ctypes
+import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,10 +30,34 @@ from nexedge.runtime.base import Backend, BackendError
 
 def _import_cudart() -> Any:
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.8
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6.1 (13.x has only this)
     except ImportError:
-        from cuda import cudart  # older cuda-python
+        from cuda import cudart  # cuda-python 11.x / early 12.x
     return cudart
+
+
+# TensorRT DataType -> numpy, by enum name. Not trt.nptype: in TensorRT 8.5.2 it maps BOOL through
+# np.bool, which numpy >= 1.24 removed (AttributeError on every lookup; pip installs numpy 1.24 on
+# the Python 3.8 of JetPack 5). Names from the TensorRT Python API's DataType enum (8.5-10.x).
+TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
+              "UINT8": np.uint8, "INT64": np.int64}
+
+
+def trt_dtype_to_numpy(dtype: Any) -> np.dtype:
+    """numpy dtype of a TensorRT DataType (BackendError for BF16/FP8/INT4, which numpy cannot hold)."""
+    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+    if name not in TRT_DTYPES:
+        raise BackendError(f"engine I/O tensor type {name} has no numpy equivalent; "
+                           f"supported: {', '.join(TRT_DTYPES)}")
+    return np.dtype(TRT_DTYPES[name])
+
+
+def _host_array(ptr: int, n: int, dtype: Any) -> np.ndarray:
+    """A numpy view of ``n`` items at host address ``ptr`` (any dtype, float16 included:
+    np.ctypeslib.as_ctypes_type has no float16)."""
+    dtype = np.dtype(dtype)
+    buf = (ctypes.c_ubyte * (n * dtype.itemsize)).from_address(ptr)
+    return np.frombuffer(buf, dtype=dtype, count=n)
 
 
 class CudaPython:
@@ -36,8 +67,18 @@ class CudaPython:
 
     def __init__(self, device: int = 0) -> None:
         self.rt = _import_cudart()
-        self._call(self.rt.cudaSetDevice(device))
-        self.stream = self._call(self.rt.cudaStreamCreate())
+        self.device = int(device)
+        self._local = threading.local()
+        with self.active():
+            self.stream = self._call(self.rt.cudaStreamCreate())
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The runtime API's current device is per thread (a new thread starts on device 0)."""
+        if getattr(self._local, "device", None) != self.device:
+            self._call(self.rt.cudaSetDevice(self.device))
+            self._local.device = self.device
+        yield
 
     def _call(self, ret: Any) -> Any:
         err, rest = ret[0], ret[1:]
@@ -56,8 +97,7 @@ class CudaPython:
         dtype = np.dtype(dtype)
         n = int(np.prod(shape))
         ptr = int(self._call(self.rt.cudaMallocHost(n * dtype.itemsize)))
-        arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))), (n,))
-        return arr, ptr
+        return _host_array(ptr, n, dtype), ptr
 
     def htod(self, dst: int, src: np.ndarray) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -93,9 +133,25 @@ class PyCuda:
         cuda.init()
         self.cuda = cuda
         self.ctx = cuda.Device(device).retain_primary_context()
-        self.ctx.push()
-        self.stream = cuda.Stream()
+        self._local = threading.local()
         self._allocs: Dict[int, Any] = {}
+        with self.active():
+            self.stream = cuda.Stream()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Push the primary context on the calling thread for the duration (re-entrant), pop after:
+        a pycuda context is current only on the thread that pushed it ("invalid device context")."""
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self.ctx.push()
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                self.cuda.Context.pop()
 
     @property
     def stream_handle(self) -> int:
@@ -131,17 +187,18 @@ class PyCuda:
 
     def close(self) -> None:
         if self.ctx is not None:
-            self.ctx.pop()
-            self.ctx = None
+            self.stream = None
+            self.ctx = None  # the primary context is released with the last reference
 
 
 def open_cuda(device: int = 0) -> Any:
     """cuda-python if importable, else pycuda; ImportError naming both when neither is."""
     try:
         _import_cudart()
-        return CudaPython(device)
     except ImportError:
         pass
+    else:
+        return CudaPython(device)
     try:
         return PyCuda(device)
     except ImportError:
@@ -157,13 +214,13 @@ class _Tensor:
         self.host_handle: Any = None
 
 
-def profile_max_shape(engine: Any, name: str) -> Tuple[int, ...]:
-    """Max shape of input ``name`` in profile 0 (``get_tensor_profile_shape``, or the pre-10 call)."""
+def profile_shapes(engine: Any, name: str) -> Tuple[Tuple[int, ...], ...]:
+    """(min, opt, max) shapes of input ``name`` in profile 0 (``get_tensor_profile_shape``, or the pre-10 call)."""
     if hasattr(engine, "get_tensor_profile_shape"):
         shapes = engine.get_tensor_profile_shape(name, 0)
     else:
         shapes = engine.get_profile_shape(0, name)
-    return tuple(int(d) for d in shapes[2])
+    return tuple(tuple(int(d) for d in s) for s in shapes)
 
 
 class TensorRTBackend(Backend):
@@ -187,15 +244,19 @@ class TensorRTBackend(Backend):
         if (engine_info.get("key") or {}).get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # version-compatible engines embed a lean runtime
         with open(path, "rb") as f:
-            self.engine = self.runtime.deserialize_cuda_engine(f.read())
-        if self.engine is None:
-            built = engine_info.get("tensorrt")
-            raise BackendError(f"{path}: TensorRT {trt.__version__} could not deserialize the engine "
-                               f"(built with TensorRT {built}; engines are tied to the version and GPU)")
-        self.context = self.engine.create_execution_context()
+            blob = f.read()
+        # Select the device (and make its context current) before deserializing: TensorRT places the
+        # engine on the current device, which on a multi-GPU host is not necessarily ``device``.
         self.cuda = open_cuda(device)
         try:
-            self._allocate()
+            with self.cuda.active():
+                self.engine = self.runtime.deserialize_cuda_engine(blob)
+                if self.engine is None:
+                    built = engine_info.get("tensorrt")
+                    raise BackendError(f"{path}: TensorRT {trt.__version__} could not deserialize the engine "
+                                       f"(built with TensorRT {built}; engines are tied to the version and GPU)")
+                self.context = self.engine.create_execution_context()
+                self._allocate()
         except BaseException:
             self.close()
             raise
@@ -207,7 +268,9 @@ class TensorRTBackend(Backend):
         if len(inputs) != 1:
             raise BackendError(f"{self.path}: expected one input tensor, engine has {inputs}")
         self.input_name = inputs[0]
-        in_max = profile_max_shape(eng, self.input_name)
+        in_min, _, in_max = profile_shapes(eng, self.input_name)
+        # A static profile (DLA engines) runs only at its one batch: smaller batches are zero-padded.
+        self.static_rows = int(in_max[0]) if tuple(in_min) == tuple(in_max) else 0
         per_image = self.k if self.crops == "host" else 1
         if in_max[0] < self.max_batch * per_image:
             raise BackendError(f"{self.path}: engine profile max batch {in_max[0]} is below the card's "
@@ -216,7 +279,7 @@ class TensorRTBackend(Backend):
         for n in names:
             is_in = n == self.input_name
             shape = in_max if is_in else tuple(int(d) for d in ctx.get_tensor_shape(n))
-            t = _Tensor(n, is_in, trt.nptype(eng.get_tensor_dtype(n)), shape)
+            t = _Tensor(n, is_in, trt_dtype_to_numpy(eng.get_tensor_dtype(n)), shape)
             t.device = self.cuda.malloc(int(np.prod(shape)) * t.dtype.itemsize)
             t.host, t.host_handle = self.cuda.pinned(shape, t.dtype)
             ctx.set_tensor_address(n, t.device)
@@ -229,14 +292,24 @@ class TensorRTBackend(Backend):
     def _execute(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
         if self.context is None:
             raise BackendError(f"{self.path}: backend is closed")
+        with self.cuda.active():
+            return self._execute_current(x, timings)
+
+    def _execute_current(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
         tin = next(t for t in self.tensors if t.is_input)
         tout = next(t for t in self.tensors if t.name == self.output_name)
-        if x.dtype != tin.dtype:
+        if (x.dtype.kind == "f") != (tin.dtype.kind == "f"):
             raise BackendError(f"{self.path}: input dtype {x.dtype}, engine expects {tin.dtype}")
         t0 = time.perf_counter()
-        host_in = tin.host[: x.size].reshape(x.shape)
-        np.copyto(host_in, x)
-        if not self.context.set_input_shape(self.input_name, x.shape):
+        rows = x.shape[0]
+        shape = ((self.static_rows,) + tuple(x.shape[1:])) if self.static_rows else tuple(x.shape)
+        if self.static_rows and rows > self.static_rows:
+            raise BackendError(f"{self.path}: input shape {x.shape} exceeds the static engine shape {tin.max_shape}")
+        host_in = tin.host[: int(np.prod(shape))].reshape(shape)
+        host_in[:rows] = x  # casts to the engine's input type (e.g. float32 crops into a float16 input)
+        if rows < shape[0]:
+            host_in[rows:] = 0
+        if not self.context.set_input_shape(self.input_name, shape):
             raise BackendError(f"{self.path}: input shape {x.shape} is outside the engine profile {tin.max_shape}")
         self.cuda.htod(tin.device, host_in)
         self.cuda.sync()
@@ -251,7 +324,7 @@ class TensorRTBackend(Backend):
         self.cuda.sync()
         t3 = time.perf_counter()
         timings.update(h2d=t1 - t0, inference=t2 - t1, d2h=t3 - t2)
-        return host_out.astype(np.float32, copy=True)
+        return host_out[:rows].astype(np.float32, copy=True)
 
     def _run_host(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
         return self._execute(x, timings)
@@ -262,12 +335,15 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         cuda = getattr(self, "cuda", None)
         if cuda is not None:
-            for t in getattr(self, "tensors", []):
-                if t.device:
-                    cuda.free(t.device)
-                if t.host_handle is not None:
-                    cuda.free_pinned(t.host_handle)
-            self.tensors = []
+            with cuda.active():
+                for t in getattr(self, "tensors", []):
+                    if t.device:
+                        cuda.free(t.device)
+                    if t.host_handle is not None:
+                        cuda.free_pinned(t.host_handle)
+                self.tensors = []
+                self.context = None  # TensorRT objects go while the context is still current
+                self.engine = None
             cuda.close()
             self.cuda = None
         self.context = None

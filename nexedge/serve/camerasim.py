@@ -8,6 +8,7 @@ Native cameras are open-loop: they send on schedule as long as fewer than
 """
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -17,19 +18,27 @@ import numpy as np
 
 MODES = ("native", "native-raw", "imagezmq-raw", "imagezmq-jpg")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+log = logging.getLogger(__name__)
 
 
 class SimImage:
-    __slots__ = ("name", "data", "array", "jpeg")
+    __slots__ = ("name", "data", "array", "jpeg", "label")
 
-    def __init__(self, name: str, data: bytes, array: np.ndarray, jpeg: bytes) -> None:
+    def __init__(self, name: str, data: bytes, array: np.ndarray, jpeg: bytes, label: Optional[str] = None) -> None:
         self.name, self.data, self.array, self.jpeg = name, data, array, jpeg
+        self.label = label  # the class folder it came from (labelled folders), else None
 
 
-def load_images(folder: str, limit: int = 0) -> List[SimImage]:
-    """Images under ``folder`` (recursive, sorted): file bytes, decoded array and a JPEG copy."""
+def load_images(folder: str, limit: int = 0, skipped: Optional[List[str]] = None) -> List[SimImage]:
+    """Images under ``folder`` (recursive, sorted): file bytes, decoded array and a JPEG copy.
+
+    An image in a sub-folder is labelled with the sub-folder's name (``test/<class>/x.png`` ->
+    ``<class>``). Files that do not decode are left out, logged and appended to ``skipped``.
+    """
     import cv2
 
+    if os.path.isfile(folder):
+        raise ValueError(f"{folder} is a file; expected a folder of images (sub-folders are class labels)")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} not found")
     paths = []
@@ -42,13 +51,25 @@ def load_images(folder: str, limit: int = 0) -> List[SimImage]:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder}")
     out = []
     for p in paths:
-        with open(p, "rb") as f:
-            data = f.read()
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            arr, why = None, str(e)
+        else:
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            why = "does not decode as an image"
         if arr is None:
-            raise ValueError(f"{p}: not a readable image")
+            log.warning("skipping %s: %s", p, why)
+            if skipped is not None:
+                skipped.append(p)
+            continue
         jpeg = data if data[:3] == b"\xff\xd8\xff" else cv2.imencode(".jpg", arr)[1].tobytes()
-        out.append(SimImage(os.path.relpath(p, folder), data, arr, jpeg))
+        rel = os.path.relpath(p, folder)
+        label = rel.split(os.sep)[0] if os.sep in rel else None
+        out.append(SimImage(rel, data, arr, jpeg, label))
+    if not out:
+        raise ValueError(f"no readable images under {folder} ({len(skipped or [])} unreadable)")
     return out
 
 
@@ -61,16 +82,20 @@ class SimResult:
         self.duplicates = 0
         self.lost = 0
         self.decisions: Dict[str, int] = collections.Counter()
+        self.by_label: Dict[str, Dict[str, int]] = {}
         self.reasons: Dict[str, int] = collections.Counter()
         self.latencies_ms: List[float] = []
         self.elapsed_s = 0.0
         self.errors: List[str] = []
         self._lock = threading.Lock()
 
-    def add(self, v: Dict[str, Any]) -> None:
+    def add(self, v: Dict[str, Any], label: Optional[str] = None) -> None:
         with self._lock:
             self.received += 1
             self.decisions[v.get("decision", "?")] += 1
+            if label is not None:
+                row = self.by_label.setdefault(label, {})
+                row[v.get("decision", "?")] = row.get(v.get("decision", "?"), 0) + 1
             if v.get("decision") == "RECHECK":
                 self.reasons[v.get("reason") or "?"] += 1
             if "rtt_ms" in v:
@@ -86,7 +111,7 @@ class SimResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "throughput_fps": round(self.received / self.elapsed_s, 2) if self.elapsed_s else 0.0,
             "inferred_fps": round(inferred / self.elapsed_s, 2) if self.elapsed_s else 0.0,
-            "decisions": dict(self.decisions), "recheck_reasons": dict(self.reasons),
+            "decisions": dict(self.decisions), "by_label": self.by_label, "recheck_reasons": dict(self.reasons),
             "latency_ms": {k: (None if self.percentile(q) is None else round(self.percentile(q), 3))
                            for k, q in (("p50", 50), ("p95", 95), ("p99", 99))},
             "errors": self.errors[:10],
@@ -97,7 +122,8 @@ def _native_camera(endpoint: str, name: str, images: Sequence[SimImage], raw: bo
                    duration: float, window: int, timeout_s: float, res: SimResult, start: float, offset: int) -> None:
     from nexedge.serve.client import CameraClient
 
-    seen = set()
+    seen: set = set()
+    labels: Dict[Any, Optional[str]] = {}
     with CameraClient(endpoint, name) as cam:
         i = 0
         while True:
@@ -108,32 +134,32 @@ def _native_camera(endpoint: str, name: str, images: Sequence[SimImage], raw: bo
             due = start + i / rate if rate > 0 else now
             if now >= due and len(cam.pending) < window:
                 img = images[(offset + i) % len(images)]
-                cam.send(img.array if raw else img.data)
+                labels[cam.send(img.array if raw else img.data)] = img.label
                 i += 1
                 continue
             wait_ms = max(0, int((due - now) * 1000)) if len(cam.pending) < window else 50
             v = cam.recv(timeout_ms=min(wait_ms, 50))
             if v is not None:
-                _count(v, seen, res)
+                _count(v, seen, res, labels)
         with res._lock:
             res.sent += i
         end = time.monotonic() + timeout_s
         while cam.pending and time.monotonic() < end:
             v = cam.recv(timeout_ms=max(1, int((end - time.monotonic()) * 1000)))
             if v is not None:
-                _count(v, seen, res)
+                _count(v, seen, res, labels)
         with res._lock:
             res.lost += len(cam.pending)
 
 
-def _count(v: Dict[str, Any], seen: set, res: SimResult) -> None:
+def _count(v: Dict[str, Any], seen: set, res: SimResult, labels: Dict[Any, Optional[str]]) -> None:
     fid = v.get("frame_id")
     if fid in seen:
         with res._lock:
             res.duplicates += 1
         return
     seen.add(fid)
-    res.add(v)
+    res.add(v, labels.pop(fid, None))
 
 
 def _imagezmq_camera(endpoint: str, name: str, images: Sequence[SimImage], jpg: bool, rate: float, total: int,
@@ -170,7 +196,7 @@ def _imagezmq_camera(endpoint: str, name: str, images: Sequence[SimImage], jpg: 
                 return
             v = json.loads(reply.decode("utf-8"))
             v["rtt_ms"] = (time.monotonic() - t0) * 1000.0
-            res.add(v)
+            res.add(v, img.label)
     finally:
         sender.close()
 
@@ -217,7 +243,45 @@ def _guard(target: Any, args: Tuple[Any, ...], res: SimResult, name: str) -> Non
             res.errors.append(f"{name}: {type(e).__name__}: {e}")
 
 
-def format_summary(s: Dict[str, Any]) -> str:
+def escapes_overkill(by_label: Dict[str, Dict[str, int]], good: str) -> Dict[str, Any]:
+    """Decisions by true class folded to good/defect: escapes = defect images PASSed, overkill =
+    good images REJECTed (RECHECK is neither: the line re-inspects those)."""
+    binary: Dict[str, Dict[str, int]] = {"good": {}, "defect": {}}
+    for cls, row in by_label.items():
+        side = binary["good" if cls == good else "defect"]
+        for k, n in row.items():
+            side[k] = side.get(k, 0) + n
+    n_def, n_good = sum(binary["defect"].values()), sum(binary["good"].values())
+    esc, over = binary["defect"].get("PASS", 0), binary["good"].get("REJECT", 0)
+    return {"binary": binary, "escapes": esc, "escape_rate": esc / n_def if n_def else None,
+            "overkill": over, "overkill_rate": over / n_good if n_good else None}
+
+
+def format_by_label(by_label: Dict[str, Dict[str, int]], good: Optional[str]) -> List[str]:
+    """Table of decisions per folder label, with escapes and overkill when the good class is known."""
+    decisions = ("PASS", "REJECT", "RECHECK")
+    w = max([len(c) for c in by_label] + [10])
+    lines = ["decisions by folder label:", f"  {'label':<{w}}  {'n':>5}  " + "  ".join(f"{d:>7}" for d in decisions)]
+    for cls in sorted(by_label):
+        row = by_label[cls]
+        tag = "  (good)" if cls == good else ""
+        lines.append(f"  {cls:<{w}}  {sum(row.values()):>5}  " + "  ".join(f"{row.get(d, 0):>7}" for d in decisions) + tag)
+    if good is None:
+        lines.append("  (give --good-class to count escapes and overkill)")
+        return lines
+    if good not in by_label:
+        lines.append(f"  (no images labelled {good!r}: overkill not measured)")
+    e = escapes_overkill(by_label, good)
+
+    def pct(x: Optional[float]) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines.append(f"  escapes (defects PASSed): {e['escapes']} ({pct(e['escape_rate'])})   "
+                 f"overkill ({good} REJECTed): {e['overkill']} ({pct(e['overkill_rate'])})")
+    return lines
+
+
+def format_summary(s: Dict[str, Any], good: Optional[str] = None) -> str:
     lat = s["latency_ms"]
     lines = [
         f"sent {s['sent']}  received {s['received']}  lost {s['lost']}  duplicates {s['duplicates']}  "
@@ -228,6 +292,11 @@ def format_summary(s: Dict[str, Any]) -> str:
         lines.append("RECHECK reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(s["recheck_reasons"].items())))
     if lat["p50"] is not None:
         lines.append(f"latency ms: p50 {lat['p50']:.2f}  p95 {lat['p95']:.2f}  p99 {lat['p99']:.2f}")
+    if s.get("by_label"):
+        lines += format_by_label(s["by_label"], good)
+    if s.get("skipped"):
+        lines.append(f"skipped {len(s['skipped'])} unreadable file(s): " + ", ".join(s["skipped"][:5])
+                     + (" ..." if len(s["skipped"]) > 5 else ""))
     for e in s["errors"]:
         lines.append("error: " + e)
     return "\n".join(lines)

@@ -56,9 +56,8 @@ class CameraClient:
             payload: Any = arr
         else:
             data = bytes(image or b"")
-            enc = encoding or sniff(data)
-            if enc is None:
-                raise ValueError("cannot tell the encoding of the payload (not JPEG, PNG or BMP); pass encoding=")
+            # Not JPEG/PNG/BMP: let the daemon answer (RECHECK undecodable), as it would for any camera.
+            enc = encoding or sniff(data) or "auto"
             header = P.native_header(self.camera, fid, enc, ts=time.time(), deadline_ms=deadline_ms)
             payload = data
         self.send_frames([b"", header, payload])

@@ -31,7 +31,9 @@ class SocketsCfg:
     frames: str = "tcp://127.0.0.1:5555"
     verdicts: str = "tcp://127.0.0.1:5556"
     max_message_bytes: int = 32 << 20
+    max_header_bytes: int = 16 << 10
     max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 128 << 20
     decode_workers: int = 2
     max_cameras: int = 256
     hwm: int = 10000
@@ -68,12 +70,16 @@ class StoreCfg:
     path: str = ""
     quota: Optional[str] = None
     queue: int = 512
+    queue_bytes: str = "64MiB"
+    recheck_per_minute: float = 6.0
 
 
 @dataclasses.dataclass
 class MetricsCfg:
     host: str = "127.0.0.1"
     port: int = 9108
+    max_connections: int = 16
+    timeout_s: float = 5.0
 
 
 @dataclasses.dataclass
@@ -224,7 +230,7 @@ def validate(cfg: Config) -> Config:
         addr = getattr(s, key)
         if not re.match(r"^(tcp|ipc|inproc)://.+", addr):
             raise ConfigError(f"sockets.{key}: {addr!r} is not a ZeroMQ endpoint; expected e.g. tcp://127.0.0.1:5555")
-    for key in ("max_message_bytes", "max_pixels", "max_cameras", "hwm"):
+    for key in ("max_message_bytes", "max_header_bytes", "max_pixels", "max_decoded_bytes", "max_cameras", "hwm"):
         _positive("sockets." + key, getattr(s, key))
     _positive("sockets.decode_workers", s.decode_workers, allow_zero=True)
     _positive("sockets.linger_ms", s.linger_ms, allow_zero=True)
@@ -254,8 +260,13 @@ def validate(cfg: Config) -> Config:
         if cfg.store.quota is not None:
             parse_size(cfg.store.quota, "store.quota")
         _positive("store.queue", cfg.store.queue)
-    if cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
-        raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
+        parse_size(cfg.store.queue_bytes, "store.queue_bytes")
+        _positive("store.recheck_per_minute", cfg.store.recheck_per_minute, allow_zero=True)
+    if cfg.metrics is not None:
+        if not 0 <= cfg.metrics.port <= 65535:
+            raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
+        _positive("metrics.max_connections", cfg.metrics.max_connections)
+        _positive("metrics.timeout_s", cfg.metrics.timeout_s)
     if cfg.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: {cfg.logging.level!r}; expected one of {list(LOG_LEVELS)}")
     if cfg.logging.format not in ("json", "text"):
@@ -283,9 +294,105 @@ def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config
         else:
             parts[name] = _section(name, raw.get(name))
     cfg = Config(**parts)
-    if cfg.model.path and source not in ("<config>", "<overrides>") and not os.path.isabs(cfg.model.path):
-        cfg.model.path = os.path.join(os.path.dirname(os.path.abspath(source)), cfg.model.path)
+    if source not in ("<config>", "<overrides>"):
+        resolve_paths(cfg, os.path.dirname(os.path.abspath(source)))
     return validate(cfg)
+
+
+#: (section, key) of every file or folder a config names; relative ones are relative to the config file.
+PATH_KEYS = (("model", "path"), ("store", "path"), ("auth", "server_secret_file"), ("auth", "allowed_clients_dir"))
+
+
+def resolve_paths(cfg: Config, base: str) -> None:
+    """Make every relative path in ``cfg`` relative to ``base`` (the config file's folder), never to the
+    working directory, which under systemd is ``/`` unless the unit sets one."""
+    for section, key in PATH_KEYS:
+        part = getattr(cfg, section)
+        value = getattr(part, key, "") if part is not None else ""
+        if value and not os.path.isabs(value):
+            setattr(part, key, os.path.normpath(os.path.join(base, value)))
+
+
+def can_access(path: str, want: int, user: Optional[str] = None) -> bool:
+    """``os.access`` for this process, or by the permission bits for another ``user`` (the unit's User=),
+    including search permission on every parent folder. ``want``: os.R_OK | os.W_OK | os.X_OK."""
+    if user is None:
+        return os.access(path, want)
+    import grp  # noqa: F401  (POSIX only; imported here so the module loads anywhere)
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--user {user!r}: no such user on this machine") from None
+    if pw.pw_uid == 0:
+        return os.path.exists(path)
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+
+    def bits(p: str) -> int:
+        st = os.stat(p)
+        if st.st_uid == pw.pw_uid:
+            return (st.st_mode >> 6) & 7
+        if st.st_gid in groups:
+            return (st.st_mode >> 3) & 7
+        return st.st_mode & 7
+
+    try:
+        parent = os.path.dirname(os.path.abspath(path))
+        while True:
+            if not bits(parent) & os.X_OK:
+                return False
+            up = os.path.dirname(parent)
+            if up == parent:
+                break
+            parent = up
+        return (bits(path) & want) == want
+    except OSError:
+        return False
+
+
+def check_files(cfg: Config, user: Optional[str] = None) -> List[str]:
+    """Problems with the files the config names: missing, or not readable (writable for the store)
+    by ``user`` (default: this process). An empty list means the daemon can open them all."""
+    from nexedge.card import card_path_for
+
+    who = f"user {user!r}" if user else "this user"
+    problems: List[str] = []
+
+    def need_file(key: str, path: str, what: str) -> None:
+        if not os.path.exists(path):
+            problems.append(f"{key}: {what} {path} does not exist")
+        elif not os.path.isfile(path):
+            problems.append(f"{key}: {what} {path} is not a file")
+        elif not can_access(path, os.R_OK, user):
+            problems.append(f"{key}: {what} {path} is not readable by {who}")
+
+    need_file("model.path", cfg.model.path, "model")
+    if os.path.isfile(cfg.model.path):
+        n = len(problems)
+        need_file("model.path", card_path_for(cfg.model.path), "model card")
+        if len(problems) == n and os.access(card_path_for(cfg.model.path), os.R_OK):
+            from nexedge.card import CardError, load_card
+
+            try:
+                load_card(cfg.model.path, verify=cfg.model.verify_card)
+            except (CardError, ValueError, OSError) as e:
+                problems.append(f"model.path: {e}")
+    if cfg.auth is not None:
+        need_file("auth.server_secret_file", cfg.auth.server_secret_file, "server key")
+        d = cfg.auth.allowed_clients_dir
+        if not os.path.isdir(d):
+            problems.append(f"auth.allowed_clients_dir: {d} is not a folder")
+        elif not can_access(d, os.R_OK | os.X_OK, user):
+            problems.append(f"auth.allowed_clients_dir: {d} is not readable by {who}")
+    if cfg.store is not None:
+        p = cfg.store.path
+        while not os.path.exists(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)  # the daemon creates the missing part: the nearest existing folder counts
+        if not os.path.isdir(p) or not can_access(p, os.W_OK | os.X_OK, user):
+            problems.append(f"store.path: {cfg.store.path} cannot be created or written by {who} ({p} is not a "
+                            "writable folder)")
+    return problems
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: List[Tuple[str, Any]]) -> Dict[str, Any]:

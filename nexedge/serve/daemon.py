@@ -8,7 +8,6 @@ docs/configuration.md. Python 3.8, no torch.
 """
 
 import argparse
-import concurrent.futures
 import logging
 import os
 import signal
@@ -25,8 +24,10 @@ from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
-from nexedge.serve.ingest import IngestMixin
+from nexedge.serve.ingest import DecodePool, IngestMixin, recv_bounded
+from nexedge.serve.ledger import Ledger
 from nexedge.serve.logjson import setup_logging
+from nexedge.serve.memory import AllocatorTrim
 from nexedge.serve.metrics import DaemonMetrics, HealthServer
 from nexedge.serve.outbox import Outbox
 from nexedge.serve.protocol import Request
@@ -51,14 +52,14 @@ class Daemon(IngestMixin):
         self._stopping = False
         self._ready = False
         self._lock = threading.Lock()
-        self._outstanding: Dict[int, Any] = {}
+        self.ledger = Ledger(self._deliver)
         self._in_decode = 0
         self._io_ident = -1
         self._io_beat = time.monotonic()
         self.n_received = 0
-        self.n_answered = 0
-        self._seq = P.SeqCounter()
+        self._seq = P.SeqCounter(cfg.sockets.max_cameras)
         self._watchdog = notify.Watchdog()
+        self._memory = AllocatorTrim()
         self.http: Optional[HealthServer] = None
         self.backend: Any = None
         self.sampler: Any = None
@@ -66,7 +67,7 @@ class Daemon(IngestMixin):
         self.pull: Any = None
         self.auth: Any = None
         self.worker: Optional[InferenceWorker] = None
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.pool: Optional[DecodePool] = None
         self.ctx: Optional[zmq.Context] = None
 
     # -- health -------------------------------------------------------------
@@ -87,7 +88,11 @@ class Daemon(IngestMixin):
         cfg, m = self.cfg, self.metrics
         if cfg.metrics is not None:
             try:
-                self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live)
+                self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live,
+                                         cfg.metrics.max_connections, cfg.metrics.timeout_s)
+                http_srv = self.http
+                m.add_counter_callback("nexedge_http_refused", "Metrics HTTP connections closed unserved "
+                                       "(metrics.max_connections busy)", "endpoint", lambda: {"http": http_srv.refused})
             except OSError as e:
                 raise RuntimeError(f"cannot serve metrics on metrics.host={cfg.metrics.host!r} "
                                    f"metrics.port={cfg.metrics.port}: {e}") from e
@@ -137,9 +142,8 @@ class Daemon(IngestMixin):
         self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
         self._bind()
         if cfg.sockets.decode_workers > 0:
-            self.pool = concurrent.futures.ThreadPoolExecutor(cfg.sockets.decode_workers,
-                                                              thread_name_prefix="nexedge-decode")
-        self.worker = InferenceWorker(self.backend, card, self.batcher, self.decider, m, self.answer,
+            self.pool = DecodePool(cfg.sockets.decode_workers, self._decode_task)
+        self.worker = InferenceWorker(self.backend, card, self.batcher, self.decider, m, self.ledger.answer,
                                       self.sampler, self.monitor)
         self.worker.start()
         if self.pull is not None:
@@ -174,15 +178,19 @@ class Daemon(IngestMixin):
             from nexedge.store import SampleStore
 
             quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
-            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue)
+            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue,
+                                   C.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
+                                   cfg.store.recheck_per_minute, cfg.sockets.max_cameras)
             log.info("uncertain-sample store at %s (quota %s)", cfg.store.path, cfg.store.quota)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
             mc = cfg.monitor
             self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
-                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior)
-            self.metrics.add_snapshot_collector("nexedge_monitor", self.monitor.snapshot)
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior,
+                                        max_cameras=cfg.sockets.max_cameras)
+            mon = self.monitor
+            self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
         if cfg.auth is not None:
             from nexedge.serve.auth import CurveConfig
 
@@ -215,41 +223,44 @@ class Daemon(IngestMixin):
         if self.auth is not None:
             self.auth.apply_server(r)
             self.auth.apply_server(pub)
-        try:
-            r.bind(s.frames)
-            pub.bind(s.verdicts)
-        except zmq.ZMQError as e:
-            raise RuntimeError(f"cannot bind sockets.frames={s.frames!r} / sockets.verdicts={s.verdicts!r}: {e}") from e
+        for sock, key, addr in ((r, "sockets.frames", s.frames), (pub, "sockets.verdicts", s.verdicts)):
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as e:
+                raise RuntimeError(f"cannot bind {key}={addr!r}: {e}") from e
         self.endpoints = {"frames": r.getsockopt_string(zmq.LAST_ENDPOINT),
                           "verdicts": pub.getsockopt_string(zmq.LAST_ENDPOINT)}
         self.outbox = Outbox(self.ctx)
 
     # -- answering ----------------------------------------------------------
-    def answer(self, req: Request, t_recv: float, decision: str, reason: str, score: Optional[float] = None,
-               uncertain: bool = False, probs: Optional[Dict[str, float]] = None) -> bool:
-        """Send the one verdict of ``req`` (any thread). False if it was already answered."""
-        with self._lock:
-            if req.answered:
-                return False
-            req.answered = True
-            self.n_answered += 1
-            self._outstanding.pop(id(req), None)
-        latency = time.monotonic() - t_recv
-        v = P.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
-                      self.card.model_id, latency * 1000.0)
-        data = P.encode_verdict(v)
+    @property
+    def n_answered(self) -> int:
+        return self.ledger.answered
+
+    def _deliver(self, req: Request, decision: str, reason: str, latency: float, score: Optional[float],
+                 uncertain: bool, probs: Optional[Dict[str, float]]) -> None:
+        """Build, count and send one verdict (called by the ledger, once per frame)."""
+        try:
+            v = P.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
+                          self.card.model_id, latency * 1000.0)
+            data = P.encode_verdict(v)
+        except Exception as e:  # a verdict that cannot be built still goes out, as the plainest RECHECK
+            log.error("verdict of camera %r frame %r could not be encoded (%s); sending a bare RECHECK",
+                      req.camera, req.frame_id, e)
+            decision, reason = "RECHECK", P.BACKEND_ERROR
+            data = P.encode_verdict(P.verdict(P.readable_camera(req.camera), P.readable_frame_id(req.frame_id),
+                                              decision, None, None, False, reason, "", latency * 1000.0))
+        camera = req.camera.encode("utf-8", "replace")
+        if threading.get_ident() == self._io_ident:
+            self._send(req.envelope, camera, data)
+        else:
+            self.outbox.send(req.envelope, camera, data)
         m = self.metrics
         m.verdicts.labels(decision).inc()
         if decision == "RECHECK":
             m.rechecks.labels(reason).inc()
             log.debug("RECHECK %s camera=%s frame=%s", reason, req.camera, req.frame_id)
         m.e2e.observe(latency)
-        camera = req.camera.encode("utf-8")
-        if threading.get_ident() == self._io_ident:
-            self._send(req.envelope, camera, data)
-        else:
-            self.outbox.send(req.envelope, camera, data)
-        return True
 
     def _send(self, envelope: List[bytes], camera: bytes, data: bytes) -> None:
         try:
@@ -276,75 +287,93 @@ class Daemon(IngestMixin):
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.outbox.pull, zmq.POLLIN)
         stop_at: Optional[float] = None
+        t_stop = 0.0
         forced = False
         while True:
             events = dict(poller.poll(10))
             if self.outbox.pull in events:
                 self.outbox.forward(self._send)
-            if self.router in events:
-                for _ in range(RECV_BURST):
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self._on_message(frames)
-                    except Exception as e:  # last line of defence: log, keep serving
-                        log.exception("unexpected error handling a message: %s", e)
+            got = self._receive_burst(RECV_BURST) if self.router in events else 0
             now = time.monotonic()
             for f in self.batcher.expire(now):
-                self.worker.recheck(f, P.DEADLINE_PASSED)
+                self.worker.recheck(f, P.DEADLINE_PASSED)  # decoded: answered and sampled
+            for req in self.ledger.expire(now):  # anywhere else: waiting for or in decode, in a batch
+                self._sample_undecoded(req, req.t_wall, P.DEADLINE_PASSED)
             self.metrics.queue_depth.set(len(self.batcher))
             self._io_beat = now
             self._watchdog.tick(now, self.is_live())
+            self._memory.tick(now, busy=got > 0 or len(self.ledger) > 0)
             if self._stop.is_set() and stop_at is None:
+                t_stop = now
                 stop_at = now + self.cfg.shutdown.timeout_s
                 self._begin_drain()
             if stop_at is not None:
-                if not self.worker.alive() and self._in_decode == 0:
+                if not self.worker.alive():
                     break
                 if now >= stop_at or self._force:
                     forced = True
                     break
         self.outbox.forward(self._send)
         if forced:
-            self._answer_outstanding()
+            self._answer_outstanding(time.monotonic() - t_stop)
         else:
-            self._sweep(quiet_s=0.05, until=stop_at)
+            self._sweep(quiet_s=0.05, until=stop_at or time.monotonic())
         return self._teardown(forced)
+
+    def _receive_burst(self, n: int) -> int:
+        """Receive and handle up to ``n`` messages without blocking; returns how many."""
+        max_bytes = self.cfg.sockets.max_message_bytes
+        for i in range(n):
+            try:
+                rec = recv_bounded(self.router, max_bytes)
+            except zmq.Again:
+                return i
+            except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
+                log.error("receive failed: %s", e)
+                return i
+            try:
+                self._on_received(rec)
+            except Exception as e:  # pragma: no cover - _on_received catches everything itself
+                log.exception("unexpected error handling a message: %s", e)
+        return n
 
     def _sweep(self, quiet_s: float, until: float) -> None:
         """Answer frames still arriving (RECHECK shutting_down) until the socket is quiet or time is up."""
         while time.monotonic() < until and self.router.poll(int(quiet_s * 1000), zmq.POLLIN):
-            while True:
-                try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_message(frames)
+            self._receive_burst(RECV_BURST)
+        self.outbox.forward(self._send)
 
     def _begin_drain(self) -> None:
         self._stopping = True
         self.metrics.ready.set(0)
         notify.notify("STOPPING=1\nSTATUS=draining")
         pending = self.batcher.close()
-        log.info("stopping: answering %d queued frames RECHECK shutting_down, finishing the batch in flight",
-                 len(pending), extra={"fields": {"event": "stopping", "queued": len(pending)}})
+        in_flight = [f.req for f in self.worker.in_flight]
+        log.info("stopping: answering %d queued and %d decoding frames RECHECK shutting_down, finishing the "
+                 "batch of %d in flight", len(pending), max(len(self.ledger) - len(pending) - len(in_flight), 0),
+                 len(in_flight), extra={"fields": {"event": "stopping", "queued": len(pending)}})
         for f in pending:
             self.worker.recheck(f, P.SHUTTING_DOWN)
+        # Frames waiting for or in decode are not worth waiting for: answer them now.
+        self.ledger.answer_all(P.SHUTTING_DOWN, keep=in_flight)
+        if self.pool is not None:
+            self.pool.shutdown()
 
-    def _answer_outstanding(self) -> None:
-        with self._lock:
-            reqs = list(self._outstanding.values())
-        log.error("drain timed out after %.1f s; answering %d frames RECHECK shutting_down",
-                  self.cfg.shutdown.timeout_s, len(reqs))
-        for req in reqs:
-            self.answer(req, time.monotonic(), "RECHECK", P.SHUTTING_DOWN)
+    def _answer_outstanding(self, waited_s: float) -> None:
+        n = len(self.ledger)
+        if self._force:
+            log.error("second stop signal after %.1f s of draining; answering %d frames RECHECK shutting_down",
+                      waited_s, n)
+        else:
+            log.error("drain timed out after %.1f s (shutdown.timeout_s); answering %d frames RECHECK "
+                      "shutting_down", waited_s, n)
+        self.ledger.answer_all(P.SHUTTING_DOWN)
+        self.outbox.forward(self._send)
 
     def _teardown(self, forced: bool) -> int:
         self._ready = False
         if self.pool is not None:
-            self.pool.shutdown(wait=False)
+            self.pool.shutdown()
         if self.pull is not None:
             self.pull.stop()
         if self.sampler is not None:
@@ -393,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="uncertain-sample store folder; overrides store.path (turns the store on)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable)")
-    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it and exit")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration and check that every file it names exists and is readable "
+                        "(the store folder writable); print it and exit (2 when anything is wrong)")
+    p.add_argument("--user", metavar="NAME",
+                   help="with --check-config: check the files as this user would see them (the systemd unit's "
+                        "User=, e.g. nexedge), not as the user running the check")
     p.add_argument("--version", action="version", version="nexedge-daemon " + __version__)
     return p
 
@@ -427,8 +461,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import json
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return 0
+        try:
+            problems = C.check_files(cfg, args.user)
+        except C.ConfigError as e:
+            problems = [str(e)]
+        for p in problems:
+            print(f"nexedge-daemon: configuration error: {p}", file=sys.stderr)
+        return 2 if problems else 0
     setup_logging(cfg.logging.level, cfg.logging.format)
+    if cfg.logging.level != "DEBUG":
+        from nexedge.preprocess import quiet_opencv
+
+        quiet_opencv()  # a corrupt frame is answered RECHECK undecodable and logged by us, once
     daemon = Daemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())

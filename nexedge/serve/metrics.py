@@ -4,6 +4,7 @@ Python 3.8, no torch.
 """
 
 import http.server
+import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
@@ -14,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LAT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 OTHER_CAMERA = "_other"
+log = logging.getLogger("nexedge.serve")
 
 
 class DaemonMetrics:
@@ -69,10 +71,10 @@ class DaemonMetrics:
                 return camera
         return OTHER_CAMERA
 
-    def add_snapshot_collector(self, name: str, fn: Callable[[], Dict[str, Any]]) -> None:
-        """Export a ``{camera: {key: number}}`` snapshot (e.g. the shift monitor) at scrape time."""
-        self.registry.register(_SnapshotCollector(name, fn))
-
+    def add_snapshot_collector(self, name: str, fn: Callable[[], Dict[str, Any]],
+                               other: Optional[Callable[[], int]] = None) -> None:
+        """Export the shift monitor's ``snapshot()`` at scrape time (see :class:`_SnapshotCollector`)."""
+        self.registry.register(_SnapshotCollector(name, fn, other))
 
     def add_counter_callback(self, name: str, doc: str, label: str, fn: Callable[[], Dict[str, int]]) -> None:
         """Export counts kept elsewhere (e.g. CURVE refusals) as a labelled counter, read at scrape time."""
@@ -97,16 +99,30 @@ class _CounterCollector:
         yield fam
 
 
+#: Shift-monitor statistics exported as one gauge family each, per camera (docs/metrics.md).
+MONITOR_STATS = ("psi", "brightness", "contrast", "sharpness", "uncertain_frac", "mean_score", "reject_rate")
+
+
 class _SnapshotCollector:
-    def __init__(self, name: str, fn: Callable[[], Dict[str, Any]]) -> None:
+    """Shift-monitor snapshot at scrape time: ``nexedge_monitor{camera,key}`` (frames, window),
+    ``nexedge_monitor_<stat>{camera}`` for each of :data:`MONITOR_STATS` that has a value,
+    ``nexedge_monitor_alarm_active{camera,stat}``, and the overflow counter. Cameras are bounded
+    by the monitor itself (``_other`` past ``max_cameras``)."""
+
+    def __init__(self, name: str, fn: Callable[[], Dict[str, Any]], other: Optional[Callable[[], int]] = None) -> None:
         self.name = name
         self.fn = fn
+        self.other = other
 
     def describe(self) -> Iterable[Any]:
         return []
 
     def collect(self) -> Iterable[Any]:
-        fam = GaugeMetricFamily(self.name, "Shift-monitor values per camera", labels=["camera", "key"])
+        fam = GaugeMetricFamily(self.name, "Shift-monitor frame counts per camera", labels=["camera", "key"])
+        stats = {k: GaugeMetricFamily(f"{self.name}_{k}", f"Shift monitor: {k} over the window, per camera",
+                                      labels=["camera"]) for k in MONITOR_STATS}
+        active = GaugeMetricFamily(f"{self.name}_alarm_active", "1 while a shift alarm is active", labels=["camera",
+                                                                                                          "stat"])
         try:
             snap = self.fn() or {}
         except Exception:  # a broken snapshot must not break the scrape
@@ -114,26 +130,83 @@ class _SnapshotCollector:
         for camera, values in snap.items():
             if not isinstance(values, dict):
                 continue
+            cam = str(camera)
             for key, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    fam.add_metric([str(camera), str(key)], float(v))
-                elif isinstance(v, bool):
-                    fam.add_metric([str(camera), str(key)], 1.0 if v else 0.0)
+                    fam.add_metric([cam, str(key)], float(v))
+            for key, v in (values.get("values") or {}).items():
+                if key in stats and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    stats[key].add_metric([cam], float(v))
+            for key in values.get("alarms") or ():
+                active.add_metric([cam, str(key)], 1.0)
         yield fam
+        yield from stats.values()
+        yield active
+        if self.other is not None:
+            other = CounterMetricFamily(f"{self.name}_other_frames", "Frames from cameras past max_cameras, "
+                                        "monitored together as camera _other")
+            try:
+                other.add_metric([], float(self.other()))
+            except Exception:
+                other.add_metric([], 0.0)
+            yield other
+
+
+class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, but at most ``max_connections`` at once: further connections are
+    closed at once (counted), so idle or slow clients cannot pile up threads."""
+
+    daemon_threads = True
+    request_queue_size = 16
+
+    def __init__(self, addr: Any, handler: Any, max_connections: int) -> None:
+        super().__init__(addr, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def is_loopback_host(host: str) -> bool:
+    h = host.strip("[]").lower()
+    return h == "localhost" or h == "::1" or h.startswith("127.")
 
 
 class HealthServer:
-    """Threaded HTTP server: /metrics (Prometheus text), /live, /ready."""
+    """Threaded HTTP server: /metrics (Prometheus text), /live, /ready; bounded connections and
+    per-connection timeouts (``timeout_s`` for the request and for the reply)."""
 
     def __init__(self, metrics: DaemonMetrics, host: str, port: int, is_ready: Callable[[], bool],
-                 is_live: Callable[[], bool]) -> None:
+                 is_live: Callable[[], bool], max_connections: int = 16, timeout_s: float = 5.0) -> None:
         registry = metrics.registry
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = timeout_s  # socket timeout: an idle or trickling client is dropped
+
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                    try:
+                        body = generate_latest(registry)
+                    except Exception as e:  # a metric that cannot render must not kill the endpoint
+                        self._send(500, f"metrics unavailable: {e}\n".encode("ascii", "replace"))
+                        return
+                    self._send(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/live":
                     ok = is_live()
                     self._send(200 if ok else 503, b"live\n" if ok else b"not live\n")
@@ -147,16 +220,25 @@ class HealthServer:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
+                self.close_connection = True
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        if not is_loopback_host(host):
+            log.warning("metrics endpoint binds %s (not loopback): /metrics has no authentication; put it "
+                        "behind a reverse proxy or firewall (docs/metrics.md)", host)
+        self.httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
         self.port = int(self.httpd.server_address[1])
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def refused(self) -> int:
+        """Connections closed unserved because ``max_connections`` were busy."""
+        return self.httpd.refused
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="nexedge-http", daemon=True)

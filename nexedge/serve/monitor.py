@@ -14,6 +14,11 @@ Per camera, over the last ``window`` frames:
   card's ``image_stats`` reference, in units of the reference per-image std
   (|window mean - ref mean| / ref std)
 
+At most ``max_cameras`` cameras get their own window (about 20 KB each at the
+default window); frames from further camera ids share one ``_other`` window and
+are counted (:attr:`ShiftMonitor.other_frames`), so a flood of new ids cannot
+grow memory or the number of metric series.
+
 Every update is O(1) (ring buffers and running sums); the statistics are
 evaluated every ``check_every`` frames once ``min_frames`` are in the window
 (O(bins)). A statistic above its limit raises an alarm (logged, counted,
@@ -34,6 +39,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("brightness", "contrast", "sharpness")
+#: The shared window of cameras beyond ``max_cameras`` (same name as the metrics' overflow label).
+OTHER = "_other"
 #: Default limits; None switches a statistic off (it is still computed and exported). PSI 0.25
 #: is the usual "significant shift" mark. mean_score, reject_rate and uncertain_frac have no
 #: reference in the card and depend on the model and the line, so they are off until configured.
@@ -142,11 +149,14 @@ class ShiftMonitor:
         audit_boost: float = 50.0,
         alarm_audit_rate: float = 0.05,
         min_bin_frac: float = 0.05,
+        max_cameras: int = 256,
     ) -> None:
         if window < 10:
             raise ValueError(f"shift monitor window must be >= 10 frames, got {window}")
         if not 1 <= min_frames <= window:
             raise ValueError(f"min_frames must be in [1, window={window}], got {min_frames}")
+        if max_cameras < 1:
+            raise ValueError(f"max_cameras must be >= 1, got {max_cameras}")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if not 0.0 < min_bin_frac <= 0.5:
@@ -174,6 +184,17 @@ class ShiftMonitor:
         self._stat_ref = self._image_reference(data.get("image_stats"))
         self._cams: Dict[str, _Window] = {}
         self._lock = threading.Lock()
+        self.max_cameras = int(max_cameras)
+        #: Frames from cameras beyond ``max_cameras`` (they share the OTHER window), and how many such ids.
+        self.other_frames = 0
+        self._other_ids = 0
+
+    def _key(self, camera: str) -> str:
+        """``camera``, or :data:`OTHER` once ``max_cameras`` cameras have their own window (lock held)."""
+        if camera in self._cams or len(self._cams) < self.max_cameras:
+            return camera
+        self.other_frames += 1
+        return OTHER
 
     @staticmethod
     def _score_reference(vs: Any, prior: Optional[float]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
@@ -238,6 +259,7 @@ class ShiftMonitor:
     ) -> List[str]:
         """Add one inspected frame; return the names of alarms newly raised for ``camera``."""
         with self._lock:
+            camera = self._key(camera)
             w = self._cams.get(camera)
             if w is None:
                 nb = 1 if self._edges is None else len(self._edges) - 1
@@ -298,7 +320,7 @@ class ShiftMonitor:
     # -- queries ----------------------------------------------------------------
     def alarms(self, camera: str) -> List[str]:
         with self._lock:
-            w = self._cams.get(camera)
+            w = self._cams.get(camera) or self._cams.get(OTHER)
             return sorted(w.active) if w else []
 
     def audit_rate(self, camera: str, base_rate: float) -> float:
@@ -306,6 +328,8 @@ class ShiftMonitor:
         min(1, max(base_rate * audit_boost, alarm_audit_rate))."""
         with self._lock:
             w = self._cams.get(camera)
+            if w is None and len(self._cams) >= self.max_cameras:
+                w = self._cams.get(OTHER)
             if w is None or not w.active:
                 return base_rate
         return min(1.0, max(base_rate * self.audit_boost, self.alarm_audit_rate))

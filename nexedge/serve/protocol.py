@@ -18,13 +18,19 @@ Python 3.8, no torch.
 
 import json
 import math
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("raw", "jpeg", "png", "bmp")
+ENCODINGS = ("raw", "jpeg", "png", "bmp", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP
 RAW_DTYPES = ("uint8", "uint16")
 DECISIONS = ("PASS", "REJECT", "RECHECK")
 MAX_ID_CHARS = 128
+#: Integer frame ids must fit a signed 64-bit integer (every client language can hold them).
+MAX_INT_ID = (1 << 63) - 1
+#: Default bounds on the JSON header (sockets.max_header_bytes; depth is fixed: v1 headers are flat).
+MAX_HEADER_BYTES = 16 << 10
+MAX_HEADER_DEPTH = 4
 
 # RECHECK reasons: stable strings (metrics labels, documented in docs/protocol.md).
 GARBAGE_HEADER = "garbage_header"
@@ -68,7 +74,7 @@ class Request:
     """One parsed frame request (payload not yet decoded)."""
 
     __slots__ = ("envelope", "kind", "camera", "frame_id", "encoding", "dtype", "shape", "payload", "ts",
-                 "deadline_ms", "answered")
+                 "deadline_ms", "answered", "t_recv", "t_wall", "deadline")
 
     def __init__(self, envelope: List[bytes], kind: str, camera: str, frame_id: FrameId, encoding: str,
                  dtype: Optional[str], shape: Optional[Tuple[int, ...]], payload: Buffer,
@@ -84,6 +90,11 @@ class Request:
         self.ts = ts
         self.deadline_ms = deadline_ms
         self.answered = False
+        # Set when the daemon admits the frame (see nexedge.serve.ledger): monotonic receive time,
+        # wall-clock receive time, monotonic deadline.
+        self.t_recv = 0.0
+        self.t_wall = 0.0
+        self.deadline = math.inf
 
 
 def split_envelope(frames: Sequence[Any]) -> Tuple[List[bytes], List[Any]]:
@@ -109,80 +120,150 @@ def _buffer(f: Any) -> Buffer:
     return f.buffer
 
 
-def _clean_id(value: Any, what: str) -> str:
-    s = str(value)
-    if not s or len(s) > MAX_ID_CHARS or any(ord(ch) < 32 for ch in s):
-        raise ProtocolError(GARBAGE_HEADER, f"{what} {s[:40]!r} must be 1..{MAX_ID_CHARS} printable characters")
-    return s
+def id_problem(value: Any) -> Optional[str]:
+    """Why ``value`` is not a valid camera/frame id string (None when it is one).
+
+    Valid: a ``str`` of 1..MAX_ID_CHARS printable characters that encodes as strict
+    UTF-8 (no lone surrogates, no C0/DEL/C1 controls, no line/paragraph separators).
+    """
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value or len(value) > MAX_ID_CHARS:
+        return f"must be 1..{MAX_ID_CHARS} characters, got {len(value)}"
+    if not value.isprintable():
+        return "holds a control, separator or surrogate character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # pragma: no cover - isprintable() already refuses surrogates
+        return "is not valid UTF-8"
+    return None
+
+
+def _show(value: Any, n: int = 40) -> str:
+    """Short ASCII-safe repr for error messages (never raises, never recurses deeply)."""
+    try:
+        text = ascii(value) if isinstance(value, (str, bytes, int, float, bool, type(None))) else type(value).__name__
+    except Exception:  # pragma: no cover - ascii() of these types does not fail
+        text = "?"
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def readable_frame_id(value: Any) -> FrameId:
+    """``value`` if a client could match a reply by it (int in int64 range, or a valid id string), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -MAX_INT_ID <= value <= MAX_INT_ID else None
+    if isinstance(value, str) and id_problem(value) is None:
+        return value
+    return None
+
+
+def readable_camera(value: Any) -> str:
+    return value if isinstance(value, str) and id_problem(value) is None else ""
+
+
+def _clean_id(value: Any, what: str, camera: str = "", frame_id: FrameId = None) -> str:
+    why = id_problem(value)
+    if why is not None:
+        raise ProtocolError(GARBAGE_HEADER, f"{what} {_show(value)} {why}", camera, frame_id)
+    return value
 
 
 def _parse_shape(shape: Any, camera: str, frame_id: FrameId) -> Tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or len(shape) not in (2, 3) or not all(
         isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape
     ):
-        raise ProtocolError(BAD_SHAPE, f"shape {shape!r}: expected [H, W] or [H, W, C] of non-negative integers",
+        raise ProtocolError(BAD_SHAPE, f"shape {_show(shape)}: expected [H, W] or [H, W, C] of non-negative integers",
                             camera, frame_id)
     return tuple(int(x) for x in shape)
 
 
-def parse_body(envelope: List[bytes], body: List[Any], next_seq: "SeqCounter") -> Request:
-    """Parse ``[header, payload]`` into a :class:`Request`; raise :class:`ProtocolError`."""
+def parse_body(envelope: List[bytes], body: List[Any], next_seq: "SeqCounter",
+               max_header_bytes: int = MAX_HEADER_BYTES) -> Request:
+    """Parse ``[header, payload]`` into a :class:`Request`; raise :class:`ProtocolError` (only)."""
     if len(body) != 2:
         camera, frame_id = "", None
         if body:
-            camera, frame_id = peek_ids(body[0])
+            camera, frame_id = peek_ids(body[0], max_header_bytes)
         raise ProtocolError(WRONG_FRAME_COUNT, f"expected 2 frames (header, payload), got {len(body)}",
                             camera, frame_id)
-    raw_header = _to_bytes(body[0])
-    try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(GARBAGE_HEADER, f"header is not JSON: {raw_header[:60]!r}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(GARBAGE_HEADER, f"header must be a JSON object, got {type(header).__name__}")
+    header = load_header(body[0], max_header_bytes)
     payload = _buffer(body[1])
     if "v" in header:
         return _parse_native(envelope, header, payload)
     if "msg" in header:
         return _parse_imagezmq(envelope, header, payload, next_seq)
     raise ProtocolError(GARBAGE_HEADER, "header has neither 'v' (native) nor 'msg' (imagezmq): keys "
-                        f"{sorted(header)[:8]}")
+                        f"{[_show(k, 20) for k in sorted(header)[:8]]}")
 
 
-def peek_ids(frame: Any) -> Tuple[str, FrameId]:
-    """Best-effort camera/frame id from a header, for error replies."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def header_depth(raw: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text (strings skipped), without parsing it."""
+    import numpy as np
+
+    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    if b.size == 0:
+        return 0
+    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int32) - ((b == 0x5D) | (b == 0x7D)).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def load_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> Dict[str, Any]:
+    """The header frame as a JSON object, within size and depth bounds; else :class:`ProtocolError`."""
+    n = len(frame)
+    if n > max_header_bytes:
+        raise ProtocolError(GARBAGE_HEADER, f"header of {n} bytes exceeds max_header_bytes {max_header_bytes}")
+    raw_header = _to_bytes(frame)
+    depth = header_depth(raw_header)
+    if depth > MAX_HEADER_DEPTH:
+        raise ProtocolError(GARBAGE_HEADER, f"header nests {depth} levels deep; at most {MAX_HEADER_DEPTH} allowed")
     try:
-        h = json.loads(_to_bytes(frame).decode("utf-8"))
-        if isinstance(h, dict):
-            fid = h.get("frame_id")
-            cam = h.get("camera", h.get("msg", ""))
-            return (str(cam)[:MAX_ID_CHARS], fid if isinstance(fid, (int, str)) else None)
-    except (UnicodeDecodeError, ValueError):
-        pass
-    return "", None
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(GARBAGE_HEADER, f"header is not UTF-8 JSON: {_show(raw_header[:60], 80)}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(GARBAGE_HEADER, f"header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def peek_ids(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> Tuple[str, FrameId]:
+    """Best-effort readable camera/frame id from a header, for error replies; never raises."""
+    try:
+        h = load_header(frame, max_header_bytes)
+    except Exception:
+        return "", None
+    fid = h.get("frame_id")
+    if "msg" in h and "v" not in h and isinstance(h.get("msg"), str):
+        cam, sep, fid_s = h["msg"].partition("|")
+        return readable_camera(cam), (readable_frame_id(fid_s) if sep else None)
+    return readable_camera(h.get("camera")), readable_frame_id(fid)
 
 
 def _parse_native(envelope: List[bytes], h: Dict[str, Any], payload: Buffer) -> Request:
     fid = h.get("frame_id")
-    frame_id: FrameId = fid if isinstance(fid, (int, str)) and not isinstance(fid, bool) else None
-    camera = str(h.get("camera", ""))[:MAX_ID_CHARS]
-    if h.get("v") != PROTOCOL_VERSION:
+    frame_id = readable_frame_id(fid)
+    camera = readable_camera(h.get("camera"))
+    v = h.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:  # exactly the integer 1: not true, not 1.0
         raise ProtocolError(UNSUPPORTED_VERSION,
-                            f"protocol version {h.get('v')!r} not supported; this daemon speaks {PROTOCOL_VERSION}",
-                            camera, frame_id)
+                            f"protocol version {_show(v)} not supported; this daemon speaks the integer "
+                            f"{PROTOCOL_VERSION}", camera, frame_id)
     if frame_id is None:
-        raise ProtocolError(GARBAGE_HEADER, f"frame_id {fid!r}: expected an integer or string", camera)
-    camera = _clean_id(h.get("camera", ""), "camera")
-    if isinstance(frame_id, str):
-        _clean_id(frame_id, "frame_id")
+        raise ProtocolError(GARBAGE_HEADER, f"frame_id {_show(fid)}: expected an integer (64-bit) or a string of "
+                            f"1..{MAX_ID_CHARS} printable characters", camera)
+    camera = _clean_id(h.get("camera"), "camera", "", frame_id)
     enc = h.get("encoding")
-    if enc not in ENCODINGS:
-        raise ProtocolError(UNKNOWN_ENCODING, f"encoding {enc!r}: expected one of {list(ENCODINGS)}", camera, frame_id)
+    if not isinstance(enc, str) or enc not in ENCODINGS:
+        raise ProtocolError(UNKNOWN_ENCODING, f"encoding {_show(enc)}: expected one of {list(ENCODINGS)}",
+                            camera, frame_id)
     dtype, shape = None, None
     if enc == "raw":
         dtype = h.get("dtype")
-        if dtype not in RAW_DTYPES:
-            raise ProtocolError(BAD_DTYPE, f"dtype {dtype!r}: expected one of {list(RAW_DTYPES)}", camera, frame_id)
+        if not isinstance(dtype, str) or dtype not in RAW_DTYPES:
+            raise ProtocolError(BAD_DTYPE, f"dtype {_show(dtype)}: expected one of {list(RAW_DTYPES)}",
+                                camera, frame_id)
         shape = _parse_shape(h.get("shape"), camera, frame_id)
     ts = h.get("ts")
     ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) else None
@@ -191,14 +272,24 @@ def _parse_native(envelope: List[bytes], h: Dict[str, Any], payload: Buffer) -> 
     return Request(envelope, "native", camera, frame_id, enc, dtype, shape, payload, ts, deadline_ms)
 
 
+def _numeric_id(fid: FrameId) -> FrameId:
+    """"cam|12" answers frame_id 12, like an auto-numbered frame (ASCII digits, int64 range)."""
+    if isinstance(fid, str) and fid.isascii() and fid.isdigit() and len(fid) < 19:
+        return int(fid)
+    return fid
+
+
 def _parse_imagezmq(envelope: List[bytes], h: Dict[str, Any], payload: Buffer, next_seq: "SeqCounter") -> Request:
-    msg = str(h.get("msg", ""))
+    msg = h.get("msg")
+    if not isinstance(msg, str):
+        raise ProtocolError(GARBAGE_HEADER, f"imagezmq msg {_show(msg)} must be a string (the camera name)")
     camera_s, sep, fid_s = msg.partition("|")
-    camera = _clean_id(camera_s, "imagezmq msg (camera)")
-    frame_id: FrameId = _clean_id(fid_s, "imagezmq msg frame id") if sep else next_seq(camera)
+    fid_read = _numeric_id(readable_frame_id(fid_s)) if sep else None
+    camera = _clean_id(camera_s, "imagezmq msg (camera)", "", fid_read)
+    frame_id: FrameId = _numeric_id(_clean_id(fid_s, "imagezmq msg frame id", camera)) if sep else next_seq(camera)
     if "dtype" in h or "shape" in h:
         dtype = h.get("dtype")
-        if dtype not in RAW_DTYPES:
+        if not isinstance(dtype, str) or dtype not in RAW_DTYPES:
             raise ProtocolError(BAD_DTYPE, f"dtype {dtype!r}: expected one of {list(RAW_DTYPES)}", camera, frame_id)
         shape = _parse_shape(h.get("shape"), camera, frame_id)
         return Request(envelope, "imagezmq", camera, frame_id, "raw", dtype, shape, payload)
@@ -242,7 +333,8 @@ def verdict(camera: str, frame_id: FrameId, decision: str, score: Optional[float
 
 
 def encode_verdict(v: Dict[str, Any]) -> bytes:
-    return json.dumps(v, separators=(",", ":")).encode("utf-8")
+    """JSON bytes of a verdict; ASCII-escaped, so any string in it encodes."""
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def native_header(camera: str, frame_id: FrameId, encoding: str, dtype: Optional[str] = None,

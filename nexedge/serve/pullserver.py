@@ -12,7 +12,12 @@ empty delimiter) client:
   ``max_page_bytes`` of images. A row whose image retention removed meanwhile
   is left out (``skipped``).
 * ``{"v": 1, "op": "ack", "ids": [...]}`` -> ``{"ok": true, "acked": n}``: the
-  client has written the samples and its manifest; they become *pulled*.
+  client has written the samples and its manifest; they become *pulled*. Only
+  integer ids handed out by a ``page`` of this server (the current lease: the
+  last ``MAX_LEASE`` ids handed out and not yet acknowledged, for ``LEASE_S``
+  seconds) are accepted; anything else refuses the whole ack with
+  ``{"ok": false, "error": "... not leased ...", "not_leased": [...]}`` and the
+  client pages again.
 * any error -> ``{"ok": false, "error": "..."}``.
 
 The endpoint hands out proprietary images: binding anything but loopback
@@ -21,10 +26,13 @@ The endpoint hands out proprietary images: binding anything but loopback
 Python 3.8, no torch.
 """
 
+import collections
 import json
 import logging
 import threading
+import time
 from typing import Any, Dict, List, Optional
+from typing import OrderedDict as OrderedDictT
 
 import zmq
 
@@ -35,6 +43,46 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_PAGE = 256
+#: The lease: ids handed out by ``page`` and not yet acknowledged (bounded; oldest forgotten first).
+MAX_LEASE = 8192
+LEASE_S = 600.0
+
+
+class NotLeased(ValueError):
+    """An ack named ids this server did not hand out (or whose lease lapsed)."""
+
+    def __init__(self, ids: List[Any]) -> None:
+        super().__init__(f"ids {ids[:10]} were not leased by a page of this endpoint (never handed out, already "
+                         "acknowledged, or the lease lapsed); page them again before acknowledging")
+        self.ids = ids
+
+
+class Lease:
+    """Ids handed out to clients, with the time they were handed out."""
+
+    def __init__(self, max_ids: int = MAX_LEASE, ttl_s: float = LEASE_S) -> None:
+        self.max_ids, self.ttl_s = max_ids, ttl_s
+        self._ids: OrderedDictT[int, float] = collections.OrderedDict()
+
+    def grant(self, ids: List[int], now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        for i in ids:
+            self._ids.pop(i, None)
+            self._ids[i] = now
+        while len(self._ids) > self.max_ids:
+            self._ids.popitem(last=False)
+
+    def take(self, ids: Any, now: Optional[float] = None) -> List[int]:
+        """Validate an ack's ids (integers, all leased and current) and end their lease."""
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"ack needs 'ids': a list of integers (not booleans), got {str(ids)[:80]}")
+        now = time.monotonic() if now is None else now
+        bad = [i for i in ids if now - self._ids.get(i, -1e18) > self.ttl_s]
+        if bad:
+            raise NotLeased(bad)
+        for i in ids:
+            self._ids.pop(i, None)
+        return ids
 FILTER_KEYS = ("camera", "since", "until", "decision", "reason")
 
 
@@ -72,6 +120,7 @@ class PullServer:
         self.max_page_bytes = int(max_page_bytes)
         self.endpoint: Optional[str] = None
         self.counters: Dict[str, int] = {"requests": 0, "samples_sent": 0, "acked": 0, "errors": 0}
+        self.lease = Lease()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._ctx: Optional[zmq.Context] = None
@@ -94,7 +143,10 @@ class PullServer:
         try:
             if self.auth is not None:
                 self.auth.apply_server(sock)
-            sock.bind(self.bind)
+            try:
+                sock.bind(self.bind)
+            except zmq.ZMQError as e:
+                raise RuntimeError(f"cannot bind pull.bind={self.bind!r}: {e}") from e
         except BaseException:
             sock.close(linger=0)
             if self.auth is not None:
@@ -146,7 +198,10 @@ class PullServer:
                 except Exception as e:  # a bad request must not stop the endpoint
                     self.counters["errors"] += 1
                     log.warning("pull request failed: %s", e)
-                    reply = [json.dumps({"ok": False, "error": str(e)}).encode()]
+                    err: Dict[str, Any] = {"ok": False, "error": str(e)}
+                    if isinstance(e, NotLeased):
+                        err["not_leased"] = e.ids[:100]
+                    reply = [json.dumps(err).encode()]
                 sock.send_multipart(head + reply, copy=False)
         finally:
             sock.close(linger=0)
@@ -157,7 +212,7 @@ class PullServer:
             raise ValueError(f"expected one JSON request frame, got {len(body)} frames")
         try:
             req = json.loads(body[0].decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError("request is not valid UTF-8 JSON") from None
         if not isinstance(req, dict):
             raise ValueError("request must be a JSON object")
@@ -170,9 +225,7 @@ class PullServer:
         if op == "page":
             return self._page(store, req)
         if op == "ack":
-            ids = req.get("ids")
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise ValueError("ack needs 'ids': a list of integers")
+            ids = self.lease.take(req.get("ids"))
             n = store.mark_pulled(ids)
             self.counters["acked"] += n
             return [_j({"ok": True, "acked": n})]
@@ -202,6 +255,7 @@ class PullServer:
             blobs.append(data)
             size += len(data)
         self.counters["samples_sent"] += len(out_rows)
+        self.lease.grant([r["id"] for r in out_rows])
         header = {"ok": True, "samples": out_rows, "skipped": skipped, "store_id": store.store_id}
         if not out_rows and rows:  # everything in this page vanished: let the client move past it
             header["next_after_id"] = rows[-1]["id"]

@@ -1,16 +1,26 @@
 """Background writer to the uncertain-sample store; never blocks inference.
 
-The inference thread calls :meth:`Sampler.submit` (non-blocking). A bounded
-queue feeds one writer thread; when the queue is full the sample is dropped and
-counted, inspection goes on. Raw frames are PNG-encoded here, off the hot path.
+The inference thread calls :meth:`Sampler.submit` (non-blocking). A queue
+bounded by count *and* bytes feeds one writer thread; when it is full the
+sample is dropped and counted, inspection goes on. Raw frames are PNG-encoded
+here, off the hot path.
+
+RECHECK samples (frames the daemon could not inspect: overload, deadline,
+backend error) are the cheapest thing for a hostile or broken client to
+produce, so they are rate-limited per camera (a token bucket,
+``recheck_per_minute``) and deduplicated (the same bytes are kept once per
+``DEDUPE_WINDOW`` recent samples); cameras beyond ``max_cameras`` share one
+bucket. Uncertain (band), drift and audit samples are not limited here.
 Python 3.8, no torch.
 """
 
+import collections
+import hashlib
 import logging
 import queue
 import threading
 import time
-from typing import Any, Dict, Union
+from typing import Any, Deque, Dict, Optional, Set, Union
 
 import numpy as np
 
@@ -24,23 +34,46 @@ Image = Union[bytes, memoryview, np.ndarray]
 class Sampler:
     """Owns the store; ``store`` needs ``add(image_bytes, ext, meta) -> Optional[int]`` and ``close()``."""
 
-    def __init__(self, store: Any, metrics: DaemonMetrics, max_queue: int = 512) -> None:
+    def __init__(self, store: Any, metrics: DaemonMetrics, max_queue: int = 512, max_queue_bytes: int = 64 << 20,
+                 recheck_per_minute: float = 6.0, max_cameras: int = 256) -> None:
         self.store = store
         self.metrics = metrics
+        self.max_queue_bytes = int(max_queue_bytes)
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
+        self._limiter = RecheckLimiter(recheck_per_minute, max_cameras)
         self._thread = threading.Thread(target=self._run, name="nexedge-sampler", daemon=True)
         self._last_full_log = 0.0
         self.written = 0
         self._thread.start()
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
     def submit(self, image: Image, ext: str, meta: Dict[str, Any]) -> bool:
-        """Queue one sample; False (and counted) when the writer is behind."""
+        """Queue one sample; False (and counted) when the writer is behind, the queue's bytes are
+        spent, or a RECHECK sample is over its camera's budget or a duplicate."""
+        nbytes = int(image.nbytes) if isinstance(image, (np.ndarray, memoryview)) else len(image)
+        if meta.get("kind") == "recheck":
+            why = self._limiter.refuse(str(meta.get("camera") or ""), image)
+            if why is not None:
+                self.metrics.samples_dropped.labels(why).inc()
+                return False
+        with self._bytes_lock:
+            if self._queued_bytes + nbytes > self.max_queue_bytes:
+                self.metrics.samples_dropped.labels("writer_behind").inc()
+                return False
+            self._queued_bytes += nbytes
         if isinstance(image, memoryview):
             image = bytes(image)  # the zmq frame buffer may be reused after the reply
         try:
-            self._q.put_nowait((image, ext, meta))
+            self._q.put_nowait((image, ext, meta, nbytes))
             return True
         except queue.Full:
+            with self._bytes_lock:
+                self._queued_bytes -= nbytes
             self.metrics.samples_dropped.labels("writer_behind").inc()
             return False
 
@@ -49,7 +82,9 @@ class Sampler:
             item = self._q.get()
             if item is None:
                 return
-            image, ext, meta = item
+            image, ext, meta, nbytes = item
+            with self._bytes_lock:
+                self._queued_bytes -= nbytes
             try:
                 if isinstance(image, np.ndarray):
                     image, ext = encode_png(image), "png"
@@ -90,3 +125,52 @@ class Sampler:
         except Exception as e:
             log.error("closing the sample store failed: %s", e)
         return done
+
+
+#: RECHECK samples remembered for deduplication (sha1 of the bytes, across cameras).
+DEDUPE_WINDOW = 4096
+
+
+class RecheckLimiter:
+    """Per-camera token bucket (burst = one minute's budget) plus a dedupe set of recent images."""
+
+    def __init__(self, per_minute: float, max_cameras: int = 256) -> None:
+        self.rate = float(per_minute) / 60.0
+        self.burst = max(float(per_minute), 1.0)
+        self.max_cameras = int(max_cameras)
+        self._buckets: Dict[str, list] = {}
+        self._seen: Set[bytes] = set()
+        self._order: Deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+
+    def _bucket(self, camera: str, now: float) -> list:
+        """[tokens, last refill] of ``camera`` (or of ``_other`` past max_cameras), refilled to ``now``."""
+        key = camera if (camera in self._buckets or len(self._buckets) < self.max_cameras) else "_other"
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = [self.burst, now]
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        return b
+
+    def refuse(self, camera: str, image: Image, now: Optional[float] = None) -> Optional[str]:
+        """None to keep the sample, else the drop reason (``recheck_rate`` or ``duplicate``)."""
+        if self.rate <= 0:
+            return "recheck_rate"
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            b = self._bucket(camera, now)
+            if b[0] < 1.0:  # out of budget: refuse before hashing anything
+                return "recheck_rate"
+        digest = hashlib.sha1(image if not isinstance(image, np.ndarray) else np.ascontiguousarray(image)).digest()
+        with self._lock:
+            if digest in self._seen:
+                return "duplicate"
+            if b[0] < 1.0:
+                return "recheck_rate"
+            b[0] -= 1.0
+            self._seen.add(digest)
+            self._order.append(digest)
+            if len(self._order) > DEDUPE_WINDOW:
+                self._seen.discard(self._order.popleft())
+        return None

@@ -39,7 +39,8 @@ class Frame:
         self.deadline = deadline
 
 
-# answer(req, t_recv, decision, reason, score=None, uncertain=False, probs=None) -> bool (False if already answered)
+# answer(req, decision, reason, score=None, uncertain=False, probs=None) -> bool (False if already answered);
+# the daemon's Ledger.answer, which never raises.
 Answer = Callable[..., bool]
 
 
@@ -80,6 +81,7 @@ class InferenceWorker:
             m.queue_depth.set(len(self.batcher))
             for f in expired:
                 self.recheck(f, P.DEADLINE_PASSED)
+            batch = [f for f in batch if not f.req.answered]  # expired while queued: no work to do
             if not batch:
                 if self.batcher.closed and len(self.batcher) == 0:
                     return
@@ -89,10 +91,11 @@ class InferenceWorker:
                 self._run_batch(batch)
             except Exception as e:  # never let a bug in decisions kill the worker
                 log.exception("inference batch failed: %s", e)
-                for f in batch:
-                    self.recheck(f, P.BACKEND_ERROR)
             finally:
                 self.in_flight = []
+                for f in batch:  # every frame of the batch ends answered, whatever happened above
+                    if not f.req.answered:
+                        self.recheck(f, P.BACKEND_ERROR)
 
     def _run_batch(self, batch: List[Frame]) -> None:
         m = self.metrics
@@ -123,7 +126,8 @@ class InferenceWorker:
             decision, uncertain = self.decider.decide(score)
             if uncertain:
                 m.uncertain.inc()
-            self.answer(f.req, f.t_recv, decision, "", score=score, uncertain=uncertain, probs=probs)
+            if not self.answer(f.req, decision, "", score=score, uncertain=uncertain, probs=probs):
+                continue  # answered meanwhile (deadline passed during inference): not this verdict's sample
             kind = "band" if uncertain else None
             if self.monitor is not None and f.stats is not None:
                 kind = self._observe(f, score, decision, uncertain) or kind
@@ -153,7 +157,7 @@ class InferenceWorker:
         return "drift" if alarms else None
 
     def recheck(self, f: Frame, reason: str) -> None:
-        if self.answer(f.req, f.t_recv, "RECHECK", reason):
+        if self.answer(f.req, "RECHECK", reason):
             self.sample(f, "recheck", "RECHECK", reason, None, None)
 
     def sample(self, f: Frame, kind: str, decision: str, reason: str, score: Optional[float],

@@ -15,11 +15,13 @@ One writer (the daemon's background writer thread) adds rows; any number of
 readers (pull server, ``nexedge pull --store``) query, read images and mark
 samples pulled. Readers open with ``writer=False``.
 
-Retention (``quota_bytes`` counts image bytes on disk): when a new image would
-exceed the quota, samples already pulled are deleted first (oldest first), then
-not-yet-pulled ``audit`` samples (oldest first). Pending ``band``, ``recheck``
-and ``drift`` samples are never deleted to make room; if the quota still cannot
-be met, :meth:`SampleStore.add` returns None and counts a drop.
+Retention (``quota_bytes`` counts image bytes on disk plus ``ROW_BYTES`` per
+row, so duplicates of one image cannot grow the database without bound): when a
+new sample would exceed the quota, samples already pulled are deleted first
+(oldest first), then not-yet-pulled ``recheck`` samples (frames that were never
+inspected), then not-yet-pulled ``audit`` samples. Pending ``band`` and
+``drift`` samples are never deleted to make room; if the quota still cannot be
+met, :meth:`SampleStore.add` returns None and counts a drop.
 
 Python 3.8, no torch.
 """
@@ -44,6 +46,10 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: What one row costs against the quota (SQLite row, its four index entries, page slack; measured
+#: about 300-400 bytes for typical metadata). Counted so duplicate images cannot grow the
+#: database without bound while the image bytes stay under the quota.
+ROW_BYTES = 512
 KINDS = ("band", "audit", "recheck", "drift")
 DB_NAME = "samples.db"
 
@@ -133,6 +139,7 @@ class SampleStore:
             self._init_schema()
         self.store_id = self._meta_get("store_id") or ""
         self._bytes = self._count_bytes()
+        self._rows = self._count_rows()
         if self.writer:
             self.recover()
 
@@ -184,6 +191,13 @@ class SampleStore:
 
     def _count_bytes(self) -> int:
         return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+
+    def _count_rows(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+
+    def _usage(self) -> int:
+        """What counts against the quota: image bytes plus ROW_BYTES per row."""
+        return self._bytes + self._rows * ROW_BYTES
 
     def recover(self) -> Dict[str, int]:
         """Writer only: remove temp files and image files no row refers to (crash leftovers)."""
@@ -247,17 +261,20 @@ class SampleStore:
         )
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            have = self._db.execute("SELECT ext FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+            while True:  # again after making room: eviction may have removed this image's blob
+                have = self._db.execute("SELECT ext FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+                need = ROW_BYTES + (len(data) if have is None else 0)
+                if self.quota_bytes is None or self._usage() + need <= self.quota_bytes:
+                    break
+                if not self._make_room(need, kind):
+                    self.dropped += 1
+                    log.warning(
+                        "sample store %s full (%d of %d bytes with %d rows; pending samples are kept): "
+                        "dropped a %s sample from %s", self.root, self._usage(), self.quota_bytes, self._rows,
+                        kind, camera,
+                    )
+                    return None
             if have is None:
-                need = len(data)
-                if self.quota_bytes is not None and self._bytes + need > self.quota_bytes:
-                    if not self._make_room(need):
-                        self.dropped += 1
-                        log.warning(
-                            "sample store %s full (%d of %d bytes; pending samples are kept): dropped a %s sample from %s",
-                            self.root, self._bytes, self.quota_bytes, kind, camera,
-                        )
-                        return None
                 path = os.path.join(self.root, blob_relpath(sha, e))
                 if not os.path.exists(path):
                     write_atomic(path, data)
@@ -282,30 +299,36 @@ class SampleStore:
                 raise
             if have is None:
                 self._bytes += len(data)
+            self._rows += 1
             return int(cur.lastrowid)
 
-    def _make_room(self, need: int) -> bool:
-        """Delete pulled samples, then pending audit samples (oldest first) until ``need`` bytes fit."""
+    def _make_room(self, need: int, kind: str = "band") -> bool:
+        """Delete pulled samples, then pending RECHECK samples (frames never inspected: the cheapest
+        to produce, the least worth keeping), then pending audit samples, oldest first, until ``need``
+        bytes fit. A RECHECK sample never evicts an audit one. Band and drift samples are never evicted."""
         self._bytes = self._count_bytes()
-        order = (
-            ("pulled", "SELECT id FROM samples WHERE pulled IS NOT NULL ORDER BY id LIMIT 256"),
-            ("audit", "SELECT id FROM samples WHERE pulled IS NULL AND kind = 'audit' ORDER BY id LIMIT 256"),
-        )
-        for _name, sql in order:
-            while self._bytes + need > self.quota_bytes:
+        self._rows = self._count_rows()
+        order = [
+            "SELECT id FROM samples WHERE pulled IS NOT NULL ORDER BY id LIMIT 256",
+            "SELECT id FROM samples WHERE pulled IS NULL AND kind = 'recheck' ORDER BY id LIMIT 256",
+        ]
+        if kind != "recheck":
+            order.append("SELECT id FROM samples WHERE pulled IS NULL AND kind = 'audit' ORDER BY id LIMIT 256")
+        for sql in order:
+            while self._usage() + need > self.quota_bytes:
                 ids = [r[0] for r in self._db.execute(sql)]
                 if not ids:
                     break
-                for sid in ids:  # one at a time: stop as soon as the new image fits
+                for sid in ids:  # one at a time: stop as soon as the new sample fits
                     self._delete([sid])
-                    if self._bytes + need <= self.quota_bytes:
+                    if self._usage() + need <= self.quota_bytes:
                         return True
-        return self._bytes + need <= self.quota_bytes
+        return self._usage() + need <= self.quota_bytes
 
     def _delete(self, ids: Sequence[int]) -> None:
         """Delete rows; files whose last reference went are unlinked after the commit."""
         gone: List[str] = []
-        freed = 0
+        freed = rows = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for sid in ids:
@@ -314,6 +337,7 @@ class SampleStore:
                     continue
                 sha = r[0]
                 self._db.execute("DELETE FROM samples WHERE id = ?", (int(sid),))
+                rows += 1
                 self._db.execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ?", (sha,))
                 b = self._db.execute("SELECT refs, ext, size FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
                 if b is not None and b[0] <= 0:
@@ -324,8 +348,9 @@ class SampleStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self.evicted += len(ids)
+        self.evicted += rows
         self._bytes -= freed
+        self._rows -= rows
         for rel in gone:  # a crash here leaves an orphan file; recover() removes it
             try:
                 os.unlink(os.path.join(self.root, rel))
@@ -407,8 +432,13 @@ class SampleStore:
             return f.read()
 
     def mark_pulled(self, ids: Iterable[int]) -> int:
-        """Mark samples pulled (acknowledged by a client); returns how many changed state."""
-        ids = [int(i) for i in ids]
+        """Mark samples pulled (acknowledged by a client); returns how many changed state.
+
+        ``ids`` must be integers (not booleans, not strings)."""
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise ValueError(f"sample ids must be integers, got {bad[:5]!r}")
         if not ids:
             return 0
         now = time.time()
@@ -441,6 +471,9 @@ class SampleStore:
             blobs, nbytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
         return {
             "samples": int(total),
+            "rows": int(total),
+            "row_bytes": int(total) * ROW_BYTES,
+            "used_bytes": int(nbytes) + int(total) * ROW_BYTES,
             "pending": int(pending),
             "pulled": int(total) - int(pending),
             "by_kind": {k: int(kinds.get(k, 0)) for k in KINDS},

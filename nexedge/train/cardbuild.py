@@ -76,8 +76,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+#: How the best checkpoint is chosen; written into summary.json and topk.json.
+BEST_RULE = "highest val AUC; ties: lower val loss, then the later epoch"
+
+
 class TopK:
-    """Keeps the ``k`` best checkpoints by validation AUC (ties keep the earlier one).
+    """Keeps the ``k`` best checkpoints by validation AUC; ties go to the lower validation
+    loss, then to the later epoch (a tie on a small validation set is common, and the earliest
+    epoch is usually the least trained). See :data:`BEST_RULE`.
 
     The index ``topk.json`` in the run folder lists them best first; files that
     fall out of the set are deleted with their cards.
@@ -94,19 +100,28 @@ class TopK:
                 self.entries = json.load(f)["checkpoints"]
 
     @staticmethod
-    def _key(auc: Optional[float]) -> float:
-        return -1.0 if auc is None or (isinstance(auc, float) and math.isnan(auc)) else float(auc)
+    def _num(x: Optional[float], bad: float) -> float:
+        return bad if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
-    def wants(self, auc: float) -> bool:
+    @classmethod
+    def _key(cls, auc: Optional[float], loss: Optional[float] = None, epoch: int = 0) -> tuple:
+        """Sort key, best first."""
+        return (-cls._num(auc, -1.0), cls._num(loss, math.inf), -int(epoch))
+
+    def _entry_key(self, e: Dict[str, Any]) -> tuple:
+        return self._key(e["auc"], e.get("val_loss"), e["epoch"])
+
+    def wants(self, auc: float, loss: Optional[float] = None, epoch: int = 0) -> bool:
         if len(self.entries) < self.k:
             return True
-        return self._key(auc) > min(self._key(e["auc"]) for e in self.entries)
+        return self._key(auc, loss, epoch) < max(self._entry_key(e) for e in self.entries)
 
-    def add(self, file: str, epoch: int, auc: float) -> List[str]:
+    def add(self, file: str, epoch: int, auc: float, loss: Optional[float] = None) -> List[str]:
         """Record a saved checkpoint; returns the files removed to keep k."""
         self.entries = [e for e in self.entries if e["file"] != file]
-        self.entries.append({"file": file, "epoch": int(epoch), "auc": None if math.isnan(auc) else float(auc)})
-        self.entries.sort(key=lambda e: (-self._key(e["auc"]), e["epoch"]))
+        self.entries.append({"file": file, "epoch": int(epoch), "auc": None if math.isnan(auc) else float(auc),
+                             "val_loss": None if loss is None or math.isnan(loss) else float(loss)})
+        self.entries.sort(key=self._entry_key)
         removed = [e["file"] for e in self.entries[self.k:]]
         self.entries = self.entries[: self.k]
         for f in removed:
@@ -117,7 +132,7 @@ class TopK:
         return removed
 
     def save(self) -> None:
-        data = {"metric": "val_auc", "k": self.k, "checkpoints": self.entries}
+        data = {"metric": "val_auc", "rule": BEST_RULE, "k": self.k, "checkpoints": self.entries}
         atomic_write_bytes(self.path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
     @property

@@ -44,7 +44,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18",
                    help="resnet18 (default), resnet34, resnet50, vgg19_bn, <those>_stn, resnet18_att2, "
-                        "efficientnet_lite0/1/2, small_max or tiny")
+                        "efficientnet_lite0/1/2 (ImageNet weights offline), small_max (CPU-sized CNN with global "
+                        "max-pool; --arch-kw width=16 for a smaller one) or tiny (tests)")
     g.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE",
                    help="extra architecture option, e.g. stn_params=3 or compat=add (repeatable)")
     g.add_argument("--pretrained", default="none",
@@ -55,7 +56,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "backward pass (default 0)")
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout for model and batches (faster convolutions on some CPUs/GPUs)")
-    g.add_argument("--good-class", default="good", help="the negative (pass) class; every other class is a defect")
+    g.add_argument("--good-class", default=None,
+                   help="the negative (pass) class; every other class is a defect. The model's score is "
+                        "1 - p(good class) and the card's thresholds come from it (default: the data set's "
+                        "good_class from `nexedge split --good-class`, else 'good')")
     d = p.add_argument_group("input")
     d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
     d.add_argument("--resize", type=_size, default=(72, 72), help="resize to N or HxW (report: 255; default 72)")
@@ -69,25 +73,29 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="train crop: random (default) or a crop style with logits averaged over crops")
     d.add_argument("--no-augment", action="store_true", help="no rotation/affine/colour jitter")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
-    o.add_argument("--batch-size", type=int, default=32, help="per process")
-    o.add_argument("--lr", type=float, default=0.01)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--epochs", type=int, default=30, help="training epochs")
+    o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
+    o.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     o.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: x gamma every --step-size epochs; cosine: annealing over all epochs")
-    o.add_argument("--step-size", type=int, default=14)
+    o.add_argument("--step-size", type=int, default=14, help="epochs between lr steps (--schedule step)")
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (default, with --momentum) or adamw (try --lr 1e-3 to 3e-3)")
     o.add_argument("--warmup-epochs", type=int, default=0, help="linear lr warm-up epochs before the schedule")
     o.add_argument("--balanced", nargs="?", const="class", default="none", choices=("none", "class", "binary", "sqrt"),
                    help="class-balanced sampling with replacement: class (bare --balanced; every class equally), "
                         "binary (half good, half defects) or sqrt (by sqrt of class counts); default none")
-    o.add_argument("--gamma", type=float, default=0.1)
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--gamma", type=float, default=0.1, help="lr factor at each step (--schedule step)")
+    o.add_argument("--seed", type=int, default=0, help="random seed")
     o.add_argument("--resume", metavar="CKPT", help="continue from a run's last.pt (same --out)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (by default a non-empty --out is refused, so two runs "
+                        "never mix)")
     lo = p.add_argument_group("loss")
-    lo.add_argument("--loss", choices=LOSSES, default="ce")
+    lo.add_argument("--loss", choices=LOSSES, default="ce",
+                    help="ce; wbce (CE + weighted binary); sat, sat_good, sat_boost (self-adaptive training)")
     lo.add_argument("--boost", action="append", default=None, metavar="CLASS=FACTOR",
                     help="class weight (repeatable); sat_boost defaults to x5 for lead_defect, marking_defect, "
                          "pocket_damage and scratch where present")
@@ -103,7 +111,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (without a terminal on stderr there are none anyway: one line per epoch)")
     r.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
 
@@ -113,6 +122,10 @@ def run_train(args: argparse.Namespace) -> int:
     from nexedge.train.trainer import TrainConfig, train
 
     classes = _classes(args.data)
+    if args.good_class is None:
+        from nexedge.data.split import dataset_good_class
+
+        args.good_class = dataset_good_class(args.data) or "good"
     if args.good_class not in classes:
         raise ValueError(f"--good-class {args.good_class!r} is not one of the class folders {classes}")
     cfg = TrainConfig(
@@ -127,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
         sat_alpha=args.sat_alpha, sat_es=args.sat_es, wbce_lambda=args.wbce_lambda,
         wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--wbce-start", int).items()},
         wbce_start_default=args.wbce_start_default, keep=args.keep, seed=args.seed, resume=args.resume,
-        workers=args.workers, device=args.device, test_curves=not args.no_test_curves,
+        workers=args.workers, device=args.device, test_curves=not args.no_test_curves, overwrite=args.overwrite,
         progress=not args.no_progress, cache=not args.no_cache,
     )
     train(cfg)

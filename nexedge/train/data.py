@@ -8,6 +8,7 @@ validation sees exactly the tensors the runtime feeds the model.
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -16,13 +17,18 @@ import numpy as np
 from nexedge import preprocess
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+log = logging.getLogger(__name__)
 
 
 def list_classes(root: str, split: str = "train") -> List[str]:
     """Sorted class folder names of ``root/split`` (two or more)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data split folder not found: {folder} (expected <root>/{split}/<class>/<image>)")
+        hint = ""
+        if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val", "test")):
+            hint = f"; if {root} holds one folder per class, split it first: nexedge split {root} DATA"
+        raise FileNotFoundError(f"data split folder not found: {folder} (expected <root>/{split}/<class>/<image>)"
+                                + hint)
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{folder} has {len(classes)} class folder(s) {classes}; expected two or more")
@@ -122,6 +128,7 @@ class ImageFolderSet:
         self.transform = transform
         self.cache = cache
         self._cache: Dict[int, np.ndarray] = {}
+        self.unreadable: Dict[str, str] = {}  # path -> error, for files that stopped decoding
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,10 +150,34 @@ class ImageFolderSet:
                 self._cache[i] = img
         return img
 
+    def _try_prepared(self, i: int) -> Optional[np.ndarray]:
+        try:
+            return self.prepared(i)
+        except (ValueError, OSError) as e:  # a file that became unreadable costs one image, not the run
+            path = os.path.join(self.root, self.items[i][0])
+            if path not in self.unreadable:
+                log.warning("skipping unreadable image %s: %s", path, e)
+            self.unreadable[path] = str(e)
+            return None
+
+    def readable_prepared(self) -> List[np.ndarray]:
+        """Prepared images of every readable item (unreadable ones are recorded and left out)."""
+        return [im for im in map(self._try_prepared, range(len(self))) if im is not None]
+
     def __getitem__(self, i: int):
-        img = self.prepared(i)
+        img = self._try_prepared(i)
+        if img is None:
+            return None
         x = self.transform(img) if self.transform is not None else img
         return x, self.items[i][1], i
+
+
+def collate_skip_unreadable(batch: List[Any]) -> Any:
+    """``default_collate`` without the items :class:`ImageFolderSet` could not read (None when none left)."""
+    from torch.utils.data import default_collate
+
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
 
 
 def class_counts(labels: np.ndarray, classes: Sequence[str]) -> Dict[str, int]:

@@ -20,12 +20,14 @@ def forward_crops(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x.flatten(0, 1)).view(b, k, -1).mean(dim=1)
 
 
-def _bar(loader, desc: str, enabled: bool):
+def _bar(loader, desc: str, enabled: bool, stage_line: bool = False):
+    """A bar on a terminal; off a terminal nothing (the trainer prints one line per epoch) or,
+    with ``stage_line``, one line when the pass ends."""
     if not enabled:
         return loader
-    from tqdm import tqdm
+    from nexedge.progress import progress
 
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    return progress(loader, desc=desc, unit="batches", per_stage_line=stage_line)
 
 
 def train_one_epoch(
@@ -43,7 +45,10 @@ def train_one_epoch(
     idx_all, logit_all, lab_all = [], [], []
     total, count = 0.0, 0
     bar = _bar(loader, f"epoch {epoch} train", progress and ctx.is_main)
-    for x, y, idx in bar:
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        x, y, idx = batch
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         logits = forward_crops(model, x)
         loss = loss_fn(logits, y, idx, epoch)
@@ -75,7 +80,10 @@ def evaluate(
     """Crop-averaged logits of every sample; returns (index, logits, labels) of all ranks."""
     model.eval()
     idx_all, logit_all, lab_all = [], [], []
-    for x, y, idx in _bar(loader, desc, progress and ctx.is_main):
+    for batch in _bar(loader, desc, progress and ctx.is_main):
+        if batch is None:
+            continue
+        x, y, idx = batch
         logits = forward_crops(model, x.to(ctx.device, non_blocking=True))
         idx_all.append(idx.numpy())
         logit_all.append(logits.float().cpu().numpy())
@@ -91,11 +99,21 @@ def crop_logits(model: torch.nn.Module, loader, device: torch.device, desc: str 
                 progress: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-crop logits (N x K x C) without averaging, for evaluating several crop
     styles from one TenCrop pass (center = crop 4, five = crops 0-4)."""
+    from nexedge.progress import progress as _progress
+
     model.eval()
     idx_all, out, lab_all = [], [], []
-    for x, y, idx in _bar(loader, desc, progress):
+    bar = _progress(desc=desc, total=len(loader.dataset), unit="images", enabled=progress)
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y, idx = batch
         b, k = x.shape[:2]
         out.append(model(x.to(device).flatten(0, 1)).view(b, k, -1).float().cpu().numpy())
         idx_all.append(idx.numpy())
         lab_all.append(y.numpy())
+        bar.update(b)
+    bar.close()
+    if not idx_all:
+        raise ValueError(f"{desc}: no readable images")
     return np.concatenate(idx_all), np.concatenate(out), np.concatenate(lab_all)

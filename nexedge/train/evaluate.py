@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nexedge import metrics
+from nexedge import metrics, preprocess
 from nexedge.card import atomic_write_bytes
 
 CROP_LABEL = {"center": "CenterCrop", "five": "FiveCrop", "ten": "TenCrop"}
@@ -21,23 +21,15 @@ CROP_SLICE = {"center": [4], "five": [0, 1, 2, 3, 4], "ten": list(range(10))}
 
 
 def resolve_checkpoints(path: str, top: Optional[int] = None) -> Tuple[str, List[str]]:
-    """(label, checkpoint files best first) for a checkpoint file or a run folder."""
+    """(label, checkpoint files best first) for a checkpoint file or a run folder (its top-k)."""
+    from nexedge.runs import resolve_artifact, topk_files
+
     if os.path.isfile(path):
         return os.path.splitext(os.path.basename(path))[0], [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint file or run folder")
     label = os.path.basename(os.path.normpath(path))
-    index = os.path.join(path, "topk.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = [os.path.join(path, e["file"]) for e in json.load(f)["checkpoints"]]
-    else:
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("ckpt_") and f.endswith(".pt"))
-        if not files and os.path.exists(os.path.join(path, "last.pt")):
-            files = [os.path.join(path, "last.pt")]
-    files = [f for f in files if os.path.exists(f)]
-    if not files:
-        raise FileNotFoundError(f"{path}: no checkpoints (expected topk.json, ckpt_*.pt or last.pt)")
+    files = topk_files(path) or [resolve_artifact(path)]
     return label, files[:top] if top else files
 
 
@@ -62,12 +54,19 @@ def score_checkpoint(
         ds = ImageFolderSet(data, split, card.classes, card.input, EvalTransform(card.input, widest))
         cache.clear()
         cache[key] = ds
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    _, logits, labels = crop_logits(model, loader, torch.device("cpu"), f"{os.path.basename(ckpt)} {split}", progress)
-    out: Dict[str, Any] = {"labels": labels, "paths": ds.paths, "good_index": card.good_index, "classes": card.classes}
+    from nexedge.train.data import collate_skip_unreadable
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_unreadable)
+    idx, logits, labels = crop_logits(model, loader, torch.device("cpu"), f"{os.path.basename(ckpt)} {split}",
+                                      progress)
+    paths = [ds.paths[int(i)] for i in idx]  # unreadable images were skipped
+    out: Dict[str, Any] = {"labels": labels, "paths": paths, "good_index": card.good_index, "classes": card.classes,
+                           "probs": {}, "card": card}
     for c in crops:
         sel = [0] if widest == "center" else CROP_SLICE[c]
-        out[c] = metrics.defect_score(logits[:, sel].mean(axis=1), card.good_index)
+        mean_logits = logits[:, sel].mean(axis=1)
+        out["probs"][c] = preprocess.softmax(mean_logits)
+        out[c] = metrics.defect_score(mean_logits, card.good_index)
     return out
 
 
@@ -85,7 +84,7 @@ def run_evaluation(
     labels_seen = [lab for lab, _ in resolved]
     if len(set(labels_seen)) != len(labels_seen):
         resolved = [(f"{i + 1}:{lab}", files) for i, (lab, files) in enumerate(resolved)]
-    out = out or os.path.join(runs[0] if os.path.isdir(runs[0]) else os.path.dirname(runs[0]) or ".", f"eval_{split}")
+    out = out or default_out(runs, [lab for lab, _ in resolved], split)
     os.makedirs(out, exist_ok=True)
     results: Dict[str, Any] = {"split": split, "data": os.path.abspath(data), "crops": list(crops), "runs": {}}
     rows: List[Dict[str, Any]] = []
@@ -93,8 +92,10 @@ def run_evaluation(
     cache: Dict[str, Any] = {}
     for label, files in resolved:
         per_crop: Dict[str, List[Dict[str, Any]]] = {c: [] for c in crops}
+        best_scores = None
         for f in files:
             s = score_checkpoint(f, data, split, crops, batch_size, progress, cache)
+            best_scores = best_scores or s  # files are best first
             y = (s["labels"] != s["good_index"]).astype(int)
             for c in crops:
                 rec = {"checkpoint": os.path.basename(f), "auc": metrics.roc_auc(y, s[c]),
@@ -110,10 +111,12 @@ def run_evaluation(
         results["runs"][label] = {
             "checkpoints": [os.path.basename(f) for f in files], "n_defects": n_def, "n_good": n_good,
             "crops": {c: _aggregate(per_crop[c], tprs) for c in crops},
+            "best": best_detail(best_scores, files[0], crops),
         }
     for c in crops:
         if roc[c]:
-            plot_roc(roc[c], os.path.join(out, f"roc_{c}.png"), f"ROC on {split} ({CROP_LABEL[c]})")
+            plot_roc(roc[c], os.path.join(out, f"roc_{c}.png"), f"ROC on {split} ({CROP_LABEL[c]})",
+                     n_defects=min(r["n_defects"] for r in results["runs"].values()))
     atomic_write_bytes(os.path.join(out, "eval.json"), (json.dumps(_jsonable(results), indent=2) + "\n").encode())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -126,8 +129,102 @@ def run_evaluation(
         print(format_table(results))
         for line in results["weak"]:
             print("WARNING: " + line)
+        for label, r in results["runs"].items():
+            print()
+            print(format_best(label if len(results["runs"]) > 1 else "", r["best"], results["split"]))
         print(f"\nwrote {out}/eval.json, eval.csv and roc_<crop>.png")
     return results
+
+
+def default_out(runs: Sequence[str], labels: Sequence[str], split: str) -> str:
+    """``<run>/eval_<split>`` for one run; for a comparison a folder of its own beside the first run,
+    so comparing never overwrites a run's own evaluation."""
+    first = runs[0] if os.path.isdir(runs[0]) else os.path.dirname(runs[0]) or "."
+    if len(runs) == 1:
+        return os.path.join(first, f"eval_{split}")
+    from nexedge.relabel.formats import safe_name
+
+    name = "_vs_".join(safe_name(lab) for lab in labels)[:120]
+    return os.path.join(os.path.dirname(os.path.abspath(first)), f"compare_{split}_{name}")
+
+
+def best_detail(s: Dict[str, Any], ckpt: str, crops: Sequence[str], target_tpr: float = 1.0) -> Dict[str, Any]:
+    """The best checkpoint on its own: confusion matrix (argmax class) and, at the card's operating
+    point for ``target_tpr`` (the daemon's default decision), PASS/REJECT per true class with
+    escapes (defects PASSed) and overkill (good REJECTed)."""
+    from nexedge.card import CardError
+
+    card = s["card"]
+    crop = card.input["crop_mode"] if card.input["crop_mode"] in crops else crops[0]
+    classes, g, labels = list(s["classes"]), int(s["good_index"]), np.asarray(s["labels"])
+    k = len(classes)
+    pred = s["probs"][crop].argmax(axis=1)
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (labels, pred), 1)
+    out: Dict[str, Any] = {
+        "checkpoint": os.path.basename(ckpt), "crop": crop, "classes": classes, "good_class": classes[g],
+        "confusion": cm.tolist(),
+        "recall": {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)},
+        "metrics": {c: {"auc": metrics.roc_auc((labels != g).astype(int), s[c]),
+                        "fpr_at_tpr": metrics.fpr_at_tprs((labels != g).astype(int), s[c])} for c in crops},
+    }
+    try:
+        op = card.operating_point(target_tpr)
+    except CardError:
+        out["operating_point"] = None
+        return out
+    reject = s[crop] >= float(op["threshold"])
+    per_class = {}
+    for i, c in enumerate(classes):
+        m = labels == i
+        per_class[c] = {"n": int(m.sum()), "PASS": int((m & ~reject).sum()), "REJECT": int((m & reject).sum())}
+    defects = labels != g
+    out["operating_point"] = {
+        "target_tpr": float(op["target_tpr"]), "threshold": float(op["threshold"]),
+        "val_tpr_lower95": op.get("tpr_lower95"), "val_n_defects": op.get("n_defects"),
+        "per_class": per_class,
+        "escapes": int((defects & ~reject).sum()), "n_defects": int(defects.sum()),
+        "overkill": int((~defects & reject).sum()), "n_good": int((~defects).sum()),
+    }
+    return out
+
+
+def format_best(label: str, b: Dict[str, Any], split: str) -> str:
+    """The best checkpoint's own row, its confusion matrix and its result at the card's operating point."""
+    classes = b["classes"]
+    w = max([len(c) for c in classes] + [12])
+    head = f"best checkpoint{' of ' + label if label else ''}: {b['checkpoint']} on {split}"
+    lines = [head]
+    for c, m in b["metrics"].items():
+        lines.append(f"  {CROP_LABEL[c]:<10} AUC {_pct(m['auc'])}  FPR at TPR >= "
+                     + ", ".join(f"{k}: {_pct(v)}" for k, v in m["fpr_at_tpr"].items()))
+    lines.append(f"  confusion matrix ({CROP_LABEL[b['crop']]}, predicted class = highest probability; rows: true class)")
+    lines.append("  " + " " * w + "  " + "  ".join(f"{c[:10]:>10}" for c in classes) + "      recall")
+    for i, c in enumerate(classes):
+        r = b["recall"][c]
+        lines.append(f"  {c:<{w}}  " + "  ".join(f"{n:>10}" for n in b["confusion"][i])
+                     + f"  {'-' if r is None else f'{100 * r:9.1f}%'}")
+    op = b.get("operating_point")
+    if op is None:
+        lines.append("  (the card has no operating point for TPR 100 %: too few validation defects)")
+        return "\n".join(lines)
+    lb = op.get("val_tpr_lower95")
+    lines.append(f"  at the card's operating point (target TPR 100 % on val, threshold {op['threshold']:.4f}"
+                 + (f", 95 % lower bound on TPR {100 * lb:.1f} % from {op['val_n_defects']} val defects" if lb is not None else "")
+                 + "), as the daemon decides by default:")
+    lines.append("  " + f"{'class':<{w}}  {'n':>5}  {'PASS':>6}  {'REJECT':>6}")
+    for c in classes:
+        pc = op["per_class"][c]
+        note = "  <- overkill" if c == b["good_class"] and pc["REJECT"] else (
+            "  <- escapes" if c != b["good_class"] and pc["PASS"] else "")
+        lines.append(f"  {c:<{w}}  {pc['n']:>5}  {pc['PASS']:>6}  {pc['REJECT']:>6}{note}")
+    lines.append(f"  escapes (defects PASSed): {op['escapes']} of {op['n_defects']}   "
+                 f"overkill ({b['good_class']} REJECTed): {op['overkill']} of {op['n_good']}")
+    return "\n".join(lines)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
 
 
 def weak_split_warnings(results: Dict[str, Any], tprs: Sequence[float], floor: float) -> List[str]:

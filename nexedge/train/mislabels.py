@@ -45,17 +45,18 @@ def rank_mislabels(
 ) -> Dict[str, Any]:
     """Rows sorted by suspicion (highest first) and, with a manifest, precision/recall."""
     from nexedge.card import load_card
+    from nexedge.runs import resolve_artifact
     from nexedge.train.data import read_manifest
-    from nexedge.train.evaluate import resolve_checkpoints, score_checkpoint
+    from nexedge.train.evaluate import score_checkpoint
 
     if by not in ("auto", "model", "sat"):
         raise ValueError(f"--by {by!r}: expected auto, model or sat")
-    _, files = resolve_checkpoints(run)
-    ckpt = files[0]
+    ckpt = resolve_artifact(run)
     mode = crop_mode or load_card(ckpt, verify=False).input["crop_mode"]
     s = score_checkpoint(ckpt, data, split, [mode], batch_size, progress)
     classes, g = s["classes"], s["good_index"]
     labels, paths, score = s["labels"], [os.path.normpath(p) for p in s["paths"]], s[mode]
+    probs = (s.get("probs") or {}).get(mode)
     is_good = labels == g
     susp = np.where(is_good, score, 1.0 - score)
     source = np.array(["model"] * len(labels), dtype=object)
@@ -90,6 +91,8 @@ def rank_mislabels(
             "suspicion": round(float(susp[i]), 6), "source": source[i], "defect_score": round(float(score[i]), 6),
             "sat_weight": "" if np.isnan(sat_w[i]) else round(float(sat_w[i]), 6),
             "flagged": int(rank <= n_top), "true_label": true[i] if true[i] is not None else "",
+            # class probabilities: `nexedge pull --mislabels ... --format cleanlab` needs them
+            **({f"p_{c}": round(float(probs[i, k]), 6) for k, c in enumerate(classes)} if probs is not None else {}),
         })
     result: Dict[str, Any] = {"checkpoint": ckpt, "crop_mode": mode, "rows": rows, "n": len(rows), "top": n_top,
                               "sat": sat is not None}

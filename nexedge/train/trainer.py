@@ -22,8 +22,8 @@ import torch
 from nexedge import __version__, metrics
 from nexedge.card import ModelCard, atomic_write_bytes
 from nexedge.train import distributed as D
-from nexedge.train.cardbuild import TopK, build_card, reference_image_stats
-from nexedge.train.data import ImageFolderSet, class_counts, data_hash, list_classes
+from nexedge.train.cardbuild import BEST_RULE, TopK, build_card, reference_image_stats
+from nexedge.train.data import ImageFolderSet, class_counts, collate_skip_unreadable, data_hash, list_classes
 from nexedge.train.engine import evaluate, train_one_epoch
 from nexedge.train.history import History
 from nexedge.train.losses import SATLoss, build_loss
@@ -72,6 +72,7 @@ class TrainConfig:
     keep: int = 10
     seed: int = 0
     resume: Optional[str] = None
+    overwrite: bool = False
     workers: int = 0
     device: str = "auto"
     test_curves: bool = True
@@ -140,7 +141,7 @@ def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, worker
         sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
     return DataLoader(
         ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-        drop_last=False,
+        drop_last=False, collate_fn=collate_skip_unreadable,
     )
 
 
@@ -185,6 +186,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     t_start = time.time()
     ctx = D.init_distributed(cfg.device)
     try:
+        if ctx.is_main and not cfg.resume:  # only the writer checks: other ranks would see its new files
+            prepare_run_folder(cfg.out, cfg.overwrite)
         _seed_all(cfg.seed)
         classes = list_classes(cfg.data, "train")
         if cfg.good_class not in classes:
@@ -247,7 +250,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             os.makedirs(cfg.out, exist_ok=True)
             hist, topk = History(cfg.out), TopK(cfg.out, cfg.keep)
             hist.truncate(start_epoch - 1)
-            ref_stats = reference_image_stats([val_ds.prepared(i) for i in range(len(val_ds))])
+            ref_stats = reference_image_stats(val_ds.readable_prepared())
             dhash = data_hash(cfg.data)
             conf = dataclasses.asdict(cfg)
             conf.update(classes=classes, sat_es_effective=sat_es, world_size=ctx.world_size)
@@ -263,6 +266,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "seed": cfg.seed, "world_size": ctx.world_size, "nexedge": __version__, "torch": torch.__version__,
             "train_counts": class_counts(train_ds.labels, classes), "val_counts": class_counts(val_ds.labels, classes),
         }
+        reported: set = set()
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
@@ -285,17 +289,22 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                                    {"val": card_metrics}, dict(provenance, epoch=epoch))
                 common = dict(arch=cfg.arch, classes=classes, good_class=cfg.good_class, arch_kwargs=arch_kwargs,
                               epoch=epoch)
-                auc = row["val"]["auc"]
-                if topk.wants(auc):
+                auc, vloss = row["val"]["auc"], row["val"]["loss"]
+                if topk.wants(auc, vloss, epoch):
                     name = f"ckpt_e{epoch:03d}.pt"
                     save_checkpoint(os.path.join(cfg.out, name), model, card=ModelCard(copy.deepcopy(card0.data)), **common)
-                    topk.add(name, epoch, auc)
+                    topk.add(name, epoch, auc, vloss)
                 extra = {"loss_state": loss_fn.state(), "val_auc": float(auc) if auc == auc else -1.0}
                 save_checkpoint(os.path.join(cfg.out, "last.pt"), model, optimizer=opt.state_dict(),
                                 scheduler=sched.state_dict(), extra=extra, card=ModelCard(copy.deepcopy(card0.data)), **common)
                 if isinstance(loss_fn, SATLoss):
                     _save_sat(os.path.join(cfg.out, "sat_state.npz"), loss_fn, train_ds)
                 _print_epoch(row, cfg.epochs)
+                for path in _unreadable(train_ds, val_ds, test_ds):
+                    if path not in reported:
+                        reported.add(path)
+                        print(f"  skipped unreadable image {path} (it no longer decodes; left out of this run)",
+                              flush=True)
             D.barrier(ctx)
         summary: Dict[str, Any] = {}
         if ctx.is_main:
@@ -303,11 +312,71 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 from nexedge.train.plots import plot_history
 
                 plot_history(hist, classes, cfg.good_class, cfg.out)
+            if topk.entries:
+                write_best(cfg.out, topk.entries[0]["file"])
             summary = _summary(cfg, hist, topk, time.time() - t_start)
+            summary["unreadable"] = _unreadable(train_ds, val_ds, test_ds)
             atomic_write_bytes(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
         return summary
     finally:
         D.cleanup(ctx)
+
+
+#: Files and folders a training run writes; ``--overwrite`` removes only these.
+RUN_FILES = ("config.json", "topk.json", "summary.json", "metrics.jsonl", "metrics.csv", "sat_state.npz",
+             "curves_acc.png", "curves_loss.png", "curves_margin.png", "fpr_at_tpr100.png")
+
+
+def _run_owned(name: str) -> bool:
+    return (name in RUN_FILES or (name.startswith("ckpt_e") and name.endswith((".pt", ".card.json")))
+            or name.split(".")[0] in ("last", "best") or name.startswith(("eval_", "mislabels_", ".tmp-")))
+
+
+def prepare_run_folder(out: str, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: ``out`` must be new or empty, or ``overwrite`` given.
+
+    With ``overwrite`` the earlier run's files are removed first (only files a run writes;
+    a folder holding anything else is refused, so a wrong ``--out`` never deletes data).
+    """
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} exists and is not a folder")
+    names = [n for n in os.listdir(out) if n != ".DS_Store"]
+    if not names:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {out!r} already holds a run ({', '.join(sorted(names)[:4])}{', ...' if len(names) > 4 else ''}); "
+            f"a second run there would mix checkpoints of both. Use a new --out, --resume {os.path.join(out, 'last.pt')} "
+            "to continue it, or --overwrite to replace it")
+    foreign = [n for n in names if not _run_owned(n)]
+    if foreign:
+        raise ValueError(f"--overwrite: {out!r} holds files a training run does not write ({', '.join(sorted(foreign)[:5])}); "
+                         "refusing to delete them, choose another --out")
+    import shutil
+
+    for n in names:
+        p = os.path.join(out, n)
+        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+
+
+def _unreadable(*sets: Optional[ImageFolderSet]) -> Dict[str, str]:
+    return {p: e for ds in sets if ds is not None for p, e in ds.unreadable.items()}
+
+
+def write_best(out: str, ckpt_file: str) -> str:
+    """Copy the best checkpoint to ``best.pt`` with its own card (artifact name and sha256 stamped)."""
+    from nexedge.card import load_card
+
+    src = os.path.join(out, ckpt_file)
+    dst = os.path.join(out, "best.pt")
+    with open(src, "rb") as f:
+        atomic_write_bytes(dst, f.read())
+    card = load_card(src)
+    card.data["provenance"] = dict(card.data.get("provenance") or {}, best_of_run=ckpt_file, best_rule=BEST_RULE)
+    card.save_for(dst)
+    return dst
 
 
 def _print_weak(ckpt: str, floor: float) -> List[Dict[str, Any]]:
@@ -362,11 +431,14 @@ def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[s
             "file": best["file"], "epoch": best["epoch"], "val_auc": best["auc"],
             "val_fpr_at_tpr": row["val"]["fpr_at_tpr"] if row else None,
         },
+        "best_rule": BEST_RULE,
+        "best_file": "best.pt" if best else None,
         "topk": topk.entries,
     }
     print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} top checkpoint(s) by val AUC in {cfg.out}")
     if best and row:
-        print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %")
+        print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %, val loss "
+              f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULE})")
         print("  val FPR % at TPR >= " + ", ".join(f"{k}: {_pct(v).strip()}" for k, v in row["val"]["fpr_at_tpr"].items()))
         summary["weak_operating_points"] = _print_weak(os.path.join(cfg.out, best["file"]), cfg.tpr_floor)
     print(f"next: nexedge eval {cfg.out} --data {cfg.data} --split test --crops center,five,ten")

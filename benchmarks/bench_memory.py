@@ -1,0 +1,234 @@
+"""Daemon memory after floods: RSS before, at peak and after idle, for a flood of many-part
+large messages (the multipart bomb) and of large valid frames, with and without the allocator
+settings (nexedge.serve.memory). Prints a table; ``--markdown`` writes it as a RESULTS.md section. Not a test.
+
+    PYTHONPATH=$PWD python benchmarks/bench_memory.py [--model MODEL.onnx] [--code-roots .,/work/main]
+
+``--code-roots`` runs the daemon from each checkout in turn (e.g. this one and main) for a
+side-by-side run.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _daemon_proc import DaemonProc  # noqa: E402
+
+
+def _config(model: str, max_msg: int) -> dict:
+    return {
+        "model": {"path": model, "warmup": 1, "options": {"intra_threads": 1}},
+        "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*", "decode_workers": 1,
+                    "max_message_bytes": max_msg},
+        "batching": {"max_batch": 4, "max_delay_ms": 5, "max_queue": 32, "deadline_ms": 5000},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "WARNING"},
+    }
+
+
+def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    big = bytes(part_mib << 20)
+    rng = np.random.default_rng(0)
+    got = 0
+    for i in range(n):
+        h = json.dumps({"v": 1, "camera": "bomb", "frame_id": i, "encoding": "raw", "dtype": "uint8",
+                        "shape": [part_mib << 10, 1024]}).encode()
+        if kind == "multipart":
+            s.send_multipart([b"", h] + [big] * parts)
+        elif kind == "mixed":  # a bomb, then valid raw frames of assorted sizes (decoded, inferred)
+            s.send_multipart([b"", h] + [big] * parts)
+            if s.poll(30000):
+                s.recv_multipart()
+                got += 1
+            for j in range(8):
+                side = int(rng.integers(300, 2500))
+                hh = json.dumps({"v": 1, "camera": "cam", "frame_id": f"{i}-{j}", "encoding": "raw",
+                                 "dtype": "uint8", "shape": [side, side]}).encode()
+                s.send_multipart([b"", hh, bytes(side * side)])
+                if s.poll(30000):
+                    s.recv_multipart()
+                    got += 1
+            continue
+        elif kind == "pipelined":  # all bombs at once, replies collected afterwards
+            s.send_multipart([b"", h] + [big] * parts)
+            continue
+        else:
+            s.send_multipart([b"", h, big])
+        if s.poll(30000):
+            s.recv_multipart()
+            got += 1
+    while kind == "pipelined" and got < n and s.poll(30000):
+        s.recv_multipart()
+        got += 1
+    s.close()
+    ctx.term()
+    return got
+
+
+def in_process(model: str, allocator: bool) -> None:
+    """Daemon in this process; mixed flood of large raw frames; RSS after 2 s idle, then after an
+    explicit malloc_trim(0): what malloc_trim releases was held by the allocator, the rest is held."""
+    import ctypes
+    import gc
+    import threading
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import base_config
+
+    import nexedge.serve.memory as M
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+
+    if not allocator:
+        M.AllocatorTrim.__init__.__defaults__ = (0, 1.0, False)
+    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"})))
+    d._memory.libc = None  # no automatic trim after the burst: we trim by hand below
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    base = M.rss_bytes()
+    flood(d.endpoints["frames"], "mixed", 4, 1, 1)
+    time.sleep(2)
+    gc.collect()
+    after = M.rss_bytes()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = M.rss_bytes()
+    d.request_stop()
+    t.join()
+    print(f"in-process mixed flood, fixed mmap threshold {'on ' if allocator else 'off'}: base {base >> 20} MB, "
+          f"after {after >> 20} MB, after malloc_trim {trimmed >> 20} MB")
+
+
+def camera_probe(model: str) -> str:
+    """RSS cost of new camera ids (monitor window 200, store on): 256 new ids (= max_cameras), then 500
+    more past the bound, each one frame; in this process."""
+    import gc
+    import tempfile
+    import threading
+
+    import cv2
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import base_config
+
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import Daemon
+    from nexedge.serve.memory import rss_bytes
+
+    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"}, monitor={"window": 200, "min_frames": 50},
+                                       store={"path": tempfile.mkdtemp(prefix="nexedge-cam-")})))
+    d.setup()
+    t = threading.Thread(target=d.serve)
+    t.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(d.endpoints["frames"])
+    png = cv2.imencode(".png", np.zeros((40, 40), np.uint8))[1].tobytes()
+
+    def burst(prefix: str, n: int) -> int:
+        for i in range(n):
+            h = json.dumps({"v": 1, "camera": f"{prefix}{i}", "frame_id": i, "encoding": "png"}).encode()
+            s.send_multipart([b"", h, png])
+            s.poll(10000)
+            s.recv_multipart()
+        time.sleep(1.5)
+        gc.collect()
+        return rss_bytes()
+
+    r0 = burst("warm", 20)
+    r1 = burst("new", 256)
+    r2 = burst("more", 500)
+    d.request_stop()
+    t.join()
+    s.close(0)
+    ctx.term()
+    return (f"new camera ids (sockets.max_cameras 256, monitor window 200, store on): the first 256 cost "
+            f"{(r1 - r0) / 2**20:+.1f} MB ({(r1 - r0) / 256 / 1024:.1f} KB each), 500 more past the bound "
+            f"{(r2 - r1) / 2**20:+.1f} MB")
+
+
+def _model(path: Optional[str]) -> str:
+    if path:
+        return os.path.abspath(path)
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _daemon_util import build_tiny_onnx
+
+    return build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-mem-"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
+    ap.add_argument("--code-roots", default=os.getcwd(),
+                    help="comma-separated checkouts whose nexedge the daemon runs, side by side (e.g. .,/work/main)")
+    ap.add_argument("--n", type=int, default=4, help="messages per flood")
+    ap.add_argument("--parts", type=int, default=40, help="parts per multipart bomb")
+    ap.add_argument("--part-mib", type=int, default=16)
+    ap.add_argument("--kinds", default="multipart,pipelined,mixed", help="floods: multipart, pipelined, mixed, single")
+    ap.add_argument("--max-message-mib", type=int, default=32)
+    ap.add_argument("--probe", choices=("on", "off", "cameras"), help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", help="write the results as a Markdown section here")
+    args = ap.parse_args()
+    model = _model(args.model)
+    if args.probe == "cameras":
+        print(camera_probe(model))
+        return 0
+    if args.probe:
+        in_process(model, args.probe == "on")
+        return 0
+    rows = []
+    load0 = os.getloadavg()
+    for root in [r.strip() for r in args.code_roots.split(",") if r.strip()]:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        for kind in args.kinds.split(","):
+            d = DaemonProc(_config(model, args.max_message_mib << 20), env=env).wait_ready()
+            base = d.status()["rss"]
+            got = flood(d.frames, kind, args.n, args.part_mib, args.parts)
+            time.sleep(3.0)
+            st = d.status()
+            d.stop()
+            rows.append((os.path.abspath(root), kind, base >> 20, st["hwm"] >> 20, st["rss"] >> 20, got))
+            print(f"{root:<20} {kind:<10} base {base >> 20} MB, peak {st['hwm'] >> 20} MB, after 3 s idle "
+                  f"{st['rss'] >> 20} MB, replies {got}", flush=True)
+    probes = []
+    for mode in ("off", "on", "cameras"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model, "--probe", mode],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith(("in-process", "new camera"))]
+        probes.append(line[0] if line else f"probe {mode} failed: {out.stderr[-500:]}")
+        print(probes[-1], flush=True)
+    if args.markdown:
+        md = ["## Daemon memory after floods", "",
+              f"`python benchmarks/bench_memory.py --code-roots {args.code_roots}` on "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load0[0]:.1f} at the start "
+              f"(2-core AMD EPYC, shared). Floods: `multipart` = {args.n} messages of {args.parts} parts x "
+              f"{args.part_mib} MiB sent one after the other, `pipelined` = the same sent at once, `mixed` = "
+              "a bomb then 8 valid raw frames of 0.1-6 Mpx, four times. RSS in MB of the daemon process "
+              "(VmHWM for the peak).", "",
+              "| code | flood | base | peak | after 3 s idle | replies |", "|---|---|---|---|---|---|"]
+        md += [f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in rows]
+        md += ["", "Allocator slack vs held memory (daemon in the probing process, mixed flood, then "
+               "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held; the flood "
+               "client runs in that process too, so its buffers count as well):", ""]
+        md += [f"- {p}" for p in probes]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

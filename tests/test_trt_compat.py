@@ -1,0 +1,191 @@
+"""`nexedge check-onnx`: the static TensorRT lint, its rules, and CI over everything nexedge exports.
+
+The matrix test exports every registered architecture in every crop flavour (host,
+center, five, ten), fp32 and TensorRT Q/DQ INT8, once per (arch, flavour) into a
+module-scoped cache, and requires every graph to pass the rules of TensorRT 8.5,
+8.6 and 10. Tiny inputs (36x36, crop 32) and untrained weights keep it fast.
+
+VGG19 (and its STN variant) is the exception: its 100M-parameter classifier made
+each export + quantization 2-4 minutes on the shared 2-core box (8 of them: 23 min
+of a 57 min suite run). Its fp32 host and TenCrop graphs are linted where
+test_export already exports them; its ops are a subset of ResNet's (STN as in
+resnet*_stn), and the Q/DQ rules depend on the quantizer settings, not the arch.
+"""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from nexedge.export import onnx_check as oc  # noqa: E402
+from nexedge.models import list_models  # noqa: E402
+
+FLAVOURS = ("host", "center", "five", "ten")
+
+
+def _untrained_checkpoint(path, arch, size=36, crop=32):
+    from nexedge.card import ModelCard
+    from nexedge.export.toy import CLASSES
+    from nexedge.models import create_model
+    from nexedge.models.checkpoint import save_checkpoint
+
+    kwargs = {"input_size": [crop, crop]}  # the zoo's factories take the crop size (STN needs it)
+    try:
+        model = create_model(arch, 3, **kwargs)
+    except TypeError:
+        kwargs = {}
+        model = create_model(arch, 3)
+    card = ModelCard.new(CLASSES, resize=(size, size), crop=(crop, crop), crop_mode="ten", color="gray")
+    return save_checkpoint(str(path), model.eval(), arch, CLASSES, "good", arch_kwargs=kwargs, card=card)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Lazily export (arch, flavour) -> {"fp32": path, "int8": TensorRT Q/DQ path}; each only once."""
+    import torch
+
+    from nexedge.card import load_card
+    from nexedge.export import calibrate as cal
+    from nexedge.export import quantize as qz
+    from nexedge.export.onnx_export import export_onnx
+    from nexedge.export.toy import toy_images
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("matrix")
+    cache, ckpts = {}, {}
+
+    def get(arch, flavour):
+        if (arch, flavour) not in cache:
+            if arch not in ckpts:
+                ckpts[arch] = _untrained_checkpoint(root / f"{arch}.pt", arch)
+            fp32 = export_onnx(ckpts[arch], crops=flavour, parity_images=2, max_batch=4, threads=1).path
+            card = load_card(fp32)
+            imgs = toy_images(4, card.input, seed=1)[0]
+            q = fp32.replace(".onnx", ".int8-trt.onnx")
+            qz.quantize_model(fp32, q, card, cal.OrtCalibrationReader(imgs, card, batch_images=4), "tensorrt")
+            cache[(arch, flavour)] = {"fp32": fp32, "int8": q}
+        return cache[(arch, flavour)]
+
+    return get
+
+
+def _matrix():
+    for arch in list_models():
+        if arch.startswith("vgg"):
+            continue  # see the module docstring: linted in test_export
+        for flavour in FLAVOURS:
+            for precision in ("fp32", "int8"):
+                yield pytest.param(arch, flavour, precision, id=f"{arch}-{flavour}-{precision}")
+
+
+@pytest.mark.parametrize("arch,flavour,precision", list(_matrix()))
+def test_every_export_passes_tensorrt_lint(exported, arch, flavour, precision):
+    """Items 1 and 2 can never come back silently: every graph nexedge exports parses on 8.5, 8.6, 10."""
+    path = exported(arch, flavour)[precision]
+    model = onnx.load(path)
+    for target in oc.TARGETS:
+        found = oc.check_onnx(model, target)
+        assert not oc.errors(found), oc.format_findings(path, target, found)
+    if flavour != "host":
+        assert model.graph.node[0].op_type == "Cast" or all(
+            n.op_type == "Cast" for n in model.graph.node if "images" in n.input)
+
+
+def test_export_records_tensorrt_check_in_card(exported):
+    from nexedge.card import load_card
+
+    card = load_card(exported("tiny", "ten")["fp32"])
+    assert card.data["provenance"]["export"]["tensorrt_check"] == {t: "ok" for t in oc.TARGETS}
+
+
+def _io(name, t, shape):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_lint_uint8_rules():
+    """UINT8 into anything but a Cast is an error for every target (the old in-graph export)."""
+    x = _io("images", TensorProto.UINT8, [1, 4, 4, 1])
+    y = _io("y", TensorProto.FLOAT, [1, 1, 4, 4])
+    old = _model([helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT)], [x], [y])
+    new = _model([helper.make_node("Cast", ["images"], ["c"], to=TensorProto.FLOAT),
+                  helper.make_node("Transpose", ["c"], ["y"], perm=[0, 3, 1, 2])], [x], [y])
+    for t in oc.TARGETS:
+        rules = {f.rule for f in oc.errors(oc.check_onnx(old, t))}
+        assert rules == {"uint8"}, t
+        assert not oc.check_onnx(new, t), t
+
+
+def _qdq_model(bias_type=TensorProto.INT32, zp=0, zp_type=TensorProto.INT8, axis=0):
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "w")
+    ws = numpy_helper.from_array(np.full(2, 0.1, np.float32), "ws")
+    wz = numpy_helper.from_array(np.zeros(2, np.int8), "wz")
+    b = helper.make_tensor("b", bias_type, [2], [1, 2])
+    bs = numpy_helper.from_array(np.full(2, 0.01, np.float32), "bs")
+    s = numpy_helper.from_array(np.array(0.02, np.float32), "s")
+    z = helper.make_tensor("z", zp_type, [], [zp])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=axis),
+             helper.make_node("DequantizeLinear", ["b", "bs"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"])]
+    return _model(nodes, [_io("x", TensorProto.FLOAT, [1, 1, 4, 4])], [_io("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                  [w, ws, wz, b, bs, s, z])
+
+
+def test_lint_qdq_rules():
+    """INT32 DequantizeLinear input (quantized bias), non-zero / uint8 zero points, wrong per-channel axis."""
+    for t in oc.TARGETS:
+        found = oc.errors(oc.check_onnx(_qdq_model(), t))
+        assert [f.rule for f in found] == ["qdq-input"] and "'b' is INT32" in found[0].message
+    assert {f.rule for f in oc.errors(oc.check_onnx(_qdq_model(zp=3), "trt10"))} >= {"qdq-zero-point"}
+    bad_type = oc.errors(oc.check_onnx(_qdq_model(zp_type=TensorProto.UINT8), "trt8.6"))
+    assert any("UINT8" in f.message for f in bad_type)
+    assert any(f.rule == "qdq-axis" for f in oc.errors(oc.check_onnx(_qdq_model(axis=1), "trt8.5")))
+
+
+def test_lint_ops_types_opset_and_dla():
+    x, y = _io("x", TensorProto.FLOAT, ["batch", 4]), _io("y", TensorProto.FLOAT, ["batch", 4])
+    m = _model([helper.make_node("Unique", ["x"], ["y"])], [x], [y])
+    assert any(f.rule == "op" and "Unique" in f.message for f in oc.errors(oc.check_onnx(m, "trt10")))
+    ln = _model([helper.make_node("LayerNormalization", ["x", "g"], ["y"])], [x], [y],
+                [numpy_helper.from_array(np.ones(4, np.float32), "g")])
+    assert any(f.level == "warning" and f.rule == "op" for f in oc.check_onnx(ln, "trt8.5"))
+    assert not oc.check_onnx(ln, "trt8.6")
+    d = _model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)], [x],
+               [_io("y", TensorProto.DOUBLE, ["batch", 4])])
+    assert any(f.rule == "dtype" and "DOUBLE" in f.message for f in oc.errors(oc.check_onnx(d, "trt8.6")))
+    r = _model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=21)
+    assert [f.rule for f in oc.check_onnx(r, "trt8.6")] == ["opset"] and not oc.check_onnx(r, "trt10") == []
+    dla = oc.check_onnx(r, "trt10", dla=True)
+    assert any(f.rule == "dla-shape" for f in dla)
+    assert any(f.rule == "dla-qdq" for f in oc.errors(oc.check_onnx(_qdq_model(bias_type=TensorProto.INT8),
+                                                                  "trt8.6", dla=True)))
+    with pytest.raises(ValueError, match="unknown TensorRT target 'trt7'; expected one of trt8.5, trt8.6, trt10"):
+        oc.check_onnx(r, "trt7")
+    assert [oc.target_for_version(v) for v in ("8.5.2.2", "8.6.1", "10.3.0", "10.13")] == [
+        "trt8.5", "trt8.6", "trt10", "trt10"]
+
+
+def test_cli_check_onnx(exported, tmp_path, capsys):
+    from nexedge.cli import main
+
+    good = exported("tiny", "ten")["int8"]
+    assert main(["check-onnx", good]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{good}: {t}: ok" in out for t in oc.TARGETS)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_qdq_model(), str(bad))
+    assert main(["check-onnx", str(bad), "--target", "trt8.5"]) == 1
+    out = capsys.readouterr().out
+    assert "trt8.5: 1 error(s)" in out and "[qdq-input]" in out and "only activation types" in out
+    assert main(["check-onnx", str(bad), "--target", "trt9"]) == 1
+    assert "unknown TensorRT target 'trt9'" in capsys.readouterr().err
