@@ -1,6 +1,7 @@
 """`nexedge check-onnx`: the static TensorRT lint, its rules, and CI over everything nexedge exports.
 
-The matrix test exports every registered architecture in every crop flavour (host,
+The matrix test exports one architecture per layer family (MATRIX_ARCHS; a test checks that
+the others add no layer type) in every crop flavour (host,
 center, five, ten), fp32 and TensorRT Q/DQ INT8, once per (arch, flavour) into a
 module-scoped cache, and requires every graph to pass the rules of TensorRT 8.5,
 8.6 and 10. Tiny inputs (36x36, crop 32) and untrained weights keep it fast.
@@ -72,10 +73,16 @@ def exported(tmp_path_factory):
     return get
 
 
+# One architecture per op family: resnet34/50 (and their STN variants) are the same op types as
+# resnet18/_stn, Lite1/2 the same as Lite0 at other widths. Every architecture's fp32 host and
+# TenCrop graphs are linted in test_export, so what the matrix adds (flavours x Q/DQ) is per family.
+MATRIX_ARCHS = ("resnet18", "resnet18_stn", "resnet18_att2", "small_max", "tiny", "efficientnet_lite0")
+
+
 def _matrix():
     for arch in list_models():
-        if arch.startswith("vgg"):
-            continue  # see the module docstring: linted in test_export
+        if arch not in MATRIX_ARCHS:
+            continue  # see above and the module docstring
         for flavour in FLAVOURS:
             for precision in ("fp32", "int8"):
                 yield pytest.param(arch, flavour, precision, id=f"{arch}-{flavour}-{precision}")
@@ -189,3 +196,22 @@ def test_cli_check_onnx(exported, tmp_path, capsys):
     assert "trt8.5: 1 error(s)" in out and "[qdq-input]" in out and "only activation types" in out
     assert main(["check-onnx", str(bad), "--target", "trt9"]) == 1
     assert "unknown TensorRT target 'trt9'" in capsys.readouterr().err
+
+
+def test_matrix_covers_every_architecture_module_type():
+    """Leaving an architecture out of the matrix is only sound while its layer types are
+    covered there: a new architecture with a new layer type fails here until it joins."""
+    from nexedge.models import create_model
+
+    def module_types(arch):
+        try:
+            model = create_model(arch, 3, input_size=[32, 32])
+        except TypeError:
+            model = create_model(arch, 3)
+        return {type(m) for m in model.modules() if not list(m.children())}
+
+    covered = set().union(*(module_types(a) for a in MATRIX_ARCHS))
+    for arch in list_models():
+        if arch not in MATRIX_ARCHS and not arch.startswith("vgg"):  # VGG: module docstring
+            missing = module_types(arch) - covered
+            assert not missing, f"{arch} has layer types {missing} that the lint matrix never exports"
