@@ -37,7 +37,7 @@ import shlex
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -268,15 +268,20 @@ def compare_main(args: argparse.Namespace, argv: List[str]) -> int:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ] + ["| " + " | ".join(r) + " |" for r in body] + [""]
+    _write_section(lines, args.markdown, rows)
+    return 0
+
+
+def _write_section(lines: List[str], path: Optional[str], payload: Any) -> None:
+    """Print a Markdown section; with ``path``, write it there and ``payload`` beside it as JSON."""
     md = "\n".join(lines)
     print(md)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
             f.write(md)
-        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1, default=str)
-    return 0
+        with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1, default=str)
 
 
 def speed_main(args: argparse.Namespace, argv: List[str]) -> int:
@@ -318,14 +323,8 @@ def speed_main(args: argparse.Namespace, argv: List[str]) -> int:
         f"(`--no-cache` turns it off); the random rotation/affine/jitter augmentation {data['augment_ms']:.2f} ms.",
         "",
     ]
-    md = "\n".join(lines)
-    print(md)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(md)
-        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
-            json.dump({"steps": rows, "data": data, "crop": args.crop, "batch": args.batch_size}, f, indent=1)
+    _write_section(lines, args.markdown,
+                   {"steps": rows, "data": data, "crop": args.crop, "batch": args.batch_size})
     return 0
 
 
