@@ -37,6 +37,10 @@ OPS = ("status", "load", "promote", "rollback", "unload", "report")
 MAX_REQUEST_BYTES = 64 << 10
 
 
+class ControlTimeout(RuntimeError):
+    """The daemon did not answer a control request in time."""
+
+
 class ControlServer:
     """A thread with its own ROUTER socket serving one :class:`~nexedge.serve.lifecycle.Lifecycle`."""
 
@@ -192,7 +196,7 @@ class ControlClient:
         self.timeout_s = timeout_s
 
     def call(self, op: str, **fields: Any) -> Dict[str, Any]:
-        """Send one request; the reply dict (``ok`` false with ``error`` when refused). TimeoutError
+        """Send one request; the reply dict (``ok`` false with ``error`` when refused). ControlTimeout
         when the daemon does not answer within the timeout."""
         req = {"v": PROTOCOL_VERSION, "op": op}
         req.update(fields)
@@ -200,7 +204,7 @@ class ControlClient:
             self.sock.send(json.dumps(req).encode("utf-8"))
             return json.loads(self.sock.recv().decode("utf-8"))
         except zmq.Again:
-            raise TimeoutError(f"no reply from the daemon's control endpoint {self.endpoint} within "
+            raise ControlTimeout(f"no reply from the daemon's control endpoint {self.endpoint} within "
                                f"{self.timeout_s:g} s (is lifecycle.control set, and the daemon running?)") from None
 
     def close(self) -> None:

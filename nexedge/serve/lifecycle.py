@@ -547,10 +547,13 @@ class Lifecycle:
                f"limits [{lim['lcl']:.4f}, {lim['ucl']:.4f}] (previous model p {lim['p']:.4f} over "
                f"{int(lim['baseline'])} frames)")
         log.warning("AUTOMATIC ROLLBACK of %s: %s", self.active.model_id if self.active else "?", msg)
-        try:
-            self.rollback("auto-rollback", reason=msg)
-        except LifecycleError as e:
-            log.error("automatic rollback failed: %s", e)
+
+        def run() -> None:  # not on the worker: a load in progress holds the operation lock for seconds
+            try:
+                self.rollback("auto-rollback", reason=msg)
+            except LifecycleError as e:
+                log.error("automatic rollback failed: %s", e)
+        threading.Thread(target=run, name="nexedge-auto-rollback", daemon=True).start()
 
     def maybe_auto_promote(self, frames: int, disagreements: int) -> None:
         """Called by the shadow scorer: promote when the configured rule holds."""
