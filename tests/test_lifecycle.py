@@ -169,6 +169,13 @@ def test_shadow_identical_100_percent_then_different_exact_counts(models, tmp_pa
         assert row["shadow"]["model_id"] == cand_id and row["shadow"]["decision"] == cand_dec[i]
         assert row["shadow"]["score"] == pytest.approx(sb[i], abs=1e-5)
     store.close()
+    # people label exactly the frames where the models differ
+    from nexedge.cli import main as nexedge_main
+
+    assert nexedge_main(["pull", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "pulled"), "--kind",
+                         "shadow", "--no-progress"]) == 0
+    manifest = [json.loads(x) for x in (tmp_path / "pulled" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == rep["disagree"] and all(m["kind"] == "shadow" and m["shadow"] for m in manifest)
 
 
 def test_swap_under_load_loses_nothing_and_rollback_acts_within_a_batch(models):

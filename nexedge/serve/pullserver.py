@@ -6,7 +6,7 @@ empty delimiter) client:
 
 * ``{"v": 1, "op": "hello"}`` -> ``{"ok": true, "v": 1, "store_id", "pending"}``
 * ``{"v": 1, "op": "page", "after_id": N|null, "limit": N, "filters": {camera,
-  since, until, decision, reason}}`` -> ``[{"ok": true, "samples": [row, ...],
+  since, until, decision, reason, kind}}`` -> ``[{"ok": true, "samples": [row, ...],
   "skipped": k}, image bytes of row 0, image bytes of row 1, ...]``; rows in id
   order, pending only, at most ``limit`` (capped) rows and about
   ``max_page_bytes`` of images. A row whose image retention removed meanwhile
@@ -83,7 +83,7 @@ class Lease:
         for i in ids:
             self._ids.pop(i, None)
         return ids
-FILTER_KEYS = ("camera", "since", "until", "decision", "reason")
+FILTER_KEYS = ("camera", "since", "until", "decision", "reason", "kind")
 
 
 def is_loopback(endpoint: str) -> bool:
