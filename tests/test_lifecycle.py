@@ -498,3 +498,17 @@ def test_cli_and_sighup_on_a_daemon_process(models, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_shift_monitor_rebases_on_a_model_change(models):
+    """After a swap the monitor compares against the new card's references with fresh windows."""
+    from nexedge.serve.monitor import ShiftMonitor
+
+    a, b = read_card(card_path_for(models["active"])), read_card(card_path_for(models["other"]))
+    a.data["val_scores"] = {"edges": [0.0, 0.5, 1.0], "good": [90, 10], "defect": [10, 90]}
+    mon = ShiftMonitor(a, window=10, min_frames=5)
+    for i in range(8):
+        mon.observe("cam", 0.2, "PASS", False, (0.5, 0.1, 0.1))
+    assert mon.snapshot()["cam"]["frames"] == 8 and mon._ref is not None
+    mon.rebase(b)  # b's card has no val_scores: no score reference, windows start again
+    assert mon.snapshot() == {} and mon._ref is None

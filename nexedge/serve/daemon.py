@@ -148,6 +148,7 @@ class Daemon(IngestMixin):
                                         max_cameras=cfg.sockets.max_cameras)
             mon = self.monitor
             self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
+            self.models.on_active.append(lambda slot: mon.rebase(slot.card))
         if cfg.auth is not None:
             from nexedge.serve.auth import CurveConfig
 

@@ -467,8 +467,8 @@ class Lifecycle:
             cand = self.candidate
             if cand is None:
                 raise LifecycleError("promote: no candidate is loaded; `nexedge line load ARTIFACT` first")
-            with self.batch_lock:
-                old = self.active
+            with self.batch_lock, cand.use_lock:  # the shadow scorer is done with it (TensorRT contexts are
+                old = self.active                 # not thread-safe: never two threads on one model)
                 self.active, self.candidate = cand, None
                 closing = self._retire(old)
                 limits = self.pchart.arm()
