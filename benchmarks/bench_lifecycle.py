@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -55,6 +55,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--markdown", help="write the Markdown section here")
     p.add_argument("--json", help="write the raw numbers here")
     return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, work: str) -> Tuple[str, str]:
+    """A toy ``--arch`` checkpoint (a few steps: the weights do not matter for timing) -> host-crop
+    TenCrop ONNX fp32."""
+    from nexedge.export.onnx_export import export_onnx
+    from nexedge.export.toy import train_toy_checkpoint
+
+    inp = {"color": "gray", "resize": [args.size, args.size], "crop": [args.size - 8, args.size - 8],
+           "crop_mode": "ten"}
+    print(f"building a toy {args.arch} ({args.size} px, ten crops) ...", flush=True)
+    ck = train_toy_checkpoint(os.path.join(work, "toy.pt"), arch=args.arch, inp=inp, steps=2, n_val=20)
+    onnx = export_onnx(ck, os.path.join(work, "toy.onnx"), crops="host", max_batch=64).path
+    return onnx, f"toy {args.arch} (2 training steps), {args.size} px gray, ten crops on the host, ONNX Runtime fp32"
 
 
 def _copy_model(src: str, dst_dir: str, name: str) -> str:
@@ -84,7 +98,6 @@ def _frames(side: int) -> List[Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from _daemon_proc import DaemonProc
-    from bench_daemon import build_model
 
     from nexedge.bench.env import capture
     from nexedge.card import load_card
@@ -96,7 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.model:
         model, desc = os.path.abspath(args.model), f"given model {os.path.basename(args.model)}"
     else:
-        args.precision, args.crop_mode = "fp32", "ten"
         model, desc = build_model(args, work)
     cand = _copy_model(model, work, "candidate")
     sims = _frames(int(round(1.5 * load_card(model).input["resize"][0])))

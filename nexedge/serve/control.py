@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 import zmq
 
 from nexedge.serve.lifecycle import LifecycleError
-from nexedge.serve.pullserver import is_loopback
+from nexedge.serve.pullserver import bind_router, close_router, is_loopback, split_envelope
 
 log = logging.getLogger("nexedge.serve")
 PROTOCOL_VERSION = 1
@@ -62,25 +62,9 @@ class ControlServer:
         self._ctx: Optional[zmq.Context] = None
 
     def start(self) -> "ControlServer":
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        try:
-            if self.auth is not None:
-                self.auth.apply_server(sock)
-            try:
-                sock.bind(self.bind)
-            except zmq.ZMQError as e:
-                raise RuntimeError(f"cannot bind lifecycle.control={self.bind!r}: {e}") from e
-        except BaseException:
-            sock.close(linger=0)
-            if self.auth is not None:
-                self.auth.stop(ctx)
-            ctx.term()
-            raise
+        """Bind (errors surface here) and serve in a background thread."""
+        self._ctx, sock = bind_router(self.bind, self.auth, "lifecycle.control", MAX_REQUEST_BYTES)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._ctx = ctx
         self._thread = threading.Thread(target=self._serve, args=(sock,), name="nexedge-control", daemon=True)
         self._thread.start()
         log.info("control endpoint on %s (%s)", self.endpoint, "CURVE" if self.auth else "loopback, no auth")
@@ -92,10 +76,8 @@ class ControlServer:
         self._stop.set()
         self._thread.join(timeout)
         self._thread = None
-        if self.auth is not None and self._ctx is not None:
-            self.auth.stop(self._ctx)
         if self._ctx is not None:
-            self._ctx.term()
+            close_router(self._ctx, None, self.auth)
         self._ctx = None
 
     def _serve(self, sock: zmq.Socket) -> None:
@@ -103,11 +85,7 @@ class ControlServer:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
-                msg = sock.recv_multipart(copy=False)
-                if len(msg) >= 3 and msg[1].bytes == b"":
-                    head, body = msg[:2], msg[2:]
-                else:
-                    head, body = msg[:1], msg[1:]
+                head, body = split_envelope(sock.recv_multipart(copy=False))
                 self.counters["requests"] += 1
                 try:
                     reply = self._handle(body)
