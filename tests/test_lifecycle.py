@@ -507,7 +507,7 @@ def test_shift_monitor_rebases_on_a_model_change(models):
     a, b = read_card(card_path_for(models["active"])), read_card(card_path_for(models["other"]))
     a.data["val_scores"] = {"edges": [0.0, 0.5, 1.0], "good": [90, 10], "defect": [10, 90]}
     mon = ShiftMonitor(a, window=10, min_frames=5)
-    for i in range(8):
+    for _ in range(8):
         mon.observe("cam", 0.2, "PASS", False, (0.5, 0.1, 0.1))
     assert mon.snapshot()["cam"]["frames"] == 8 and mon._ref is not None
     mon.rebase(b)  # b's card has no val_scores: no score reference, windows start again

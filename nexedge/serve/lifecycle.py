@@ -233,6 +233,8 @@ class Lifecycle:
         self.on_active: List[Callable[[Slot], None]] = []  # called after the active model changed
         self.on_candidate: List[Callable[[Optional[Slot]], None]] = []  # called when the candidate changed
         self.shadow: Any = None  # the ShadowScorer, when the daemon runs one
+        p = cfg.model.path
+        self._config_seen = (os.path.abspath(p), sha256_file(p) if os.path.isfile(p) else None)  # for SIGHUP
 
     # -- opening -----------------------------------------------------------------
     def open_initial(self) -> Slot:
@@ -517,11 +519,17 @@ class Lifecycle:
             old.close()
 
     def reload_config_path(self, path: str, who: str = "SIGHUP") -> Optional[Dict[str, Any]]:
-        """SIGHUP: make ``path`` (the config's model.path) active unless it already is."""
-        if os.path.isfile(path) and self.active is not None and sha256_file(path) == self.active.sha256:
-            log.info("SIGHUP: model.path %s is the active model already (%s)", path, self.active.model_id)
+        """SIGHUP: make ``path`` (the config's model.path) active when it changed (another path, or
+        other bytes) since the start or the last SIGHUP. An unchanged model.path does nothing, so a
+        reload cannot undo a promotion made over the control endpoint."""
+        seen = (os.path.abspath(path), sha256_file(path) if os.path.isfile(path) else None)
+        if seen == self._config_seen:
+            log.info("SIGHUP: model.path %s unchanged since it was last read; still running %s", path,
+                     self.active.model_id if self.active else "?")
             return None
-        return self.load(path, "active", who)
+        out = self.load(path, "active", who)
+        self._config_seen = seen
+        return out
 
     def hup(self, read_path: Callable[[], str]) -> None:
         """SIGHUP (signal-safe): re-read the config's model.path on a helper thread and make it active.
