@@ -3,6 +3,7 @@ ONNX Runtime sessions of tiny models, real SQLite store, the control endpoint ov
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -317,6 +318,11 @@ def test_refusals_are_clear_and_the_line_keeps_running(models, tmp_path):
         while time.monotonic() < end and d.card.model_id == a_id:
             time.sleep(0.05)
         assert d.card.model_id != a_id and d.models.history[-1]["who"] == "SIGHUP"
+        # max_models 2 with active + previous resident: a new candidate first unloads the previous model
+        assert c.call("status")["status"]["previous"]["model_id"] == a_id
+        d.models.lc.max_models = 2
+        st = c.call("load", path=models["twin"])["status"]
+        assert st["previous"] is None and st["candidate"]["path"] == models["twin"]
 
 
 def test_auto_rollback_on_reject_rate_and_rule_based_promotion(models, tmp_path):
@@ -374,6 +380,10 @@ def test_control_endpoint_auth_rules(models, tmp_path):
         C.from_dict({"model": {"path": models["active"]}, "lifecycle": {"control": "tcp://0.0.0.0:5558"}})
     with pytest.raises(ValueError, match="not loopback"):
         ControlServer(None, "tcp://0.0.0.0:5558")
+    for key, value, needle in (("max_models", 1, "must be 2 or 3"), ("memory_limit", "lots", "not a size"),
+                               ("shadow_fraction", 1.5, "[0, 1]"), ("control", "localhost:5558", "not a ZeroMQ")):
+        with pytest.raises(C.ConfigError, match=f"lifecycle.{key}.*{re.escape(needle)}"):
+            C.from_dict({"model": {"path": models["active"]}, "lifecycle": {key: value}})
     from nexedge.serve.auth import CurveClient, make_keypair
 
     keys = tmp_path / "keys"

@@ -322,8 +322,9 @@ def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:
             raise ConfigError(f"lifecycle.control: {lc.control!r} is not loopback: changing the line's model needs "
                               "the auth section (CurveZMQ allow-list) or a loopback address such as "
                               "tcp://127.0.0.1:5558")
-    if not 1 <= lc.max_models <= 3:
-        raise ConfigError(f"lifecycle.max_models: {lc.max_models} must be 1, 2 or 3 (active, candidate, previous)")
+    if not 2 <= lc.max_models <= 3:
+        raise ConfigError(f"lifecycle.max_models: {lc.max_models} must be 2 or 3 (active + candidate or previous; a "
+                          "swap without stopping the line needs the new model loaded beside the old one)")
     if lc.memory_limit is not None:
         parse_size(lc.memory_limit, "lifecycle.memory_limit")
     if not 0.0 <= lc.shadow_fraction <= 1.0:
