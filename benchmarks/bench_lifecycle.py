@@ -15,7 +15,7 @@ One real ``nexedge-daemon`` process (lifecycle.control on loopback), simulated c
    same CPU); lost frames and RECHECKs in each phase.
 
 Without ``--model`` it builds the toy model of bench_daemon.py (fp32). The candidate is a copy
-of the model under another name: the same compute, another model id. The toy card's operating
+of the model with another doc string: the same compute, other bytes and model id. The toy card's operating
 points are not measured on the artifact, so the daemon runs with ``decision.allow_unmeasured``.
 
     python benchmarks/bench_lifecycle.py --markdown benchmarks/results/lifecycle.md
@@ -26,7 +26,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import threading
@@ -45,12 +44,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=".onnx model with its card (default: build the toy model of bench_daemon.py)")
+    p.add_argument("--model-note", default="", help="with --model: what the model is, for the Markdown section")
     p.add_argument("--arch", default="resnet18", help="toy model arch when --model is not given (default %(default)s)")
     p.add_argument("--size", type=int, default=72, help="toy model resize (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="daemon max_batch (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per model (default %(default)s)")
     p.add_argument("--cameras", type=int, default=2, help="simulated cameras (default %(default)s)")
     p.add_argument("--seconds", type=float, default=12.0, help="seconds per measured phase (default %(default)s)")
+    p.add_argument("--deadline-ms", type=float, default=5000.0,
+                   help="daemon batching.deadline_ms; raise it on a busy machine where a batch can take seconds "
+                        "(default %(default)s)")
     p.add_argument("--load", type=float, default=0.5, help="open-loop load as a share of capacity (default %(default)s)")
     p.add_argument("--markdown", help="write the Markdown section here")
     p.add_argument("--json", help="write the raw numbers here")
@@ -72,11 +75,15 @@ def build_model(args: argparse.Namespace, work: str) -> Tuple[str, str]:
 
 
 def _copy_model(src: str, dst_dir: str, name: str) -> str:
+    import onnx
+
     from nexedge.card import card_path_for, read_card
 
     dst = os.path.join(dst_dir, name + ".onnx")
-    shutil.copy(src, dst)
-    read_card(card_path_for(src)).save_for(dst)  # stamps the new name: its own model id, the same bytes
+    m = onnx.load(src)
+    m.doc_string = (m.doc_string or "") + f" [{name}: same graph and weights, other bytes]"
+    onnx.save(m, dst)  # other bytes (sha256) than the active model: a load --as active of the same bytes is refused
+    read_card(card_path_for(src)).save_for(dst)  # stamps the new name and sha256
     return dst
 
 
@@ -107,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = capture()
     work = tempfile.mkdtemp(prefix="bench-lifecycle-")
     if args.model:
-        model, desc = os.path.abspath(args.model), f"given model {os.path.basename(args.model)}"
+        model, desc = os.path.abspath(args.model), f"given model {os.path.basename(args.model)} {args.model_note}"
     else:
         model, desc = build_model(args, work)
     cand = _copy_model(model, work, "candidate")
@@ -121,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "model": {"path": model, "warmup": 2, "options": {"intra_threads": args.threads}},
         "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*", "decode_workers": 1},
         "batching": {"max_batch": args.max_batch, "max_delay_ms": 5, "max_queue": max(64, 8 * args.max_batch),
-                     "deadline_ms": 5000},
+                     "deadline_ms": args.deadline_ms},
         "decision": {"allow_unmeasured": True},
         "uncertain": {"band": 1.0, "audit_fraction": 0.0},
         "metrics": {"host": "127.0.0.1", "port": 0},
@@ -225,7 +232,7 @@ def write_markdown(args: argparse.Namespace, r: Dict[str, Any], env: Dict[str, A
         f"{' '.join(f'{x:.2f}' for x in r['load_average_end'])} (a shared dev box)",
         f"- command: `{cmd}`",
         f"- model: {r['model']}; candidate: a copy of it under another name (same compute); daemon max_batch "
-        f"{args.max_batch}, {args.threads} ORT thread(s) per model, 1 decode worker; {args.cameras} simulated "
+        f"{args.max_batch}, deadline {args.deadline_ms:g} ms, {args.threads} ORT thread(s) per model, 1 decode worker; {args.cameras} simulated "
         "cameras (native protocol, PNG frames) in the benchmark process, the daemon in its own process, same CPU",
         "",
         "Throughput, saturated (cameras send as fast as verdicts come back):",
@@ -256,8 +263,9 @@ def write_markdown(args: argparse.Namespace, r: Dict[str, Any], env: Dict[str, A
         lines.append(f"| {name} | {lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {s['received']} | "
                      f"{s['lost']} | {s['decisions'].get('RECHECK', 0)} |")
     sw = r["swap_call_s"]
-    lines += ["", f"A swap call (open + warm + check + swap for a load, the swap alone for a rollback) took "
-              f"{sw['median']:.2f} s median, {sw['max']:.2f} s at most; the line kept inspecting meanwhile. "
+    took = "no swap call completed" if sw["median"] is None else f"{sw['median']:.2f} s median, {sw['max']:.2f} s at most"
+    lines += ["", f"A swap call (open + warm + check + swap for a load, the swap alone for a rollback): {took}; "
+              "the line kept inspecting meanwhile. "
               "Shadow skips at 50 % load: " + _skips(r["shadow_report_load"]) + ".", ""]
     st = r["status_with_candidate"]
     lines += [f"Memory: the candidate added {st['candidate']['memory_bytes'] / 1048576:.1f} MiB to the daemon's RSS "
