@@ -231,7 +231,8 @@ def write_markdown(args: argparse.Namespace, r: Dict[str, Any], env: Dict[str, A
         f"load average at start {' '.join(str(x) for x in env.get('load_average') or [])}, at the end "
         f"{' '.join(f'{x:.2f}' for x in r['load_average_end'])} (a shared dev box)",
         f"- command: `{cmd}`",
-        f"- model: {r['model']}; candidate: a copy of it under another name (same compute); daemon max_batch "
+        f"- model: {r['model']}; candidate: the same graph and weights with another doc string (same compute, other "
+        f"bytes and model id); daemon max_batch "
         f"{args.max_batch}, deadline {args.deadline_ms:g} ms, {args.threads} ORT thread(s) per model, 1 decode worker; {args.cameras} simulated "
         "cameras (native protocol, PNG frames) in the benchmark process, the daemon in its own process, same CPU",
         "",
@@ -265,8 +266,13 @@ def write_markdown(args: argparse.Namespace, r: Dict[str, Any], env: Dict[str, A
     sw = r["swap_call_s"]
     took = "no swap call completed" if sw["median"] is None else f"{sw['median']:.2f} s median, {sw['max']:.2f} s at most"
     lines += ["", f"A swap call (open + warm + check + swap for a load, the swap alone for a rollback): {took}; "
-              "the line kept inspecting meanwhile. "
-              "Shadow skips at 50 % load: " + _skips(r["shadow_report_load"]) + ".", ""]
+              "the line kept inspecting meanwhile.", "",
+              f"At {100 * args.load:.0f} % load the shadow scored {r['shadow_report_load']['frames']} frames and skipped "
+              f"{r['shadow_report_load']['skipped']} ({_skips(r['shadow_report_load'])}); agreement "
+              f"{_pct(r['shadow_report_load']['agreement'])}. The shadow yields to the line (`line_busy`: a full batch "
+              "is waiting for the active model), so at saturation it scores little and costs little throughput; "
+              "below saturation it scores most frames and its CPU shows in the active model's latency on a 2-core "
+              "box.", ""]
     st = r["status_with_candidate"]
     lines += [f"Memory: the candidate added {st['candidate']['memory_bytes'] / 1048576:.1f} MiB to the daemon's RSS "
               f"when it was loaded and warmed (the file is {os.path.getsize(st['candidate']['path']) / 1048576:.1f} "

@@ -205,9 +205,10 @@ class ShadowScorer:
         return n, n - agree
 
     def new_candidate(self, slot: Any) -> None:
-        """The candidate changed (loaded, promoted, unloaded): start its statistics afresh."""
+        """A candidate was loaded (also the same model again): its shadow period starts afresh. When it
+        is promoted or unloaded (``slot`` None) the last statistics stay readable."""
         with self._lock:
-            if slot is not None and slot.model_id != self.candidate_id:
+            if slot is not None:
                 self._reset(slot.model_id)
 
     def idle(self) -> bool:
