@@ -232,13 +232,18 @@ def test_swap_under_load_loses_nothing_and_rollback_acts_within_a_batch(models):
     assert decisions <= {"PASS", "REJECT"}, "a frame was RECHECKed during a swap"
     ids = [v["model_id"] for v, _ in verdicts.values()]
     assert ids.count(a_id) > 0 and ids.count(b_id) > 0
-    # every frame sent after the rollback returned was decided by the old model; after the
-    # later `load --as active` by the new one: the swap takes effect at the next batch
-    for key, (v, _) in verdicts.items():
-        if t_rollback < sent_at[key] < t_load_start:
+    # every frame sent after the rollback returned (and answered before the next swap began) was decided
+    # by the old model; every frame sent after the later `load --as active` returned, by the new one:
+    # a swap takes effect at the next batch
+    after_rollback = after_load = 0
+    for key, (v, t_answer) in verdicts.items():
+        if t_rollback < sent_at[key] and t_answer < t_load_start:
             assert v["model_id"] == a_id, (key, v)
+            after_rollback += 1
         if sent_at[key] > t_load_active:
             assert v["model_id"] == b_id, (key, v)
+            after_load += 1
+    assert after_rollback > 0 and after_load > 0
     assert status["changes"] == {"load": 2, "promote": 1, "rollback": 1}
     assert [h["event"] for h in status["history"]] == ["model_load", "model_promote", "model_rollback", "model_load"]
     assert all(h["who"].startswith("loopback") for h in status["history"])
