@@ -72,6 +72,7 @@ class Scene:
     top_edge: float = 0.0
     glare: float = 0.0
     mark_width: float = 1.0
+    outline: float = 1.0  # level of the moulded pocket's outline strokes (real look: faint)
 
     @property
     def real(self) -> bool:
@@ -171,7 +172,8 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     sc.arcs = [(float(rng.integers(0, 2)), u(0.25, 0.8), u(25.0, 60.0), u(0.5, 1.2)) for _ in range(n_arcs)]
     sc.top_edge = u(0.6, 1.5)
     sc.glare = u(0.2, 0.35)
-    sc.blur = sc.style.blur * u(1.0, 1.3)
+    sc.blur = sc.style.blur * u(1.4, 1.8)
+    sc.outline = u(0.2, 0.4)  # real pockets show broken glints (above), not a full bright outline
 
 
 
@@ -282,7 +284,7 @@ def draw_background(sc: Scene) -> np.ndarray:
     cv2.ellipse(rim, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
     cv2.ellipse(rim, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
     cv2.line(rim, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w]
+    img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w] * np.float32(sc.outline)
     # punched hole in the pocket floor (hidden under the device)
     hc = (int(round((sc.cx + sc.pocket_dx) * sc.sx)), int(round((sc.cy + sc.pocket_dy) * sc.sy)))
     cv2.circle(img, hc, int(round(13 * s)), 6.0, -1, cv2.LINE_AA)

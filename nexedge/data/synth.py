@@ -101,7 +101,8 @@ def _finish(canvas: np.ndarray, sc: Scene, noise: np.random.SeedSequence, out_wh
     img = canvas * (fy * fx) + np.float32(st.offset)
     img = cv2.GaussianBlur(img, (0, 0), sc.blur * sc.s)
     rng = np.random.default_rng(noise)
-    var = cv2.max(img, 0.0) * np.float32(st.shot) + np.float32(st.noise**2)
+    k = 1.4 if sc.real else 1.0  # real line images are noisier than the legacy sensor model
+    var = cv2.max(img, 0.0) * np.float32(st.shot * k * k) + np.float32((k * st.noise) ** 2)
     n = rng.standard_normal((h, w), dtype=np.float32)
     if sc.real:  # grainy, not white: part of the noise is correlated over about a pixel
         n = np.float32(0.85) * n + np.float32(1.1) * cv2.GaussianBlur(n, (0, 0), 0.7 * sc.s)
