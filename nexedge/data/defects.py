@@ -91,9 +91,11 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         q = lead_quad(sc, sc.leads[i], 0.25, 0.95)
         f = rng.uniform(0.0, 1.0)
         c = (q[0] * (1 - f) + q[3] * f + q[1] * (1 - f) + q[2] * f) / 2 + rng.normal(0, 3 * s, 2)
+        # glue is a dull patch: it returns a fraction of the light of the plated metal under it
+        # (a fixed gray matched the lead's own mid and tip bands and vanished there)
         p = {"lead": i, "blob": _blob(rng, (c[0], c[1]), (2.5 + 10.0 * sv) * s, 9),
-             "gray": rng.uniform(105.0, 150.0)}
-        if sc.real:  # glue wets the metal: irregular outline, soft edge
+             "dim": rng.uniform(0.4, 0.6)}
+        if sc.real:  # glue wets the metal: irregular outline, soft edge (drawn after the legacy draws)
             p["blob"] = _blob(rng, (c[0], c[1]), (2.5 + 10.0 * sv) * s, 13)
             p["soft"] = 0.7 * s
     elif kind == "lead_defect":
@@ -221,7 +223,9 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         dev += line * clip * np.float32(p["delta"])
     elif d.kind == "lead_glue":
         m = _soft(_poly_mask(dev.shape, p["blob"]), p)
-        dev[:] = dev * (1 - m) + m * p["gray"]
+        w = m * alpha
+        under = float((dev * w).sum() / w.sum()) if w.sum() > 0 else float(sc.leads[p["lead"]].levels[0])
+        dev[:] = dev * (1 - m) + m * (p["dim"] * under)
         np.maximum(alpha, m, out=alpha)
 
 
