@@ -145,13 +145,12 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     """Real-look scene values, calibrated on real Nexperia line images (docs/synth.md, realism).
 
     Measured there (min-max stretched, 221 x 215): the moulded body is about twice as bright
-    as the pocket floor (legacy: 1.4x), the marking is a thick soft stroke well above the
-    body, the leads are specular (saturated patches, streaks across the lead), the pocket
+    as the pocket floor (1.5-2.5x), the marking is a thick soft stroke well above the body, the leads are specular (saturated patches, streaks across the lead), the pocket
     walls show bright curved glints and a bright top tape edge, and noise is grainy rather
     than white with weaker row banding.
     """
     u = rng.uniform
-    sc.floor = u(12.0, 18.0)
+    sc.floor = u(17.0, 24.0)
     sc.wall_gray = u(20.0, 30.0)
     sc.rim_gray = u(35.0, 70.0)
     sc.body_gray = u(25.0, 35.0)
