@@ -142,12 +142,13 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
 
 
 def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
-    """Real-look scene values, calibrated on real Nexperia line images (docs/synth.md, realism).
+    """Real-look scene values, calibrated on real Nexperia line images (docs/data.md, realism).
 
     Measured there (min-max stretched, 221 x 215): the moulded body is about twice as bright
-    as the pocket floor (1.5-2.5x), the marking is a thick soft stroke well above the body, the leads are specular (saturated patches, streaks across the lead), the pocket
-    walls show bright curved glints and a bright top tape edge, and noise is grainy rather
-    than white with weaker row banding.
+    as the pocket floor (1.5-2.5x), the marking is a thick soft stroke well above the body,
+    the leads are specular (saturated patches, streaks across the lead), the pocket walls
+    show bright curved glints and a bright top tape edge rather than a full outline, and
+    noise is grainy rather than white with weaker row banding.
     """
     u = rng.uniform
     sc.floor = u(17.0, 24.0)
