@@ -184,7 +184,7 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
         f"{res['size'][0]}x{res['size'][1]}, {'min-max stretched' if res['stretch'] else 'unstretched'}; "
         f"{res['n_synthetic']} synthetic images per look with the references' classes (batch {res['batch']})",
         "",
-        "| figure | " + " | ".join(looks) + " | real |",
+        "| figure | " + " | ".join(f"look {lk}" for lk in looks) + " | references |",
         "|---|" + "---|" * (len(looks) + 1),
     ]
 

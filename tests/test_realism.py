@@ -125,7 +125,7 @@ def test_realism_report_ranks_the_closer_look(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["synth", "--realism", "NOPE"], ["NOPE", "does not exist"]),
+    (["synth", "--realism", "NOPE"], ["nope'", "does not exist"]),
     (["synth", "--realism", "REFS", "--realism-looks", "shiny"], ["'shiny'", "legacy"]),
     (["synth", "OUT", "--look", "shiny"], []),  # argparse rejects it (exit 2)
 ])
