@@ -46,6 +46,9 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "steady vs during hot swaps"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
+    ("realism", "bench_realism.py", "synthetic looks (legacy vs calibrated) against real line images: region "
+     "intensities, noise spectra, KID, real-vs-synthetic classifier, render cost, models trained on synthetic "
+     "data scoring the real references"),
 ]
 NAMES = [s[0] for s in SECTIONS]
 

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Optional, Tuple
 
-from nexedge.data.spec import BATCHES, parse_class_counts
+from nexedge.data.spec import BATCHES, DEFAULT_LOOK, LOOKS, parse_class_counts
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -49,14 +49,32 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sheet-per-class", type=int, default=5, help="images per row of the contact sheet (default 5)")
     p.add_argument("--sheet-scale", type=float, default=0.45, help="tile scale of the contact sheet (default 0.45)")
     p.add_argument("--sheet-boxes", action="store_true", help="draw defect bounding boxes on the contact sheet")
+    p.add_argument("--look", choices=LOOKS, default=DEFAULT_LOOK,
+                   help="renderer look: real (calibrated against real line images; default) or legacy (the "
+                        "renderer before that calibration, kept to re-run old numbers)")
+    g = p.add_argument_group("realism report (compares synthetic images with real ones; needs torch)")
+    g.add_argument("--realism", default=None, metavar="REFERENCE_DIR",
+                   help="measure how far the synthetic images are from the real images in REFERENCE_DIR "
+                        "(index.csv with file,label columns, class sub-folders, or LABEL__name files): "
+                        "per-region intensity stats, noise spectra, KID on ImageNet EfficientNet-Lite0 "
+                        "features and a leave-one-out real-vs-synthetic classifier")
+    g.add_argument("--realism-looks", default=None, metavar="LOOK,...",
+                   help="looks to measure side by side (default: --look; e.g. legacy,real for before/after)")
+    g.add_argument("--realism-n", type=int, default=90, help="synthetic images per look (default 90)")
+    g.add_argument("--realism-json", default=None, metavar="PATH", help="also write the figures as JSON")
+    g.add_argument("--realism-figure", default=None, metavar="PNG",
+                   help="also write real references and synthetic images of the same classes side by side")
+    g.add_argument("--no-stretch", action="store_true",
+                   help="compare without the min-max stretch (default: stretch both sides, as the public "
+                        "Nexperia references were stretched by matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_synth(args: argparse.Namespace) -> int:
     if args.batch not in BATCHES:
         raise ValueError(f"--batch {args.batch} is not a known production batch; expected one of {list(BATCHES)}")
-    if not args.out and not args.contact_sheet:
-        raise ValueError("nothing to do: give an output folder OUT and/or --contact-sheet PNG")
+    if not args.out and not args.contact_sheet and not args.realism:
+        raise ValueError("nothing to do: give an output folder OUT, --contact-sheet PNG and/or --realism DIR")
     size = parse_size(args.size)
     counts = parse_class_counts(args.class_counts, args.batch) if args.class_counts else None
     if args.out:
@@ -67,7 +85,7 @@ def run_synth(args: argparse.Namespace) -> int:
             n = 2000
         summary = generate(args.out, n=n, seed=args.seed, batch=args.batch, noise=args.noise, size=size,
                            workers=args.workers, progress=not args.no_progress, class_counts=counts,
-                           good_fraction=args.good_fraction)
+                           good_fraction=args.good_fraction, look=args.look)
         tot = {s: sum(c.values()) for s, c in summary["counts"].items()}
         print(f"wrote {summary['n']} images to {args.out} (train {tot['train']}, val {tot['val']}, "
               f"test {tot['test']}; {summary['n_noisy']} noisy labels) in {summary['seconds']:.1f} s, "
@@ -76,8 +94,17 @@ def run_synth(args: argparse.Namespace) -> int:
         from nexedge.data.contact import contact_sheet
 
         path = contact_sheet(args.contact_sheet, batch=args.batch, per_class=args.sheet_per_class, seed=args.seed,
-                             size=size, scale=args.sheet_scale, boxes=args.sheet_boxes)
+                             size=size, scale=args.sheet_scale, boxes=args.sheet_boxes, look=args.look)
         print(f"wrote contact sheet {path}")
+    if args.realism:
+        from nexedge.data.realism import run_realism
+
+        looks = [x.strip() for x in (args.realism_looks or args.look).split(",") if x.strip()]
+        bad = [x for x in looks if x not in LOOKS]
+        if bad or not looks:
+            raise ValueError(f"bad --realism-looks {args.realism_looks!r}; expected a comma list of {list(LOOKS)}")
+        run_realism(args.realism, looks, n=args.realism_n, batch=args.batch, seed=args.seed,
+                    stretch=not args.no_stretch, out_json=args.realism_json, figure=args.realism_figure)
     return 0
 
 

@@ -6,12 +6,13 @@ from typing import List, Optional, Sequence
 import cv2
 import numpy as np
 
-from nexedge.data.spec import FIXED_SEVERITY, GOOD, batch_classes
+from nexedge.data.spec import DEFAULT_LOOK, FIXED_SEVERITY, GOOD, batch_classes
 from nexedge.data.synth import NATIVE_WH, check_size, render_image
 
 
 def contact_sheet(path: str, batch: int = 2, per_class: int = 5, seed: int = 0, size: Sequence[int] = NATIVE_WH,
-                  scale: float = 0.45, boxes: bool = False, classes: Optional[Sequence[str]] = None) -> str:
+                  scale: float = 0.45, boxes: bool = False, classes: Optional[Sequence[str]] = None,
+                  look: str = DEFAULT_LOOK) -> str:
     """Write a PNG with ``per_class`` images of every class (severity falling left to right).
 
     ``scale`` shrinks each tile; ``boxes`` draws each defect's bounding box. Returns ``path``.
@@ -31,7 +32,7 @@ def contact_sheet(path: str, batch: int = 2, per_class: int = 5, seed: int = 0, 
         cv2.putText(row, cls, (6, th // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
         for j in range(per_class):
             s = None if cls == GOOD or cls in FIXED_SEVERITY else float(sev[j])
-            img, meta = render_image(cls, (seed, 7919, ci, j), batch=batch, size=(w, h), severity=s)
+            img, meta = render_image(cls, (seed, 7919, ci, j), batch=batch, size=(w, h), severity=s, look=look)
             tile = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
             if boxes and meta["bbox"]:
                 x0, y0, x1, y1 = (int(round(v * scale)) for v in meta["bbox"])

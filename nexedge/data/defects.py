@@ -42,6 +42,11 @@ def _poly_mask(shape: Tuple[int, int], pts: np.ndarray) -> np.ndarray:
     return m
 
 
+def _soft(m: np.ndarray, p: Dict[str, Any]) -> np.ndarray:
+    """Blur a defect mask by ``p["soft"]`` px (real look); legacy masks stay hard."""
+    return cv2.GaussianBlur(m, (0, 0), p["soft"]) if p.get("soft") else m
+
+
 def _to_image(sc: Scene, p: Tuple[float, float]) -> Tuple[float, float]:
     """Unrotated render px -> image px under the scene's pose."""
     m = pose_matrix(sc)
@@ -68,6 +73,9 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         fc = (c[0] + 0.3 * r * np.sign(cxm - c[0]) * (c[0] in (x0, x1)), c[1] + 0.3 * r * np.sign(cym - c[1]))
         p = {"outer": _blob(rng, fc, r), "inner": _blob(rng, c, 0.75 * r), "deep": sv > 0.15,
              "gray": sc.body_gray + 22.0 + 38.0 * sv, "grain": rng.uniform(0.75, 1.25, 64).astype(np.float32)}
+        if sc.real:  # a fracture: jagged outline, soft edge (drawn after the legacy draws)
+            p["outer"] = _blob(rng, fc, r, 14)
+            p["soft"] = 0.8 * s
     elif kind == "scratch":
         length = (18.0 + 150.0 * sv) * s
         a = rng.uniform(-np.pi / 3, np.pi / 3)
@@ -87,6 +95,9 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         # (a fixed gray matched the lead's own mid and tip bands and vanished there)
         p = {"lead": i, "blob": _blob(rng, (c[0], c[1]), (2.5 + 10.0 * sv) * s, 9),
              "dim": rng.uniform(0.4, 0.6)}
+        if sc.real:  # glue wets the metal: irregular outline, soft edge (drawn after the legacy draws)
+            p["blob"] = _blob(rng, (c[0], c[1]), (2.5 + 10.0 * sv) * s, 13)
+            p["soft"] = 0.7 * s
     elif kind == "lead_defect":
         mode = str(rng.choice(["bent", "short", "shifted"]))
         p = {"lead": int(rng.integers(0, len(sc.leads))), "mode": mode,
@@ -188,7 +199,7 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         x0, y0, x1, y1 = body_rect(sc)
         body = np.zeros(dev.shape, np.float32)
         cv2.rectangle(body, (int(round(x0)), int(round(y0))), (int(round(x1)), int(round(y1))), 1.0, -1)
-        m = _poly_mask(dev.shape, p["outer"]) * body
+        m = _soft(_poly_mask(dev.shape, p["outer"]), p) * body
         ys, xs = np.nonzero(m)
         if len(ys):
             grain = p["grain"][(ys * 7 + xs * 3) % 64]
@@ -211,7 +222,7 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         cv2.rectangle(clip, (int(x0 + e), int(y0 + e)), (int(x1 - e), int(y1 - e)), 1.0, -1)
         dev += line * clip * np.float32(p["delta"])
     elif d.kind == "lead_glue":
-        m = _poly_mask(dev.shape, p["blob"])
+        m = _soft(_poly_mask(dev.shape, p["blob"]), p)
         w = m * alpha
         under = float((dev * w).sum() / w.sum()) if w.sum() > 0 else float(sc.leads[p["lead"]].levels[0])
         dev[:] = dev * (1 - m) + m * (p["dim"] * under)

@@ -3,7 +3,8 @@
 The plan (class, given label, split of every image) is drawn in the parent process from
 the seed; image ``i`` is rendered from seed ``(seed, i)``, so the output does not depend
 on the worker count, and any image can be re-rendered (with its clean twin) from its
-manifest row: ``render_image(row["true_label"], (row["seed"], row["index"]), row["batch"], size)``.
+manifest row: ``render_image(row["true_label"], (row["seed"], row["index"]), row["batch"], size,
+look=row["look"])``.
 """
 
 import multiprocessing as mp
@@ -16,7 +17,15 @@ import cv2
 import numpy as np
 
 from nexedge import __version__
-from nexedge.data.spec import GOOD, MIN_PER_CLASS, NOT_NOISABLE, check_batch, resolve_counts
+from nexedge.data.spec import (
+    DEFAULT_LOOK,
+    GOOD,
+    MIN_PER_CLASS,
+    NOT_NOISABLE,
+    check_batch,
+    check_look,
+    resolve_counts,
+)
 from nexedge.data.split import _progress, assign_splits, check_out_dir, count_table, write_json_atomic
 from nexedge.data.synth import NATIVE_WH, check_size, render_image
 
@@ -70,9 +79,9 @@ def plan_dataset(counts: Mapping[str, int], seed: int, noise: float = 0.01) -> L
     return [PlanItem(i, true[i], given[i], where[i], i in noisy) for i in range(len(true))]
 
 
-def _render_write(job: Tuple[str, int, int, str, int, Tuple[int, int], str]) -> Dict[str, Any]:
-    out, seed, index, cls, batch, size, rel = job
-    img, meta = render_image(cls, (seed, index), batch=batch, size=size)
+def _render_write(job: Tuple[str, int, int, str, int, Tuple[int, int], str, str]) -> Dict[str, Any]:
+    out, seed, index, cls, batch, size, rel, look = job
+    img, meta = render_image(cls, (seed, index), batch=batch, size=size, look=look)
     path = os.path.join(out, rel)
     if not cv2.imwrite(path, img, PNG_PARAMS):
         raise RuntimeError(f"could not write image {path!r}")
@@ -109,14 +118,16 @@ def resolve_workers(workers: int) -> int:
 def generate(out: str, n: Optional[int] = 2000, seed: int = 0, batch: int = 2, noise: float = 0.01,
              size: Sequence[int] = NATIVE_WH, workers: int = 0, progress: bool = True,
              class_counts: Optional[Mapping[str, int]] = None,
-             good_fraction: Optional[float] = None) -> Dict[str, Any]:
+             good_fraction: Optional[float] = None, look: str = DEFAULT_LOOK) -> Dict[str, Any]:
     """Render ``n`` images into ``out/{train,val,test}/<label>/`` with manifest.jsonl and dataset.json.
 
     ``class_counts`` (exact per-class counts) or ``good_fraction`` override the batch's class mix.
-    ``workers``: processes (0 = one per core); the images do not depend on it. Returns a summary
+    ``workers``: processes (0 = one per core); the images do not depend on it. ``look``: renderer
+    look ("real" calibrated against real line images, or "legacy"). Returns a summary
     (counts per split and class, noisy count, seconds, images per second).
     """
     check_batch(batch)
+    check_look(look)
     size = check_size(size)
     workers = resolve_workers(workers)
     counts = resolve_counts(n, batch, good_fraction, class_counts)
@@ -124,7 +135,7 @@ def generate(out: str, n: Optional[int] = 2000, seed: int = 0, batch: int = 2, n
     check_out_dir(out)
     for d in sorted({os.path.dirname(p.path(batch)) for p in plan}):
         os.makedirs(os.path.join(out, d), exist_ok=True)
-    jobs = [(out, int(seed), p.index, p.true_label, batch, size, p.path(batch)) for p in plan]
+    jobs = [(out, int(seed), p.index, p.true_label, batch, size, p.path(batch), look) for p in plan]
     bar = _progress(len(jobs), f"synth b{batch}", progress)
     t0 = time.perf_counter()
     try:
@@ -138,11 +149,12 @@ def generate(out: str, n: Optional[int] = 2000, seed: int = 0, batch: int = 2, n
             "path": p.path(batch), "split": p.split, "label": p.label, "true_label": p.true_label,
             "bbox": m["bbox"], "severity": m["severity"], "batch": batch, "noisy": p.noisy,
             "variant": m["variant"], "seed": int(seed), "index": p.index, "marking": m["marking"],
-            "flip": m["flip"], "pose": m["pose"], "defect_mode": m.get("defect", {}).get("mode"),
+            "flip": m["flip"], "pose": m["pose"], "defect_mode": m.get("defect", {}).get("mode"), "look": look,
         })
     write_json_atomic(os.path.join(out, "manifest.jsonl"), rows, lines=True)
     args = {"n": len(plan), "seed": seed, "batch": batch, "noise": noise, "size": list(size),
-            "class_counts": dict(class_counts) if class_counts else None, "good_fraction": good_fraction}
+            "class_counts": dict(class_counts) if class_counts else None, "good_fraction": good_fraction,
+            "look": look}
     given = count_table(rows)
     info = {
         "format": "nexedge-synth", "version": FORMAT_VERSION, "nexedge_version": __version__,
@@ -150,7 +162,7 @@ def generate(out: str, n: Optional[int] = 2000, seed: int = 0, batch: int = 2, n
         "counts": given, "true_counts": count_table(rows, "true_label"),
         "n_images": len(rows), "n_noisy": sum(p.noisy for p in plan), "args": args,
         "bbox_format": "[x0, y0, x1, y1] pixels, x1 and y1 exclusive; null for good",
-        "render": "nexedge.data.synth.render_image(true_label, (seed, index), batch, size)",
+        "render": "nexedge.data.synth.render_image(true_label, (seed, index), batch, size, look=look)",
     }
     write_json_atomic(os.path.join(out, "dataset.json"), info)
     return {"out": out, "n": len(rows), "counts": given, "n_noisy": info["n_noisy"], "seconds": round(dt, 3),

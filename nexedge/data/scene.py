@@ -64,6 +64,19 @@ class Scene:
     bottom_side: bool = False
     marking_erase: List[Tuple[float, float, float, float]] = field(default_factory=list)  # body-rel fractions
     mark_fade: float = 1.0
+    look: str = "legacy"
+    # real look only (see :func:`_calibrate`): texture offsets, pocket-wall glints, lead glare
+    grain_x: int = 0
+    grain_y: int = 0
+    arcs: List[Tuple[float, float, float, float]] = field(default_factory=list)  # side, y, radius, level
+    top_edge: float = 0.0
+    glare: float = 0.0
+    mark_width: float = 1.0
+    outline: float = 1.0  # level of the moulded pocket's outline strokes (real look: faint)
+
+    @property
+    def real(self) -> bool:
+        return self.look == "real"
 
     @property
     def sx(self) -> float:
@@ -81,7 +94,7 @@ class Scene:
         return copy.deepcopy(self)
 
 
-def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchStyle) -> Scene:
+def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchStyle, look: str = "legacy") -> Scene:
     """Draw a random good-device scene (pose jitter, marking, lead brightness, pocket offset)."""
     u = rng.uniform
     bw = style.body[0] * u(0.98, 1.02)
@@ -110,7 +123,7 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
     date = "9" + str(int(rng.integers(5, 10)))
     text = code + " " + date if rng.random() < 0.5 else date + " " + code
     flip = FLIPS[int(rng.choice(4, p=[0.2, 0.3, 0.3, 0.2]))]
-    return Scene(
+    sc = Scene(
         size=size, style=style,
         pocket_dx=u(-3.0, 3.0), pocket_dy=u(-3.0, 3.0),
         cx=NW / 2.0, cy=NH / 2.0 + 2.0,
@@ -121,8 +134,49 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
         leads=leads, text=text, flip=flip, mark_gray=style.mark_gray * u(0.9, 1.1),
         tex_x=int(rng.integers(0, 32)), tex_y=int(rng.integers(0, 32)),
         tilt=(style.illum_tilt[0] + u(-0.03, 0.03), style.illum_tilt[1] + u(-0.03, 0.03)),
-        blur=style.blur * u(0.9, 1.1), gain=style.gain * u(0.96, 1.04),
+        blur=style.blur * u(0.9, 1.1), gain=style.gain * u(0.96, 1.04), look=look,
     )
+    if look == "real":  # drawn after every legacy draw, so the legacy look stays bit-for-bit
+        _calibrate(sc, rng)
+    return sc
+
+
+def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
+    """Real-look scene values, calibrated on real Nexperia line images (docs/data.md, realism).
+
+    Measured there (min-max stretched, 221 x 215): the moulded body is about twice as bright
+    as the pocket floor (1.5-2.5x), the marking is a thick soft stroke well above the body,
+    the leads are specular (saturated patches, streaks across the lead), the pocket walls
+    show bright curved glints and a bright top tape edge rather than a full outline, and
+    noise is grainy rather than white with weaker row banding.
+    """
+    u = rng.uniform
+    sc.floor = u(17.0, 24.0)
+    sc.wall_gray = u(20.0, 30.0)
+    sc.rim_gray = u(35.0, 70.0)
+    sc.body_gray = u(25.0, 35.0)
+    sc.mark_gray = sc.body_gray + sc.style.mark_gray * u(0.9, 1.3)
+    sc.mark_width = u(1.3, 1.8)
+    sc.body_w *= u(1.02, 1.06)
+    sc.body_h *= u(0.98, 1.04)
+    sc.cy += u(5.0, 9.0)  # the device sits lower in the pocket than the legacy layout put it
+    for ld in sc.leads:
+        k = u(0.75, 1.0)  # streaks of glare reach 255 and saturate, as on the line
+        # from the body out: bright bend, dark band, a second bright flat (the real leads'
+        # brightest part), a dull cut tip
+        ld.levels = (235.0 * k, u(45.0, 85.0) * k, u(210.0, 250.0) * k, u(110.0, 150.0) * k)
+        ld.streaks = tuple(float(v) for v in np.clip(rng.normal(1.0, 0.16, 24), 0.55, 1.3))
+        ld.width *= u(1.08, 1.18)
+    sc.grain_x, sc.grain_y = int(rng.integers(0, 48)), int(rng.integers(0, 48))
+    n_arcs = int(rng.integers(2, 5))
+    sc.arcs = [(float(rng.integers(0, 2)), u(0.25, 0.8), u(25.0, 60.0), u(0.5, 1.2)) for _ in range(n_arcs)]
+    sc.top_edge = u(0.6, 1.5)
+    sc.glare = u(0.2, 0.35)
+    # softer optics, added in quadrature so an already blurry batch (3) is not blurred
+    # past its small defects: batch 2 0.7 -> 0.86-1.06 px, batch 3 1.3 -> 1.39-1.53 px
+    sc.blur = float(np.hypot(sc.style.blur, u(0.5, 0.8)))
+    sc.outline = u(0.2, 0.4)  # real pockets show broken glints (above), not a full bright outline
+
 
 
 _TEXTURES: Dict[Tuple[int, int], np.ndarray] = {}
@@ -155,6 +209,28 @@ def _light(h: int, w: int) -> np.ndarray:
         f = 1.0 + 0.6 * f / max(1e-6, float(f.std()))
         _TEXTURES[key] = np.clip(f, 0.1, 2.2).astype(np.float32)
     return _TEXTURES[key]
+
+
+def grain(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Real-look textures, fixed per size, 48 px larger than the canvas (unit std each).
+
+    (isotropic grain about a pixel wide: moulding compound, tape, sensor; streaks along
+    the rows, a few pixels long: the rolled, plated metal of the leads and their glare).
+    """
+    key = (h, -w - 1)
+    if key not in _TEXTURES:
+        rng = np.random.default_rng(2468)
+        n = rng.standard_normal((h + 48, w + 48)).astype(np.float32)
+        g = cv2.GaussianBlur(n, (0, 0), 0.8)
+        st = cv2.GaussianBlur(n, (0, 0), sigmaX=8.0, sigmaY=1.1)
+        _TEXTURES[key] = np.stack([g / float(g.std()), st / float(st.std())])
+    t = _TEXTURES[key]
+    return t[0], t[1]
+
+
+def _crop(t: np.ndarray, sc: Scene) -> np.ndarray:
+    h, w = sc.size
+    return t[sc.grain_y:sc.grain_y + h, sc.grain_x:sc.grain_x + w]
 
 
 def rounded_rect(img: np.ndarray, p0: Tuple[float, float], p1: Tuple[float, float], r: float,
@@ -210,12 +286,36 @@ def draw_background(sc: Scene) -> np.ndarray:
     cv2.ellipse(rim, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
     cv2.ellipse(rim, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
     cv2.line(rim, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w]
+    img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w] * np.float32(sc.outline)
     # punched hole in the pocket floor (hidden under the device)
     hc = (int(round((sc.cx + sc.pocket_dx) * sc.sx)), int(round((sc.cy + sc.pocket_dy) * sc.sy)))
     cv2.circle(img, hc, int(round(13 * s)), 6.0, -1, cv2.LINE_AA)
     cv2.circle(img, hc, int(round(13 * s)), sc.rim_gray * 0.6, 1, cv2.LINE_AA)
+    if sc.real:
+        _real_pocket(img, sc)
     return img
+
+
+def _real_pocket(img: np.ndarray, sc: Scene) -> None:
+    """Bright top tape edge and curved glints on the side walls; grainy floor."""
+    h, w = sc.size
+    x0, y0, x1, y1 = pocket_box(sc)
+    s = sc.s
+    glints = np.zeros((h, w), np.float32)
+    t = max(1, int(round(2.2 * s)))
+    cv2.line(glints, (int(x0 + 20 * s), int(y0 + 3 * s)), (int(x1 - 20 * s), int(y0 + 3 * s)),
+             sc.rim_gray * sc.top_edge, t, cv2.LINE_AA)
+    for side, fy, r, lv in sc.arcs:
+        r *= s
+        cy = y0 + fy * (y1 - y0)
+        if side < 0.5:
+            c, a0, a1 = (int(x0 + 7 * s + r), int(cy)), 150, 210
+        else:
+            c, a0, a1 = (int(x1 - 7 * s - r), int(cy)), -30, 30
+        cv2.ellipse(glints, c, (int(r), int(1.8 * r)), 0, a0, a1, sc.rim_gray * lv, max(1, int(round(1.5 * s))),
+                    cv2.LINE_AA)
+    img += cv2.GaussianBlur(glints, (0, 0), 0.6 * s)
+    img += _crop(grain(h, w)[0], sc) * np.float32(2.5)
 
 
 def body_rect(sc: Scene) -> Tuple[float, float, float, float]:
@@ -251,7 +351,8 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
         _fill(dev, q, ld.levels[2] * 0.8)
         _fill(dev, lead_quad(sc, ld, 0.15, 0.85), ld.levels[2] * 0.65)
         return
-    bands = ((0.48, ld.levels[0]), (0.6, ld.levels[1]), (0.94, ld.levels[2]), (1.01, ld.levels[3]))
+    ends = (0.36, 0.52, 0.84, 1.01) if sc.real else (0.48, 0.6, 0.94, 1.01)
+    bands = tuple(zip(ends, ld.levels))
     (n0x, n0y), (n1x, n1y), (f1x, f1y), (f0x, f0y) = (q * 16).tolist()  # 1/16 px fixed point
     n = len(ld.streaks)
     for i, k in enumerate(ld.streaks):
@@ -265,7 +366,7 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
 def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
     """Marking text as a 0..1 mask the size of the body: spaced, condensed laser glyphs, flipped as the scene says."""
     font = getattr(cv2, sc.style.font)
-    th = max(1, int(round(1.8 * sc.s)))
+    th = max(1, int(round(1.8 * sc.s * sc.mark_width)))
     (_, ch), _ = cv2.getTextSize("W", font, 1.0, th)
     scale = 0.58 * hb / ch
     gap = int(round(0.07 * hb))
@@ -307,11 +408,13 @@ def draw_device(sc: Scene) -> Tuple[np.ndarray, np.ndarray]:
     alpha = np.zeros((h, w), np.float32)
     for ld in sc.leads:
         draw_lead(dev, alpha, sc, ld)
+    if sc.real:  # specular metal: streaky glare across each lead
+        dev *= 1.0 + alpha * _crop(grain(h, w)[1], sc) * np.float32(sc.glare)
     x0, y0, x1, y1 = body_rect(sc)
     quad = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
     _fill(alpha, quad, 1.0)
-    _fill(dev, quad, sc.body_gray + 24.0)  # lighter moulded edge
-    e = 1.6 * sc.s
+    _fill(dev, quad, sc.body_gray + (34.0 if sc.real else 24.0))  # lighter moulded edge
+    e = (2.2 if sc.real else 1.6) * sc.s
     _fill(dev, quad + np.array([[e, e], [-e, e], [-e, -e], [e, -e]]), sc.body_gray)
     if sc.bottom_side:
         for fx in (0.3, 0.7):  # ejector-pin marks of the mould
@@ -322,7 +425,13 @@ def draw_device(sc: Scene) -> Tuple[np.ndarray, np.ndarray]:
     ix0, iy0, ix1, iy1 = int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
     if ix1 > ix0 and iy1 > iy0:
         m = marking_layer(sc, iy1 - iy0, ix1 - ix0)
+        if sc.real:  # laser marking: soft edges
+            m = cv2.GaussianBlur(m, (0, 0), 0.6 * sc.s)
         dev[iy0:iy1, ix0:ix1] += m * np.float32(sc.mark_gray - sc.body_gray)
+    if sc.real:  # moulding-compound grain
+        body = np.zeros((h, w), np.float32)
+        body[max(0, iy0):iy1, max(0, ix0):ix1] = 1.0
+        dev += body * _crop(grain(h, w)[0], sc) * np.float32(3.0)
     return dev, alpha
 
 

@@ -35,6 +35,16 @@ NOT_NOISABLE = {GOOD, "camera_glitch"}
 MIN_PER_CLASS = 3  # one each for test, val and train
 BATCHES = (1, 2, 3)
 NATIVE_SIZE: Tuple[int, int] = (267, 275)  # H, W of the real images
+# Renderer looks: "real" is calibrated against real line images (docs/synth.md); "legacy" is
+# the renderer before that calibration, kept bit-for-bit so old numbers can be re-run.
+LOOKS = ("real", "legacy")
+DEFAULT_LOOK = "real"
+
+
+def check_look(look: str) -> str:
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}; expected one of {list(LOOKS)}")
+    return look
 
 
 def batch_classes(batch: int) -> List[str]:

@@ -14,6 +14,7 @@ import numpy as np
 from nexedge.data import defects as D
 from nexedge.data.scene import Scene, composite, draw_background, draw_device, sample_scene
 from nexedge.data.spec import (
+    DEFAULT_LOOK,
     FIXED_SEVERITY,
     GOOD,
     NATIVE_SIZE,
@@ -21,6 +22,7 @@ from nexedge.data.spec import (
     BatchStyle,
     batch_classes,
     check_batch,
+    check_look,
 )
 
 SeedLike = Union[int, Sequence[int], np.random.Generator, np.random.SeedSequence]
@@ -99,9 +101,13 @@ def _finish(canvas: np.ndarray, sc: Scene, noise: np.random.SeedSequence, out_wh
     img = canvas * (fy * fx) + np.float32(st.offset)
     img = cv2.GaussianBlur(img, (0, 0), sc.blur * sc.s)
     rng = np.random.default_rng(noise)
-    var = cv2.max(img, 0.0) * np.float32(st.shot) + np.float32(st.noise**2)
-    img += rng.standard_normal((h, w), dtype=np.float32) * cv2.sqrt(var)
-    img += rng.standard_normal((h, 1), dtype=np.float32) * np.float32(0.8)
+    k = 1.4 if sc.real else 1.0  # real line images are noisier than the legacy sensor model
+    var = cv2.max(img, 0.0) * np.float32(st.shot * k * k) + np.float32((k * st.noise) ** 2)
+    n = rng.standard_normal((h, w), dtype=np.float32)
+    if sc.real:  # grainy, not white: part of the noise is correlated over about a pixel
+        n = np.float32(0.85) * n + np.float32(1.1) * cv2.GaussianBlur(n, (0, 0), 0.7 * sc.s)
+    img += n * cv2.sqrt(var)
+    img += rng.standard_normal((h, 1), dtype=np.float32) * np.float32(0.15 if sc.real else 0.8)
     if (w, h) != out_wh:
         img = cv2.resize(img, out_wh, interpolation=cv2.INTER_AREA)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
@@ -120,14 +126,16 @@ def _bbox(a: np.ndarray, b: np.ndarray, sc: Scene, out_wh: Tuple[int, int]) -> O
 
 
 def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity: Optional[float],
-            twin: bool, style: Optional[BatchStyle]) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+            twin: bool, style: Optional[BatchStyle],
+            look: str) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
     check_batch(batch)
+    check_look(look)
     if cls not in batch_classes(batch):
         raise ValueError(f"unknown class {cls!r} for batch {batch}; expected one of {batch_classes(batch)}")
     out_wh = check_size(size)
     st = style or STYLES[batch]
     scene_rng, defect_rng, noise = _streams(seed)
-    sc = sample_scene(scene_rng, render_shape(out_wh), st)
+    sc = sample_scene(scene_rng, render_shape(out_wh), st, look)
     meta: Dict[str, Any] = {
         "class": cls, "batch": batch, "variant": st.variant, "size": list(out_wh), "marking": sc.text,
         "flip": sc.flip, "pose": {"angle": round(sc.angle, 3), "dx": round(sc.dx, 2), "dy": round(sc.dy, 2)},
@@ -156,22 +164,25 @@ def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity:
 
 
 def render_image(cls: str, seed: SeedLike, batch: int = 2, size: Sequence[int] = NATIVE_WH,
-                 severity: Optional[float] = None, style: Optional[BatchStyle] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+                 severity: Optional[float] = None, style: Optional[BatchStyle] = None,
+                 look: str = DEFAULT_LOOK) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Render one grayscale image of class ``cls``.
 
     ``seed``: int, sequence of ints (e.g. ``(seed, index)``), SeedSequence or Generator.
     ``size``: output (width, height). ``severity`` in (0, 1] (drawn when None; ignored for
-    good, fixed at 1 for device_flip, empty_pocket, camera_glitch).
+    good, fixed at 1 for device_flip, empty_pocket, camera_glitch). ``look``: "real" (calibrated
+    against real line images) or "legacy" (the renderer before that calibration).
     Returns (uint8 H x W, meta) with meta keys class, batch, variant, size, marking, flip,
     pose, severity, bbox ([x0, y0, x1, y1], x1/y1 exclusive, or None for good).
     """
-    img, _, meta = _render(cls, seed, batch, size, severity, False, style)
+    img, _, meta = _render(cls, seed, batch, size, severity, False, style, look)
     return img, meta
 
 
 def render_pair(cls: str, seed: SeedLike, batch: int = 2, size: Sequence[int] = NATIVE_WH,
                 severity: Optional[float] = None,
-                style: Optional[BatchStyle] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+                style: Optional[BatchStyle] = None,
+                look: str = DEFAULT_LOOK) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Like :func:`render_image`, plus the clean twin: same scene, pose and noise, no defect."""
-    img, clean, meta = _render(cls, seed, batch, size, severity, True, style)
+    img, clean, meta = _render(cls, seed, batch, size, severity, True, style, look)
     return img, (img if clean is None else clean), meta

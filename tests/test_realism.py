@@ -1,0 +1,143 @@
+"""The calibrated ("real") synth look and the realism report (`nexedge synth --realism`)."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from nexedge.cli import main
+from nexedge.data.realism import kid, load_references, measure, noise_spectrum, region_stats, view
+from nexedge.data.synth import render_image, render_pair
+
+
+def test_looks_are_deterministic_and_differ():
+    a, ma = render_image("chipping", (3, 1), look="real")
+    b, mb = render_image("chipping", (3, 1), look="real")
+    c, _ = render_image("chipping", (3, 1), look="legacy")
+    assert np.array_equal(a, b) and ma == mb
+    assert not np.array_equal(a, c)
+    assert ma["marking"] == render_image("chipping", (3, 1), look="legacy")[1]["marking"]  # same scene draws
+    with pytest.raises(ValueError, match="'glossy'"):
+        render_image("good", 1, look="glossy")
+
+
+def _body_floor(look):
+    """(body median / pocket floor median, share of saturated pixels) over a few good images."""
+    # regions as in the references' measurement: body middle, floor between the top leads
+    ratios, sat = [], []
+    for i in range(6):
+        img, _ = render_image("good", (8, i), look=look)
+        body = np.median(img[125:150, 100:175])  # the body's middle
+        floor = np.median(img[15:40, 95:180])  # pocket floor above the body, between the top leads
+        ratios.append(body / max(floor, 1.0))
+        sat.append(np.mean(view(img, (221, 215)) >= 250))  # the references' view: 0.6-2.5 % saturated
+    return float(np.mean(ratios)), float(np.mean(sat))
+
+
+def test_real_look_has_the_measured_contrasts():
+    # The 9 real references measured the same way: body / floor 1.5-2.5 (one scratch image 5.4);
+    # specular leads that saturate in places (references: 0.6-2.5 % of the pixels in this view).
+    r_real, sat_real = _body_floor("real")
+    assert 1.5 < r_real < 2.6
+    assert sat_real > 0.001
+
+
+def test_real_look_noise_is_grainy_not_banded():
+    spec = {lk: [noise_spectrum(render_image("good", (9, i), look=lk)[0]) for i in range(4)] for lk in ("real", "legacy")}
+    aniso = {lk: np.median([a for _, a in v]) for lk, v in spec.items()}
+    assert aniso["real"] < 1.6 < aniso["legacy"]  # real references: about 1.25
+
+
+@pytest.mark.parametrize("cls", ["chipping", "lead_glue", "scratch", "foreign_material", "lead_defect"])
+def test_real_look_defects_stay_visible(cls):
+    for k, sev in enumerate((0.03, 0.5, 1.0)):
+        img, clean, meta = render_pair(cls, (31, k), severity=sev, look="real")
+        x0, y0, x1, y1 = meta["bbox"]
+        diff = np.abs(img.astype(int) - clean.astype(int))
+        assert diff[y0:y1, x0:x1].max() >= (20 if sev >= 0.5 else 8), (cls, sev)
+
+
+def _refs(tmp_path, layout):
+    for i, (cls, look) in enumerate([("good", "real"), ("chipping", "real"), ("good", "real"), ("scratch", "real")]):
+        img, _ = render_image(cls, (77, i), look=look, size=(221, 215))
+        if layout == "index":
+            cv2.imwrite(str(tmp_path / f"{cls}__{i}.png"), img)
+        else:
+            os.makedirs(tmp_path / cls, exist_ok=True)
+            cv2.imwrite(str(tmp_path / cls / f"{i}.png"), img)
+    if layout == "index":
+        rows = "file,label\n" + "".join(f"{c}__{i}.png,{c}\n" for i, c in enumerate(["good", "chipping", "good", "scratch"]))
+        (tmp_path / "index.csv").write_text(rows)
+        cv2.imwrite(str(tmp_path / "montage.png"), np.zeros((30, 30), np.uint8))  # not in index.csv: left out
+
+
+@pytest.mark.parametrize("layout", ["index", "folders"])
+def test_load_references_layouts(tmp_path, layout):
+    _refs(tmp_path, layout)
+    refs = load_references(str(tmp_path))
+    assert sorted(lab for _, lab, _ in refs) == ["chipping", "good", "good", "scratch"]
+    assert all(im.shape == (215, 221) for _, _, im in refs)
+
+
+def test_load_references_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_references(str(tmp_path / "nope"))
+    (tmp_path / "index.csv").write_text("file,label\nmissing.png,good\n")
+    with pytest.raises(ValueError, match="missing.png"):
+        load_references(str(tmp_path))
+
+
+def test_region_and_spectrum_figures_see_a_difference():
+    a = view(render_image("good", 1, look="legacy")[0], (221, 215))
+    b = view(cv2.GaussianBlur(a, (0, 0), 2.0), (221, 215))
+    assert view(a, (221, 215)).max() == 255 and view(a, (221, 215)).min() == 0
+    sa, sb = noise_spectrum(a), noise_spectrum(b)
+    assert np.isclose(sa[0].sum(), 1.0) and not np.allclose(sa[0], sb[0], atol=0.01)
+    st = region_stats(a)
+    assert set(st) == {"ring", "upper", "middle", "lower"} and st["upper"]["p95"] > st["upper"]["p50"]
+
+
+def test_kid_is_zero_in_expectation_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    assert abs(kid(x, y)) < 0.05 < kid(x, y + 1.0)
+
+
+def test_realism_report_ranks_the_closer_look(tmp_path, capsys):
+    # References rendered in the real look: the real look must come out closer than legacy.
+    os.makedirs(tmp_path / "refs")
+    _refs(tmp_path / "refs", "folders")
+    res = measure(load_references(str(tmp_path / "refs")), ["legacy", "real"], n=12, repeats=2)
+    L = res["looks"]
+    assert L["real"]["kid"] < L["legacy"]["kid"]
+    assert L["real"]["region_gap_mean"] < L["legacy"]["region_gap_mean"]
+    assert L["real"]["domain_accuracy"] <= L["legacy"]["domain_accuracy"]
+    out = tmp_path / "r.json"
+    assert main(["synth", "--realism", str(tmp_path / "refs"), "--realism-looks", "legacy,real", "--realism-n", "8",
+                 "--realism-json", str(out), "--realism-figure", str(tmp_path / "side.png")]) == 0
+    text = capsys.readouterr().out
+    assert "KID x1000" in text and "domain clf" in text and "legacy" in text
+    assert set(json.loads(out.read_text())["looks"]) == {"legacy", "real"}
+    fig = cv2.imread(str(tmp_path / "side.png"), cv2.IMREAD_GRAYSCALE)
+    assert fig.shape[0] == 22 + 3 * (215 + 3)  # header, references, one row per look
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["synth", "--realism", "NOPE"], ["nope'", "does not exist"]),
+    (["synth", "--realism", "REFS", "--realism-looks", "shiny"], ["'shiny'", "legacy"]),
+    (["synth", "OUT", "--look", "shiny"], []),  # argparse rejects it (exit 2)
+])
+def test_realism_cli_errors(tmp_path, capsys, argv, words):
+    _refs(tmp_path, "folders")
+    argv = [str(tmp_path / "nope") if a == "NOPE" else str(tmp_path) if a == "REFS" else
+            str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc != 0
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
