@@ -50,8 +50,8 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sheet-scale", type=float, default=0.45, help="tile scale of the contact sheet (default 0.45)")
     p.add_argument("--sheet-boxes", action="store_true", help="draw defect bounding boxes on the contact sheet")
     p.add_argument("--look", choices=LOOKS, default=DEFAULT_LOOK,
-                   help="renderer look: real (calibrated against real line images; default) or legacy (the "
-                        "renderer before that calibration, kept to re-run old numbers)")
+                   help="renderer look: legacy (default; every published demo and benchmark number uses it) or "
+                        "real (calibrated against real line images; opt-in until the demo is re-measured on it)")
     g = p.add_argument_group("realism report (compares synthetic images with real ones; needs torch)")
     g.add_argument("--realism", default=None, metavar="REFERENCE_DIR",
                    help="measure how far the synthetic images are from the real images in REFERENCE_DIR "
