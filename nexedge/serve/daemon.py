@@ -116,6 +116,9 @@ class Daemon(IngestMixin):
 
             self.backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(self.backend.input_shape), np.uint8))
         self.decider = Decider(card, cfg.decision, cfg.uncertain)
+        from nexedge.runtime.cascade import plan_for_daemon
+
+        self.backend = plan_for_daemon(self.backend, cfg.model, self.decider.threshold, opts)
         info = self.decider.info
         log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
                  card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
