@@ -333,6 +333,7 @@ def main() -> int:
     ap.add_argument("--profile-runs", type=int, default=5, help="profiled calls per model (default 5)")
     ap.add_argument("--acc-size", type=int, default=64, help="crop size of the accuracy models (default 64)")
     ap.add_argument("--acc-steps", type=int, default=80, help="training steps of the accuracy models (0: skip)")
+    ap.add_argument("--acc-archs", help="architectures whose accuracy is measured (default: --archs)")
     ap.add_argument("--acc-variants", default="u8s8",
                     help="quantization settings whose accuracy is measured (default u8s8, the default setting)")
     ap.add_argument("--workdir", help="keep models here and reuse them (default: a temporary folder)")
@@ -358,7 +359,7 @@ def main() -> int:
         if args.acc_steps:
             acc_variants = [v for v in args.acc_variants.split(",") if v]
             acc_models = {a: build(work, a, args.acc_size, acc_variants, threads, trained_steps=args.acc_steps)
-                          for a in archs}
+                          for a in (args.acc_archs.split(",") if args.acc_archs else archs) if a}
             acc = accuracy(acc_models)
     e = benv.capture(threads)
     print(render(sp, lim, acc, e, args, command, markdown=False, load_start=load_start))

@@ -100,6 +100,8 @@ def test_card_band_reproduces_full_tencrop_on_val(models, flavour):
         t = float(op["threshold"])
         np.testing.assert_array_equal(score >= t, s_full >= t)
         assert (stage == 2).mean() == pytest.approx(band["stage2_fraction"])
+        vs = plan.monitor_card().data["val_scores"]  # the shift monitor's reference under this plan
+        assert sum(vs["good"]) + sum(vs["defect"]) == len(images)
         s2 = stage == 2  # band frames carry full TenCrop's own score
         np.testing.assert_allclose(score[s2], s_full[s2], rtol=1e-5, atol=1e-12)
         if plan.own_stage1:
@@ -207,20 +209,22 @@ def test_derived_card_band_is_from_parent_until_remeasured(models, tmp_path):
     assert m.card.data["cascade"]["status"] == "measured" and os.path.exists(card_path_for(path))
 
 
-def _config(path, mode):
+def _config(path, mode, warmup=1, threshold=None):
     from _daemon_util import base_config
 
     raw = base_config(path)
-    raw["model"]["cascade"] = mode
+    raw["model"].update(cascade=mode, warmup=warmup)
+    if threshold is not None:
+        raw["decision"] = {"threshold": threshold}
     return raw
 
 
 @contextlib.contextmanager
-def _running(path, mode):
+def _running(path, mode, backend=None, threshold=None):
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
 
-    d = Daemon(C.from_dict(_config(path, mode)))
+    d = Daemon(C.from_dict(_config(path, mode, 0 if backend is not None else 1, threshold)), backend=backend)
     d.setup()
     t = threading.Thread(target=d.serve, name="daemon-io")
     t.start()
@@ -249,6 +253,47 @@ def test_daemon_cascade_verdicts_match_full_tencrop(models):
         with CameraClient(d.endpoints["frames"], "cam") as cam:
             got = [cam.infer(im[..., 0]) for im in images]
     assert [g["decision"] for g in got] == ["REJECT" if s >= thr else "PASS" for s in want]
+
+
+class _FailingStage2:
+    def __init__(self, inner):
+        self.inner = inner
+        for a in ("card", "crops", "crop_mode", "max_batch", "input_shape", "name"):
+            setattr(self, a, getattr(inner, a))
+
+    def warmup(self, n=2):
+        pass
+
+    def infer(self, x):
+        raise BackendError("injected stage-2 failure")
+
+    def close(self):
+        self.inner.close()
+
+
+def test_daemon_answers_recheck_for_band_frames_stage2_cannot_decide(models):
+    """Through the daemon's worker: band frames whose stage 2 fails get RECHECK backend_error, never
+    the PASS/REJECT of stage 1; frames outside the band keep their stage-1 verdict."""
+    from nexedge.serve.client import CameraClient
+
+    path = models["host"]
+    card = load_card(path)
+    images, _ = _val(models["data"], card)
+    images = images[:8]
+    full = open_backend(path, intra_threads=1)
+    s1 = full.crop_view("center").infer(images).defect_score
+    lo, hi = float(np.sort(s1)[2]), float(np.sort(s1)[5])
+    thr = (lo + hi) / 2
+    plan = cc.CascadePlan(full.crop_view("center"), _FailingStage2(full), {"lo": lo, "hi": hi, "threshold": thr},
+                          own_stage1=False)
+    with _running(path, "off", backend=plan, threshold=thr) as d:
+        with CameraClient(d.endpoints["frames"], "cam") as cam:
+            got = [cam.infer(im[..., 0]) for im in images]
+    for s, g in zip(s1, got):
+        if lo <= s <= hi:
+            assert (g["decision"], g["reason"]) == ("RECHECK", "backend_error")
+        else:
+            assert g["decision"] == ("REJECT" if s > hi else "PASS")
 
 
 def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):

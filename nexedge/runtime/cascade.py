@@ -116,10 +116,16 @@ def measure_section(card: ModelCard, s1: np.ndarray, s_full: np.ndarray, y_defec
                     stage1: Dict[str, Any], split: str, margin: float = DEFAULT_MARGIN) -> Dict[str, Any]:
     """The card's ``cascade`` section: one band per operating point of ``card`` (already measured on
     ``s_full``), plus what stage 1 is and where the band was measured."""
+    from nexedge import metrics
+
     bands = []
     for op in card.operating_points:
         b = find_band(s1, s_full, float(op["threshold"]), margin, y_defect)
         b["target_tpr"] = float(op["target_tpr"])
+        # The scores the daemon reports under this plan (stage 1's outside the band): the shift
+        # monitor's PSI reference, which the full-crop val_scores would not be.
+        live = np.where(stage1_route(s1, b["lo"], b["hi"]) < 0, s_full, s1)
+        b["val_scores"] = metrics.score_histogram(np.asarray(y_defect).astype(int), live)
         bands.append(b)
     return {
         "status": "measured",
@@ -170,6 +176,8 @@ class CascadePlan:
             raise CascadeError(f"stage 1 takes {stage1.input_shape} images but stage 2 takes {stage2.input_shape}")
         self.stage1, self.stage2 = stage1, stage2
         self.lo, self.hi, self.threshold = float(band["lo"]), float(band["hi"]), float(band["threshold"])
+        if not self.lo <= self.threshold <= self.hi:  # else stage 1 would decide frames on the wrong side
+            raise CascadeError(f"cascade band [{self.lo}, {self.hi}] does not hold its threshold {self.threshold}")
         self.band = dict(band)
         self.own_stage1 = own_stage1
         self.clock = clock
@@ -181,6 +189,14 @@ class CascadePlan:
                     f"{stage2.crop_mode})"
         self.s_per_image = _PRIOR_S_PER_IMAGE
         self.frames = {1: 0, 2: 0, 0: 0}
+
+    def monitor_card(self) -> ModelCard:
+        """The card with ``val_scores`` of the scores this plan reports (stage 1's outside the band),
+        the shift monitor's reference; the card itself when the band predates that record."""
+        if not self.band.get("val_scores"):
+            return self.card
+        data = dict(self.card.data, val_scores=self.band["val_scores"])
+        return ModelCard(data, source=self.card.source)
 
     def infer(self, images: np.ndarray) -> CascadeResult:
         return self.infer_frames(images, None)

@@ -140,7 +140,7 @@ class Daemon(IngestMixin):
             op = card.operating_point(float(info["target_tpr"]))
             log.warning("WEAK OPERATING POINT: %s", weak_points([op], cfg.decision.tpr_floor)[0]["message"],
                         extra={"fields": {"tpr_lower95": lb, "tpr_floor": cfg.decision.tpr_floor}})
-        self._setup_optional(card)
+        self._setup_optional(self.backend.monitor_card() if hasattr(self.backend, "monitor_card") else card)
         b = cfg.batching
         self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
         self._bind()
