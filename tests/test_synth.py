@@ -255,3 +255,13 @@ def test_lowest_severity_defects_still_change_pixels():
         for i in range(6):
             img, clean, meta = render_pair(cls, (99, i), severity=0.03)
             assert meta["bbox"] is not None and not np.array_equal(img, clean), (cls, i)
+
+
+def test_lead_glue_stands_out_from_the_lead_band_under_it():
+    # a fixed glue gray matched the lead's mid and tip bands, so about half of the glue
+    # blobs vanished into the metal at every severity: the glue must contrast wherever it sits
+    for i in range(24):
+        img, clean, meta = render_pair("lead_glue", (31, i), severity=0.3)
+        x0, y0, x1, y1 = meta["bbox"]
+        diff = img[y0:y1, x0:x1].astype(np.float32) - clean[y0:y1, x0:x1].astype(np.float32)
+        assert np.abs(cv2.GaussianBlur(diff, (0, 0), 1.0)).max() > 30, i

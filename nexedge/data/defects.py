@@ -83,8 +83,10 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         q = lead_quad(sc, sc.leads[i], 0.25, 0.95)
         f = rng.uniform(0.0, 1.0)
         c = (q[0] * (1 - f) + q[3] * f + q[1] * (1 - f) + q[2] * f) / 2 + rng.normal(0, 3 * s, 2)
+        # glue is a dull patch: it returns a fraction of the light of the plated metal under it
+        # (a fixed gray matched the lead's own mid and tip bands and vanished there)
         p = {"lead": i, "blob": _blob(rng, (c[0], c[1]), (2.5 + 10.0 * sv) * s, 9),
-             "gray": rng.uniform(105.0, 150.0)}
+             "dim": rng.uniform(0.4, 0.6)}
     elif kind == "lead_defect":
         mode = str(rng.choice(["bent", "short", "shifted"]))
         p = {"lead": int(rng.integers(0, len(sc.leads))), "mode": mode,
@@ -210,7 +212,9 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         dev += line * clip * np.float32(p["delta"])
     elif d.kind == "lead_glue":
         m = _poly_mask(dev.shape, p["blob"])
-        dev[:] = dev * (1 - m) + m * p["gray"]
+        w = m * alpha
+        under = float((dev * w).sum() / w.sum()) if w.sum() > 0 else float(sc.leads[p["lead"]].levels[0])
+        dev[:] = dev * (1 - m) + m * (p["dim"] * under)
         np.maximum(alpha, m, out=alpha)
 
 
