@@ -211,6 +211,20 @@ def render(cases: List[Dict[str, Any]], args: argparse.Namespace, e: Dict[str, A
     out.append(report.table(["case", "full TenCrop img/s (before / after)", "cascade img/s", "throughput ratio",
                              "offered img/s", "full p50 / p99 ms", "cascade p50 / p99 ms",
                              "escapes at saturation full / cascade", "cascade verdicts"], drows, markdown=markdown))
+    out += ["", "Findings:", ""]
+    for c in cases:
+        o, cas = c["offline"], c["daemon_cascade"]
+        f1, f2 = c["daemon_full"]
+        full_fps = (f1["saturation"]["inferred_fps"] + f2["saturation"]["inferred_fps"]) / 2
+        ratio = cas["saturation"]["inferred_fps"] / full_fps if full_fps else float("nan")
+        extra = o["escapes_cascade"] - o["escapes_full"]
+        out.append(f"- {c['name']}: test decisions identical to full TenCrop on {100 * o['agreement']:.2f} % of "
+                   f"{o['n']} images (target >= 99.9 %: {'met' if o['agreement'] >= 0.999 else 'not met'}), "
+                   f"{extra:+d} escapes vs full TenCrop (target 0 extra: {'met' if extra <= 0 else 'not met'}); "
+                   f"stage 2 ran on {100 * o['stage2_fraction']:.1f} % of test frames (val predicted "
+                   f"{100 * o['val_stage2_fraction']:.1f} %); daemon throughput {ratio:.2f}x full TenCrop (target >= 3x: "
+                   f"{'met' if ratio >= 3 else 'not met'}). Compute-bound bound from the stage-2 share s: "
+                   f"10 / (1 + 10 s) = {10 / (1 + 10 * o['stage2_fraction']):.2f}x.")
     return "\n".join(out) + "\n"
 
 
