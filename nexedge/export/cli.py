@@ -142,6 +142,13 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                         "(default both)")
     p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
                    help="range calibration method for the Q/DQ models (default minmax)")
+    g = p.add_argument_group("ONNX Runtime target settings (benchmarks/RESULTS.md, int8: U8S8 per-channel is the "
+                             "fastest on x86; the others trade speed for accuracy)")
+    g.add_argument("--ort-activations", choices=("u8", "s8"), help="activation type (default u8)")
+    g.add_argument("--ort-weights", choices=("s8", "u8"), help="weight type (default s8; u8 = U8U8, slower on AVX2)")
+    g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    g.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights: ORT's remedy for vpmaddubsw saturation on x86 without VNNI")
     p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
     p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")
     p.add_argument("--rebuild", action="store_true", help="make a new manifest even if calibrate/<name>/ has one")
@@ -161,6 +168,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         eval_split=args.eval_split or None, thresholds_split=args.thresholds_split, eval_images=args.eval_images, targets=targets, method=args.method,
         out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
         seed=args.seed, threads=args.threads, force=args.force,
+        ort={"activations": args.ort_activations, "weights": args.ort_weights,
+             "per_channel": False if args.per_tensor else None, "reduce_range": True if args.reduce_range else None},
     )
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():
