@@ -46,6 +46,8 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "allocator slack vs held memory"),
     ("soak", "bench_soak.py", "daemon soak: 8 cameras at 80% of capacity + 1% hostile traffic; lost, late, RSS slope "
      "(30 min by default, long)"),
+    ("lifecycle", "bench_lifecycle.py", "throughput with a shadow candidate on vs off; active model's p99 latency "
+     "steady vs during hot swaps"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
 ]

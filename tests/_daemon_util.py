@@ -12,19 +12,19 @@ CLASSES = ["good", "particle", "scratch"]
 
 
 def build_tiny_onnx(folder: str, crop_mode: str = "ten", size: int = 32, crop: int = 28,
-                    thresholds: Optional[Dict[float, float]] = None) -> str:
+                    thresholds: Optional[Dict[float, float]] = None, seed: int = 0, name: str = "tiny") -> str:
     """tiny CNN (random weights, seed 0) -> host-crop ONNX (opset 17, dynamic batch) + card.
 
     Where torch is missing (the daemon's own environment, e.g. Python 3.8 on a Jetson), set
     NEXEDGE_TEST_TINY_ONNX to a model this function built elsewhere; it is copied with its card.
     """
     prebuilt = os.environ.get("NEXEDGE_TEST_TINY_ONNX")
-    if prebuilt and crop_mode == "ten" and size == 32 and crop == 28 and thresholds is None:
+    if prebuilt and crop_mode == "ten" and size == 32 and crop == 28 and thresholds is None and seed == 0:
         import shutil
 
         from nexedge.card import card_path_for
 
-        path = os.path.join(folder, "tiny.onnx")
+        path = os.path.join(folder, name + ".onnx")
         shutil.copy(prebuilt, path)
         shutil.copy(card_path_for(prebuilt), card_path_for(path))
         return path
@@ -33,10 +33,10 @@ def build_tiny_onnx(folder: str, crop_mode: str = "ten", size: int = 32, crop: i
     from nexedge.card import ModelCard
     from nexedge.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     torch.set_num_threads(1)
     model = create_model("tiny", num_classes=len(CLASSES), width=8).eval()
-    path = os.path.join(folder, "tiny.onnx")
+    path = os.path.join(folder, name + ".onnx")
     x = torch.zeros(2, 3, crop, crop)
     torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})

@@ -249,7 +249,7 @@ def test_daemon_cascade_verdicts_match_full_tencrop(models):
     want = full.infer(images[:12]).defect_score.tolist() + full.infer(images[12:]).defect_score.tolist()
     full.close()
     with _running(path, "on") as d:
-        assert d.backend.name.startswith("cascade(")
+        assert d.models.active.backend.name.startswith("cascade(")
         with CameraClient(d.endpoints["frames"], "cam") as cam:
             got = [cam.infer(im[..., 0]) for im in images]
     assert [g["decision"] for g in got] == ["REJECT" if s >= thr else "PASS" for s in want]

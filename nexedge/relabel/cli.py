@@ -53,6 +53,9 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
     f.add_argument("--until", help="frames before this time")
     f.add_argument("--decision", choices=("PASS", "REJECT", "RECHECK"), help="only this decision")
     f.add_argument("--reason", help="only this reason (e.g. band, audit, deadline)")
+    f.add_argument("--kind", choices=("band", "audit", "recheck", "drift", "shadow"),
+                   help="only this kind of sample; shadow: the frames where a shadow candidate disagreed with the "
+                        "active model (see docs/lifecycle.md)")
     f.add_argument("--limit", type=int, help="pull at most this many samples")
     p.add_argument("--dataset", metavar="ROOT", help="data set root the --mislabels paths refer to")
     p.add_argument("--all-rows", action="store_true", help="with --mislabels: every row, not only flagged ones")
@@ -91,7 +94,7 @@ def run_pull(args: argparse.Namespace) -> int:
                              "pulled from a line have no label. Pull with labelstudio or folders, label them, "
                              "`nexedge import-labels`; or use cleanlab with --mislabels CSV --dataset ROOT")
         filters = {"camera": args.camera, "since": _time(args.since), "until": _time(args.until),
-                   "decision": args.decision, "reason": args.reason}
+                   "decision": args.decision, "reason": args.reason, "kind": args.kind}
         src = open_source(args.store, args.connect, args.client_key, args.server_key, args.timeout, args.retries)
         try:
             counts = pull(src, args.out, filters=filters, limit=args.limit, page_size=args.page_size,

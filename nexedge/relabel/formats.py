@@ -81,6 +81,7 @@ def manifest_row_from_sample(row: Dict[str, Any], rel_path: str, store_id: str, 
         "decision": row.get("decision"),
         "reason": row.get("reason"),
         "kind": row.get("kind"),
+        "shadow": row.get("shadow"),
         "source": source,
     }
 

@@ -24,7 +24,7 @@ from nexedge.store.files import TMP_PREFIX, try_flock
 
 log = logging.getLogger(__name__)
 
-FILTER_KEYS = ("camera", "since", "until", "decision", "reason")
+FILTER_KEYS = ("camera", "since", "until", "decision", "reason", "kind")
 
 
 class LocalSource:

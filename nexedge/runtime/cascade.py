@@ -181,7 +181,7 @@ class CascadePlan:
         self.band = dict(band)
         self.own_stage1 = own_stage1
         self.clock = clock
-        self.card = stage2.card
+        self.card = self.monitor_card()  # stage 2's card, val_scores as this plan reports scores
         self.max_batch = min(stage1.max_batch, stage2.max_batch)
         self.input_shape = stage2.input_shape
         self.crops, self.crop_mode = stage2.crops, stage2.crop_mode
@@ -193,10 +193,10 @@ class CascadePlan:
     def monitor_card(self) -> ModelCard:
         """The card with ``val_scores`` of the scores this plan reports (stage 1's outside the band),
         the shift monitor's reference; the card itself when the band predates that record."""
+        card = self.stage2.card
         if not self.band.get("val_scores"):
-            return self.card
-        data = dict(self.card.data, val_scores=self.band["val_scores"])
-        return ModelCard(data, source=self.card.source)
+            return card
+        return ModelCard(dict(card.data, val_scores=self.band["val_scores"]), source=card.source)
 
     def infer(self, images: np.ndarray) -> CascadeResult:
         return self.infer_frames(images, None)

@@ -108,6 +108,36 @@ class AuthCfg:
 
 
 @dataclasses.dataclass
+class LifecycleCfg:
+    """Model slots, hot swap, shadow mode, promotion/rollback (docs/lifecycle.md)."""
+
+    #: REQ/REP control endpoint; None = off. Non-loopback needs the auth section.
+    control: Optional[str] = None
+    #: Versions folder with the atomically written ``active`` pointer; None = no persistence.
+    models_dir: Optional[str] = None
+    #: Keep the replaced model loaded after ``promote`` for an instant ``rollback``.
+    keep_previous: bool = True
+    #: Models resident at once (active + candidate + previous).
+    max_models: int = 3
+    #: Refuse a load when the resident models would exceed this (e.g. '2GiB'); None = no limit.
+    memory_limit: Optional[str] = None
+    #: Share of frames the candidate scores in shadow (0..1).
+    shadow_fraction: float = 1.0
+    #: Batches waiting for the shadow scorer; beyond, frames are skipped and counted.
+    shadow_queue: int = 2
+    #: Rule-based promotion after this many shadow frames (0 = off) ...
+    auto_promote_frames: int = 0
+    #: ... when the disagreement rate is at most this.
+    auto_promote_max_disagreement: float = 0.01
+    #: Automatic rollback: p-chart from the previous model's last K frames (0 = off) ...
+    auto_rollback_baseline: int = 0
+    #: ... checked over subgroups of this many frames of the promoted model ...
+    auto_rollback_subgroup: int = 200
+    #: ... for this many frames after the promotion.
+    auto_rollback_watch: int = 2000
+
+
+@dataclasses.dataclass
 class LoggingCfg:
     level: str = "INFO"
     format: str = "json"
@@ -132,15 +162,17 @@ class Config:
     monitor: Optional[MonitorCfg] = None
     pull: Optional[PullCfg] = None
     auth: Optional[AuthCfg] = None
+    lifecycle: Optional[LifecycleCfg] = None
 
 
 SECTIONS = {
     "model": ModelCfg, "sockets": SocketsCfg, "batching": BatchingCfg, "decision": DecisionCfg,
     "uncertain": UncertainCfg, "metrics": MetricsCfg, "logging": LoggingCfg, "shutdown": ShutdownCfg,
     "store": StoreCfg, "monitor": MonitorCfg, "pull": PullCfg, "auth": AuthCfg,
+    "lifecycle": LifecycleCfg,
 }
 #: Sections that switch a feature on by being present.
-OPTIONAL = ("store", "monitor", "pull", "auth")
+OPTIONAL = ("store", "monitor", "pull", "auth", "lifecycle")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 
@@ -281,7 +313,37 @@ def validate(cfg: Config) -> Config:
     if cfg.auth is not None and not (cfg.auth.server_secret_file and cfg.auth.allowed_clients_dir):
         raise ConfigError("auth: needs server_secret_file and allowed_clients_dir (make them with `nexedge keys`)")
     _positive("shutdown.timeout_s", cfg.shutdown.timeout_s)
+    if cfg.lifecycle is not None:
+        _validate_lifecycle(cfg.lifecycle, cfg.auth is not None)
     return cfg
+
+
+def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:
+    if lc.control is not None:
+        if not re.match(r"^(tcp|ipc|inproc)://.+", lc.control):
+            raise ConfigError(f"lifecycle.control: {lc.control!r} is not a ZeroMQ endpoint; expected e.g. "
+                              "tcp://127.0.0.1:5558")
+        from nexedge.serve.pullserver import is_loopback
+
+        if not has_auth and not is_loopback(lc.control):
+            raise ConfigError(f"lifecycle.control: {lc.control!r} is not loopback: changing the line's model needs "
+                              "the auth section (CurveZMQ allow-list) or a loopback address such as "
+                              "tcp://127.0.0.1:5558")
+    if not 2 <= lc.max_models <= 3:
+        raise ConfigError(f"lifecycle.max_models: {lc.max_models} must be 2 or 3 (active + candidate or previous; a "
+                          "swap without stopping the line needs the new model loaded beside the old one)")
+    if lc.memory_limit is not None:
+        parse_size(lc.memory_limit, "lifecycle.memory_limit")
+    if not 0.0 <= lc.shadow_fraction <= 1.0:
+        raise ConfigError(f"lifecycle.shadow_fraction: {lc.shadow_fraction} must be in [0, 1]")
+    _positive("lifecycle.shadow_queue", lc.shadow_queue)
+    _positive("lifecycle.auto_promote_frames", lc.auto_promote_frames, allow_zero=True)
+    if not 0.0 <= lc.auto_promote_max_disagreement <= 1.0:
+        raise ConfigError(f"lifecycle.auto_promote_max_disagreement: {lc.auto_promote_max_disagreement} must be "
+                          "in [0, 1]")
+    _positive("lifecycle.auto_rollback_baseline", lc.auto_rollback_baseline, allow_zero=True)
+    _positive("lifecycle.auto_rollback_subgroup", lc.auto_rollback_subgroup)
+    _positive("lifecycle.auto_rollback_watch", lc.auto_rollback_watch)
 
 
 def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config:
@@ -308,7 +370,7 @@ def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config
 
 #: (section, key) of every file or folder a config names; relative ones are relative to the config file.
 PATH_KEYS = (("model", "path"), ("model", "stage1"), ("store", "path"), ("auth", "server_secret_file"),
-             ("auth", "allowed_clients_dir"))
+             ("auth", "allowed_clients_dir"), ("lifecycle", "models_dir"))
 
 
 def resolve_paths(cfg: Config, base: str) -> None:

@@ -23,9 +23,9 @@ from nexedge.serve import config as C
 from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
-from nexedge.serve.decide import Decider
 from nexedge.serve.ingest import DecodePool, IngestMixin, recv_bounded
 from nexedge.serve.ledger import Ledger
+from nexedge.serve.lifecycle import Lifecycle
 from nexedge.serve.logjson import setup_logging
 from nexedge.serve.memory import AllocatorTrim
 from nexedge.serve.metrics import DaemonMetrics, HealthServer
@@ -61,7 +61,9 @@ class Daemon(IngestMixin):
         self._watchdog = notify.Watchdog()
         self._memory = AllocatorTrim()
         self.http: Optional[HealthServer] = None
-        self.backend: Any = None
+        self.models: Optional[Lifecycle] = None
+        self.shadow: Any = None
+        self.control: Any = None
         self.sampler: Any = None
         self.monitor: Any = None
         self.pull: Any = None
@@ -69,6 +71,11 @@ class Daemon(IngestMixin):
         self.worker: Optional[InferenceWorker] = None
         self.pool: Optional[DecodePool] = None
         self.ctx: Optional[zmq.Context] = None
+
+    # The model deciding now (hot swap: see nexedge.serve.lifecycle; a batch holds the swap lock).
+    backend = property(lambda self: self.models.active.backend if self.models and self.models.active else None)
+    card = property(lambda self: self.models.active.card)
+    decider = property(lambda self: self.models.active.decider)
 
     # -- health -------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -98,57 +105,19 @@ class Daemon(IngestMixin):
                                    f"metrics.port={cfg.metrics.port}: {e}") from e
             self.http.start()
             self.metrics_port = self.http.port
-        from nexedge.runtime import open_backend
-
-        t0 = time.monotonic()
-        opts = dict(cfg.model.options)
-        if not cfg.model.verify_card:
-            opts["verify"] = False
-        self.backend = self._given_backend if self._given_backend is not None else open_backend(cfg.model.path, **opts)
-        card = self.card = self.backend.card
-        self._check_operating_points(card, cfg.decision)
-        if self.backend.max_batch < cfg.batching.max_batch:
-            raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
-                                f"({self.backend.max_batch}, from the card's graph.max_batch or model.options)")
-        if cfg.model.warmup:
-            self.backend.warmup(cfg.model.warmup)
-            import numpy as np
-
-            self.backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(self.backend.input_shape), np.uint8))
-        self.decider = Decider(card, cfg.decision, cfg.uncertain)
-        from nexedge.runtime.cascade import plan_for_daemon
-
-        self.backend = plan_for_daemon(self.backend, cfg.model, self.decider.threshold, opts)
-        info = self.decider.info
-        log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
-                 card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
-                 info.get("tpr_lower95"), extra={"fields": {"model_id": card.model_id, "threshold_info": info}})
-        m.model.info({
-            "model_id": card.model_id, "precision": card.precision, "backend": str(getattr(self.backend, "name", "?")),
-            "crops": str(self.backend.crops), "crop_mode": str(self.backend.crop_mode),
-            "threshold_source": info["source"], "target_tpr": str(info.get("target_tpr")),
-            "tpr_lower95": str(info.get("tpr_lower95")), "version": __version__,
-        })
-        m.threshold.set(self.decider.threshold)
-        lb = info.get("tpr_lower95")
-        m.tpr_lower95.set(float("nan") if lb is None else float(lb))
-        weak = info["source"] == "card" and (lb is None or float(lb) < cfg.decision.tpr_floor)
-        m.weak_operating_point.set(1 if weak else 0)
-        if weak:
-            from nexedge.metrics import weak_points
-
-            op = card.operating_point(float(info["target_tpr"]))
-            log.warning("WEAK OPERATING POINT: %s", weak_points([op], cfg.decision.tpr_floor)[0]["message"],
-                        extra={"fields": {"tpr_lower95": lb, "tpr_floor": cfg.decision.tpr_floor}})
-        self._setup_optional(self.backend.monitor_card() if hasattr(self.backend, "monitor_card") else card)
+        self.models = Lifecycle(cfg, m, self._given_backend)
+        card = self.models.open_initial().card
+        self._setup_optional(card)
         b = cfg.batching
         self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
         self._bind()
         if cfg.sockets.decode_workers > 0:
             self.pool = DecodePool(cfg.sockets.decode_workers, self._decode_task)
         self.worker = InferenceWorker(self.backend, card, self.batcher, self.decider, m, self.ledger.answer,
-                                      self.sampler, self.monitor)
+                                      self.sampler, self.monitor, self.models, self.models.after_batch)
         self.worker.start()
+        if self.control is not None:
+            self.endpoints["control"] = str(self.control.start().endpoint)
         if self.pull is not None:
             self.pull.start()
             self.endpoints["pull"] = str(self.pull.endpoint)
@@ -158,21 +127,6 @@ class Daemon(IngestMixin):
         log.info("ready: frames on %s, verdicts on %s, metrics on %s", self.endpoints["frames"],
                  self.endpoints["verdicts"], self.metrics_port,
                  extra={"fields": {"event": "ready", "endpoints": self.endpoints, "metrics_port": self.metrics_port}})
-
-    def _check_operating_points(self, card: Any, d: C.DecisionCfg) -> None:
-        """Log where the card's operating points come from; refuse (fail closed) thresholds that were
-        measured with another crop mode than the backend runs, unless ``decision.allow_unmeasured``."""
-        log.info("card %s: %s", card.model_id, card.ops_status_line(),
-                 extra={"fields": {"operating_points_source": card.ops_source}})
-        if d.threshold is not None:
-            return  # an explicit threshold does not rest on the card's measurement
-        problem = card.crop_mode_mismatch(str(self.backend.crop_mode))
-        if problem is None:
-            return
-        if not d.allow_unmeasured:
-            raise C.ConfigError(f"{card.source}: {problem}; or set decision.allow_unmeasured: true to run on "
-                                "these unmeasured thresholds anyway")
-        log.warning("UNMEASURED OPERATING POINTS (decision.allow_unmeasured is set): %s", problem)
 
     def _setup_optional(self, card: Any) -> None:
         cfg = self.cfg
@@ -194,6 +148,7 @@ class Daemon(IngestMixin):
                                         max_cameras=cfg.sockets.max_cameras)
             mon = self.monitor
             self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
+            self.models.on_active.append(lambda slot: mon.rebase(slot.card))
         if cfg.auth is not None:
             from nexedge.serve.auth import CurveConfig
 
@@ -208,6 +163,7 @@ class Daemon(IngestMixin):
             from nexedge.serve.pullserver import PullServer
 
             self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth)
+        self.shadow, self.control = self.models.attach(self.sampler, lambda: len(self.batcher), self.auth)
 
     def _bind(self) -> None:
         s = self.cfg.sockets
@@ -379,6 +335,10 @@ class Daemon(IngestMixin):
             self.pool.shutdown()
         if self.pull is not None:
             self.pull.stop()
+        if self.control is not None:
+            self.control.stop()
+        if self.shadow is not None:
+            self.shadow.close()
         if self.sampler is not None:
             self.sampler.close(timeout=self.cfg.shutdown.timeout_s)
         if self.ctx is not None:
@@ -396,8 +356,8 @@ class Daemon(IngestMixin):
                 self.ctx.term()
         if self.http is not None:
             self.http.stop()
-        if self.backend is not None and not forced:
-            self.backend.close()
+        if self.models is not None and not forced:
+            self.models.close()
         log.info("stopped: %d frames received, %d answered", self.n_received, self.n_answered,
                  extra={"fields": {"event": "stopped", "forced": forced, "received": self.n_received,
                                    "answered": self.n_answered}})
@@ -479,6 +439,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     daemon = Daemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    over = overrides_from_args(args)  # SIGHUP: re-read the config file's model.path, hot-swap to it
+    signal.signal(signal.SIGHUP, lambda *_: daemon.models and daemon.models.hup(lambda: C.load(args.config, over)
+                                                                                .model.path))
     try:
         daemon.setup()
     except Exception as e:

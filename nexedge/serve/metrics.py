@@ -81,6 +81,27 @@ class DaemonMetrics:
         self.registry.register(_CounterCollector(name, doc, label, fn))
 
 
+    def add_families(self, fn: Callable[[], Iterable[Any]]) -> None:
+        """Export metric families built at scrape time by ``fn`` (model slots, shadow statistics)."""
+        self.registry.register(_FamilyCollector(fn))
+
+
+class _FamilyCollector:
+    def __init__(self, fn: Callable[[], Iterable[Any]]) -> None:
+        self.fn = fn
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        try:
+            fams = list(self.fn() or [])
+        except Exception as e:  # a broken collector must not break the scrape
+            log.error("metrics collector failed: %s", e)
+            fams = []
+        yield from fams
+
+
 class _CounterCollector:
     def __init__(self, name: str, doc: str, label: str, fn: Callable[[], Dict[str, int]]) -> None:
         self.name, self.doc, self.label, self.fn = name, doc, label, fn

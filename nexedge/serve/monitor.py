@@ -176,18 +176,29 @@ class ShiftMonitor:
         self.clear_ratio = float(clear_ratio)
         self.audit_boost = float(audit_boost)
         self.alarm_audit_rate = float(alarm_audit_rate)
-        data = card.data if hasattr(card, "data") else dict(card)
-        vs = data.get("val_scores")
-        self._ref_count = float(sum(vs.get("good") or []) + sum(vs.get("defect") or [])) if vs else 0.0
-        self._edges, self._ref = self._score_reference(vs, defect_prior)
-        self._merge_bins(min_bin_frac)
-        self._stat_ref = self._image_reference(data.get("image_stats"))
+        self._defect_prior, self._min_bin_frac = defect_prior, min_bin_frac
+        self._set_reference(card)
         self._cams: Dict[str, _Window] = {}
         self._lock = threading.Lock()
         self.max_cameras = int(max_cameras)
         #: Frames from cameras beyond ``max_cameras`` (they share the OTHER window), and how many such ids.
         self.other_frames = 0
         self._other_ids = 0
+
+    def _set_reference(self, card: Any) -> None:
+        data = card.data if hasattr(card, "data") else dict(card)
+        vs = data.get("val_scores")
+        self._ref_count = float(sum(vs.get("good") or []) + sum(vs.get("defect") or [])) if vs else 0.0
+        self._edges, self._ref = self._score_reference(vs, self._defect_prior)
+        self._merge_bins(self._min_bin_frac)
+        self._stat_ref = self._image_reference(data.get("image_stats"))
+
+    def rebase(self, card: Any) -> None:
+        """Another model became active (hot swap, promotion, rollback): compare against its card's
+        references from now on, with fresh windows (scores of two models do not mix in one window)."""
+        with self._lock:
+            self._set_reference(card)
+            self._cams = {}
 
     def _key(self, camera: str) -> str:
         """``camera``, or :data:`OTHER` once ``max_cameras`` cameras have their own window (lock held)."""

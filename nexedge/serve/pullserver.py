@@ -6,7 +6,7 @@ empty delimiter) client:
 
 * ``{"v": 1, "op": "hello"}`` -> ``{"ok": true, "v": 1, "store_id", "pending"}``
 * ``{"v": 1, "op": "page", "after_id": N|null, "limit": N, "filters": {camera,
-  since, until, decision, reason}}`` -> ``[{"ok": true, "samples": [row, ...],
+  since, until, decision, reason, kind}}`` -> ``[{"ok": true, "samples": [row, ...],
   "skipped": k}, image bytes of row 0, image bytes of row 1, ...]``; rows in id
   order, pending only, at most ``limit`` (capped) rows and about
   ``max_page_bytes`` of images. A row whose image retention removed meanwhile
@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from typing import OrderedDict as OrderedDictT
 
 import zmq
@@ -83,7 +83,7 @@ class Lease:
         for i in ids:
             self._ids.pop(i, None)
         return ids
-FILTER_KEYS = ("camera", "since", "until", "decision", "reason")
+FILTER_KEYS = ("camera", "since", "until", "decision", "reason", "kind")
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -96,6 +96,45 @@ def is_loopback(endpoint: str) -> bool:
     if ";" in host:  # "source;dest" form: judge the bound side
         host = host.split(";")[-1]
     return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def bind_router(bind: str, auth: Optional[CurveConfig], key: str, max_message_bytes: int) -> Tuple[zmq.Context,
+                                                                                                 zmq.Socket]:
+    """A ROUTER socket on its own context for a small request/reply endpoint (pull, control): CURVE
+    server when ``auth`` is given, requests over ``max_message_bytes`` dropped, bound to ``bind``
+    (RuntimeError naming config ``key`` when that fails; nothing is left open then)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    try:
+        if auth is not None:
+            auth.apply_server(sock)
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as e:
+            raise RuntimeError(f"cannot bind {key}={bind!r}: {e}") from e
+    except BaseException:
+        close_router(ctx, sock, auth)
+        raise
+    return ctx, sock
+
+
+def close_router(ctx: zmq.Context, sock: Optional[zmq.Socket], auth: Optional[CurveConfig]) -> None:
+    """Close what :func:`bind_router` opened (the serving thread closes its socket itself)."""
+    if sock is not None:
+        sock.close(linger=0)
+    if auth is not None:
+        auth.stop(ctx)
+    ctx.term()
+
+
+def split_envelope(msg: List[Any]) -> Tuple[List[Any], List[Any]]:
+    """(routing head, body) of a ROUTER message: REQ peers send [identity, b"", request...];
+    DEALER peers may omit the delimiter."""
+    if len(msg) >= 3 and bytes(msg[1]) == b"":
+        return msg[:2], msg[2:]
+    return msg[:1], msg[1:]
 
 
 class PullServer:
@@ -136,22 +175,9 @@ class PullServer:
         if self._thread is not None:
             raise RuntimeError("pull server already started")
         store = SampleStore(self.store_root, writer=False)
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # requests are small JSON; drop anything bigger
-        try:
-            if self.auth is not None:
-                self.auth.apply_server(sock)
-            try:
-                sock.bind(self.bind)
-            except zmq.ZMQError as e:
-                raise RuntimeError(f"cannot bind pull.bind={self.bind!r}: {e}") from e
+        try:  # requests are small JSON; anything over 1 MiB is dropped
+            ctx, sock = bind_router(self.bind, self.auth, "pull.bind", 1 << 20)
         except BaseException:
-            sock.close(linger=0)
-            if self.auth is not None:
-                self.auth.stop(ctx)
-            ctx.term()
             store.close()
             raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -168,10 +194,8 @@ class PullServer:
         self._stop.set()
         self._thread.join(timeout)
         self._thread = None
-        if self.auth is not None and self._ctx is not None:
-            self.auth.stop(self._ctx)
         if self._ctx is not None:
-            self._ctx.term()
+            close_router(self._ctx, None, self.auth)
         self._ctx = self._sock = None
 
     def __enter__(self) -> "PullServer":
@@ -186,12 +210,7 @@ class PullServer:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
-                msg = sock.recv_multipart()
-                # REQ peers: [identity, b"", request]; DEALER peers may omit the delimiter.
-                if len(msg) >= 3 and msg[1] == b"":
-                    head, body = msg[:2], msg[2:]
-                else:
-                    head, body = msg[:1], msg[1:]
+                head, body = split_envelope(sock.recv_multipart())
                 self.counters["requests"] += 1
                 try:
                     reply = self._handle(store, body)

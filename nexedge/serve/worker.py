@@ -4,6 +4,7 @@ Runs on its own thread; verdicts go out through the daemon's ``answer``
 callback (thread-safe). Python 3.8, no torch.
 """
 
+import contextlib
 import logging
 import threading
 import time
@@ -42,13 +43,18 @@ class Frame:
 # answer(req, decision, reason, score=None, uncertain=False, probs=None) -> bool (False if already answered);
 # the daemon's Ledger.answer, which never raises.
 Answer = Callable[..., bool]
+#: (frame, score, decision) of each frame a batch decided and answered.
+Decided = List[Tuple[Frame, float, str]]
 
 
 class InferenceWorker:
     """Takes batches from the :class:`Batcher`, runs the backend, decides, answers, samples."""
 
     def __init__(self, backend: Any, card: ModelCard, batcher: Batcher, decider: Decider, metrics: DaemonMetrics,
-                 answer: Answer, sampler: Any = None, monitor: Any = None) -> None:
+                 answer: Answer, sampler: Any = None, monitor: Any = None, models: Any = None,
+                 after_batch: Optional[Callable[[Decided], None]] = None) -> None:
+        """``models``: the daemon's Lifecycle (each batch runs on its active slot, under its batch lock);
+        ``after_batch``: called with what a batch decided, after its verdicts went out (shadow, p-chart)."""
         self.backend = backend
         self.card = card
         self.classes = card.classes
@@ -58,6 +64,8 @@ class InferenceWorker:
         self.answer = answer
         self.sampler = sampler
         self.monitor = monitor
+        self.models = models
+        self.after_batch = after_batch
         self.in_flight: List[Frame] = []
         self.heartbeat = time.monotonic()
         self.batches = 0
@@ -88,7 +96,12 @@ class InferenceWorker:
                 continue
             self.in_flight = batch
             try:
-                self._run_batch(batch)
+                lock = self.models.batch_lock if self.models is not None else contextlib.nullcontext()
+                with lock:  # a model swap waits for this batch: it finishes on the model it started with
+                    self._bind_active()
+                    decided = self._run_batch(batch)
+                if decided and self.after_batch is not None:
+                    self.after_batch(decided)
             except Exception as e:  # never let a bug in decisions kill the worker
                 log.exception("inference batch failed: %s", e)
             finally:
@@ -97,8 +110,15 @@ class InferenceWorker:
                     if not f.req.answered:
                         self.recheck(f, P.BACKEND_ERROR)
 
-    def _run_batch(self, batch: List[Frame]) -> None:
+    def _bind_active(self) -> None:
+        slot = self.models.active if self.models is not None else None
+        if slot is not None and slot.backend is not self.backend:
+            self.backend, self.card, self.classes, self.decider = slot.backend, slot.card, slot.card.classes, \
+                slot.decider
+
+    def _run_batch(self, batch: List[Frame]) -> Decided:
         m = self.metrics
+        decided: Decided = []
         t0 = time.monotonic()
         for f in batch:
             m.queue_wait.observe(t0 - f.t_queued)
@@ -111,7 +131,7 @@ class InferenceWorker:
             log.error("backend error on a batch of %d: %s", len(batch), e)
             for f in batch:
                 self.recheck(f, P.BACKEND_ERROR)
-            return
+            return decided
         t1 = time.monotonic()
         m.inference.observe(t1 - t0)
         for stage, secs in (res.timings or {}).items():
@@ -133,6 +153,7 @@ class InferenceWorker:
                 m.uncertain.inc()
             if not self.answer(f.req, decision, "", score=score, uncertain=uncertain, probs=probs):
                 continue  # answered meanwhile (deadline passed during inference): not this verdict's sample
+            decided.append((f, score, decision))
             kind = "band" if uncertain else None
             if self.monitor is not None and f.stats is not None:
                 kind = self._observe(f, score, decision, uncertain) or kind
@@ -148,6 +169,7 @@ class InferenceWorker:
             if kind is not None:
                 self.sample(f, kind, decision, "", score, probs)
         m.stage.labels("decide").observe(time.monotonic() - t1)
+        return decided
 
     def _observe(self, f: Frame, score: float, decision: str, uncertain: bool) -> Optional[str]:
         try:

@@ -45,12 +45,14 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2 added ``samples.shadow`` (the candidate model's verdict on a shadow disagreement); a version-1
+#: store is migrated in place by its writer, and read as it is (shadow NULL) by readers.
+SCHEMA_VERSION = 2
 #: What one row costs against the quota (SQLite row, its four index entries, page slack; measured
 #: about 300-400 bytes for typical metadata). Counted so duplicate images cannot grow the
 #: database without bound while the image bytes stay under the quota.
 ROW_BYTES = 512
-KINDS = ("band", "audit", "recheck", "drift")
+KINDS = ("band", "audit", "recheck", "drift", "shadow")
 DB_NAME = "samples.db"
 
 _SCHEMA = """
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS samples (
     reason TEXT,
     kind TEXT NOT NULL,
     created REAL NOT NULL,
-    pulled REAL
+    pulled REAL,
+    shadow TEXT
 );
 CREATE INDEX IF NOT EXISTS samples_pending ON samples (pulled, id);
 CREATE INDEX IF NOT EXISTS samples_camera_ts ON samples (camera, ts);
@@ -85,7 +88,7 @@ CREATE INDEX IF NOT EXISTS samples_sha ON samples (sha256);
 
 _COLUMNS = (
     "id", "sha256", "camera", "frame_id", "ts", "model_id", "threshold", "score",
-    "probs", "decision", "reason", "kind", "created", "pulled",
+    "probs", "decision", "reason", "kind", "created", "pulled", "shadow",
 )
 
 
@@ -169,13 +172,15 @@ class SampleStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
+                if version not in (0, 1, SCHEMA_VERSION):
                     raise RuntimeError(
                         f"sample store {self.root} has schema version {version}; this nexedge reads {SCHEMA_VERSION}"
                     )
                 for stmt in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
                     if stmt.strip():
                         self._db.execute(stmt)
+                if version == 1:
+                    self._db.execute("ALTER TABLE samples ADD COLUMN shadow TEXT")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
@@ -184,6 +189,14 @@ class SampleStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _has_shadow(self) -> bool:
+        """Whether the samples table has the ``shadow`` column (a reader of a version-1 store: no)."""
+        if getattr(self, "_shadow_col", None) is None:
+            with self._lock:
+                cols = [r[1] for r in self._db.execute("PRAGMA table_info(samples)")]
+            self._shadow_col = "shadow" in cols
+        return bool(self._shadow_col)
 
     def _meta_get(self, key: str) -> Optional[str]:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -228,7 +241,8 @@ class SampleStore:
         """Store one sample; return its row id, or None when the quota cannot be met.
 
         ``meta``: camera, frame_id, ts, model_id, threshold, score, probs
-        (dict class -> p), decision, reason, kind (band | audit | recheck | drift).
+        (dict class -> p), decision, reason, kind (band | audit | recheck | drift | shadow), and for
+        kind shadow ``shadow``: the candidate's {model_id, score, decision, threshold}.
         """
         if not self.writer:
             raise RuntimeError("this SampleStore was opened read-only (writer=False)")
@@ -246,6 +260,9 @@ class SampleStore:
         if probs is not None and not isinstance(probs, dict):
             raise ValueError(f"sample meta 'probs' must be a dict class -> probability, got {type(probs).__name__}")
         ts = _opt_float(meta, "ts")
+        shadow = meta.get("shadow")
+        if shadow is not None and not isinstance(shadow, dict):
+            raise ValueError(f"sample meta 'shadow' must be a dict (the candidate's verdict), got {type(shadow).__name__}")
         row = (
             camera,
             None if meta.get("frame_id") is None else str(meta.get("frame_id")),
@@ -258,6 +275,7 @@ class SampleStore:
             None if meta.get("reason") is None else str(meta.get("reason")),
             kind,
             time.time(),
+            None if shadow is None else json.dumps(shadow),
         )
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
@@ -290,7 +308,7 @@ class SampleStore:
                     self._db.execute("UPDATE blobs SET refs = refs + 1 WHERE sha256 = ?", (sha,))
                 cur = self._db.execute(
                     "INSERT INTO samples (sha256, camera, frame_id, ts, model_id, threshold, score, probs,"
-                    " decision, reason, kind, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " decision, reason, kind, created, shadow) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (sha,) + row,
                 )
                 self._db.execute("COMMIT")
@@ -398,7 +416,7 @@ class SampleStore:
             where.append("s.id > ?")
             args.append(int(after_id))
         sql = "SELECT {}, b.ext, b.size FROM samples s JOIN blobs b ON b.sha256 = s.sha256".format(
-            ", ".join("s." + c for c in _COLUMNS)
+            ", ".join("s." + c if c != "shadow" or self._has_shadow() else "NULL" for c in _COLUMNS)
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -414,6 +432,7 @@ class SampleStore:
         for r in rows:
             d = dict(zip(_COLUMNS + ("ext", "size"), r))
             d["probs"] = None if d["probs"] is None else json.loads(d["probs"])
+            d["shadow"] = None if d["shadow"] is None else json.loads(d["shadow"])
             d["path"] = blob_relpath(d["sha256"], d["ext"])
             out.append(d)
         return out

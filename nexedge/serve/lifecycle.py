@@ -1,0 +1,638 @@
+"""Model slots of a running daemon: ``active``, optional ``candidate`` and ``previous``.
+
+* A load opens and warms the new artifact on the caller's thread (control
+  endpoint, SIGHUP helper), never on the inference thread, and checks its card
+  against the line (:func:`check_compatible`) before anything changes.
+* The inference worker holds :attr:`Lifecycle.batch_lock` for each batch; a
+  swap takes the same lock, so it happens between batches: a batch finishes on
+  the model it started with and every verdict names the model that decided it.
+* ``promote`` makes the candidate active and keeps the replaced model as
+  ``previous`` (``lifecycle.keep_previous``) for an instant ``rollback``.
+* Optional rules: promotion after N shadow frames with a disagreement rate at
+  most X; automatic rollback when the promoted model's reject rate leaves the
+  3-sigma p-chart limits of the previous model's last K frames.
+* With ``lifecycle.models_dir`` loaded artifacts are copied into
+  ``models_dir/versions/<stem>-<sha8>/`` and the ``active`` pointer
+  (``models_dir/active.json``) is written atomically on every change; a restart
+  comes back on the model it names.
+
+See docs/lifecycle.md. Python 3.8, no torch.
+"""
+
+import collections
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from nexedge.card import ModelCard, atomic_write_bytes, card_path_for, sha256_file
+from nexedge.serve import config as C
+from nexedge.serve.decide import Decider
+from nexedge.serve.memory import rss_bytes
+
+log = logging.getLogger("nexedge.serve")
+POINTER = "active.json"
+VERSIONS = "versions"
+SLOTS = ("active", "candidate", "previous")
+
+
+class LifecycleError(ValueError):
+    """A refused lifecycle operation; the message says what was wrong and what to do."""
+
+
+class Slot:
+    """One loaded model: backend, card, decision rule, and what it costs in memory."""
+
+    def __init__(self, path: str, backend: Any, decider: Decider, footprint: int, source: str) -> None:
+        self.path = path
+        self.backend = backend
+        self.card: ModelCard = backend.card
+        self.decider = decider
+        self.footprint = int(footprint)
+        self.source = source
+        self.loaded_at = time.time()
+        self.closed = False
+        self.use_lock = threading.Lock()  # held while the shadow scorer runs it; close() waits for it
+
+    @property
+    def model_id(self) -> str:
+        return self.card.model_id
+
+    @property
+    def sha256(self) -> str:
+        return str(self.card.sha256 or "")
+
+    def close(self) -> None:
+        with self.use_lock:
+            if not self.closed:
+                self.closed = True
+                self.backend.close()
+
+    def info(self) -> Dict[str, Any]:
+        d = self.decider.info
+        return {"model_id": self.model_id, "sha256": self.sha256, "path": self.path, "source": self.source,
+                "threshold": self.decider.threshold, "threshold_source": d.get("source"),
+                "target_tpr": d.get("target_tpr"), "crop_mode": str(self.backend.crop_mode),
+                "memory_bytes": self.footprint, "loaded_at": self.loaded_at}
+
+
+def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Config) -> None:
+    """Refuse a model that cannot replace ``line`` (the active model's card) on this line."""
+    src = card.source
+    if card.classes != line.classes or card.good_class != line.good_class:
+        raise LifecycleError(f"{src}: classes {card.classes} (negative class {card.good_class!r}) differ from the "
+                             f"line's {line.classes} (negative class {line.good_class!r}); a model for this line "
+                             "must be trained on the same class list")
+    for key in ("resize", "color", "resize_mode"):
+        if card.input.get(key) != line.input.get(key):
+            raise LifecycleError(f"{src}: input.{key} {card.input.get(key)!r} differs from the line's "
+                                 f"{line.input.get(key)!r}; frames are prepared once for both models, so they must "
+                                 "share the prepared input (resize, color, resize_mode)")
+    if backend.max_batch < cfg.batching.max_batch:
+        raise LifecycleError(f"{src}: the backend accepts batches up to {backend.max_batch}, the line runs "
+                             f"batching.max_batch {cfg.batching.max_batch}")
+    if cfg.decision.threshold is not None or cfg.decision.allow_unmeasured:
+        return
+    ops = card.ops_source
+    if not card.operating_points:
+        raise LifecycleError(f"{src}: the card has no operating points; measure them with `nexedge thresholds`")
+    if ops.get("status") != "measured":
+        raise LifecycleError(f"{src}: operating points are {ops.get('status') or 'of unknown provenance'}, not "
+                             "measured on this artifact; run `nexedge thresholds` on it (or set "
+                             "decision.allow_unmeasured: true)")
+    measured_on = ops.get("artifact_sha256")
+    if measured_on and card.sha256 and measured_on != card.sha256:
+        raise LifecycleError(f"{src}: operating points were measured on artifact {str(measured_on)[:12]}, not on this "
+                             f"one ({card.sha256[:12]}); run `nexedge thresholds` on it")
+    problem = card.crop_mode_mismatch(str(backend.crop_mode))
+    if problem is not None:
+        raise LifecycleError(f"{src}: {problem}")
+
+
+class Versions:
+    """``models_dir``: ``versions/<stem>-<sha8>/<artifact + card>`` and the ``active.json`` pointer."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(os.path.join(self.root, VERSIONS), exist_ok=True)
+
+    @property
+    def pointer_path(self) -> str:
+        return os.path.join(self.root, POINTER)
+
+    def import_artifact(self, path: str, sha256: str) -> str:
+        """Copy ``path`` and its card into a version folder (once); returns the copy's path."""
+        path = os.path.abspath(path)
+        if path.startswith(os.path.join(self.root, VERSIONS) + os.sep):
+            return path
+        stem = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.join(self.root, VERSIONS, f"{stem}-{sha256[:8]}")
+        dest = os.path.join(folder, os.path.basename(path))
+        if os.path.exists(dest) and sha256_file(dest) == sha256:
+            return dest
+        os.makedirs(folder, exist_ok=True)
+        tmp = dest + ".part"
+        shutil.copyfile(path, tmp)
+        if sha256_file(tmp) != sha256:
+            os.unlink(tmp)
+            raise LifecycleError(f"{path} changed while it was copied into {folder}; load it again")
+        os.replace(tmp, dest)
+        shutil.copyfile(card_path_for(path), card_path_for(dest))
+        return dest
+
+    def write(self, active: Slot, previous: Optional[Slot], who: str) -> None:
+        doc = {"active": {"path": active.path, "sha256": active.sha256, "model_id": active.model_id},
+               "previous": None if previous is None else {"path": previous.path, "sha256": previous.sha256,
+                                                          "model_id": previous.model_id},
+               "by": who, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_bytes(self.pointer_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+
+    def read(self) -> Optional[Dict[str, Any]]:
+        """The pointer's ``active`` entry, None when there is none; LifecycleError when it is unusable."""
+        if not os.path.exists(self.pointer_path):
+            return None
+        try:
+            with open(self.pointer_path, encoding="utf-8") as f:
+                doc = json.load(f)
+            entry = doc["active"]
+            path, sha = str(entry["path"]), str(entry["sha256"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LifecycleError(f"{self.pointer_path} is not a valid active pointer ({e})") from None
+        if not os.path.isfile(path):
+            raise LifecycleError(f"{self.pointer_path} names {path}, which does not exist")
+        return {"path": path, "sha256": sha}
+
+
+class PChart:
+    """Automatic rollback: reject-rate p-chart from the previous model's last ``baseline`` frames."""
+
+    def __init__(self, baseline: int, subgroup: int, watch: int) -> None:
+        self.baseline, self.subgroup, self.watch = baseline, subgroup, watch
+        self.recent: Deque[bool] = collections.deque(maxlen=max(baseline, 1))
+        self.armed: Optional[Dict[str, float]] = None
+        self._n = self._rejects = self._seen = 0
+
+    def arm(self) -> Optional[Dict[str, float]]:
+        """At a promotion: limits from the outgoing model's recent frames (None: too few to judge)."""
+        self._n = self._rejects = self._seen = 0
+        k = len(self.recent)
+        if self.baseline <= 0 or k < self.baseline:
+            self.armed = None
+            return None
+        p = sum(self.recent) / k
+        p = min(max(p, 0.5 / k), 1.0 - 0.5 / k)  # a baseline of 0 rejects must not make any reject an alarm
+        sigma = math.sqrt(p * (1.0 - p) / self.subgroup)
+        self.armed = {"p": p, "lcl": max(0.0, p - 3 * sigma), "ucl": min(1.0, p + 3 * sigma), "baseline": k}
+        self.recent.clear()
+        return self.armed
+
+    def observe(self, rejects: List[bool]) -> Optional[Tuple[float, Dict[str, float]]]:
+        """Feed the active model's decisions; (subgroup reject rate, limits) when it is out of control."""
+        out = None
+        for r in rejects:
+            self.recent.append(r)
+            if self.armed is None:
+                continue
+            self._n += 1
+            self._seen += 1
+            self._rejects += int(r)
+            if self._n >= self.subgroup:
+                rate = self._rejects / self._n
+                if not self.armed["lcl"] <= rate <= self.armed["ucl"]:
+                    out = (rate, dict(self.armed))
+                    self.armed = None
+                self._n = self._rejects = 0
+            if self.armed is not None and self._seen >= self.watch:
+                self.armed = None  # watched long enough: the promotion stands
+        return out
+
+
+class Lifecycle:
+    """Owns the daemon's model slots. Thread-safe; every change is logged with who and what."""
+
+    def __init__(self, cfg: C.Config, metrics: Any, given_backend: Any = None) -> None:
+        self.cfg = cfg
+        self.lc = cfg.lifecycle or C.LifecycleCfg()
+        self.metrics = metrics
+        self.batch_lock = threading.RLock()  # the worker holds it per batch; swaps take it
+        self._op_lock = threading.Lock()  # one load/promote/rollback at a time
+        self._given = given_backend
+        self.active: Optional[Slot] = None
+        self.candidate: Optional[Slot] = None
+        self.previous: Optional[Slot] = None
+        self.versions = Versions(self.lc.models_dir) if self.lc.models_dir else None
+        self.limit = C.parse_size(self.lc.memory_limit, "lifecycle.memory_limit") if self.lc.memory_limit else None
+        self.changes: Dict[str, int] = collections.Counter()
+        self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=50)
+        self.pchart = PChart(self.lc.auto_rollback_baseline, self.lc.auto_rollback_subgroup,
+                             self.lc.auto_rollback_watch)
+        self.on_active: List[Callable[[Slot], None]] = []  # called after the active model changed
+        self.on_candidate: List[Callable[[Optional[Slot]], None]] = []  # called when the candidate changed
+        self.shadow: Any = None  # the ShadowScorer, when the daemon runs one
+        p = cfg.model.path
+        self._config_seen = (os.path.abspath(p), sha256_file(p) if os.path.isfile(p) else None)  # for SIGHUP
+
+    # -- opening -----------------------------------------------------------------
+    def open_initial(self) -> Slot:
+        """The model to start on: the ``active`` pointer of ``models_dir`` when there is a usable one,
+        else ``model.path``. A broken pointer is logged and the line starts on ``model.path``."""
+        path, source = self.cfg.model.path, "model.path"
+        if self.versions is not None and self._given is None:
+            try:
+                entry = self.versions.read()
+            except LifecycleError as e:
+                log.error("cannot resume the promoted model: %s; starting on model.path %s", e, path)
+                entry = None
+            if entry is not None:
+                path, source = entry["path"], "models_dir pointer"
+                log.info("resuming the promoted model %s (%s; model.path %s is not used)", path,
+                         self.versions.pointer_path, self.cfg.model.path)
+        try:
+            slot = self._open(path, source, given=self._given)
+        except Exception as e:
+            if source == "model.path":
+                raise
+            log.error("cannot open the promoted model %s: %s; starting on model.path %s", path, e,
+                      self.cfg.model.path)
+            slot = self._open(self.cfg.model.path, "model.path")
+        self.active = slot
+        self._announce(slot)
+        return slot
+
+    def _open(self, path: str, source: str, given: Any = None) -> Slot:
+        """Open, check (crop mode / unmeasured thresholds as at start-up) and warm one artifact."""
+        from nexedge.runtime import open_backend
+
+        cfg = self.cfg
+        opts = dict(cfg.model.options)
+        if not cfg.model.verify_card:
+            opts["verify"] = False
+        t0, rss0 = time.monotonic(), rss_bytes()
+        backend = given if given is not None else open_backend(path, **opts)
+        try:
+            card = backend.card
+            self._check_operating_points(card, backend, cfg.decision)
+            if backend.max_batch < cfg.batching.max_batch:
+                raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
+                                    f"({backend.max_batch}, from the card's graph.max_batch or model.options)")
+            if cfg.model.warmup:
+                import numpy as np
+
+                backend.warmup(cfg.model.warmup)
+                backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(backend.input_shape), np.uint8))
+            decider = Decider(card, cfg.decision, cfg.uncertain)
+            from nexedge.runtime.cascade import plan_for_daemon
+
+            backend = plan_for_daemon(backend, cfg.model, decider.threshold, opts, artifact=path)  # model.cascade
+        except BaseException:
+            if given is None:
+                backend.close()
+            raise
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        slot = Slot(path, backend, decider, max(rss_bytes() - rss0, size), source)
+        info = decider.info
+        log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
+                 card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
+                 info.get("tpr_lower95"), extra={"fields": {"model_id": card.model_id, "threshold_info": info}})
+        return slot
+
+    @staticmethod
+    def _check_operating_points(card: Any, backend: Any, d: C.DecisionCfg) -> None:
+        """Log where the card's operating points come from; refuse (fail closed) thresholds that were
+        measured with another crop mode than the backend runs, unless ``decision.allow_unmeasured``."""
+        log.info("card %s: %s", card.model_id, card.ops_status_line(),
+                 extra={"fields": {"operating_points_source": card.ops_source}})
+        if d.threshold is not None:
+            return  # an explicit threshold does not rest on the card's measurement
+        problem = card.crop_mode_mismatch(str(backend.crop_mode))
+        if problem is None:
+            return
+        if not d.allow_unmeasured:
+            raise C.ConfigError(f"{card.source}: {problem}; or set decision.allow_unmeasured: true to run on "
+                                "these unmeasured thresholds anyway")
+        log.warning("UNMEASURED OPERATING POINTS (decision.allow_unmeasured is set): %s", problem)
+
+    def _announce(self, slot: Slot) -> None:
+        """Metrics and log lines for the model now deciding."""
+        from nexedge import __version__
+
+        m, card, info = self.metrics, slot.card, slot.decider.info
+        m.model.info({
+            "model_id": card.model_id, "precision": card.precision, "backend": str(getattr(slot.backend, "name", "?")),
+            "crops": str(slot.backend.crops), "crop_mode": str(slot.backend.crop_mode),
+            "threshold_source": info["source"], "target_tpr": str(info.get("target_tpr")),
+            "tpr_lower95": str(info.get("tpr_lower95")), "version": __version__,
+        })
+        m.threshold.set(slot.decider.threshold)
+        lb = info.get("tpr_lower95")
+        m.tpr_lower95.set(float("nan") if lb is None else float(lb))
+        weak = info["source"] == "card" and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
+        m.weak_operating_point.set(1 if weak else 0)
+        if weak:
+            from nexedge.metrics import weak_points
+
+            op = card.operating_point(float(info["target_tpr"]))
+            log.warning("WEAK OPERATING POINT: %s", weak_points([op], self.cfg.decision.tpr_floor)[0]["message"],
+                        extra={"fields": {"tpr_lower95": lb, "tpr_floor": self.cfg.decision.tpr_floor}})
+        for fn in self.on_active:
+            fn(slot)
+
+    def attach(self, sampler: Any, backlog: Callable[[], int], auth: Any = None) -> Tuple[Any, Any]:
+        """Start the shadow scorer, register the lifecycle metrics, and make the control server when
+        ``lifecycle.control`` is set (the daemon starts it). Returns (shadow, control or None)."""
+        from nexedge.serve.shadow import ShadowScorer
+
+        b = self.cfg.batching
+        self.shadow = ShadowScorer(self, self.metrics, sampler, self.lc.shadow_fraction, self.lc.shadow_queue,
+                                   b.deadline_ms / 1000.0, backlog, b.max_batch)
+        self.on_candidate.append(self.shadow.new_candidate)
+        self.metrics.add_families(self.collect)
+        self.metrics.add_families(self.shadow.collect)
+        control = None
+        if self.lc.control:
+            from nexedge.serve.control import ControlServer
+
+            control = ControlServer(self, self.lc.control, auth, self.report)
+        return self.shadow, control
+
+    def after_batch(self, decided: List[Tuple[Any, float, str]]) -> None:
+        """The worker's hook after a batch's verdicts went out: p-chart, then shadow scoring."""
+        self.observe([d for _f, _x, d in decided])
+        if self.shadow is not None and self.candidate is not None:
+            self.shadow.offer(None, [f for f, _x, _d in decided], [x for _f, x, _d in decided],
+                              [d for _f, _x, d in decided])
+
+    def report(self) -> Dict[str, Any]:
+        """``nexedge line report``: shadow statistics of the (last) candidate."""
+        return self.shadow.report() if self.shadow is not None else {}
+
+    # -- operations ----------------------------------------------------------------
+    def slots(self) -> Dict[str, Optional[Slot]]:
+        return {"active": self.active, "candidate": self.candidate, "previous": self.previous}
+
+    def resident_bytes(self) -> int:
+        return sum(s.footprint for s in self.slots().values() if s is not None)
+
+    def load(self, path: str, as_: str = "candidate", who: str = "?") -> Dict[str, Any]:
+        """Open, warm and check ``path``, then make it the candidate (shadow) or the active model."""
+        if as_ not in ("candidate", "active"):
+            raise LifecycleError(f"load as {as_!r}: expected 'candidate' or 'active'")
+        if not isinstance(path, str) or not path:
+            raise LifecycleError(f"load: expected the path of a model artifact on the line machine, got {path!r}")
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise LifecycleError(f"load: {path} does not exist on the line machine (or is not a file)")
+        with self._op_lock:
+            self._make_room(path, as_)
+            try:
+                slot = self._open(path, f"loaded by {who}")
+            except LifecycleError:
+                raise
+            except Exception as e:
+                raise LifecycleError(f"load {path}: {e}") from e
+            try:
+                check_compatible(self.active.card, slot.card, slot.backend, self.cfg)
+                if slot.sha256 and slot.sha256 == self.active.sha256 and as_ == "active":
+                    raise LifecycleError(f"{path} is the active model already ({slot.model_id})")
+                if self.limit is not None and self.resident_bytes() + slot.footprint > self.limit:
+                    raise LifecycleError(
+                        f"load {path}: the resident models would take about {_mib(self.resident_bytes() + slot.footprint)}"
+                        f" ({_mib(slot.footprint)} for this one), over lifecycle.memory_limit {self.lc.memory_limit}; "
+                        "unload the candidate or the previous model first")
+                if self.versions is not None:
+                    slot.path = self.versions.import_artifact(path, slot.sha256)
+            except BaseException:
+                slot.close()
+                raise
+            return self._install(slot, as_, who)
+
+    def _make_room(self, path: str, as_: str) -> None:
+        """Before opening: a new candidate replaces the old one (unloaded first); stay within
+        max_models and, by the artifact's size, the memory limit, dropping the previous model first."""
+        size = os.path.getsize(path)
+
+        def over() -> Optional[str]:
+            n = sum(s is not None for s in self.slots().values()) + 1
+            if n > self.lc.max_models:
+                return f"{n} models resident, over lifecycle.max_models {self.lc.max_models}"
+            if self.limit is not None and self.resident_bytes() + size > self.limit:
+                return (f"its {_mib(size)} of weights on top of the {_mib(self.resident_bytes())} resident, over "
+                        f"lifecycle.memory_limit {self.lc.memory_limit}")
+            return None
+        if as_ == "candidate" and self.candidate is not None and over():
+            log.info("unloading the candidate %s to make room for %s", self.candidate.model_id, path)
+            self._drop("candidate")
+        if over() and self.previous is not None:
+            log.info("unloading the previous model %s to make room for %s (%s)", self.previous.model_id, path, over())
+            self._drop("previous")
+        problem = over()
+        if problem:
+            raise LifecycleError(f"load {path}: would make {problem}; unload the candidate first")
+
+    def _install(self, slot: Slot, as_: str, who: str) -> Dict[str, Any]:
+        old = self.candidate if as_ == "candidate" else self.active
+        if as_ == "candidate":
+            self.candidate = slot
+            if old is not None:
+                old.close()
+            for fn in self.on_candidate:
+                fn(slot)
+            self._record("load", who, old, slot, slot="candidate")
+        else:
+            with self.batch_lock:
+                self.active = slot
+                prev_out = self._retire(old)
+            self._after_active_change(prev_out)
+            self._record("load", who, old, slot, slot="active")
+        return self.status()
+
+    def _retire(self, old: Optional[Slot]) -> Optional[Slot]:
+        """(under batch_lock) ``old`` leaves the active slot: it becomes previous or is closed after the lock."""
+        out = self.previous
+        if self.lc.keep_previous and old is not None:
+            self.previous = old
+            return out
+        self.previous = None
+        if old is not None and out is not None:
+            out.close()
+        return old
+
+    def _after_active_change(self, closing: Optional[Slot]) -> None:
+        if closing is not None:
+            closing.close()
+        self._announce(self.active)
+
+    def promote(self, who: str = "?", rule: str = "") -> Dict[str, Any]:
+        """The candidate becomes active; the active model becomes previous (or is unloaded)."""
+        with self._op_lock:
+            cand = self.candidate
+            if cand is None:
+                raise LifecycleError("promote: no candidate is loaded; `nexedge line load ARTIFACT` first")
+            with self.batch_lock, cand.use_lock:  # the shadow scorer is done with it (TensorRT contexts are
+                old = self.active                 # not thread-safe: never two threads on one model)
+                self.active, self.candidate = cand, None
+                closing = self._retire(old)
+                limits = self.pchart.arm()
+            for fn in self.on_candidate:
+                fn(None)
+            self._after_active_change(closing)
+            self._record("promote", who, old, cand, rule=rule or None, rollback_limits=limits)
+            if self.lc.auto_rollback_baseline and limits is None:
+                log.warning("automatic rollback not armed: fewer than lifecycle.auto_rollback_baseline (%d) frames "
+                            "of %s were seen before the promotion", self.lc.auto_rollback_baseline, old.model_id)
+            return self.status()
+
+    def rollback(self, who: str = "?", reason: str = "") -> Dict[str, Any]:
+        """The previous model becomes active again; the one it replaces is unloaded."""
+        with self._op_lock:
+            prev = self.previous
+            if prev is None:
+                raise LifecycleError("rollback: there is no previous model to go back to (nothing was promoted "
+                                     "since the start, or lifecycle.keep_previous is false)")
+            with self.batch_lock:
+                bad = self.active
+                self.active, self.previous = prev, None
+                self.pchart.armed = None
+            self._after_active_change(bad)
+            self._record("rollback", who, bad, prev, reason=reason or None)
+            return self.status()
+
+    def unload(self, who: str = "?", slot: str = "candidate") -> Dict[str, Any]:
+        if slot not in ("candidate", "previous"):
+            raise LifecycleError(f"unload {slot!r}: expected 'candidate' or 'previous' (the active model stays)")
+        with self._op_lock:
+            old = getattr(self, slot)
+            if old is None:
+                raise LifecycleError(f"unload: no {slot} model is loaded")
+            self._drop(slot)
+            self._record("unload", who, old, None, slot=slot)
+            return self.status()
+
+    def _drop(self, slot: str) -> None:
+        old = getattr(self, slot)
+        setattr(self, slot, None)
+        if slot == "candidate":
+            for fn in self.on_candidate:
+                fn(None)
+        if old is not None:
+            old.close()
+
+    def reload_config_path(self, path: str, who: str = "SIGHUP") -> Optional[Dict[str, Any]]:
+        """SIGHUP: make ``path`` (the config's model.path) active when it changed (another path, or
+        other bytes) since the start or the last SIGHUP. An unchanged model.path does nothing, so a
+        reload cannot undo a promotion made over the control endpoint."""
+        seen = (os.path.abspath(path), sha256_file(path) if os.path.isfile(path) else None)
+        if seen == self._config_seen:
+            log.info("SIGHUP: model.path %s unchanged since it was last read; still running %s", path,
+                     self.active.model_id if self.active else "?")
+            return None
+        out = self.load(path, "active", who)
+        self._config_seen = seen
+        return out
+
+    def hup(self, read_path: Callable[[], str]) -> None:
+        """SIGHUP (signal-safe): re-read the config's model.path on a helper thread and make it active.
+        Any failure is logged; the line keeps running on the active model."""
+        def run() -> None:
+            try:
+                path = read_path()
+                self.reload_config_path(path)
+            except Exception as e:
+                log.error("SIGHUP: %s; still running on %s", e, self.active.model_id if self.active else "?")
+        threading.Thread(target=run, name="nexedge-sighup", daemon=True).start()
+
+    def observe(self, decisions: List[str]) -> None:
+        """The worker's decisions of one batch on the active model (auto-rollback p-chart)."""
+        if self.lc.auto_rollback_baseline <= 0:
+            return
+        hit = self.pchart.observe([d == "REJECT" for d in decisions])
+        if hit is None:
+            return
+        rate, lim = hit
+        self.changes["auto_rollback"] += 1
+        msg = (f"reject rate {rate:.4f} over the last {self.lc.auto_rollback_subgroup} frames left the p-chart "
+               f"limits [{lim['lcl']:.4f}, {lim['ucl']:.4f}] (previous model p {lim['p']:.4f} over "
+               f"{int(lim['baseline'])} frames)")
+        log.warning("AUTOMATIC ROLLBACK of %s: %s", self.active.model_id if self.active else "?", msg)
+
+        def run() -> None:  # not on the worker: a load in progress holds the operation lock for seconds
+            try:
+                self.rollback("auto-rollback", reason=msg)
+            except LifecycleError as e:
+                log.error("automatic rollback failed: %s", e)
+        threading.Thread(target=run, name="nexedge-auto-rollback", daemon=True).start()
+
+    def maybe_auto_promote(self, frames: int, disagreements: int) -> None:
+        """Called by the shadow scorer: promote when the configured rule holds."""
+        n = self.lc.auto_promote_frames
+        if n <= 0 or frames < n or self.candidate is None:
+            return
+        rate = disagreements / max(frames, 1)
+        if rate > self.lc.auto_promote_max_disagreement:
+            return
+        rule = (f"{frames} shadow frames, disagreement {rate:.4f} <= "
+                f"lifecycle.auto_promote_max_disagreement {self.lc.auto_promote_max_disagreement}")
+        log.warning("AUTOMATIC PROMOTION of %s: %s", self.candidate.model_id, rule)
+        try:
+            self.promote("auto-promote", rule=rule)
+        except LifecycleError as e:
+            log.error("automatic promotion failed: %s", e)
+
+    # -- records -------------------------------------------------------------------
+    def _persist(self, who: str) -> None:
+        if self.versions is None or self.active is None:
+            return
+        try:
+            self.versions.write(self.active, self.previous, who)
+        except OSError as e:  # the line keeps running; the restart would come back on the older model
+            log.error("could not write the active pointer %s: %s", self.versions.pointer_path, e)
+
+    def _record(self, action: str, who: str, old: Optional[Slot], new: Optional[Slot], **extra: Any) -> None:
+        self.changes[action] += 1
+        self._persist(who)
+        ev = {"event": "model_" + action, "who": who, "time": time.time(),
+              "old_model_id": old.model_id if old else None, "old_sha256": old.sha256 if old else None,
+              "new_model_id": new.model_id if new else None, "new_sha256": new.sha256 if new else None}
+        ev.update({k: v for k, v in extra.items() if v is not None})
+        self.history.append(ev)
+        log.warning("model %s by %s: %s -> %s", action, who, ev["old_model_id"], ev["new_model_id"],
+                    extra={"fields": ev})
+
+    def status(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {s: (v.info() if v is not None else None) for s, v in self.slots().items()}
+        out.update({"resident_bytes": self.resident_bytes(), "memory_limit_bytes": self.limit,
+                    "max_models": self.lc.max_models, "keep_previous": self.lc.keep_previous,
+                    "models_dir": self.versions.root if self.versions else None,
+                    "auto_rollback": self.pchart.armed, "changes": dict(self.changes),
+                    "history": list(self.history)[-10:]})
+        return out
+
+    def close(self) -> None:
+        for s in self.slots().values():
+            if s is not None and s is not self._given:
+                s.close()
+
+    def collect(self) -> Any:
+        """Prometheus families: slots, memory, changes (registered by the daemon)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        slot = GaugeMetricFamily("nexedge_model_slot", "1 per loaded model, by slot", labels=["slot", "model_id"])
+        mem = GaugeMetricFamily("nexedge_model_memory_bytes", "Estimated resident bytes per model slot "
+                                "(RSS growth at its load, at least the artifact size)", labels=["slot"])
+        for name, s in self.slots().items():
+            if s is not None:
+                slot.add_metric([name, s.model_id], 1.0)
+                mem.add_metric([name], float(s.footprint))
+        changes = CounterMetricFamily("nexedge_model_changes", "Model lifecycle changes, by action "
+                                      "(load, promote, rollback, unload, auto_rollback)", labels=["action"])
+        for k in ("load", "promote", "rollback", "unload", "auto_rollback"):
+            changes.add_metric([k], float(self.changes.get(k, 0)))
+        return [slot, mem, changes]
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
