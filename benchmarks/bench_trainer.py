@@ -261,7 +261,7 @@ def compare_main(args: argparse.Namespace, argv: List[str]) -> int:
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {env.one_line(env.capture(args.threads))}; shared with other jobs",
         "- command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv) + "`",
-        f"- data: {os.path.abspath(args.data)}; test split {first['n_good']} good, {first['n_defects']} defect images; "
+        f"- data: {os.path.relpath(args.data)}; test split {first['n_good']} good, {first['n_defects']} defect images; "
         "the best checkpoint (validation AUC) of each run; ORT times: median of 5 calls of 4 images, "
         f"{args.threads} thread(s), the daemon's backend; comparison took {time.time() - t0:.0f} s",
         "",

@@ -89,7 +89,7 @@ def test_demo_default_is_the_pretrained_lite0_on_the_full_class_mix():
     s = D.resolve_settings(_demo_args())
     assert s["profile"] == "default" and s["arch"] == "efficientnet_lite0" and s["pretrained"] == "imagenet"
     assert not s.get("class_counts") and s["good_fraction"] == 0.5  # every class of the batch, chipping too
-    assert s["freeze"] > 0 and s["channels_last"]
+    assert s["freeze"] > 0 and s["channels_last"] and s["val_crop"] == "center"
     old = D.resolve_settings(_demo_args("--arch", "small_max"))
     assert old["profile"] == "small_max" and old.get("pretrained", "none") == "none"
     assert old["arch"] == "small_max" and "chipping" not in old["class_counts"]
@@ -131,6 +131,15 @@ def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
     assert st["decisions"]["RECHECK"] == 0, st["recheck_reasons"]
     assert st["daemon_latency_ms"]["p99"] > 0
     assert res["daemon"]["exit_status"] == 0
+    from nexedge.card import OPS_MEASURED, load_card
+
+    # validation during training is one CenterCrop pass; the deployed TenCrop artifact's
+    # operating points are measured on the artifact itself, with its own crops
+    assert load_card(res["train"]["best"], verify=False).input["crop_mode"] == "center"
+    for art in (res["export"]["onnx"], res["int8"]["onnx"]):
+        card = load_card(art)
+        assert card.runtime_crop_mode == "ten" and card.ops_source["crop_mode"] == "ten", card.ops_source
+        assert card.ops_source["status"] == OPS_MEASURED and card.ops_source["split"] == "val"
     for path in (res["train"]["best"], res["export"]["onnx"], res["int8"]["onnx"], res["daemon"]["config"],
                  res["daemon"]["log"]):
         assert os.path.exists(path) and path.startswith(str(out))

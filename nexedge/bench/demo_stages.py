@@ -91,7 +91,7 @@ def stage_train(demo: Demo) -> None:
     s = demo.settings
     run = demo.path("train")
     nexedge(demo, ["train", "--data", demo.results["data"]["root"], "--out", run, "--arch", s["arch"],
-                   "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", "ten",
+                   "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", s.get("val_crop", "ten"),
                    "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
                    "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"]
              + ["--optimizer", s.get("optimizer", "sgd"), "--warmup-epochs", str(s.get("warmup_epochs", 0))]
