@@ -37,6 +37,10 @@ SECTIONS: List[Tuple[str, str, str]] = [
     ("backends", "bench_backends.py",
      "torch fp32 vs ONNX Runtime fp32 vs ONNX Runtime INT8 (U8S8), batch 1 and 10; host vs in-graph TenCrop"),
     ("gemm", "bench_gemm.py", "achieved GFLOP/s of inference vs a GEMM measured on the same machine in the same run"),
+    ("int8", "bench_int8.py", "ONNX Runtime INT8 settings (U8S8/U8U8/S8S8, per-channel/tensor, reduce_range) vs fp32 "
+     "per arch and flavour; profile of the quantized graph vs the INT8 GEMM peak; AUC and escapes"),
+    ("cascade", "bench_cascade.py", "cascade TenCrop vs full TenCrop: decisions, escapes, stage-2 share; daemon "
+     "throughput and p99 latency (ORT INT8)"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
     ("memory", "bench_memory.py", "daemon RSS before, at peak and after floods (multipart bombs, large frames); "
      "allocator slack vs held memory"),

@@ -177,6 +177,9 @@ class ModelCard:
             data["operating_points_source"] = dict(
                 status=OPS_FROM_PARENT, parent_status=src.get("status"),
                 **{k: v for k, v in src.items() if k not in ("status", "parent_status")})
+        if isinstance(data.get("cascade"), dict):
+            # The child's scores differ: its band must be re-measured on it before a daemon uses it.
+            data["cascade"] = dict(data["cascade"], status=OPS_FROM_PARENT)
         return ModelCard(data)
 
     # -- accessors ----------------------------------------------------
@@ -377,6 +380,7 @@ class ModelCard:
                         self._fail("val_scores." + key,
                                    f"histogram holds {sum(counts)} scores but the operating points were "
                                    f"measured on {n} ({field}): histogram and operating points disagree")
+        self._validate_cascade(d.get("cascade"))
         src = d.get("operating_points_source")
         if src is not None:
             if not isinstance(src, dict):
@@ -388,6 +392,24 @@ class ModelCard:
                 self._fail("operating_points_source.crop_mode",
                            "expected one of {}, got {!r}".format(CROP_MODES, src.get("crop_mode")))
         return self
+
+    def _validate_cascade(self, sec: Any) -> None:
+        """``cascade`` (see nexedge.runtime.cascade): bands with 0 <= lo <= threshold <= hi <= 1."""
+        if sec is None:
+            return
+        if not isinstance(sec, dict):
+            self._fail("cascade", f"expected an object, got {type(sec).__name__}")
+        if sec.get("status") not in OPS_STATUSES:
+            self._fail("cascade.status", "expected one of {}, got {!r}".format(OPS_STATUSES, sec.get("status")))
+        bands = sec.get("bands") or []
+        if not isinstance(bands, list):
+            self._fail("cascade.bands", f"expected a list, got {type(bands).__name__}")
+        for i, b in enumerate(bands):
+            vals = [b.get(k) if isinstance(b, dict) else None for k in ("lo", "threshold", "hi")]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0
+                       for v in vals) or not vals[0] <= vals[1] <= vals[2]:
+                self._fail(f"cascade.bands[{i}]", "expected 0 <= lo <= threshold <= hi <= 1, got lo={!r} "
+                           "threshold={!r} hi={!r}".format(*vals))
 
     # -- I/O -----------------------------------------------------------
     def to_json(self) -> str:

@@ -35,6 +35,10 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", default="",
                    help="crop modes to run for a host-crop model, comma-separated from center,five,ten "
                         "(default: the card's mode)")
+    p.add_argument("--cascade", type=float, metavar="TPR", nargs="?", const=1.0,
+                   help="also run the cascade plan (center crop, full crops only in the card's guard band) at the "
+                        "card's threshold for this target TPR (default 1.0); needs a band measured with "
+                        "`nexedge thresholds --cascade`; the stage-2 share is meaningful only with --images")
     p.add_argument("--warmup", type=int, default=10, help="untimed iterations per batch size (default 10)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--duration", type=float, default=5.0,
@@ -67,6 +71,8 @@ def effective_command(args: argparse.Namespace) -> str:
                         ("--threads", args.threads), ("--images", args.images)):
         if value:
             parts += [flag, str(value)]
+    if args.cascade is not None:
+        parts += ["--cascade", str(args.cascade)]
     if args.gemm:
         parts += ["--gemm", "--gemm-size", str(args.gemm_size), "--gemm-seconds", str(args.gemm_seconds)]
     if args.json:
@@ -102,6 +108,7 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
         args.model, backend=args.backend, precision=args.precision, batches=batches, crops=crops,
         warmup=args.warmup, duration=None if args.iterations else args.duration, iterations=args.iterations,
         threads=args.threads, providers=args.providers, images=args.images, progress=progress,
+        cascade=args.cascade,
     ))
     if args.gemm:
         progress(f"GEMM peak: {args.gemm_size}x{args.gemm_size} matrix products ...")
@@ -109,6 +116,8 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
         progress("counting model FLOPs from the ONNX graph ...")
         doc["flops"] = f = gemm.model_flops(args.model, batch=1)
         for r in doc["results"]:
+            if r.get("plan"):  # a cascade's work per image depends on its stage-2 share
+                continue
             host_k = runner.pp.n_crops(r["crops"]) if r["crops_where"] == "host" else 1
             r["flops_per_image"] = f["flops"] * host_k
             kind = "int8" if r["precision"] == "int8" and doc["gemm"]["int8_peak"] else "fp32"

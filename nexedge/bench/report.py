@@ -134,6 +134,10 @@ def render(doc: Dict[str, Any], markdown: bool = False) -> str:
     extra = flops_lines(doc)
     if extra:
         parts += [""] + extra
+    plans = [r for r in doc["results"] if r.get("plan")]
+    if plans:
+        parts += [""] + ["{} batch {}: stage-2 share {:.1%} at threshold {:.6g} ({} input)".format(
+            r["plan"], r["batch"], r["stage2_fraction"], r["threshold"], r.get("input")) for r in plans]
     return "\n".join(parts)
 
 

@@ -224,8 +224,12 @@ def bench_model(
     providers: Optional[str] = None,
     images: Optional[str] = None,
     progress: Any = None,
+    cascade: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Benchmark ``model`` at every (crop mode, batch) pair; one backend session per crop mode."""
+    """Benchmark ``model`` at every (crop mode, batch) pair; one backend session per crop mode.
+
+    ``cascade`` (a target TPR): also run the cascade plan (nexedge.runtime.cascade) at the card's
+    threshold for that TPR and report its stage-2 share (meaningful only with real ``images``)."""
     from nexedge.card import load_card
     from nexedge.runtime import open_backend
 
@@ -254,4 +258,25 @@ def bench_model(
                 r.update(backend=kind, precision=card.precision,
                          providers=list(getattr(be, "providers", []) or []) or None)
                 results.append(r)
+    if cascade is not None:
+        from nexedge.runtime.cascade import make_plan
+
+        kw = backend_kwargs(kind, threads, None, providers)
+        thr = float(card.operating_point(cascade)["threshold"])
+        with open_backend(model, **kw) as be:
+            plan = make_plan(be, model, thr, "on", **kw)
+            assert plan is not None  # "on" raises instead of returning None
+            try:
+                for b in batches:
+                    if progress:
+                        progress(f"{kind} {card.precision} {plan.name} batch={b}: measuring ...")
+                    before = dict(plan.frames)
+                    r = run_batch(plan, b, warmup=warmup, duration=duration, iterations=iterations, encoded=encoded)
+                    n = {k: plan.frames[k] - before[k] for k in plan.frames}
+                    r.update(backend=kind, precision=card.precision, crops="cascade", plan=plan.name,
+                             stage2_fraction=(n[2] + n[0]) / max(1, sum(n.values())), threshold=thr)
+                    results.append(r)
+            finally:
+                if plan.own_stage1:
+                    plan.stage1.close()
     return {"model": model_info(model, card), "results": results}

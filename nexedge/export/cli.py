@@ -6,6 +6,7 @@ imported inside the ``run_*`` functions.
 
 import argparse
 import json
+from typing import Any
 
 from nexedge.card import GRAPH_CROPS
 
@@ -31,6 +32,23 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    add_cascade_args(p, stage1=False)
+
+
+def add_cascade_args(p: argparse.ArgumentParser, stage1: bool = True) -> None:
+    p.add_argument("--cascade", action="store_true",
+                   help="also measure the cascade band (center crop first, full crops only near the threshold) on "
+                        "the same split and write it into the card; in-graph models get their center-crop stage-1 "
+                        "graph exported beside them" if not stage1 else
+                        "also measure the cascade band (center-crop stage 1, full crops only near the threshold); "
+                        "re-measured anyway when the card already has one")
+    p.add_argument("--cascade-margin", type=float, metavar="LOGODDS",
+                   help="widen the narrowest band that agrees 100%% with full crops by this much on each side, in "
+                        "log-odds of the defect score (default 1.0, or the card's)")
+    if stage1:
+        p.add_argument("--stage1", metavar="ONNX",
+                       help="stage-1 model (center crops, same weights) of an in-graph artifact whose card does not "
+                            "name one")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -48,13 +66,31 @@ def run_export(args: argparse.Namespace) -> int:
         threads=args.threads,
         data=args.data,
         split=args.split,
+        cascade=args.cascade,
+        cascade_margin=args.cascade_margin,
     )
     from nexedge.export.thresholds import format_points
 
     print(f"wrote {res.path} and {res.card_path}")
     print("parity: " + json.dumps(res.parity))
     print(format_points(res.card, args.tpr_floor))
+    if res.card.data.get("cascade"):
+        print(format_cascade(res.card))
     return 0
+
+
+def format_cascade(card: Any) -> str:
+    """Console lines of a card's cascade bands ('' when it has none)."""
+    sec = card.data.get("cascade")
+    if not sec:
+        return ""
+    lines = [f"cascade ({sec.get('status')}, split {sec.get('split')!r}, stage 1 {sec['stage1'].get('crops')} "
+             f"{sec['stage1'].get('file') or '(same model)'}, margin {sec.get('margin_logit')} log-odds):",
+             f"{'target TPR':>10}  {'threshold':>11}  {'band lo':>11}  {'band hi':>11}  {'agreement':>9}  stage-2 share"]
+    for b in sec.get("bands") or []:
+        lines.append(f"{100 * b['target_tpr']:>9.1f}%  {b['threshold']:>11.4g}  {b['lo']:>11.4g}  {b['hi']:>11.4g}  "
+                     f"{100 * b['agreement']:>8.2f}%  {100 * b['stage2_fraction']:.1f} %")
+    return "\n".join(lines)
 
 
 def configure_thresholds(p: argparse.ArgumentParser) -> None:
@@ -66,6 +102,7 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
                    help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
     p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads")
+    add_cascade_args(p)
 
 
 def run_thresholds(args: argparse.Namespace) -> int:
@@ -77,9 +114,12 @@ def run_thresholds(args: argparse.Namespace) -> int:
     kind = backend_kind(args.artifact)
     opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(kind, {})
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
-                         backend_options=opts, progress=True)
+                         backend_options=opts, progress=True, cascade=args.cascade or None,
+                         margin=args.cascade_margin, stage1=args.stage1)
     print(f"wrote {m.card_path}")
     print(format_points(m.card, args.tpr_floor))
+    if m.card.data.get("cascade"):
+        print(format_cascade(m.card))
     return 0
 
 
@@ -102,6 +142,13 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                         "(default both)")
     p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
                    help="range calibration method for the Q/DQ models (default minmax)")
+    g = p.add_argument_group("ONNX Runtime target settings (benchmarks/RESULTS.md, int8: U8S8 per-channel is the "
+                             "fastest on x86; the others trade speed for accuracy)")
+    g.add_argument("--ort-activations", choices=("u8", "s8"), help="activation type (default u8)")
+    g.add_argument("--ort-weights", choices=("s8", "u8"), help="weight type (default s8; u8 = U8U8, slower on AVX2)")
+    g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    g.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights: ORT's remedy for vpmaddubsw saturation on x86 without VNNI")
     p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
     p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")
     p.add_argument("--rebuild", action="store_true", help="make a new manifest even if calibrate/<name>/ has one")
@@ -121,6 +168,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         eval_split=args.eval_split or None, thresholds_split=args.thresholds_split, eval_images=args.eval_images, targets=targets, method=args.method,
         out_root=args.calib_root, out_dir=args.out_dir, rebuild=args.rebuild, trt_cache=args.trt_cache,
         seed=args.seed, threads=args.threads, force=args.force,
+        ort={"activations": args.ort_activations, "weights": args.ort_weights,
+             "per_channel": False if args.per_tensor else None, "reduce_range": True if args.reduce_range else None},
     )
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():

@@ -49,11 +49,13 @@ def run_calibration(
     seed: int = 0,
     threads: Optional[int] = None,
     force: bool = False,
+    ort: Optional[Dict[str, Any]] = None,
 ) -> CalibrationResult:
     """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``, measure each
     INT8 model's own operating points on ``thresholds_split`` and report INT8 beside FP32 at the
     deployed thresholds on ``eval_split`` (which must differ from ``thresholds_split``).
 
+    ``ort``: settings of the ``ort`` target (:func:`nexedge.export.quantize.ort_settings`).
     Refuses a data set whose classes differ from the model's, a calibration set made from
     another data set (unless ``rebuild``), and existing INT8 outputs (unless ``force``)."""
     from nexedge.export.parity import read_images_skipping
@@ -111,7 +113,8 @@ def run_calibration(
     for target in targets:
         out = int8_path(onnx_path, target, out_dir)
         reader = cal.OrtCalibrationReader(images, card)
-        quant = qz.quantize_model(onnx_path, out, card, reader, target, method)
+        quant = qz.quantize_model(onnx_path, out, card, reader, target, method,
+                                  ort=ort if target == "ort" else None)
         if target == "tensorrt":
             _check_for_tensorrt(out)
         icard = qz.int8_card(card, quant, None, calibration)

@@ -114,11 +114,16 @@ def export_onnx(
     threads: Optional[int] = None,
     data: Optional[str] = None,
     split: str = "val",
+    cascade: bool = False,
+    cascade_margin: Optional[float] = None,
 ) -> ExportResult:
     """Export ``checkpoint`` (with card) to ONNX; parity vs torch must hold or nothing is written.
     The operating points are then measured on the ONNX model on ``data/<split>`` (default: the
     trainer's data root when still there); without labelled data the card says they are the
-    checkpoint's, not re-measured."""
+    checkpoint's, not re-measured.
+
+    ``cascade``: also measure the cascade band on the same data (needs it); an in-graph multi-crop
+    model first gets its stage-1 graph (center crops, same weights) exported beside it."""
     import torch
 
     from nexedge.export import parity as par
@@ -131,6 +136,24 @@ def export_onnx(
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     out = out or default_output(checkpoint, crops)
+    stage1 = None
+    if cascade:
+        from nexedge.card import load_card
+        from nexedge.export.thresholds import data_root_of
+        from nexedge.runtime.cascade import STAGE1_CROPS
+
+        ck = load_card(checkpoint)
+        if crops == STAGE1_CROPS or (crops == "host" and ck.input["crop_mode"] == STAGE1_CROPS):
+            raise ValueError(f"--cascade needs a multi-crop model (five or ten crops); {out} runs {STAGE1_CROPS!r}")
+        if data is None and data_root_of(ck) is None:
+            raise ValueError("--cascade measures the band on labelled data: give --data ROOT (the trainer's data "
+                             "root is gone)")
+        if crops != "host":
+            base, ext = os.path.splitext(out)
+            stage1 = (base[: -len("." + crops)] if base.endswith("." + crops) else base) + f".{STAGE1_CROPS}{ext}"
+            export_onnx(checkpoint, out=stage1, crops=STAGE1_CROPS, max_batch=max_batch, parity_data=parity_data,
+                        parity_images=parity_images, tolerance=tolerance, opset=opset, threads=threads, data=data,
+                        split=split)
     model, ck_card = model_from_checkpoint(checkpoint)
     arch = load_checkpoint(checkpoint)["arch"]
     card = ck_card.derive("onnx", precision="fp32")
@@ -180,6 +203,7 @@ def export_onnx(
         log.warning("%s: operating points copied from the checkpoint, NOT re-measured on this artifact; run "
                     "`nexedge thresholds %s --data ROOT`", out, out)
         return ExportResult(out, card_path, card, parity, False)
-    m = measure_artifact(out, root, split, backend_options={"intra_threads": threads})
+    m = measure_artifact(out, root, split, backend_options={"intra_threads": threads}, cascade=cascade or None,
+                         margin=cascade_margin, stage1=stage1)
     return ExportResult(out, m.card_path, m.card, parity, True)
 

@@ -29,6 +29,8 @@ from nexedge.card import DEFAULT_TPRS, ModelCard
 log = logging.getLogger(__name__)
 
 TARGETS = ("tensorrt", "ort")
+#: Settings of the ``ort`` target that ``nexedge calibrate`` can vary (see :func:`ort_settings`).
+ORT_DEFAULTS = {"activations": "u8", "weights": "s8", "per_channel": True, "reduce_range": False}
 METHODS = ("minmax", "entropy", "percentile")
 TAIL_STOP_OPS = ("Gemm", "MatMul")
 BACKBONE_PREFIX = "/backbone/"
@@ -41,6 +43,32 @@ def check_target(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"unknown INT8 target {target!r}; expected one of {', '.join(TARGETS)}")
     return target
+
+
+def ort_settings(**overrides: Any) -> Dict[str, Any]:
+    """The ``ort`` target's quantization settings: :data:`ORT_DEFAULTS` with ``overrides`` (None = keep).
+
+    ``activations``/``weights``: ``u8`` or ``s8``; ``per_channel``: per-output-channel weight scales;
+    ``reduce_range``: 7-bit weights (ORT's advice against pmaddubsw saturation on x86 without VNNI).
+    """
+    out = dict(ORT_DEFAULTS)
+    for key, value in overrides.items():
+        if key not in ORT_DEFAULTS:
+            raise ValueError(f"unknown ORT quantization setting {key!r}; expected one of {', '.join(ORT_DEFAULTS)}")
+        if value is not None:
+            out[key] = value
+    for key in ("activations", "weights"):
+        if out[key] not in ("u8", "s8"):
+            raise ValueError(f"{key} {out[key]!r}: expected u8 or s8")
+    return out
+
+
+def ort_label(settings: Dict[str, Any]) -> str:
+    """``U8S8 per-channel`` style name of a settings dict."""
+    s = ort_settings(**settings)
+    return "{}{} {}{}".format(s["activations"].upper(), s["weights"].upper(),
+                             "per-channel" if s["per_channel"] else "per-tensor",
+                             ", reduce_range" if s["reduce_range"] else "")
 
 
 def tail_nodes(graph: Any) -> List[str]:
@@ -111,8 +139,11 @@ def _prepared_input(fp32_path: str, tmpdir: str) -> str:
 
 
 def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, target: str,
-                   method: str = "minmax") -> Dict[str, Any]:
-    """Write the Q/DQ INT8 model for ``target``; returns the quantization description for the card."""
+                   method: str = "minmax", ort: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write the Q/DQ INT8 model for ``target``; returns the quantization description for the card.
+
+    ``ort``: settings of the ``ort`` target (:func:`ort_settings`); the TensorRT target has none to
+    vary (symmetric int8, per-channel, float biases are what TensorRT's Q/DQ parser takes)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -121,6 +152,11 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if target == "tensorrt" and ort:
+        raise ValueError("ORT quantization settings were given for the tensorrt target, whose Q/DQ format "
+                         "TensorRT fixes (symmetric int8, per-channel); use them with --targets ort")
+    osets = ort_settings(**(ort or {}))
+    per_channel, reduce_range = True, False
     with tempfile.TemporaryDirectory() as tmp:
         pre = _prepared_input(fp32_path, tmp)
         graph = onnx.load(pre).graph
@@ -133,7 +169,10 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
             act, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True,
                                            "QuantizeBias": False}
         else:
-            act, extra = QuantType.QUInt8, {"WeightSymmetric": True}
+            types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+            act, wt = types[osets["activations"]], types[osets["weights"]]
+            per_channel, reduce_range = bool(osets["per_channel"]), bool(osets["reduce_range"])
+            extra = {"WeightSymmetric": osets["weights"] == "s8"}
         # MinMax keeps only per-batch ReduceMin/ReduceMax outputs: small. (CalibMaxIntermediateOutputs
         # would bound entropy/percentile memory, but ORT 1.32 discards the chunks it clears.)
         reader.rewind()
@@ -142,9 +181,10 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
             out_path,
             reader,
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=act,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8 if target == "tensorrt" else wt,
             nodes_to_exclude=keep,
             calibrate_method=methods[method],
             extra_options=extra,
@@ -157,11 +197,19 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
     if target == "tensorrt":
         check_symmetric(model)
         check_dq_inputs_int8(model)
+    if target == "tensorrt":
+        acts, weights = "int8 symmetric", "int8 symmetric per-channel"
+    else:
+        acts = {"u8": "uint8 asymmetric", "s8": "int8 asymmetric"}[osets["activations"]]
+        weights = "{} {}{}".format({"u8": "uint8 asymmetric", "s8": "int8 symmetric"}[osets["weights"]],
+                                   "per-channel" if per_channel else "per-tensor",
+                                   ", 7-bit (reduce_range)" if reduce_range else "")
     return {
         "target": target,
         "format": "QDQ",
-        "activations": "int8 symmetric" if target == "tensorrt" else "uint8 asymmetric",
-        "weights": "int8 symmetric per-channel",
+        "activations": acts,
+        "weights": weights,
+        **({"ort_settings": osets} if target == "ort" else {}),
         "method": method,
         "quantize_nodes": n_q,
         "float_nodes": len(keep),

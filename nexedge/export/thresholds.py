@@ -82,10 +82,18 @@ def measure_artifact(
     backend: Any = None,
     backend_options: Optional[Dict[str, Any]] = None,
     progress: bool = False,
+    cascade: Optional[bool] = None,
+    margin: Optional[float] = None,
+    stage1: Optional[str] = None,
 ) -> Measurement:
     """Run ``artifact`` (card verified) on ``data_root/<split>`` through its own backend (or the
     given open ``backend``) and rewrite its card's operating points, ``val_scores``,
-    ``image_stats`` and ``operating_points_source``."""
+    ``image_stats`` and ``operating_points_source``.
+
+    ``cascade`` True: also measure the cascade band (stage 1 = center crops, ``stage1`` names an
+    in-graph model's stage-1 artifact when the card does not); None: re-measure it when the card
+    already has a cascade section; ``margin``: its widening in log-odds (default: the card's, else
+    :data:`nexedge.runtime.cascade.DEFAULT_MARGIN`)."""
     from nexedge.runtime import open_backend
 
     card = load_card(artifact)
@@ -102,15 +110,33 @@ def measure_artifact(
         if done == total:
             sys.stderr.write("\n")
 
+    want_cascade = bool(card.data.get("cascade")) if cascade is None else cascade
+    s1_scores, s1_info, cascade_problem = None, None, None
     try:
         scores, stats = score_images(be, paths, card.input, batch, bar if progress else None)
         backend_name = getattr(be, "name", type(be).__name__)
         crop_mode = getattr(be, "crop_mode", card.runtime_crop_mode)
+        if want_cascade:
+            try:
+                s1_scores, s1_info = _stage1_scores(artifact, card, be, paths, batch, stage1, backend_options)
+            except Exception as e:
+                if cascade:
+                    raise
+                cascade_problem = f"{type(e).__name__}: {e}"
     finally:
         if own:
             be.close()
     ops = metrics.operating_points(y_def, scores, tprs)
     card.data["operating_points"] = ops
+    if s1_scores is not None:
+        from nexedge.runtime.cascade import DEFAULT_MARGIN, measure_section
+
+        m = margin if margin is not None else (card.data.get("cascade") or {}).get("margin_logit", DEFAULT_MARGIN)
+        card.data["cascade"] = measure_section(card, s1_scores, scores, y_def, s1_info or {}, split, float(m))
+    elif cascade_problem is not None:
+        card.data["cascade"] = dict(card.data["cascade"], status=OPS_FROM_PARENT, not_measured_reason=cascade_problem)
+        log.warning("%s: cascade band NOT re-measured (%s); the daemon runs full %s until it is", artifact,
+                    cascade_problem, card.runtime_crop_mode)
     card.data["val_scores"] = metrics.score_histogram(y_def, scores)
     card.data["image_stats"] = pp.reference_image_stats(stats)
     card.data["operating_points_source"] = {
@@ -132,6 +158,32 @@ def measure_artifact(
     weak = metrics.weak_points(ops, floor)
     log.info("measured operating points of %s on %s/%s (%d images)", artifact, data_root, split, len(paths))
     return Measurement(card, card_path, labels, scores, weak)
+
+
+def _stage1_scores(artifact: str, card: ModelCard, be: Any, paths: Sequence[str], batch: int,
+                   stage1: Optional[str], backend_options: Optional[Dict[str, Any]]
+                   ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Center-crop (stage-1) scores of ``paths`` for the cascade band, and the card's stage-1 record."""
+    from nexedge.card import load_card as _load
+    from nexedge.runtime.cascade import STAGE1_CROPS, CascadeError, open_stage1, stage1_path
+
+    if card.runtime_crop_mode == STAGE1_CROPS:
+        raise CascadeError(f"{artifact} runs {STAGE1_CROPS!r} crops already; a cascade needs a multi-crop model")
+    path = stage1_path(artifact, card, stage1)
+    s1 = open_stage1(be, artifact, stage1, **(backend_options or {}))
+    try:
+        s1_scores, _ = score_images(s1, paths, card.input, batch)
+    finally:
+        if path is not None:
+            s1.close()
+    if path is None:
+        info: Dict[str, Any] = {"crops": STAGE1_CROPS, "file": None, "same_artifact": True}
+    else:
+        s1_card = _load(path)
+        info = {"crops": STAGE1_CROPS, "file": os.path.relpath(os.path.abspath(path),
+                                                               os.path.dirname(os.path.abspath(artifact))),
+                "sha256": s1_card.sha256, "precision": s1_card.precision}
+    return s1_scores, info
 
 
 def mark_from_parent(card: ModelCard, reason: str) -> ModelCard:

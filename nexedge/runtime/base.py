@@ -10,6 +10,7 @@ the model takes the uint8 images and returns ``probs`` and ``defect_score``.
 Python 3.8, no torch.
 """
 
+import copy
 import time
 from typing import Dict, NamedTuple, Optional
 
@@ -92,6 +93,17 @@ class Backend:
         timings["postprocess"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         return InferenceResult(probs.astype(np.float32), score, timings)
+
+    def crop_view(self, crop_mode: str) -> "Backend":
+        """The same loaded model run with another host crop mode (shares the session/engine; closing
+        the view closes nothing). Host-crop models only: an in-graph model's crops are in the graph."""
+        if self.crops != "host":
+            raise BackendError(f"{self.card.model_id} does its crops in the graph ({self.crops}); a "
+                               f"{crop_mode!r} view needs a host-crop model or a graph exported with those crops")
+        view = copy.copy(self)
+        view.crop_mode, view.k = crop_mode, pp.n_crops(crop_mode)
+        view.close = lambda: None  # type: ignore[method-assign]
+        return view
 
     def warmup(self, n: int = 2) -> None:
         """Run a few zero batches so the first real frame does not pay for lazy init."""

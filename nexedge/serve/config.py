@@ -24,6 +24,11 @@ class ModelCfg:
     warmup: int = 3
     #: Keyword options passed to nexedge.runtime.open_backend (e.g. providers, threads).
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Cascade TenCrop (nexedge.runtime.cascade): auto = when the card has a band measured for the
+    #: threshold in use; on = required (startup fails naming why not); off = full crops on every frame.
+    cascade: str = "auto"
+    #: Stage-1 (center-crop) artifact of an in-graph model, when not the one its card names (engines).
+    stage1: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -257,6 +262,8 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.path:
         raise ConfigError("model.path: missing; expected the path of a model artifact (.onnx, .engine) with its card")
     _positive("model.warmup", cfg.model.warmup, allow_zero=True)
+    if cfg.model.cascade not in ("auto", "on", "off"):
+        raise ConfigError(f"model.cascade: {cfg.model.cascade!r}; expected auto, on or off")
     s = cfg.sockets
     for key in ("frames", "verdicts"):
         addr = getattr(s, key)
@@ -362,8 +369,8 @@ def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config
 
 
 #: (section, key) of every file or folder a config names; relative ones are relative to the config file.
-PATH_KEYS = (("model", "path"), ("store", "path"), ("auth", "server_secret_file"), ("auth", "allowed_clients_dir"),
-             ("lifecycle", "models_dir"))
+PATH_KEYS = (("model", "path"), ("model", "stage1"), ("store", "path"), ("auth", "server_secret_file"),
+             ("auth", "allowed_clients_dir"), ("lifecycle", "models_dir"))
 
 
 def resolve_paths(cfg: Config, base: str) -> None:

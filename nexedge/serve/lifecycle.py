@@ -285,6 +285,9 @@ class Lifecycle:
                 backend.warmup(cfg.model.warmup)
                 backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(backend.input_shape), np.uint8))
             decider = Decider(card, cfg.decision, cfg.uncertain)
+            from nexedge.runtime.cascade import plan_for_daemon
+
+            backend = plan_for_daemon(backend, cfg.model, decider.threshold, opts, artifact=path)  # model.cascade
         except BaseException:
             if given is None:
                 backend.close()

@@ -125,7 +125,8 @@ class InferenceWorker:
         m.batch_size.observe(len(batch))
         images = np.stack([f.image for f in batch])
         try:
-            res = self.backend.infer(images)
+            plan = getattr(self.backend, "infer_frames", None)  # cascade: per-frame deadlines, rechecks
+            res = plan(images, [f.deadline for f in batch]) if plan else self.backend.infer(images)
         except Exception as e:
             log.error("backend error on a batch of %d: %s", len(batch), e)
             for f in batch:
@@ -137,7 +138,11 @@ class InferenceWorker:
             if stage != "total":
                 m.stage.labels("backend_" + stage).observe(secs)
         self.batches += 1
+        rechecks = getattr(res, "recheck", None) or [None] * len(batch)
         for i, f in enumerate(batch):
+            if rechecks[i] is not None:  # a cascade band frame stage 2 could not decide: never its stage-1 verdict
+                self.recheck(f, rechecks[i])
+                continue
             score = float(res.defect_score[i])
             if not np.isfinite(score):
                 self.recheck(f, P.BACKEND_ERROR)
