@@ -111,10 +111,17 @@ def png_header(width: int, height: int, depth: int = 8, color: int = 0, idat: by
 @contextlib.contextmanager
 def running(model: str, backend: Any = None, **sections: Any) -> Iterator[Any]:
     """A real Daemon (base_config + ``sections``) serving on a thread until the block ends."""
+    with running_config(base_config(model, **sections), backend) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def running_config(cfg: Dict[str, Any], backend: Any = None) -> Iterator[Any]:
+    """A real Daemon built from the config dict ``cfg``, serving on a thread until the block ends."""
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
 
-    d = Daemon(C.from_dict(base_config(model, **sections)), backend=backend)
+    d = Daemon(C.from_dict(cfg), backend=backend)
     d.setup()
     t = threading.Thread(target=d.serve, name="daemon-io")
     t.start()

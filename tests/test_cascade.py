@@ -5,10 +5,10 @@ TensorRT host-crop path with the fakes of test_trt_runtime (no GPU here)."""
 import contextlib
 import os
 import sys
-import threading
 
 import numpy as np
 import pytest
+from _daemon_util import running_config
 from test_trt_runtime import pycuda_fake  # noqa: F401  (the fake-CUDA fixture, used below)
 
 from nexedge import preprocess as pp
@@ -221,19 +221,8 @@ def _config(path, mode, warmup=1, threshold=None):
 
 @contextlib.contextmanager
 def _running(path, mode, backend=None, threshold=None):
-    from nexedge.serve import config as C
-    from nexedge.serve.daemon import Daemon
-
-    d = Daemon(C.from_dict(_config(path, mode, 0 if backend is not None else 1, threshold)), backend=backend)
-    d.setup()
-    t = threading.Thread(target=d.serve, name="daemon-io")
-    t.start()
-    try:
+    with running_config(_config(path, mode, 0 if backend is not None else 1, threshold), backend) as d:
         yield d
-    finally:
-        d.request_stop()
-        t.join(20)
-        assert not t.is_alive(), "daemon did not stop"
 
 
 def test_daemon_cascade_verdicts_match_full_tencrop(models):
