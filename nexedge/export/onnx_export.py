@@ -85,6 +85,10 @@ def torch_export(module: Any, card: ModelCard, crops: str, path: str, opset: int
             do_constant_folding=True,
         )
     proto = onnx.load(path)
+    from nexedge.export.fold import fold_pads_into_conv
+
+    if fold_pads_into_conv(proto):  # TF "same" Pads: into Conv pads, so INT8 keeps them int8 (fold.py)
+        onnx.save(proto, path)
     onnx.checker.check_model(proto, full_check=True)
     got = proto.opset_import[0].version if proto.opset_import else None
     if got != opset:
