@@ -131,6 +131,9 @@ def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
     assert st["decisions"]["RECHECK"] == 0, st["recheck_reasons"]
     assert st["daemon_latency_ms"]["p99"] > 0
     assert res["daemon"]["exit_status"] == 0
+    crops = res["eval"]["crops"]  # ten crops scored once, on the exported artifact (not again in torch)
+    assert set(crops) == {"center", "ten (ORT fp32)"}, crops
+    assert crops["ten (ORT fp32)"]["auc"] == res["int8"]["metrics"]["auc_fp32"]
     from nexedge.card import OPS_MEASURED, load_card
 
     # validation during training is one CenterCrop pass; the deployed TenCrop artifact's
