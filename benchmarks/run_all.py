@@ -39,6 +39,8 @@ SECTIONS: List[Tuple[str, str, str]] = [
     ("gemm", "bench_gemm.py", "achieved GFLOP/s of inference vs a GEMM measured on the same machine in the same run"),
     ("int8", "bench_int8.py", "ONNX Runtime INT8 settings (U8S8/U8U8/S8S8, per-channel/tensor, reduce_range) vs fp32 "
      "per arch and flavour; profile of the quantized graph vs the INT8 GEMM peak; AUC and escapes"),
+    ("fold", "bench_fold.py", "EfficientNet-Lite0 with its TF \"same\" Pads folded into the Conv pads vs kept: "
+     "ORT fp32 and INT8 TenCrop time side by side, op counts, score difference"),
     ("cascade", "bench_cascade.py", "cascade TenCrop vs full TenCrop: decisions, escapes, stage-2 share; daemon "
      "throughput and p99 latency (ORT INT8)"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
