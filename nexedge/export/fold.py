@@ -55,30 +55,14 @@ def constant_value(graph: Any, name: str) -> Optional[np.ndarray]:
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 
-def remove_dead_nodes(graph: Any) -> int:
-    """Drop nodes none of whose outputs is used (ONNX ops have no side effects); returns how many."""
-    removed = 0
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        keep = [n for n in graph.node if any(o in used for o in n.output)]
-        if len(keep) == len(graph.node):
-            break
-        removed += len(graph.node) - len(keep)
-        del graph.node[:]
-        graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input}
-    inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return removed
-
-
 def fold_pads_into_conv(model: Any) -> int:
     """Fold every constant-zero, spatial-only ``Pad`` whose only consumer is a ``Conv`` (data
     input, ``auto_pad`` NOTSET) into that Conv's ``pads``; returns how many were folded.
     Anything else (reflect/edge mode, a non-zero fill, pads on batch or channels, pads that
     depend on the input, a Pad read by two nodes) is left as it is."""
     from onnx import helper
+
+    from nexedge.export.quantize import prune_dead_nodes
 
     g = model.graph
     consumers: Dict[str, List[Any]] = {}
@@ -122,5 +106,5 @@ def fold_pads_into_conv(model: Any) -> int:
         keep = [n for n in g.node if id(n) not in folded]
         del g.node[:]
         g.node.extend(keep)
-        remove_dead_nodes(g)
+        prune_dead_nodes(g)  # the Constant -> Cast chains that computed the amounts
     return len(folded)
