@@ -69,19 +69,21 @@ def render_speed(looks: List[str], n: int, rounds: int) -> Dict[str, Any]:
     return out
 
 
+# The demo's CPU recipe (nexedge/bench/demo.py, profile "default"): ImageNet Lite0, first 3 stages
+# frozen, 184 -> 160 px, batch 16, AdamW + cosine; CenterCrop validation while training, TenCrop scoring.
 TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "3", "--channels-last",
-              "--resize", "184", "--crop", "160", "--crop-mode", "ten", "--epochs", "3", "--batch-size", "32",
+              "--resize", "184", "--crop", "160", "--crop-mode", "center", "--epochs", "4", "--batch-size", "16",
               "--lr", "1e-3", "--schedule", "cosine", "--optimizer", "adamw", "--warmup-epochs", "1",
               "--balanced", "sqrt", "--seed", "0", "--keep", "1", "--no-test-curves", "--no-progress"]
+SYNTH_ARGS = ["--good-fraction", "0.5", "--seed", "0", "--no-progress"]  # the batch-2 defect mix, half good
 
 
 def train_on_synth(look: str, images: int, work: str) -> str:
-    """Synthesize ``images`` (half good) of ``look`` and fine-tune Lite0 on them; returns the run folder."""
+    """Synthesize ``images`` (half good, every batch-2 defect class) of ``look`` and fine-tune Lite0; returns the run."""
     from nexedge.cli import main
 
     data, run = os.path.join(work, f"data-{look}"), os.path.join(work, f"train-{look}")
-    if main(["synth", data, "--n", str(images), "--good-fraction", "0.5", "--seed", "0", "--look", look,
-             "--no-progress"]) != 0:
+    if main(["synth", data, "--n", str(images), "--look", look] + SYNTH_ARGS) != 0:
         raise RuntimeError(f"nexedge synth failed for look {look}")
     if main(["train", "--data", data, "--out", run] + TRAIN_ARGS) != 0:
         raise RuntimeError(f"nexedge train failed for look {look}")
@@ -128,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--probe-images", type=int, default=240,
                    help="synthetic training images of the Lite0-features probe per look (default 240)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune Lite0 on each look (long on a CPU)")
-    p.add_argument("--finetune-images", type=int, default=1000, help="fine-tuning images (default 1000)")
+    p.add_argument("--finetune-images", type=int, default=1200, help="fine-tuning images (default 1200)")
     p.add_argument("--finetune-run", action="append", default=[], metavar="LOOK=RUN",
                    help="reuse a fine-tuning run of this recipe for LOOK instead of training (repeatable)")
     p.add_argument("--work", default=None, help="folder for transfer data and runs (default: a temp folder)")
