@@ -112,9 +112,14 @@ def score_references(run: str, ref_dir: str) -> Dict[str, Any]:
     good = [r["score"] for r in rows if r["label"] == GOOD]
     bad = [r["score"] for r in rows if r["label"] != GOOD]
     y = [0 if r["label"] == GOOD else 1 for r in rows]
+    summary: Dict[str, Any] = {}
+    if os.path.exists(os.path.join(run, "summary.json")):
+        with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
     return {"checkpoint": ckpts[0], "rows": rows, "good_mean": float(np.mean(good)), "defect_mean": float(np.mean(bad)),
             "good_max": float(np.max(good)), "defect_min": float(np.min(bad)),
-            "auc": metrics.roc_auc(np.array(y), np.array([r["score"] for r in rows]))}
+            "auc": metrics.roc_auc(np.array(y), np.array([r["score"] for r in rows])),
+            "synthetic_val_auc": (summary.get("best") or {}).get("val_auc"), "train_wall_s": summary.get("wall_s")}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -150,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         transfer["finetune"] = {}
         for lk in looks:
             run = reuse.get(lk) or train_on_synth(lk, args.finetune_images, work)
-            transfer["finetune"][lk] = score_references(run, ref) | {"run": run, "reused": lk in reuse}
+            transfer["finetune"][lk] = score_references(run, ref) | {"run": run, "reused": lk in reuse,
+                                                                      "images": args.finetune_images}
     load1 = os.getloadavg()
     lines = section(res, speed, transfer, argv, ref, load0, load1, time.time() - t0)
     md = "\n".join(lines)
@@ -220,7 +226,11 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
             how = (f"ImageNet Lite0 features + logistic regression trained on {next(iter(res_t.values()))['n_train']} "
                    "synthetic images per look (half good), same view as the references")
         else:
-            how = "Lite0 (ImageNet weights) fine-tuned with `nexedge train " + " ".join(TRAIN_ARGS) + "`, TenCrop"
+            n_img = next(iter(res_t.values())).get("images", "?")
+            how = (f"Lite0 (ImageNet weights) fine-tuned on `nexedge synth DATA --n {n_img} --look LOOK "
+                   + " ".join(SYNTH_ARGS) + "` with `nexedge train --data DATA " + " ".join(TRAIN_ARGS)
+                   + "`; the best checkpoint (synthetic validation AUC, CenterCrop) scores each reference "
+                   "with TenCrop through `score_checkpoint`, the path of `nexedge eval`")
         out += ["", f"Transfer ({kind}): a model trained only on synthetic images scores the references; {how}:", ""]
         out += ["| look | synthetic val AUC | good refs mean | defect refs mean | max good | min defect | "
                 "AUC good vs defect refs |", "|---|---|---|---|---|---|---|"]
@@ -228,6 +238,12 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
             sv = t.get("synthetic_val_auc")
             out.append(f"| {lk} | {'-' if sv is None else f'{sv:.3f}'} | {t['good_mean']:.3f} | {t['defect_mean']:.3f} | "
                        f"{t['good_max']:.3f} | {t['defect_min']:.3f} | {t['auc']:.2f} |")
+        if kind != "probe":
+            out += ["", "Training: " + "; ".join(
+                f"{lk} {t['train_wall_s'] / 60:.1f} min wall" if t.get("train_wall_s") else f"{lk} ?"
+                for lk, t in res_t.items()) + " (nice 19, shared box)" + (
+                "; the runs were trained by this recipe beforehand and passed with `--finetune-run`"
+                if any(t.get("reused") for t in res_t.values()) else "")]
         out += ["", "| reference | label | " + " | ".join(res_t) + " |", "|---|---|" + "---|" * len(res_t)]
         first = next(iter(res_t.values()))
         for i, r in enumerate(first["rows"]):
