@@ -116,7 +116,7 @@ def score_references(run: str, ref_dir: str) -> Dict[str, Any]:
     if os.path.exists(os.path.join(run, "summary.json")):
         with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
-    return {"checkpoint": ckpts[0], "rows": rows, "good_mean": float(np.mean(good)), "defect_mean": float(np.mean(bad)),
+    return {"checkpoint": os.path.basename(ckpts[0]), "rows": rows, "good_mean": float(np.mean(good)), "defect_mean": float(np.mean(bad)),
             "good_max": float(np.max(good)), "defect_min": float(np.min(bad)),
             "auc": metrics.roc_auc(np.array(y), np.array([r["score"] for r in rows])),
             "synthetic_val_auc": (summary.get("best") or {}).get("val_auc"), "train_wall_s": summary.get("wall_s")}
@@ -155,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         transfer["finetune"] = {}
         for lk in looks:
             run = reuse.get(lk) or train_on_synth(lk, args.finetune_images, work)
-            transfer["finetune"][lk] = score_references(run, ref) | {"run": run, "reused": lk in reuse,
+            # run folder names only: a temporary folder's path means nothing off this machine
+            transfer["finetune"][lk] = score_references(run, ref) | {"run": os.path.basename(run), "reused": lk in reuse,
                                                                       "images": args.finetune_images}
     load1 = os.getloadavg()
     lines = section(res, speed, transfer, argv, ref, load0, load1, time.time() - t0)
