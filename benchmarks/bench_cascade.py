@@ -4,9 +4,10 @@ daemon end to end (throughput at saturation, p99 latency at a common load), side
 
 Per case (a trained checkpoint and its labelled data root ``ROOT/{train,val,test}/<class>``):
 
-1. export a host-crop ONNX model (TenCrop, the card's crops), calibrate the ONNX Runtime INT8
-   (U8S8 Q/DQ) copy on 256 train images, measure its operating points and the cascade band on
-   val (``nexedge thresholds --cascade``);
+1. export a host-crop ONNX model (TenCrop, the card's crops; a checkpoint validated with center
+   crops gets the in-graph TenCrop graph and its center-crop stage-1 graph instead), calibrate the
+   ONNX Runtime INT8 (U8S8 Q/DQ) copies on 256 train images, measure the operating points and the
+   cascade band on val with the INT8 stage 1 (``nexedge thresholds --cascade``);
 2. on the test split, through the runtime: full TenCrop and the cascade plan at the deployed
    threshold (TPR 100 %): identical decisions, escapes of each, stage-2 share;
 3. the daemon (a real ``nexedge-daemon`` process per plan, the same INT8 model, ``model.cascade``
@@ -39,25 +40,39 @@ from nexedge.bench import report  # noqa: E402
 
 def prepare_models(name: str, ckpt: str, data: str, work: str, threads: int, margin: Optional[float]
                    ) -> Tuple[str, str]:
-    """(fp32 host ONNX, INT8 host ONNX with its cascade band measured on val)."""
+    """(fp32 ONNX, INT8 ONNX with its cascade band measured on val).
+
+    A checkpoint whose card runs multi-crops gets the host-crop flavour (stage 1 is a center-crop view
+    of the same session). One validated with center crops (the demo's) gets the in-graph TenCrop graph
+    and its center-crop stage-1 graph, both calibrated, the band measured with the INT8 stage 1."""
+    from nexedge.card import load_card
     from nexedge.export.int8 import run_calibration
     from nexedge.export.onnx_export import export_onnx
     from nexedge.export.thresholds import measure_artifact
+    from nexedge.runtime.cascade import STAGE1_CROPS
 
     folder = os.path.join(work, name)
     os.makedirs(folder, exist_ok=True)
-    fp32 = os.path.join(folder, "model.host.onnx")
+    crops = "ten" if load_card(ckpt).input["crop_mode"] == STAGE1_CROPS else "host"
+    fp32 = os.path.join(folder, f"model.{crops}.onnx")
     if not os.path.exists(fp32):
-        export_onnx(ckpt, out=fp32, crops="host", parity_images=4, threads=threads, data=data, cascade=True,
+        export_onnx(ckpt, out=fp32, crops=crops, parity_images=4, threads=threads, data=data, cascade=True,
                     cascade_margin=margin)
-    int8 = os.path.join(folder, "model.host.int8-ort.onnx")
-    if not os.path.exists(int8):
-        run_calibration(fp32, data, n_images=256, targets=("ort",), eval_split="test",
-                        out_root=os.path.join(folder, "calibrate"), threads=threads, force=True, rebuild=True)
-    from nexedge.card import load_card
 
-    if (load_card(int8).data.get("cascade") or {}).get("status") != "measured":  # calibrate re-measures it
-        measure_artifact(int8, data, "val", backend_options={"intra_threads": threads}, cascade=True, margin=margin)
+    def calibrate(onnx: str) -> str:
+        int8 = onnx[: -len(".onnx")] + ".int8-ort.onnx"
+        if not os.path.exists(int8):
+            run_calibration(onnx, data, n_images=256, targets=("ort",), eval_split="test",
+                            out_root=os.path.join(folder, "calibrate"), threads=threads, force=True, rebuild=True)
+        return int8
+
+    stage1 = calibrate(os.path.join(folder, f"model.{STAGE1_CROPS}.onnx")) if crops != "host" else None
+    int8 = calibrate(fp32)
+    sec = load_card(int8).data.get("cascade") or {}
+    want_file = os.path.basename(stage1) if stage1 else None
+    if sec.get("status") != "measured" or (sec.get("stage1") or {}).get("file") != want_file:
+        measure_artifact(int8, data, "val", backend_options={"intra_threads": threads}, cascade=True, margin=margin,
+                         stage1=stage1)
     return fp32, int8
 
 
@@ -179,8 +194,9 @@ def render(cases: List[Dict[str, Any]], args: argparse.Namespace, e: Dict[str, A
     out += [f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- machine: {benv.one_line(e)}; load average at start {load0}",
             f"- command: `{command}`",
-            f"- plan: stage 1 = center crop of the same ONNX Runtime INT8 (U8S8) host-crop model, stage 2 = its "
-            f"TenCrop on frames whose stage-1 score lies in the card's band (measured on val, margin "
+            f"- plan: stage 1 = center crop of the same ONNX Runtime INT8 (U8S8) model (host-crop: a view of the "
+            f"same session; in-graph: its INT8 center-crop graph), stage 2 = its TenCrop on frames whose "
+            f"stage-1 score lies in the card's band (measured on val, margin "
             f"{args.margin if args.margin is not None else 1.0} log-odds); threshold = the card's TPR 100 % point; "
             f"daemon max_batch {args.max_batch}, {args.threads} ORT threads, {args.cameras} simulated cameras "
             f"sending the test split as PNG, {args.seconds:.0f} s per phase; full TenCrop measured before and "

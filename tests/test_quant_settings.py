@@ -38,3 +38,30 @@ def test_calibrate_cli_passes_the_settings():
     configure_calibrate(p)
     a = p.parse_args(["m.onnx", "--data", "d", "--ort-weights", "u8", "--per-tensor", "--reduce-range"])
     assert (a.ort_weights, a.per_tensor, a.reduce_range, a.ort_activations) == ("u8", True, True, None)
+
+
+def test_prune_dead_nodes_drops_unread_constants_and_keeps_the_graph_working():
+    """quantize_static leaves unread Constant nodes behind (66 in EfficientNet-Lite0); ORT warns for each."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = helper.make_tensor("c", TensorProto.FLOAT, [1], [2.0])
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=const),
+        helper.make_node("Mul", ["x", "k"], ["y"]),
+        helper.make_node("Constant", [], ["dead1"], value=const),  # read only by another dead node
+        helper.make_node("Neg", ["dead1"], ["dead2"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              initializer=[numpy_helper.from_array(np.ones(1, np.float32), "unread")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert qz.prune_dead_nodes(model.graph) == 2
+    assert [n.op_type for n in model.graph.node] == ["Constant", "Mul"]
+    assert not model.graph.initializer
+    assert qz.prune_dead_nodes(model.graph) == 0
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.array([3.0], np.float32)})[0].tolist() == [6.0]

@@ -123,6 +123,29 @@ def fold_identity_initializers(model: Any) -> int:
     return n
 
 
+def prune_dead_nodes(graph: Any) -> int:
+    """Drop nodes nothing reads (and initializers nothing reads); returns how many nodes went.
+
+    quantize_static leaves the Constant nodes of shape arithmetic it folded (EfficientNet-Lite's "same"
+    padding leaves 66), and ONNX Runtime logs a warning for each on every session it opens."""
+    def used() -> set:
+        return {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+
+    dropped = 0
+    while True:
+        live = used()
+        dead = [n for n in graph.node if not any(o in live for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        dropped += len(dead)
+    live = used()
+    for init in [t for t in graph.initializer if t.name not in live]:
+        graph.initializer.remove(init)
+    return dropped
+
+
 def _prepared_input(fp32_path: str, tmpdir: str) -> str:
     """Copy of the model with Identity-of-initializer folded and shapes inferred (no graph
     optimisation, so node names survive for the exclusion lists)."""
@@ -190,6 +213,8 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
             extra_options=extra,
         )
     model = onnx.load(out_path)
+    if prune_dead_nodes(model.graph):
+        onnx.save(model, out_path)
     onnx.checker.check_model(model)
     n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
