@@ -69,19 +69,21 @@ def render_speed(looks: List[str], n: int, rounds: int) -> Dict[str, Any]:
     return out
 
 
+# The demo's CPU recipe (nexedge/bench/demo.py, profile "default"): ImageNet Lite0, first 3 stages
+# frozen, 184 -> 160 px, batch 16, AdamW + cosine; CenterCrop validation while training, TenCrop scoring.
 TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "3", "--channels-last",
-              "--resize", "184", "--crop", "160", "--crop-mode", "ten", "--epochs", "3", "--batch-size", "32",
+              "--resize", "184", "--crop", "160", "--crop-mode", "center", "--epochs", "4", "--batch-size", "16",
               "--lr", "1e-3", "--schedule", "cosine", "--optimizer", "adamw", "--warmup-epochs", "1",
               "--balanced", "sqrt", "--seed", "0", "--keep", "1", "--no-test-curves", "--no-progress"]
+SYNTH_ARGS = ["--good-fraction", "0.5", "--seed", "0", "--no-progress"]  # the batch-2 defect mix, half good
 
 
 def train_on_synth(look: str, images: int, work: str) -> str:
-    """Synthesize ``images`` (half good) of ``look`` and fine-tune Lite0 on them; returns the run folder."""
+    """Synthesize ``images`` (half good, every batch-2 defect class) of ``look`` and fine-tune Lite0; returns the run."""
     from nexedge.cli import main
 
     data, run = os.path.join(work, f"data-{look}"), os.path.join(work, f"train-{look}")
-    if main(["synth", data, "--n", str(images), "--good-fraction", "0.5", "--seed", "0", "--look", look,
-             "--no-progress"]) != 0:
+    if main(["synth", data, "--n", str(images), "--look", look] + SYNTH_ARGS) != 0:
         raise RuntimeError(f"nexedge synth failed for look {look}")
     if main(["train", "--data", data, "--out", run] + TRAIN_ARGS) != 0:
         raise RuntimeError(f"nexedge train failed for look {look}")
@@ -110,9 +112,14 @@ def score_references(run: str, ref_dir: str) -> Dict[str, Any]:
     good = [r["score"] for r in rows if r["label"] == GOOD]
     bad = [r["score"] for r in rows if r["label"] != GOOD]
     y = [0 if r["label"] == GOOD else 1 for r in rows]
-    return {"checkpoint": ckpts[0], "rows": rows, "good_mean": float(np.mean(good)), "defect_mean": float(np.mean(bad)),
+    summary: Dict[str, Any] = {}
+    if os.path.exists(os.path.join(run, "summary.json")):
+        with open(os.path.join(run, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    return {"checkpoint": os.path.basename(ckpts[0]), "rows": rows, "good_mean": float(np.mean(good)), "defect_mean": float(np.mean(bad)),
             "good_max": float(np.max(good)), "defect_min": float(np.min(bad)),
-            "auc": metrics.roc_auc(np.array(y), np.array([r["score"] for r in rows]))}
+            "auc": metrics.roc_auc(np.array(y), np.array([r["score"] for r in rows])),
+            "synthetic_val_auc": (summary.get("best") or {}).get("val_auc"), "train_wall_s": summary.get("wall_s")}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -128,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--probe-images", type=int, default=240,
                    help="synthetic training images of the Lite0-features probe per look (default 240)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune Lite0 on each look (long on a CPU)")
-    p.add_argument("--finetune-images", type=int, default=1000, help="fine-tuning images (default 1000)")
+    p.add_argument("--finetune-images", type=int, default=1200, help="fine-tuning images (default 1200)")
     p.add_argument("--finetune-run", action="append", default=[], metavar="LOOK=RUN",
                    help="reuse a fine-tuning run of this recipe for LOOK instead of training (repeatable)")
     p.add_argument("--work", default=None, help="folder for transfer data and runs (default: a temp folder)")
@@ -148,7 +155,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         transfer["finetune"] = {}
         for lk in looks:
             run = reuse.get(lk) or train_on_synth(lk, args.finetune_images, work)
-            transfer["finetune"][lk] = score_references(run, ref) | {"run": run, "reused": lk in reuse}
+            # run folder names only: a temporary folder's path means nothing off this machine
+            transfer["finetune"][lk] = score_references(run, ref) | {"run": os.path.basename(run), "reused": lk in reuse,
+                                                                      "images": args.finetune_images}
     load1 = os.getloadavg()
     lines = section(res, speed, transfer, argv, ref, load0, load1, time.time() - t0)
     md = "\n".join(lines)
@@ -218,7 +227,11 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
             how = (f"ImageNet Lite0 features + logistic regression trained on {next(iter(res_t.values()))['n_train']} "
                    "synthetic images per look (half good), same view as the references")
         else:
-            how = "Lite0 (ImageNet weights) fine-tuned with `nexedge train " + " ".join(TRAIN_ARGS) + "`, TenCrop"
+            n_img = next(iter(res_t.values())).get("images", "?")
+            how = (f"Lite0 (ImageNet weights) fine-tuned on `nexedge synth DATA --n {n_img} --look LOOK "
+                   + " ".join(SYNTH_ARGS) + "` with `nexedge train --data DATA " + " ".join(TRAIN_ARGS)
+                   + "`; the best checkpoint (synthetic validation AUC, CenterCrop) scores each reference "
+                   "with TenCrop through `score_checkpoint`, the path of `nexedge eval`")
         out += ["", f"Transfer ({kind}): a model trained only on synthetic images scores the references; {how}:", ""]
         out += ["| look | synthetic val AUC | good refs mean | defect refs mean | max good | min defect | "
                 "AUC good vs defect refs |", "|---|---|---|---|---|---|---|"]
@@ -226,6 +239,12 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
             sv = t.get("synthetic_val_auc")
             out.append(f"| {lk} | {'-' if sv is None else f'{sv:.3f}'} | {t['good_mean']:.3f} | {t['defect_mean']:.3f} | "
                        f"{t['good_max']:.3f} | {t['defect_min']:.3f} | {t['auc']:.2f} |")
+        if kind != "probe":
+            out += ["", "Training: " + "; ".join(
+                f"{lk} {t['train_wall_s'] / 60:.1f} min wall" if t.get("train_wall_s") else f"{lk} ?"
+                for lk, t in res_t.items()) + " (nice 19, shared box)" + (
+                "; the runs were trained by this recipe beforehand and passed with `--finetune-run`"
+                if any(t.get("reused") for t in res_t.values()) else "")]
         out += ["", "| reference | label | " + " | ".join(res_t) + " |", "|---|---|" + "---|" * len(res_t)]
         first = next(iter(res_t.values()))
         for i, r in enumerate(first["rows"]):

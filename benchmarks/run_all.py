@@ -19,6 +19,7 @@ them), so a long section such as training need not be rerun to refresh the other
 import argparse
 import datetime as _dt
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -67,6 +68,17 @@ def parse_names(text: Optional[str], flag: str) -> List[str]:
     if bad:
         raise SystemExit(f"run_all.py: {flag} {','.join(bad)}: unknown section; expected some of {','.join(NAMES)}")
     return names
+
+
+def section_date(path: str) -> str:
+    """When a section file was measured: the first UTC time stamp it writes, else its file time (which a
+    git checkout or merge resets, so it is named as such)."""
+    with open(path, encoding="utf-8") as f:
+        m = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", f.read(4000))
+    if m:
+        return m.group(0)
+    mtime = _dt.datetime.fromtimestamp(os.path.getmtime(path), _dt.timezone.utc)
+    return mtime.strftime("%Y-%m-%d %H:%M UTC") + " (file time)"
 
 
 def section_path(name: str) -> str:
@@ -209,8 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name in selected and not (args.reuse and have):
             statuses[name] = run_section(name, script, extra.get(name, []), args.timeout)
         elif have:
-            mtime = _dt.datetime.fromtimestamp(os.path.getmtime(path), _dt.timezone.utc)
-            statuses[name] = {"status": "reused", "mtime": mtime.strftime("%Y-%m-%d %H:%M UTC")}
+            statuses[name] = {"status": "reused", "mtime": section_date(path)}
         else:
             statuses[name] = {"status": "not run", "error": "not selected and no section file yet"}
     text = assemble(argv, statuses, started)

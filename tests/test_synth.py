@@ -120,10 +120,11 @@ def test_small_output_size_scales_bbox():
     assert diff[y0:y1, x0:x1].sum() >= 0.9 * diff.sum() > 0
 
 
-def test_batches_differ_measurably():
+@pytest.mark.parametrize("look", ["legacy", "real"])
+def test_batches_differ_measurably(look):
     stats = {}
     for b in (1, 2, 3):
-        s = np.array([image_stats(render_image("good", (b, i), batch=b)[0]) for i in range(30)])
+        s = np.array([image_stats(render_image("good", (b, i), batch=b, look=look)[0]) for i in range(30)])
         stats[b] = s.mean(axis=0)  # brightness, contrast, sharpness
     assert stats[3][0] > 1.08 * stats[2][0]  # batch 3: brighter (gain, black level)
     assert stats[1][0] < 0.95 * stats[2][0]  # batch 1: darker

@@ -96,9 +96,14 @@ def test_walkthrough_own_images_start_to_finish(tmp_path, capsys, monkeypatch):
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "decisions by folder label:" in out and "(good)" in out and "escapes (defects PASSed)" in out
-        # 9. pull the uncertain samples over the daemon's pull endpoint, for Label Studio
-        assert main(["pull", "--connect", ends["pull"], "--out", "relabel", "--format", "labelstudio"]) == 0
-        pulled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        # 9. pull the uncertain samples over the daemon's pull endpoint, for Label Studio. The store writes
+        # samples after the verdicts went out, so on a loaded machine the first pull may come too early.
+        for _ in range(40):
+            assert main(["pull", "--connect", ends["pull"], "--out", "relabel", "--format", "labelstudio"]) == 0
+            pulled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            if pulled["counts"]["received"] > 0:
+                break
+            time.sleep(0.5)
         assert pulled["counts"]["received"] > 0
     finally:
         proc.terminate()

@@ -86,6 +86,8 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
         pts = mid + t * length * d + rng.normal(0, 0.8 * s, (n, 2))  # centred in the body, clipped at its edge
         p = {"pts": pts, "width": max(1, int(round((1.0 + 6.0 * sv**1.5) * s))),
              "delta": 22.0 + 120.0 * sv, "seg": rng.uniform(0.3, 1.3, n - 1)}
+        if sc.real:  # a scuffed groove: soft, ragged edges
+            p["soft"] = 0.7 * s
     elif kind == "lead_glue":
         i = int(rng.integers(0, len(sc.leads)))
         q = lead_quad(sc, sc.leads[i], 0.25, 0.95)
@@ -142,6 +144,10 @@ def sample_defect(kind: str, sc: Scene, rng: np.random.Generator, severity: floa
                           "blob": _blob(rng, (0.0, 0.0), r),
                           "bend": rng.normal(0, 1, 4), "len": (8.0 + 40.0 * sv) * s})
         p = {"parts": parts}
+        if sc.real:  # dust, fibres and tin splashes: ragged outlines with soft, out-of-focus edges
+            for q in parts:
+                q["blob"] = _blob(rng, (0.0, 0.0), q["r"], 13)
+            p["soft"] = 0.9 * s
     elif kind == "camera_glitch":
         mode = str(rng.choice(["tear", "dropout", "crop"]))
         h, w = sc.size
@@ -220,7 +226,7 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
         clip = np.zeros(dev.shape, np.float32)
         e = 2.5 * sc.s
         cv2.rectangle(clip, (int(x0 + e), int(y0 + e)), (int(x1 - e), int(y1 - e)), 1.0, -1)
-        dev += line * clip * np.float32(p["delta"])
+        dev += _soft(line, p) * clip * np.float32(p["delta"])
     elif d.kind == "lead_glue":
         m = _soft(_poly_mask(dev.shape, p["blob"]), p)
         w = m * alpha
@@ -232,6 +238,7 @@ def on_device(dev: np.ndarray, alpha: np.ndarray, sc: Scene, d: Defect) -> None:
 def on_image(img: np.ndarray, sc: Scene, d: Defect) -> np.ndarray:
     p = d.params
     if d.kind in ("foreign_material", "tin_particle"):
+        before = img.copy() if p.get("soft") else None
         for q in p["parts"]:
             c = np.array(q["c"])
             if d.kind == "tin_particle":
@@ -252,6 +259,8 @@ def on_image(img: np.ndarray, sc: Scene, d: Defect) -> np.ndarray:
                 under = img[min(h - 1, max(0, int(c[1]))), min(w - 1, max(0, int(c[0])))]
                 g = q["gray"] if under < 140 else 255.0 - q["gray"]  # dirt shows dark on a bright lead
                 cv2.fillPoly(img, [np.round((q["blob"] + c) * 16).astype(np.int32)], g, cv2.LINE_AA, 4)
+        if before is not None:  # soften what the particles changed, not the scene under them
+            img = before + _soft(img - before, p)
         return img
     if d.kind == "camera_glitch":
         h, w = img.shape

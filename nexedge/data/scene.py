@@ -30,6 +30,7 @@ class Lead:
     levels: Tuple[float, float, float, float] = (245.0, 95.0, 190.0, 130.0)
     flat: bool = False  # bottom side of a flipped device: plain pads, no bands
     streaks: Tuple[float, ...] = (1.0,) * 16  # brightness of strips along the lead (rolled metal)
+    shade: float = 0.0  # real look: brightness slope across the lead's width (curved, tilted metal)
 
 
 @dataclass
@@ -73,6 +74,9 @@ class Scene:
     glare: float = 0.0
     mark_width: float = 1.0
     outline: float = 1.0  # level of the moulded pocket's outline strokes (real look: faint)
+    tape: float = 1.0  # contrast of the carrier tape's embossed texture
+    walls: Tuple[float, float] = (0.0, 0.0)  # glint level of the left and right pocket walls (x rim_gray)
+    wall_var: Tuple[float, ...] = (1.0,) * 12  # along each wall, 6 pieces per side
 
     @property
     def real(self) -> bool:
@@ -155,27 +159,33 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     sc.wall_gray = u(20.0, 30.0)
     sc.rim_gray = u(35.0, 70.0)
     sc.body_gray = u(25.0, 35.0)
-    sc.mark_gray = sc.body_gray + sc.style.mark_gray * u(0.9, 1.3)
-    sc.mark_width = u(1.3, 1.8)
+    sc.mark_gray = sc.body_gray + sc.style.mark_gray * u(0.7, 1.1)
+    sc.mark_width = u(0.8, 1.2)  # single laser strokes: 1-2 px, 2-3 px after the optics
     sc.body_w *= u(1.02, 1.06)
     sc.body_h *= u(0.98, 1.04)
     sc.cy += u(5.0, 9.0)  # the device sits lower in the pocket than the legacy layout put it
     for ld in sc.leads:
-        k = u(0.75, 1.0)  # streaks of glare reach 255 and saturate, as on the line
-        # from the body out: bright bend, dark band, a second bright flat (the real leads'
-        # brightest part), a dull cut tip
-        ld.levels = (235.0 * k, u(45.0, 85.0) * k, u(210.0, 250.0) * k, u(110.0, 150.0) * k)
-        ld.streaks = tuple(float(v) for v in np.clip(rng.normal(1.0, 0.16, 24), 0.55, 1.3))
+        # from the body out (profiles along the references' leads): a bend over about a third of
+        # the lead whose glare saturates (1.2 % of the references' pixels are >= 250), a dark
+        # band, a gray flat foot, a brighter cut edge at the tip
+        ld.levels = (u(255.0, 340.0), u(45.0, 75.0), u(95.0, 200.0), u(140.0, 220.0))
+        # a few broad bands of uneven glare, not many thin stripes (within-lead row std 12-25)
+        ld.streaks = tuple(float(v) for v in np.clip(rng.normal(1.0, 0.08, 8), 0.8, 1.2))
+        ld.shade = u(-0.25, 0.25)
         ld.width *= u(1.08, 1.18)
     sc.grain_x, sc.grain_y = int(rng.integers(0, 48)), int(rng.integers(0, 48))
     n_arcs = int(rng.integers(2, 5))
     sc.arcs = [(float(rng.integers(0, 2)), u(0.25, 0.8), u(25.0, 60.0), u(0.5, 1.2)) for _ in range(n_arcs)]
-    sc.top_edge = u(0.6, 1.5)
-    sc.glare = u(0.2, 0.35)
+    sc.top_edge = u(0.2, 0.9)
+    sc.glare = u(0.06, 0.15)
     # softer optics, added in quadrature so an already blurry batch (3) is not blurred
     # past its small defects: batch 2 0.7 -> 0.86-1.06 px, batch 3 1.3 -> 1.39-1.53 px
     sc.blur = float(np.hypot(sc.style.blur, u(0.5, 0.8)))
     sc.outline = u(0.2, 0.4)  # real pockets show broken glints (above), not a full bright outline
+    sc.tape = u(0.2, 0.5)
+    lit, dim = u(1.2, 3.0), u(0.2, 1.0)
+    sc.walls = (lit, dim) if rng.random() < 0.6 else (dim, lit)
+    sc.wall_var = tuple(float(v) for v in u(0.5, 1.2, 12))
 
 
 
@@ -259,7 +269,10 @@ def pocket_box(sc: Scene) -> Tuple[float, float, float, float]:
 def draw_background(sc: Scene) -> np.ndarray:
     """Carrier tape floor, pocket walls with rounded corners, the recess under the bottom lead, the hole."""
     h, w = sc.size
-    img = _texture(h, w)[sc.tex_y:sc.tex_y + h, sc.tex_x:sc.tex_x + w] + np.float32(sc.floor)
+    tex = _texture(h, w)[sc.tex_y:sc.tex_y + h, sc.tex_x:sc.tex_x + w]
+    if sc.real:  # the embossed rows are faint on the line; the floor's grain is camera noise (synth.py)
+        tex = tex * np.float32(sc.tape)
+    img = tex + np.float32(sc.floor)
     x0, y0, x1, y1 = pocket_box(sc)
     s = sc.s
     inset = 10 * s
@@ -314,8 +327,19 @@ def _real_pocket(img: np.ndarray, sc: Scene) -> None:
             c, a0, a1 = (int(x1 - 7 * s - r), int(cy)), -30, 30
         cv2.ellipse(glints, c, (int(r), int(1.8 * r)), 0, a0, a1, sc.rim_gray * lv, max(1, int(round(1.5 * s))),
                     cv2.LINE_AA)
+    # specular side walls at the frame's edges (on the references the lit wall peaks at 2-3x the
+    # rim level, 3-4 px wide, and curves into the bottom corner); which side is lit varies
+    r = int(round(24 * s))
+    for k, (xw, lv) in enumerate(((x0 + 2 * s, sc.walls[0]), (x1 - 2 * s, sc.walls[1]))):
+        n = 6
+        ys = np.linspace(y0 + 20 * s, y1 - r, n + 1)
+        for j in range(n):  # uneven along the wall
+            v = sc.rim_gray * lv * sc.wall_var[k * n + j]
+            cv2.line(glints, (int(xw), int(ys[j])), (int(xw), int(ys[j + 1])), v, max(1, int(round(3 * s))))
+        c = (int(xw + r) if k == 0 else int(xw - r), int(y1 - r))
+        cv2.ellipse(glints, c, (r, r), 0, 90 if k == 0 else 0, 180 if k == 0 else 90, sc.rim_gray * lv * 0.7,
+                    max(1, int(round(2 * s))))
     img += cv2.GaussianBlur(glints, (0, 0), 0.6 * s)
-    img += _crop(grain(h, w)[0], sc) * np.float32(2.5)
 
 
 def body_rect(sc: Scene) -> Tuple[float, float, float, float]:
@@ -348,11 +372,14 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
     q = lead_quad(sc, ld, 0.0, 1.0)
     _fill(alpha, q, 1.0)
     if ld.flat:
-        _fill(dev, q, ld.levels[2] * 0.8)
-        _fill(dev, lead_quad(sc, ld, 0.15, 0.85), ld.levels[2] * 0.65)
+        lv = ld.levels[0] if sc.real else ld.levels[2]  # real look: the plated pads glare like the bends
+        _fill(dev, q, lv * 0.8)
+        _fill(dev, lead_quad(sc, ld, 0.15, 0.85), lv * 0.65)
         return
-    ends = (0.36, 0.52, 0.84, 1.01) if sc.real else (0.48, 0.6, 0.94, 1.01)
-    bands = tuple(zip(ends, ld.levels))
+    if sc.real:
+        _real_lead_bands(dev, q, ld)
+        return
+    bands = tuple(zip((0.48, 0.6, 0.94, 1.01), ld.levels))
     (n0x, n0y), (n1x, n1y), (f1x, f1y), (f0x, f0y) = (q * 16).tolist()  # 1/16 px fixed point
     n = len(ld.streaks)
     for i, k in enumerate(ld.streaks):
@@ -363,10 +390,32 @@ def draw_lead(dev: np.ndarray, alpha: np.ndarray, sc: Scene, ld: Lead) -> None:
         cv2.fillConvexPoly(dev, np.array(pts, np.int32), float(v * k), cv2.LINE_AA, 4)
 
 
+REAL_LEAD_BANDS = (0.42, 0.6, 0.93, 1.0)  # ends of bend, dark band, foot, tip edge (fraction of the length)
+
+
+def _real_lead_bands(dev: np.ndarray, q: np.ndarray, ld: Lead) -> None:
+    """Real look lead: the four bands at their measured lengths, broad glare streaks, shaded across."""
+    n0, n1, f1, f0 = q * 16  # near edge n0 -> n1, far edge f0 -> f1 (1/16 px fixed point)
+    n = len(ld.streaks)
+    cuts = np.array(sorted(set([i / n for i in range(n + 1)] + list(REAL_LEAD_BANDS[:-1]))))
+    side_a = n0 + (f0 - n0) * cuts[:, None]  # (k + 1) x 2 points along each side of the lead
+    side_b = n1 + (f1 - n1) * cuts[:, None]
+    across = np.array([0.0, 1.0 / 3, 2.0 / 3, 1.0])
+    grid = np.round(side_a[:, None] + (side_b - side_a)[:, None] * across[None, :, None]).astype(np.int32)
+    mids = (cuts[:-1] + cuts[1:]) / 2
+    ends = np.array(REAL_LEAD_BANDS)
+    level = np.array(ld.levels)[np.minimum(np.searchsorted(ends, mids, side="right"), 3)]
+    level = level * np.array(ld.streaks)[np.minimum((mids * n).astype(int), n - 1)]
+    for i, v in enumerate(level.tolist()):
+        for j, g in enumerate((-ld.shade, 0.0, ld.shade)):
+            pts = np.stack([grid[i, j], grid[i, j + 1], grid[i + 1, j + 1], grid[i + 1, j]])
+            cv2.fillConvexPoly(dev, pts, v * (1.0 + g), cv2.LINE_AA, 4)
+
+
 def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
     """Marking text as a 0..1 mask the size of the body: spaced, condensed laser glyphs, flipped as the scene says."""
     font = getattr(cv2, sc.style.font)
-    th = max(1, int(round(1.8 * sc.s * sc.mark_width)))
+    th = max(1, int(round((1.1 if sc.real else 1.8) * sc.s * sc.mark_width)))
     (_, ch), _ = cv2.getTextSize("W", font, 1.0, th)
     scale = 0.58 * hb / ch
     gap = int(round(0.07 * hb))
@@ -377,7 +426,9 @@ def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
     x = th + 1
     for c, cw in zip(sc.text, widths):
         if c != " ":
-            if sc.style.marking == "outline":  # hollow laser strokes: bright edges, dimmer core
+            if sc.real:  # single laser strokes, 2-3 px wide on the references
+                cv2.putText(line, c, (x, base_y), font, scale, 255, th, cv2.LINE_AA)
+            elif sc.style.marking == "outline":  # hollow laser strokes: bright edges, dimmer core
                 cv2.putText(line, c, (x, base_y), font, scale, 255, th + 1, cv2.LINE_AA)
                 cv2.putText(line, c, (x, base_y), font, scale, 110, max(1, th - 1), cv2.LINE_AA)
             else:

@@ -91,6 +91,33 @@ def _grid(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
     return _GRIDS[(h, w)]
 
 
+# Real look sensor and surface noise, calibrated on real line images (docs/data.md), in their
+# view (221 x 215): the fine residual grows about in proportion to the level (std of the 3x3
+# median residual 1.8 on the dark floor, 6 at level 40-80, 12-14 on lit metal), hence read noise
+# plus a speckle proportional to the level; on the floor the high-passed texture (std 3.3) stays
+# correlated over several pixels, longer along the rows (0.30 at 3 px) than across them (0.19):
+# streaks along the rows plus blotches, each a fresh Gaussian-filtered field per image.
+REAL_READ = 0.6  # x the batch's read noise sigma
+REAL_SPECKLE = 0.24  # sigma / level = REAL_SPECKLE * sqrt(batch shot factor): 0.14 for batch 2
+REAL_STREAK = (1.5, 8.0, 1.6)  # std (gray levels), sigma along x, sigma along y (native px)
+REAL_BLOTCH = (1.5, 2.5)  # std, sigma
+
+
+def structured_noise(rng: np.random.Generator, h: int, w: int, s: float) -> np.ndarray:
+    """Spatially correlated noise: streaks along the rows plus blotches (real look), float32 H x W.
+
+    Drawn at half resolution and upsampled (both parts are smooth over more than a pixel): a
+    quarter of the random numbers and filtering of a full-size field.
+    """
+    hh, hw = (h + 1) // 2, (w + 1) // 2
+    out = np.zeros((hh, hw), np.float32)
+    for amp, sx, sy in (REAL_STREAK, REAL_BLOTCH + (REAL_BLOTCH[1],)):
+        f = cv2.GaussianBlur(rng.standard_normal((hh, hw), dtype=np.float32), (0, 0), sigmaX=sx * s / 2,
+                             sigmaY=sy * s / 2)
+        out += f * np.float32(amp / max(float(f.std()), 1e-6))
+    return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def _finish(canvas: np.ndarray, sc: Scene, noise: np.random.SeedSequence, out_wh: Tuple[int, int]) -> np.ndarray:
     """Camera: illumination field, gain/offset, optics blur, read + shot noise, row banding, resize."""
     h, w = canvas.shape
@@ -101,13 +128,15 @@ def _finish(canvas: np.ndarray, sc: Scene, noise: np.random.SeedSequence, out_wh
     img = canvas * (fy * fx) + np.float32(st.offset)
     img = cv2.GaussianBlur(img, (0, 0), sc.blur * sc.s)
     rng = np.random.default_rng(noise)
-    k = 1.4 if sc.real else 1.0  # real line images are noisier than the legacy sensor model
-    var = cv2.max(img, 0.0) * np.float32(st.shot * k * k) + np.float32((k * st.noise) ** 2)
-    n = rng.standard_normal((h, w), dtype=np.float32)
-    if sc.real:  # grainy, not white: part of the noise is correlated over about a pixel
-        n = np.float32(0.85) * n + np.float32(1.1) * cv2.GaussianBlur(n, (0, 0), 0.7 * sc.s)
-    img += n * cv2.sqrt(var)
+    if sc.real:  # read noise, and a grain that grows in proportion to the level (speckle of lit surfaces)
+        lit = cv2.max(img, 0.0)
+        var = lit * lit * np.float32(st.shot * REAL_SPECKLE ** 2) + np.float32((REAL_READ * st.noise) ** 2)
+    else:
+        var = cv2.max(img, 0.0) * np.float32(st.shot) + np.float32(st.noise ** 2)
+    img += rng.standard_normal((h, w), dtype=np.float32) * cv2.sqrt(var)
     img += rng.standard_normal((h, 1), dtype=np.float32) * np.float32(0.15 if sc.real else 0.8)
+    if sc.real:
+        img += structured_noise(rng, h, w, sc.s)
     if (w, h) != out_wh:
         img = cv2.resize(img, out_wh, interpolation=cv2.INTER_AREA)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
