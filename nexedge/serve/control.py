@@ -23,13 +23,12 @@ is refused (as for the pull endpoint). Python 3.8, no torch.
 import json
 import logging
 import os
-import threading
 from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 
 from nexedge.serve.lifecycle import LifecycleError
-from nexedge.serve.pullserver import bind_router, close_router, is_loopback, split_envelope
+from nexedge.serve.pullserver import RouterThread, bind_router, is_loopback, split_envelope
 
 log = logging.getLogger("nexedge.serve")
 PROTOCOL_VERSION = 1
@@ -41,8 +40,10 @@ class ControlTimeout(RuntimeError):
     """The daemon did not answer a control request in time."""
 
 
-class ControlServer:
+class ControlServer(RouterThread):
     """A thread with its own ROUTER socket serving one :class:`~nexedge.serve.lifecycle.Lifecycle`."""
+
+    _log = log
 
     def __init__(self, lifecycle: Any, bind: str, auth: Any = None,
                  report: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
@@ -57,28 +58,13 @@ class ControlServer:
         self.endpoint: Optional[str] = None
         self.counters: Dict[str, int] = {"requests": 0, "errors": 0}
         self._names: Dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._ctx: Optional[zmq.Context] = None
+        self._init_thread()
 
     def start(self) -> "ControlServer":
         """Bind (errors surface here) and serve in a background thread."""
-        self._ctx, sock = bind_router(self.bind, self.auth, "lifecycle.control", MAX_REQUEST_BYTES)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._thread = threading.Thread(target=self._serve, args=(sock,), name="nexedge-control", daemon=True)
-        self._thread.start()
-        log.info("control endpoint on %s (%s)", self.endpoint, "CURVE" if self.auth else "loopback, no auth")
+        ctx, sock = bind_router(self.bind, self.auth, "lifecycle.control", MAX_REQUEST_BYTES)
+        self._start_thread(ctx, sock, (), "nexedge-control", "control")
         return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout)
-        self._thread = None
-        if self._ctx is not None:
-            close_router(self._ctx, None, self.auth)
-        self._ctx = None
 
     def _serve(self, sock: zmq.Socket) -> None:
         try:

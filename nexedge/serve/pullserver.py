@@ -137,7 +137,42 @@ def split_envelope(msg: List[Any]) -> Tuple[List[Any], List[Any]]:
     return msg[:1], msg[1:]
 
 
-class PullServer:
+class RouterThread:
+    """Start/stop of a ROUTER socket served by ``self._serve(sock, *args)`` on a background thread:
+    the pull and the control endpoints."""
+
+    auth: Optional[CurveConfig]
+    endpoint: Optional[str]
+    _log = log
+
+    def _init_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._ctx: Optional[zmq.Context] = None
+
+    def _serve(self, sock: zmq.Socket, *args: Any) -> None:
+        raise NotImplementedError
+
+    def _start_thread(self, ctx: zmq.Context, sock: zmq.Socket, args: Tuple[Any, ...], name: str, what: str) -> None:
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ctx = ctx
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, args=(sock,) + args, name=name, daemon=True)
+        self._thread.start()
+        self._log.info("%s endpoint on %s (%s)", what, self.endpoint, "CURVE" if self.auth else "loopback, no auth")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        self._thread = None
+        if self._ctx is not None:
+            close_router(self._ctx, None, self.auth)
+        self._ctx = None
+
+
+class PullServer(RouterThread):
     """A thread with its own ROUTER socket serving one :class:`SampleStore` (read + ack)."""
 
     def __init__(
@@ -160,10 +195,7 @@ class PullServer:
         self.endpoint: Optional[str] = None
         self.counters: Dict[str, int] = {"requests": 0, "samples_sent": 0, "acked": 0, "errors": 0}
         self.lease = Lease()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._ctx: Optional[zmq.Context] = None
-        self._sock: Optional[zmq.Socket] = None
+        self._init_thread()
 
     @property
     def refused(self) -> int:
@@ -180,23 +212,8 @@ class PullServer:
         except BaseException:
             store.close()
             raise
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._ctx, self._sock = ctx, sock
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, args=(sock, store), name="pull-server", daemon=True)
-        self._thread.start()
-        log.info("pull endpoint on %s (%s)", self.endpoint, "CURVE" if self.auth else "loopback, no auth")
+        self._start_thread(ctx, sock, (store,), "pull-server", "pull")
         return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout)
-        self._thread = None
-        if self._ctx is not None:
-            close_router(self._ctx, None, self.auth)
-        self._ctx = self._sock = None
 
     def __enter__(self) -> "PullServer":
         return self.start()
