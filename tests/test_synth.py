@@ -282,3 +282,20 @@ def test_every_labelled_defect_is_visible(look):
         img, clean, meta = render_pair(cls, seed, batch=2, look=look)
         changed = int((np.abs(img.astype(int) - clean.astype(int)) >= 15).sum())
         assert changed >= 20, (cls, seed, meta["severity"], changed)
+
+
+def test_a_shifted_bottom_lead_leaves_the_range_of_good_bottom_leads():
+    # a good device's lone bottom lead sits anywhere in BOTTOM_LEAD_X (7 px); a shift of 3-17 px
+    # from where it happened to sit often left it inside that range, a defect nothing can see
+    from nexedge.data import defects as D
+    from nexedge.data.scene import BOTTOM_LEAD_X, sample_scene
+    from nexedge.data.spec import STYLES
+
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        sc = sample_scene(rng, (267, 275), STYLES[2])
+        sev = float(rng.uniform(0.03, 0.3))
+        d = D.Defect("lead_defect", sev, {"lead": 2, "mode": "shifted", "sign": float(rng.choice([-1.0, 1.0]))})
+        x = D.modify(sc, d).leads[2].x
+        gap = BOTTOM_LEAD_X[0] - x if x < BOTTOM_LEAD_X[0] else x - BOTTOM_LEAD_X[1]
+        assert gap >= 3.0 + 14.0 * sev - 1e-6, (i, sc.leads[2].x, x)
