@@ -277,3 +277,38 @@ def test_check_dq_inputs_int8_rejects_quantized_bias():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [b, s])
     with pytest.raises(RuntimeError, match="1 DequantizeLinear node.*bias_dq on 'b' \\(INT32\\).*INT8 only"):
         check_dq_inputs_int8(helper.make_model(g))
+
+
+def test_int8_stem_stays_float(setup, int8):
+    # quantizing the stem cost EfficientNet-Lite0 most of its INT8 ranking (benchmarks/results/
+    # int8_stem.md): the first conv reads float weights, later convs int8 ones
+    import onnx
+
+    for flavour in ("host", "ten"):
+        for target, path in int8[flavour].outputs.items():
+            m = onnx.load(path)
+            card = load_card(path)
+            stem = card.graph["quantization"]["float_stem"]
+            assert stem, (flavour, target)
+            inits = {i.name for i in m.graph.initializer}
+            convs = {n.name: n for n in m.graph.node if n.op_type == "Conv"}
+            assert all(convs[s].input[1] in inits for s in stem)  # a float initializer, not a DequantizeLinear output
+            assert any(n.input[1] not in inits for k, n in convs.items() if k not in stem), (flavour, target)
+
+
+def test_stem_nodes_are_the_convs_at_full_and_half_resolution():
+    from onnx import TensorProto, helper
+
+    from nexedge.export.quantize import stem_nodes
+
+    sizes = [64, 32, 32, 32] + [16] * 6 + [8] * 6
+    nodes, vis = [], []
+    for i, h in enumerate(sizes):
+        nodes.append(helper.make_node("Conv", [f"x{i}", f"w{i}"], [f"x{i + 1}"], name=f"conv{i}"))
+        vis.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["n", 8, h, h]))
+    g = helper.make_graph(nodes, "g", vis[:1], [helper.make_tensor_value_info("x16", TensorProto.FLOAT, None)],
+                          value_info=vis[1:])
+    assert stem_nodes(g) == ["conv0", "conv1", "conv2", "conv3"]
+    assert stem_nodes(g, exclude=["conv0"]) == ["conv1"]  # from conv1 (32 px) on, 12 convs >= 16 px: too many
+    g2 = helper.make_graph(nodes[:3], "g", vis[:1], [helper.make_tensor_value_info("x3", TensorProto.FLOAT, None)])
+    assert stem_nodes(g2) == ["conv0"]  # no inferred shapes: the first conv alone

@@ -38,6 +38,8 @@ def test_calibrate_cli_passes_the_settings():
     configure_calibrate(p)
     a = p.parse_args(["m.onnx", "--data", "d", "--ort-weights", "u8", "--per-tensor", "--reduce-range"])
     assert (a.ort_weights, a.per_tensor, a.reduce_range, a.ort_activations) == ("u8", True, True, None)
+    assert not a.quantize_stem  # the stem stays float unless asked
+    assert p.parse_args(["m.onnx", "--data", "d", "--quantize-stem"]).quantize_stem
 
 
 def test_prune_dead_nodes_drops_unread_constants_and_keeps_the_graph_working():

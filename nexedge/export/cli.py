@@ -149,6 +149,10 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     g.add_argument("--reduce-range", action="store_true",
                    help="7-bit weights: ORT's remedy for vpmaddubsw saturation on x86 without VNNI")
+    p.add_argument("--quantize-stem", action="store_true",
+                   help="quantize the stem convolutions too (default: they stay float; quantizing them cost "
+                        "EfficientNet-Lite0 most of its INT8 ranking for about 10 %% of the speed-up, "
+                        "benchmarks/results/int8_stem.md)")
     p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
     p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")
     p.add_argument("--rebuild", action="store_true", help="make a new manifest even if calibrate/<name>/ has one")
@@ -170,6 +174,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed, threads=args.threads, force=args.force,
         ort={"activations": args.ort_activations, "weights": args.ort_weights,
              "per_channel": False if args.per_tensor else None, "reduce_range": True if args.reduce_range else None},
+        float_stem=not args.quantize_stem,
     )
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():

@@ -50,12 +50,14 @@ def run_calibration(
     threads: Optional[int] = None,
     force: bool = False,
     ort: Optional[Dict[str, Any]] = None,
+    float_stem: bool = True,
 ) -> CalibrationResult:
     """Calibrate the fp32 ONNX ``onnx_path`` (card verified) on ``data_root/<split>``, measure each
     INT8 model's own operating points on ``thresholds_split`` and report INT8 beside FP32 at the
     deployed thresholds on ``eval_split`` (which must differ from ``thresholds_split``).
 
-    ``ort``: settings of the ``ort`` target (:func:`nexedge.export.quantize.ort_settings`).
+    ``ort``: settings of the ``ort`` target (:func:`nexedge.export.quantize.ort_settings`);
+    ``float_stem``: leave the stem convolutions in float (:func:`nexedge.export.quantize.stem_nodes`).
     Refuses a data set whose classes differ from the model's, a calibration set made from
     another data set (unless ``rebuild``), and existing INT8 outputs (unless ``force``)."""
     from nexedge.export.parity import read_images_skipping
@@ -114,7 +116,7 @@ def run_calibration(
         out = int8_path(onnx_path, target, out_dir)
         reader = cal.OrtCalibrationReader(images, card)
         quant = qz.quantize_model(onnx_path, out, card, reader, target, method,
-                                  ort=ort if target == "ort" else None)
+                                  ort=ort if target == "ort" else None, float_stem=float_stem)
         if target == "tensorrt":
             _check_for_tensorrt(out)
         icard = qz.int8_card(card, quant, None, calibration)

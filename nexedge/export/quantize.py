@@ -100,6 +100,32 @@ def float_nodes(graph: Any, crops: str) -> List[str]:
     return sorted(keep)
 
 
+def stem_nodes(graph: Any, exclude: Sequence[str] = ()) -> List[str]:
+    """The backbone's stem: Conv nodes whose input is at least half the resolution of the first
+    conv's input (EfficientNet-Lite: the stem and the stride-2 block's convs at full and half
+    resolution, 5 of 49; ResNet: conv1). Quantizing them cost most of INT8's ranking
+    (benchmarks/results/int8_stem.md); they are a small share of the FLOPs. Without inferred
+    shapes, or when that would be more than a quarter of the convs, the first conv alone."""
+    shapes = {v.name: v.type.tensor_type.shape for v in list(graph.value_info) + list(graph.input)}
+
+    def height(name: str) -> Optional[int]:
+        sh = shapes.get(name)
+        if sh is None or len(sh.dim) != 4 or not sh.dim[2].HasField("dim_value"):
+            return None
+        return int(sh.dim[2].dim_value)
+
+    skip = set(exclude)
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.name not in skip]
+    if not convs:
+        return []
+    ref = height(convs[0].input[0])
+    if ref is None:
+        return [convs[0].name]
+    stem = [n.name for n in convs if (height(n.input[0]) or 0) * 2 >= ref]
+    # a small net that works at full resolution throughout keeps only its first conv float
+    return stem if len(stem) * 4 <= len(convs) else [convs[0].name]
+
+
 def fold_identity_initializers(model: Any) -> int:
     """Replace ``Identity(initializer)`` nodes by a copy of the initializer; returns how many.
 
@@ -162,8 +188,11 @@ def _prepared_input(fp32_path: str, tmpdir: str) -> str:
 
 
 def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, target: str,
-                   method: str = "minmax", ort: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   method: str = "minmax", ort: Optional[Dict[str, Any]] = None,
+                   float_stem: bool = True) -> Dict[str, Any]:
     """Write the Q/DQ INT8 model for ``target``; returns the quantization description for the card.
+
+    ``float_stem``: leave the stem's convolutions (:func:`stem_nodes`) in float.
 
     ``ort``: settings of the ``ort`` target (:func:`ort_settings`); the TensorRT target has none to
     vary (symmetric int8, per-channel, float biases are what TensorRT's Q/DQ parser takes)."""
@@ -184,6 +213,8 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
         pre = _prepared_input(fp32_path, tmp)
         graph = onnx.load(pre).graph
         keep, tail = float_nodes(graph, card.graph["crops"]), tail_nodes(graph)
+        stem = stem_nodes(graph, keep) if float_stem else []
+        keep = sorted(set(keep) | set(stem))
         if target == "tensorrt":
             # QuantizeBias False: quantize_static's default leaves INT32 biases behind DequantizeLinear,
             # which TensorRT's parser rejects (DequantizeLinear takes INT8 in 8.x; INT8/FP8/INT4 in 10.x;
@@ -238,6 +269,7 @@ def quantize_model(fp32_path: str, out_path: str, card: ModelCard, reader: Any, 
         "method": method,
         "quantize_nodes": n_q,
         "float_nodes": len(keep),
+        "float_stem": stem,
         "float_tail": tail,
     }
 
