@@ -169,9 +169,9 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     for ld in sc.leads:
         # from the body out: a bright bend, a dark band, a bright flat foot, a duller cut tip; the
         # whole lead dimmer or brighter with its tilt to the light. About 1 % of the references'
-        # pixels saturate and the lead bands' p95 is 168 (upper) and 146 (lower): brighter bends
-        # (255-340) overshot that by 15-17 gray levels
-        k = u(0.75, 1.0)
+        # pixels saturate, in glare spots (below), while the lead bands' p95 is 168 (upper) and 146
+        # (lower): bends at 255-340 overshot that by 15-17 gray levels
+        k = u(0.825, 1.1)
         ld.levels = (235.0 * k, u(45.0, 85.0) * k, u(210.0, 250.0) * k, u(110.0, 150.0) * k)
         # rolled, plated metal: many uneven strips of glare along the lead (broad, calm bands made
         # the fine residual's spectrum and the Lite0 features less like the references')
@@ -181,7 +181,7 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     n_arcs = int(rng.integers(2, 5))
     sc.arcs = [(float(rng.integers(0, 2)), u(0.25, 0.8), u(25.0, 60.0), u(0.5, 1.2)) for _ in range(n_arcs)]
     sc.top_edge = u(0.2, 0.9)
-    sc.glare = u(0.2, 0.35)
+    sc.glare = u(0.35, 0.55)  # deep glare streaks: saturated spots (0.6 % of a good frame) and dull ones
     # softer optics, added in quadrature so an already blurry batch (3) is not blurred
     # past its small defects: batch 2 0.7 -> 0.86-1.06 px, batch 3 1.3 -> 1.39-1.53 px
     sc.blur = float(np.hypot(sc.style.blur, u(0.5, 0.8)))
