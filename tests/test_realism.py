@@ -108,6 +108,7 @@ def test_legacy_look_is_unchanged_per_seed():
     # not move when the real look is tuned. The hash covers every class of batches 1-3 (image,
     # clean twin, metadata, a downscaled render). If it changes after an OpenCV or NumPy upgrade
     # rather than a code change, re-measure the demo before re-pinning it.
+    # Re-pinned 2026-12-02 after a shifted bottom lead was moved out of the good range (demo re-measured).
     import hashlib
 
     from nexedge.data.spec import batch_classes
@@ -120,7 +121,7 @@ def test_legacy_look_is_unchanged_per_seed():
             h.update(clean.tobytes())
             h.update(repr(sorted(meta.items())).encode())
             h.update(render_image(c, (b, i, 7), batch=b, size=(96, 80), look="legacy")[0].tobytes())
-    assert h.hexdigest() == "c1395844bd775ffdb3af67cda46aa3467dec6887f2c0a22522a18afebb512f72"
+    assert h.hexdigest() == "c2e0208bde884b718b2cb0fc3faa756cbe232bdd28928ee136fb1dcea57eeb07"
 
 
 @pytest.mark.parametrize("cls", ["chipping", "lead_glue", "scratch", "foreign_material", "lead_defect"])

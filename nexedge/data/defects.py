@@ -14,7 +14,7 @@ from typing import Any, Dict, Tuple
 import cv2
 import numpy as np
 
-from nexedge.data.scene import Lead, Scene, body_rect, lead_quad, pocket_box, pose_matrix
+from nexedge.data.scene import BOTTOM_LEAD_X, Lead, Scene, body_rect, lead_quad, pocket_box, pose_matrix
 
 DEFECT_KINDS = (
     "chipping", "device_flip", "empty_pocket", "foreign_material", "lead_defect", "lead_glue",
@@ -180,7 +180,11 @@ def modify(sc: Scene, d: Defect) -> Scene:
         elif p["mode"] == "short":
             ld.length *= 1.0 - (0.18 + 0.65 * sv)
         else:
-            ld.x += p["sign"] * (3.0 + 14.0 * sv)
+            shift = p["sign"] * (3.0 + 14.0 * sv)
+            if ld.side == "bottom":  # its good position varies by 7 px: shift from the edge of that range
+                ld.x = BOTTOM_LEAD_X[1 if shift > 0 else 0] + shift
+            else:  # one of a symmetric pair: any shift breaks the symmetry
+                ld.x += shift
     elif d.kind == "marking_defect":
         if p["mode"] == "missing":
             sc.marking_erase = [p["rect"]]

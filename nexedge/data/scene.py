@@ -99,6 +99,11 @@ class Scene:
         return copy.deepcopy(self)
 
 
+# Where the lone bottom lead sits on a good device (native px from the body centre): a
+# "shifted" bottom lead must land outside this range, or nothing tells it from a good one.
+BOTTOM_LEAD_X = (-3.0, 4.0)
+
+
 def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchStyle, look: str = "legacy") -> Scene:
     """Draw a random good-device scene (pose jitter, marking, lead brightness, pocket offset)."""
     u = rng.uniform
@@ -118,7 +123,7 @@ def sample_scene(rng: np.random.Generator, size: Tuple[int, int], style: BatchSt
     leads = [
         Lead("top", -pitch, lw, llen, 0.0, levels(), streaks=streaks()),
         Lead("top", pitch, lw, llen, 0.0, levels(), streaks=streaks()),
-        Lead("bottom", u(-3.0, 4.0), lw, llen, 0.0, levels(), streaks=streaks()),
+        Lead("bottom", u(*BOTTOM_LEAD_X), lw, llen, 0.0, levels(), streaks=streaks()),
     ]
     n_code = int(rng.integers(2, 4))
     code = "".join(_CODE_CHARS[int(i)] for i in rng.integers(0, len(_CODE_CHARS), n_code))

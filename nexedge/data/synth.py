@@ -28,6 +28,12 @@ from nexedge.data.spec import (
 SeedLike = Union[int, Sequence[int], np.random.Generator, np.random.SeedSequence]
 NATIVE_WH: Tuple[int, int] = (NATIVE_SIZE[1], NATIVE_SIZE[0])  # (275, 267)
 BBOX_THRESHOLD = 4.0  # gray levels (before camera gain) that count as "changed by the defect"
+# A labelled defect must be visible: after the optics blur it changes at least a 4 x 4 native-px
+# patch by 16 gray levels (about 8x the sensor noise). Fainter draws (a particle on a marking
+# stroke of its own gray, a hairline scratch, a chip whose fragment matches the floor) labelled
+# the image defective with nothing to see, and set the line's threshold.
+VISIBLE_LEVEL = 16.0
+VISIBLE_AREA = 16.0
 
 
 def _streams(seed: SeedLike) -> Tuple[np.random.Generator, np.random.Generator, np.random.SeedSequence]:
@@ -156,6 +162,13 @@ def _bbox(a: np.ndarray, b: np.ndarray, sc: Scene, out_wh: Tuple[int, int]) -> O
     return [int(np.floor(x0 * kx)), int(np.floor(y0 * ky)), int(np.ceil(x1 * kx)), int(np.ceil(y1 * ky))]
 
 
+def visible(bad: np.ndarray, clean: np.ndarray, sc: Scene) -> bool:
+    """Whether a defect canvas differs from its clean twin by :data:`VISIBLE_LEVEL` over at least
+    :data:`VISIBLE_AREA` native pixels once the camera's optics blur is applied."""
+    d = cv2.GaussianBlur(bad - clean, (0, 0), sc.blur * sc.s)
+    return int(np.count_nonzero(np.abs(d) >= VISIBLE_LEVEL)) >= VISIBLE_AREA * sc.s * sc.s
+
+
 def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity: Optional[float],
             twin: bool, style: Optional[BatchStyle],
             look: str) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
@@ -179,12 +192,14 @@ def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity:
     sev = sample_severity(defect_rng) if severity is None else float(severity)
     if cls in FIXED_SEVERITY:
         sev = 1.0
-    for _ in range(8):  # a defect drawn where it cannot show (e.g. clipped away) is drawn again
+    for k in range(16):  # a defect drawn where it cannot show (e.g. clipped away) is drawn again
         d = D.sample_defect(cls, sc, defect_rng, sev)
         bad = _canvas(sc, d)
         bbox = _bbox(bad, clean, sc, out_wh)
-        if bbox is not None:
+        if bbox is not None and visible(bad, clean, sc):
             break
+        if k % 4 == 3:  # too faint wherever it lands at this severity: draw it bolder
+            sev = min(1.0, sev + 0.1)
     else:
         raise RuntimeError(f"could not place a visible {cls} defect (severity {sev}) in image {seed!r}")
     meta["severity"] = round(sev, 4)
