@@ -44,6 +44,19 @@ def test_real_look_has_the_measured_contrasts():
     assert sat_real > 0.005  # the old real look: 0.3 %, its leads' glare rarely reached 255
 
 
+def test_real_look_shades_the_tape_above_the_pocket():
+    # Most references hold their darkest pixels in the shaded tape strip above the pocket's top
+    # edge; without it the min-max stretched floor and body came out 5-9 gray levels too dark.
+    def top_over_floor(look):
+        r = []
+        for i in range(8):
+            img, _ = render_image("good", (14, i), look=look)
+            r.append(np.median(img[0, 40:235]) / max(float(np.median(img[15:40, 95:180])), 1.0))
+        return float(np.median(r))
+
+    assert top_over_floor("real") < 0.6 < top_over_floor("legacy")
+
+
 def test_real_look_noise_is_grainy_not_banded():
     spec = {lk: [noise_spectrum(render_image("good", (9, i), look=lk)[0]) for i in range(4)] for lk in ("real", "legacy")}
     aniso = {lk: np.median([a for _, a in v]) for lk, v in spec.items()}

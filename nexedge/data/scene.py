@@ -30,7 +30,6 @@ class Lead:
     levels: Tuple[float, float, float, float] = (245.0, 95.0, 190.0, 130.0)
     flat: bool = False  # bottom side of a flipped device: plain pads, no bands
     streaks: Tuple[float, ...] = (1.0,) * 16  # brightness of strips along the lead (rolled metal)
-    shade: float = 0.0  # real look: brightness slope across the lead's width (curved, tilted metal)
 
 
 @dataclass
@@ -77,6 +76,8 @@ class Scene:
     tape: float = 1.0  # contrast of the carrier tape's embossed texture
     walls: Tuple[float, float] = (0.0, 0.0)  # glint level of the left and right pocket walls (x rim_gray)
     wall_var: Tuple[float, ...] = (1.0,) * 12  # along each wall, 6 pieces per side
+    shadow: float = 0.45  # depth of the device's soft contact shadow on the pocket floor
+    shade: float = 1.0  # real look: level (x floor) of the shaded tape above the pocket's top edge
 
     @property
     def real(self) -> bool:
@@ -164,33 +165,41 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     sc.wall_gray = u(20.0, 30.0)
     sc.rim_gray = u(35.0, 70.0)
     sc.body_gray = u(25.0, 35.0)
-    sc.mark_gray = sc.body_gray + sc.style.mark_gray * u(0.7, 1.1)
+    # the marking's p95 in the body band is 76 on the references (body ~40): a dim laser mark
+    sc.mark_gray = sc.body_gray + sc.style.mark_gray * u(0.5, 0.77)
     sc.mark_width = u(0.8, 1.2)  # single laser strokes: 1-2 px, 2-3 px after the optics
     sc.body_w *= u(1.02, 1.06)
     sc.body_h *= u(0.98, 1.04)
     sc.cy += u(5.0, 9.0)  # the device sits lower in the pocket than the legacy layout put it
     for ld in sc.leads:
-        # from the body out (profiles along the references' leads): a bend over about a third of
-        # the lead whose glare saturates (1.2 % of the references' pixels are >= 250), a dark
-        # band, a gray flat foot, a brighter cut edge at the tip
-        ld.levels = (u(255.0, 340.0), u(45.0, 75.0), u(95.0, 200.0), u(140.0, 220.0))
-        # a few broad bands of uneven glare, not many thin stripes (within-lead row std 12-25)
-        ld.streaks = tuple(float(v) for v in np.clip(rng.normal(1.0, 0.08, 8), 0.8, 1.2))
-        ld.shade = u(-0.25, 0.25)
+        # from the body out: a bright bend, a dark band, a bright flat foot, a duller cut tip; the
+        # whole lead dimmer or brighter with its tilt to the light. About 1 % of the references'
+        # pixels saturate, in glare spots (below), while the lead bands' p95 is 168 (upper) and 146
+        # (lower): bends at 255-340 overshot that by 15-17 gray levels
+        k = u(0.825, 1.1)
+        ld.levels = (235.0 * k, u(45.0, 85.0) * k, u(210.0, 250.0) * k, u(110.0, 150.0) * k)
+        # rolled, plated metal: many uneven strips of glare along the lead (broad, calm bands made
+        # the fine residual's spectrum and the Lite0 features less like the references')
+        ld.streaks = tuple(float(v) for v in np.clip(rng.normal(1.0, 0.16, 24), 0.55, 1.3))
         ld.width *= u(1.08, 1.18)
     sc.grain_x, sc.grain_y = int(rng.integers(0, 48)), int(rng.integers(0, 48))
     n_arcs = int(rng.integers(2, 5))
     sc.arcs = [(float(rng.integers(0, 2)), u(0.25, 0.8), u(25.0, 60.0), u(0.5, 1.2)) for _ in range(n_arcs)]
     sc.top_edge = u(0.2, 0.9)
-    sc.glare = u(0.06, 0.15)
+    sc.glare = u(0.35, 0.55)  # deep glare streaks: saturated spots (0.6 % of a good frame) and dull ones
     # softer optics, added in quadrature so an already blurry batch (3) is not blurred
     # past its small defects: batch 2 0.7 -> 0.86-1.06 px, batch 3 1.3 -> 1.39-1.53 px
     sc.blur = float(np.hypot(sc.style.blur, u(0.5, 0.8)))
     sc.outline = u(0.2, 0.4)  # real pockets show broken glints (above), not a full bright outline
     sc.tape = u(0.2, 0.5)
-    lit, dim = u(1.2, 3.0), u(0.2, 1.0)
+    # a broad glint over the lit wall's face (the ring's p95 is 63 on the references); a 3 px line
+    # at 1.2-3x the rim level made the ring too bright and the frames easier to tell from real ones
+    lit, dim = u(0.44, 1.08), u(0.08, 0.36)
     sc.walls = (lit, dim) if rng.random() < 0.6 else (dim, lit)
     sc.wall_var = tuple(float(v) for v in u(0.5, 1.2, 12))
+    # lit from above (coaxial / ring light): only a faint contact shadow around the device
+    sc.shadow = u(0.1, 0.2)
+    sc.shade = u(0.2, 0.4)
 
 
 
@@ -332,19 +341,25 @@ def _real_pocket(img: np.ndarray, sc: Scene) -> None:
             c, a0, a1 = (int(x1 - 7 * s - r), int(cy)), -30, 30
         cv2.ellipse(glints, c, (int(r), int(1.8 * r)), 0, a0, a1, sc.rim_gray * lv, max(1, int(round(1.5 * s))),
                     cv2.LINE_AA)
-    # specular side walls at the frame's edges (on the references the lit wall peaks at 2-3x the
-    # rim level, 3-4 px wide, and curves into the bottom corner); which side is lit varies
+    # specular side walls at the frame's edges: the sloped wall face is lit as a broad band along
+    # the frame's edge that curves into the bottom corner; which side is lit varies
     r = int(round(24 * s))
     for k, (xw, lv) in enumerate(((x0 + 2 * s, sc.walls[0]), (x1 - 2 * s, sc.walls[1]))):
         n = 6
         ys = np.linspace(y0 + 20 * s, y1 - r, n + 1)
         for j in range(n):  # uneven along the wall
             v = sc.rim_gray * lv * sc.wall_var[k * n + j]
-            cv2.line(glints, (int(xw), int(ys[j])), (int(xw), int(ys[j + 1])), v, max(1, int(round(3 * s))))
+            cv2.line(glints, (int(xw), int(ys[j])), (int(xw), int(ys[j + 1])), v, max(1, int(round(14 * s))))
         c = (int(xw + r) if k == 0 else int(xw - r), int(y1 - r))
         cv2.ellipse(glints, c, (r, r), 0, 90 if k == 0 else 0, 180 if k == 0 else 90, sc.rim_gray * lv * 0.7,
                     max(1, int(round(2 * s))))
     img += cv2.GaussianBlur(glints, (0, 0), 0.6 * s)
+    # in shade: the tape beyond the pocket's top edge holds the darkest pixels of most reference
+    # frames; without it the min-max stretch left the floor 5-9 gray levels too dark
+    k = np.float32(sc.shade)
+    yt = int(round(y0 + 1.5 * s))
+    if yt > 0:
+        img[:yt] *= k
 
 
 def body_rect(sc: Scene) -> Tuple[float, float, float, float]:
@@ -399,22 +414,20 @@ REAL_LEAD_BANDS = (0.42, 0.6, 0.93, 1.0)  # ends of bend, dark band, foot, tip e
 
 
 def _real_lead_bands(dev: np.ndarray, q: np.ndarray, ld: Lead) -> None:
-    """Real look lead: the four bands at their measured lengths, broad glare streaks, shaded across."""
+    """Real look lead: the four bands at their measured lengths, strips of uneven glare along it."""
     n0, n1, f1, f0 = q * 16  # near edge n0 -> n1, far edge f0 -> f1 (1/16 px fixed point)
     n = len(ld.streaks)
     cuts = np.array(sorted(set([i / n for i in range(n + 1)] + list(REAL_LEAD_BANDS[:-1]))))
     side_a = n0 + (f0 - n0) * cuts[:, None]  # (k + 1) x 2 points along each side of the lead
     side_b = n1 + (f1 - n1) * cuts[:, None]
-    across = np.array([0.0, 1.0 / 3, 2.0 / 3, 1.0])
-    grid = np.round(side_a[:, None] + (side_b - side_a)[:, None] * across[None, :, None]).astype(np.int32)
+    side_a, side_b = np.round(side_a).astype(np.int32), np.round(side_b).astype(np.int32)
     mids = (cuts[:-1] + cuts[1:]) / 2
     ends = np.array(REAL_LEAD_BANDS)
     level = np.array(ld.levels)[np.minimum(np.searchsorted(ends, mids, side="right"), 3)]
     level = level * np.array(ld.streaks)[np.minimum((mids * n).astype(int), n - 1)]
     for i, v in enumerate(level.tolist()):
-        for j, g in enumerate((-ld.shade, 0.0, ld.shade)):
-            pts = np.stack([grid[i, j], grid[i, j + 1], grid[i + 1, j + 1], grid[i + 1, j]])
-            cv2.fillConvexPoly(dev, pts, v * (1.0 + g), cv2.LINE_AA, 4)
+        pts = np.stack([side_a[i], side_b[i], side_b[i + 1], side_a[i + 1]])
+        cv2.fillConvexPoly(dev, pts, v, cv2.LINE_AA, 4)
 
 
 def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
@@ -422,12 +435,13 @@ def marking_layer(sc: Scene, hb: int, wb: int) -> np.ndarray:
     font = getattr(cv2, sc.style.font)
     th = max(1, int(round((1.1 if sc.real else 1.8) * sc.s * sc.mark_width)))
     (_, ch), _ = cv2.getTextSize("W", font, 1.0, th)
-    scale = 0.58 * hb / ch
+    mh = 0.72 if sc.real else 0.58  # glyph height / body height (real: measured ~1.2x the legacy glyphs)
+    scale = mh * hb / ch
     gap = int(round(0.07 * hb))
     widths = [int(round(0.22 * hb)) if c == " " else cv2.getTextSize(c, font, scale, th)[0][0] for c in sc.text]
     tw = sum(widths) + gap * (len(widths) - 1) + 2 * th + 2
     line = np.zeros((hb, tw), np.uint8)  # OpenCV 5 draws text on 8-bit images only
-    base_y = int(round((hb + 0.58 * hb) / 2))
+    base_y = int(round((hb + mh * hb) / 2))
     x = th + 1
     for c, cw in zip(sc.text, widths):
         if c != " ":
@@ -469,7 +483,8 @@ def draw_device(sc: Scene) -> Tuple[np.ndarray, np.ndarray]:
     x0, y0, x1, y1 = body_rect(sc)
     quad = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
     _fill(alpha, quad, 1.0)
-    _fill(dev, quad, sc.body_gray + (34.0 if sc.real else 24.0))  # lighter moulded edge
+    # lighter moulded edge; faint on the references (a +34 edge line doubled the row/column anisotropy)
+    _fill(dev, quad, sc.body_gray + (15.0 if sc.real else 24.0))
     e = (2.2 if sc.real else 1.6) * sc.s
     _fill(dev, quad + np.array([[e, e], [-e, e], [-e, -e], [e, -e]]), sc.body_gray)
     if sc.bottom_side:
@@ -523,5 +538,5 @@ def composite(bg: np.ndarray, dev: np.ndarray, alpha: np.ndarray, sc: Scene,
     a_w[ry0:ry1, rx0:rx1] = cv2.warpAffine(alpha, m2, roi, flags=cv2.INTER_LINEAR)
     small = cv2.resize(a_w, (w // 4, h // 4), interpolation=cv2.INTER_LINEAR)  # blur at 1/4 size: cheap
     shadow = cv2.resize(cv2.GaussianBlur(small, (0, 0), sc.s), (w, h), interpolation=cv2.INTER_LINEAR)
-    out = bg * (1.0 - 0.45 * shadow)
+    out = bg * (1.0 - sc.shadow * shadow)
     return out + (dev_w - out) * a_w
