@@ -7,7 +7,8 @@ escapes) and ONNX Runtime time of a TenCrop batch, side by side in one run, on t
     python benchmarks/bench_int8_stem.py --run runs/demo-A --run runs/demo-B \\
         --markdown benchmarks/results/int8_stem.md
 
-Each RUN is a `nexedge demo` folder (model/model.ten.onnx with its card, data/).
+Each RUN is a `nexedge demo` folder (model/model.ten.onnx with its card, data/). Without ``--run``
+it first runs `nexedge demo --seed S` for each of ``--seeds`` (default 0,1; about 6 minutes each).
 """
 
 import argparse
@@ -39,7 +40,7 @@ def scores(path: str, data: str, threads: int) -> Dict[str, Tuple[np.ndarray, np
     from nexedge.runtime import open_backend
 
     card = load_card(path)
-    be = open_backend(path, threads=threads)
+    be = open_backend(path, intra_threads=threads)
     g = card.classes.index(card.good_class)
     out = {}
     for split in ("val", "test"):
@@ -53,7 +54,7 @@ def timing(paths: List[str], threads: int, repeats: int) -> List[float]:
     """Median ms of one batch of 4 frames per model, interleaved rounds."""
     from nexedge.runtime import open_backend
 
-    bes = [open_backend(p, threads=threads) for p in paths]
+    bes = [open_backend(p, intra_threads=threads) for p in paths]
     card = load_card(paths[0])
     h, w = card.input["resize"]
     c = 1 if card.input["color"] == "gray" else 3
@@ -105,7 +106,9 @@ def measure(run: str, work: str, images: int, threads: int, repeats: int) -> Lis
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", action="append", required=True, help="a `nexedge demo` run folder (repeatable)")
+    ap.add_argument("--run", action="append", default=[],
+                    help="a `nexedge demo` run folder (repeatable; default: run the demo for each of --seeds)")
+    ap.add_argument("--seeds", default="0,1", help="demo seeds to run when no --run is given (default 0,1)")
     ap.add_argument("--images", type=int, default=64, help="calibration images (default 64, as the demo)")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=8, help="interleaved timing rounds (default 8)")
@@ -115,9 +118,18 @@ def main() -> int:
     command = "python benchmarks/bench_int8_stem.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     rows: List[List[Any]] = []
-    for run in args.run:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += measure(run, tmp, args.images, threads, args.repeats)
+    with tempfile.TemporaryDirectory() as demos:
+        runs = list(args.run)
+        if not runs:
+            from nexedge.cli import main as nexedge
+
+            for seed in [int(x) for x in args.seeds.split(",") if x.strip()]:
+                runs.append(os.path.join(demos, f"demo-seed{seed}"))
+                if nexedge(["demo", "--seed", str(seed), "--out", runs[-1], "--threads", str(threads)]) != 0:
+                    raise SystemExit(f"nexedge demo --seed {seed} failed")
+        for run in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows += measure(run, tmp, args.images, threads, args.repeats)
     e = benv.capture(threads)
     headers = ["run", "model", "test AUC %", "test FPR at TPR 100 % (%)", "good PASSed at own val threshold",
                "escapes", "ms / 4 frames TenCrop", "speed-up vs fp32"]

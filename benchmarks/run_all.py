@@ -42,6 +42,8 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "per arch and flavour; profile of the quantized graph vs the INT8 GEMM peak; AUC and escapes"),
     ("fold", "bench_fold.py", "EfficientNet-Lite0 with its TF \"same\" Pads folded into the Conv pads vs kept: "
      "ORT fp32 and INT8 TenCrop time side by side, op counts, score difference"),
+    ("int8_stem", "bench_int8_stem.py", "INT8 with the stem convolutions float vs quantized, on trained demo models: "
+     "test AUC, FPR at TPR 100 %, good PASSed and escapes at the own validation threshold, TenCrop time"),
     ("cascade", "bench_cascade.py", "cascade TenCrop vs full TenCrop: decisions, escapes, stage-2 share; daemon "
      "throughput and p99 latency (ORT INT8)"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
