@@ -151,7 +151,7 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="7-bit weights: ORT's remedy for vpmaddubsw saturation on x86 without VNNI")
     p.add_argument("--quantize-stem", action="store_true",
                    help="quantize the stem convolutions too (default: they stay float; quantizing them cost "
-                        "EfficientNet-Lite0 most of its INT8 ranking for about 10 %% of the speed-up, "
+                        "EfficientNet-Lite0 most of its INT8 ranking; float costs 15-22 %% of the INT8 speed on x86, "
                         "benchmarks/results/int8_stem.md)")
     p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
     p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")

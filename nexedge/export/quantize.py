@@ -103,9 +103,10 @@ def float_nodes(graph: Any, crops: str) -> List[str]:
 def stem_nodes(graph: Any, exclude: Sequence[str] = ()) -> List[str]:
     """The backbone's stem: Conv nodes whose input is at least half the resolution of the first
     conv's input (EfficientNet-Lite: the stem and the stride-2 block's convs at full and half
-    resolution, 5 of 49; ResNet: conv1). Quantizing them cost most of INT8's ranking
-    (benchmarks/results/int8_stem.md); they are a small share of the FLOPs. Without inferred
-    shapes, or when that would be more than a quarter of the convs, the first conv alone."""
+    resolution, 5 of 49; ResNet: conv1). Quantizing them cost most of INT8's ranking; keeping
+    them float costs 15-22 % of ONNX Runtime's INT8 TenCrop speed on an AVX2 CPU
+    (benchmarks/results/int8_stem.md). Without inferred shapes, or when that would be more
+    than a quarter of the convs, the first conv alone."""
     shapes = {v.name: v.type.tensor_type.shape for v in list(graph.value_info) + list(graph.input)}
 
     def height(name: str) -> Optional[int]:
