@@ -29,9 +29,9 @@ SeedLike = Union[int, Sequence[int], np.random.Generator, np.random.SeedSequence
 NATIVE_WH: Tuple[int, int] = (NATIVE_SIZE[1], NATIVE_SIZE[0])  # (275, 267)
 BBOX_THRESHOLD = 4.0  # gray levels (before camera gain) that count as "changed by the defect"
 # A labelled defect must be visible: after the optics blur it changes at least a 4 x 4 native-px
-# patch by 16 gray levels (about 8x the sensor noise). Fainter draws (a particle on a marking
-# stroke of its own gray, a hairline scratch, a chip whose fragment matches the floor) labelled
-# the image defective with nothing to see, and set the line's threshold.
+# patch by 16 gray levels (about 8x the legacy sensor noise on the dark body). Fainter draws (a
+# particle on a marking stroke of its own gray, a hairline scratch, a chip whose fragment matches
+# the floor) labelled the image defective with nothing to see, and set the line's threshold.
 VISIBLE_LEVEL = 16.0
 VISIBLE_AREA = 16.0
 
