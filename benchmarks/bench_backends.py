@@ -273,10 +273,7 @@ def main() -> int:
     e = benv.capture(threads)
     print(render(sp, acc, e, args.size, threads, args.repeats, command, markdown=False))
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(render(sp, acc, e, args.size, threads, args.repeats, command, markdown=True))
-        print(f"wrote {args.markdown}")
+        report.write_markdown(args.markdown, render(sp, acc, e, args.size, threads, args.repeats, command, markdown=True))
     return 0
 
 

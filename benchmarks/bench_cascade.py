@@ -278,10 +278,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(cases, f, indent=2, default=str)
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(render(cases, args, e, command, load0, markdown=True))
-        print(f"wrote {args.markdown}")
+        report.write_markdown(args.markdown, render(cases, args, e, command, load0, markdown=True))
     return 0
 
 

@@ -158,10 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(render(res, e, command, markdown=False))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(render(res, e, command, markdown=True))
-        print(f"wrote {args.markdown}")
+        report.write_markdown(args.markdown, render(res, e, command, markdown=True))
     return 0
 
 

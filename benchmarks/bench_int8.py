@@ -401,10 +401,7 @@ def main() -> int:
     e = benv.capture(threads)
     print(render(sp, lim, acc, e, args, command, markdown=False, load_start=load_start))
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(render(sp, lim, acc, e, args, command, markdown=True, load_start=load_start))
-        print(f"wrote {args.markdown}")
+        report.write_markdown(args.markdown, render(sp, lim, acc, e, args, command, markdown=True, load_start=load_start))
     return 0
 
 

@@ -149,10 +149,7 @@ def main() -> int:
 
     print(render(False))
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(render(True))
-        print(f"wrote {args.markdown}")
+        report.write_markdown(args.markdown, render(True))
     return 0
 
 

@@ -8,6 +8,7 @@ writes: ``env`` (see nexedge.bench.env), ``command``, ``date``, ``model``, ``res
 
 import json
 import math
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from nexedge.bench import stats
@@ -139,6 +140,14 @@ def render(doc: Dict[str, Any], markdown: bool = False) -> str:
         parts += [""] + ["{} batch {}: stage-2 share {:.1%} at threshold {:.6g} ({} input)".format(
             r["plan"], r["batch"], r["stage2_fraction"], r["threshold"], r.get("input")) for r in plans]
     return "\n".join(parts)
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Write a benchmark's Markdown section to ``path`` (folders made as needed) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {path}")
 
 
 def save_json(doc: Dict[str, Any], path: str) -> None:

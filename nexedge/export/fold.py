@@ -23,9 +23,10 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
     return default
 
 
-def constant_value(graph: Any, name: str) -> Optional[np.ndarray]:
+def constant_value(graph: Any, name: str, opset: int) -> Optional[np.ndarray]:
     """The value of tensor ``name`` when it depends on constants only (initializers, Constant
-    nodes and ops over them), else None."""
+    nodes and ops over them), else None; ``opset``: the graph's default-domain opset, with which
+    those ops are evaluated."""
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
@@ -51,7 +52,7 @@ def constant_value(graph: Any, name: str) -> Optional[np.ndarray]:
     used = {i for n in order for i in n.input}
     sub = helper.make_graph(order, "const", [], [helper.make_tensor_value_info(name, 0, None)],
                             [inits[i] for i in sorted(used & set(inits))])
-    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", opset)])
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 
@@ -62,9 +63,11 @@ def fold_pads_into_conv(model: Any) -> int:
     depend on the input, a Pad read by two nodes) is left as it is."""
     from onnx import helper
 
+    from nexedge.export.onnx_export import OPSET
     from nexedge.export.quantize import prune_dead_nodes
 
     g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     consumers: Dict[str, List[Any]] = {}
     for n in g.node:
         for i in n.input:
@@ -83,10 +86,10 @@ def fold_pads_into_conv(model: Any) -> int:
         if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
         if len(pad.input) > 2 and pad.input[2]:
-            fill = constant_value(g, pad.input[2])
+            fill = constant_value(g, pad.input[2], opset)
             if fill is None or np.any(fill != 0):
                 continue
-        amounts = constant_value(g, pad.input[1]) if len(pad.input) > 1 else None
+        amounts = constant_value(g, pad.input[1], opset) if len(pad.input) > 1 else None
         if amounts is None:
             continue
         amounts = amounts.astype(np.int64).ravel()
