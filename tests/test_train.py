@@ -66,6 +66,25 @@ def test_train_transform_without_jitter_equals_eval_preprocessing():
     assert not np.allclose(moved.numpy(), EvalTransform(INP, "center")(img).numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("flip,axes", [("h", {"h"}), ("v", {"v"}), ("hv", {"h", "v", "hv"})])
+def test_train_transform_flips_only_the_asked_axes(flip, axes):
+    img = np.random.default_rng(2).integers(0, 255, (40, 40, 1), dtype=np.uint8)
+    still = dict(crop="center", rotation=0, translate=0, scale=0, jitter=0)
+    views = {"none": img, "h": img[:, ::-1], "v": img[::-1], "hv": img[::-1, ::-1]}
+    ref = {k: EvalTransform(INP, "center")(np.ascontiguousarray(v)).numpy() for k, v in views.items()}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        x = TrainTransform(INP, flip=flip, **still)(img).numpy()
+        seen |= {k for k, r in ref.items() if np.allclose(x, r, atol=1e-5)}
+    assert seen == axes | {"none"}
+
+
+def test_train_transform_rejects_an_unknown_flip():
+    with pytest.raises(ValueError, match="'x'.*expected one of"):
+        TrainTransform(INP, flip="x")
+
+
 def test_forward_crops_averages_logits_before_softmax():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))

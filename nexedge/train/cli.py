@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
 CROPS = ("center", "five", "ten")
+FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -72,6 +73,9 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-crop", choices=("random",) + CROPS, default="random",
                    help="train crop: random (default) or a crop style with logits averaged over crops")
     d.add_argument("--no-augment", action="store_true", help="no rotation/affine/colour jitter")
+    d.add_argument("--flip", choices=FLIPS, default="none",
+                   help="random mirrors at train time: h (left-right, the mirror TenCrop also scores), v "
+                        "(top-bottom) or hv; only where a mirrored image keeps its label (default none)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=30, help="training epochs")
     o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
@@ -133,6 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, freeze=args.freeze, channels_last=args.channels_last,
         good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, resize_mode=args.resize_mode, tpr_floor=args.tpr_floor, train_crop=args.train_crop, augment=not args.no_augment,
+        flip=args.flip,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,

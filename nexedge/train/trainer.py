@@ -51,6 +51,7 @@ class TrainConfig:
     tpr_floor: float = 0.95
     train_crop: str = "random"
     augment: bool = True
+    flip: str = "none"
     epochs: int = 30
     batch_size: int = 32
     lr: float = 0.01
@@ -201,7 +202,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "resize_mode": cfg.resize_mode, "mean": list(mean), "std": list(std),
         }
         if cfg.augment:
-            ttf = TrainTransform(inp, crop=cfg.train_crop)
+            ttf = TrainTransform(inp, crop=cfg.train_crop, flip=cfg.flip)
         else:
             ttf = EvalTransform(inp, cfg.crop_mode if cfg.train_crop == "random" else cfg.train_crop)
         train_ds = ImageFolderSet(cfg.data, "train", classes, inp, ttf, cfg.cache)

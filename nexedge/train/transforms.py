@@ -14,6 +14,8 @@ import torch
 from nexedge import preprocess
 
 TRAIN_CROPS = ("random", "center", "five", "ten")
+#: Random mirror augmentations: none, horizontal (the mirror TenCrop scores at test time), vertical, or both.
+FLIPS = ("none", "h", "v", "hv")
 
 
 class EvalTransform:
@@ -31,7 +33,8 @@ class EvalTransform:
 class TrainTransform:
     """Prepared image -> K x 3 x h x w augmented tensor (K = 1 for ``random``/``center``).
 
-    One OpenCV warp does rotation (within ``rotation`` degrees), scale and
+    A random mirror (``flip``: h, v or hv, each axis with probability 1/2), then one OpenCV
+    warp does rotation (within ``rotation`` degrees), scale and
     translation; then brightness, contrast and (colour images) saturation jitter;
     then a random crop or the eval crop style; then normalisation. Random numbers
     come from torch, which DataLoader seeds per worker.
@@ -45,18 +48,27 @@ class TrainTransform:
         translate: float = 0.05,
         scale: float = 0.05,
         jitter: float = 0.2,
+        flip: str = "none",
     ) -> None:
         if crop not in TRAIN_CROPS:
             raise ValueError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
+        if flip not in FLIPS:
+            raise ValueError(f"unknown flip {flip!r}; expected one of {FLIPS}")
         self.input_cfg = dict(input_cfg)
         self.crop = crop
+        self.flip = flip
         self.rotation, self.translate, self.scale, self.jitter = rotation, translate, scale, jitter
 
     def augment(self, img: np.ndarray) -> np.ndarray:
         """uint8 H x W x C -> float32 H x W x C in [0, 255], geometrically and photometrically jittered."""
         import cv2
 
-        r = (torch.rand(7) * 2 - 1).tolist()
+        r = (torch.rand(9) * 2 - 1).tolist()
+        if "h" in self.flip and r[7] < 0:
+            img = img[:, ::-1]
+        if "v" in self.flip and r[8] < 0:
+            img = img[::-1]
+        img = np.ascontiguousarray(img)
         h, w = img.shape[:2]
         m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), r[0] * self.rotation, 1.0 + r[1] * self.scale)
         m[:, 2] += (r[2] * self.translate * w, r[3] * self.translate * h)
