@@ -293,3 +293,31 @@ def test_engine_path_shares_reporting_with_fake_tensorrt_backend(models, capsys,
     assert "does not apply to a TensorRT engine" in capsys.readouterr().err
     assert main(["bench", engine, "--batch", "8", "--iterations", "1"]) == 1
     assert "maximum batch 4" in capsys.readouterr().err
+
+
+def _bench_module(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_line_tail_pass_share_at_tpr_and_lowest_defects():
+    tail = _bench_module("bench_line_tail")
+    # 10 good scored 0.0..0.9, 200 defects: one hides at 0.45, the rest score 0.95
+    rows = [{"true_label": "good", "path": f"g{i}.png"} for i in range(10)]
+    rows += [{"true_label": "scratch", "path": "weak.png", "defect_mode": None, "severity": 0.1}]
+    rows += [{"true_label": "chipping", "path": f"c{i}.png", "severity": 0.9} for i in range(199)]
+    s = np.r_[np.arange(10) / 10.0, 0.45, np.full(199, 0.95)]
+    res = tail.summarize(rows, s, lowest=2)
+    assert res["n_good"] == 10 and res["n_defect"] == 200
+    # TPR 99.1 % tolerates the one weak defect (1/200 = 0.5 %): the threshold rises to 0.95, all good PASS
+    assert res["pass_at_tpr"]["99.1"] == pytest.approx(1.0)
+    # TPR 100 % must catch it: only the goods below 0.45 PASS
+    assert res["pass_at_tpr"]["100"] == pytest.approx(0.5)
+    assert res["per_class"]["chipping"]["auc"] == pytest.approx(1.0)
+    assert res["per_class"]["scratch"]["auc"] == pytest.approx(0.5)
+    assert [d["path"] for d in res["lowest"]] == ["weak.png", "c0.png"]
