@@ -85,6 +85,20 @@ def test_train_transform_rejects_an_unknown_flip():
         TrainTransform(INP, flip="x")
 
 
+def test_shift_photometric_changes_gamma_blur_and_noise_only_when_asked():
+    img = np.random.default_rng(3).integers(0, 255, (40, 40, 1), dtype=np.uint8)
+    still = dict(crop="center", rotation=0, translate=0, scale=0, jitter=0)
+    ref = EvalTransform(INP, "center")(img).numpy()
+    torch.manual_seed(0)
+    np.testing.assert_allclose(TrainTransform(INP, photometric="report", **still)(img).numpy(), ref, atol=1e-5)
+    t = TrainTransform(INP, photometric="shift", **still)
+    outs = [t(img).numpy() for _ in range(8)]
+    assert all(not np.allclose(o, ref, atol=1e-3) for o in outs)
+    assert all(np.isfinite(o).all() and o.shape == ref.shape for o in outs)
+    with pytest.raises(ValueError, match="'strong'.*expected one of"):
+        TrainTransform(INP, photometric="strong")
+
+
 def test_forward_crops_averages_logits_before_softmax():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))

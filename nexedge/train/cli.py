@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Tuple
 LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
 CROPS = ("center", "five", "ten")
 FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
+PHOTOMETRIC = ("report", "shift")  # transforms.PHOTOMETRIC's keys
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -76,6 +77,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--flip", choices=FLIPS, default="none",
                    help="random mirrors at train time: h (left-right, the mirror TenCrop also scores), v "
                         "(top-bottom) or hv; only where a mirrored image keeps its label (default none)")
+    d.add_argument("--photometric", choices=PHOTOMETRIC, default="report",
+                   help="report: brightness/contrast jitter (default); shift: also random gamma, blur and "
+                        "sensor noise, for production batches that differ from the training set in optics, "
+                        "exposure and noise")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=30, help="training epochs")
     o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
@@ -137,7 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, freeze=args.freeze, channels_last=args.channels_last,
         good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, resize_mode=args.resize_mode, tpr_floor=args.tpr_floor, train_crop=args.train_crop, augment=not args.no_augment,
-        flip=args.flip,
+        flip=args.flip, photometric=args.photometric,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,

@@ -52,6 +52,7 @@ class TrainConfig:
     train_crop: str = "random"
     augment: bool = True
     flip: str = "none"
+    photometric: str = "report"
     epochs: int = 30
     batch_size: int = 32
     lr: float = 0.01
@@ -202,7 +203,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "resize_mode": cfg.resize_mode, "mean": list(mean), "std": list(std),
         }
         if cfg.augment:
-            ttf = TrainTransform(inp, crop=cfg.train_crop, flip=cfg.flip)
+            ttf = TrainTransform(inp, crop=cfg.train_crop, flip=cfg.flip, photometric=cfg.photometric)
         else:
             ttf = EvalTransform(inp, cfg.crop_mode if cfg.train_crop == "random" else cfg.train_crop)
         train_ds = ImageFolderSet(cfg.data, "train", classes, inp, ttf, cfg.cache)

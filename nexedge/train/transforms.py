@@ -16,6 +16,12 @@ from nexedge import preprocess
 TRAIN_CROPS = ("random", "center", "five", "ten")
 #: Random mirror augmentations: none, horizontal (the mirror TenCrop scores at test time), vertical, or both.
 FLIPS = ("none", "h", "v", "hv")
+#: Photometric recipes: the report's (brightness/contrast jitter), or ``shift``: also a random gamma
+#: (log-uniform within +-gamma), a Gaussian blur (sigma up to ``blur`` px, half the images) and
+#: sensor noise (std up to ``noise`` gray levels), for production batches whose optics, exposure
+#: and noise differ from the training set's.
+PHOTOMETRIC = {"report": {"gamma": 0.0, "blur": 0.0, "noise": 0.0},
+               "shift": {"gamma": 0.35, "blur": 1.0, "noise": 6.0}}
 
 
 class EvalTransform:
@@ -49,6 +55,7 @@ class TrainTransform:
         scale: float = 0.05,
         jitter: float = 0.2,
         flip: str = "none",
+        photometric: str = "report",
     ) -> None:
         if crop not in TRAIN_CROPS:
             raise ValueError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
@@ -57,6 +64,10 @@ class TrainTransform:
         self.input_cfg = dict(input_cfg)
         self.crop = crop
         self.flip = flip
+        if photometric not in PHOTOMETRIC:
+            raise ValueError(f"unknown photometric recipe {photometric!r}; expected one of {sorted(PHOTOMETRIC)}")
+        self.photometric = photometric
+        self.gamma, self.blur, self.noise = (PHOTOMETRIC[photometric][k] for k in ("gamma", "blur", "noise"))
         self.rotation, self.translate, self.scale, self.jitter = rotation, translate, scale, jitter
 
     def augment(self, img: np.ndarray) -> np.ndarray:
@@ -80,7 +91,21 @@ class TrainTransform:
         if x.shape[2] == 3:
             gray = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
             x = (x - gray[:, :, None]) * (1.0 + r[6] * self.jitter) + gray[:, :, None]
+        if self.photometric != "report":
+            x = self._shift(np.clip(x, 0.0, 255.0))
         return np.clip(x, 0.0, 255.0)
+
+    def _shift(self, x: np.ndarray) -> np.ndarray:
+        import cv2
+
+        g, b, n, on = torch.rand(4).tolist()
+        x = 255.0 * (x / 255.0) ** np.float32(np.exp((2 * g - 1) * self.gamma))
+        if on < 0.5 and self.blur > 0:
+            sigma = max(0.3, b * self.blur)
+            x = cv2.GaussianBlur(x, (0, 0), sigma).reshape(x.shape)
+        if self.noise > 0:
+            x = x + torch.randn(x.shape).numpy() * np.float32(n * self.noise)
+        return x.astype(np.float32)
 
     def __call__(self, img: np.ndarray) -> torch.Tensor:
         x = self.augment(img)
