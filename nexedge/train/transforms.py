@@ -74,12 +74,14 @@ class TrainTransform:
         """uint8 H x W x C -> float32 H x W x C in [0, 255], geometrically and photometrically jittered."""
         import cv2
 
-        r = (torch.rand(9) * 2 - 1).tolist()
-        if "h" in self.flip and r[7] < 0:
-            img = img[:, ::-1]
-        if "v" in self.flip and r[8] < 0:
-            img = img[::-1]
-        img = np.ascontiguousarray(img)
+        r = (torch.rand(7) * 2 - 1).tolist()
+        if self.flip != "none":  # extra draws only here, so a seed's default training stays as it was
+            fh, fv = torch.rand(2).tolist()
+            if "h" in self.flip and fh < 0.5:
+                img = img[:, ::-1]
+            if "v" in self.flip and fv < 0.5:
+                img = img[::-1]
+            img = np.ascontiguousarray(img)
         h, w = img.shape[:2]
         m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), r[0] * self.rotation, 1.0 + r[1] * self.scale)
         m[:, 2] += (r[2] * self.translate * w, r[3] * self.translate * h)
