@@ -147,9 +147,7 @@ def main() -> int:
         lines.append(report.table(headers, rows, markdown=md))
         return "\n".join(lines) + "\n"
 
-    print(render(False))
-    if args.markdown:
-        report.write_markdown(args.markdown, render(True))
+    report.emit(render, args.markdown)
     return 0
 
 

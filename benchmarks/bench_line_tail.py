@@ -96,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for art in args.artifacts:
         t0 = time.perf_counter()
         res = summarize(rows, score_all(art, args.data, rows))
-        res.update(artifact=art, seconds=round(time.perf_counter() - t0, 1))
+        res.update(artifact=os.path.relpath(art), seconds=round(time.perf_counter() - t0, 1))
         results.append(res)
     tprs = list(results[0]["pass_at_tpr"])
     classes = sorted({c for r in results for c in r["per_class"]})
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
                  f"- machine: {benv.one_line(e)}; load average at start {load_start}, at end {benv.load_average()}",
                  f"- command: `{command}`",
-                 f"- data: `{args.data}` (true labels from its manifest)", ""]
+                 f"- data: `{os.path.relpath(args.data)}` (true labels from its manifest)", ""]
         head = ["artifact", "AUC"] + [f"PASS at TPR {k}" for k in tprs] + ["good median score"]
         rows_ = [[r["artifact"], f"{100 * r['auc']:.2f}"] + [
             "-" if r["pass_at_tpr"][k] is None else f"{100 * r['pass_at_tpr'][k]:.1f}%" for k in tprs]
@@ -126,9 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append("")
         return "\n".join(lines)
 
-    print(render(False))
-    if args.markdown:
-        report.write_markdown(args.markdown, render(True))
+    report.emit(render, args.markdown)
     return 0
 
 

@@ -9,7 +9,7 @@ writes: ``env`` (see nexedge.bench.env), ``command``, ``date``, ``model``, ``res
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from nexedge.bench import stats
 from nexedge.bench.runner import stage_order
@@ -148,6 +148,13 @@ def write_markdown(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {path}")
+
+
+def emit(render: Callable[[bool], str], markdown_path: Optional[str] = None) -> None:
+    """Print a section as plain text and, given a path, also write it as Markdown there."""
+    print(render(False))
+    if markdown_path:
+        write_markdown(markdown_path, render(True))
 
 
 def save_json(doc: Dict[str, Any], path: str) -> None:
