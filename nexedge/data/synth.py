@@ -106,7 +106,7 @@ def _grid(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
 # The amplitudes are those first fitted on the floor alone (1.5x them came closer on KID and
 # the noise spectrum, but made small defects harder to learn and transfer: docs/data.md).
 REAL_READ = 0.6  # x the batch's read noise sigma
-REAL_SPECKLE = 0.2  # sigma / level = REAL_SPECKLE * sqrt(batch shot factor): 0.18 for batch 2
+REAL_SPECKLE = 0.2  # sigma / level = REAL_SPECKLE * sqrt(batch shot factor): 0.12 for batch 2
 REAL_STREAK = (1.5, 8.0, 1.6)  # std (gray levels), sigma along x, sigma along y (native px)
 REAL_BLOTCH = (1.5, 2.5)  # std, sigma
 
