@@ -75,12 +75,66 @@ def summarize(rows: List[Dict[str, Any]], s: np.ndarray, lowest: int = 10) -> Di
     }
 
 
+def per_mode_auc(rows: List[Dict[str, Any]], s: np.ndarray) -> Dict[str, Dict[str, Any]]:
+    """AUC of good vs each (class, mode) for classes drawn in several modes (lead_defect bent/short/shifted)."""
+    good = np.array([r["true_label"] == "good" for r in rows])
+    keys = sorted({f"{r['true_label']} {r['defect_mode']}" for r in rows if r.get("defect_mode")})
+    out = {}
+    for k in keys:
+        m = np.array([f"{r['true_label']} {r.get('defect_mode')}" == k for r in rows])
+        sel = good | m
+        out[k] = {"n": int(m.sum()), "auc": metrics.roc_auc(m[sel].astype(int), s[sel])}
+    return out
+
+
+def simulate_split(rows: List[Dict[str, Any]], s: np.ndarray, n_val: int, n_test: int, n_good: int,
+                   draws: int = 4000, seed: int = 0) -> Dict[str, Any]:
+    """The demo's line criterion on random splits of this set's scores.
+
+    Each draw takes ``n_val`` defects as the validation split (threshold = their lowest score:
+    the card's operating point for TPR 100 %), then ``n_test`` other defects and ``n_good`` good
+    images as the test split, and counts test escapes (defects below the threshold) and the share
+    of good devices that PASS. Whatever the model, the lowest of the n_val + n_test defects is a
+    validation one with probability n_val / (n_val + n_test) (ties aside): that bounds P(0 escapes).
+    """
+    true = np.array([r["true_label"] for r in rows])
+    d, g = s[true != "good"], s[true == "good"]
+    if len(d) < n_val + n_test or len(g) < n_good:
+        raise ValueError(f"split {n_val},{n_test},{n_good} needs {n_val + n_test} defect and {n_good} good images; "
+                         f"the set has {len(d)} and {len(g)}")
+    rng = np.random.default_rng(seed)
+    zero, share = np.zeros(draws, bool), np.zeros(draws)
+    for k in range(draws):
+        dd = rng.permutation(d)
+        t = dd[:n_val].min()
+        zero[k] = not (dd[n_val:n_val + n_test] < t).any()
+        share[k] = (rng.choice(g, n_good, replace=False) < t).mean()
+    return {"n_val": n_val, "n_test": n_test, "n_good": n_good, "draws": draws,
+            "p_zero_escapes": float(zero.mean()), "bound": n_val / (n_val + n_test),
+            "pass_median": float(np.median(share)), "pass_p25": float(np.percentile(share, 25)),
+            "p_half_pass": float((share >= 0.5).mean()), "p_both": float((zero & (share >= 0.5)).mean())}
+
+
+def parse_split(text: str) -> List[int]:
+    try:
+        v = [int(x) for x in text.split(",")]
+    except ValueError:
+        v = []
+    if len(v) != 3 or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected VAL_DEFECTS,TEST_DEFECTS,TEST_GOOD, "
+                                         "three positive integers such as 53,62,60")
+    return v
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts", nargs="+", help="ONNX models, INT8 models or checkpoints with their cards")
     p.add_argument("--data", required=True, help="held-out `nexedge synth` folder (rendered when missing)")
     p.add_argument("--n", type=int, default=2000, help="images to render when --data is missing (default 2000)")
     p.add_argument("--seed", type=int, default=100, help="seed of that set (default 100; the demo uses 0, 1, ...)")
+    p.add_argument("--split", type=parse_split, default=[53, 62, 60], metavar="VD,TD,TG",
+                   help="split sizes of the demo criterion simulation: validation defects, test defects, test "
+                        "good (default 53,62,60: `nexedge demo --seed 1`'s splits)")
     p.add_argument("--markdown", help="also write the section as Markdown here")
     args = p.parse_args(argv)
     if not os.path.isdir(args.data):
@@ -95,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     for art in args.artifacts:
         t0 = time.perf_counter()
-        res = summarize(rows, score_all(art, args.data, rows))
+        sc = score_all(art, args.data, rows)
+        res = summarize(rows, sc)
+        res.update(modes=per_mode_auc(rows, sc), split=simulate_split(rows, sc, *args.split))
         res.update(artifact=os.path.relpath(art), seconds=round(time.perf_counter() - t0, 1))
         results.append(res)
     tprs = list(results[0]["pass_at_tpr"])
@@ -118,6 +174,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                for c in classes],
                                [[r["artifact"]] + [f"{100 * r['per_class'][c]['auc']:.1f}" if c in r["per_class"]
                                                    else "-" for c in classes] for r in results], markdown=md), ""]
+        modes = sorted({k for r in results for k in r["modes"]})
+        if modes:
+            lines += ["AUC of good vs each defect mode:", ""]
+            lines += [report.table(["artifact"] + [f"{k} (n={results[0]['modes'].get(k, {}).get('n', 0)})"
+                                                   for k in modes],
+                                   [[r["artifact"]] + [f"{100 * r['modes'][k]['auc']:.1f}" if k in r["modes"]
+                                                       else "-" for k in modes] for r in results], markdown=md), ""]
+        sp = results[0]["split"]
+        lines += [f"The demo's line criterion on random splits of these scores ({sp['draws']} draws): threshold = "
+                  f"lowest of {sp['n_val']} validation defects (TPR 100 %), then {sp['n_test']} test defects and "
+                  f"{sp['n_good']} good. P(0 escapes) cannot exceed {sp['n_val']}/({sp['n_val']}+{sp['n_test']}) "
+                  f"= {sp['bound']:.2f} for any model.", ""]
+        lines += [report.table(["artifact", "P(0 escapes)", "good PASSed, median", "p25", "P(half PASS)",
+                                "P(both)"],
+                               [[r["artifact"], f"{r['split']['p_zero_escapes']:.2f}",
+                                 f"{100 * r['split']['pass_median']:.0f}%", f"{100 * r['split']['pass_p25']:.0f}%",
+                                 f"{r['split']['p_half_pass']:.2f}", f"{r['split']['p_both']:.2f}"]
+                                for r in results], markdown=md), ""]
         for r in results:
             lines.append(f"Lowest-scored defects of {r['artifact']} (class, mode, severity, score):")
             lines.append("")

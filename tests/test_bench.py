@@ -321,3 +321,37 @@ def test_line_tail_pass_share_at_tpr_and_lowest_defects():
     assert res["per_class"]["chipping"]["auc"] == pytest.approx(1.0)
     assert res["per_class"]["scratch"]["auc"] == pytest.approx(0.5)
     assert [d["path"] for d in res["lowest"]] == ["weak.png", "c0.png"]
+
+
+def test_line_tail_auc_per_defect_mode():
+    tail = _bench_module("bench_line_tail")
+    rows = [{"true_label": "good", "path": f"g{i}.png"} for i in range(10)]
+    rows += [{"true_label": "lead_defect", "defect_mode": "bent", "path": f"b{i}.png"} for i in range(3)]
+    rows += [{"true_label": "lead_defect", "defect_mode": "shifted", "path": f"s{i}.png"} for i in range(2)]
+    rows += [{"true_label": "chipping", "defect_mode": None, "path": "c.png"}]
+    s = np.r_[np.arange(10) / 10.0, [0.95] * 3, 0.05, 0.55, 0.99]
+    modes = tail.per_mode_auc(rows, s)
+    assert set(modes) == {"lead_defect bent", "lead_defect shifted"}
+    assert modes["lead_defect bent"] == {"n": 3, "auc": pytest.approx(1.0)}
+    assert modes["lead_defect shifted"]["auc"] == pytest.approx((0.1 + 0.6) / 2)
+
+
+def test_line_tail_split_simulation_bounds_zero_escapes_for_any_model():
+    tail = _bench_module("bench_line_tail")
+    # a perfect ranking (every defect above every good): every good PASSes, yet a test defect
+    # escapes whenever the lowest defect lands in the test split, 30 times in 40
+    rows = [{"true_label": "good"}] * 50 + [{"true_label": "scratch"}] * 60
+    s = np.r_[np.linspace(0, 0.4, 50), np.linspace(0.6, 1.0, 60)]
+    sim = tail.simulate_split(rows, s, 10, 30, 20, draws=3000)
+    assert sim["bound"] == pytest.approx(0.25)
+    assert sim["p_zero_escapes"] == pytest.approx(0.25, abs=0.03)
+    assert sim["pass_median"] == 1.0 and sim["p_half_pass"] == 1.0
+    assert sim["p_both"] == pytest.approx(sim["p_zero_escapes"])
+    # defects scored like the goods: the threshold falls among them, about half PASS at best
+    s2 = np.r_[np.linspace(0, 1, 50), np.linspace(0.005, 0.995, 60)]
+    sim2 = tail.simulate_split(rows, s2, 10, 30, 20, draws=500)
+    assert sim2["pass_median"] < 0.2
+    with pytest.raises(ValueError, match="needs 95 defect"):
+        tail.simulate_split(rows, s, 60, 35, 20)
+    with pytest.raises(Exception, match="VAL_DEFECTS,TEST_DEFECTS,TEST_GOOD"):
+        tail.parse_split("53,62")
