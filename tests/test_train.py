@@ -85,6 +85,13 @@ def test_train_transform_rejects_an_unknown_flip():
         TrainTransform(INP, flip="x")
 
 
+@pytest.mark.parametrize("kw", [dict(flip="hv"), dict(photometric="shift")])
+def test_no_augment_refuses_flips_and_photometric_shift_it_would_ignore(kw):
+    with pytest.raises(ValueError, match="--no-augment.*drop --no-augment"):
+        _cfg("data", "out", augment=False, **kw).check()
+    _cfg("data", "out", augment=False).check()
+
+
 def test_shift_photometric_changes_gamma_blur_and_noise_only_when_asked():
     img = np.random.default_rng(3).integers(0, 255, (40, 40, 1), dtype=np.uint8)
     still = dict(crop="center", rotation=0, translate=0, scale=0, jitter=0)

@@ -105,6 +105,10 @@ class TrainConfig:
             raise ValueError(f"--resize-mode {self.resize_mode!r}: expected stretch or short")
         if not 0.0 < self.tpr_floor < 1.0:
             raise ValueError(f"--tpr-floor must be in (0, 1), got {self.tpr_floor}")
+        if not self.augment and (self.flip != "none" or self.photometric != "report"):
+            raise ValueError(f"--no-augment turns training augmentation off, but --flip {self.flip} / --photometric "
+                             f"{self.photometric} ask for some; drop --no-augment or use --flip none "
+                             "--photometric report")
 
 
 def _seed_all(seed: int) -> None:
