@@ -281,7 +281,30 @@ def test_every_labelled_defect_is_visible(look):
     for cls, seed in cases:
         img, clean, meta = render_pair(cls, seed, batch=2, look=look)
         changed = int((np.abs(img.astype(int) - clean.astype(int)) >= 15).sum())
-        assert changed >= 20, (cls, seed, meta["severity"], changed)
+        # the generator's own floor (VISIBLE_AREA px), through the sensor noise; the faintest
+        # draw here, a 0.16 particle, changes 19
+        assert changed >= 16, (cls, seed, meta["severity"], changed)
+
+
+def test_defect_blobs_enclose_their_centre():
+    # angles drawn anywhere on the circle put every vertex in one half about 1 time in 9: the
+    # polygon then missed its centre, and a chip so drawn left the body it was meant to break
+    from nexedge.data.defects import _blob, _poly_mask
+
+    rng = np.random.default_rng(0)
+    for n in (7, 9, 13, 14):
+        for _ in range(200):
+            m = _poly_mask((64, 64), _blob(rng, (32.0, 32.0), 20.0, n))
+            assert m[32, 32] > 0, n
+
+
+def test_a_severe_chip_is_plain_to_see():
+    # severity 0.9 chips that changed 99-121 pixels (median 616) were the lowest-scored defects
+    # of every trained model: severity must buy visible area
+    for i in range(60):
+        img, clean, _ = render_pair("chipping", (7, i), severity=0.9)
+        changed = int((np.abs(img.astype(int) - clean.astype(int)) >= 15).sum())
+        assert changed >= 300, (i, changed)
 
 
 def test_a_shifted_bottom_lead_leaves_the_range_of_good_bottom_leads():
