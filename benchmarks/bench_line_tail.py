@@ -95,7 +95,7 @@ def simulate_split(rows: List[Dict[str, Any]], s: np.ndarray, n_val: int, n_test
     the card's operating point for TPR 100 %), then ``n_test`` other defects and ``n_good`` good
     images as the test split, and counts test escapes (defects below the threshold) and the share
     of good devices that PASS. Whatever the model, the lowest of the n_val + n_test defects is a
-    validation one with probability n_val / (n_val + n_test) (ties aside): that bounds P(0 escapes).
+    validation one with probability n_val / (n_val + n_test) (ties aside), and that is P(0 escapes).
     """
     true = np.array([r["true_label"] for r in rows])
     d, g = s[true != "good"], s[true == "good"]
@@ -184,8 +184,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sp = results[0]["split"]
         lines += [f"The demo's line criterion on random splits of these scores ({sp['draws']} draws): threshold = "
                   f"lowest of {sp['n_val']} validation defects (TPR 100 %), then {sp['n_test']} test defects and "
-                  f"{sp['n_good']} good. P(0 escapes) cannot exceed {sp['n_val']}/({sp['n_val']}+{sp['n_test']}) "
-                  f"= {sp['bound']:.2f} for any model.", ""]
+                  f"{sp['n_good']} good. For any model whose scores do not tie, P(0 escapes) = {sp['n_val']}/"
+                  f"({sp['n_val']}+{sp['n_test']}) = {sp['bound']:.2f}: the lowest of the "
+                  f"{sp['n_val'] + sp['n_test']} defects is a validation one (the draws below estimate it within "
+                  f"about +-{2 * (sp['bound'] * (1 - sp['bound']) / sp['draws']) ** 0.5:.2f}).", ""]
         lines += [report.table(["artifact", "P(0 escapes)", "good PASSed, median", "p25", "P(half PASS)",
                                 "P(both)"],
                                [[r["artifact"], f"{r['split']['p_zero_escapes']:.2f}",
