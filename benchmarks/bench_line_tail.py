@@ -144,6 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "--no-progress"]) != 0:
             raise SystemExit(f"nexedge synth {args.data} failed")
     rows = load_manifest(args.data)
+    n_def = sum(r["true_label"] != "good" for r in rows)
+    n_val, n_test, n_good = args.split
+    if n_def < n_val + n_test or len(rows) - n_def < n_good:
+        p.error(f"--split {n_val},{n_test},{n_good} needs {n_val + n_test} defect and {n_good} good images; "
+                f"{args.data} has {n_def} and {len(rows) - n_def} (render a larger set or give a smaller --split)")
     command = "python benchmarks/bench_line_tail.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     results = []
