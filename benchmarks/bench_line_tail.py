@@ -10,6 +10,9 @@ backend and prints what the line depends on: the share of good devices that PASS
     python benchmarks/bench_line_tail.py runs/demo-A/model/model.ten.onnx runs/demo-B/model/model.ten.onnx \\
         --data runs/tail-set --markdown benchmarks/results/line_tail.md
 
+Without artifacts it trains `nexedge demo --seed S` for each of ``--seeds`` (0,1) into
+``runs/tail-demo-seedS`` (kept, and reused when there) and scores their FP32 and INT8 models.
+
 ``--data`` is a `nexedge synth` folder (its manifest gives true labels, modes and severities);
 when it does not exist it is rendered first (``--n`` images, ``--seed``, half good, batch 2).
 """
@@ -126,10 +129,37 @@ def parse_split(text: str) -> List[int]:
     return v
 
 
+def demo_artifacts(where: str, seeds: str) -> List[str]:
+    """FP32 then INT8 TenCrop models of `nexedge demo --seed S` for each seed (about 6 minutes a run)."""
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        seed_list = []
+    if not seed_list:
+        raise SystemExit(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1")
+    fp32, int8 = [], []
+    for seed in seed_list:
+        run = os.path.join(where, f"tail-demo-seed{seed}")
+        model = os.path.join(run, "model", "model.ten.onnx")
+        if not os.path.exists(model):
+            from nexedge.cli import main as nexedge
+
+            if nexedge(["demo", "--seed", str(seed), "--out", run]) != 0:
+                raise SystemExit(f"nexedge demo --seed {seed} --out {run} failed")
+        fp32.append(model)
+        int8.append(os.path.join(run, "model", "model.ten.int8-ort.onnx"))
+    return fp32 + int8
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("artifacts", nargs="+", help="ONNX models, INT8 models or checkpoints with their cards")
-    p.add_argument("--data", required=True, help="held-out `nexedge synth` folder (rendered when missing)")
+    p.add_argument("artifacts", nargs="*",
+                   help="ONNX models, INT8 models or checkpoints with their cards (default: the demo's FP32 and INT8 "
+                        "TenCrop models for each of --seeds, trained first unless their run folders exist)")
+    p.add_argument("--seeds", default="0,1", help="demo seeds when no artifact is given (default 0,1)")
+    p.add_argument("--demo-dir", default="runs", help="where those demo runs go, as tail-demo-seedS (default runs)")
+    p.add_argument("--data", default=os.path.join("runs", "line-tail-set"),
+                   help="held-out `nexedge synth` folder, rendered when missing (default runs/line-tail-set)")
     p.add_argument("--n", type=int, default=2000, help="images to render when --data is missing (default 2000)")
     p.add_argument("--seed", type=int, default=100, help="seed of that set (default 100; the demo uses 0, 1, ...)")
     p.add_argument("--split", type=parse_split, default=[53, 62, 60], metavar="VD,TD,TG",
@@ -143,6 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cli(["synth", args.data, "--n", str(args.n), "--seed", str(args.seed), "--good-fraction", "0.5",
                 "--no-progress"]) != 0:
             raise SystemExit(f"nexedge synth {args.data} failed")
+    if not args.artifacts:
+        args.artifacts = demo_artifacts(args.demo_dir, args.seeds)
     rows = load_manifest(args.data)
     n_def = sum(r["true_label"] != "good" for r in rows)
     n_val, n_test, n_good = args.split

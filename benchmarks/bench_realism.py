@@ -186,7 +186,7 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {secs / 60:.1f} min",
         f"- machine: {e.get('cpu')}, {e.get('cores_usable')}/{e.get('cores_online')} cores; load average "
         f"{' '.join(f'{v:.2f}' for v in load0)} at the start, {' '.join(f'{v:.2f}' for v in load1)} at the end "
-        "(shared box; run under `nice -n 19`)",
+        f"(shared box; this process at nice {os.nice(0)})",
         f"- command: `{cmd}`",
         f"- references: `{rel}`, {len(res['references'])} images ("
         + ", ".join(f"{lab}" for lab in sorted({r['label'] for r in res['references']})) + "); both sides viewed at "
@@ -242,7 +242,7 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
         if kind != "probe":
             out += ["", "Training: " + "; ".join(
                 f"{lk} {t['train_wall_s'] / 60:.1f} min wall" if t.get("train_wall_s") else f"{lk} ?"
-                for lk, t in res_t.items()) + " (nice 19, shared box)" + (
+                for lk, t in res_t.items()) + " (shared box)" + (
                 "; the runs were trained by this recipe beforehand and passed with `--finetune-run`"
                 if any(t.get("reused") for t in res_t.values()) else "")]
         out += ["", "| reference | label | " + " | ".join(res_t) + " |", "|---|---|" + "---|" * len(res_t)]
