@@ -68,6 +68,22 @@ def clopper_pearson_lower(k: int, n: int, confidence: float = 0.95) -> float:
     return float(beta.ppf(1.0 - confidence, k, n - k + 1))
 
 
+def expected_escape_rate(op: Dict[str, Any]) -> Optional[float]:
+    """Chance that a new defect, drawn like the validation defects, scores below ``op``'s threshold.
+
+    The threshold of an operating point that misses m of n validation defects is the (m+1)-th
+    lowest defect score; a new defect exchangeable with them ranks anywhere among the n+1 with
+    equal chance, so it escapes with probability (m+1)/(n+1), whatever the model (ties aside).
+    For TPR 100 % on 53 defects that is 1/54: a test split of 61 defects expects 1.1 escapes.
+    None when the point lacks ``tpr`` or ``n_defects`` (cards older than those fields).
+    """
+    n, tpr = op.get("n_defects"), op.get("tpr")
+    if not n or tpr is None:
+        return None
+    missed = int(round((1.0 - float(tpr)) * int(n)))
+    return (missed + 1) / (int(n) + 1)
+
+
 def _check_binary(y_defect: np.ndarray, scores: np.ndarray) -> None:
     if y_defect.shape != scores.shape or y_defect.ndim != 1:
         raise ValueError(f"labels {y_defect.shape} and scores {scores.shape} must be equal 1-D shapes")

@@ -109,6 +109,8 @@ def test_verdict_summary_prints_escapes_per_class_and_the_tpr_lower_bound():
     assert "escapes per class: chipping 0/1, scratch 1/2" in text
     assert "overkill per class: good 1/2 REJECTed" in text
     assert "95 % lower bound 96.2 %, 78 defects" in text
+    # 1/79 of a new defect escapes a threshold that caught all 78: 0.04 expected in these 3
+    assert "escapes this threshold with probability 1.3 %: 0.0 expected escapes in these 3 defects" in text
 
 
 @pytest.mark.slow

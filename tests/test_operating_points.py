@@ -295,6 +295,21 @@ def test_engine_measured_with_fake_trt_and_marked_when_it_cannot_run(toy, ten, t
 
 # -- item 4: weak operating points ---------------------------------------------
 
+def test_expected_escape_rate_is_the_rank_of_a_new_defect_among_the_validation_ones():
+    assert metrics.expected_escape_rate({"tpr": 1.0, "n_defects": 53}) == pytest.approx(1 / 54)
+    assert metrics.expected_escape_rate({"tpr": 51 / 53, "n_defects": 53}) == pytest.approx(3 / 54)
+    assert metrics.expected_escape_rate({"tpr": 1.0}) is None  # a card older than n_defects
+    # the figure holds for any score distribution: simulate validation + new defects drawn alike
+    rng = np.random.default_rng(0)
+    y = [0] * 40 + [1] * 20
+    hits, trials = 0, 3000
+    for _ in range(trials):
+        s = np.r_[rng.random(40), rng.beta(0.5, 2.0, 21)]  # defects overlap the good ones heavily
+        op = metrics.operating_point(y, s[:60], 1.0)
+        hits += s[60] < op["threshold"]
+    assert hits / trials == pytest.approx(metrics.expected_escape_rate(op), abs=0.015)
+
+
 def test_defects_needed_and_weak_points():
     assert metrics.defects_needed(1.0, 0.95) == 59
     assert metrics.clopper_pearson_lower(59, 59) >= 0.95 > metrics.clopper_pearson_lower(58, 58)

@@ -210,12 +210,17 @@ def format_points(card: ModelCard, floor: float = metrics.DEFAULT_TPR_FLOOR) -> 
     """Console table of the card's operating points with the TPR lower bound beside each, then
     one WARNING line per weak point."""
     lines = [card.ops_status_line(),
-             f"{'target TPR':>10}  {'threshold':>12}  {'TPR':>6}  {'FPR':>6}  {'TPR 95% low':>11}  defects"]
+             f"{'target TPR':>10}  {'threshold':>12}  {'TPR':>6}  {'FPR':>6}  {'TPR 95% low':>11}  defects  "
+             "new defect escapes"]
     for op in card.operating_points:
         lb = op.get("tpr_lower95")
+        esc = metrics.expected_escape_rate(op)
         lines.append(f"{metrics.tpr_key(op['target_tpr']) + ' %':>10}  {op['threshold']:>12.4g}  "
                      f"{op.get('tpr', float('nan')):>6.3f}  {op.get('fpr', float('nan')):>6.3f}  "
-                     f"{float('nan') if lb is None else lb:>11.3f}  {op.get('n_defects')}")
+                     f"{float('nan') if lb is None else lb:>11.3f}  {op.get('n_defects')!s:>7}  "
+                     + ("-" if esc is None else f"{100 * esc:.1f} %"))
+    lines.append("(new defect escapes: the chance that a new defect drawn like the validation ones scores "
+                 "below the threshold, (missed + 1) / (defects + 1))")
     lines += ["WARNING: " + w["message"] for w in metrics.weak_points(card.operating_points, floor)]
     return "\n".join(lines)
 
