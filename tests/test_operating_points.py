@@ -346,6 +346,7 @@ def test_daemon_warns_and_exports_the_tpr_lower_bound(tmp_path, caplog):
 
         text = generate_latest(d.metrics.registry).decode()
         assert "nexedge_threshold_tpr_lower95 0.98" in text and "nexedge_weak_operating_point 1.0" in text
+        assert f"nexedge_threshold_expected_escape_rate {1 / 151!r}" in text  # TPR 100 % on 150 defects
         assert any(r.levelno == logging.WARNING and "WEAK OPERATING POINT" in r.getMessage() for r in caplog.records)
     finally:
         d.close_unserved()

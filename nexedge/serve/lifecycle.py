@@ -332,6 +332,12 @@ class Lifecycle:
         m.tpr_lower95.set(float("nan") if lb is None else float(lb))
         weak = info["source"] == "card" and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
         m.weak_operating_point.set(1 if weak else 0)
+        esc = None
+        if info["source"] == "card":
+            from nexedge.metrics import expected_escape_rate
+
+            esc = expected_escape_rate(card.operating_point(float(info["target_tpr"])))
+        m.expected_escape_rate.set(float("nan") if esc is None else esc)
         if weak:
             from nexedge.metrics import weak_points
 

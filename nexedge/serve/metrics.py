@@ -49,6 +49,10 @@ class DaemonMetrics:
         self.tpr_lower95 = Gauge("nexedge_threshold_tpr_lower95",
                                  "95% lower bound on TPR of the card's operating point in use (NaN when unknown)",
                                  registry=r)
+        self.expected_escape_rate = Gauge(
+            "nexedge_threshold_expected_escape_rate",
+            "Chance that a new defect like the card's validation defects scores below the threshold in use, "
+            "(missed + 1) / (validation defects + 1) (NaN when the threshold is not the card's)", registry=r)
         self.weak_operating_point = Gauge("nexedge_weak_operating_point",
                                           "1 when that TPR lower bound is below decision.tpr_floor", registry=r)
         self.samples = Counter("nexedge_samples_saved", "Samples written to the uncertain store, by kind", ["kind"],
