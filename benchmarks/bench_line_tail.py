@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -100,11 +100,11 @@ def simulate_split(rows: List[Dict[str, Any]], s: np.ndarray, n_val: int, n_test
     of good devices that PASS. Whatever the model, the lowest of the n_val + n_test defects is a
     validation one with probability n_val / (n_val + n_test) (ties aside), and that is P(0 escapes).
     """
+    problem = split_problem(rows, (n_val, n_test, n_good))
+    if problem:
+        raise ValueError(problem)
     true = np.array([r["true_label"] for r in rows])
     d, g = s[true != "good"], s[true == "good"]
-    if len(d) < n_val + n_test or len(g) < n_good:
-        raise ValueError(f"split {n_val},{n_test},{n_good} needs {n_val + n_test} defect and {n_good} good images; "
-                         f"the set has {len(d)} and {len(g)}")
     rng = np.random.default_rng(seed)
     zero, share = np.zeros(draws, bool), np.zeros(draws)
     for k in range(draws):
@@ -116,6 +116,16 @@ def simulate_split(rows: List[Dict[str, Any]], s: np.ndarray, n_val: int, n_test
             "p_zero_escapes": float(zero.mean()), "bound": n_val / (n_val + n_test),
             "pass_median": float(np.median(share)), "pass_p25": float(np.percentile(share, 25)),
             "p_half_pass": float((share >= 0.5).mean()), "p_both": float((zero & (share >= 0.5)).mean())}
+
+
+def split_problem(rows: List[Dict[str, Any]], split: Sequence[int]) -> Optional[str]:
+    """Why ``rows`` cannot fill a (val defects, test defects, test good) split, or None."""
+    n_val, n_test, n_good = split
+    n_def = sum(r["true_label"] != "good" for r in rows)
+    if n_def < n_val + n_test or len(rows) - n_def < n_good:
+        return (f"split {n_val},{n_test},{n_good} needs {n_val + n_test} defect and {n_good} good images; "
+                f"the set has {n_def} and {len(rows) - n_def}")
+    return None
 
 
 def parse_split(text: str) -> List[int]:
@@ -176,11 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.artifacts:
         args.artifacts = demo_artifacts(args.demo_dir, args.seeds)
     rows = load_manifest(args.data)
-    n_def = sum(r["true_label"] != "good" for r in rows)
-    n_val, n_test, n_good = args.split
-    if n_def < n_val + n_test or len(rows) - n_def < n_good:
-        p.error(f"--split {n_val},{n_test},{n_good} needs {n_val + n_test} defect and {n_good} good images; "
-                f"{args.data} has {n_def} and {len(rows) - n_def} (render a larger set or give a smaller --split)")
+    problem = split_problem(rows, args.split)
+    if problem:  # before scoring anything
+        p.error(f"--{problem} in {args.data} (render a larger set or give a smaller --split)")
     command = "python benchmarks/bench_line_tail.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     results = []

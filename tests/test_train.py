@@ -85,6 +85,13 @@ def test_train_transform_rejects_an_unknown_flip():
         TrainTransform(INP, flip="x")
 
 
+def test_train_cli_choices_match_the_transforms():
+    # the CLI keeps its own copies so that `nexedge train --help` does not import torch
+    from nexedge.train import cli, transforms
+
+    assert cli.FLIPS == transforms.FLIPS and cli.PHOTOMETRIC == tuple(transforms.PHOTOMETRIC)
+
+
 @pytest.mark.parametrize("kw", [dict(flip="hv"), dict(photometric="shift")])
 def test_no_augment_refuses_flips_and_photometric_shift_it_would_ignore(kw):
     with pytest.raises(ValueError, match="--no-augment.*drop --no-augment"):

@@ -330,18 +330,14 @@ class Lifecycle:
         m.threshold.set(slot.decider.threshold)
         lb = info.get("tpr_lower95")
         m.tpr_lower95.set(float("nan") if lb is None else float(lb))
-        weak = info["source"] == "card" and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
-        m.weak_operating_point.set(1 if weak else 0)
-        esc = None
-        if info["source"] == "card":
-            from nexedge.metrics import expected_escape_rate
+        from nexedge.metrics import expected_escape_rate, weak_points
 
-            esc = expected_escape_rate(card.operating_point(float(info["target_tpr"])))
+        op = card.operating_point(float(info["target_tpr"])) if info["source"] == "card" else None
+        weak = op is not None and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
+        m.weak_operating_point.set(1 if weak else 0)
+        esc = None if op is None else expected_escape_rate(op)
         m.expected_escape_rate.set(float("nan") if esc is None else esc)
         if weak:
-            from nexedge.metrics import weak_points
-
-            op = card.operating_point(float(info["target_tpr"]))
             log.warning("WEAK OPERATING POINT: %s", weak_points([op], self.cfg.decision.tpr_floor)[0]["message"],
                         extra={"fields": {"tpr_lower95": lb, "tpr_floor": self.cfg.decision.tpr_floor}})
         for fn in self.on_active:
