@@ -236,9 +236,10 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
         assert main(["keys", "--out", keys, "--name", name]) == 0
     for name in ("cam", "alice"):
         os.link(os.path.join(keys, name + ".key"), str(allowed / (name + ".key")))
-    store, port = str(tmp_path / "store"), free_port()
+    store = str(tmp_path / "store")
+    # an ephemeral port: a port probed free beforehand could go to the daemon's own "*" sockets
     cfg = base_config(model, store={"path": store}, uncertain={"band": 50.0, "audit_fraction": 0.0},
-                      pull={"bind": f"tcp://127.0.0.1:{port}"},
+                      pull={"bind": "tcp://127.0.0.1:*"},
                       auth={"server_secret_file": os.path.join(keys, "daemon.key_secret"),
                             "allowed_clients_dir": str(allowed)})
     d = Daemon(C.from_dict(cfg))
@@ -256,7 +257,7 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
                 if st.stats()["samples"] == 8:
                     break
             time.sleep(0.05)
-        ep = f"tcp://127.0.0.1:{port}"
+        ep = d.endpoints["pull"]
         assert main(["pull", "--connect", ep, "--out", str(tmp_path / "plain"), "--timeout", "0.5",
                      "--retries", "0", "--no-progress"]) == 1
         out = str(tmp_path / "out")
