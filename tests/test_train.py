@@ -204,3 +204,35 @@ def test_cli_train_other_good_class_and_weighted_loss(toy, tmp_path, capsys):
     assert card.data["provenance"]["class_weights"] == [1.0, 2.0, 1.0]
     assert main(["train", "--data", toy, "--out", out, "--arch", "tiny", "--boost", "nope=2"]) == 1
     assert "'nope' is not one of" in capsys.readouterr().err
+
+
+def test_topk_select_last_keeps_the_latest_epochs_newest_first(tmp_path):
+    tk = TopK(str(tmp_path), k=2, select="last")
+    for epoch, auc in enumerate([0.9, 0.5, 0.7, 0.6], 1):
+        assert tk.wants(auc, 0.1, epoch)  # every new epoch is the latest
+        (tmp_path / f"ckpt_e{epoch:03d}.pt").write_bytes(b"x")
+        tk.add(f"ckpt_e{epoch:03d}.pt", epoch, auc, 0.1)
+    assert [e["epoch"] for e in tk.entries] == [4, 3]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_e003.pt", "ckpt_e004.pt"]
+    saved = json.load(open(tmp_path / "topk.json"))
+    assert saved["select"] == "last" and "last epoch" in saved["rule"]
+    assert [e["epoch"] for e in TopK(str(tmp_path), k=2).entries] == [3, 4]  # read back under val_auc: re-sorted
+    with pytest.raises(ValueError, match="--select 'best'"):
+        TopK(str(tmp_path), select="best")
+
+
+def test_select_last_deploys_the_final_epoch(toy, tmp_path, capsys):
+    from nexedge.cli import main
+
+    out = str(tmp_path / "last")
+    assert main(["train", "--data", toy, "--out", out, "--arch", "tiny", "--epochs", "3", "--resize", "40",
+                 "--crop", "32", "--keep", "2", "--select", "last", "--no-progress", "--no-test-curves",
+                 "--lr", "0.05"]) == 0
+    assert "copied to best.pt (the last epoch" in capsys.readouterr().out
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["best"]["epoch"] == 3 and "last epoch" in summary["best_rule"]
+    assert [e["epoch"] for e in summary["topk"]] == [3, 2]
+    prov = load_card(os.path.join(out, "best.pt")).data["provenance"]
+    assert prov["best_of_run"] == "ckpt_e003.pt" and prov["epoch"] == 3 and "last epoch" in prov["best_rule"]
+    with pytest.raises(ValueError, match="--select 'first'"):
+        train(_cfg(toy, str(tmp_path / "bad"), select="first"))

@@ -93,7 +93,8 @@ def stage_train(demo: Demo) -> None:
     nexedge(demo, ["train", "--data", demo.results["data"]["root"], "--out", run, "--arch", s["arch"],
                    "--resize", str(s["resize"]), "--crop", str(s["crop"]), "--crop-mode", s.get("val_crop", "ten"),
                    "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
-                   "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves"]
+                   "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves",
+                   "--select", s.get("select", "val_auc")]
              + ["--optimizer", s.get("optimizer", "sgd"), "--warmup-epochs", str(s.get("warmup_epochs", 0))]
              + [a for kw in s.get("arch_kw", []) for a in ("--arch-kw", kw)]
              + ["--pretrained", s.get("pretrained", "none"), "--freeze", str(s.get("freeze", 0)),

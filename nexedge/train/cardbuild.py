@@ -76,37 +76,46 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-#: How the best checkpoint is chosen; written into summary.json and topk.json.
-BEST_RULE = "highest val AUC; ties: lower val loss, then the later epoch"
+#: How the best checkpoint is chosen (``nexedge train --select``); written into summary.json,
+#: topk.json and best.card.json.
+BEST_RULES = {
+    "val_auc": "highest val AUC; ties: lower val loss, then the later epoch",
+    "last": "the last epoch (--select last); the checkpoints kept with it are the epochs just before",
+}
+BEST_RULE = BEST_RULES["val_auc"]
 
 
 class TopK:
-    """Keeps the ``k`` best checkpoints by validation AUC; ties go to the lower validation
-    loss, then to the later epoch (a tie on a small validation set is common, and the earliest
-    epoch is usually the least trained). See :data:`BEST_RULE`.
+    """Keeps the ``k`` best checkpoints by ``select`` (see :data:`BEST_RULES`). ``val_auc``:
+    highest validation AUC, ties to the lower validation loss, then to the later epoch (a tie
+    on a small validation set is common, and the earliest epoch is usually the least trained).
+    ``last``: the latest epochs, newest first.
 
     The index ``topk.json`` in the run folder lists them best first; files that
     fall out of the set are deleted with their cards.
     """
 
-    def __init__(self, folder: str, k: int = 10) -> None:
+    def __init__(self, folder: str, k: int = 10, select: str = "val_auc") -> None:
         if k < 1:
             raise ValueError(f"--keep must be >= 1, got {k}")
-        self.folder, self.k = folder, k
+        if select not in BEST_RULES:
+            raise ValueError(f"--select {select!r}: expected one of {', '.join(BEST_RULES)}")
+        self.folder, self.k, self.select = folder, k, select
         self.path = os.path.join(folder, "topk.json")
         self.entries: List[Dict[str, Any]] = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
-                self.entries = json.load(f)["checkpoints"]
+                self.entries = sorted(json.load(f)["checkpoints"], key=self._entry_key)  # a resume may change the rule
 
     @staticmethod
     def _num(x: Optional[float], bad: float) -> float:
         return bad if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
-    @classmethod
-    def _key(cls, auc: Optional[float], loss: Optional[float] = None, epoch: int = 0) -> tuple:
+    def _key(self, auc: Optional[float], loss: Optional[float] = None, epoch: int = 0) -> tuple:
         """Sort key, best first."""
-        return (-cls._num(auc, -1.0), cls._num(loss, math.inf), -int(epoch))
+        if self.select == "last":
+            return (-int(epoch),)
+        return (-self._num(auc, -1.0), self._num(loss, math.inf), -int(epoch))
 
     def _entry_key(self, e: Dict[str, Any]) -> tuple:
         return self._key(e["auc"], e.get("val_loss"), e["epoch"])
@@ -132,7 +141,8 @@ class TopK:
         return removed
 
     def save(self) -> None:
-        data = {"metric": "val_auc", "rule": BEST_RULE, "k": self.k, "checkpoints": self.entries}
+        data = {"metric": "val_auc" if self.select == "val_auc" else "epoch", "select": self.select,
+                "rule": BEST_RULES[self.select], "k": self.k, "checkpoints": self.entries}
         atomic_write_bytes(self.path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
     @property

@@ -115,7 +115,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                     help="first epoch of the binary term for a class (repeatable)")
     lo.add_argument("--wbce-start-default", type=int, default=1, help="first epoch of the binary term otherwise")
     r = p.add_argument_group("run")
-    r.add_argument("--keep", type=int, default=10, help="top-k checkpoints kept by val AUC (default 10)")
+    r.add_argument("--keep", type=int, default=10, help="checkpoints kept, best first by --select (default 10)")
+    r.add_argument("--select", choices=("val_auc", "last"), default="val_auc",
+                   help="which checkpoint becomes best.pt (and leads the kept ones that eval, export and "
+                        "mislabels use): val_auc, the highest validation AUC (default); last, the final epoch. "
+                        "With tens of validation defects, epoch-to-epoch AUC differences are mostly noise and "
+                        "val_auc can pick a half-trained early epoch; after a cosine schedule the final weights "
+                        "did better on held-out data in every run measured (docs/training.md)")
     r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
@@ -149,7 +155,7 @@ def run_train(args: argparse.Namespace) -> int:
         loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
         sat_alpha=args.sat_alpha, sat_es=args.sat_es, wbce_lambda=args.wbce_lambda,
         wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--wbce-start", int).items()},
-        wbce_start_default=args.wbce_start_default, keep=args.keep, seed=args.seed, resume=args.resume,
+        wbce_start_default=args.wbce_start_default, keep=args.keep, select=args.select, seed=args.seed, resume=args.resume,
         workers=args.workers, device=args.device, test_curves=not args.no_test_curves, overwrite=args.overwrite,
         progress=not args.no_progress, cache=not args.no_cache,
     )

@@ -22,7 +22,7 @@ import torch
 from nexedge import __version__, metrics
 from nexedge.card import ModelCard, atomic_write_bytes
 from nexedge.train import distributed as D
-from nexedge.train.cardbuild import BEST_RULE, TopK, build_card, reference_image_stats
+from nexedge.train.cardbuild import BEST_RULES, TopK, build_card, reference_image_stats
 from nexedge.train.data import ImageFolderSet, class_counts, collate_skip_unreadable, data_hash, list_classes
 from nexedge.train.engine import evaluate, train_one_epoch
 from nexedge.train.history import History
@@ -72,6 +72,7 @@ class TrainConfig:
     wbce_start: Dict[str, int] = field(default_factory=dict)
     wbce_start_default: int = 1
     keep: int = 10
+    select: str = "val_auc"
     seed: int = 0
     resume: Optional[str] = None
     overwrite: bool = False
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if self.select not in BEST_RULES:
+            raise ValueError(f"--select {self.select!r}: expected one of {', '.join(BEST_RULES)}")
         if self.freeze < 0:
             raise ValueError(f"--freeze must be >= 0 stages, got {self.freeze}")
         if self.balanced not in BALANCE_MODES:
@@ -254,7 +257,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ref_stats = dhash = None
         if ctx.is_main:
             os.makedirs(cfg.out, exist_ok=True)
-            hist, topk = History(cfg.out), TopK(cfg.out, cfg.keep)
+            hist, topk = History(cfg.out), TopK(cfg.out, cfg.keep, cfg.select)
             hist.truncate(start_epoch - 1)
             ref_stats = reference_image_stats(val_ds.readable_prepared())
             dhash = data_hash(cfg.data)
@@ -319,7 +322,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
                 plot_history(hist, classes, cfg.good_class, cfg.out)
             if topk.entries:
-                write_best(cfg.out, topk.entries[0]["file"])
+                write_best(cfg.out, topk.entries[0]["file"], BEST_RULES[cfg.select])
             summary = _summary(cfg, hist, topk, time.time() - t_start)
             summary["unreadable"] = _unreadable(train_ds, val_ds, test_ds)
             atomic_write_bytes(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
@@ -371,7 +374,7 @@ def _unreadable(*sets: Optional[ImageFolderSet]) -> Dict[str, str]:
     return {p: e for ds in sets if ds is not None for p, e in ds.unreadable.items()}
 
 
-def write_best(out: str, ckpt_file: str) -> str:
+def write_best(out: str, ckpt_file: str, rule: str = BEST_RULES["val_auc"]) -> str:
     """Copy the best checkpoint to ``best.pt`` with its own card (artifact name and sha256 stamped)."""
     from nexedge.card import load_card
 
@@ -380,7 +383,7 @@ def write_best(out: str, ckpt_file: str) -> str:
     with open(src, "rb") as f:
         atomic_write_bytes(dst, f.read())
     card = load_card(src)
-    card.data["provenance"] = dict(card.data.get("provenance") or {}, best_of_run=ckpt_file, best_rule=BEST_RULE)
+    card.data["provenance"] = dict(card.data.get("provenance") or {}, best_of_run=ckpt_file, best_rule=rule)
     card.save_for(dst)
     return dst
 
@@ -437,14 +440,15 @@ def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[s
             "file": best["file"], "epoch": best["epoch"], "val_auc": best["auc"],
             "val_fpr_at_tpr": row["val"]["fpr_at_tpr"] if row else None,
         },
-        "best_rule": BEST_RULE,
+        "best_rule": BEST_RULES[cfg.select],
         "best_file": "best.pt" if best else None,
         "topk": topk.entries,
     }
-    print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} top checkpoint(s) by val AUC in {cfg.out}")
+    by = "by val AUC" if cfg.select == "val_auc" else "(the last epochs)"
+    print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} top checkpoint(s) {by} in {cfg.out}")
     if best and row:
         print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %, val loss "
-              f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULE})")
+              f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULES[cfg.select]})")
         print("  val FPR % at TPR >= " + ", ".join(f"{k}: {_pct(v).strip()}" for k, v in row["val"]["fpr_at_tpr"].items()))
         summary["weak_operating_points"] = _print_weak(os.path.join(cfg.out, best["file"]), cfg.tpr_floor)
     print(f"next: nexedge eval {cfg.out} --data {cfg.data} --split test --crops center,five,ten")
