@@ -172,9 +172,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="held-out `nexedge synth` folder, rendered when missing (default runs/line-tail-set)")
     p.add_argument("--n", type=int, default=2000, help="images to render when --data is missing (default 2000)")
     p.add_argument("--seed", type=int, default=100, help="seed of that set (default 100; the demo uses 0, 1, ...)")
-    p.add_argument("--split", type=parse_split, default=[53, 62, 60], metavar="VD,TD,TG",
+    p.add_argument("--split", type=parse_split, default=[109, 120, 121], metavar="VD,TD,TG",
                    help="split sizes of the demo criterion simulation: validation defects, test defects, test "
-                        "good (default 53,62,60: `nexedge demo --seed 1`'s splits)")
+                        "good (default 109,120,121: `nexedge demo`'s splits, 2,400 images)")
     p.add_argument("--markdown", help="also write the section as Markdown here")
     args = p.parse_args(argv)
     if not os.path.isdir(args.data):

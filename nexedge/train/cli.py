@@ -121,7 +121,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "mislabels use): val_auc, the highest validation AUC (default); last, the final epoch. "
                         "With tens of validation defects, epoch-to-epoch AUC differences are mostly noise and "
                         "val_auc can pick a half-trained early epoch; after a cosine schedule the final weights "
-                        "did better on held-out data in every run measured (docs/training.md)")
+                        "did better on held-out data in every such run measured (docs/training.md)")
     r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
