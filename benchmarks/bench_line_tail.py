@@ -156,8 +156,12 @@ def demo_artifacts(where: str, seeds: str) -> List[str]:
 
             if nexedge(["demo", "--seed", str(seed), "--out", run]) != 0:
                 raise SystemExit(f"nexedge demo --seed {seed} --out {run} failed")
+        q = os.path.join(run, "model", "model.ten.int8-ort.onnx")
+        if not os.path.exists(q):
+            raise SystemExit(f"{run}: no INT8 model {q}; the demo run there stopped before its int8 stage "
+                             "(delete the folder to run it again)")
         fp32.append(model)
-        int8.append(os.path.join(run, "model", "model.ten.int8-ort.onnx"))
+        int8.append(q)
     return fp32 + int8
 
 
