@@ -74,13 +74,33 @@ def parse_names(text: Optional[str], flag: str) -> List[str]:
     return names
 
 
+def _commit_time(path: str) -> Optional[str]:
+    """UTC time of the last commit of ``path`` when git tracks it unmodified, else None."""
+    path = os.path.abspath(path)
+    here = os.path.dirname(path)
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", path], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+        log = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if dirty.returncode or dirty.stdout.strip() or log.returncode or not log.stdout.strip():
+        return None
+    t = _dt.datetime.fromtimestamp(int(log.stdout.strip()), _dt.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def section_date(path: str) -> str:
-    """When a section file was measured: the first UTC time stamp it writes, else its file time (which a
-    git checkout or merge resets, so it is named as such)."""
+    """When a section file was measured: the first UTC time stamp it writes, else the time of its last
+    commit, else its file time (which a git checkout or merge resets, so it is named as such)."""
     with open(path, encoding="utf-8") as f:
         m = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", f.read(4000))
     if m:
         return m.group(0)
+    committed = _commit_time(path)
+    if committed:
+        return committed + " (committed)"
     mtime = _dt.datetime.fromtimestamp(os.path.getmtime(path), _dt.timezone.utc)
     return mtime.strftime("%Y-%m-%d %H:%M UTC") + " (file time)"
 

@@ -355,3 +355,21 @@ def test_line_tail_split_simulation_bounds_zero_escapes_for_any_model():
         tail.simulate_split(rows, s, 60, 35, 20)
     with pytest.raises(Exception, match="VAL_DEFECTS,TEST_DEFECTS,TEST_GOOD"):
         tail.parse_split("53,62")
+
+
+def test_run_all_dates_an_unstamped_section_by_its_commit_not_its_checkout(tmp_path):
+    import subprocess
+
+    run_all = _bench_module("run_all")
+    (tmp_path / "stamped.md").write_text("## x\n\n- date: 2026-11-30 10:00 UTC\n")
+    assert run_all.section_date(str(tmp_path / "stamped.md")) == "2026-11-30 10:00 UTC"
+    sec = tmp_path / "plain.md"
+    sec.write_text("## a section that names no time\n")
+    assert run_all.section_date(str(sec)).endswith("(file time)")  # not in a repository
+    env = dict(os.environ, GIT_AUTHOR_DATE="2026-11-29T08:30:00Z", GIT_COMMITTER_DATE="2026-11-29T08:30:00Z",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@x", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@x")
+    for cmd in (["git", "init", "-q"], ["git", "add", "plain.md"], ["git", "commit", "-qm", "s"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
+    assert run_all.section_date(str(sec)) == "2026-11-29 08:30 UTC (committed)"
+    sec.write_text("## edited since\n")  # a changed file's commit time says nothing about it
+    assert run_all.section_date(str(sec)).endswith("(file time)")
