@@ -61,7 +61,7 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
         "Run the whole product on synthetic data: generate images, train on the CPU, print the "
         "evaluation table, export to ONNX, quantize to INT8, start the line daemon, stream the test "
         "images from simulated cameras, print the verdicts and latency, and pull the uncertain samples. "
-        "No arguments needed; about 520 CPU seconds (about 5 minutes on 2 free cores)."
+        "No arguments needed; about 410-490 CPU seconds (4-5 minutes on 2 free cores)."
     )
     p.add_argument("--out", help="run folder (default runs/demo-<UTC timestamp>)")
     p.add_argument("--tiny", action="store_true",
