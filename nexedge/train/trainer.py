@@ -444,8 +444,8 @@ def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[s
         "best_file": "best.pt" if best else None,
         "topk": topk.entries,
     }
-    by = "by val AUC" if cfg.select == "val_auc" else "(the last epochs)"
-    print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} top checkpoint(s) {by} in {cfg.out}")
+    kept = "top checkpoint(s) by val AUC" if cfg.select == "val_auc" else "checkpoint(s) of the last epochs"
+    print(f"\ndone in {wall / 60:.1f} min; {len(topk.entries)} {kept} in {cfg.out}")
     if best and row:
         print(f"best: {best['file']} (epoch {best['epoch']}) val AUC {_pct(best['auc'])} %, val loss "
               f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULES[cfg.select]})")
