@@ -124,7 +124,9 @@ def test_legacy_look_is_unchanged_per_seed():
     # clean twin, metadata, a downscaled render). If it changes after an OpenCV or NumPy upgrade
     # rather than a code change, re-measure the demo before re-pinning it.
     # Re-pinned 2026-12-02 after a shifted bottom lead was moved out of the good range (demo re-measured),
-    # and again after defect polygons were made to enclose their centres (demo re-measured, seeds 0 and 1).
+    # and again after defect polygons were made to enclose their centres (demo re-measured, seeds 0 and 1),
+    # and for opencv-python-headless 5.1.0.95 (2.4 % of pixels moved against 5.0.0.93; the demo and the
+    # line-tail benchmark re-measured with it, seeds 0 and 1; requirements-dev.txt pins that build).
     import hashlib
 
     from nexedge.data.spec import batch_classes
@@ -137,7 +139,7 @@ def test_legacy_look_is_unchanged_per_seed():
             h.update(clean.tobytes())
             h.update(repr(sorted(meta.items())).encode())
             h.update(render_image(c, (b, i, 7), batch=b, size=(96, 80), look="legacy")[0].tobytes())
-    assert h.hexdigest() == "09312e3d1fdce416bd9ecd28ec880d54c8f09a8f0f73dbf99c08394f1d5742ad"
+    assert h.hexdigest() == "016a48d797fc61e8e64ab89f12d217e650b9fc26497fb4cc3a82b4d795331144"
 
 
 @pytest.mark.parametrize("cls", ["chipping", "lead_glue", "scratch", "foreign_material", "lead_defect"])
