@@ -125,7 +125,9 @@ def run_section(name: str, script: str, extra: Sequence[str], timeout: float) ->
         return {"status": "missing", "seconds": 0.0, "log": None,
                 "error": f"benchmarks/{script} is not in this checkout"}
     out = section_path(name)
-    cmd = [sys.executable, path, "--markdown", out] + list(extra)
+    # the script runs in ROOT and prints its own command into the section: keep that path repo-relative
+    inside = os.path.commonpath([os.path.abspath(out), ROOT]) == ROOT
+    cmd = [sys.executable, path, "--markdown", os.path.relpath(out, ROOT) if inside else out] + list(extra)
     print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.perf_counter()
     before = os.path.getmtime(out) if os.path.exists(out) else None

@@ -82,7 +82,6 @@ BEST_RULES = {
     "val_auc": "highest val AUC; ties: lower val loss, then the later epoch",
     "last": "the last epoch (--select last); the checkpoints kept with it are the epochs just before",
 }
-BEST_RULE = BEST_RULES["val_auc"]
 
 
 class TopK:

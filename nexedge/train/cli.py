@@ -116,7 +116,9 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--wbce-start-default", type=int, default=1, help="first epoch of the binary term otherwise")
     r = p.add_argument_group("run")
     r.add_argument("--keep", type=int, default=10, help="checkpoints kept, best first by --select (default 10)")
-    r.add_argument("--select", choices=("val_auc", "last"), default="val_auc",
+    from nexedge.train.cardbuild import BEST_RULES  # torch-free
+
+    r.add_argument("--select", choices=tuple(BEST_RULES), default="val_auc",
                    help="which checkpoint becomes best.pt (and leads the kept ones that eval, export and "
                         "mislabels use): val_auc, the highest validation AUC (default); last, the final epoch. "
                         "With tens of validation defects, epoch-to-epoch AUC differences are mostly noise and "
