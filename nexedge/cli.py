@@ -20,6 +20,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("train", "nexedge.train.cli", "train a classifier; writes checkpoints with ModelCards"),
     ("eval", "nexedge.train.cli", "report-style table (AUC, FPR at TPR) over checkpoints and crop styles"),
     ("mislabels", "nexedge.train.cli", "rank training images whose label the model disputes"),
+    ("explain", "nexedge.explain", "occlusion maps: which region of an image drives a model's defect score"),
     ("export", "nexedge.export.cli", "checkpoint -> ONNX (host or in-graph crops) with parity check"),
     ("calibrate", "nexedge.export.cli", "INT8 calibration: Q/DQ ONNX for TensorRT and ONNX Runtime, TRT cache"),
     ("build-engine", "nexedge.export.cli", "ONNX -> TensorRT engine (FP16/INT8) for this GPU"),
