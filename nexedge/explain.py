@@ -105,7 +105,7 @@ def figure(img: np.ndarray, heat: np.ndarray, caption: Sequence[str], scale: flo
 
 
 def configure_explain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model artifact with its card beside it (.pt, .onnx or .engine)")
+    p.add_argument("model", help="model artifact with its card beside it (.pt, .onnx or .engine), or a run folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", default="explain", help="folder for the figures and explain.json")
     p.add_argument("--target", default=None, metavar="CLASS",
@@ -116,11 +116,14 @@ def configure_explain(p: argparse.ArgumentParser) -> None:
                    help="occluding patch side, as a fraction of the prepared image's shorter side")
     p.add_argument("--stride", type=float, default=0.5, help="patch step, as a fraction of the patch")
     p.add_argument("--limit", type=int, default=50, help="at most this many images (0: all)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads (default: the runtime's)")
 
 
 def run_explain(args: argparse.Namespace) -> int:
     from nexedge.export.parity import list_images_flat, read_images_skipping
+    from nexedge.runs import resolve_artifact
     from nexedge.runtime import open_backend
+    from nexedge.runtime.factory import backend_kind
 
     paths: List[str] = []
     for item in args.images:
@@ -140,14 +143,17 @@ def run_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"--patch {args.patch}; expected a fraction in (0, 1]")
     if not 0.0 < args.stride <= 1.0:
         raise ValueError(f"--stride {args.stride}; expected a fraction in (0, 1]")
-    backend = open_backend(args.model)
+    model = resolve_artifact(args.model, "model")
+    opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(
+        backend_kind(model), {}) if args.threads else {}
+    backend = open_backend(model, **opts)
     card = backend.card
     if args.crop_mode:
         backend = backend.crop_view(args.crop_mode)
     target = None
     if args.target is not None:
         if args.target not in card.classes:
-            raise ValueError(f"--target {args.target!r} is not a class of {args.model}; expected one of {card.classes}")
+            raise ValueError(f"--target {args.target!r} is not a class of {model}; expected one of {card.classes}")
         target = card.classes.index(args.target)
     imgs, kept = read_images_skipping(paths)
     paths = [paths[i] for i in kept]
@@ -186,7 +192,7 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"{name[:40]:40s} {r['score']:12.4f}  " + ", ".join(f"{c} {p:.2f}" for c, p in tops)
               + f"; {r['box']} drop {float(r['map'].max()):.3f}")
     with open(os.path.join(args.out, "explain.json"), "w", encoding="utf-8") as f:
-        json.dump({"model": args.model, "crop_mode": backend.crop_mode, "patch_px": patch, "stride_px": stride,
+        json.dump({"model": model, "crop_mode": backend.crop_mode, "patch_px": patch, "stride_px": stride,
                    "images": rows}, f, indent=1)
     print(f"figures and explain.json in {args.out}")
     backend.close()

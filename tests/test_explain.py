@@ -94,7 +94,8 @@ def test_explain_command_writes_figures_and_json(spot_model, tmp_path, capsys):
     cv2.imwrite(str(folder / "b_plain.png"), np.full((SIZE * 4, SIZE * 4), 80, np.uint8))
     (folder / "c_broken.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    assert main(["explain", spot_model, str(folder), "--out", str(out), "--patch", "0.12", "--stride", "0.5"]) == 0
+    assert main(["explain", spot_model, str(folder), "--out", str(out), "--patch", "0.12", "--stride", "0.5",
+                 "--threads", "1"]) == 0
     rep = json.loads((out / "explain.json").read_text())
     rows = {os.path.basename(r["image"]): r for r in rep["images"]}
     assert set(rows) == {"a_spot.png", "b_plain.png"}  # the broken file is skipped, not fatal
