@@ -101,6 +101,48 @@ def test_real_look_floor_texture_is_spatially_correlated():
     assert c > 0.22, c
 
 
+def _bright_spots(img):
+    """Isolated bright spots (1-3 px, over 25 gray levels above the 5x5 median) on dark ground, references' view."""
+    v = view(img, (221, 215))
+    med = cv2.medianBlur(v, 5).astype(np.int32)
+    m = ((v.astype(np.int32) - med > 25) & (med < 50)).astype(np.uint8)
+    n, _, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    return int((st[1:, cv2.CC_STAT_AREA] <= 3).sum())
+
+
+def test_real_look_has_the_references_isolated_bright_spots():
+    # The references: 13.8 such spots per frame (hot pixels, dust glints); read noise and speckle
+    # alone gave the real look 7.8, so a model took every speck on a real frame for a particle.
+    n = np.mean([_bright_spots(render_image("good", (15, i), look="real")[0]) for i in range(10)])
+    assert 11 <= n <= 17, n
+
+
+def test_real_look_recess_walls_glint_and_stay_with_the_pocket():
+    # Every reference shows the recess under the bottom lead as bright curved walls either side of
+    # the lead; they belong to the tape, so a short lead does not move them.
+    from nexedge.data import scene as S
+    from nexedge.data.spec import STYLES
+
+    rng = np.random.default_rng(3)
+    sc = S.sample_scene(rng, (267, 275), STYLES[2], "real")
+    sc.recess = [(45.0, 5.0, 0.0, 5.0, 1.2, 1.0) + (1.0,) * 5, (45.0, 5.0, 0.0, 5.0, 1.2, 0.0) + (1.0,) * 5]
+    with_walls = S.draw_background(sc)
+    flat = sc.copy()
+    flat.recess = [(45.0, 5.0, 0.0, 5.0, 0.0, 0.0) + (0.0,) * 5] * 2
+    flat.recess_bars = (4.0, 0.0, 20.0, 0.0)
+    diff = with_walls - S.draw_background(flat)
+    bx = (sc.cx + sc.pocket_dx) * sc.sx
+    tip = (sc.cy + sc.pocket_dy + sc.body_h / 2 + 50.0) * sc.sy
+    rows = slice(int(tip - 30 * sc.sy), int(tip))
+    for side in (-1, 1):  # a bright wall about 45 px out on each side, over 20 levels at its peak
+        xs = slice(int(bx + side * 45 * sc.sx) - 4, int(bx + side * 45 * sc.sx) + 5)
+        assert diff[rows, xs].max(axis=1).mean() > 20
+    assert np.abs(diff[rows, int(bx) - 20:int(bx) + 20]).max() < 1  # nothing drawn between them
+    short = sc.copy()
+    short.leads[2].length *= 0.5
+    assert np.array_equal(S.draw_background(short), with_walls)
+
+
 def _edge_sharpness(cls, look):
     """Median over images of (90th percentile gradient on the defect) / (defect peak): lower = softer edges."""
     out = []

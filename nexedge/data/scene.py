@@ -78,6 +78,11 @@ class Scene:
     wall_var: Tuple[float, ...] = (1.0,) * 12  # along each wall, 6 pieces per side
     shadow: float = 0.45  # depth of the device's soft contact shadow on the pocket floor
     shade: float = 1.0  # real look: level (x floor) of the shaded tape above the pocket's top edge
+    # real look: specular edges of the recess under the bottom lead, per side (left, right):
+    # (offset from the recess centre, hook, bulge, flare, level, second stroke, 5 piece levels), then
+    # the bar under the lead tip and the recess floor's far edge: (offset, level) each
+    recess: List[Tuple[float, ...]] = field(default_factory=list)
+    recess_bars: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def real(self) -> bool:
@@ -201,6 +206,13 @@ def _calibrate(sc: Scene, rng: np.random.Generator) -> None:
     # lit from above (coaxial / ring light): only a faint contact shadow around the device
     sc.shadow = u(0.1, 0.2)
     sc.shade = u(0.2, 0.4)
+    # the recess under the bottom lead shows on every reference, good or defective, as two bright
+    # curved walls (often a double stroke, broken along its length) 37-52 native px either side of
+    # the lead, a short bar just below the lead's tip and the far edge of the recess floor; models
+    # trained without them took those glints for fibres (foreign material) on real good devices
+    sc.recess = [(u(37.0, 52.0), u(2.0, 9.0), u(-3.0, 3.0), u(3.0, 10.0), u(0.7, 1.6), float(rng.random() < 0.6))
+                 + tuple(float(v) for v in u(0.15, 1.2, 5)) for _ in range(2)]
+    sc.recess_bars = (u(2.0, 6.0), u(0.4, 1.3), u(14.0, 26.0), u(0.2, 0.9))
 
 
 
@@ -305,15 +317,16 @@ def draw_background(sc: Scene) -> np.ndarray:
     bx, by = (sc.cx + sc.pocket_dx) * sc.sx, (sc.cy + sc.pocket_dy) * sc.sy
     ix, iy = (sc.body_w / 2 + 22) * sc.sx, (sc.body_h / 2 + 62) * sc.sy
     rounded_rect(rim, (bx - ix, by - iy), (bx + ix, by + iy), 14 * s, sc.rim_gray * 0.55, 1)
-    # recess around the bottom lead: a U with rounded bottom
-    top, bot = (sc.cy + sc.body_h / 2 + 12) * sc.sy, y1 - 14 * s
-    half = 34 * sc.sx
-    rc = int(round(14 * s))
-    for xs in (bx - half, bx + half):
-        cv2.line(rim, (int(xs), int(top)), (int(xs), int(bot - rc)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.ellipse(rim, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.ellipse(rim, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
-    cv2.line(rim, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+    if not sc.real:  # recess around the bottom lead: a U with rounded bottom (real look: _real_recess)
+        top, bot = (sc.cy + sc.body_h / 2 + 12) * sc.sy, y1 - 14 * s
+        half = 34 * sc.sx
+        rc = int(round(14 * s))
+        for xs in (bx - half, bx + half):
+            cv2.line(rim, (int(xs), int(top)), (int(xs), int(bot - rc)), sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+        cv2.ellipse(rim, (int(bx - half + rc), int(bot - rc)), (rc, rc), 90, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+        cv2.ellipse(rim, (int(bx + half - rc), int(bot - rc)), (rc, rc), 0, 0, 90, sc.rim_gray * 0.8, 1, cv2.LINE_AA)
+        cv2.line(rim, (int(bx - half + rc), int(bot)), (int(bx + half - rc), int(bot)), sc.rim_gray * 0.8, 1,
+                 cv2.LINE_AA)
     img += rim * _light(h, w)[2 * sc.tex_y:2 * sc.tex_y + h, 2 * sc.tex_x:2 * sc.tex_x + w] * np.float32(sc.outline)
     # punched hole in the pocket floor (hidden under the device)
     hc = (int(round((sc.cx + sc.pocket_dx) * sc.sx)), int(round((sc.cy + sc.pocket_dy) * sc.sy)))
@@ -354,6 +367,7 @@ def _real_pocket(img: np.ndarray, sc: Scene) -> None:
         c = (int(xw + r) if k == 0 else int(xw - r), int(y1 - r))
         cv2.ellipse(glints, c, (r, r), 0, 90 if k == 0 else 0, 180 if k == 0 else 90, sc.rim_gray * lv * 0.7,
                     max(1, int(round(2 * s))))
+    _real_recess(glints, sc)
     img += cv2.GaussianBlur(glints, (0, 0), 0.6 * s)
     # in shade: the tape beyond the pocket's top edge holds the darkest pixels of most reference
     # frames; without it the min-max stretch left the floor 5-9 gray levels too dark
@@ -361,6 +375,34 @@ def _real_pocket(img: np.ndarray, sc: Scene) -> None:
     yt = int(round(y0 + 1.5 * s))
     if yt > 0:
         img[:yt] *= k
+
+
+def _real_recess(glints: np.ndarray, sc: Scene) -> None:
+    """Specular edges of the recess under the bottom lead (real look), drawn into ``glints``.
+
+    Positions follow the pocket, not the device: a short or shifted lead leaves them where they are.
+    """
+    if len(sc.recess) != 2:
+        return
+    s, sx, sy = sc.s, sc.sx, sc.sy
+    bx = sc.cx + sc.pocket_dx
+    tip = sc.cy + sc.pocket_dy + sc.body_h / 2 + 50.0  # where a good bottom lead ends (native px)
+    t = np.linspace(0.0, 1.0, 16)
+    for side, (off, hook, bulge, flare, level, double, *pieces) in zip((-1.0, 1.0), sc.recess):
+        # from below the body (hooked in towards the lead) down past the lead's tip, flaring out at the bottom
+        xs = bx + side * (off - hook * (1.0 - t) ** 6 + bulge * np.sin(np.pi * t) + flare * t ** 6)
+        ys = tip - 40.0 + 52.0 * t
+        for k in range(1 + int(double)):
+            pts = np.stack([(xs + side * 3.0 * k) * sx, ys * sy], 1)
+            for j, lv in enumerate(pieces):  # broken along its length
+                seg = np.round(pts[3 * j:3 * j + 4] * 16).astype(np.int32)
+                cv2.polylines(glints, [seg], False, sc.rim_gray * level * lv * (0.7 if k else 1.0),
+                              max(1, int(round(1.2 * s))), cv2.LINE_AA, 4)
+    bar, bar_lv, floor_y, floor_lv = sc.recess_bars
+    half = 0.6 * sc.leads[-1].width if sc.leads else 8.0
+    for y, hw, lv in ((tip + bar, half, bar_lv), (tip + floor_y, sc.recess[0][0] * 0.9, floor_lv)):
+        cv2.line(glints, (int(round((bx - hw) * sx)), int(round(y * sy))), (int(round((bx + hw) * sx)), int(round(y * sy))),
+                 sc.rim_gray * lv, max(1, int(round(1.5 * s))), cv2.LINE_AA)
 
 
 def body_rect(sc: Scene) -> Tuple[float, float, float, float]:
