@@ -373,3 +373,26 @@ def test_run_all_dates_an_unstamped_section_by_its_commit_not_its_checkout(tmp_p
     assert run_all.section_date(str(sec)) == "2026-11-29 08:30 UTC (committed)"
     sec.write_text("## edited since\n")  # a changed file's commit time says nothing about it
     assert run_all.section_date(str(sec)).endswith("(file time)")
+
+
+def test_realism_transfer_over_seeds_mean_and_ensemble():
+    real = _bench_module("bench_realism")
+
+    def run(scores):  # 2 good, 2 defective references
+        labels = ["good", "good", "chipping", "scratch"]
+        rows = [{"file": f"r{i}.png", "label": lab, "score": s} for i, (lab, s) in enumerate(zip(labels, scores))]
+        from nexedge import metrics
+
+        return {"rows": rows, "auc": metrics.roc_auc(np.array([0, 0, 1, 1]), np.array(scores))}
+
+    # each seed misorders one pair, a different one: the ensemble of log-odds orders all four
+    a = run([0.30, 0.80, 0.70, 0.95])
+    b = run([0.75, 0.20, 0.90, 0.60])
+    res = real.over_seeds([a, b])
+    assert res["aucs"] == [0.75, 0.75] and res["auc_mean"] == pytest.approx(0.75) and res["met"] == 0
+    assert res["auc_ensemble"] == pytest.approx(1.0)
+    assert res["good_mean"] == pytest.approx(np.mean([0.30, 0.80, 0.75, 0.20]))
+    # rows in another order per seed are matched by file, not by position
+    b["rows"] = b["rows"][::-1]
+    assert real.over_seeds([a, b])["auc_ensemble"] == pytest.approx(1.0)
+    assert real._with_seed(real.SYNTH_ARGS, 7)[real.SYNTH_ARGS.index("{seed}")] == "7"
