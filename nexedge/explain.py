@@ -34,8 +34,7 @@ def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, t
     if stride < 1:
         raise ValueError(f"stride {stride} px; expected at least 1")
     k = patch | 1  # odd median aperture about the patch size: removes structure smaller than the patch
-    med = cv2.medianBlur(prepared, min(k, 255)) if prepared.dtype == np.uint8 else prepared
-    med = med.reshape(prepared.shape)
+    med = cv2.medianBlur(np.ascontiguousarray(prepared), min(k, 255)).reshape(prepared.shape)
 
     def value(res: Any) -> np.ndarray:  # log-odds: a probability near 0 or 1 would hide what moves it
         p = np.asarray(res.defect_score if target is None else res.probs[:, target], np.float64)
@@ -82,9 +81,7 @@ def figure(img: np.ndarray, heat: np.ndarray, caption: Sequence[str], scale: flo
     """
     import cv2
 
-    g = img if img.ndim == 3 and img.shape[2] == 3 else cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
-    if g.dtype != np.uint8:
-        g = cv2.normalize(g, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    g = np.ascontiguousarray(pp.as_model_color(img, "rgb")[:, :, ::-1])  # any decodable image -> 8-bit BGR
     hh, ww = g.shape[:2]
     k = max(1.0, 256.0 / max(hh, ww))
     g = cv2.resize(g, (int(ww * k), int(hh * k)), interpolation=cv2.INTER_NEAREST if k > 1 else cv2.INTER_AREA)
@@ -167,9 +164,16 @@ def run_explain(args: argparse.Namespace) -> int:
 
     results = []
     for path, img in progress(list(zip(paths, imgs)), desc="explain", unit="img"):
-        r = occlusion_map(backend, pp.prepare(img, card.input), patch, stride, target)
+        try:
+            prepared = pp.prepare(img, card.input)
+        except ValueError as e:  # e.g. a float TIFF: say which file and go on with the others
+            print(f"skipping {path}: {e}")
+            continue
+        r = occlusion_map(backend, prepared, patch, stride, target)
         r["box"] = peak_box(r["map"], patch, img.shape[:2])
         results.append((path, img, r))
+    if not results:
+        raise ValueError("none of the images could be prepared for the model (see the lines above)")
     scale = max(float(r["map"].max()) for _, _, r in results)
     what = "defect log-odds" if target is None else f"log-odds of p({args.target})"
     rows = []

@@ -93,12 +93,14 @@ def test_explain_command_writes_figures_and_json(spot_model, tmp_path, capsys):
     cv2.imwrite(str(folder / "a_spot.png"), big)
     cv2.imwrite(str(folder / "b_plain.png"), np.full((SIZE * 4, SIZE * 4), 80, np.uint8))
     (folder / "c_broken.png").write_bytes(b"not an image")
+    cv2.imwrite(str(folder / "d_float.tif"), np.full((40, 40), 0.5, np.float32))  # decodes, but no 8/16-bit image
+    cv2.imwrite(str(folder / "e_bgra16.png"), np.full((SIZE * 2, SIZE * 2, 4), 80 * 257, np.uint16))
     out = tmp_path / "out"
     assert main(["explain", spot_model, str(folder), "--out", str(out), "--patch", "0.12", "--stride", "0.5",
                  "--threads", "1"]) == 0
     rep = json.loads((out / "explain.json").read_text())
     rows = {os.path.basename(r["image"]): r for r in rep["images"]}
-    assert set(rows) == {"a_spot.png", "b_plain.png"}  # the broken file is skipped, not fatal
+    assert set(rows) == {"a_spot.png", "b_plain.png", "e_bgra16.png"}  # the broken files are skipped, not fatal
     a, b = rows["a_spot.png"], rows["b_plain.png"]
     assert a["defect_score"] > 0.99 and b["defect_score"] < 0.2
     assert a["max_drop"] > 4 and abs(b["max_drop"]) < 1e-6
@@ -108,8 +110,9 @@ def test_explain_command_writes_figures_and_json(spot_model, tmp_path, capsys):
     for r in rows.values():
         fig = cv2.imread(r["figure"])
         assert fig is not None and fig.shape[1] > 2 * 144
+    assert rows["e_bgra16.png"]["defect_score"] < 0.2
     text = capsys.readouterr().out
-    assert "a_spot.png" in text and "spot 1.00" in text
+    assert "a_spot.png" in text and "spot 1.00" in text and "skipping" in text and "d_float.tif" in text
 
 
 def test_explain_rejects_bad_arguments_naming_them(spot_model, tmp_path, capsys):
