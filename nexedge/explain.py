@@ -134,7 +134,8 @@ def run_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"no images (.png, .jpg, .bmp, .tif) under {', '.join(args.images)}")
     if args.limit < 0:
         raise ValueError(f"--limit {args.limit}; expected 0 (all) or more")
-    if args.limit:
+    if args.limit and len(paths) > args.limit:
+        print(f"explaining the first {args.limit} of {len(paths)} images (--limit; 0 for all)")
         paths = paths[:args.limit]
     if not 0.0 < args.patch <= 1.0:
         raise ValueError(f"--patch {args.patch}; expected a fraction in (0, 1]")

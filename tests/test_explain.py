@@ -128,3 +128,6 @@ def test_explain_rejects_bad_arguments_naming_them(spot_model, tmp_path, capsys)
     assert "--patch 1.5" in capsys.readouterr().err
     assert main(["explain", spot_model, str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "nope" in capsys.readouterr().err
+    cv2.imwrite(str(tmp_path / "y.png"), np.full((40, 40), 80, np.uint8))
+    assert main(["explain", spot_model, str(tmp_path), "--limit", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "the first 1 of 2 images" in capsys.readouterr().out
