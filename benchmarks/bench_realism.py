@@ -109,14 +109,14 @@ def train_on_synth(look: str, images: int, work: str, seed: int = 0) -> str:
 def over_seeds(per_seed: List[Dict[str, Any]]) -> Dict[str, Any]:
     """AUC per seed, their mean, and the AUC of the seeds' mean log-odds (an ensemble) on the references."""
     from nexedge import metrics
+    from nexedge.runtime.cascade import logit
 
     files = [r["file"] for r in per_seed[0]["rows"]]
     y = np.array([0 if r["label"] == GOOD else 1 for r in per_seed[0]["rows"]])
     s = np.array([[{r["file"]: r["score"] for r in t["rows"]}[f] for f in files] for t in per_seed])
     s = np.clip(s, 1e-9, 1 - 1e-9)
-    logit = np.log(s) - np.log1p(-s)
     aucs = [float(t["auc"]) for t in per_seed]
-    return {"aucs": aucs, "auc_mean": float(np.mean(aucs)), "auc_ensemble": metrics.roc_auc(y, logit.mean(0)),
+    return {"aucs": aucs, "auc_mean": float(np.mean(aucs)), "auc_ensemble": metrics.roc_auc(y, logit(s).mean(0)),
             "met": sum(a >= 1.0 for a in aucs), "good_mean": float(s[:, y == 0].mean()),
             "defect_mean": float(s[:, y == 1].mean())}
 

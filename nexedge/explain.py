@@ -10,7 +10,7 @@ probability) falls without it. It works on any backend the daemon can open (.pt,
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,10 +36,11 @@ def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, t
     k = patch | 1  # odd median aperture about the patch size: removes structure smaller than the patch
     med = cv2.medianBlur(np.ascontiguousarray(prepared), min(k, 255)).reshape(prepared.shape)
 
+    from nexedge.runtime.cascade import logit
+
     def value(res: Any) -> np.ndarray:  # log-odds: a probability near 0 or 1 would hide what moves it
         p = np.asarray(res.defect_score if target is None else res.probs[:, target], np.float64)
-        p = np.clip(p, 1e-12, 1.0 - 1e-12)
-        return np.log(p) - np.log1p(-p)
+        return logit(np.clip(p, 1e-12, 1.0 - 1e-12))
 
     base = backend.infer(prepared[None])
     v0 = float(value(base)[0])
@@ -63,18 +64,42 @@ def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, t
             "map": (acc / np.maximum(cnt, 1)).astype(np.float32)}
 
 
-def peak_box(heat: np.ndarray, patch: int, size_hw: Sequence[int]) -> List[int]:
+def _to_original(prep_hw: Sequence[int], size_hw: Sequence[int], resize_mode: str) -> Tuple[float, float, int, int]:
+    """(ky, kx, oy, ox): a prepared pixel (y, x) lies at ((y + oy) * ky, (x + ox) * kx) in the original image.
+
+    ``stretch`` scales each axis; ``short`` scales both by one factor, then centre-crops (preprocess.resize_short).
+    """
+    h, w = int(prep_hw[0]), int(prep_hw[1])
+    oh, ow = int(size_hw[0]), int(size_hw[1])
+    if resize_mode != "short":
+        return oh / float(h), ow / float(w), 0, 0
+    s = max(h / oh, w / ow)
+    nh, nw = max(h, int(round(oh * s))), max(w, int(round(ow * s)))
+    return oh / float(nh), ow / float(nw), (nh - h) // 2, (nw - w) // 2
+
+
+def peak_box(heat: np.ndarray, patch: int, size_hw: Sequence[int], resize_mode: str = "stretch") -> List[int]:
     """[x0, y0, x1, y1] of a patch-sized box around the map's maximum, in original image pixels."""
-    h, w = heat.shape
+    ky, kx, oy, ox = _to_original(heat.shape, size_hw, resize_mode)
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    sy, sx = size_hw[0] / float(h), size_hw[1] / float(w)
     half = patch / 2.0
-    return [int(max(0, (x - half) * sx)), int(max(0, (y - half) * sy)),
-            int(min(size_hw[1], np.ceil((x + half) * sx))), int(min(size_hw[0], np.ceil((y + half) * sy)))]
+    return [int(max(0, (x - half + ox) * kx)), int(max(0, (y - half + oy) * ky)),
+            int(min(size_hw[1], np.ceil((x + half + ox) * kx))), int(min(size_hw[0], np.ceil((y + half + oy) * ky)))]
+
+
+def heat_on_original(heat: np.ndarray, size_hw: Sequence[int], resize_mode: str = "stretch") -> np.ndarray:
+    """The map laid over the original image's pixel grid (0 where a ``short`` resize cropped the image away)."""
+    import cv2
+
+    ky, kx, oy, ox = _to_original(heat.shape, size_hw, resize_mode)
+    h, w = heat.shape
+    full = np.zeros((int(round(size_hw[0] / ky)), int(round(size_hw[1] / kx))), np.float32)
+    full[oy:oy + h, ox:ox + w] = heat
+    return cv2.resize(full, (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_LINEAR)
 
 
 def figure(img: np.ndarray, heat: np.ndarray, caption: Sequence[str], scale: float) -> np.ndarray:
-    """The image and the map over it, side by side, with caption lines above (BGR uint8).
+    """The image and the map over it (on the image's pixel grid), side by side, with caption lines above (BGR uint8).
 
     Colours run from 0 (no effect) to ``scale`` (the value's largest drop over all images
     of the run), so maps of one run compare; regions that lower the value stay uncoloured.
@@ -117,7 +142,11 @@ def configure_explain(p: argparse.ArgumentParser) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from nexedge.export.parity import list_images_flat, read_images_skipping
+    import cv2
+
+    from nexedge.bench.runner import backend_kwargs
+    from nexedge.export.parity import list_images_flat, read_image
+    from nexedge.progress import progress
     from nexedge.runs import resolve_artifact
     from nexedge.runtime import open_backend
     from nexedge.runtime.factory import backend_kind
@@ -142,9 +171,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if not 0.0 < args.stride <= 1.0:
         raise ValueError(f"--stride {args.stride}; expected a fraction in (0, 1]")
     model = resolve_artifact(args.model, "model")
-    opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(
-        backend_kind(model), {}) if args.threads else {}
-    backend = open_backend(model, **opts)
+    backend = open_backend(model, **backend_kwargs(backend_kind(model), args.threads, None, None))
     card = backend.card
     if args.crop_mode:
         backend = backend.crop_view(args.crop_mode)
@@ -153,49 +180,41 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.target not in card.classes:
             raise ValueError(f"--target {args.target!r} is not a class of {model}; expected one of {card.classes}")
         target = card.classes.index(args.target)
-    imgs, kept = read_images_skipping(paths)
-    paths = [paths[i] for i in kept]
-    if not imgs:
-        raise ValueError("none of the images could be read")
     h, w = (int(v) for v in card.input["resize"])
+    mode = card.input.get("resize_mode", "stretch")
     patch = max(1, int(round(args.patch * min(h, w))))
     stride = max(1, int(round(args.stride * patch)))
     os.makedirs(args.out, exist_ok=True)
-    from nexedge.progress import progress
 
+    # one image in memory at a time: the maps are kept (small), the images are read again for the figures
     results = []
-    for path, img in progress(list(zip(paths, imgs)), desc="explain", unit="img"):
+    for path in progress(paths, desc="explain", unit="img"):
         try:
+            img = read_image(path)
             prepared = pp.prepare(img, card.input)
-        except ValueError as e:  # e.g. a float TIFF: say which file and go on with the others
+        except ValueError as e:  # undecodable, or e.g. a float TIFF: say which file and go on with the others
             print(f"skipping {path}: {e}")
             continue
         r = occlusion_map(backend, prepared, patch, stride, target)
-        r["box"] = peak_box(r["map"], patch, img.shape[:2])
-        results.append((path, img, r))
+        r["box"] = peak_box(r["map"], patch, img.shape[:2], mode)
+        results.append((path, r))
     if not results:
-        raise ValueError("none of the images could be prepared for the model (see the lines above)")
-    scale = max(float(r["map"].max()) for _, _, r in results)
+        raise ValueError("none of the images could be read and prepared for the model (see the lines above)")
+    scale = max(float(r["map"].max()) for _, r in results)
     what = "defect log-odds" if target is None else f"log-odds of p({args.target})"
     rows = []
     print(f"{'image':40s} {'defect score':>12s}  top classes; region that raises the {what} most (x0,y0,x1,y1)")
-    for i, (path, img, r) in enumerate(results):
-        top = np.argsort(r["probs"])[::-1][:3]
-        tops = [(card.classes[j], float(r["probs"][j])) for j in top]
-        stem = f"{i:03d}_" + os.path.splitext(os.path.basename(path))[0]
-        fig = os.path.join(args.out, stem + ".png")
-        caption = [os.path.basename(path)[:60],
-                   f"defect score {r['score']:.3f}; " + ", ".join(f"{c} {p:.2f}" for c, p in tops),
+    for i, (path, r) in enumerate(results):
+        tops = ", ".join(f"{card.classes[j]} {float(r['probs'][j]):.2f}" for j in np.argsort(r["probs"])[::-1][:3])
+        fig = os.path.join(args.out, f"{i:03d}_" + os.path.splitext(os.path.basename(path))[0] + ".png")
+        caption = [os.path.basename(path)[:60], f"defect score {r['score']:.3f}; {tops}",
                    f"map: drop of the {what} when a region is occluded (red: {scale:.3f})"]
-        import cv2
-
-        cv2.imwrite(fig, figure(img, r["map"], caption, scale))
+        img = read_image(path)
+        cv2.imwrite(fig, figure(img, heat_on_original(r["map"], img.shape[:2], mode), caption, scale))
         rows.append({"image": path, "figure": fig, "defect_score": r["score"],
-                     "classes": {card.classes[j]: float(r["probs"][j]) for j in range(len(card.classes))},
+                     "classes": {c: float(p) for c, p in zip(card.classes, r["probs"])},
                      "explains": what, "value": r["value"], "max_drop": float(r["map"].max()), "peak_box": r["box"]})
-        name = os.path.basename(path)
-        print(f"{name[:40]:40s} {r['score']:12.4f}  " + ", ".join(f"{c} {p:.2f}" for c, p in tops)
-              + f"; {r['box']} drop {float(r['map'].max()):.3f}")
+        print(f"{os.path.basename(path)[:40]:40s} {r['score']:12.4f}  {tops}; {r['box']} drop {float(r['map'].max()):.3f}")
     with open(os.path.join(args.out, "explain.json"), "w", encoding="utf-8") as f:
         json.dump({"model": model, "crop_mode": backend.crop_mode, "patch_px": patch, "stride_px": stride,
                    "images": rows}, f, indent=1)

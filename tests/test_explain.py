@@ -131,3 +131,20 @@ def test_explain_rejects_bad_arguments_naming_them(spot_model, tmp_path, capsys)
     cv2.imwrite(str(tmp_path / "y.png"), np.full((40, 40), 80, np.uint8))
     assert main(["explain", spot_model, str(tmp_path), "--limit", "1", "--out", str(tmp_path / "o")]) == 0
     assert "the first 1 of 2 images" in capsys.readouterr().out
+
+
+def test_maps_of_a_short_side_resize_land_on_the_cropped_middle_of_the_original():
+    from nexedge.explain import heat_on_original
+
+    # a 100 x 200 image, `resize_mode: short` to 36 x 36: scaled to 36 x 72, then the middle 36 columns kept
+    heat = np.zeros((36, 36), np.float32)
+    heat[16:20, 16:20] = 1.0  # the prepared image's centre
+    x0, y0, x1, y1 = peak_box(heat, 4, (100, 200), "short")
+    assert x0 <= 100 <= x1 and y0 <= 50 <= y1 and x1 - x0 < 15 and y1 - y0 < 15
+    full = heat_on_original(heat, (100, 200), "short")
+    assert full.shape == (100, 200)
+    ys, xs = np.nonzero(full > 0.5 * full.max())
+    assert abs(ys.mean() - 50) <= 2 and abs(xs.mean() - 100) <= 2
+    assert np.abs(full[:, :45]).max() == 0 and np.abs(full[:, 155:]).max() == 0  # cropped away: no map
+    # stretch keeps the plain per-axis scaling
+    assert peak_box(heat, 4, (72, 36)) == [14, 28, 18, 36]  # around the first maximum, (16, 16)

@@ -399,7 +399,7 @@ def _real_recess(glints: np.ndarray, sc: Scene) -> None:
                 cv2.polylines(glints, [seg], False, sc.rim_gray * level * lv * (0.7 if k else 1.0),
                               max(1, int(round(1.2 * s))), cv2.LINE_AA, 4)
     bar, bar_lv, floor_y, floor_lv = sc.recess_bars
-    half = 0.6 * sc.leads[-1].width if sc.leads else 8.0
+    half = 0.6 * sc.leads[-1].width
     for y, hw, lv in ((tip + bar, half, bar_lv), (tip + floor_y, sc.recess[0][0] * 0.9, floor_lv)):
         cv2.line(glints, (int(round((bx - hw) * sx)), int(round(y * sy))), (int(round((bx + hw) * sx)), int(round(y * sy))),
                  sc.rim_gray * lv, max(1, int(round(1.5 * s))), cv2.LINE_AA)
