@@ -4,14 +4,15 @@ Positive = defect. Defect score = the summed probability of the defect classes,
 computed by :func:`defect_score` (the one definition that the trainer, the card,
 ``nexedge eval``, the runtime and the exported graph share). It equals
 ``1 - p(good)`` but keeps its precision near 0, where ``1 - p(good)`` in float32
-is exactly 0 below about 6e-8. ROC via scikit-learn. FPR at
-TPR >= t is the smallest FPR among ROC points with TPR >= t; its threshold is the
-score threshold of that point (REJECT if score >= threshold). The one-sided 95%
-Clopper-Pearson lower bound on TPR says what the number of validation defects
-supports.
+is exactly 0 below about 6e-8. FPR at TPR >= t is the smallest FPR among ROC
+points with TPR >= t (ties resolve to the higher TPR); its threshold lies strictly
+below the weakest defect it must catch, halfway in log-odds to the next lower score
+(REJECT if score >= threshold), so a rescore that moves that defect by rounding noise
+still REJECTs it. The one-sided 95% Clopper-Pearson lower bound on TPR says what the
+number of validation defects supports.
 
-numpy at import; scikit-learn and scipy inside the functions that need them.
-The daemon imports this module (Python 3.8, no torch).
+numpy and the standard library only (no scikit-learn, scipy or torch): the daemon
+and ``nexedge thresholds`` on a Jetson's line install import this module (Python 3.8).
 """
 
 import math
@@ -55,27 +56,87 @@ def defect_score_from_probs(probs: np.ndarray, good_index: int) -> np.ndarray:
     return np.delete(p, good_index, axis=1).sum(axis=1)
 
 
+def _betacf(a: float, b: float, x: float, max_iter: int = 100_000) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, max_iter + 1):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            return h
+    raise ArithmeticError(f"incomplete beta ({a}, {b}, {x}) did not converge")
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b) for a, b > 0 (scipy.special.betainc)."""
+    if not (a > 0 and b > 0):
+        raise ValueError(f"betainc needs a > 0 and b > 0, got a={a}, b={b}")
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of the Beta(a, b) distribution (scipy.stats.beta.ppf), by bisection."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile level {q} outside [0, 1]")
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def clopper_pearson_lower(k: int, n: int, confidence: float = 0.95) -> float:
     """One-sided lower confidence bound on a proportion with ``k`` successes of ``n``."""
-    from scipy.stats import beta
-
     if n <= 0:
         return float("nan")
     if k < 0 or k > n:
         raise ValueError(f"successes {k} outside [0, {n}]")
     if k == 0:
         return 0.0
-    return float(beta.ppf(1.0 - confidence, k, n - k + 1))
+    alpha = 1.0 - confidence
+    if k == n:
+        return float(alpha ** (1.0 / n))
+    return float(beta_ppf(alpha, k, n - k + 1))
 
 
 def expected_escape_rate(op: Dict[str, Any]) -> Optional[float]:
-    """Chance that a new defect, drawn like the validation defects, scores below ``op``'s threshold.
+    """Average chance that a new defect, drawn like the validation defects, escapes ``op``.
 
-    The threshold of an operating point that misses m of n validation defects is the (m+1)-th
-    lowest defect score; a new defect exchangeable with them ranks anywhere among the n+1 with
-    equal chance, so it escapes with probability (m+1)/(n+1), whatever the model (ties aside).
-    For TPR 100 % on 53 defects that is 1/54: a test split of 61 defects expects 1.1 escapes.
-    None when the point lacks ``tpr`` or ``n_defects`` (cards older than those fields).
+    A point that misses m of n validation defects puts its threshold below the (m+1)-th
+    lowest defect score; a new defect exchangeable with them ranks anywhere among the n+1
+    with equal chance, so it escapes with probability at most (m+1)/(n+1), whatever the
+    model (it is below that only by the margin under the weakest caught defect). This is a
+    mean over validation draws, not a bound for one deployed threshold: for that, read
+    1 - ``tpr_lower95``. None when the point lacks ``tpr`` or ``n_defects``.
     """
     n, tpr = op.get("n_defects"), op.get("tpr")
     if not n or tpr is None:
@@ -90,25 +151,78 @@ def _check_binary(y_defect: np.ndarray, scores: np.ndarray) -> None:
 
 
 def roc_auc(y_defect: Sequence[int], scores: Sequence[float]) -> float:
-    """ROC AUC (NaN when only one of good/defect is present)."""
-    from sklearn.metrics import roc_auc_score
-
+    """ROC AUC (NaN when only one of good/defect is present); tied scores count one half."""
     y, s = np.asarray(y_defect, dtype=int), np.asarray(scores, dtype=float)
     _check_binary(y, s)
-    if y.min(initial=0) == y.max(initial=0):
+    n_def = int(y.sum())
+    n_good = y.size - n_def
+    if n_def == 0 or n_good == 0:
         return float("nan")
-    return float(roc_auc_score(y, s))
+    if np.isnan(s).any():
+        raise ValueError(f"{int(np.isnan(s).sum())} scores are NaN")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank, ties share their mean rank
+    rank_sum = float(mid_rank[inverse.reshape(-1)][y == 1].sum())
+    return (rank_sum - n_def * (n_def + 1) / 2.0) / (n_def * n_good)
+
+
+def roc_curve(y_defect: Sequence[int], scores: Sequence[float]) -> Dict[str, np.ndarray]:
+    """Every distinct score as a cut (REJECT if score >= cut), highest first.
+
+    Returns ``cut``, ``tp``, ``fp`` (counts rejected at that cut), ``tpr``, ``fpr``."""
+    y, s = np.asarray(y_defect, dtype=int), np.asarray(scores, dtype=float)
+    _check_binary(y, s)
+    uniq, inverse = np.unique(s, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    d = np.bincount(inverse, weights=(y == 1).astype(float), minlength=uniq.size)[::-1]
+    g = np.bincount(inverse, weights=(y != 1).astype(float), minlength=uniq.size)[::-1]
+    tp, fp = np.cumsum(d).astype(np.int64), np.cumsum(g).astype(np.int64)
+    n_def, n_good = max(int(tp[-1]) if tp.size else 0, 1), max(int(fp[-1]) if fp.size else 0, 1)
+    return {"cut": uniq[::-1], "tp": tp, "fp": fp, "tpr": tp / n_def, "fpr": fp / n_good}
+
+
+#: How far below the weakest caught defect a threshold may go when nothing scores lower (or
+#: only exact zeros do), in log-odds: a factor of about 1e3 on the odds.
+_MAX_GAP_LOGIT = math.log(1e3)
+
+
+def logit(p: Any) -> Any:
+    """Log-odds of probabilities, clipped to the float64 range (0 and 1 map to about -745 and 37)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 5e-324, 1.0 - 2.0 ** -53)
+    out = np.log(q) - np.log1p(-q)
+    return float(out) if out.ndim == 0 else out
+
+
+def expit(x: Any) -> Any:
+    """Inverse of :func:`logit` (numerically stable for both signs)."""
+    z = np.asarray(x, dtype=np.float64)
+    out = np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+    return float(out) if out.ndim == 0 else out
+
+
+def threshold_between(caught: float, below: Optional[float]) -> float:
+    """A threshold strictly inside (below, caught]: halfway in log-odds, never more than
+    :data:`_MAX_GAP_LOGIT` under ``caught``, never 0. ``caught`` itself when the two are
+    adjacent floats."""
+    lo = logit(caught) - _MAX_GAP_LOGIT
+    if below is not None and below > 0.0:
+        lo = max(lo, logit(below))
+    t = float(expit(0.5 * (logit(caught) + lo)))
+    if below is not None and not below < t:
+        t = caught
+    return t if 0.0 < t <= caught else caught
 
 
 def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr: float) -> Dict[str, Any]:
     """Threshold with TPR >= target and the smallest FPR, plus the TPR lower bound.
 
-    The threshold is always > 0 (a card threshold of 0 would REJECT every device):
-    when defects score exactly 0 the point with the highest reachable TPR is returned
-    and its ``tpr`` says it falls short of the target.
+    Among cuts of equal FPR the one catching the most defects wins (ties resolve to the
+    higher TPR). The threshold lies strictly below the weakest defect the point catches,
+    halfway in log-odds to the next lower score (:func:`threshold_between`), so every
+    validation score keeps the side it was measured on with a margin. It is always > 0 (a
+    card threshold of 0 would REJECT every device): when defects score exactly 0 the point
+    with the highest reachable TPR is returned and its ``tpr`` says it falls short.
     """
-    from sklearn.metrics import roc_curve
-
     y, s = np.asarray(y_defect, dtype=int), np.asarray(scores, dtype=float)
     _check_binary(y, s)
     n_def, n_good = int(y.sum()), int((y == 0).sum())
@@ -116,24 +230,30 @@ def operating_point(y_defect: Sequence[int], scores: Sequence[float], target_tpr
         raise ValueError(f"need both good and defect samples for an operating point (good {n_good}, defect {n_def})")
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{int((~np.isfinite(s)).sum())} scores are not finite")
-    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
-    valid = np.isfinite(thr) & (thr > 0)
+    if not 0.0 < float(target_tpr) <= 1.0:
+        raise ValueError(f"target TPR {target_tpr} outside (0, 1]")
+    roc = roc_curve(y, s)
+    cut, tp, fp = roc["cut"], roc["tp"], roc["fp"]
+    valid = cut > 0
     if not valid.any():
         raise ValueError("every score is 0: no threshold > 0 separates anything")
-    ok = np.flatnonzero(valid & (tpr >= target_tpr - 1e-12))
+    tpr = tp / n_def
+    ok = np.flatnonzero(valid & (tpr >= float(target_tpr) - 1e-12))
     if ok.size == 0:  # defects at score 0: the best reachable TPR
-        best = tpr[valid].max()
-        ok = np.flatnonzero(valid & (tpr == best))
-    i = int(ok[np.argmin(fpr[ok])])  # first (highest-threshold) point of the smallest FPR
-    k = int(round(tpr[i] * n_def))
+        ok = np.flatnonzero(valid & (tpr == tpr[valid].max()))
+    best_fp = fp[ok].min()
+    i = int(ok[fp[ok] == best_fp].max())  # lowest cut of the smallest FPR: the most defects caught
+    below = float(cut[i + 1]) if i + 1 < cut.size else None
+    k = int(tp[i])
     return {
         "target_tpr": float(target_tpr),
-        "threshold": float(thr[i]),
-        "tpr": float(tpr[i]),
-        "fpr": float(fpr[i]),
+        "threshold": threshold_between(float(cut[i]), below),
+        "tpr": k / n_def,
+        "fpr": int(fp[i]) / n_good,
         "tpr_lower95": clopper_pearson_lower(k, n_def),
         "n_defects": n_def,
         "n_good": n_good,
+        "weakest_caught": float(cut[i]),
     }
 
 

@@ -307,7 +307,9 @@ def test_expected_escape_rate_is_the_rank_of_a_new_defect_among_the_validation_o
         s = np.r_[rng.random(40), rng.beta(0.5, 2.0, 21)]  # defects overlap the good ones heavily
         op = metrics.operating_point(y, s[:60], 1.0)
         hits += s[60] < op["threshold"]
-    assert hits / trials == pytest.approx(metrics.expected_escape_rate(op), abs=0.015)
+    # (m+1)/(n+1) would be exact with the threshold on the weakest defect; placed below it (halfway
+    # in log-odds to the next good score) the rate can only be lower
+    assert 0.0 < hits / trials <= metrics.expected_escape_rate(op) + 0.01
 
 
 def test_defects_needed_and_weak_points():
