@@ -1,30 +1,69 @@
-"""A fake ``tensorrt`` builder module that behaves like the real one where our code depends on it.
+"""A fake ``tensorrt`` (builder and runtime) and a fake cuda-python runtime, faithful where our code depends on them.
 
-TensorRT cannot be installed here. The fake is faithful in the points nexedge's
-logic depends on, each taken from TensorRT's / onnx-tensorrt's documented behaviour:
+TensorRT and CUDA cannot be installed here. The fakes follow TensorRT's / onnx-tensorrt's
+documented behaviour in the points nexedge's logic depends on:
 
 * The ONNX parser really parses the bytes (``onnx``) and rejects what onnx-tensorrt
   rejects for our graphs: non-ONNX bytes; a UINT8 tensor used by anything but a
   Cast ("TensorRT does not support UINT8 types for intermediate tensors",
   ModelImporter.cpp 8.6/10.x; 8.5 converts a UINT8 input only in a Cast, per
   DataType::kUINT8); a DequantizeLinear whose input is not INT8 ("only activation
-  types allowed as input to this layer", onnx-tensorrt issue 850). Its rules are
-  written here independently of nexedge.export.onnx_check.
-* The network has one layer per ONNX node; ``IBuilderConfig.can_run_on_DLA``
-  says no for a dynamic profile (DLA has no dynamic shapes), without FP16/INT8,
-  off the DLA device type, and for layer types DLA lacks.
+  types allowed as input to this layer", onnx-tensorrt issue 850); before 10.x a
+  QuantizeLinear/DequantizeLinear without its zero-point input ("This version of TensorRT
+  requires 3 inputs for the DequantizeLinear operator", QuantDequantLinearHelper 8.5/8.6);
+  10.x types the output of a 2-input QuantizeLinear INT8. Its rules are written here
+  independently of nexedge.export.onnx_check.
+* The network has one layer per ONNX node (named as the node, as onnx-tensorrt's
+  registerLayer does), with typed input/output tensors; ``IBuilderConfig.can_run_on_DLA``
+  says no for a dynamic profile (DLA has no dynamic shapes), without FP16/INT8, off the
+  DLA device type, and for layer types DLA lacks.
+* The builder checks each optimisation profile against the network input's dimensions
+  (a mismatch fails the build) and ``add_optimization_profile`` returns -1 for a profile
+  without shapes; ``set_timing_cache`` returns False for a cache made elsewhere.
+* The built "engine" runs: with FP16 set, every layer not pinned to FP32 (``precision``
+  with OBEY/PREFER_PRECISION_CONSTRAINTS; without those flags TensorRT may ignore the
+  constraint, so the fake does) has its float outputs and weights rounded to float16,
+  which flushes values below 6e-8 to 0, as TensorRT's FP16 kernels do. The engine is the
+  rewritten ONNX graph, run by ONNX Runtime on "device" memory that is host memory.
+* The runtime deserializes only engines of its own version (else None, as TensorRT does)
+  and records the DLA core set on it before deserializing.
 * TensorRT 11 (``version >= 11``): BuilderFlag has no FP16/INT8, no
   IInt8EntropyCalibrator2, no ``platform_has_fast_*``; networks are strongly typed.
 """
 
+import ctypes
 import enum
+import json
 import types
 
-ONNX_UINT8, ONNX_INT8 = 2, 3
+import numpy as np
+
+ONNX_FLOAT, ONNX_UINT8, ONNX_INT8, ONNX_FLOAT16 = 1, 2, 3, 10
 # Layer types a DLA runs (TensorRT developer guide, DLA supported layers; a subset is enough here).
 DLA_LAYERS = {"Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Sub", "Mul",
               "Div", "Concat", "Slice", "Softmax", "Gemm", "BatchNormalization", "Sigmoid", "Clip",
               "QuantizeLinear", "DequantizeLinear"}
+ENGINE_MAGIC = b"FAKE-TRT-ENGINE"
+
+
+class DataType(enum.Enum):
+    FLOAT, HALF, INT8, INT32, BOOL, UINT8, INT64 = 0, 1, 2, 3, 4, 5, 6
+
+
+ONNX_TO_TRT = {1: DataType.FLOAT, 10: DataType.HALF, 3: DataType.INT8, 6: DataType.INT32, 9: DataType.BOOL,
+               2: DataType.UINT8, 7: DataType.INT64}
+LAYER_TYPES = {"Softmax": "SOFTMAX", "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE",
+               "Constant": "CONSTANT", "Shape": "SHAPE", "Conv": "CONVOLUTION", "Gemm": "MATRIX_MULTIPLY",
+               "MatMul": "MATRIX_MULTIPLY", "Cast": "CAST", "Reshape": "SHUFFLE", "Transpose": "SHUFFLE",
+               "Flatten": "SHUFFLE", "Slice": "SLICE", "Concat": "CONCATENATION", "ReduceMean": "REDUCE",
+               "ReduceSum": "REDUCE"}
+LayerType = enum.Enum("LayerType", {n: n for n in sorted(set(LAYER_TYPES.values()) | {"ELEMENTWISE"})})
+
+
+def _q_output_type(n, types_, version):
+    if len(n.input) > 2 and n.input[2]:
+        return types_.get(n.input[2], ONNX_UINT8)
+    return ONNX_INT8 if version >= (10, 0) else ONNX_UINT8  # 10.x: a 2-input Q is INT8
 
 
 def fake_parse_errors(data: bytes, version: tuple) -> list:
@@ -43,7 +82,7 @@ def fake_parse_errors(data: bytes, version: tuple) -> list:
         if n.op_type == "Cast":
             types_[n.output[0]] = next(a.i for a in n.attribute if a.name == "to")
         elif n.op_type == "QuantizeLinear":
-            types_[n.output[0]] = types_.get(n.input[2], ONNX_UINT8) if len(n.input) > 2 else ONNX_UINT8
+            types_[n.output[0]] = _q_output_type(n, types_, version)
         elif n.op_type in ("Transpose", "Slice", "Reshape", "Identity", "Flatten", "Unsqueeze", "Concat"):
             if n.input and n.input[0] in types_:
                 types_[n.output[0]] = types_[n.input[0]]
@@ -57,13 +96,57 @@ def fake_parse_errors(data: bytes, version: tuple) -> list:
                 else:
                     errors.append(f"In node {i} ({n.op_type}): UINT8 tensor {name} used by {n.op_type}; kUINT8 "
                                   "network inputs must be converted first")
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and version < (10, 0) \
+                and not (len(n.input) > 2 and n.input[2]):
+            errors.append(f"In node {i} (QuantDequantLinearHelper): INVALID_NODE: Assertion failed: "
+                          "(inputs.size() == 3) && \"This version of TensorRT requires 3 inputs for the "
+                          "DequantizeLinear operator.\"")
         if n.op_type == "DequantizeLinear" and types_.get(n.input[0]) != ONNX_INT8:
             errors.append(f"In node {i} (importDequantizeLinear): INVALID_NODE: Assertion failed: "
                           "only activation types allowed as input to this layer.")
     return errors
 
 
-def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, has_platform_queries=True):
+def fp16_rounded_model(model, rounded: set):
+    """``model`` with every float output of the nodes in ``rounded`` (by name) passed through float16,
+    and the float weights only those nodes use rounded to float16: FP16 storage, emulated."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types_ = {v.name: v.type.tensor_type.elem_type for v in
+              list(inferred.graph.value_info) + list(g.input) + list(g.output)}
+    types_.update({i.name: i.data_type for i in g.initializer})
+    users = {}
+    for n in g.node:
+        for x in n.input:
+            users.setdefault(x, set()).add(n.name or n.output[0])
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        if (n.name or n.output[0]) not in rounded:
+            continue
+        for k, out in enumerate(list(n.output)):
+            if types_.get(out) != ONNX_FLOAT:
+                continue
+            n.output[k] = out + "__fp32"
+            nodes.append(helper.make_node("Cast", [out + "__fp32"], [out + "__fp16"], to=ONNX_FLOAT16))
+            nodes.append(helper.make_node("Cast", [out + "__fp16"], [out], to=ONNX_FLOAT))
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    for i, init in enumerate(g.initializer):
+        if init.data_type == ONNX_FLOAT and users.get(init.name) and users[init.name] <= rounded:
+            arr = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+    return m
+
+
+def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, has_platform_queries=True,
+             timing_cache_accepts=True):
     """(module, calls): ``calls`` records what our code asked of the API."""
     calls = {"builds": 0}
     vt = tuple(int(x) for x in version.split(".")[:2])
@@ -73,7 +156,8 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
         EXPLICIT_BATCH = 0
         STRONGLY_TYPED = 5
 
-    names = ["GPU_FALLBACK", "VERSION_COMPATIBLE"] + ([] if trt11 else ["FP16", "INT8"])
+    names = ["GPU_FALLBACK", "VERSION_COMPATIBLE", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"] \
+        + ([] if trt11 else ["FP16", "INT8"])
     BuilderFlag = enum.Enum("BuilderFlag", {n: n for n in names})
 
     class Logger:
@@ -83,27 +167,52 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             self.level = level
 
     class Tensor:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, name, dtype=DataType.FLOAT, shape=()):
+            self.name, self.dtype, self.shape = name, dtype, tuple(shape)
 
     class Layer:
-        def __init__(self, name, type_):
-            self.name, self.type = name, type_
+        def __init__(self, name, op, inputs, outputs):
+            self.name, self.op, self.inputs, self.outputs = name, op, inputs, outputs
+            self.type = LayerType[LAYER_TYPES.get(op, "ELEMENTWISE")]
+            self._precision, self.out_types = None, {}
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+        precision_is_set = property(lambda self: self._precision is not None)
+
+        @property
+        def precision(self):
+            return self._precision or DataType.FLOAT
+
+        @precision.setter
+        def precision(self, dt):
+            self._precision = dt
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+        def set_output_type(self, i, dt):
+            self.out_types[i] = dt
 
     class Network:
         def __init__(self, flags):
             calls["network_flags"] = flags
-            self.layers, self.inputs = [], []
+            self.layers, self.inputs, self.outputs, self.onnx = [], [], [], None
 
-        @property
-        def num_layers(self):
-            return len(self.layers)
+        num_layers = property(lambda self: len(self.layers))
+        num_outputs = property(lambda self: len(self.outputs))
 
         def get_layer(self, i):
             return self.layers[i]
 
         def get_input(self, i):
             return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
 
     class Parser:
         def __init__(self, network, logger):
@@ -120,11 +229,30 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             self.errors = fake_parse_errors(data, vt)
             if self.errors:
                 return False
-            g = onnx.load_from_string(data).graph
+            model = onnx.load_from_string(data)
+            g = model.graph
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            types_ = {v.name: v.type.tensor_type.elem_type for v in
+                      list(inferred.value_info) + list(g.input) + list(g.output)}
+            tensors = {}
+
+            def tensor(name):
+                if name not in tensors:
+                    tensors[name] = Tensor(name, ONNX_TO_TRT.get(types_.get(name), DataType.FLOAT))
+                return tensors[name]
+
             inits = {i.name for i in g.initializer}
-            self.network.inputs = [Tensor(i.name) for i in g.input if i.name not in inits]
-            self.network.layers = [Layer(n.name or n.output[0], n.op_type) for n in g.node
-                                   if n.op_type not in ("Constant", "Identity")]
+            for i in g.input:
+                if i.name not in inits:
+                    dims = [d.dim_value if d.dim_value > 0 else -1 for d in i.type.tensor_type.shape.dim]
+                    tensors[i.name] = Tensor(i.name, ONNX_TO_TRT[i.type.tensor_type.elem_type], dims)
+                    self.network.inputs.append(tensors[i.name])
+            self.network.layers = [Layer(n.name or n.output[0], n.op_type,
+                                         [tensor(x) for x in n.input if x and x not in inits],
+                                         [tensor(x) for x in n.output])
+                                   for n in g.node if n.op_type not in ("Constant", "Identity")]
+            self.network.outputs = [tensor(o.name) for o in g.output]
+            self.network.onnx = model
             return True
 
         def get_error(self, i):
@@ -152,8 +280,11 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             return flag.value in self.flags
 
         def add_optimization_profile(self, profile):
+            if getattr(profile, "shapes", None) is None:
+                return -1
             calls["profile"] = profile.shapes
             self.profiles.append(profile)
+            return len(self.profiles) - 1
 
         def set_calibration_profile(self, profile):
             calls["calibration_profile"] = profile.shapes
@@ -163,18 +294,24 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
                 return False
             if any(p.shapes[1] != p.shapes[3] for p in self.profiles):  # DLA: no dynamic shapes
                 return False
-            return layer.type in DLA_LAYERS
+            return layer.op in DLA_LAYERS
 
         def create_timing_cache(self, blob):
-            return TimingCache(blob)
+            return TimingCache(bytes(blob))
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.blob and not timing_cache_accepts:
+                calls["timing_cache_refused"] = cache.blob
+                return False
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
 
     class Profile:
+        shapes = None
+
         def set_shape(self, name, mn, opt, mx):
             if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
                 raise ValueError("profile min <= opt <= max violated")
@@ -198,21 +335,139 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
 
         def build_serialized_network(self, network, config):
             calls["builds"] += 1
+            for p in config.profiles:  # the profile must fit the input's rank and static dims
+                inp = next(t for t in network.inputs if t.name == p.shapes[0])
+                for s in p.shapes[1:]:
+                    if len(s) != len(inp.shape) or any(d >= 0 and d != v for d, v in zip(inp.shape, s)):
+                        calls["build_error"] = f"profile {s} does not match input dims {inp.shape}"
+                        return None
             if config.default_device_type == "DLA":
                 calls["dla_layers"] = sum(config.can_run_on_DLA(layer) for layer in network.layers)
                 if calls["dla_layers"] < network.num_layers and "GPU_FALLBACK" not in config.flags:
                     return None
-            return b"ENGINE-" + ",".join(sorted(config.flags)).encode()
+            obey = {"OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"} & set(config.flags)
+            pinned = {layer.name for layer in network.layers
+                      if obey and layer.precision_is_set and layer.precision == DataType.FLOAT}
+            low = [layer.name for layer in network.layers if layer.name not in pinned
+                   and layer.type.name not in ("QUANTIZE", "DEQUANTIZE", "SHAPE", "CONSTANT")
+                   and any(t.dtype == DataType.FLOAT for t in layer.outputs)]
+            calls["pinned"], calls["fp16_layers"] = sorted(pinned), []
+            model = network.onnx
+            if "FP16" in config.flags:
+                calls["fp16_layers"] = low
+                model = fp16_rounded_model(model, set(low))
+            if "INT8" in config.flags and config.int8_calibrator is not None:
+                calls["int8_quantizable"] = low  # implicit INT8 may quantize any of these
+            meta = {"flags": sorted(config.flags), "tensorrt": version, "profile": [list(x) for x in
+                    config.profiles[0].shapes[1:]] if config.profiles else None,
+                    "dla_core": config.DLA_core if config.default_device_type == "DLA" else None}
+            head = b"ENGINE-" + ",".join(sorted(f for f in config.flags if f in ("FP16", "INT8", "GPU_FALLBACK",
+                                                                               "VERSION_COMPATIBLE"))).encode()
+            return head + b"\n" + ENGINE_MAGIC + json.dumps(meta).encode() + b"\n" + model.SerializeToString()
 
     if has_platform_queries and not trt11:
         Builder.platform_has_fast_int8 = fast_int8
         Builder.platform_has_fast_fp16 = fast_fp16
 
+    class Mode:
+        INPUT, OUTPUT = "in", "out"
+
+    class Runtime:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            self.DLA_core, self.engine_host_code_allowed = -1, False
+
+        def deserialize_cuda_engine(self, blob):
+            calls["deserialize_dla_core"] = self.DLA_core
+            blob = bytes(blob)
+            try:
+                _head, rest = blob.split(b"\n", 1)
+                meta_line, onnx_bytes = rest.split(b"\n", 1)
+                meta = json.loads(meta_line[len(ENGINE_MAGIC):])
+            except ValueError:
+                return None  # not an engine ("Serialization assertion ... failed", logged by TensorRT)
+            if not meta_line.startswith(ENGINE_MAGIC) or meta["tensorrt"] != version:
+                return None  # engines are tied to the TensorRT version that built them
+            calls["engine_dla_core"] = self.DLA_core if meta["dla_core"] is not None else None
+            return Engine(meta, onnx_bytes)
+
+    class Engine:
+        def __init__(self, meta, onnx_bytes):
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+            self.meta = meta
+            self.inp = self.session.get_inputs()[0]
+            self.names = [self.inp.name] + [o.name for o in self.session.get_outputs()]
+            types_ = {"tensor(float)": DataType.FLOAT, "tensor(uint8)": DataType.UINT8,
+                      "tensor(float16)": DataType.HALF}
+            self.dtypes = {a.name: types_[a.type] for a in [self.inp] + list(self.session.get_outputs())}
+
+        num_io_tensors = property(lambda self: len(self.names))
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return Mode.INPUT if name == self.inp.name else Mode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, p):
+            return [tuple(s) for s in self.meta["profile"]]
+
+        def get_tensor_dtype(self, name):
+            return self.dtypes[name]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addr, self._out_shapes = engine, {}, {}, {}
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.engine.meta["profile"]
+            if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                return False
+            self.shapes[name] = tuple(int(d) for d in shape)
+            return True
+
+        def _run(self, x):
+            return dict(zip(self.engine.names[1:], self.engine.session.run(None, {self.engine.inp.name: x})))
+
+        def get_tensor_shape(self, name):
+            shape = self.shapes[self.engine.inp.name]
+            if name == self.engine.inp.name:
+                return shape
+            if shape not in self._out_shapes:
+                dt = np.uint8 if self.engine.dtypes[self.engine.inp.name] == DataType.UINT8 else np.float32
+                self._out_shapes[shape] = {k: v.shape for k, v in self._run(np.zeros(shape, dt)).items()}
+            return self._out_shapes[shape][name]
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream):
+            name = self.engine.inp.name
+            shape = self.shapes[name]
+            dt = np.dtype(np.uint8 if self.engine.dtypes[name] == DataType.UINT8 else np.float32)
+            n = int(np.prod(shape)) * dt.itemsize
+            x = np.frombuffer((ctypes.c_ubyte * n).from_address(self.addr[name]), dt).reshape(shape).copy()
+            for k, v in self._run(x).items():
+                v = np.ascontiguousarray(v, np.float32)
+                ctypes.memmove(self.addr[k], v.ctypes.data, v.nbytes)
+            calls["executions"] = calls.get("executions", 0) + 1
+            return True
+
     mod = types.SimpleNamespace(
         __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
-        NetworkDefinitionCreationFlag=Flag, BuilderFlag=BuilderFlag,
+        NetworkDefinitionCreationFlag=Flag, BuilderFlag=BuilderFlag, DataType=DataType, LayerType=LayerType,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-        DeviceType=types.SimpleNamespace(DLA="DLA", GPU="GPU"),
+        DeviceType=types.SimpleNamespace(DLA="DLA", GPU="GPU"), Runtime=Runtime, TensorIOMode=Mode,
+        float32=DataType.FLOAT, float16=DataType.HALF,
     )
     if not trt11:
         class IInt8EntropyCalibrator2:
@@ -221,6 +476,77 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
 
         mod.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
     return mod, calls
+
+
+class FakeCudart:
+    """cuda-python's runtime API as the TensorRT backend uses it; "device" memory is host memory."""
+
+    class cudaError_t(enum.Enum):
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    class cudaMemcpyKind(enum.Enum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self, name=b"Orin", cc=(8, 7), sms=16, driver=12060, runtime=12060):
+        self.bufs, self.ok = {}, self.cudaError_t.cudaSuccess
+        self.props = types.SimpleNamespace(name=name, major=cc[0], minor=cc[1], multiProcessorCount=sms,
+                                           totalGlobalMem=61 << 30)
+        self.versions = (driver, runtime)
+        self.streams = set()
+
+    def cudaSetDevice(self, d):
+        return (self.ok,)
+
+    def cudaStreamCreate(self):
+        self.streams.add(7)
+        return (self.ok, 7)
+
+    def cudaStreamDestroy(self, s):
+        self.streams.discard(s)
+        return (self.ok,)
+
+    def cudaMallocHost(self, n):
+        buf = ctypes.create_string_buffer(max(1, n))
+        self.bufs[ctypes.addressof(buf)] = buf
+        return (self.ok, ctypes.addressof(buf))
+
+    cudaMalloc = cudaMallocHost
+
+    def cudaFree(self, ptr):
+        self.bufs.pop(int(ptr), None)
+        return (self.ok,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+        return (self.ok,)
+
+    def cudaStreamSynchronize(self, s):
+        return (self.ok,)
+
+    def cudaGetDeviceProperties(self, d):
+        return (self.ok, self.props)
+
+    def cudaDriverGetVersion(self):
+        return (self.ok, self.versions[0])
+
+    def cudaRuntimeGetVersion(self):
+        return (self.ok, self.versions[1])
+
+
+def use_fake_tensorrt(monkeypatch, trt, cudart=None):
+    """Install ``trt`` as ``tensorrt`` and a :class:`FakeCudart` as cuda-python's runtime, for this test."""
+    import sys
+
+    import nexedge.runtime.tensorrt as rtmod
+
+    cudart = cudart or FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(rtmod, "_import_cudart", lambda: cudart)
+    return cudart
 
 
 def export_tiny_models(folder, inp=None, flavours=("host", "ten"), max_batch=8, arch="tiny", qdq=True):

@@ -35,6 +35,12 @@ def _fake_trt(version="10.3.0.30", fast_int8=True, parse_errors=(), dla_cores=2,
     return trt, calls
 
 
+def _flags_of(engine_path):
+    """The builder flags the fake engine was built with (its first line)."""
+    with open(engine_path, "rb") as f:
+        return f.read().split(b"\n", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Real tiny ONNX models (host and ten-crop, fp32 and TensorRT Q/DQ), exported once."""
@@ -159,7 +165,7 @@ def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(models, tmp_pa
     sha8 = load_card(onnx).sha256[:8]
     assert os.path.basename(path) == f"m-{sha8}.fp16.b8.trt10.3.0.30.jetson-agx-orin-developer-kit-sm16.engine"
     assert not reused
-    assert open(path, "rb").read() == b"ENGINE-FP16"
+    assert _flags_of(path) == b"ENGINE-FP16"
     assert calls["network_flags"] == 0 and calls["workspace"] == ("WORKSPACE", 512 << 20)
     assert calls["profile"] == ("images", (1, 36, 36, 1), (4, 36, 36, 1), (8, 36, 36, 1))
     assert open(tmp_path / "t.timing.cache", "rb").read() == b"timing:"
@@ -203,9 +209,11 @@ def test_int8_qdq_model_parses_and_sets_fp16_with_fake_tensorrt(models, tmp_path
     path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="int8", max_batch=4, opt_batch=2),
                                out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
     assert calls["network_flags"] == (1 if version.startswith("8") else 0)
-    assert open(path, "rb").read() == b"ENGINE-FP16,INT8"
+    assert _flags_of(path) == b"ENGINE-FP16,INT8"
     info = load_card(path).data["provenance"]["engine"]
-    assert info["int8_mode"] == "explicit" and info["flags"] == ["FP16", "INT8"]
+    # In-graph models keep preprocessing and the score tail FP32 (pinned, obeyed); host-crop graphs are all backbone.
+    obey = ["OBEY_PRECISION_CONSTRAINTS"] if flavour == "ten" else []
+    assert info["int8_mode"] == "explicit" and info["flags"] == ["FP16", "INT8"] + obey
     if flavour == "host":
         assert calls["profile"][1:] == ((10, 3, 32, 32), (20, 3, 32, 32), (40, 3, 32, 32))
 
@@ -215,7 +223,7 @@ def test_int8_without_fast_fp16_sets_only_int8_with_fake_tensorrt(models, tmp_pa
     trt, calls = fake_trt(fast_fp16=False)
     path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt,
                                device=ORIN)
-    assert open(path, "rb").read() == b"ENGINE-INT8"
+    assert _flags_of(path) == b"ENGINE-INT8"
 
 
 def test_implicit_int8_uses_calibration_cache_with_fake_tensorrt(models, tmp_path):
@@ -541,3 +549,46 @@ def test_cli_precision_overrides_recipe_and_names_it(models, tmp_path, monkeypat
     assert f"precision int8 from {recipe}" in capsys.readouterr().err and calls["builds"] == 0
     assert main(["build-engine", onnx, "--recipe", recipe, "--precision", "fp16", "--out-dir", str(tmp_path)]) == 0
     assert calls["builds"] == 1 and '"precision": "fp16"' in capsys.readouterr().out
+
+
+def test_profile_checked_against_input_dims_and_add_result_with_fake_tensorrt(models, tmp_path, monkeypatch):
+    """Issue 28 item 7/8: a profile that does not fit the ONNX input fails with both shapes named (the fake
+    builder, like TensorRT, fails such a build), and add_optimization_profile's -1 is not ignored."""
+    onnx = _copy_model(models, "ten", tmp_path)
+    card = load_card(onnx)
+    card.data["input"]["resize"] = [40, 40]  # the card no longer matches the graph's 36 x 36 input
+    card.save_for(onnx)
+    trt, calls = _fake_trt()
+    with pytest.raises(ValueError, match=r"profile shape \(1, 40, 40, 1\) does not fit input 'images'.*"
+                                         r"\(-1, 36, 36, 1\)"):
+        eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    monkeypatch.setattr(eng, "check_profile_dims", lambda network, shapes: None)
+    with pytest.raises(RuntimeError, match="failed to build"):  # the fake builder checks the dims too
+        eng.build_engine(onnx, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    assert "does not match input dims" in calls["build_error"]
+
+    ok = _copy_model(models, "ten", tmp_path, "ok.onnx")
+    trt2, calls2 = _fake_trt()
+
+    class Config(type(trt2.Builder(None).create_builder_config())):
+        def add_optimization_profile(self, profile):
+            return -1
+
+    trt2.Builder.create_builder_config = lambda self: Config()
+    with pytest.raises(RuntimeError, match=r"rejected the optimisation profile .* returned -1"):
+        eng.build_engine(ok, eng.BuildOptions(), out_dir=str(tmp_path), trt=trt2, device=ORIN, check=False)
+    assert calls2["builds"] == 0
+
+
+def test_timing_cache_refused_is_replaced_not_ignored_with_fake_tensorrt(models, tmp_path, caplog):
+    """Issue 28 item 7: set_timing_cache returns False for a cache made on another device/TensorRT; the
+    build warns, starts a new cache and writes that one (the old call's result was ignored)."""
+    onnx = _copy_model(models, "ten", tmp_path)
+    cache = tmp_path / "t.timing.cache"
+    cache.write_bytes(b"made-on-another-gpu")
+    trt, calls = fake_trt(timing_cache_accepts=False)
+    with caplog.at_level("WARNING"):
+        eng.build_engine(onnx, eng.BuildOptions(timing_cache=str(cache)), out_dir=str(tmp_path), trt=trt,
+                         device=ORIN, check=False)
+    assert calls["timing_cache_refused"] == b"made-on-another-gpu"
+    assert "was not accepted" in caplog.text and cache.read_bytes() == b"timing:"

@@ -48,7 +48,7 @@ def _arch_cases():
 @pytest.mark.parametrize("arch,crops", list(_arch_cases()))
 def test_export_every_arch_both_flavours_with_parity(tmp_path, arch, crops):
     ckpt = _untrained_checkpoint(tmp_path / f"{arch}.pt", arch)
-    in_type, outs = (1, ["logits"]) if crops == "host" else (2, ["probs", "defect_score"])
+    in_type, outs = (1, ["logits"]) if crops == "host" else (2, ["probs", "defect_score", "logits"])
     res = export_onnx(ckpt, crops=crops, parity_images=3, threads=1)
     assert res.parity["max_abs_diff"] <= 1e-4
     proto = onnx.load(res.path)
@@ -140,7 +140,7 @@ def test_cli_export(tmp_path, trained, capsys):
     assert main(["export", trained, "--crops", "five", "-o", str(out), "--parity-images", "2",
                  "--max-batch", "8"]) == 0
     card = load_card(str(out))
-    assert card.graph == {"crops": "five", "input_name": "images", "output_names": ["probs", "defect_score"],
+    assert card.graph == {"crops": "five", "input_name": "images", "output_names": ["probs", "defect_score", "logits"],
                           "max_batch": 8}
     assert "parity" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "missing.pt")]) == 1

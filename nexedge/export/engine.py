@@ -340,6 +340,120 @@ def check_recipe_version(recipe: Dict[str, Any], trt_version: str, path: str = "
                          f"but this machine has TensorRT {trt_version}")
 
 
+# -- precision of what reaches the score -------------------------------------
+BACKBONE_PREFIX = "/backbone/"  # ONNX node (and so TensorRT layer) names of the backbone (export.graph)
+#: Layer types left alone when pinning: Q/DQ carry their own types, constants and shape layers no math.
+_NOT_PINNED = ("QUANTIZE", "DEQUANTIZE", "CONSTANT", "SHAPE")
+
+
+def _name(x: Any) -> str:
+    return str(getattr(x, "name", None) or str(x).rsplit(".", 1)[-1])
+
+
+def _float_outputs(layer: Any) -> bool:
+    outs = [layer.get_output(i) for i in range(layer.num_outputs)]
+    return bool(outs) and all(_name(t.dtype) in ("FLOAT", "HALF") for t in outs)
+
+
+def pin_outside_backbone(trt: Any, network: Any, card: ModelCard) -> List[str]:
+    """In-graph models: pin every float layer outside the backbone (uint8 -> float preprocessing, crops,
+    the crop average, softmax, defect sum) to FP32, so neither FP16 nor implicit INT8 touches them;
+    the builder obeys with ``OBEY_PRECISION_CONSTRAINTS``. Host-crop graphs are the backbone alone
+    (the host scores their logits in float64): nothing to pin. Returns the pinned layer names."""
+    if card.graph.get("crops", "host") == "host":
+        return []
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    if not any(str(layer.name).startswith(BACKBONE_PREFIX) for layer in layers):
+        raise RuntimeError(f"in-graph model without {BACKBONE_PREFIX}* layers: cannot tell its preprocessing and "
+                           "score tail from the backbone to keep them FP32; re-export it with this nexedge")
+    fp32 = trt.DataType.FLOAT
+    pinned = []
+    for layer in layers:
+        if str(layer.name).startswith(BACKBONE_PREFIX) or _name(layer.type) in _NOT_PINNED \
+                or not _float_outputs(layer):
+            continue
+        layer.precision = fp32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, fp32)
+        pinned.append(str(layer.name))
+    return pinned
+
+
+def score_output(network: Any) -> str:
+    """The network output the runtime scores from: ``logits`` when present, else ``probs`` (in-graph
+    graphs exported before ``logits``), else the only output (host-crop logits)."""
+    names = [network.get_output(i).name for i in range(network.num_outputs)]
+    for want in ("logits", "probs"):
+        if want in names:
+            return want
+    return names[0]
+
+
+def score_path_problems(network: Any, precision: str, in_graph: bool, obeyed: bool) -> List[str]:
+    """What would put reduced precision into the defect score (FP16 flushes probabilities below 6e-8
+    to 0): a softmax feeding the ``logits`` the runtime scores from, and, in in-graph models, any float
+    layer outside the backbone on the way to the score output that is not pinned to FP32 with
+    ``obeyed`` (OBEY_PRECISION_CONSTRAINTS set). A host-crop graph is all backbone: its output must
+    be logits, not a softmax. Empty for fp32 builds."""
+    if precision == "fp32":
+        return []
+    if not in_graph:
+        last = next((network.get_layer(i) for i in range(network.num_layers)
+                     if any(network.get_layer(i).get_output(j).name == score_output(network)
+                            for j in range(network.get_layer(i).num_outputs))), None)
+        return [f"{last.name}: the host-crop graph outputs a softmax, not logits"] \
+            if last is not None and _name(last.type) == "SOFTMAX" else []
+    producer: Dict[str, Any] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = layer
+    out = score_output(network)
+    todo, seen, problems = [out], set(), []
+    while todo:
+        layer = producer.get(todo.pop())
+        if layer is None or layer.name in seen or str(layer.name).startswith(BACKBONE_PREFIX):
+            continue
+        seen.add(layer.name)
+        kind = _name(layer.type)
+        if kind == "SOFTMAX" and out == "logits":
+            problems.append(f"{layer.name}: a softmax feeds the score output {out!r}")
+        if kind not in _NOT_PINNED and _float_outputs(layer) and not (
+                obeyed and getattr(layer, "precision_is_set", False) and _name(layer.precision) == "FLOAT"):
+            problems.append(f"{layer.name} ({kind}) on the way to {out!r} is not pinned to FP32")
+        todo += [layer.get_input(k).name for k in range(layer.num_inputs) if layer.get_input(k) is not None]
+    return problems
+
+
+def check_profile_dims(network: Any, shapes: Any) -> None:
+    """The profile's shapes must have the input's rank and its static dimensions (-1 = dynamic)."""
+    inp = network.get_input(0)
+    dims = tuple(int(d) for d in inp.shape)
+    for s in shapes:
+        if len(s) != len(dims) or any(d >= 0 and d != v for d, v in zip(dims, s)):
+            raise ValueError(f"optimisation profile shape {tuple(s)} does not fit input {inp.name!r} of the ONNX "
+                             f"model, dims {dims} (-1 = dynamic); the card's input geometry or crops do not match "
+                             "the graph")
+
+
+def attach_timing_cache(config: Any, path: str) -> Any:
+    """The timing cache from ``path`` (a new one when missing); one TensorRT refuses (another device or
+    version made it) is replaced by a new one, with a warning. RuntimeError if even that is refused."""
+    blob = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            blob = f.read()
+    cache = config.create_timing_cache(blob)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return cache
+    log.warning("timing cache %s was not accepted by this TensorRT/device (made elsewhere?); starting a new one",
+                path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise RuntimeError(f"TensorRT refused a new, empty timing cache (for {path})")
+    return cache
+
+
 # -- TensorRT driver -------------------------------------------------------
 def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptions,
                      device: Optional[DeviceInfo] = None) -> Tuple[bytes, Dict[str, Any]]:
@@ -403,23 +517,30 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
             raise ValueError(f"version-compatible engines need TensorRT 8.6 or newer (have {trt.__version__})")
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
 
+    # Scores are computed on the host in float64 from the graph's logits; what lies outside the
+    # backbone (preprocessing, crop average, the probs/defect_score tail) stays FP32 in FP16 and INT8
+    # builds, and is never quantized by a calibrator.
+    pinned = pin_outside_backbone(trt, network, card) if precision != "fp32" else []
+    if pinned:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    problems = score_path_problems(network, precision, card.graph.get("crops", "host") != "host", bool(pinned))
+    if problems:
+        raise RuntimeError(f"{onnx_path}: reduced precision would reach the defect score of this {precision} "
+                           "engine: " + "; ".join(problems[:5]) + "; re-export the model with this nexedge")
+
     input_name = network.get_input(0).name
+    check_profile_dims(network, shapes)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, *shapes)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise RuntimeError(f"TensorRT rejected the optimisation profile {[list(x) for x in shapes]} for input "
+                           f"{input_name!r} (add_optimization_profile returned -1)")
     if mode == "implicit" and hasattr(config, "set_calibration_profile"):
         config.set_calibration_profile(profile)
 
     dla = dla_placement(network, config) if opts.dla_core is not None else None
 
-    cache = None
-    if opts.timing_cache:
-        blob = b""
-        if os.path.exists(opts.timing_cache):
-            with open(opts.timing_cache, "rb") as f:
-                blob = f.read()
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, False)
+    cache = attach_timing_cache(config, opts.timing_cache) if opts.timing_cache else None
 
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -430,14 +551,15 @@ def build_serialized(trt: Any, onnx_path: str, card: ModelCard, opts: BuildOptio
         atomic_write_bytes(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
     info = {"int8_mode": mode, "profile": [list(s) for s in shapes], "opt_batch": opt, "max_batch": mx,
             "build_seconds": round(time.perf_counter() - t0, 3), "input_name": input_name,
-            "flags": sorted(_flag_names(trt, config))}
+            "flags": sorted(_flag_names(trt, config)), "score_output": score_output(network),
+            "pinned_fp32_layers": len(pinned)}
     if dla is not None:
         info["dla"] = dla
     return bytes(serialized), info
 
 
 def _flag_names(trt: Any, config: Any) -> List[str]:
-    names = ("FP16", "INT8", "GPU_FALLBACK", "VERSION_COMPATIBLE")
+    names = ("FP16", "INT8", "GPU_FALLBACK", "VERSION_COMPATIBLE", "OBEY_PRECISION_CONSTRAINTS")
     return [n for n in names if hasattr(trt.BuilderFlag, n) and config.get_flag(getattr(trt.BuilderFlag, n))]
 
 

@@ -9,6 +9,11 @@ logits, the softmax and ``defect_score`` = the sum of the defect classes'
 probabilities (:func:`nexedge.metrics.defect_score`; never ``1 - p(good)``,
 which is exactly 0 in float32 below about 6e-8).
 
+The graph also outputs ``logits``, the per-image mean of the crop logits: the runtimes compute
+the class probabilities and the defect score from it on the host in float64, so no softmax
+computed in reduced precision (a TensorRT FP16/INT8 engine flushes probabilities below 6e-8 to 0)
+ever reaches a score. ``probs`` and ``defect_score`` stay for other consumers of the graph.
+
 The backbone is the submodule ``backbone``; every ONNX node it produces is named
 ``/backbone/...`` by the TorchScript exporter, which the INT8 quantizer uses to
 keep preprocessing and the tail in float (see nexedge.export.quantize).
@@ -32,7 +37,7 @@ def mirrored_offsets(mode: str, size: Tuple[int, int], crop: Tuple[int, int]) ->
 
 
 class InGraphModel(nn.Module):
-    """uint8 N x H x W x C -> (probs N x K, defect_score N)."""
+    """uint8 N x H x W x C -> (probs N x K, defect_score N, logits N x K: mean over the crops)."""
 
     def __init__(self, backbone: nn.Module, inp: Mapping[str, Any], crops: str, good_index: int) -> None:
         super().__init__()
@@ -45,7 +50,7 @@ class InGraphModel(nn.Module):
         self.register_buffer("mean", torch.tensor(inp["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(inp["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Cast before anything else: TensorRT 8.6+ rejects UINT8 intermediate tensors ("TensorRT does not
         # support UINT8 types for intermediate tensors", onnx-tensorrt ModelImporter.cpp) and 8.5 takes a
         # UINT8 input only into a Cast (DataType::kUINT8 docs). Then the same float32 ops in the same
@@ -65,4 +70,4 @@ class InGraphModel(nn.Module):
         logits = logits.reshape(-1, self.k, logits.shape[-1]).mean(dim=1)
         probs = torch.softmax(logits, dim=1)
         g = self.good_index
-        return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1)
+        return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1), logits

@@ -3,9 +3,9 @@
 Two flavours from the same weights:
 
 * ``crops="host"``: float32 (N*K) x 3 x h x w in, ``logits`` out; the host crops.
-* ``crops="center"|"five"|"ten"``: uint8 N x H x W x C in, ``probs`` [N, C] and
-  ``defect_score`` [N] out; preprocessing, crops, averaging and softmax in the graph
-  (see nexedge.export.graph).
+* ``crops="center"|"five"|"ten"``: uint8 N x H x W x C in, ``probs`` [N, C],
+  ``defect_score`` [N] and ``logits`` [N, C] (mean over the crops; what the runtimes score
+  from) out; preprocessing, crops, averaging and softmax in the graph (see nexedge.export.graph).
 
 The ONNX file is written under a temporary name, checked with onnx.checker and
 against PyTorch, and only then renamed into place with its card. Then the
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 HOST_OUTPUTS = ["logits"]
-GRAPH_OUTPUTS = ["probs", "defect_score"]
+#: In-graph outputs; the runtimes score from ``logits`` (float64 on the host), see nexedge.export.graph.
+GRAPH_OUTPUTS = ["probs", "defect_score", "logits"]
 
 
 class ExportResult(NamedTuple):

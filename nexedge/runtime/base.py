@@ -5,7 +5,10 @@ A backend takes *prepared* images (uint8 N x H x W x C, see
 defect score per image. Whether crops happen in the graph or on the host is the
 backend's business, read from the card: ``graph.crops == "host"`` means the
 model takes float32 (N*K) x 3 x h x w and returns logits; anything else means
-the model takes the uint8 images and returns ``probs`` and ``defect_score``.
+the model takes the uint8 images and returns ``logits`` (the mean over its crops),
+``probs`` and ``defect_score``. Scores always come from logits, in float64 on the
+host (:func:`nexedge.metrics.defect_score`), whatever precision the model ran in;
+only graphs exported before in-graph models had ``logits`` are scored from ``probs``.
 
 Python 3.8, no torch.
 """
@@ -50,8 +53,12 @@ class Backend:
         """float32 (N*K) x 3 x h x w -> logits (N*K) x C."""
         raise NotImplementedError
 
+    #: What :meth:`_run_graph` returns: "logits" (per-image mean over the crops) or, for in-graph
+    #: models exported without a ``logits`` output, "probs".
+    graph_output = "logits"
+
     def _run_graph(self, images: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
-        """uint8 N x H x W x C -> probs N x C (the graph also returns defect_score; recomputed here)."""
+        """uint8 N x H x W x C -> N x C :attr:`graph_output` (the graph's own defect_score is not used)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -87,9 +94,14 @@ class Backend:
             score = metrics.defect_score(mean_logits, self.card.good_index)
         else:
             timings["preprocess"] = 0.0
-            probs = np.asarray(self._run_graph(np.ascontiguousarray(images), timings), np.float32)
+            out = np.asarray(self._run_graph(np.ascontiguousarray(images), timings), np.float64)
             t1 = time.perf_counter()
-            score = metrics.defect_score_from_probs(probs, self.card.good_index)
+            if self.graph_output == "logits":
+                probs = pp.softmax(out)
+                score = metrics.defect_score(out, self.card.good_index)
+            else:
+                probs = out
+                score = metrics.defect_score_from_probs(out.astype(np.float32), self.card.good_index)
         timings["postprocess"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         return InferenceResult(probs.astype(np.float32), score, timings)

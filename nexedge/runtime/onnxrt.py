@@ -122,9 +122,11 @@ class OnnxRuntimeBackend(Backend):
         if self.crops == "host":
             self.output_name = outs[0]
         else:
-            if "probs" not in outs:
-                raise BackendError(f"{self.path}: in-graph model must output 'probs', has {outs}")
-            self.output_name = "probs"
+            # Score from the mean logits (float64 on the host); graphs from before that output existed: probs.
+            self.graph_output = "logits" if "logits" in outs else "probs"
+            if self.graph_output not in outs:
+                raise BackendError(f"{self.path}: in-graph model must output 'logits' (or 'probs'), has {outs}")
+            self.output_name = self.graph_output
 
     def _run(self, feed: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
         if self.session is None:

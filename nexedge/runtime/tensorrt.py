@@ -284,10 +284,14 @@ class TensorRTBackend(Backend):
             t.host, t.host_handle = self.cuda.pinned(shape, t.dtype)
             ctx.set_tensor_address(n, t.device)
             self.tensors.append(t)
-        want = "probs" if self.crops != "host" else [n for n in names if n != self.input_name][0]
-        if want not in names:
-            raise BackendError(f"{self.path}: in-graph engine must output 'probs', has {names}")
-        self.output_name = want
+        if self.crops == "host":
+            self.output_name = [n for n in names if n != self.input_name][0]
+        else:
+            # Score from the mean logits (float64 on the host); engines of graphs from before: probs.
+            self.graph_output = "logits" if "logits" in names else "probs"
+            if self.graph_output not in names:
+                raise BackendError(f"{self.path}: in-graph engine must output 'logits' (or 'probs'), has {names}")
+            self.output_name = self.graph_output
 
     def _execute(self, x: np.ndarray, timings: Dict[str, float]) -> np.ndarray:
         if self.context is None:
