@@ -290,7 +290,7 @@ def test_engine_path_shares_reporting_with_fake_tensorrt_backend(models, capsys,
     assert doc["results"][0]["latency_ms"]["h2d"]["median"] == pytest.approx(0.1)
     assert "h2d" in text and "d2h" in text
     assert main(["bench", engine, "--threads", "2", "--iterations", "1"]) == 1
-    assert "does not apply to a TensorRT engine" in capsys.readouterr().err
+    assert "does not apply to the tensorrt backend: a TensorRT engine's crops" in capsys.readouterr().err
     assert main(["bench", engine, "--batch", "8", "--iterations", "1"]) == 1
     assert "maximum batch 4" in capsys.readouterr().err
 

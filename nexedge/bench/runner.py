@@ -21,8 +21,9 @@ import numpy as np
 
 from nexedge import preprocess as pp
 from nexedge.bench import stats
+from nexedge.runtime import registry
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto",) + registry.backend_names()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: Stages in pipeline order; anything else a backend reports is printed after these.
 STAGE_ORDER = ("decode", "resize", "preprocess", "h2d", "inference", "d2h", "postprocess", "total", "e2e")
@@ -77,25 +78,10 @@ def load_encoded(files: Sequence[str]) -> List[np.ndarray]:
 
 def backend_kwargs(kind: str, threads: Optional[int], crop_mode: Optional[str],
                    providers: Optional[str]) -> Dict[str, Any]:
-    """Constructor arguments for the backend ``kind`` (each backend names its options its own way)."""
-    # The batch limit is the card's (graph.max_batch; an engine's optimisation profile), never raised here.
-    kw: Dict[str, Any] = {}
-    if crop_mode and kind != "tensorrt":
-        kw["crop_mode"] = crop_mode
-    if kind == "onnxruntime":
-        if threads:
-            kw["intra_threads"] = threads
-        if providers:
-            kw["providers"] = providers
-    elif kind == "torch":
-        if threads:
-            kw["threads"] = threads
-    else:
-        for flag, value in (("--providers", providers), ("--threads", threads), ("--crops", crop_mode)):
-            if value:
-                raise ValueError(f"{flag} {value!r} does not apply to a TensorRT engine (its crops and batch "
-                                 "profile are fixed when it is built; see nexedge build-engine)")
-    return kw
+    """Constructor arguments for the backend ``kind`` from the generic flags, through the options each
+    backend declares (nexedge.runtime.registry); a flag it has no option for, or an unknown backend,
+    is a ValueError. The batch limit is the card's (graph.max_batch; an engine's profile), never raised here."""
+    return registry.from_flags(kind, threads=threads, crop_mode=crop_mode, providers=providers)
 
 
 def resolve_backend(model: str, backend: str) -> str:

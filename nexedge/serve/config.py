@@ -22,7 +22,8 @@ class ModelCfg:
     path: str = ""
     verify_card: bool = True
     warmup: int = 3
-    #: Keyword options passed to nexedge.runtime.open_backend (e.g. providers, threads).
+    #: Backend options (nexedge.runtime.registry): per backend ({onnxruntime: {...}, tensorrt: {...}})
+    #: or flat, then for the backend of ``path`` only.
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Cascade TenCrop (nexedge.runtime.cascade): auto = when the card has a band measured for the
     #: threshold in use; on = required (startup fails naming why not); off = full crops on every frame.
@@ -262,6 +263,12 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.path:
         raise ConfigError("model.path: missing; expected the path of a model artifact (.onnx, .engine) with its card")
     _positive("model.warmup", cfg.model.warmup, allow_zero=True)
+    from nexedge.runtime import registry
+
+    try:
+        registry.check_config_options(cfg.model.options, cfg.model.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.model.cascade not in ("auto", "on", "off"):
         raise ConfigError(f"model.cascade: {cfg.model.cascade!r}; expected auto, on or off")
     s = cfg.sockets

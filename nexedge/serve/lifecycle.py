@@ -265,10 +265,13 @@ class Lifecycle:
 
     def _open(self, path: str, source: str, given: Any = None) -> Slot:
         """Open, check (crop mode / unmeasured thresholds as at start-up) and warm one artifact."""
-        from nexedge.runtime import open_backend
+        from nexedge.runtime import open_backend, registry
 
         cfg = self.cfg
-        opts = dict(cfg.model.options)
+        try:  # the options of the backend that opens this file (an engine loaded on an ONNX line too)
+            opts = registry.options_for(path, cfg.model.options)
+        except ValueError as e:
+            raise C.ConfigError(str(e)) from None
         if not cfg.model.verify_card:
             opts["verify"] = False
         t0, rss0 = time.monotonic(), rss_bytes()
