@@ -576,3 +576,40 @@ def export_tiny_models(folder, inp=None, flavours=("host", "ten"), max_batch=8, 
             qz.int8_card(card, quant, None, {"n_images": len(imgs)}).save_for(q, parent=path)
             out[fl + "-qdq"] = q
     return out
+
+
+#: Runs ``nexedge`` as a Jetson's line install would: torch, torchvision, scikit-learn, scipy and
+#: matplotlib cannot be imported; TensorRT and CUDA are these fakes (argv[1]: TensorRT version).
+LINE_INSTALL_CLI = '''
+import os, sys
+BLOCKED = ("torch", "torchvision", "sklearn", "scipy", "matplotlib")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not part of the line install")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, os.environ["NEXEDGE_TESTS_DIR"])
+import _trt_fakes
+import nexedge.runtime.tensorrt as rtmod
+from nexedge.export import engine as eng
+trt, calls = _trt_fakes.fake_trt(sys.argv[1])
+sys.modules["tensorrt"] = trt
+cudart = _trt_fakes.FakeCudart()
+rtmod._import_cudart = lambda: cudart
+eng.device_info = lambda device=0: eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+from nexedge.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def run_line_install_cli(args, trt_version="10.3.0.30", cwd=None, timeout=300):
+    """``nexedge ARGS`` in a subprocess without the training stack, on the fake TensorRT (see above)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, NEXEDGE_TESTS_DIR=here,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", LINE_INSTALL_CLI, trt_version, *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=timeout)

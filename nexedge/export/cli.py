@@ -108,11 +108,10 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
 def run_thresholds(args: argparse.Namespace) -> int:
     from nexedge.export.thresholds import format_points, measure_artifact
     from nexedge.runs import resolve_artifact
-    from nexedge.runtime.factory import backend_kind
+    from nexedge.runtime import registry
 
     args.artifact = resolve_artifact(args.artifact)
-    kind = backend_kind(args.artifact)
-    opts = {"onnxruntime": {"intra_threads": args.threads}, "torch": {"threads": args.threads}}.get(kind, {})
+    opts = registry.from_flags(registry.backend_for(args.artifact).name, threads=args.threads)
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
                          backend_options=opts, progress=True, cascade=args.cascade or None,
                          margin=args.cascade_margin, stage1=args.stage1)
@@ -284,7 +283,35 @@ def run_build_engine(args: argparse.Namespace) -> int:
     path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
                                     force=args.force, data=args.data, check=not args.no_check)
     print(("reused " if reused else "built ") + eng.describe(path))
-    return 0
+    return report_unmeasured(path, bool(args.data))
+
+
+#: ``build-engine --data`` exit status when the engine was written but its operating points could not be
+#: measured on it (the card says so and why; `nexedge thresholds` measures them later).
+EXIT_NOT_MEASURED = 3
+
+
+def report_unmeasured(path: str, data_given: bool) -> int:
+    """After a build: say what on the engine's card is not measured on it and what that means on the
+    line; :data:`EXIT_NOT_MEASURED` when the operating points were asked for (``--data``) but not measured."""
+    import sys
+
+    from nexedge.card import OPS_MEASURED, load_card
+
+    card = load_card(path)
+    src = card.ops_source
+    cascade = card.data.get("cascade") or {}
+    if cascade and cascade.get("status") != OPS_MEASURED:
+        why = cascade.get("not_measured_reason") or "no stage-1 engine or no data"
+        print(f"WARNING: {path}: cascade band not measured on the engine ({why}); the daemon runs full "
+              f"{card.runtime_crop_mode} crops on every frame", file=sys.stderr)
+    if not card.operating_points or src.get("status") == OPS_MEASURED:
+        return 0
+    print(f"WARNING: {path}: operating points are the ONNX model's, NOT measured on this engine "
+          f"({src.get('not_measured_reason') or 'no data'}). `nexedge line load` refuses it until "
+          f"`nexedge thresholds {path} --data ROOT` measures them (the daemon starts on them and logs that).",
+          file=sys.stderr)
+    return EXIT_NOT_MEASURED if data_given else 0
 
 
 def configure_check_onnx(p: argparse.ArgumentParser) -> None:

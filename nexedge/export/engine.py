@@ -597,10 +597,14 @@ def dla_placement(network: Any, config: Any) -> Dict[str, Any]:
 
 def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines", name: Optional[str] = None,
                  trt: Any = None, device: Optional[DeviceInfo] = None, force: bool = False,
-                 runner: Any = None, data: Optional[str] = None, check: bool = True) -> Tuple[str, bool]:
+                 runner: Any = None, data: Optional[str] = None, check: bool = True,
+                 measure: bool = True) -> Tuple[str, bool]:
     """Build (or reuse) the engine for ``onnx_path``; returns (engine path, reused). A new engine's
     operating points are re-measured through ``runner(engine)`` (default: the TensorRT backend) when it
-    runs here, else its card says they are the parent ONNX's (see nexedge.export.thresholds).
+    runs here, else its card says they are the parent ONNX's and why (see nexedge.export.thresholds).
+
+    An in-graph model whose card has a cascade gets its stage-1 (center-crop) engine built too
+    (:func:`build_stage1_engine`), named in the engine card, and the band is re-measured on the pair.
 
     ``check``: run the static TensorRT lint (:mod:`nexedge.export.onnx_check`) for the installed
     version first, so a graph the parser would reject fails with every rule it breaks named."""
@@ -652,10 +656,49 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
                                               board=device.board, sm_count=device.sm_count)
     ecard.save_for(path, parent=onnx_path)
     log.info("built %s in %.1f s", path, info["build_seconds"])
-    from nexedge.export.thresholds import remeasure_or_mark
+    if card.data.get("cascade") and card.graph.get("crops", "host") != "host":
+        build_stage1_engine(onnx_path, card, path, opts, out_dir, trt, device, force, check)
+    if measure:
+        from nexedge.export.thresholds import remeasure_or_mark
 
-    remeasure_or_mark(path, card, runner, data)
+        remeasure_or_mark(path, card, runner, data)
     return path, False
+
+
+def build_stage1_engine(onnx_path: str, card: ModelCard, engine_path: str, opts: BuildOptions, out_dir: str,
+                        trt: Any, device: DeviceInfo, force: bool, check: bool) -> Optional[str]:
+    """Build the cascade's stage-1 engine from the center-crop ONNX the card names, with the same settings
+    (FP16 when the stage-2 engine is INT8 but the center model has no INT8 of its own), and name it in the
+    stage-2 engine's card. Returns its path, or None (warned; the daemon then runs full crops) when the
+    center ONNX is not there."""
+    from nexedge.runtime.cascade import CascadeError, stage1_path
+
+    try:
+        s1_onnx = stage1_path(onnx_path, card)
+    except CascadeError as e:
+        log.warning("cascade: %s; the engine runs full %s crops", e, card.runtime_crop_mode)
+        return None
+    if s1_onnx is None or not os.path.exists(s1_onnx):
+        log.warning("cascade: stage-1 model %s not found beside %s; no stage-1 engine built, the daemon runs full "
+                    "%s crops (export it with `nexedge export CKPT --crops %s --cascade`)", s1_onnx, onnx_path,
+                    card.runtime_crop_mode, card.runtime_crop_mode)
+        return None
+    s1_card = load_card(s1_onnx)
+    s1_opts = opts._replace(calibrator=None)
+    if opts.precision == "int8" and s1_card.precision != "int8":
+        # A calibration cache belongs to one model; the center model has no Q/DQ twin here.
+        s1_opts = s1_opts._replace(precision="fp16", calib_cache=None)
+        log.info("cascade: stage-1 engine from %s built FP16 (INT8 needs its own Q/DQ model)", s1_onnx)
+    s1_path, _ = build_engine(s1_onnx, s1_opts, out_dir, trt=trt, device=device, force=force, check=check,
+                              measure=False)
+    ecard = load_card(engine_path)
+    sec = dict(ecard.data["cascade"])
+    sec["stage1"] = dict(sec.get("stage1") or {}, file=os.path.relpath(
+        os.path.abspath(s1_path), os.path.dirname(os.path.abspath(engine_path))), precision=s1_opts.precision)
+    ecard.data["cascade"] = sec
+    ecard.save_for(engine_path)
+    log.info("cascade: stage-1 engine %s", s1_path)
+    return s1_path
 
 
 def describe(path: str) -> str:
@@ -666,4 +709,11 @@ def describe(path: str) -> str:
            "profile": eng.get("profile"), "tensorrt": eng.get("tensorrt"), "device": eng.get("device")}
     if eng.get("dla"):
         out["dla_layers"] = f"{eng['dla']['layers_on_dla']}/{eng['dla']['layers']}"
+    src = card.ops_source
+    out["operating_points"] = src.get("status") or "unknown"
+    if src.get("not_measured_reason"):
+        out["not_measured_reason"] = src["not_measured_reason"]
+    if card.data.get("cascade"):
+        sec = card.data["cascade"]
+        out["cascade"] = {"status": sec.get("status"), "stage1": (sec.get("stage1") or {}).get("file")}
     return json.dumps(out)

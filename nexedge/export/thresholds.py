@@ -242,12 +242,14 @@ def remeasure_or_mark(artifact: str, parent: ModelCard, open_fn: Optional[Callab
             be = (open_fn or open_backend)(artifact)
         except Exception as e:  # no TensorRT / CUDA here, or the engine does not load on this machine
             reason = f"cannot run {os.path.basename(artifact)} on this machine ({type(e).__name__}: {e})"
-    if reason is not None or root is None or be is None:
-        card = mark_from_parent(load_card(artifact), reason or "not measured")
-        card.save_for(artifact)
-        log.warning("%s: operating points from parent (not re-measured): %s", artifact, reason)
-        return card
-    try:
-        return measure_artifact(artifact, root, split, backend=be).card
-    finally:
-        be.close()
+    if reason is None and root is not None and be is not None:
+        try:
+            return measure_artifact(artifact, root, split, backend=be).card
+        except Exception as e:  # the artifact is written: leave its card saying why, never half-measured
+            reason = f"measuring on {os.path.join(root, split)} failed ({type(e).__name__}: {e})"
+        finally:
+            be.close()
+    card = mark_from_parent(load_card(artifact), reason or "not measured")
+    card.save_for(artifact)
+    log.warning("%s: operating points from parent (not re-measured): %s", artifact, reason)
+    return card
