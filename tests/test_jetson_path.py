@@ -133,7 +133,6 @@ def test_example_config_checks_and_starts_on_each_backend_with_fake_tensorrt(nam
                                                                             monkeypatch, capsys):
     """Item 3: the example config, as written, passes --check-config and starts the daemon on an ONNX model
     (ONNX Runtime) and on an engine (the fake TensorRT); one frame gets a verdict from it."""
-    from nexedge.serve import config as C
     from nexedge.serve.client import CameraClient
     from nexedge.serve.daemon import main as daemon_main
 
@@ -179,3 +178,58 @@ def test_line_load_of_an_engine_on_an_onnx_line_uses_the_engine_options_with_fak
         with pytest.raises(LifecycleError, match=r"model.options.intra_threads: not an option of the tensorrt "
                                                  r"backend \(it takes device, max_batch, verify\).*under their names"):
             d.models.load(engine, who="test")
+
+
+def test_dla_core_is_set_on_the_runtime_before_deserializing_with_fake_tensorrt(line, tmp_path, monkeypatch):
+    """Item 7: a DLA core 1 engine ran on core 0: IRuntime.DLA_core must be set before
+    deserialize_cuda_engine. A core the device lacks is refused by name."""
+    from nexedge.runtime import ArtifactIncompatible, open_backend
+
+    trt, calls = fake_trt("8.6.2")
+    use_fake_tensorrt(monkeypatch, trt)
+    path, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16", dla_core=1, max_batch=2),
+                               out_dir=str(tmp_path), trt=trt, device=ORIN)
+    with open_backend(path) as be:
+        be.infer(np.zeros((2, 36, 36, 1), np.uint8))
+    assert calls["deserialize_dla_core"] == 1 and calls["engine_dla_core"] == 1
+    one, _ = fake_trt("8.6.2", dla_cores=1)
+    use_fake_tensorrt(monkeypatch, one)
+    with pytest.raises(ArtifactIncompatible, match="built for DLA core 1; this device has 1 DLA core"):
+        open_backend(path)
+
+
+def test_engine_from_another_tensorrt_exits_78_and_the_unit_does_not_restart_it_fake_tensorrt(line, tmp_path,
+                                                                                              monkeypatch):
+    """Item 7: after a TensorRT upgrade the engine does not deserialize; the daemon said so with exit 1 and
+    systemd restarted it every 2 s forever. Now a clear error, exit 78, and the unit does not restart on it."""
+    import configparser
+
+    from nexedge.runtime import ArtifactIncompatible, open_backend
+    from nexedge.serve import daemon
+
+    old, _ = fake_trt("8.6.2")
+    use_fake_tensorrt(monkeypatch, old)
+    path, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=old,
+                               device=ORIN)
+    new, calls = fake_trt("10.3.0.30")
+    use_fake_tensorrt(monkeypatch, new)
+    with pytest.raises(ArtifactIncompatible, match=r"built with TensorRT 8.6.2; this machine has TensorRT 10.3.0.30.*"
+                                                   r"Rebuild it here: nexedge build-engine"):
+        open_backend(path)
+    card = load_card(path)  # a card that does not say: TensorRT itself refuses the plan (returns None)
+    card.data["provenance"]["engine"]["tensorrt"] = None
+    card.save_for(path)
+    with pytest.raises(ArtifactIncompatible, match="could not deserialize the engine.*rebuild it here"):
+        open_backend(path)
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": path}, "metrics": False,
+                                   "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*"}}))
+    assert daemon.main(["--config", str(cfg)]) == daemon.EXIT_INCOMPATIBLE == 78
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(os.path.join(REPO, "deploy", "nexedge-daemon.service"))
+    assert {str(daemon.EXIT_CONFIG), str(daemon.EXIT_INCOMPATIBLE)} <= set(
+        unit["Service"]["RestartPreventExitStatus"].split())
+    assert int(unit["Unit"]["StartLimitBurst"]) >= 1 and int(unit["Unit"]["StartLimitIntervalSec"]) >= \
+        int(unit["Unit"]["StartLimitBurst"]) * int(unit["Service"]["RestartSec"])

@@ -40,6 +40,7 @@ class FakeDriver:
         self.tls = threading.local()
         self.mem, self.next = {}, 0x1000
         self.driver = self
+        self.stream_deaths = []  # per destroyed Stream: was a context current (cuStreamDestroy needs one)
 
         drv = self
 
@@ -70,6 +71,9 @@ class FakeDriver:
 
             def synchronize(self):
                 drv.require("cuStreamSynchronize")
+
+            def __del__(self):
+                drv.stream_deaths.append(bool(drv._stack()))
 
         class Alloc:
             def __init__(self, ptr):
@@ -407,3 +411,14 @@ def test_cuda_python_pinned_float16_and_per_thread_device_with_fake_cudart(monke
     assert not errs, errs
     with contextlib.suppress(Exception):
         cuda.close()
+
+
+def test_pycuda_stream_is_destroyed_inside_its_context_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):
+    """Issue 28 item 7: pycuda destroys a Stream when its last reference goes (cuStreamDestroy), which
+    needs the context current; close() dropped it after popping the context."""
+    drv = pycuda_fake
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(drv.mem, drv.require))
+    be = open_backend(_engine(tmp_path))
+    be.infer(_images(1))
+    be.close()
+    assert drv.stream_deaths == [True] and drv.current() is None

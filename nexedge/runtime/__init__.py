@@ -1,8 +1,8 @@
 """Inference backends behind one interface; see :func:`open_backend`. No torch at import."""
 
-from nexedge.runtime.base import Backend, BackendError, InferenceResult
+from nexedge.runtime.base import ArtifactIncompatible, Backend, BackendError, InferenceResult
 
-__all__ = ["Backend", "BackendError", "InferenceResult", "open_backend"]
+__all__ = ["ArtifactIncompatible", "Backend", "BackendError", "InferenceResult", "open_backend"]
 
 
 def open_backend(path, **kwargs):  # type: ignore[no-untyped-def]

@@ -28,6 +28,11 @@ class BackendError(RuntimeError):
     """Inference failed (bad batch, runtime error); the caller answers RECHECK."""
 
 
+class ArtifactIncompatible(BackendError):
+    """The artifact cannot run on this machine as built (an engine from another TensorRT version, or for
+    a DLA core the device lacks): retrying will not help; rebuild it here (``nexedge build-engine``)."""
+
+
 class InferenceResult(NamedTuple):
     probs: np.ndarray  # N x C float32
     defect_score: np.ndarray  # N float64 (nexedge.metrics.defect_score: precise near 0)

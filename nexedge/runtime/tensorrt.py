@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from nexedge.card import ModelCard, load_card
-from nexedge.runtime.base import Backend, BackendError
+from nexedge.runtime.base import ArtifactIncompatible, Backend, BackendError
 
 
 def _import_cudart() -> Any:
@@ -118,7 +118,8 @@ class CudaPython:
 
     def close(self) -> None:
         if self.stream is not None:
-            self.rt.cudaStreamDestroy(self.stream)
+            with self.active():
+                self.rt.cudaStreamDestroy(self.stream)
             self.stream = None
 
 
@@ -187,7 +188,8 @@ class PyCuda:
 
     def close(self) -> None:
         if self.ctx is not None:
-            self.stream = None
+            with self.active():
+                self.stream = None  # pycuda destroys the stream now, which needs its context current
             self.ctx = None  # the primary context is released with the last reference
 
 
@@ -241,8 +243,22 @@ class TensorRTBackend(Backend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         engine_info = card.data.get("provenance", {}).get("engine") or {}
-        if (engine_info.get("key") or {}).get("version_compatible"):
+        key = engine_info.get("key") or {}
+        built = engine_info.get("tensorrt")
+        if key.get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # version-compatible engines embed a lean runtime
+        elif built and str(built) != trt.__version__:
+            raise ArtifactIncompatible(
+                f"{path} was built with TensorRT {built}; this machine has TensorRT {trt.__version__}, which cannot "
+                "load it (engines are tied to the TensorRT version). Rebuild it here: nexedge build-engine "
+                "<the .onnx it came from> (or run `nexedge doctor`)")
+        dla = (engine_info.get("dla") or {}).get("core", key.get("dla_core"))
+        if dla is not None:
+            # A DLA engine runs on the runtime's DLA core, which must be chosen before deserializing.
+            n_dla = int(getattr(self.runtime, "num_DLA_cores", 0))
+            if not 0 <= int(dla) < n_dla:
+                raise ArtifactIncompatible(f"{path} was built for DLA core {dla}; this device has {n_dla} DLA core(s)")
+            self.runtime.DLA_core = int(dla)
         with open(path, "rb") as f:
             blob = f.read()
         # Select the device (and make its context current) before deserializing: TensorRT places the
@@ -252,9 +268,11 @@ class TensorRTBackend(Backend):
             with self.cuda.active():
                 self.engine = self.runtime.deserialize_cuda_engine(blob)
                 if self.engine is None:
-                    built = engine_info.get("tensorrt")
-                    raise BackendError(f"{path}: TensorRT {trt.__version__} could not deserialize the engine "
-                                       f"(built with TensorRT {built}; engines are tied to the version and GPU)")
+                    raise ArtifactIncompatible(
+                        f"{path}: TensorRT {trt.__version__} could not deserialize the engine (built with TensorRT "
+                        f"{built} on {engine_info.get('board') or engine_info.get('device') or 'another device'}; "
+                        "engines are tied to the TensorRT version and the GPU): rebuild it here with nexedge "
+                        "build-engine (`nexedge doctor` compares the engine's card with this device)")
                 self.context = self.engine.create_execution_context()
                 self._allocate()
         except BaseException:

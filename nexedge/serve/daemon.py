@@ -372,6 +372,13 @@ class Daemon(IngestMixin):
         self._teardown(forced=False)
 
 
+#: Exit statuses (deploy/nexedge-daemon.service: systemd does not restart on EXIT_CONFIG and EXIT_INCOMPATIBLE,
+#: which a restart cannot fix).
+EXIT_STARTUP = 1  # start-up failed (model missing, card mismatch, address in use): may pass on a restart
+EXIT_CONFIG = 2  # configuration error
+EXIT_INCOMPATIBLE = 78  # the model cannot run on this machine as built (engine from another TensorRT; DLA core)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nexedge-daemon",
@@ -418,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = C.load(args.config, overrides_from_args(args))
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"nexedge-daemon: configuration error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.check_config:
         import dataclasses
         import json
@@ -430,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             problems = [str(e)]
         for p in problems:
             print(f"nexedge-daemon: configuration error: {p}", file=sys.stderr)
-        return 2 if problems else 0
+        return EXIT_CONFIG if problems else 0
     setup_logging(cfg.logging.level, cfg.logging.format)
     if cfg.logging.level != "DEBUG":
         from nexedge.preprocess import quiet_opencv
@@ -445,12 +452,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         daemon.setup()
     except Exception as e:
-        log.error("startup failed: %s", e, exc_info=not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)))
+        from nexedge.runtime import ArtifactIncompatible
+
+        incompatible = isinstance(e, ArtifactIncompatible)
+        log.error("startup failed: %s%s", e, f" (exit {EXIT_INCOMPATIBLE}: not restarted)" if incompatible else "",
+                  exc_info=not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)))
         try:
             daemon.close_unserved()
         except Exception:
             pass
-        return 1
+        return EXIT_INCOMPATIBLE if incompatible else EXIT_STARTUP
     return daemon.serve()
 
 
