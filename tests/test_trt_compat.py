@@ -152,7 +152,9 @@ def test_lint_qdq_rules():
     """INT32 DequantizeLinear input (quantized bias), non-zero / uint8 zero points, wrong per-channel axis."""
     for t in oc.TARGETS:
         found = oc.errors(oc.check_onnx(_qdq_model(), t))
-        assert [f.rule for f in found] == ["qdq-input"] and "'b' is INT32" in found[0].message
+        # 8.x also asserts 3 inputs on the bias DequantizeLinear (no zero point given).
+        want = ["qdq-input"] if t == "trt10" else ["qdq-input", "qdq-zero-point"]
+        assert [f.rule for f in found] == want and "'b' is INT32" in found[0].message
     assert {f.rule for f in oc.errors(oc.check_onnx(_qdq_model(zp=3), "trt10"))} >= {"qdq-zero-point"}
     bad_type = oc.errors(oc.check_onnx(_qdq_model(zp_type=TensorProto.UINT8), "trt8.6"))
     assert any("UINT8" in f.message for f in bad_type)
@@ -165,7 +167,7 @@ def test_lint_ops_types_opset_and_dla():
     assert any(f.rule == "op" and "Unique" in f.message for f in oc.errors(oc.check_onnx(m, "trt10")))
     ln = _model([helper.make_node("LayerNormalization", ["x", "g"], ["y"])], [x], [y],
                 [numpy_helper.from_array(np.ones(4, np.float32), "g")])
-    assert any(f.level == "warning" and f.rule == "op" for f in oc.check_onnx(ln, "trt8.5"))
+    assert any(f.level == "error" and f.rule == "op" for f in oc.check_onnx(ln, "trt8.5"))  # no importer in 8.5
     assert not oc.check_onnx(ln, "trt8.6")
     d = _model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)], [x],
                [_io("y", TensorProto.DOUBLE, ["batch", 4])])
@@ -215,3 +217,62 @@ def test_matrix_covers_every_architecture_module_type():
         if arch not in MATRIX_ARCHS and not arch.startswith("vgg"):  # VGG: module docstring
             missing = module_types(arch) - covered
             assert not missing, f"{arch} has layer types {missing} that the lint matrix never exports"
+
+
+def _two_input_qdq():
+    """x -> QuantizeLinear(x, s) -> DequantizeLinear(q, s) -> Relu: Q/DQ without zero points."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    s = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q"),
+         helper.make_node("DequantizeLinear", ["q", "s"], ["d"], name="dq"),
+         helper.make_node("Relu", ["d"], ["y"], name="relu")], "g", [x], [y], [s]),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_lint_requires_the_zero_point_input_before_tensorrt_10():
+    """Issue 28 item 8: onnx-tensorrt 8.5/8.6 assert 3 inputs on Q/DQ; 10.x defaults the zero point to
+    INT8 (so its DequantizeLinear input is INT8, not ONNX's UINT8 default)."""
+    from nexedge.export import onnx_check as oc
+
+    m = _two_input_qdq()
+    for target in ("trt8.5", "trt8.6"):
+        errs = [f for f in oc.errors(oc.check_onnx(m, target)) if f.rule == "qdq-zero-point"]
+        assert {f.where for f in errs} == {"q (QuantizeLinear)", "dq (DequantizeLinear)"}, errs
+        assert "needs the zero-point input (3 inputs" in errs[0].message
+    assert not oc.errors(oc.check_onnx(m, "trt10")), oc.check_onnx(m, "trt10")
+
+
+def test_fake_parser_follows_each_release_on_two_input_qdq():
+    """The fake parser must reject what 8.5/8.6 reject (3 inputs asserted) and accept what 10.x accepts
+    (a 2-input Q is INT8, so its DequantizeLinear takes it)."""
+    from _trt_fakes import fake_parse_errors
+
+    data = _two_input_qdq().SerializeToString()
+    for version in ((8, 5), (8, 6)):
+        assert any("requires 3 inputs" in e for e in fake_parse_errors(data, version))
+    assert fake_parse_errors(data, (10, 3)) == []
+
+
+def test_unknown_op_is_an_error_and_require_clean_refuses_it(tmp_path):
+    """Issue 28 item 8: an operator with no importer fails the parse; it was only a warning, and
+    require_clean (build-engine, calibrate) ignored warnings."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nexedge.export import onnx_check as oc
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    m = helper.make_model(helper.make_graph([helper.make_node("Mish", ["x"], ["y"], name="mish")], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 18)])
+    path = str(tmp_path / "mish.onnx")
+    onnx.save(m, path)
+    for target in oc.TARGETS:
+        errs = oc.errors(oc.check_onnx(m, target))
+        assert any(f.rule == "op" and "Mish has no importer" in f.message for f in errs), target
+    with pytest.raises(RuntimeError, match="Mish has no importer in trt10"):
+        oc.require_clean(path, ["trt10"])

@@ -18,7 +18,8 @@ Sources (the per-rule comments name which one):
 * [DLA-x]  TensorRT developer guide, "Working with DLA", of that release.
 
 These were read from the sources named, not fetched at run time; where a rule is
-uncertain it is a warning, not an error. No TensorRT, onnx only.
+uncertain it is a warning, not an error. An operator missing from a release's list is an
+error: its parser has no importer for it. No TensorRT, onnx only.
 """
 
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
@@ -154,6 +155,12 @@ def check_onnx(model: Any, target: str, dla: bool = False) -> List[Finding]:
     g = model.graph
     found: List[Finding] = []
     types = tensor_types(model)
+    if target == "trt10":
+        # ONNX types a QuantizeLinear without zero point UINT8; TensorRT 10's importer makes it INT8
+        # [IMP-10 QuantDequantLinearHelper: no zero point -> INT8 zeros].
+        for n in g.node:
+            if n.op_type == "QuantizeLinear" and not (len(n.input) > 2 and n.input[2]):
+                types[n.output[0]] = INT8
     consts = _constants(g)
     consumers: Dict[str, List[Any]] = {}
     for n in g.node:
@@ -178,7 +185,10 @@ def check_onnx(model: Any, target: str, dla: bool = False) -> List[Finding]:
             found.append(Finding("error", "op", where, f"{n.op_type} is not supported by {target}'s ONNX parser "
                                  "(onnx-tensorrt operators.md)"))
         elif n.op_type not in SUPPORTED_OPS[target]:
-            found.append(Finding("warning", "op", where, f"{n.op_type} is not in the op list checked for {target}"))
+            # The parser fails on an op it has no importer for ("No importer registered for op: X") unless a
+            # plugin of that name is loaded, which nexedge never does.
+            found.append(Finding("error", "op", where, f"{n.op_type} has no importer in {target}'s ONNX parser "
+                                 "(onnx-tensorrt operators.md); the parse would fail"))
 
     # Tensor types [OPS-x "Supported data types"]. DOUBLE weights are converted by 10.x's importer
     # but not by 8.x [IMP-8.x "Unsupported ONNX data type: DOUBLE (11)"].
@@ -219,7 +229,14 @@ def check_onnx(model: Any, target: str, dla: bool = False) -> List[Finding]:
                                      f"{'/'.join(_tname(x) for x in sorted(DQ_INPUT_TYPES[target]))} only "
                                      "(only activation types allowed as input to this layer); "
                                      "quantize with QuantizeBias=False"))
-        if len(n.input) > 2 and n.input[2]:
+        if not (len(n.input) > 2 and n.input[2]):
+            if target in ("trt8.5", "trt8.6"):
+                # [IMP-8.5, IMP-8.6 QuantDequantLinearHelper: ASSERT inputs.size() == 3, "This version of
+                # TensorRT requires 3 inputs for the DequantizeLinear operator"]; 10.x defaults it (INT8).
+                found.append(Finding("error", "qdq-zero-point", where, f"{target} needs the zero-point input "
+                                     "(3 inputs: x, scale, zero point 0 of type INT8); this node has "
+                                     f"{len([i for i in n.input if i])}"))
+        else:
             zp = consts.get(n.input[2])
             if zp is None:
                 found.append(Finding("error", "qdq-zero-point", where, "zero point is not a constant"))
