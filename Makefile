@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compat venv clean
+.PHONY: demo test lint compat install-check venv clean
 
 $(STAMP): setup.py requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ compat: $(STAMP)
 	$(BIN)/vermin --no-tips --violations -t=3.8- --eval-annotations --backport dataclasses $(DAEMON_MODULES)
 	$(BIN)/python tools/check_no_torch.py
 
-test: $(STAMP) lint compat
+# README's install lines resolved per platform with pip (no install); says SKIPPED without the package index.
+install-check: $(STAMP)
+	$(BIN)/python tools/check_install.py
+
+test: $(STAMP) lint compat install-check
 	$(BIN)/python -m pytest -q -m "not gpu and not tensorrt"
 
 clean:

@@ -3,12 +3,19 @@
 ``setup.py`` is the source of truth for the package metadata. The base install
 carries only what the line-side daemon needs (no torch); training, TensorRT and
 test tooling are extras.
+
+The distribution is ``nexedge-line``: PyPI's ``nexedge`` is an unrelated project, so
+nexedge is installed from this checkout or a wheel built from it, never by name
+(README, "Installing"). The import package and the commands stay ``nexedge`` and
+``nexedge-daemon``.
 """
 
 from setuptools import find_packages, setup
 
 BASE = [
-    "numpy>=1.19",
+    # aarch64 (Jetson): JetPack's OpenCV is built against numpy 1.x and does not import under numpy 2.
+    'numpy>=1.19,<2; platform_machine == "aarch64"',
+    'numpy>=1.19; platform_machine != "aarch64"',
     "pyzmq>=22",
     # Headless: the daemon never opens a window and the GUI build drags in X11/Qt.
     "opencv-python-headless>=4.5",
@@ -60,7 +67,7 @@ EXTRAS = {
 EXTRAS["all"] = sorted({d for k in ("train", "test", "dev") for d in EXTRAS[k]})
 
 setup(
-    name="nexedge",
+    name="nexedge-line",
     version="0.1.0",
     description="Edge deployment of semiconductor defect classifiers: train, export, TensorRT, line daemon",
     long_description=open("README.md", encoding="utf-8").read(),

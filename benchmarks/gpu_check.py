@@ -1,6 +1,6 @@
 """The prepared GPU check: TensorRT engines vs ONNX Runtime, for the day a GPU is at hand.
 
-On an x86 machine with an NVIDIA GPU and TensorRT (``pip install "nexedge[train,trt]"``):
+On an x86 machine with an NVIDIA GPU and TensorRT (``pip install ".[train,trt]"`` from the checkout):
 
     python benchmarks/gpu_check.py [--archs resnet18,resnet50] [--out runs/gpu_check]
 
@@ -40,7 +40,7 @@ def skip_reason() -> Optional[str]:
     try:
         import torch  # noqa: F401
     except ImportError:
-        return "torch is not installed (pip install 'nexedge[train]')"
+        return "torch is not installed (pip install ".[train]" from the nexedge checkout)"
     from nexedge.export import engine as eng
 
     try:

@@ -261,7 +261,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         import torch
     except ImportError:
-        raise RuntimeError("the demo trains a model and needs the train extra: pip install 'nexedge[train]'") from None
+        raise RuntimeError("the demo trains a model and needs the train extra: pip install '.[train]' in the nexedge checkout") from None
     torch.set_num_threads(settings["threads"])
     from nexedge.bench.env import capture, one_line
 

@@ -76,7 +76,7 @@ def check_builder_api(trt: Any, version: Tuple[int, int, int]) -> None:
         raise RuntimeError(
             f"TensorRT {trt.__version__} is not supported for building: TensorRT 11 removed BuilderFlag.FP16/INT8, "
             "IInt8EntropyCalibrator2 and platform_has_fast_* (strongly typed networks only). nexedge builds with "
-            "TensorRT 8.5-10.x: on x86 `pip install 'tensorrt>=10,<11'` (what `pip install nexedge[trt]` pins); "
+            "TensorRT 8.5-10.x: on x86 `pip install 'tensorrt>=10,<11'` (what nexedge's trt extra pins); "
             "on a Jetson use JetPack's TensorRT.")
 
 

