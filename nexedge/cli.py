@@ -26,6 +26,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("build-engine", "nexedge.export.cli", "ONNX -> TensorRT engine (FP16/INT8) for this GPU"),
     ("check-onnx", "nexedge.export.cli", "static TensorRT 8.5/8.6/10 compatibility check of an ONNX graph"),
     ("thresholds", "nexedge.export.cli", "measure an artifact's operating points through its own backend"),
+    ("doctor", "nexedge.doctor", "check this machine (a Jetson above all) before the daemon's first start"),
     ("camera-sim", "nexedge.serve.cli", "stream a folder of images to the daemon from N simulated cameras"),
     ("line", "nexedge.serve.cli", "a running daemon's models: status, load, promote, rollback, unload, report"),
     ("pull", "nexedge.relabel.cli", "pull uncertain samples from a store or a running daemon"),

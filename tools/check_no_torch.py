@@ -1,4 +1,4 @@
-"""CI check: the daemon-side modules import without torch (a Jetson runs them without it)."""
+"""CI check: the daemon-side and device-side modules import without torch (a Jetson runs them without it)."""
 
 import importlib
 import pkgutil
@@ -12,7 +12,10 @@ class _Block:
         return None
 
 
-ROOTS = ["nexedge.card", "nexedge.metrics", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve", "nexedge.store"]
+ROOTS = ["nexedge.card", "nexedge.metrics", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve", "nexedge.store",
+         # a Jetson's line install runs these too (doctor, build-engine, thresholds, check-onnx)
+         "nexedge.doctor", "nexedge.export.engine", "nexedge.export.thresholds", "nexedge.export.onnx_check",
+         "nexedge.export.cli"]
 
 
 def main() -> int:
