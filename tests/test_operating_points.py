@@ -158,20 +158,22 @@ def test_in_graph_defect_score_is_the_sum_of_defect_probabilities(tmp_path):
 
     inp = {"resize": [8, 8], "crop": [6, 6], "mean": [0.5] * 3, "std": [0.5] * 3}
     m = InGraphModel(Const(), inp, "ten", 0).eval()
-    probs, score = m(torch.zeros(2, 8, 8, 1, dtype=torch.uint8))
+    probs, score, logits = m(torch.zeros(2, 8, 8, 1, dtype=torch.uint8))
     e = np.exp([-19.0, -21.0])
     want = e.sum() / (1.0 + e.sum())  # 6.4e-9
     assert float(score[0]) == pytest.approx(want, rel=1e-5)
     path = str(tmp_path / "g.onnx")
     torch.onnx.export(m, (torch.zeros(2, 8, 8, 1, dtype=torch.uint8),), path, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["probs", "defect_score"],
-                      dynamic_axes={"images": {0: "b"}, "probs": {0: "b"}, "defect_score": {0: "b"}})
+                      input_names=["images"], output_names=["probs", "defect_score", "logits"],
+                      dynamic_axes={"images": {0: "b"}, "probs": {0: "b"}, "defect_score": {0: "b"},
+                                    "logits": {0: "b"}})
     import onnxruntime as ort
 
     out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
         None, {"images": np.zeros((2, 8, 8, 1), np.uint8)})
     assert float(out[1][0]) == pytest.approx(want, rel=1e-5)
     assert metrics.defect_score_from_probs(out[0], 0)[0] == pytest.approx(want, rel=1e-5)
+    assert metrics.defect_score(out[2].astype(np.float64), 0)[0] == pytest.approx(want, rel=1e-5)  # what runtimes use
 
 
 def test_decider_does_not_clamp_small_scores():

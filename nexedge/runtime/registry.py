@@ -151,7 +151,9 @@ def is_per_backend(options: Optional[Mapping[str, Any]]) -> bool:
 
 def check_config_options(options: Optional[Mapping[str, Any]], path: str, where: str = "model.options") -> None:
     """Validate a config's options: each backend section against its backend, or flat options
-    against the backend that opens ``path``."""
+    against the backend that opens ``path`` (no options: nothing to check)."""
+    if not options:
+        return
     if is_per_backend(options):
         for name, section in (options or {}).items():
             if section is not None and not isinstance(section, Mapping):
