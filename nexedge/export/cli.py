@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from nexedge.card import GRAPH_CROPS
+from nexedge.threads import add_threads_option
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-images", type=int, default=16, help="images used for the parity check (default 16)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs probability difference ONNX vs torch (default 1e-4)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the parity run")
+    add_threads_option(p, torch=True)
     p.add_argument("--data", help="labelled data-set root on which the ONNX model's own operating points are "
                                   "measured (default: the trainer's data root, if still there)")
     p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
@@ -101,7 +102,7 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
     p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads")
+    add_threads_option(p)
     add_cascade_args(p)
 
 
@@ -158,7 +159,7 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-cache", action="store_true",
                    help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the report")
+    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="replace INT8 models that already exist")
 
 

@@ -4,6 +4,8 @@ torch and friends load inside ``run_*``)."""
 import argparse
 from typing import Any, Dict, List, Tuple
 
+from nexedge.threads import add_threads_option
+
 LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
 CROPS = ("center", "five", "ten")
 FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
@@ -125,6 +127,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "val_auc can pick a half-trained early epoch; after a cosine schedule the final weights "
                         "did better on held-out data in every such run measured (docs/training.md)")
     r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    add_threads_option(r, torch=True)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
@@ -181,6 +184,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p, torch=True)
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
                         "this (default 0.95)")
@@ -209,6 +213,7 @@ def configure_mislabels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p, torch=True)
 
 
 def run_mislabels(args: argparse.Namespace) -> int:
