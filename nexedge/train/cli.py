@@ -148,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.good_class = dataset_good_class(args.data) or "good"
     if args.good_class not in classes:
         raise ValueError(f"--good-class {args.good_class!r} is not one of the class folders {classes}")
+    _warn_aspect(args)
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"),
         pretrained=args.pretrained, freeze=args.freeze, channels_last=args.channels_last,
@@ -166,6 +167,20 @@ def run_train(args: argparse.Namespace) -> int:
     )
     train(cfg)
     return 0
+
+
+def _warn_aspect(args: argparse.Namespace) -> None:
+    """WARN when the training images' aspect ratios make --resize-mode (at --resize) a bad fit."""
+    import os
+
+    from nexedge.data.aspect import fit_warning, split_aspects
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
+        return
+    aspects, _ = split_aspects(args.data, "train")
+    warning = fit_warning(aspects, args.resize_mode, args.resize)
+    if warning:
+        print("WARNING: " + warning, flush=True)
 
 
 def _classes(root: str) -> List[str]:
