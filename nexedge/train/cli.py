@@ -10,6 +10,7 @@ LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
 CROPS = ("center", "five", "ten")
 FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
 PHOTOMETRIC = ("report", "shift")  # transforms.PHOTOMETRIC's keys
+DEFAULT_EPOCHS = 30  # budget.DEFAULT_EPOCHS, without importing torch here
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -84,7 +85,17 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "sensor noise, for production batches that differ from the training set in optics, "
                         "exposure and noise")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30, help="training epochs")
+    o.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 30); with --budget, the most it may choose")
+    o.add_argument("--budget", metavar="DURATION",
+                   help="finish within this wall time on this machine, e.g. 900s, 15m, 1.5h: a short warm-up "
+                        "measures seconds per image and the run gets the most epochs that fit (up to --epochs), "
+                        "validation, test curves and checkpoints included; prints the choice, writes budget.json")
+    o.add_argument("--budget-resize", metavar="CROP[,CROP...]",
+                   help="with --budget, also choose the input size: candidate crops (N or HxW), each measured; the "
+                        "largest that affords --budget-min-epochs wins, --resize scales with it")
+    o.add_argument("--budget-min-epochs", type=int, default=10,
+                   help="with --budget-resize, the epochs a size must afford to be chosen (default 10)")
     o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
     o.add_argument("--lr", type=float, default=0.01, help="learning rate")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -138,9 +149,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import time
+
     from nexedge.train.losses import parse_class_map
     from nexedge.train.trainer import TrainConfig, train
 
+    t_start = time.time()
+    budget_s = _budget_args(args)
     classes = _classes(args.data)
     if args.good_class is None:
         from nexedge.data.split import dataset_good_class
@@ -155,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
         good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, resize_mode=args.resize_mode, tpr_floor=args.tpr_floor, train_crop=args.train_crop, augment=not args.no_augment,
         flip=args.flip, photometric=args.photometric,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        epochs=args.epochs or DEFAULT_EPOCHS, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,
         loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
@@ -165,8 +180,46 @@ def run_train(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, test_curves=not args.no_test_curves, overwrite=args.overwrite,
         progress=not args.no_progress, cache=not args.no_cache,
     )
+    plan = None
+    if budget_s is not None:
+        import dataclasses
+
+        from nexedge.train import budget
+        from nexedge.train.trainer import prepare_run_folder
+
+        cfg.check()
+        prepare_run_folder(cfg.out, cfg.overwrite)  # refuse a taken --out before the warm-up, not after
+        sizes = [_size(s.strip()) for s in args.budget_resize.split(",") if s.strip()] if args.budget_resize else None
+        plan = budget.plan_budget(cfg, budget_s, t_start, sizes=sizes, max_epochs=cfg.epochs,
+                                  min_epochs=args.budget_min_epochs)
+        cfg = dataclasses.replace(cfg, epochs=plan.epochs, resize=plan.resize, crop=plan.crop, budget=plan.record())
     train(cfg)
+    if plan is not None:
+        budget.finish(cfg.out, plan, t_start)
     return 0
+
+
+def _budget_args(args: argparse.Namespace) -> Any:
+    """Seconds of ``--budget`` (None without it); its companion flags need it."""
+    if args.budget is None:
+        if args.budget_resize:
+            raise ValueError("--budget-resize chooses the input size within a --budget; give --budget too")
+        return None
+    from nexedge.train.budget import parse_duration
+
+    if args.resume:
+        raise ValueError("--budget chooses the epochs of a new run; --resume continues one with its own")
+    if args.budget_min_epochs < 1:
+        raise ValueError(f"--budget-min-epochs {args.budget_min_epochs}: expected 1 or more")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.budget_resize:
+        for s in args.budget_resize.split(","):
+            try:
+                _size(s.strip())
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--budget-resize {args.budget_resize!r}: {e}") from None
+    return parse_duration(args.budget)
 
 
 def _warn_aspect(args: argparse.Namespace) -> None:

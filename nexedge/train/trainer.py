@@ -82,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     cache: bool = True
     plots: bool = True
+    budget: Optional[Dict[str, Any]] = None  # what --budget chose and why (nexedge.train.budget), for config.json
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -332,7 +333,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 #: Files and folders a training run writes; ``--overwrite`` removes only these.
-RUN_FILES = ("config.json", "topk.json", "summary.json", "metrics.jsonl", "metrics.csv", "sat_state.npz",
+RUN_FILES = ("config.json", "budget.json", "topk.json", "summary.json", "metrics.jsonl", "metrics.csv", "sat_state.npz",
              "curves_acc.png", "curves_loss.png", "curves_margin.png", "fpr_at_tpr100.png")
 
 
