@@ -92,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not hasattr(args, "threads"):
             return int(run(args) or 0)
+        args._threads_given = args.threads is not None
         with threads.applied(args.threads, torch=getattr(args, "_threads_torch", False)) as args.threads:
             return int(run(args) or 0)
     except KeyboardInterrupt:

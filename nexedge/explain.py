@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nexedge import preprocess as pp
-from nexedge.threads import add_threads_option
+from nexedge.threads import add_threads_option, given
 
 
 def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, target: Optional[int] = None,
@@ -172,7 +172,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if not 0.0 < args.stride <= 1.0:
         raise ValueError(f"--stride {args.stride}; expected a fraction in (0, 1]")
     model = resolve_artifact(args.model, "model")
-    backend = open_backend(model, **backend_kwargs(backend_kind(model), args.threads, None, None))
+    backend = open_backend(model, **backend_kwargs(backend_kind(model), given(args), None, None))
     card = backend.card
     if args.crop_mode:
         backend = backend.crop_view(args.crop_mode)

@@ -165,6 +165,12 @@ def add_threads_option(p: argparse.ArgumentParser, torch: bool = False) -> None:
     p.set_defaults(_threads_torch=torch)
 
 
+def given(args: argparse.Namespace) -> Optional[int]:
+    """``--threads`` as the user gave it (None when defaulted): for options a backend refuses when
+    set explicitly (a TensorRT engine has no CPU threads to set)."""
+    return args.threads if getattr(args, "_threads_given", True) else None
+
+
 def configured() -> Optional[int]:
     """The thread count of the command running in this process (None outside :func:`applied`)."""
     return _configured

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from nexedge.threads import add_threads_option
+from nexedge.threads import add_threads_option, given
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CROPS = ("center", "five", "ten")
@@ -70,7 +70,7 @@ def effective_command(args: argparse.Namespace) -> str:
              "--warmup", str(args.warmup)]
     parts += ["--iterations", str(args.iterations)] if args.iterations else ["--duration", str(args.duration)]
     for flag, value in (("--precision", args.precision), ("--providers", args.providers), ("--crops", args.crops),
-                        ("--threads", args.threads), ("--images", args.images)):
+                        ("--threads", given(args)), ("--images", args.images)):
         if value:
             parts += [flag, str(value)]
     if args.cascade is not None:
@@ -107,7 +107,7 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
     doc.update(runner.bench_model(
         args.model, backend=args.backend, precision=args.precision, batches=batches, crops=crops,
         warmup=args.warmup, duration=None if args.iterations else args.duration, iterations=args.iterations,
-        threads=args.threads, providers=args.providers, images=args.images, progress=progress,
+        threads=given(args), providers=args.providers, images=args.images, progress=progress,
         cascade=args.cascade,
     ))
     if args.gemm:
