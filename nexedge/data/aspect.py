@@ -141,6 +141,12 @@ def image_sizes(paths: Sequence[str]) -> List[Tuple[int, int]]:
 
 def split_aspects(root: str, split: str = "train") -> Tuple[List[float], List[str]]:
     """Aspect ratios and class names of every image of ``root/split``."""
+    sizes, labels = split_sizes(root, split)
+    return [w / h for w, h in sizes], labels
+
+
+def split_sizes(root: str, split: str = "train") -> Tuple[List[Tuple[int, int]], List[str]]:
+    """(width, height) and class name of every image of ``root/split``."""
     from nexedge.train.data import IMAGE_EXTS
 
     folder = os.path.join(root, split)
@@ -153,7 +159,7 @@ def split_aspects(root: str, split: str = "train") -> Tuple[List[float], List[st
             if f.lower().endswith(IMAGE_EXTS):
                 paths.append(os.path.join(d, f))
                 labels.append(c)
-    return [w / h for w, h in image_sizes(paths)], labels
+    return image_sizes(paths), labels
 
 
 def describe(summary: Dict[str, Any]) -> str:
