@@ -55,6 +55,10 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "steady vs during hot swaps"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
+    ("contention", "bench_contention.py", "a short training (magnetic tiles) quiet vs beside an identical one, "
+     "OpenMP threads spinning vs sleeping: time ratio vs quiet (target <= 2.2x)"),
+    ("resize_mode", "bench_resize_mode.py", "--resize-mode stretch vs short on the magnetic tiles' mixed aspect "
+     "ratios, each trained with --budget: test AUC, accuracy, escapes, time taken vs budget"),
     ("line_tail", "bench_line_tail.py", "the demo's models on 2,000 held-out images: good devices PASSed at TPR "
      "99.1-100 %, AUC per class and defect mode, the demo's line criterion simulated on random splits"),
     ("realism", "bench_realism.py", "synthetic looks (legacy vs calibrated) against real line images: region "
