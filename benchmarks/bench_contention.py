@@ -148,7 +148,8 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2, help="epochs of the measured run (default 2)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds the competitor runs before the measurement")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds of the four runs (default 1)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds of the four runs, the behaviours' order swapped each round (default 2)")
     ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
     args = ap.parse_args()
     command = "python benchmarks/bench_contention.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -159,7 +160,8 @@ def main() -> int:
         data = os.path.join(work, "data")
         counts = subset(args.data, data, args.train_images, args.val_images)
         for r in range(args.repeats):
-            for mode in MODES:
+            order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]  # neither behaviour always goes first
+            for mode in order:
                 for competing in (False, True):
                     row = one_run(mode, data, work, args, competing)
                     row["round"] = r + 1
@@ -193,11 +195,17 @@ def main() -> int:
                   f"{args.settle:g} s after its start line; spinning = the CLI's OMP_WAIT_POLICY=PASSIVE / "
                   "GOMP_SPINCOUNT=0 switched off (libgomp's default spin), sleeping = the CLI as shipped",
                   "- time = the training loop's seconds (epochs in metrics.jsonl); fair share beside one equal job "
-                  "on a full box is 2x, target <= 2.2x", ""]
+                  "on a full box is 2x, target <= 2.2x; CPU s = the measured process's user + system seconds",
+                  ""]
         lines.append(report.table(headers, table, markdown=md))
         lines.append("")
         for mode, rs in ratios.items():
             lines.append(f"- {mode}: time ratio {', '.join(f'{x:.2f}x' for x in rs)}")
+        for competing, what in ((False, "quiet"), (True, "beside the competitor")):
+            sp = [x["train_s"] for x in rows if x["mode"] == "spinning" and x["competing"] == competing]
+            sl = [x["train_s"] for x in rows if x["mode"] == "sleeping" and x["competing"] == competing]
+            lines.append(f"- {what}: spinning / sleeping training time "
+                         + ", ".join(f"{a / b:.2f}x" for a, b in zip(sp, sl)) + " (per round)")
         return "\n".join(lines) + "\n"
 
     report.emit(render, args.markdown)

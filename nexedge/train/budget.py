@@ -300,14 +300,22 @@ def plan_budget(cfg: Any, budget_s: float, t_start: float, sizes: Optional[Seque
 
 
 def finish(out: str, plan: Plan, t_start: float, say: Any = print) -> Dict[str, Any]:
-    """Write ``budget.json`` (the plan and the wall time it took) into the run folder; say how it went."""
+    """Write ``budget.json`` (the plan, the wall time it took and the epochs' own times) into the run
+    folder; say how it went."""
+    import json
+
     from nexedge.card import atomic_write_bytes
 
     actual = time.time() - t_start
-    rec = dict(plan.record(), actual_s=round(actual, 1), within_budget=actual <= plan.budget_s)
-    import json
-
+    epochs = []
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            epochs = [float(json.loads(line)["time_s"]) for line in f if line.strip()]
+    rec = dict(plan.record(), actual_s=round(actual, 1), within_budget=actual <= plan.budget_s,
+               epoch_s_actual=epochs)
     atomic_write_bytes(os.path.join(out, "budget.json"), (json.dumps(rec, indent=2) + "\n").encode())
-    say(f"budget: {_fmt(actual)} of {_fmt(plan.budget_s)} used (predicted {_fmt(plan.predicted_s)})"
+    per = f"; epochs took {_fmt(sum(epochs) / len(epochs))} on average (predicted {_fmt(plan.epoch_s)})" if epochs else ""
+    say(f"budget: {_fmt(actual)} of {_fmt(plan.budget_s)} used (predicted {_fmt(plan.predicted_s)}){per}"
         + ("" if rec["within_budget"] else "; OVER BUDGET: the box was slower than during the warm-up"))
     return rec
