@@ -33,20 +33,21 @@ def _cand(crop, scale=1.0):
 
 
 def test_epochs_fill_the_budget_less_margin_warmup_and_fixed_costs():
-    plan = choose_plan(900, 20, [_cand(128)], C, max_epochs=30)
+    plan = choose_plan(900, 20, [_cand(128)], C, max_epochs=30, margin=0.1)
     # 900 * 0.9 - 20 spent - 13 fixed = 777 s -> 7 epochs of 105 s (735 s)
     assert plan.epochs == 7 and plan.epoch_s == pytest.approx(105)
     assert plan.predicted_s == pytest.approx(20 + 13 + 7 * 105)
     assert "7 epochs of about 1 min 45 s each (the most that fit)" in plan.reason
-    assert choose_plan(900, 20, [_cand(128)], C, max_epochs=5).epochs == 5  # --epochs caps it
-    assert "(the most allowed: --epochs 5)" in choose_plan(900, 20, [_cand(128)], C, max_epochs=5).reason
-    no_test = choose_plan(900, 20, [_cand(128)], Counts(1000, 100, 0), max_epochs=30)
+    assert choose_plan(900, 20, [_cand(128)], C, max_epochs=5, margin=0.1).epochs == 5  # --epochs caps it
+    assert choose_plan(900, 20, [_cand(128)], C).epochs == 6  # the default 15 % margin: 900 * 0.85 - 33 = 732 s
+    assert "(the most allowed: --epochs 5)" in choose_plan(900, 20, [_cand(128)], C, max_epochs=5, margin=0.1).reason
+    no_test = choose_plan(900, 20, [_cand(128)], Counts(1000, 100, 0), max_epochs=30, margin=0.1)
     assert no_test.epochs == 7 and no_test.epoch_s == pytest.approx(103)  # 777 / 103 = 7.5
 
 
 def test_too_short_a_budget_names_the_budget_one_epoch_needs():
     with pytest.raises(ValueError) as e:
-        choose_plan(100, 20, [_cand(128)], C)
+        choose_plan(100, 20, [_cand(128)], C, margin=0.1)
     msg = str(e.value)
     # (20 + 13 + 105) / 0.9 = 153 s
     assert "--budget 1 min 40 s is too short" in msg and "at least 2 min 33 s" in msg and "1000 training images" in msg
@@ -55,12 +56,12 @@ def test_too_short_a_budget_names_the_budget_one_epoch_needs():
 def test_resolution_the_largest_that_affords_the_minimum_epochs():
     cands = [_cand(160, 1.6), _cand(128, 1.0), _cand(96, 0.55)]  # largest first
     # 160: 1.6 * 104 + 1 = 167.4 s/epoch -> 4 epochs in 777 s; 128: 7; 96: 0.55 * 104 + 1 = 58.2 -> 13
-    plan = choose_plan(900, 20, cands, C, max_epochs=30, min_epochs=6)
+    plan = choose_plan(900, 20, cands, C, max_epochs=30, min_epochs=6, margin=0.1)
     assert plan.crop == (128, 128) and plan.resize == (144, 144) and plan.epochs == 7
     assert plan.reason.startswith("crop 128x128: the largest crop that affords 6 epochs; 7 epochs")
-    plan = choose_plan(900, 20, cands, C, max_epochs=30, min_epochs=20)  # none affords 20: the most epochs
+    plan = choose_plan(900, 20, cands, C, max_epochs=30, min_epochs=20, margin=0.1)  # none affords 20: the most epochs
     assert plan.crop == (96, 96) and plan.epochs == 13 and "no size affords 20 epochs" in plan.reason
-    assert choose_plan(900, 20, cands, C, max_epochs=3, min_epochs=10).crop == (160, 160)  # the cap is enough
+    assert choose_plan(900, 20, cands, C, max_epochs=3, min_epochs=10, margin=0.1).crop == (160, 160)  # the cap is enough
     rec = plan.record()
     assert [c["crop"] for c in rec["candidates"]] == [[160, 160], [128, 128], [96, 96]]
     assert [c["epochs"] for c in rec["candidates"]] == [4, 7, 13]
@@ -82,6 +83,13 @@ def test_budget_flags_are_checked_before_any_work(tmp_path, capsys):
     assert main(base + ["--budget", "1m", "--resume", "x.pt"]) == 1
     assert "--resume continues one" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")  # an earlier run
+    assert main(base + ["--budget", "1m"]) == 1
+    assert "already holds a run" in capsys.readouterr().err  # before the warm-up
+    assert main(base + ["--budget", "1s", "--overwrite", "--resize", "36", "--crop", "32", "--threads", "1"]) == 1
+    assert "--budget 1.0 s is too short" in capsys.readouterr().err
+    assert (tmp_path / "r" / "config.json").exists()  # a budget that affords nothing replaces nothing
 
 
 def test_tiny_budget_run_measures_chooses_and_records(tmp_path, capsys):

@@ -188,7 +188,8 @@ def run_train(args: argparse.Namespace) -> int:
         from nexedge.train.trainer import prepare_run_folder
 
         cfg.check()
-        prepare_run_folder(cfg.out, cfg.overwrite)  # refuse a taken --out before the warm-up, not after
+        if not cfg.overwrite:  # refuse a taken --out before the warm-up; --overwrite clears it when training starts
+            prepare_run_folder(cfg.out, False)
         sizes = [_size(s.strip()) for s in args.budget_resize.split(",") if s.strip()] if args.budget_resize else None
         plan = budget.plan_budget(cfg, budget_s, t_start, sizes=sizes, max_epochs=cfg.epochs,
                                   min_epochs=args.budget_min_epochs)
