@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from nexedge.card import GRAPH_CROPS
-from nexedge.threads import add_threads_option
+from nexedge.threads import add_threads_option, given
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
@@ -112,7 +112,7 @@ def run_thresholds(args: argparse.Namespace) -> int:
     from nexedge.runtime import registry
 
     args.artifact = resolve_artifact(args.artifact)
-    opts = registry.from_flags(registry.backend_for(args.artifact).name, threads=args.threads)
+    opts = registry.from_flags(registry.backend_for(args.artifact).name, threads=given(args))
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
                          backend_options=opts, progress=True, cascade=args.cascade or None,
                          margin=args.cascade_margin, stage1=args.stage1)
