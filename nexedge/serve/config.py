@@ -128,14 +128,18 @@ class LifecycleCfg:
     shadow_queue: int = 2
     #: Rule-based promotion after this many shadow frames (0 = off) ...
     auto_promote_frames: int = 0
-    #: ... when the disagreement rate is at most this.
+    #: ... when the disagreement rate (both directions) is at most this ...
     auto_promote_max_disagreement: float = 0.01
-    #: Automatic rollback: p-chart from the previous model's last K frames (0 = off) ...
+    #: ... and the 95 % upper bound on the share of the active model's REJECTs the candidate PASSes is at most this.
+    auto_promote_max_escape: float = 0.05
+    #: Automatic rollback: limits from the previous model's last K decisions (0 = off) ...
     auto_rollback_baseline: int = 0
-    #: ... checked over subgroups of this many frames of the promoted model ...
+    #: ... the promoted model's cumulative reject count checked every this many frames ...
     auto_rollback_subgroup: int = 200
-    #: ... for this many frames after the promotion.
+    #: ... for this many frames after the change ...
     auto_rollback_watch: int = 2000
+    #: ... with this chance of rolling back a model as good as the previous one (per change, all checks).
+    auto_rollback_alpha: float = 0.01
 
 
 @dataclasses.dataclass
@@ -348,9 +352,20 @@ def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:
     if not 0.0 <= lc.auto_promote_max_disagreement <= 1.0:
         raise ConfigError(f"lifecycle.auto_promote_max_disagreement: {lc.auto_promote_max_disagreement} must be "
                           "in [0, 1]")
+    if not 0.0 < lc.auto_promote_max_escape < 1.0:
+        raise ConfigError(f"lifecycle.auto_promote_max_escape: {lc.auto_promote_max_escape} must be in (0, 1) (a "
+                          "candidate that PASSes every frame the active model REJECTs must never qualify)")
     _positive("lifecycle.auto_rollback_baseline", lc.auto_rollback_baseline, allow_zero=True)
     _positive("lifecycle.auto_rollback_subgroup", lc.auto_rollback_subgroup)
     _positive("lifecycle.auto_rollback_watch", lc.auto_rollback_watch)
+    if lc.auto_rollback_watch < lc.auto_rollback_subgroup:
+        raise ConfigError(f"lifecycle.auto_rollback_watch: {lc.auto_rollback_watch} is shorter than one check "
+                          f"(auto_rollback_subgroup {lc.auto_rollback_subgroup})")
+    if lc.auto_rollback_watch // lc.auto_rollback_subgroup > 10000:
+        raise ConfigError(f"lifecycle.auto_rollback_watch / auto_rollback_subgroup: "
+                          f"{lc.auto_rollback_watch // lc.auto_rollback_subgroup} checks; at most 10000 (check less often)")
+    if not 0.0 < lc.auto_rollback_alpha < 1.0:
+        raise ConfigError(f"lifecycle.auto_rollback_alpha: {lc.auto_rollback_alpha} must be in (0, 1)")
 
 
 def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config:
