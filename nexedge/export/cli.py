@@ -87,10 +87,19 @@ def format_cascade(card: Any) -> str:
         return ""
     lines = [f"cascade ({sec.get('status')}, split {sec.get('split')!r}, stage 1 {sec['stage1'].get('crops')} "
              f"{sec['stage1'].get('file') or '(same model)'}, margin {sec.get('margin_logit')} log-odds):",
-             f"{'target TPR':>10}  {'threshold':>11}  {'band lo':>11}  {'band hi':>11}  {'agreement':>9}  stage-2 share"]
+             f"{'target TPR':>10}  {'threshold':>11}  {'band lo':>11}  {'band hi':>11}  {'held-out agree':>14}  "
+             f"{'disagree <=':>11}  {'at margin 0':>11}  stage-2 share"]
+
+    def held(ho: Any) -> str:
+        return "-" if not ho else f"{100 * ho['agreement']:.2f}%"
+
     for b in sec.get("bands") or []:
+        ho, h0 = b.get("held_out"), b.get("held_out_margin0")
+        upper = "-" if not ho else f"{100 * ho['disagreement_upper']:.2f}%"
         lines.append(f"{100 * b['target_tpr']:>9.1f}%  {b['threshold']:>11.4g}  {b['lo']:>11.4g}  {b['hi']:>11.4g}  "
-                     f"{100 * b['agreement']:>8.2f}%  {100 * b['stage2_fraction']:.1f} %")
+                     f"{held(ho):>14}  {upper:>11}  {held(h0):>11}  {100 * b['stage2_fraction']:.1f} %")
+    lines.append("(held-out: leave-one-out over the split, each image decided by the band fitted without it; "
+                 "'disagree <=' its 95 % upper bound; in-sample agreement is 100 % by construction)")
     return "\n".join(lines)
 
 
