@@ -187,8 +187,8 @@ def test_band_frames_get_recheck_when_stage2_fails_or_is_late(models):
 
 def test_one_slow_stage2_call_does_not_disable_stage2(models):
     """Two stage-2 stalls (a paused process) make the estimate say "too late" for band frames with a
-    0.1 s deadline; once REPROBE_S passed, stage 2 runs anyway, is measured fast again, and band frames
-    are decided from then on (they used to be RECHECK deadline_passed for good)."""
+    0.1 s deadline; once reprobe_s passed, stage 2 runs anyway on one band frame, is measured fast
+    again, and band frames are decided from then on (they used to be RECHECK deadline_passed for good)."""
     import time
 
     path = models["host"]
@@ -229,10 +229,32 @@ def test_one_slow_stage2_call_does_not_disable_stage2(models):
     def near():
         return plan.infer_frames(images, [time.monotonic() + 0.1] * 8).recheck
 
-    assert [r for r, b in zip(near(), band) if b] == ["deadline_passed"] * int(band.sum())  # the estimate says late
+    late = ["deadline_passed"] * int(band.sum())
+    assert [r for r, b in zip(near(), band) if b] == late  # the estimate says late
     time.sleep(plan.reprobe_s)
-    assert near() == [None] * 8 and plan.reprobes == 1  # stage 2 re-probed on real band frames: on time
+    assert [r for r, b in zip(near(), band) if b] == [None] + late[1:]  # stage 2 re-measured on one band frame
+    assert plan.reprobes == 1 and plan._backoff == 1  # ... on time
     assert near() == [None] * 8 and near() == [None] * 8  # and the estimate is back to the measured cost
+
+    # a stage 2 that really is too slow (0.5 s per call on this plan's clock) costs one probe frame per
+    # wait, and each probe that confirms it doubles the wait
+    now = [0.0]
+
+    class Slow(Stalling):
+        def infer(self, x):
+            now[0] += 0.5
+            return self.inner.infer(x)
+
+    slow = cc.CascadePlan(full.crop_view("center"), Slow(full, set()), dict(plan.band), own_stage1=False,
+                          clock=lambda: now[0])
+    for _ in range(3):
+        slow._measured(1.0)
+    probes = []
+    for _ in range(7):
+        now[0] += 1.0
+        rechecks = slow.infer_frames(images, [now[0] + 0.1] * 8).recheck
+        probes.append(sum(r is None for r, b in zip(rechecks, band) if b))
+    assert probes == [1, 0, 1, 0, 0, 0, 1] and slow._backoff == 8  # waits of 1, 2 and 4 s, then 8
     full.close()
 
 

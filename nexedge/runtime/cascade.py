@@ -16,10 +16,12 @@ by the band fitted without it) with a 95 % upper bound on the disagreement, for 
 chosen margin and for margin 0 (what the margin buys), and the stage-2 fraction.
 
 Whether a band frame can wait for stage 2 is judged from stage 2's measured cost per
-image: the median of its last few calls (one stall cannot dominate it), and when that
-says "too late" for longer than ``reprobe_s``, stage 2 runs anyway on the next band
-frames and is measured again, so one slow call (a paused process, a poison frame)
-cannot turn every band frame into RECHECK for good.
+image: the lower median of its last few calls (one stall cannot dominate it), and when
+that has said "too late" for every band frame for ``reprobe_s``, stage 2 runs anyway on
+one band frame and is measured again, so one slow call (a paused process, a poison
+frame) cannot turn every band frame into RECHECK for good. A re-probe that finds stage 2
+still too slow doubles the wait before the next one (up to 64 x), so a stage 2 that
+really is slow costs at most one image's stage 2 per wait.
 
 Python 3.8, no torch.
 """
@@ -258,6 +260,7 @@ class CascadePlan:
         self.s_per_image = _PRIOR_S_PER_IMAGE
         self.costs: Deque[float] = collections.deque(maxlen=COST_WINDOW)  # per-image seconds of recent calls
         self.reprobe_s = REPROBE_S
+        self._backoff = 1
         self._last_stage2 = clock()
         self.reprobes = 0
         self.frames = {1: 0, 2: 0, 0: 0}
@@ -287,15 +290,17 @@ class CascadePlan:
         stage = np.where(route < 0, 0, 1).astype(np.int8)
         recheck: List[Optional[str]] = [None] * n
         band = np.flatnonzero(route < 0)
+        probe = None
         if band.size and deadlines is not None:
             now = self.clock()
             finish = now + self.s_per_image * band.size
             late = np.asarray([deadlines[i] < finish for i in band], bool)
-            if late.all() and now - self._last_stage2 >= self.reprobe_s:
-                late[:] = False  # the estimate may be stale (one stall): run stage 2 and measure it again
+            if late.all() and now - self._last_stage2 >= self.reprobe_s * self._backoff:
+                probe = int(band[0])  # the estimate may be stale (a stall): measure stage 2 again on one frame
+                late[0] = False
                 self.reprobes += 1
-                log.info("cascade: stage 2 not run for %.1f s (estimated %.3f s per image); running it on %d band "
-                         "frames to measure it again", now - self._last_stage2, self.s_per_image, band.size)
+                log.info("cascade: stage 2 not run for %.1f s (estimated %.3f s per image); re-measuring it on one "
+                         "band frame", now - self._last_stage2, self.s_per_image)
             for i in band[late]:
                 recheck[i] = DEADLINE_PASSED
             band = band[~late]
@@ -314,6 +319,8 @@ class CascadePlan:
                 timings.update({"stage2_" + k: v for k, v in r2.timings.items()})
                 self._measured((time.perf_counter() - t1) / band.size)
             self._last_stage2 = self.clock()
+            if probe is not None and deadlines is not None:  # still too slow: wait longer before the next probe
+                self._backoff = min(self._backoff * 2, 64) if self._last_stage2 > deadlines[probe] else 1
         for i in range(n):
             if recheck[i] is not None:
                 score[i] = np.nan
