@@ -418,6 +418,9 @@ def test_automatic_rollback_acts_only_on_the_model_it_flagged_and_manual_changes
         r = c.call("load", path=high, **{"as": "active"})
         assert r["ok"] and r["status"]["auto_rollback"]["model_id"] == r["status"]["active"]["model_id"]
         assert r["status"]["history"][-1]["rollback_limits"]["baseline"] == 24
+        from nexedge.serve.cli import format_status
+
+        assert "automatic rollback armed for 96 frames" in format_status(r["status"])  # `nexedge line status`
         r = c.call("unload", slot="previous")  # nothing left to roll back to: disarmed, explicitly
         assert r["ok"] and r["status"]["auto_rollback"] is None
 

@@ -68,8 +68,11 @@ def probe(path: str, cfg: Any, line_card: Any, budget: Optional[int], timeout_s:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     peak_seen, base, result, buf = 0, None, None, b""
     try:
-        proc.stdin.write(json.dumps(req).encode("utf-8"))
-        proc.stdin.close()
+        try:
+            proc.stdin.write(json.dumps(req).encode("utf-8"))
+            proc.stdin.close()
+        except BrokenPipeError:  # it died at start: reported below as an end without an answer
+            pass
         fd = proc.stdout.fileno()
         while result is None:
             if time.monotonic() - t0 > timeout_s:
@@ -96,14 +99,17 @@ def probe(path: str, cfg: Any, line_card: Any, budget: Optional[int], timeout_s:
                         f"load {path}: it grew past {_mib(budget)} while it was opened and warmed up in a child "
                         f"process (lifecycle.memory_limit {cfg.lifecycle.memory_limit} less the resident "
                         "models); refused, the line's models were not touched")
-        rc = proc.wait(timeout=10)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # answered but hangs on its way out: the answer stands
+            rc = None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
     if result is None:
-        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
         raise LifecycleError(f"load {path}: the process checking it ended without an answer ({how}); refused")
     if not result.get("ok"):
         raise LifecycleError(str(result.get("error")))
