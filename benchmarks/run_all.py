@@ -53,6 +53,11 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "(30 min by default, long)"),
     ("lifecycle", "bench_lifecycle.py", "throughput with a shadow candidate on vs off; active model's p99 latency "
      "steady vs during hot swaps"),
+    ("rollback", "bench_rollback.py", "automatic rollback and promotion rules by simulation: false- and missed-rollback "
+     "rates per hour at 1/10/50 devices/s and 0.2-5 % rejects (new limits vs the old 3-sigma chart); promotion of "
+     "adversarial candidates"),
+    ("load_probe", "bench_load_probe.py", "a model load with lifecycle.memory_limit (checked in a child process) vs "
+     "without: load time, and the daemon's peak RSS while a small model that builds a large constant is loaded"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
     ("contention", "bench_contention.py", "a short training (magnetic tiles) quiet vs beside an identical one, "
