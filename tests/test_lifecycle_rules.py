@@ -104,6 +104,8 @@ def test_chart_lower_limit_fires_on_a_model_that_rejects_nothing():
     _feed(chart, old, rng.random(20000) < 0.006)
     armed = chart.arm(old, new, "new")
     assert armed["lower_fires_from"] is not None and armed["lower_fires_from"] <= 2000
+    lo, _ = chart.limits(armed["baseline_rejects"], armed["baseline"])
+    assert armed["lower_fires_from"] == 200 * (1 + min(j for j, v in enumerate(lo) if v >= 0))
     hit = _feed(chart, new, np.zeros(2000, bool))
     assert hit is not None and hit["rejects"] == 0 and hit["lo"] >= 0 and hit["slot"] is new
     assert hit["fallback"] is old and chart.armed is None

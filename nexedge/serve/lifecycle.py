@@ -528,7 +528,7 @@ class Lifecycle:
                 fn(slot)
             self._record("load", who, old, slot, slot="candidate")
         else:
-            pre = self._baseline_limits(old)
+            pre = self._baseline_of(old)
             with self.batch_lock:
                 self.active = slot
                 prev_out = self._retire(old)
@@ -554,15 +554,11 @@ class Lifecycle:
         self._announce(self.active)
 
     # -- the rollback chart ---------------------------------------------------------
-    def _baseline_limits(self, outgoing: Optional[Slot]) -> Optional[Tuple[int, int, List[int], List[int]]]:
-        """Limits from ``outgoing``'s recent decisions (computed before the swap, outside the batch lock)."""
+    def _baseline_of(self, outgoing: Optional[Slot]) -> Optional[Tuple[int, int]]:
+        """(rejects, frames) of ``outgoing``'s recent decisions, read before the swap."""
         if self.lc.auto_rollback_baseline <= 0 or outgoing is None:
             return None
-        base = self.chart.baseline_of(outgoing)
-        if base is None:
-            return None
-        lo, hi = self.chart.limits(*base)
-        return base[0], base[1], lo, hi
+        return self.chart.baseline_of(outgoing)
 
     def _rearm(self, old: Optional[Slot], new: Slot, pre: Any, why: str) -> Optional[Dict[str, Any]]:
         """(under batch_lock, at a change of the active model) arm the chart for ``new`` against ``old``
@@ -609,7 +605,7 @@ class Lifecycle:
                 return self.status()
             if cand is None:
                 raise LifecycleError("promote: no candidate is loaded; `nexedge line load ARTIFACT` first")
-            pre = self._baseline_limits(self.active)
+            pre = self._baseline_of(self.active)
             with self.batch_lock, cand.use_lock:  # the shadow scorer is done with it (TensorRT contexts are
                 old = self.active                 # not thread-safe: never two threads on one model)
                 self.active, self.candidate = cand, None

@@ -127,13 +127,19 @@ def predictive_limits(x: int, k: int, t: int, alpha_tail: float) -> Tuple[int, i
     return lo, min(hi, t + 1)
 
 
+def p_zero(x: int, k: int, t: int) -> float:
+    """Predictive P(S = 0): no reject in ``t`` new frames given ``x`` in ``k`` baseline frames."""
+    a, b = x + 0.5, k - x + 0.5
+    return math.exp(_lbeta(a, b + t) - _lbeta(a, b))
+
+
 class RollbackChart:
     """Automatic rollback test of one promoted model against the model it replaced.
 
     ``observe(slot, rejects)`` is fed each batch with the model that decided it. The last
     ``baseline`` decisions of one model are kept (a change of model starts them afresh); ``arm``
-    at a model change computes the limits from the outgoing model's and names the incoming one;
-    only that model's decisions are judged, and a hit names it."""
+    at a model change takes the outgoing model's and names the incoming one; only that model's
+    decisions are judged (each check's limits computed when it is reached), and a hit names it."""
 
     def __init__(self, baseline: int, every: int, watch: int, alpha: float) -> None:
         self.baseline, self.every, self.watch, self.alpha = int(baseline), int(every), int(watch), float(alpha)
@@ -144,13 +150,17 @@ class RollbackChart:
         self.target: Any = None  # the slot the armed chart judges ...
         self.fallback: Any = None  # ... and the one a hit rolls back to
         self._lock = threading.Lock()
-        self._lo: List[int] = []
-        self._hi: List[int] = []
+        self._base = (0, 1)
         self._n = self._rejects = 0
 
     @property
     def checks(self) -> int:
         return max(self.watch // max(self.every, 1), 1)
+
+    @property
+    def tail(self) -> float:
+        """Level of each tail at each check (Bonferroni over both tails and all checks)."""
+        return self.alpha / (2 * self.checks)
 
     def baseline_of(self, slot: Any) -> Optional[Tuple[int, int]]:
         """(rejects, frames) of ``slot``'s last ``baseline`` decisions; None when fewer were seen."""
@@ -160,31 +170,42 @@ class RollbackChart:
             return self._recent_rejects, len(self.recent)
 
     def limits(self, x: int, k: int) -> Tuple[List[int], List[int]]:
-        """Per check j (after (j + 1) * every frames): fire when the cumulative rejects are <= lo[j] or >= hi[j]."""
-        tail = self.alpha / (2 * self.checks)
-        lims = [predictive_limits(x, k, (j + 1) * self.every, tail) for j in range(self.checks)]
+        """Every check's limits at once (benchmarks, tests): at check j (after (j + 1) * every frames)
+        the chart fires when the cumulative rejects are <= lo[j] or >= hi[j]."""
+        lims = [predictive_limits(x, k, (j + 1) * self.every, self.tail) for j in range(self.checks)]
         return [lo for lo, _ in lims], [hi for _, hi in lims]
 
+    def lower_fires_from(self, x: int, k: int) -> Optional[int]:
+        """The first check (frames after the change) at which 0 rejects is outside the limits; None when
+        no check within the watch can tell a model that rejects nothing from chance."""
+        if p_zero(x, k, self.checks * self.every) > self.tail:
+            return None
+        lo, hi = 1, self.checks  # P(S = 0) falls with t: the first check where it is <= tail
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if p_zero(x, k, mid * self.every) <= self.tail:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo * self.every
+
     def arm(self, outgoing: Any, incoming: Any, model_id: str,
-            precomputed: Optional[Tuple[int, int, List[int], List[int]]] = None) -> Optional[Dict[str, Any]]:
-        """Watch ``incoming`` against ``outgoing``'s baseline; None (disarmed) when there is too little
-        baseline. ``precomputed``: (x, k, lo, hi) from :meth:`limits`, computed outside any lock."""
+            base: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, Any]]:
+        """Watch ``incoming`` against ``outgoing``'s baseline (``base``: its (rejects, frames), else read
+        now); None (disarmed) when there is too little baseline."""
         self.disarm()
-        if precomputed is None:
-            base = self.baseline_of(outgoing)
-            if base is None:
-                return None
-            x, k = base
-            lo, hi = self.limits(x, k)
-        else:
-            x, k, lo, hi = precomputed
-        fires = [(j + 1) * self.every for j, v in enumerate(lo) if v >= 0]
+        base = base if base is not None else self.baseline_of(outgoing)
+        if base is None:
+            return None
+        x, k = base
+        watch = self.checks * self.every
+        first_hi = predictive_limits(x, k, self.every, self.tail)[1]
+        last = predictive_limits(x, k, watch, self.tail)
         armed = {"model_id": model_id, "p": x / k, "baseline_rejects": x, "baseline": k, "alpha": self.alpha,
-                 "every": self.every, "watch": self.checks * self.every, "checks": self.checks,
-                 "first_upper": hi[0], "lower_fires_from": fires[0] if fires else None,
-                 "last_limits": [lo[-1], hi[-1]]}
+                 "every": self.every, "watch": watch, "checks": self.checks, "first_upper": first_hi,
+                 "lower_fires_from": self.lower_fires_from(x, k), "last_limits": list(last)}
         with self._lock:
-            self._lo, self._hi, self.target, self.fallback, self.armed = lo, hi, incoming, outgoing, armed
+            self._base, self.target, self.fallback, self.armed = (x, k), incoming, outgoing, armed
             self._n = self._rejects = 0
         return dict(armed)
 
@@ -215,12 +236,12 @@ class RollbackChart:
             self._rejects += int(r)
             if self._n % self.every:
                 continue
-            j = self._n // self.every - 1
-            if self._rejects <= self._lo[j] or self._rejects >= self._hi[j]:
-                hit = dict(self.armed, rejects=self._rejects, frames=self._n, lo=self._lo[j], hi=self._hi[j],
-                           slot=self.target, fallback=self.fallback)
+            lo, hi = predictive_limits(self._base[0], self._base[1], self._n, self.tail)
+            if self._rejects <= lo or self._rejects >= hi:
+                hit = dict(self.armed, rejects=self._rejects, frames=self._n, lo=lo, hi=hi, slot=self.target,
+                           fallback=self.fallback)
                 self._clear()
-            elif j + 1 >= self.checks:
+            elif self._n >= self.checks * self.every:
                 self._clear()  # watched long enough: the promotion stands
         return hit
 
