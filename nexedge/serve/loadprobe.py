@@ -8,8 +8,10 @@ first: ``python -m nexedge.serve.loadprobe`` does, exactly as the daemon would
 ``batching.max_batch``, cascade plan) plus the compatibility check against the line's card.
 The parent polls the child's resident set every few milliseconds and kills it when it
 grows past the budget (what ``lifecycle.memory_limit`` leaves after the resident models);
-the child also caps its own address space (budget + slack) so one huge allocation fails at
-once. Only a model that passed, with its measured peak, is opened by the daemon.
+on a CPU-only ONNX Runtime the child also caps its own address space (budget + slack) so
+one huge allocation fails at once (not with CUDA or TensorRT, which reserve address space
+far beyond what they use; there the resident set, host memory only, is the guard). Only a
+model that passed, with its measured peak, is opened by the daemon.
 
 Linux (``/proc``). Python 3.8, no torch.
 """
@@ -129,10 +131,17 @@ def _child() -> int:
     from nexedge.serve import config as C
     from nexedge.serve import lifecycle as L
 
+    cpu_only = False  # CUDA reserves address space far beyond what it uses: no address-space cap then
     try:
         kind = backend_kind(path)
         if kind == "onnxruntime":  # the daemon has its runtime library loaded: not this model's cost
-            import onnxruntime  # noqa: F401
+            import onnxruntime
+
+            from nexedge.runtime.onnxrt import resolve_providers
+
+            opts = (req["config"].get("model") or {}).get("options") or {}
+            cpu_only = resolve_providers(opts.get("providers"), onnxruntime.get_available_providers()) == \
+                ["CPUExecutionProvider"]
         elif kind == "tensorrt":
             try:
                 import tensorrt  # noqa: F401
@@ -146,7 +155,7 @@ def _child() -> int:
     except OSError:
         pass
     base = _status_bytes("self", "VmRSS")
-    if budget is not None:
+    if budget is not None and cpu_only:
         import resource
 
         cap = _status_bytes("self", "VmSize") + int(budget) + AS_SLACK
