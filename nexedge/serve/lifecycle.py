@@ -2,15 +2,20 @@
 
 * A load opens and warms the new artifact on the caller's thread (control
   endpoint, SIGHUP helper), never on the inference thread, and checks its card
-  against the line (:func:`check_compatible`) before anything changes.
+  against the line (:func:`check_compatible`) before anything changes; with
+  ``memory_limit`` (or when a slot must be unloaded to make room) it is first
+  opened in a child process (:mod:`nexedge.serve.loadprobe`). A refused load
+  leaves every slot as it was.
 * The inference worker holds :attr:`Lifecycle.batch_lock` for each batch; a
   swap takes the same lock, so it happens between batches: a batch finishes on
   the model it started with and every verdict names the model that decided it.
 * ``promote`` makes the candidate active and keeps the replaced model as
   ``previous`` (``lifecycle.keep_previous``) for an instant ``rollback``.
-* Optional rules: promotion after N shadow frames with a disagreement rate at
-  most X; automatic rollback when the promoted model's reject rate leaves the
-  3-sigma p-chart limits of the previous model's last K frames.
+* Optional rules (:mod:`nexedge.serve.rules`): promotion after N shadow frames
+  when the candidate's escapes (REJECT/PASS) and all disagreements are bounded;
+  automatic rollback when the new model's cumulative reject count leaves the
+  predictive limits from the previous model's last K decisions. Both act only
+  on the model they judged.
 * With ``lifecycle.models_dir`` loaded artifacts are copied into
   ``models_dir/versions/<stem>-<sha8>/`` and the ``active`` pointer
   (``models_dir/active.json``) is written atomically on every change; a restart
