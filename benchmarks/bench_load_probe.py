@@ -6,7 +6,9 @@ Two real ``nexedge-daemon`` processes on the same model, one without and one wit
 
 1. wall time of ``nexedge line load CANDIDATE`` (``--loads`` times, the candidate unloaded in
    between): median without the probe, with it, and the ratio;
-2. the daemon's peak RSS (VmHWM) while a small ONNX that builds a ``--bomb-mib`` MiB constant
+2. the candidate's peak while it is opened: in the probe, and in the daemon (VmHWM reset before
+   each load);
+3. the daemon's peak RSS (VmHWM) while a small ONNX that builds a ``--bomb-mib`` MiB constant
    at load time is loaded: accepted or refused, and how far the daemon's peak moved.
 
 Without ``--model`` it builds the toy model of bench_lifecycle.py (fp32); the candidate and the
@@ -96,16 +98,21 @@ def run_daemon(model: str, cand: str, bomb: str, loads: int, limit: Optional[str
     out: Dict[str, Any] = {"limit": limit}
     try:
         with ControlClient(ctl, timeout_s=600) as c:
-            times = []
+            times, peaks = [], []
             for _ in range(loads):
+                with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:  # reset the daemon's VmHWM
+                    f.write("5")
+                rss0 = d.status()["rss"]
                 t = time.monotonic()
                 r = c.call("load", path=cand, who="bench")
                 if not r.get("ok"):
                     raise RuntimeError(f"load refused: {r.get('error')}")
                 times.append(time.monotonic() - t)
+                peaks.append(d.status()["hwm"] - rss0)
                 out["candidate_estimate"] = r["status"]["candidate"]["memory_bytes"]
+                out["candidate_peak"] = r["status"]["candidate"].get("load_peak_bytes")
                 c.call("unload", who="bench")
-            out["load_s"] = times
+            out["load_s"], out["daemon_load_peak"] = times, peaks
             before = d.status()
             t = time.monotonic()
             r = c.call("load", path=bomb, who="bench")
@@ -127,8 +134,12 @@ def render(doc: Dict[str, Any], markdown: bool) -> str:
     a, b = doc["without"], doc["with"]
     ma, mb = statistics.median(a["load_s"]), statistics.median(b["load_s"])
     parts.append(f"Load of a candidate, median of {len(a['load_s'])}: without the probe {ma:.2f} s, with it "
-                 f"({b['limit']}) {mb:.2f} s, ratio {mb / ma:.2f}. Candidate estimate: {a['candidate_estimate'] / 2**20:.0f} "
-                 f"MiB (RSS growth in the daemon) vs {b['candidate_estimate'] / 2**20:.0f} MiB (the probe's peak).")
+                 f"({b['limit']}) {mb:.2f} s, ratio {mb / ma:.2f}. The candidate's resident estimate (the daemon's RSS "
+                 f"growth): {a['candidate_estimate'] / 2**20:.0f} / {b['candidate_estimate'] / 2**20:.0f} MiB; its "
+                 f"peak while it was opened and warmed, measured by the probe: {b['candidate_peak'] / 2**20:.0f} MiB; "
+                 f"the daemon's own peak RSS growth during the load (median): "
+                 f"{statistics.median(a['daemon_load_peak']) / 2**20:.0f} / "
+                 f"{statistics.median(b['daemon_load_peak']) / 2**20:.0f} MiB (without / with the probe).")
     parts.append("")
     rows = []
     for name, r in (("no memory_limit", a), (f"memory_limit {b['limit']}", b)):

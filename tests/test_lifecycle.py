@@ -502,7 +502,8 @@ def test_memory_limit_holds_while_a_model_loads(models, tmp_path):
         assert st["candidate"] is None and st["changes"] == {}
         r = c.call("load", path=models["other"])
         assert r["ok"], r
-        assert 0 < r["status"]["candidate"]["memory_bytes"] <= 150 << 20
+        cand = r["status"]["candidate"]
+        assert 0 < cand["memory_bytes"] <= 150 << 20 and 0 < cand["load_peak_bytes"] <= 150 << 20
 
 
 def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_path, caplog):

@@ -69,6 +69,7 @@ class Slot:
         self.footprint = int(footprint)
         self.source = source
         self.unmeasured = unmeasured  # why its thresholds are not measured on it (decision.allow_unmeasured)
+        self.load_peak: Optional[int] = None  # what it took while it was opened, measured by the load probe
         self.loaded_at = time.time()
         self.closed = False
         self.use_lock = threading.Lock()  # held while the shadow scorer runs it; close() waits for it
@@ -92,7 +93,8 @@ class Slot:
         return {"model_id": self.model_id, "sha256": self.sha256, "path": self.path, "source": self.source,
                 "threshold": self.decider.threshold, "threshold_source": d.get("source"),
                 "target_tpr": d.get("target_tpr"), "crop_mode": str(self.backend.crop_mode),
-                "memory_bytes": self.footprint, "loaded_at": self.loaded_at, "unmeasured": self.unmeasured}
+                "memory_bytes": self.footprint, "load_peak_bytes": self.load_peak, "loaded_at": self.loaded_at,
+                "unmeasured": self.unmeasured}
 
 
 def operating_points_problem(card: ModelCard, crop_mode: str) -> Optional[str]:
@@ -454,8 +456,8 @@ class Lifecycle:
                 check_compatible(self.active.card, slot.card, slot.backend, self.cfg)
                 if slot.sha256 != card.sha256:
                     raise LifecycleError(f"load {path}: the file changed while it was loaded; load it again")
-                if probed is not None:  # the admission estimate: its measured peak, not the RSS growth here
-                    slot.footprint = max(slot.footprint, int(probed["peak_bytes"]))
+                if probed is not None:
+                    slot.load_peak = int(probed["peak_bytes"])
                 if self.versions is not None:
                     slot.path = self.versions.import_artifact(path, slot.sha256)
             except BaseException:
