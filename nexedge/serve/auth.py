@@ -135,6 +135,10 @@ class CurveConfig:
             self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
         log.warning("refused connection: %s %s", reason, detail)
 
+    def handshake_failed(self, reason: str, endpoint: str) -> None:
+        """Count a failed CURVE handshake seen by another socket monitor (the memory guard's)."""
+        self._deny(reason, f"(no CURVE or wrong server key) on {endpoint}")
+
     def start(self, context: Optional[zmq.Context] = None) -> None:
         """Start the ZAP handler for ``context`` (default: the global instance); idempotent."""
         ctx = context or zmq.Context.instance()
