@@ -32,6 +32,22 @@ def jpeg_claiming(width: int, height: int, fillers: int = 2) -> bytes:
     return b"\xff\xd8" + app * fillers + sof + b"\xff\xd9"
 
 
+def jpeg_scan_bomb(side: int, scans: int, channels: int = 3) -> bytes:
+    """A valid progressive JPEG of a flat ``side`` x ``side`` image whose last scan is repeated until it
+    has ``scans`` scans: a few KB that cost one decoding pass over the whole image per scan (issue 30:
+    2,000 scans, 44 KB, 92 s to decode)."""
+    import re
+
+    import cv2
+    import numpy as np
+
+    img = np.full((side, side, channels) if channels > 1 else (side, side), 128, np.uint8)
+    enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    starts = [m.start() for m in re.finditer(rb"\xff\xda", enc)]
+    last = enc[starts[-1]:-2]  # the last scan, up to EOI
+    return enc[:-2] + last * max(scans - len(starts), 0) + b"\xff\xd9"
+
+
 def bmp_claiming(width: int, height: int, bpp: int = 32) -> bytes:
     return b"BM" + bytes(16) + struct.pack("<iiHH", width, height, 1, bpp) + bytes(24)
 

@@ -12,7 +12,7 @@ from nexedge.serve.camerasim import MODES
 
 
 def configure_camera_sim(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="folder of images (PNG/JPEG/BMP, searched recursively)")
+    p.add_argument("folder", help="folder of images (PNG/JPEG/BMP/TIFF, searched recursively)")
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="daemon frames endpoint (default %(default)s)")
     p.add_argument("--cameras", type=int, default=2, help="number of simulated cameras (default %(default)s)")
     p.add_argument("--rate", type=float, default=10.0,
