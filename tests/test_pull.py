@@ -142,7 +142,9 @@ def test_pull_server_over_loopback_and_bad_requests(tmp_path):
             assert s.poll(5000)
             head = json.loads(s.recv())
             assert head["ok"] is False and head["error"]
-        s.send(json.dumps({"op": "hello"}).encode())
+        s.send(json.dumps({"op": "hello"}).encode())  # no "v": refused (it must be the integer 1)
+        assert "protocol version missing" in json.loads(s.recv())["error"]
+        s.send(json.dumps({"v": 1, "op": "hello"}).encode())
         assert json.loads(s.recv())["pending"] == 0  # still serving
         s.close(0)
         ctx.term()
@@ -296,7 +298,7 @@ def test_ack_accepts_only_integer_ids_of_the_current_lease(tmp_path):
         s.connect(srv.endpoint)
 
         def call(req):
-            s.send(json.dumps(req).encode())
+            s.send(json.dumps(dict(req, v=1)).encode())
             assert s.poll(5000)
             return json.loads(s.recv_multipart()[0])
 
