@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nexedge.store import SampleStore, blob_relpath, normalize_ext
-from nexedge.store.samples import EVICT_ORDER, MIN_QUOTA, ROW_HEADROOM
+from nexedge.store.samples import EVICT_ORDER, MIN_QUOTA
 
 
 def _meta(i, kind="band", camera="cam0", **kw):
@@ -84,7 +84,7 @@ def test_filters_and_paging(tmp_path):
 def _disk_use(root):
     """Bytes a folder tree takes on disk (st_blocks), as ``du`` counts them."""
     total = 0
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         total += os.stat(folder).st_blocks * 512
         for name in files:
             total += os.stat(os.path.join(folder, name)).st_blocks * 512

@@ -249,10 +249,9 @@ class SampleStore:
                 for stmt in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
                     if stmt.strip():
                         self._db.execute(stmt)
-                if version == 1:
-                    self._db.execute("ALTER TABLE samples ADD COLUMN shadow TEXT")
-                if version in (1, 2):
-                    self._db.execute("ALTER TABLE blobs ADD COLUMN disk INTEGER")
+                for table, col, decl in (("samples", "shadow", "TEXT"), ("blobs", "disk", "INTEGER")):
+                    if col not in [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
