@@ -608,15 +608,19 @@ def test_control_endpoint_auth_rules(models, tmp_path):
     make_keypair(str(keys), "server")
     make_keypair(str(keys), "alice")
     make_keypair(str(keys), "mallory")
-    allowed.mkdir()
-    shutil.copy(keys / "alice.key", allowed / "alice.key")
+    make_keypair(str(keys), "cam")
+    (allowed / "operators").mkdir(parents=True)
+    shutil.copy(keys / "alice.key", allowed / "operators" / "alice.key")
+    shutil.copy(keys / "cam.key", allowed / "cam.key")  # at the top: a camera key
     auth = {"server_secret_file": str(keys / "server.key_secret"), "allowed_clients_dir": str(allowed)}
     with running(models["active"], lifecycle=_lc(), auth=auth) as d:
         ep = d.endpoints["control"]
-        with ControlClient(ep, timeout_s=2, curve=CurveClient(str(keys / "mallory.key_secret"),
-                                                                 str(keys / "server.key"))) as bad:
-            with pytest.raises(ControlTimeout):
-                bad.call("load", path=models["other"])
+        for who in ("mallory", "cam"):  # unknown key; a camera's key (issue 30 item 5: it could load a model)
+            with ControlClient(ep, timeout_s=2, curve=CurveClient(str(keys / f"{who}.key_secret"),
+                                                                     str(keys / "server.key"))) as bad:
+                with pytest.raises(ControlTimeout):
+                    bad.call("load", path=models["other"], **{"as": "active"})
+        assert d.auth.counts()["wrong_role"] >= 1 and d.models.candidate is None
         with ControlClient(ep, timeout_s=2) as plain:  # no CURVE at all
             with pytest.raises(ControlTimeout):
                 plain.call("status")

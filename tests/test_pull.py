@@ -236,8 +236,10 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
     allowed.mkdir()
     for name in ("daemon", "cam", "alice"):
         assert main(["keys", "--out", keys, "--name", name]) == 0
-    for name in ("cam", "alice"):
-        os.link(os.path.join(keys, name + ".key"), str(allowed / (name + ".key")))
+    (allowed / "cameras").mkdir()
+    (allowed / "pullers").mkdir()
+    os.link(os.path.join(keys, "cam.key"), str(allowed / "cameras" / "cam.key"))
+    os.link(os.path.join(keys, "alice.key"), str(allowed / "pullers" / "alice.key"))
     store = str(tmp_path / "store")
     # an ephemeral port: a port probed free beforehand could go to the daemon's own "*" sockets
     cfg = base_config(model, store={"path": store}, uncertain={"band": 50.0, "audit_fraction": 0.0},
@@ -262,6 +264,11 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
         ep = d.endpoints["pull"]
         assert main(["pull", "--connect", ep, "--out", str(tmp_path / "plain"), "--timeout", "0.5",
                      "--retries", "0", "--no-progress"]) == 1
+        # a camera's key cannot pull (issue 30 item 5: it could page and ack the store empty)
+        assert main(["pull", "--connect", ep, "--client-key", os.path.join(keys, "cam.key_secret"),
+                     "--server-key", os.path.join(keys, "daemon.key"), "--out", str(tmp_path / "cam"),
+                     "--timeout", "0.5", "--retries", "0", "--no-progress"]) == 1
+        assert d.auth.counts()["wrong_role"] >= 1
         out = str(tmp_path / "out")
         assert main(["pull", "--connect", ep, "--client-key", os.path.join(keys, "alice.key_secret"),
                      "--server-key", os.path.join(keys, "daemon.key"), "--out", out, "--format", "labelstudio",

@@ -15,14 +15,14 @@ empty delimiter) client, one JSON reply frame.
   keeps running on its active model.
 
 Who made a change is logged with it: the name of the client's key file in the
-auth allow-list under CurveZMQ, ``loopback`` without auth (plus the name the
+auth allow-list under CurveZMQ (only *operator* keys get in: see
+:mod:`nexedge.serve.auth`), ``loopback`` without auth (plus the name the
 client gave as ``"who"``, marked as claimed). A non-loopback bind without auth
 is refused (as for the pull endpoint). Python 3.8, no torch.
 """
 
 import json
 import logging
-import os
 from typing import Any, Callable, Dict, List, Optional
 
 import zmq
@@ -99,18 +99,8 @@ class ControlServer(RouterThread):
         return self._key_name(key) if key else "unknown key"
 
     def _key_name(self, z85: str) -> str:
-        """The allow-list file name (without .key) holding this public key."""
-        if z85 not in self._names:
-            from nexedge.serve.auth import load_public
-
-            folder = self.auth.allowed_clients_dir
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".key"):
-                    try:
-                        self._names[load_public(os.path.join(folder, name)).decode("ascii")] = name[:-4]
-                    except (ValueError, OSError, FileNotFoundError):
-                        continue
-        return self._names.get(z85, "key " + z85[:12])
+        """The allow-list file name (``alice`` for ``operators/alice.key``) holding this public key."""
+        return str(self.auth.key_name(z85))
 
     def _handle(self, body: List[Any]) -> Dict[str, Any]:
         if len(body) != 1:

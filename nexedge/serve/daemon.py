@@ -148,10 +148,18 @@ class Daemon(IngestMixin):
             from nexedge.store import SampleStore
 
             quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
-            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue,
+            reserve = C.parse_size(cfg.store.reserve, "store.reserve", allow_zero=True)
+            store = SampleStore(cfg.store.path, quota_bytes=quota, reserve_bytes=reserve)
+            self.sampler = Sampler(store, self.metrics, cfg.store.queue,
                                    C.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
                                    cfg.store.recheck_per_minute, cfg.sockets.max_cameras)
-            log.info("uncertain-sample store at %s (quota %s)", cfg.store.path, cfg.store.quota)
+            self.metrics.add_families(self.sampler.collect)
+            free = store.stats()["free_bytes"]
+            log.info("uncertain-sample store at %s (quota %s, reserve %s, %d MiB free)", cfg.store.path,
+                     cfg.store.quota, cfg.store.reserve, free >> 20)
+            if free < reserve:
+                log.warning("store.path %s has %d MiB free, less than store.reserve %s: samples are dropped until "
+                            "room is made (nexedge_store_full 1)", cfg.store.path, free >> 20, cfg.store.reserve)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
@@ -168,7 +176,8 @@ class Daemon(IngestMixin):
             self.auth = CurveConfig(cfg.auth.server_secret_file, cfg.auth.allowed_clients_dir)
             auth = self.auth
             self.metrics.add_counter_callback(
-                "nexedge_auth_refused", "Connections refused by CurveZMQ authentication, by reason", "reason",
+                "nexedge_auth_refused", "Connections refused by CurveZMQ authentication, by reason (unknown_key, "
+                "wrong_role, handshake)", "reason",
                 lambda: {k: v for k, v in auth.counts().items() if k != "total"})
         if cfg.pull is not None:
             if cfg.store is None:
@@ -198,8 +207,8 @@ class Daemon(IngestMixin):
         for sock in (r, pub):
             SocketGuard.configure(sock, s.heartbeat_s)
         if self.auth is not None:
-            self.auth.apply_server(r, monitor=False)  # the guards' monitors count failed handshakes
-            self.auth.apply_server(pub, monitor=False)
+            self.auth.apply_server(r, monitor=False, domain="frames")  # the guards' monitors count failed
+            self.auth.apply_server(pub, monitor=False, domain="verdicts")  # handshakes
         failed = self.auth.handshake_failed if self.auth is not None else None
         peer_max = s.max_peer_pending_bytes or 2 * s.max_message_bytes + (1 << 20)
         self._frames_guard = SocketGuard(r, "frames", Limits(peer_max, s.unfinished_timeout_s, s.max_peers),

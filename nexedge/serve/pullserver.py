@@ -28,7 +28,9 @@ oldest lease is forgotten first).
   (the JSON integer) is refused.
 
 The endpoint hands out proprietary images: binding anything but loopback
-(127.0.0.0/8, ::1, localhost, ipc://, inproc://) needs a :class:`CurveConfig`.
+(127.0.0.0/8, ::1, localhost, ipc://, inproc://) needs a :class:`CurveConfig`; under
+CURVE only *puller* keys get in (see :mod:`nexedge.serve.auth`). Without auth every
+local process is trusted (it may page and acknowledge).
 
 Python 3.8, no torch.
 """
@@ -126,6 +128,10 @@ def is_loopback(endpoint: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
+#: The CURVE role domain (nexedge.serve.auth.DOMAIN_ROLES) of each endpoint, by its config key.
+DOMAINS = {"pull.bind": "pull", "lifecycle.control": "control"}
+
+
 def bind_router(bind: str, auth: Optional[CurveConfig], key: str, max_message_bytes: int,
                 guards: Optional[GuardRegistry] = None, heartbeat_s: float = 10.0) -> Tuple[zmq.Context, zmq.Socket]:
     """A ROUTER socket on its own context for a small request/reply endpoint (pull, control): CURVE
@@ -139,8 +145,8 @@ def bind_router(bind: str, auth: Optional[CurveConfig], key: str, max_message_by
     try:
         if guards is not None:
             SocketGuard.configure(sock, heartbeat_s)
-        if auth is not None:
-            auth.apply_server(sock, monitor=guards is None)
+        if auth is not None:  # only the keys of this endpoint's role get in
+            auth.apply_server(sock, monitor=guards is None, domain=DOMAINS.get(key, "*"))
         try:
             sock.bind(bind)
         except zmq.ZMQError as e:

@@ -178,6 +178,7 @@ class SampleStore:
         self.evicted_by_kind: Dict[str, int] = {k: 0 for k in KINDS}  # samples deleted by retention
         self.write_errors = 0  # writes the file system refused (ENOSPC, SQLite full)
         self.full = False  # the last add could not make room (quota or free space)
+        self.full_reason = ""  # why: quota or disk_full
         self._lock = threading.RLock()
         self._lock_fd: Optional[int] = None
         self._dirs: Dict[str, int] = {}  # image folder -> bytes it takes on disk
@@ -427,6 +428,7 @@ class SampleStore:
 
     def _drop(self, why: str, kind: str, camera: str) -> None:
         self.drops[why] += 1
+        self.full_reason = why
         if not self.full:
             free = self._free()[0]
             log.warning("sample store %s full (%s: %d bytes used, quota %s, %d bytes free, reserve %d): dropping "
