@@ -740,6 +740,6 @@ def test_shift_monitor_rebases_on_a_model_change(models):
     mon = ShiftMonitor(a, window=10, min_frames=5)
     for _ in range(8):
         mon.observe("cam", 0.2, "PASS", False, (0.5, 0.1, 0.1))
-    assert mon.snapshot()["cam"]["frames"] == 8 and mon._ref is not None
+    assert mon.snapshot()["cam"]["frames"] == 8 and mon._edges is not None
     mon.rebase(b)  # b's card has no val_scores: no score reference, windows start again
-    assert mon.snapshot() == {} and mon._ref is None
+    assert mon.snapshot() == {} and mon._edges is None

@@ -121,7 +121,10 @@ class MonitorCfg:
     min_frames: int = 100
     limits: Dict[str, Any] = dataclasses.field(default_factory=dict)
     alarm_audit_rate: float = 0.05
-    defect_prior: Optional[float] = None
+    #: The line's defect rate for the PSI reference: a number in [0, 1], or 'estimate' (fitted per camera to
+    #: its last prior_window frames).
+    defect_prior: str = "estimate"
+    prior_window: int = 5000
 
 
 @dataclasses.dataclass
@@ -209,6 +212,21 @@ SECTIONS = {
 OPTIONAL = ("store", "monitor", "pull", "auth", "lifecycle")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+
+
+def monitor_prior(m: "MonitorCfg") -> Any:
+    """``monitor.defect_prior`` as the shift monitor takes it: a float in [0, 1] or 'estimate'."""
+    v = str(m.defect_prior).strip().lower()
+    if v == "estimate":
+        return "estimate"
+    try:
+        p = float(v)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"monitor.defect_prior: {m.defect_prior!r}; expected the line's defect rate in [0, 1] "
+                          "(e.g. 0.01) or 'estimate' (fitted to each camera's recent frames)")
+    return p
 
 
 def rss_limit(s: "SocketsCfg", ready_rss: int = 0) -> Optional[int]:
@@ -374,6 +392,11 @@ def validate(cfg: Config) -> Config:
         _positive("metrics.timeout_s", cfg.metrics.timeout_s)
     if cfg.pull is not None:
         _positive("pull.lease_s", cfg.pull.lease_s)
+    if cfg.monitor is not None:
+        monitor_prior(cfg.monitor)
+        if cfg.monitor.prior_window < cfg.monitor.window:
+            raise ConfigError(f"monitor.prior_window: {cfg.monitor.prior_window} must be >= monitor.window "
+                              f"{cfg.monitor.window}")
     if cfg.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: {cfg.logging.level!r}; expected one of {list(LOG_LEVELS)}")
     if cfg.logging.format not in ("json", "text"):

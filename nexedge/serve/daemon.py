@@ -165,8 +165,8 @@ class Daemon(IngestMixin):
 
             mc = cfg.monitor
             self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
-                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior,
-                                        max_cameras=cfg.sockets.max_cameras)
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=C.monitor_prior(mc),
+                                        max_cameras=cfg.sockets.max_cameras, prior_window=mc.prior_window)
             mon = self.monitor
             self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
             self.models.on_active.append(lambda slot: mon.rebase(slot.card))

@@ -130,7 +130,8 @@ class _CounterCollector:
 
 
 #: Shift-monitor statistics exported as one gauge family each, per camera (docs/metrics.md).
-MONITOR_STATS = ("psi", "brightness", "contrast", "sharpness", "uncertain_frac", "mean_score", "reject_rate")
+MONITOR_STATS = ("psi", "brightness", "contrast", "sharpness", "uncertain_frac", "mean_score", "reject_rate",
+                 "defect_prior")
 
 
 class _SnapshotCollector:
