@@ -22,6 +22,7 @@ import json
 import math
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import OrderedDict as OrderedDictT
 
 PROTOCOL_VERSION = 1
 ENCODINGS = ("raw", "jpeg", "png", "bmp", "tiff", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP/TIFF
@@ -316,7 +317,7 @@ class SeqCounter:
     """
 
     def __init__(self, max_cameras: int = 4096) -> None:
-        self._n: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._n: OrderedDictT[str, int] = collections.OrderedDict()
         self._max = max_cameras
         self._floor = 0  # highest number held by a dropped counter
 
