@@ -63,7 +63,7 @@ class SocketsCfg:
     #: ZMTP heartbeat interval (a peer silent for 3 intervals is dropped); 0 = off (TCP keepalive only).
     heartbeat_s: float = 10.0
     #: Process RSS past which the peer holding the most unfinished data is disconnected: a size, 'auto'
-    #: (RSS when ready + 1 GiB) or 'off'.
+    #: (RSS when ready + 512 MiB) or 'off'.
     rss_limit: str = "auto"
 
 
@@ -230,17 +230,17 @@ def monitor_prior(m: "MonitorCfg") -> Any:
 
 
 def rss_limit(s: "SocketsCfg", ready_rss: int = 0) -> Optional[int]:
-    """``sockets.rss_limit`` in bytes (None when off); 'auto' is ``ready_rss`` + 1 GiB."""
+    """``sockets.rss_limit`` in bytes (None when off); 'auto' is ``ready_rss`` + 512 MiB."""
     v = str(s.rss_limit).strip().lower()
     if v == "off":
         return None
     if v == "auto":
-        return ready_rss + (1 << 30)
+        return ready_rss + (512 << 20)
     try:
         return parse_size(s.rss_limit, "sockets.rss_limit")
     except ConfigError:
         raise ConfigError(f"sockets.rss_limit: {s.rss_limit!r}; expected a size such as '2GiB', 'auto' (RSS when "
-                          "ready + 1 GiB) or 'off'") from None
+                          "ready + 512 MiB) or 'off'") from None
 
 
 def parse_size(value: Any, key: str, allow_zero: bool = False) -> int:
