@@ -402,3 +402,46 @@ def test_sigterm_during_a_slow_model_load_honours_shutdown_timeout(model, tmp_pa
     proc.stderr.close()
     assert startup_s < 1.5 and load_s < 1.5, (startup_s, load_s)
     assert proc.returncode == 0
+
+
+def test_store_quota_holds_in_the_daemon_and_the_alert_rules_name_real_metrics(model, tmp_path):
+    """Issue 30 item 4 through the daemon: band samples past the quota evict older band samples (they were
+    never evicted), the store's disk use and room are metrics, and deploy/alerts.yaml uses those names."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "deploy", "alerts.yaml")) as f:
+        rules = yaml.safe_load(f)
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    names = {n for e in exprs for n in re.findall(r"nexedge_[a-z0-9_]+", e)}
+    store = str(tmp_path / "store")
+    with running(model, store={"path": store, "quota": "4MiB", "reserve": "0"}, uncertain={"band": 50.0},
+                 lifecycle={"control": "tcp://127.0.0.1:*"}, monitor={"window": 20, "min_frames": 10}) as d:
+        cam = Cam(d.endpoints["frames"])
+        rng = np.random.default_rng(9)
+        for i in range(130):  # ~40 KB each: about 5 MB of distinct images
+            img = rng.integers(0, 256, (200, 200), dtype=np.uint8)
+            cam.send("c", i, cv2.imencode(".png", img)[1].tobytes(), encoding="png")
+            if i % 16 == 15:
+                cam.recv_all(16)
+        cam.recv_all(2)
+        cam.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and d.sampler.written + d.sampler.store.dropped < 130:
+            time.sleep(0.1)
+        d.sampler._stats_at = -1e9  # scrape fresh figures
+        body = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    scraped = {ln.split()[2] for ln in body.splitlines() if ln.startswith("# TYPE nexedge_")}
+    scraped |= {n[: -len("_total")] for n in scraped if n.endswith("_total")}
+    assert names <= scraped, names - scraped
+    used = _metric_from(body, "nexedge_store_used_bytes")
+    assert 0 < used <= 4 << 20
+    assert _metric_from(body, "nexedge_store_evicted_total", kind="band") > 0
+
+
+def _metric_from(body, name, **labels):
+    for line in body.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            if line[len(name)] in " {":
+                return float(line.split()[-1])
+    return None
