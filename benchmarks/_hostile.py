@@ -64,8 +64,9 @@ class Hostile:
             self._huge_header, self._many_parts, self._garbage_json, self._png_bomb, self._jpeg_bomb,
             self._bmp_bomb, self._truncated, self._raw_mismatch, self._bad_dtype, self._bad_shape,
             self._wrong_encoding, self._imagezmq_bad, self._too_few_parts, self._new_camera_flood,
-            self._weird_deadline, self._empty_payload, self._corrupt_png,
+            self._weird_deadline, self._empty_payload, self._corrupt_png, self._scan_bomb,
         ]
+        self._bomb = jpeg_scan_bomb(600, 100)  # over the 32-scan limit: refused before decoding
         if big_parts:
             self.shapes.append(self._oversize)
 
@@ -164,6 +165,9 @@ class Hostile:
 
     def _empty_payload(self, fid: str) -> Msg:
         return [self._h(v=1, camera="c", frame_id=fid, encoding="png"), b""], fid
+
+    def _scan_bomb(self, fid: str) -> Msg:
+        return [self._h(v=1, camera="c", frame_id=fid, encoding="jpeg"), self._bomb], fid
 
     def _corrupt_png(self, fid: str) -> Msg:
         data = bytearray(self.png)
