@@ -40,7 +40,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from typing import OrderedDict as OrderedDictT
 
 import zmq
@@ -133,25 +133,33 @@ DOMAINS = {"pull.bind": "pull", "lifecycle.control": "control"}
 
 
 def bind_router(bind: str, auth: Optional[CurveConfig], key: str, max_message_bytes: int,
-                guards: Optional[GuardRegistry] = None, heartbeat_s: float = 10.0) -> Tuple[zmq.Context, zmq.Socket]:
+                guards: Optional[GuardRegistry] = None, heartbeat_s: float = 10.0,
+                before_bind: Optional[Callable[[zmq.Socket], Optional[zmq.Socket]]] = None
+                ) -> Tuple[zmq.Context, zmq.Socket]:
     """A ROUTER socket on its own context for a small request/reply endpoint (pull, control): CURVE
     server when ``auth`` is given, parts over ``max_message_bytes`` dropped, keepalive and heartbeats
-    when ``guards`` is given (the memory guard is attached by :class:`RouterThread`), bound to ``bind``
-    (RuntimeError naming config ``key`` when that fails; nothing is left open then)."""
+    when ``guards`` is given, ``before_bind(sock)`` called (it may return a socket of its own, the memory
+    guard's monitor), bound to ``bind`` (RuntimeError naming config ``key`` when that fails; nothing is
+    left open then)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    extra: Optional[zmq.Socket] = None
     try:
         if guards is not None:
             SocketGuard.configure(sock, heartbeat_s)
         if auth is not None:  # only the keys of this endpoint's role get in
             auth.apply_server(sock, monitor=guards is None, domain=DOMAINS.get(key, "*"))
+        if before_bind is not None:
+            extra = before_bind(sock)
         try:
             sock.bind(bind)
         except zmq.ZMQError as e:
             raise RuntimeError(f"cannot bind {key}={bind!r}: {e}") from e
     except BaseException:
+        if extra is not None:
+            extra.close(linger=0)
         close_router(ctx, sock, auth)
         raise
     return ctx, sock
@@ -199,12 +207,23 @@ class RouterThread:
         raise NotImplementedError
 
     def _bind_router(self, bind: str, key: str, max_message_bytes: int) -> Tuple[zmq.Context, zmq.Socket]:
-        ctx, sock = bind_router(bind, self.auth, key, max_message_bytes, self.guards)
-        if self.guards is not None:
+        guards = self.guards
+
+        def attach(sock: zmq.Socket) -> Optional[zmq.Socket]:  # before bind: the monitor sees every connection
+            if guards is None:
+                return None
             failed = self.auth.handshake_failed if self.auth is not None else None
             self._guard = SocketGuard(sock, key, Limits(2 * max_message_bytes + (64 << 10), 10.0,
-                                                        SMALL_ENDPOINT_PEERS), self.guards, failed)
-        return ctx, sock
+                                                        SMALL_ENDPOINT_PEERS), guards, failed)
+            return self._guard.monitor
+
+        try:
+            return bind_router(bind, self.auth, key, max_message_bytes, guards, before_bind=attach)
+        except BaseException:
+            if self._guard is not None:
+                self._guard.registry.remove(self._guard)
+                self._guard = None
+            raise
 
     def _poll(self, sock: zmq.Socket) -> bool:
         """Wait briefly for a request; run the memory guard meanwhile."""
