@@ -75,9 +75,9 @@ class Daemon(IngestMixin):
         self.guards = GuardRegistry(s.max_pending_bytes)
         self.metrics.add_families(self.guards.collect)
         self._frames_guard: Optional[SocketGuard] = None
+        self._verdicts_guard: Optional[SocketGuard] = None
         #: Threads still busy when teardown's deadline passed (the process must not wait for them).
         self.busy_threads: List[str] = []
-        self._verdicts_guard: Optional[SocketGuard] = None
 
     # The model deciding now (hot swap: see nexedge.serve.lifecycle; a batch holds the swap lock).
     backend = property(lambda self: self.models.active.backend if self.models and self.models.active else None)
@@ -159,7 +159,7 @@ class Daemon(IngestMixin):
                      cfg.store.quota, cfg.store.reserve, free >> 20)
             if free < reserve:
                 log.warning("store.path %s has %d MiB free, less than store.reserve %s: samples are dropped until "
-                            "room is made (nexedge_store_full 1)", cfg.store.path, free >> 20, cfg.store.reserve)
+                            "room is made (nexedge_store_out_of_room{reason=\"disk_full\"} 1)", cfg.store.path, free >> 20, cfg.store.reserve)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
