@@ -159,7 +159,8 @@ class Daemon(IngestMixin):
                      cfg.store.quota, cfg.store.reserve, free >> 20)
             if free < reserve:
                 log.warning("store.path %s has %d MiB free, less than store.reserve %s: samples are dropped until "
-                            "room is made (nexedge_store_out_of_room{reason=\"disk_full\"} 1)", cfg.store.path, free >> 20, cfg.store.reserve)
+                            "room is made (nexedge_store_out_of_room{reason=\"disk_full\"} 1)", cfg.store.path,
+                            free >> 20, cfg.store.reserve)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
