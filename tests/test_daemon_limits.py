@@ -445,3 +445,28 @@ def _metric_from(body, name, **labels):
             if line[len(name)] in " {":
                 return float(line.split()[-1])
     return None
+
+
+def test_a_backlog_of_complete_messages_is_not_cut_off_while_the_daemon_is_behind(model):
+    """The guard judges peers only once the daemon has read what is readable: a camera that pipelines
+    many frames while the daemon's I/O loop stalls (a loaded machine) is the daemon's delay, and keeps
+    every verdict. (Without that check the fuzz test lost replies on a busy box.)"""
+    with running(model, sockets={"max_message_bytes": 256 << 10}, batching={"max_queue": 64}) as d:
+        real, calls = d._receive_burst, []
+
+        def slow_burst(n):  # a starved I/O loop: for half a second it gets to no message at all
+            calls.append(1)
+            if len(calls) <= 5:
+                time.sleep(0.1)
+                return 0
+            return real(n)
+
+        d._receive_burst = slow_burst
+        img = np.random.default_rng(7).integers(0, 256, (300, 300), dtype=np.uint8)  # ~90 KB raw
+        cam = Cam(d.endpoints["frames"])
+        for i in range(40):  # 3.6 MB at once: past the 1.5 MiB per-peer limit while unread
+            cam.send("c", i, img.tobytes(), encoding="raw", dtype="uint8", shape=[300, 300])
+        got = cam.recv_all(40)
+        cam.close()
+        cut = d._frames_guard.disconnects
+    assert len(got) == 40 and sum(cut.values()) == 0, (len(got), cut)

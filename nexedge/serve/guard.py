@@ -14,18 +14,22 @@ A :class:`SocketGuard` watches one ROUTER socket from the thread that reads it:
   (``TCP_INFO.tcpi_bytes_received``);
 * every message the thread reads is credited to its connection (``ZMQ_SRCFD``)
   with its bytes plus a per-part allowance for framing;
-* so *pending* bytes = received - credited: the unfinished message (and any
-  complete messages not read yet) held for that peer.
+* so *pending* bytes = received - credited - still in the kernel's receive queue:
+  the unfinished message (and any complete messages not read yet) libzmq holds
+  for that peer.
 
-A peer is disconnected (its socket shut down; libzmq then drops what it held)
-when its pending bytes pass ``max_peer_pending`` and none of its messages
-completed in the last ``STALL_S`` (a backlog of complete messages that is being
-read is not an attack); when they stay above a small slack for
-``unfinished_timeout_s`` without a message completing; when the pending bytes of
-all guarded sockets together pass ``max_pending`` (the largest stalled peer
-first); when the process RSS passes ``rss_limit`` (the peer holding the most
-data stalled for ``RSS_MIN_AGE_S`` first); and a connection past ``max_peers``
-is closed at once.
+Those limits are judged when the daemon has read everything readable from the
+socket (a backlog of complete messages the daemon has not got to yet, e.g.
+while the machine is loaded, is the daemon's delay, not the peer's): a peer is
+disconnected (its socket shut down; libzmq then drops what it held) when its
+pending bytes pass ``max_peer_pending`` and none of its messages completed in
+the last ``STALL_S``; when they stay above a small slack for
+``unfinished_timeout_s`` without a message completing; when the pending bytes
+of all guarded sockets together pass ``max_pending`` (the largest stalled peer
+first). Whatever the backlog: at ``HARD_FACTOR`` x ``max_peer_pending``; when
+the process RSS passes ``rss_limit`` (the peer holding the most data, stalled
+for ``RSS_MIN_AGE_S``, first); and a connection past ``max_peers`` is closed at
+once.
 TCP keepalive and ZMTP heartbeats drop dead peers. Byte accounting needs TCP
 (``ipc://`` peers are local processes; only ``max_peers`` applies to them).
 
@@ -45,6 +49,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import zmq
 
+try:  # POSIX; elsewhere the guard only counts peers
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
+
 log = logging.getLogger("nexedge.serve")
 
 #: Framing credited per part read (ZMTP header up to 9 bytes; a CURVE MESSAGE command adds about 33).
@@ -59,6 +69,8 @@ HEARTBEAT_CREDIT_PER_S = 8.0
 CHECK_INTERVAL_S = 0.02
 #: A peer is "stalled" when none of its messages completed for this long (byte limits apply then).
 STALL_S = 0.05
+#: Past this multiple of max_peer_pending a peer is disconnected even while the daemon is behind.
+HARD_FACTOR = 4
 #: The RSS rule only picks a peer whose data has been unfinished this long (an honest 32 MiB frame
 #: takes about 0.27 s on gigabit Ethernet); 1-byte parts grew RSS by about 450 MB/s on loopback here.
 RSS_MIN_AGE_S = 0.2
@@ -67,20 +79,24 @@ REASONS = ("peer_pending", "unfinished", "total_pending", "rss", "max_peers")
 
 
 def tcp_bytes_received(fd: int) -> Optional[int]:
-    """Bytes the kernel has received on TCP socket ``fd`` (None: not TCP, or not Linux >= 4.1)."""
+    """Bytes libzmq has read from TCP socket ``fd``: what the kernel received, less what still waits in
+    its receive queue (kernel memory, bounded by the socket buffer). None: not TCP, or not Linux >= 4.1."""
+    if fcntl is None:
+        return None
     try:
         s = socket.socket(fileno=os.dup(fd))
     except OSError:
         return None
     try:
         info = s.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 192)
+        queued = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return None
     finally:
         s.close()
     if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
         return None
-    return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)[0])
+    return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)[0]) - max(int(queued), 0)
 
 
 class Limits:
@@ -128,7 +144,9 @@ class SocketGuard:
     def __init__(self, sock: zmq.Socket, name: str, limits: Limits, registry: "GuardRegistry",
                  on_handshake_failed: Optional[Callable[[str, str], None]] = None) -> None:
         self.name = name
+        self.sock = sock
         self.limits = limits
+        self.drained = True  # at the last check, the socket had no complete message left to read
         self.registry = registry
         self.on_handshake_failed = on_handshake_failed
         self.peers: Dict[int, Peer] = {}
@@ -181,6 +199,10 @@ class SocketGuard:
             return
         self._last_check = now
         lim = self.limits
+        try:
+            self.drained = not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        except zmq.ZMQError:
+            self.drained = True
         for p in list(self.peers.values()):
             if p.closing or not p.tcp:
                 continue
@@ -196,6 +218,11 @@ class SocketGuard:
             stalled = now - max(p.t_clear, p.t_progress)  # nothing read from it, something pending
             if p.pending <= lim.slack:
                 p.t_clear = now
+            elif p.pending > HARD_FACTOR * lim.max_peer_pending:
+                self.disconnect(p, "peer_pending", f"{p.pending} bytes unread, over {HARD_FACTOR} x "
+                                f"{lim.max_peer_pending}")
+            elif not self.drained:
+                continue  # complete messages wait for the daemon: it is behind, not this peer
             elif p.pending > lim.max_peer_pending and stalled >= STALL_S:
                 self.disconnect(p, "peer_pending", f"{p.pending} bytes unread, over {lim.max_peer_pending}")
             elif stalled > lim.unfinished_timeout_s:
@@ -280,10 +307,13 @@ class GuardRegistry:
             if g in self.guards:
                 self.guards.remove(g)
 
-    def _candidates(self, now: float, min_age: float = STALL_S) -> List[Any]:
-        """(pending, guard, peer) of peers holding data with no message read for ``min_age``, largest first."""
+    def _candidates(self, now: float, min_age: float = STALL_S, drained_only: bool = True) -> List[Any]:
+        """(pending, guard, peer) of peers holding data with no message read for ``min_age``, largest first
+        (with ``drained_only``: only on sockets the daemon has caught up with)."""
         out = []
         for g in list(self.guards):
+            if drained_only and not g.drained:
+                continue
             for p in list(g.peers.values()):
                 if not p.closing and p.pending > g.limits.slack and now - max(p.t_clear, p.t_progress) >= min_age:
                     out.append((p.pending, g, p))
@@ -308,7 +338,7 @@ class GuardRegistry:
                     total -= pending
             self.rss = rss_bytes()
             if self.rss_limit and self.rss > self.rss_limit:
-                cands = self._candidates(now, RSS_MIN_AGE_S)
+                cands = self._candidates(now, RSS_MIN_AGE_S, drained_only=False)
                 if cands:
                     pending, g, p = cands[0]
                     g.disconnect(p, "rss", f"process RSS {self.rss >> 20} MiB over sockets.rss_limit "
