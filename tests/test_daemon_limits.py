@@ -134,7 +134,7 @@ def test_unfinished_and_many_part_messages_are_dropped_and_counted(model):
         base = rss_bytes()
         peers = [RawPeer(ep) for _ in range(2)]
         for p in peers:
-            p.send_parts(bytes(1 << 20), 40)  # the limit per peer is 2 x 1 MiB + 1 MiB
+            p.send_parts(bytes(1 << 20), 200)  # the limit per peer is 2 x 1 MiB + 1 MiB (400 MB were held)
         assert all(p.closed_by_server(5) for p in peers)
         dealer = Cam(ep)
         dealer.sock.send_multipart([b""] + [bytes(1 << 20)] * 60)  # complete, but 60 MiB
@@ -156,7 +156,7 @@ def test_unfinished_and_many_part_messages_are_dropped_and_counted(model):
     assert v["decision"] in ("PASS", "REJECT")
     assert 0.8 < waited < 3.0, waited
     assert by["peer_pending"] >= 3 and by["unfinished"] == 1, by
-    assert grown < 60 << 20, grown >> 20  # held: at most a few peers' limits, not 80 + 60 MiB
+    assert grown < 100 << 20, grown >> 20  # at most a few peers' limits and what arrives between checks
 
 
 def test_control_and_pull_endpoints_drop_unfinished_requests(model, tmp_path):
@@ -165,9 +165,9 @@ def test_control_and_pull_endpoints_drop_unfinished_requests(model, tmp_path):
                  pull={"bind": "tcp://127.0.0.1:*"}) as d:
         base = rss_bytes()
         ctl = RawPeer(d.endpoints["control"], b"DEALER")
-        ctl.send_parts(bytes(60 << 10), 200)
+        ctl.send_parts(bytes(60 << 10), 2000)  # 120 MB if it were all taken
         pull = RawPeer(d.endpoints["pull"], b"DEALER")
-        pull.send_parts(bytes(1000 << 10), 40)
+        pull.send_parts(bytes(1000 << 10), 500)  # 500 MB
         closed = ctl.closed_by_server(5), pull.closed_by_server(5)
         grown = rss_bytes() - base
         port = d.metrics_port
@@ -177,7 +177,7 @@ def test_control_and_pull_endpoints_drop_unfinished_requests(model, tmp_path):
         pull.close()
     assert closed == (True, True)
     assert by == {"lifecycle.control": 1.0, "pull.bind": 1.0}, by
-    assert grown < 30 << 20, grown >> 20
+    assert grown < 80 << 20, grown >> 20  # cut off after a few MB each (620 MB were held before)
 
 
 def test_tiny_parts_are_stopped_by_the_rss_limit(model):
