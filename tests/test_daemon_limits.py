@@ -132,7 +132,7 @@ def test_unfinished_and_many_part_messages_are_dropped_and_counted(model):
     with running(model, sockets={"max_message_bytes": 1 << 20, "unfinished_timeout_s": 1.0}) as d:
         ep, port = d.endpoints["frames"], d.metrics_port
         base = rss_bytes()
-        peers = [RawPeer(ep) for _ in range(2)]
+        peers = [RawPeer(ep, timeout=1.0) for _ in range(2)]
         for p in peers:
             p.send_parts(bytes(1 << 20), 200)  # the limit per peer is 2 x 1 MiB + 1 MiB (400 MB were held)
         assert all(p.closed_by_server(5) for p in peers)
@@ -164,9 +164,9 @@ def test_control_and_pull_endpoints_drop_unfinished_requests(model, tmp_path):
     with running(model, lifecycle={"control": "tcp://127.0.0.1:*"}, store={"path": str(tmp_path / "s")},
                  pull={"bind": "tcp://127.0.0.1:*"}) as d:
         base = rss_bytes()
-        ctl = RawPeer(d.endpoints["control"], b"DEALER")
+        ctl = RawPeer(d.endpoints["control"], b"DEALER", timeout=1.0)
         ctl.send_parts(bytes(60 << 10), 2000)  # 120 MB if it were all taken
-        pull = RawPeer(d.endpoints["pull"], b"DEALER")
+        pull = RawPeer(d.endpoints["pull"], b"DEALER", timeout=1.0)
         pull.send_parts(bytes(1000 << 10), 500)  # 500 MB
         closed = ctl.closed_by_server(5), pull.closed_by_server(5)
         grown = rss_bytes() - base
