@@ -125,28 +125,35 @@ def fit_warning(aspects: Sequence[float], mode: str, target_hw: Sequence[int]) -
     return None
 
 
-def image_sizes(paths: Sequence[str]) -> List[Tuple[int, int]]:
-    """(width, height) of each image file, read from its header (PIL; no decoding)."""
+def image_sizes(paths: Sequence[str], skip_unreadable: bool = False) -> List[Optional[Tuple[int, int]]]:
+    """(width, height) of each image file, read from its header (PIL; no decoding).
+
+    An unreadable file is a ValueError naming it, or None in its place with ``skip_unreadable``.
+    """
     from PIL import Image
 
-    out = []
+    out: List[Optional[Tuple[int, int]]] = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 out.append((int(im.size[0]), int(im.size[1])))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the size of image {p}: {e}") from None
+            if not skip_unreadable:
+                raise ValueError(f"cannot read the size of image {p}: {e}") from None
+            out.append(None)
     return out
 
 
-def split_aspects(root: str, split: str = "train") -> Tuple[List[float], List[str]]:
-    """Aspect ratios and class names of every image of ``root/split``."""
-    sizes, labels = split_sizes(root, split)
+def split_aspects(root: str, split: str = "train", skip_unreadable: bool = False) -> Tuple[List[float], List[str]]:
+    """Aspect ratios and class names of every (readable, with ``skip_unreadable``) image of ``root/split``."""
+    sizes, labels = split_sizes(root, split, skip_unreadable)
     return [w / h for w, h in sizes], labels
 
 
-def split_sizes(root: str, split: str = "train") -> Tuple[List[Tuple[int, int]], List[str]]:
-    """(width, height) and class name of every image of ``root/split``."""
+def split_sizes(root: str, split: str = "train",
+                skip_unreadable: bool = False) -> Tuple[List[Tuple[int, int]], List[str]]:
+    """(width, height) and class name of every image of ``root/split``; unreadable ones are a ValueError,
+    or left out with ``skip_unreadable`` (training skips and counts them itself)."""
     from nexedge.train.data import IMAGE_EXTS
 
     folder = os.path.join(root, split)
@@ -159,7 +166,9 @@ def split_sizes(root: str, split: str = "train") -> Tuple[List[Tuple[int, int]],
             if f.lower().endswith(IMAGE_EXTS):
                 paths.append(os.path.join(d, f))
                 labels.append(c)
-    return image_sizes(paths), labels
+    sizes = image_sizes(paths, skip_unreadable)
+    kept = [(s, c) for s, c in zip(sizes, labels) if s is not None]
+    return [s for s, _ in kept], [c for _, c in kept]
 
 
 def describe(summary: Dict[str, Any]) -> str:

@@ -231,7 +231,9 @@ def _warn_aspect(args: argparse.Namespace) -> None:
 
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
         return
-    aspects, _ = split_aspects(args.data, "train")
+    aspects, _ = split_aspects(args.data, "train", skip_unreadable=True)  # the trainer names what it skips
+    if not aspects:
+        return
     warning = fit_warning(aspects, args.resize_mode, args.resize)
     if warning:
         print("WARNING: " + warning, flush=True)
