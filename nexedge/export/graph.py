@@ -4,15 +4,18 @@ Input: prepared uint8 images N x H x W x C (C=1 for gray cards, 3 for rgb), as
 :func:`nexedge.preprocess.prepare` makes them. The graph does what
 :func:`nexedge.preprocess.host_batch` does on the host — x/255, gray to three
 channels (by broadcasting against the per-channel mean/std), normalisation, the
-crops in TenCrop order — then the backbone, the per-image mean of the crop
-logits, the softmax and ``defect_score`` = the sum of the defect classes'
-probabilities (:func:`nexedge.metrics.defect_score`; never ``1 - p(good)``,
-which is exactly 0 in float32 below about 6e-8).
+crops in TenCrop order — then the backbone, the per-image aggregate of the crops
+(``mean``: the mean of the crop logits, then the softmax; ``max``: the probabilities
+of the crop with the highest defect score, see :func:`nexedge.metrics.aggregate_crops`)
+and ``defect_score`` = the sum of the defect classes' probabilities
+(:func:`nexedge.metrics.defect_score`; never ``1 - p(good)``, which is exactly 0 in
+float32 below about 6e-8).
 
-The graph also outputs ``logits``, the per-image mean of the crop logits: the runtimes compute
-the class probabilities and the defect score from it on the host in float64, so no softmax
-computed in reduced precision (a TensorRT FP16/INT8 engine flushes probabilities below 6e-8 to 0)
-ever reaches a score. ``probs`` and ``defect_score`` stay for other consumers of the graph.
+The graph also outputs ``logits``, the per-image logits the crops' aggregate stands for (their
+mean, or the top crop's with ``max``): the runtimes compute the class probabilities and the
+defect score from it on the host in float64, so no softmax computed in reduced precision (a
+TensorRT FP16/INT8 engine flushes probabilities below 6e-8 to 0) ever reaches a score. ``probs``
+and ``defect_score`` stay for other consumers of the graph.
 
 The backbone is the submodule ``backbone``; every ONNX node it produces is named
 ``/backbone/...`` by the TorchScript exporter, which the INT8 quantizer uses to
@@ -37,10 +40,14 @@ def mirrored_offsets(mode: str, size: Tuple[int, int], crop: Tuple[int, int]) ->
 
 
 class InGraphModel(nn.Module):
-    """uint8 N x H x W x C -> (probs N x K, defect_score N, logits N x K: mean over the crops)."""
+    """uint8 N x H x W x C -> (probs N x C, defect_score N, logits N x C: the crops' aggregate)."""
 
-    def __init__(self, backbone: nn.Module, inp: Mapping[str, Any], crops: str, good_index: int) -> None:
+    def __init__(self, backbone: nn.Module, inp: Mapping[str, Any], crops: str, good_index: int,
+                 aggregate: str = "mean") -> None:
         super().__init__()
+        if aggregate not in ("mean", "max"):
+            raise ValueError(f"unknown crop aggregate {aggregate!r}; expected mean or max")
+        self.aggregate = aggregate
         self.backbone = backbone
         self.size = (int(inp["resize"][0]), int(inp["resize"][1]))
         self.crop = (int(inp["crop"][0]), int(inp["crop"][1]))
@@ -50,7 +57,8 @@ class InGraphModel(nn.Module):
         self.register_buffer("mean", torch.tensor(inp["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(inp["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def crops_of(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x C -> float (N*K) x 3 x h x w, each image's crops contiguous."""
         # Cast before anything else: TensorRT 8.6+ rejects UINT8 intermediate tensors ("TensorRT does not
         # support UINT8 types for intermediate tensors", onnx-tensorrt ModelImporter.cpp) and 8.5 takes a
         # UINT8 input only into a Cast (DataType::kUINT8 docs). Then the same float32 ops in the same
@@ -63,11 +71,23 @@ class InGraphModel(nn.Module):
             c = x[:, :, y0 : y0 + h, x0 : x0 + w]
             parts.append(torch.flip(c, dims=[3]) if flip else c)
         if self.k == 1:
-            crops = parts[0]
-        else:
-            crops = torch.stack(parts, dim=1).reshape(-1, 3, h, w)  # each image's K crops contiguous
-        logits = self.backbone(crops)
-        logits = logits.reshape(-1, self.k, logits.shape[-1]).mean(dim=1)
+            return parts[0]
+        return torch.stack(parts, dim=1).reshape(-1, 3, h, w)
+
+    def aggregate_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N*K) x C crop logits -> N x C image logits by ``self.aggregate``: their mean, or the logits of
+        the crop with the highest defect score (exact ties: the mean of the tied crops')."""
+        g = self.good_index
+        logits = logits.reshape(-1, self.k, logits.shape[-1])
+        if self.aggregate == "mean" or self.k == 1:
+            return logits.mean(dim=1)
+        crop_probs = torch.softmax(logits, dim=2)  # N x K x C
+        crop_score = torch.cat([crop_probs[:, :, :g], crop_probs[:, :, g + 1 :]], dim=2).sum(dim=2)
+        top = (crop_score >= crop_score.max(dim=1, keepdim=True).values).float()
+        return (logits * (top / top.sum(dim=1, keepdim=True)).unsqueeze(2)).sum(dim=1)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.aggregate_logits(self.backbone(self.crops_of(images)))
         probs = torch.softmax(logits, dim=1)
         g = self.good_index
         return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1), logits
