@@ -31,18 +31,21 @@ def test_folds_are_stratified_deterministic_and_cover_every_image():
         check_folds(np.array([0] * 9 + [1] * 4), 0, 5)
 
 
-def test_normalised_scores_put_each_folds_own_threshold_on_one_scale():
+def test_normalised_scores_align_the_folds_good_tails_and_ignore_an_outlier_defect():
     rng = np.random.default_rng(1)
     folds = np.repeat(np.arange(3), 40)
     y = np.tile(np.r_[np.zeros(30, int), np.ones(10, int)], 3)
-    s = metrics.expit(rng.normal(0, 1, 120) + 3 * y + np.repeat([-2.0, 0.0, 2.0], 40))  # folds on other scales
+    z = rng.normal(0, 1, 120) + 3 * y + np.repeat([-2.0, 0.0, 2.0], 40)  # folds on other scales
+    s = metrics.expit(z)
     off = fold_offsets(s, y, folds, 3)
     norm, c = normalized_scores(s, folds, off)
-    for f in range(3):  # every fold's own TPR-100 % threshold lands on the same normalised value
-        m = folds == f
-        t = metrics.operating_point(y[m], s[m], 1.0)["threshold"]
-        assert metrics.expit(metrics.logit(t) - off[f] + c) == pytest.approx(metrics.expit(c))
+    for f in range(3):  # every fold's good 95th percentile lands on the same normalised value
+        m = (folds == f) & (y == 0)
+        assert metrics.logit(np.quantile(norm[m], 0.95)) == pytest.approx(c, abs=0.05)  # up to interpolation
     assert metrics.roc_auc(y, norm) > metrics.roc_auc(y, s)  # the fold shift no longer mixes the ranking
+    s2 = s.copy()
+    s2[39] = 3e-5  # fold 0's weakest defect an outlier, as one fray of the tiles was
+    np.testing.assert_allclose(fold_offsets(s2, y, folds, 3), off)
 
 
 def test_ensemble_graph_rejects_when_any_fold_reaches_its_own_threshold():

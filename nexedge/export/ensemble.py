@@ -3,8 +3,10 @@
 The decision. Fold model f scores an image (in-graph crops, the chosen crop mode and aggregate);
 the image is REJECTed when any fold model's score reaches that fold's own threshold. One graph
 does it: ``score = expit(max_f(logit(s_f) - offset_f))`` (nexedge.export.graph.EnsembleInGraph)
-with ``offset_f`` = the log-odds of fold f's TPR-100 % threshold on its own out-of-fold (OOF)
-scores, minus their mean; the card's threshold T applies to that score like any other.
+with ``offset_f`` = the log-odds of the 95th percentile of fold f's good images' out-of-fold
+(OOF) scores, minus their mean (nexedge.train.cv.fold_offsets): at one threshold T every fold
+model REJECTs about the same share of its good images; the card's threshold T applies to that
+score like any other.
 
 The operating points come from the pooled OOF scores on the same scale, ``expit(logit(s_i) -
 offset_f(i))`` for every labelled image i of train+val, scored by the fold model that did not
