@@ -232,11 +232,13 @@ def mirror_warnings(results: Dict[str, Any]) -> List[str]:
 
 
 def default_out(runs: Sequence[str], labels: Sequence[str], split: str) -> str:
-    """``<run>/eval_<split>`` for one run; for a comparison a folder of its own beside the first run,
-    so comparing never overwrites a run's own evaluation."""
+    """``<run>/eval_<split>`` for one run or its ``best.pt``, ``<run>/eval_<split>_<stem>`` for another
+    file of it (an exported model: evaluating it never overwrites the checkpoint's evaluation); for a
+    comparison a folder of its own beside the first run, so comparing never overwrites a run's own."""
     first = runs[0] if os.path.isdir(runs[0]) else os.path.dirname(runs[0]) or "."
     if len(runs) == 1:
-        return os.path.join(first, f"eval_{split}")
+        stem = "" if os.path.isdir(runs[0]) else labels[0]
+        return os.path.join(first, f"eval_{split}" + ("" if stem in ("", "best") else "_" + _safe(stem)))
     from nexedge.relabel.formats import safe_name
 
     name = "_vs_".join(safe_name(lab) for lab in labels)[:120]
@@ -333,6 +335,8 @@ def write_misses_sheet(best: Dict[str, Any], data: str, path: str, height: int =
     blank = np.full_like(tiles[0], 255)
     tiles += [blank] * (-len(tiles) % cols)
     rows = [np.hstack(tiles[i : i + cols]) for i in range(0, len(tiles), cols)]
+    if rows[0].shape[1] < 640:  # room for the title line
+        rows = [np.hstack([r, np.full((r.shape[0], 640 - r.shape[1], 3), 255, np.uint8)]) for r in rows]
     head = np.full((24, rows[0].shape[1], 3), 255, np.uint8)
     cv2.putText(head, f"{best['checkpoint']}: {op['escapes']} escapes, {op['overkill']} overkill at threshold "
                 f"{op['threshold']:.4g} ({best['crop']} crops)"
