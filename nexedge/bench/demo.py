@@ -41,7 +41,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
                 "pretrained": "imagenet", "freeze": 3, "channels_last": True, "resize": 184,
                 "crop": 160, "val_crop": "center", "epochs": 5, "batch_size": 16, "lr": 1e-3,
                 "optimizer": "adamw", "warmup_epochs": 1, "balanced": "sqrt", "select": "last",
-                "calib_images": 64, "cameras": 3},
+                "calib_images": 64, "cameras": 3, "aggregates": "mean,max"},
     # The earlier from-scratch recipe (`nexedge demo --arch small_max`): a CPU-learnable mix,
     # since the full mix's 2-4 px chips and lead_glue specks at 128 px are not learned from
     # scratch in minutes on 2 cores (measured: AUC 0.5-0.6); it leaves out chipping, lead_glue
