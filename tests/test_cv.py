@@ -58,13 +58,15 @@ def test_ensemble_graph_rejects_when_any_fold_reaches_its_own_threshold():
     ens = EnsembleInGraph(models, inp, "center", 1, 3, "mean", offsets).eval()
     imgs = torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8)
     with torch.no_grad():
-        probs, score = ens(imgs)
+        probs, score, logits = ens(imgs)
         x = ens.crops_of(imgs)
         s_f = np.stack([metrics.defect_score(m(x).double().numpy(), 1) for m in models])  # F x N
     want = metrics.expit(np.max(metrics.logit(s_f) - np.asarray(offsets)[:, None], axis=0))
     np.testing.assert_allclose(score.numpy(), want, rtol=1e-4)
     np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(1 - probs[:, 1].numpy(), want, rtol=1e-4)
+    # the runtimes score from the logits output, in float64 on the host: the same score
+    np.testing.assert_allclose(metrics.defect_score(logits.double().numpy(), 1), want, rtol=1e-4)
     for t in (0.2, 0.5, 0.8):  # one threshold on the score == "some fold at its own threshold"
         own = np.any(s_f >= metrics.expit(metrics.logit(t) + np.asarray(offsets)[:, None]), axis=0)
         np.testing.assert_array_equal(want >= t, own)

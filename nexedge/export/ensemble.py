@@ -103,7 +103,7 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
 
     from nexedge.export import parity as par
     from nexedge.export.graph import EnsembleInGraph
-    from nexedge.export.onnx_export import OPSET, tensorrt_check, torch_export
+    from nexedge.export.onnx_export import GRAPH_OUTPUTS, OPSET, tensorrt_check, torch_export
     from nexedge.models.checkpoint import load_checkpoint, model_from_checkpoint
     from nexedge.runtime.onnxrt import OnnxRuntimeBackend
 
@@ -134,7 +134,7 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
 
     card = first.derive("onnx", precision="fp32")
     card.data["input"]["aggregate"] = agg
-    card.data["graph"] = {"crops": mode, "input_name": "images", "output_names": ["probs", "defect_score"],
+    card.data["graph"] = {"crops": mode, "input_name": "images", "output_names": list(GRAPH_OUTPUTS),
                           "max_batch": int(max_batch)}
     ops = metrics.operating_points(y, norm)
     fold_guarantees(s, y, oof["folds"], offsets, ops)

@@ -22,7 +22,7 @@ The backbone is the submodule ``backbone``; every ONNX node it produces is named
 keep preprocessing and the tail in float (see nexedge.export.quantize).
 """
 
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -90,4 +90,52 @@ class InGraphModel(nn.Module):
         logits = self.aggregate_logits(self.backbone(self.crops_of(images)))
         probs = torch.softmax(logits, dim=1)
         g = self.good_index
+        return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1), logits
+
+
+class FoldStack(nn.Module):
+    """The K fold models side by side: x -> K x N x C logits. Under the name ``backbone`` its ONNX nodes
+    are ``/backbone/folds.N/...``, so the INT8 quantizer's rule for backbones applies unchanged."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.folds = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.folds], dim=0)
+
+
+class EnsembleInGraph(InGraphModel):
+    """A fold ensemble that REJECTs when any fold model's defect score reaches its own fold's threshold.
+
+    uint8 N x H x W x C -> (probs N x C, defect_score N, logits N x C). Each fold model f scores the
+    crops (the same preprocessing, crops and ``aggregate`` as :class:`InGraphModel`); its log-odds of
+    a defect minus ``offsets[f]`` put every fold on one scale, and the image's score is
+    ``expit(max_f(logodds_f - offsets[f]))``, so one threshold T REJECTs exactly when some fold f has
+    ``logodds_f >= logit(T) + offsets[f]`` (its own threshold). The logits are the deciding fold's with
+    its defect classes shifted by ``-offsets[f]``: their softmax keeps that fold's shares among the
+    defect classes and sums them to the ensemble's score.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], inp: Mapping[str, Any], crops: str, good_index: int,
+                 num_classes: int, aggregate: str, offsets: Sequence[float]) -> None:
+        super().__init__(FoldStack(models), inp, crops, good_index, aggregate)
+        if len(offsets) != len(models):
+            raise ValueError(f"{len(offsets)} offsets for {len(models)} fold models")
+        self.register_buffer("fold_offsets", torch.tensor([float(o) for o in offsets], dtype=torch.float32).view(-1, 1, 1))
+        defect = torch.ones(1, 1, int(num_classes), dtype=torch.float32)
+        defect[0, 0, self.good_index] = 0.0
+        self.register_buffer("defect_mask", defect)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.good_index
+        stacked = self.backbone(self.crops_of(images))  # F x (N*K) x C
+        f, c = stacked.shape[0], stacked.shape[-1]
+        z = self.aggregate_logits(stacked.reshape(-1, c)).reshape(f, -1, c)  # F x N x C
+        z = z - self.fold_offsets * self.defect_mask  # each fold on the common scale
+        defect = torch.logsumexp(z - 1e4 * (1.0 - self.defect_mask), dim=2)  # F x N, log-sum-exp of the defects
+        u = defect - z[:, :, g]  # log-odds of a defect, shifted
+        top = (u >= u.max(dim=0, keepdim=True).values).float()
+        logits = (z * (top / top.sum(dim=0, keepdim=True)).unsqueeze(2)).sum(dim=0)  # the deciding fold's
+        probs = torch.softmax(logits, dim=1)
         return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1), logits
