@@ -161,20 +161,32 @@ def expected_escape_rate(op: Dict[str, Any]) -> Optional[float]:
     with equal chance, so it escapes with probability at most (m+1)/(n+1), whatever the
     model (it is below that only by the margin under the weakest caught defect). This is a
     mean over validation draws, not a bound for one deployed threshold: for that, read
-    1 - ``tpr_lower95``. None when the point lacks ``tpr`` or ``n_defects``.
+    1 - ``tpr_lower95``. None when the point lacks ``tpr`` or ``n_defects``. A fold ensemble's
+    point carries ``escape_factor`` (nexedge.export.ensemble): its rule's price for carrying the
+    fold models' average to the ensemble, applied here and in :func:`escape_bound`.
     """
     n, tpr = op.get("n_defects"), op.get("tpr")
     if not n or tpr is None:
         return None
     missed = int(round((1.0 - float(tpr)) * int(n)))
-    return (missed + 1) / (int(n) + 1)
+    return min(1.0, _escape_factor(op) * (missed + 1) / (int(n) + 1))
+
+
+def _escape_factor(op: Dict[str, Any]) -> float:
+    f = op.get("escape_factor")
+    if f is None:
+        return 1.0
+    if not float(f) >= 1.0:
+        raise ValueError(f"operating point escape_factor {f!r}: expected a number >= 1")
+    return float(f)
 
 
 def escape_bound(op: Dict[str, Any]) -> Optional[float]:
     """What the point guarantees with 95 % confidence for its one threshold: the escape rate is at
-    most ``1 - tpr_lower95`` (None when the point lacks the bound)."""
+    most ``escape_factor * (1 - tpr_lower95)`` (the factor 1 unless the card is a fold ensemble's;
+    None when the point lacks the bound)."""
     lb = op.get("tpr_lower95")
-    return None if lb is None else 1.0 - float(lb)
+    return None if lb is None else min(1.0, _escape_factor(op) * (1.0 - float(lb)))
 
 
 def escape_text(op: Dict[str, Any], n_new: Optional[int] = None) -> str:

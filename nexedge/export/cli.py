@@ -30,6 +30,11 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unseen-mirrors", action="store_true",
                    help="export TenCrop (five mirrored crops) for a model trained without horizontal mirrors "
                         "(refused by default: on magnetic tiles it cost 55 points of FPR at TPR 100 %%)")
+    p.add_argument("--ensemble-rule", default="median", choices=("median", "mean", "max"),
+                   help="a CV run folder (train --cv K) only: how the fold models' aligned scores combine. median "
+                        "(default): REJECT when at least half of them reach their thresholds; mean: their mean "
+                        "log-odds; max: when any does (the tightest escape guarantee, the most overkill). The card "
+                        "states what each guarantees (docs/training.md)")
     p.add_argument("-o", "--out", help="output .onnx (default: <checkpoint stem>.<crops>.onnx)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch in images the runtime may send (card graph.max_batch; default 64)")
@@ -76,7 +81,8 @@ def run_export(args: argparse.Namespace) -> int:
         crops = "auto" if args.crops == "host" else args.crops
         ens = export_cv(args.checkpoint, out=args.out, crops=crops, aggregates=aggs, target_tpr=args.auto_tpr,
                         max_batch=args.max_batch, parity_data=args.parity_data, parity_images=args.parity_images,
-                        tolerance=args.tolerance, threads=args.threads, allow_unseen_mirrors=args.allow_unseen_mirrors)
+                        tolerance=args.tolerance, threads=args.threads, allow_unseen_mirrors=args.allow_unseen_mirrors,
+                        rule=args.ensemble_rule)
         from nexedge.export.auto import format_selection
 
         print(format_selection(ens.selection))

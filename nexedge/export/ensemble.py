@@ -1,35 +1,48 @@
 """``nexedge export CV_RUN``: the fold ensemble of ``nexedge train --cv K`` as one ONNX model.
 
 The decision. Fold model f scores an image (in-graph crops, the chosen crop mode and aggregate);
-the image is REJECTed when any fold model's score reaches that fold's own threshold. One graph
-does it: ``score = expit(max_f(logit(s_f) - offset_f))`` (nexedge.export.graph.EnsembleInGraph)
-with ``offset_f`` = the log-odds of the 95th percentile of fold f's good images' out-of-fold
-(OOF) scores, minus their mean (nexedge.train.cv.fold_offsets): at one threshold T every fold
-model REJECTs about the same share of its good images; the card's threshold T applies to that
-score like any other.
+its log-odds of a defect minus ``offset_f`` is u_f, where ``offset_f`` is the log-odds of fold f's
+own TPR-100 % threshold on its out-of-fold (OOF) scores, minus the folds' mean
+(nexedge.train.cv.fold_offsets): at the normalised TPR-100 % threshold every fold model sits at
+its own. The ensemble's score is ``expit(rule_f(u_f))`` (nexedge.export.graph.EnsembleInGraph), and
+the card's threshold T applies to it like any other. ``--ensemble-rule``:
 
-The operating points come from the pooled OOF scores on the same scale, ``expit(logit(s_i) -
-offset_f(i))`` for every labelled image i of train+val, scored by the fold model that did not
+- ``median`` (default): REJECT when at least half of the fold models reach their thresholds (for
+  odd K, the majority);
+- ``mean``: the mean of the aligned log-odds;
+- ``max``: REJECT when any fold model reaches its threshold.
+
+The operating points come from the pooled OOF scores on the same scale, ``logit(s_i) -
+offset_f(i)`` for every labelled image i of train+val, scored by the fold model that did not
 train on it: the threshold and its Clopper-Pearson bound rest on every labelled defect.
 
-What holds (the test split measures it; the card says it):
+What holds (the card says it per operating point; the test split measures it):
 
 - Per fold, split-conformal: fold f's model never saw fold f, so a new defect is exchangeable
-  with fold f's defects under it, and it scores below the fold's effective threshold (which lies
-  below all but m_f of fold f's defects) with probability at most (m_f + 1) / (n_f + 1) over draws.
-  The ensemble PASSes a defect only when every fold model does, so its escape rate is at most
-  min_f (m_f + 1) / (n_f + 1): ``guaranteed_escape_rate`` per operating point. At TPR 100 % this
-  decision is the K-fold CV+ rule of Barber, Candes, Ramdas and Tibshirani, "Predictive inference
-  with the jackknife+" (Ann. Statist. 2021) at alpha = 1 / (n + 1), whose Theorem 4 gives
-  1 - 2 alpha - min(2 (1 - 1/K) / (n/K + 1), (1 - K/n) / (K + 1)) as well; the per-fold bound is
-  the tighter of the two for a few hundred defects.
-- The pooled OOF count estimates the fold models' average TPR at their effective thresholds, and
-  the ensemble catches every defect any fold model catches, so its TPR is at least that average:
-  ``tpr_lower95`` (Clopper-Pearson on all n OOF defects) is a 95 % lower bound for the ensemble
-  too. Like any threshold set on the images it is measured on, it is chosen, not pre-set.
+  with fold f's defects under it and scores below the fold's effective threshold (below all but
+  m_f of fold f's defects) with probability p_f <= (m_f + 1) / (n_f + 1) over draws. At TPR 100 %
+  every m_f is 0 and this is exact; at lower targets the m_f are themselves drawn, so it is close,
+  not exact.
+- The rule turns the p_f into the ensemble's escape rate by counting. PASS needs at least r fold
+  models below their thresholds: r = K for max, ceil(K/2) for the median (median < T means the
+  lower middle value is), 1 for the mean (mean < T means the smallest is). With N the number of
+  fold models that miss a new defect, P(escape) <= P(N >= r) <= E[N] / r = sum_f p_f / r (Markov;
+  for max, <= min_f p_f). ``guaranteed_escape_rate`` is that with the conformal p_f: rigorous at
+  TPR 100 % (for the median of K = 5 it is 5/3 of a single fold's rate, the same kind of price
+  as the factor 2 of jackknife+/CV+, Barber, Candes, Ramdas and Tibshirani, Ann. Statist. 2021).
+  It is a worst case: it holds however the folds' misses are correlated.
+- The pooled OOF count estimates the fold models' average escape rate; Clopper-Pearson on all n
+  OOF defects bounds it (95 %). ``escape_factor`` = n / (r * min_f n_f) (1 for max) carries that
+  average to the ensemble by the same counting, so the card's expected escape rate and its 95 %
+  bound (``metrics.expected_escape_rate``, ``metrics.escape_bound``, which eval checks) are
+  ``escape_factor`` times the pooled ones; ``tpr_lower95`` stays the pooled OOF bound of the
+  operating point. Like any threshold set on the images it is measured on, it is chosen, not
+  pre-set. An ensemble of the folds usually misses fewer defects than its average member; the
+  factor does not assume it.
 - Overkill is not estimated out of fold for the ensemble (each good image trained K-1 of the K
-  models): ``fpr`` is the pooled OOF FPR (the folds' average), ``fpr_union_bound`` the sum of the
-  folds' OOF FPRs, an upper bound for the ensemble's expected FPR. Measure it on test.
+  models): ``fpr`` is the pooled OOF FPR (the folds' average), ``fpr_bound`` = sum_f fpr_f / q
+  with q the fold models that must reach their thresholds to REJECT (1 for max and mean,
+  ceil(K/2) for the median), a Markov bound on the ensemble's expected FPR. Measure it on test.
 """
 
 import logging
@@ -44,6 +57,12 @@ from nexedge.train.cv import CROP_INDEX, fold_checkpoints, load_oof, normalized_
 
 log = logging.getLogger(__name__)
 
+DECISIONS = {
+    "median": "REJECT when the median over the fold models of their aligned log-odds reaches the threshold "
+              "(at least half of them at their own thresholds)",
+    "mean": "REJECT when the mean over the fold models of their aligned log-odds reaches the threshold",
+    "max": "REJECT when any fold model's score reaches its own fold's threshold",
+}
 RULE = "lowest pooled out-of-fold FPR at the target TPR, then highest pooled AUC, then fewest crops, then mean"
 
 
@@ -74,10 +93,20 @@ def candidate_rows(oof: Dict[str, Any], good_index: int, modes: Sequence[str], a
     return rows
 
 
+def votes(rule: str, k: int) -> Dict[str, int]:
+    """How many of the k fold models must miss a defect for the ensemble to PASS it (``pass``) and
+    must reach their thresholds for it to REJECT (``reject``), at least, under ``rule``."""
+    half = (k + 1) // 2
+    return {"max": {"pass": k, "reject": 1}, "mean": {"pass": 1, "reject": 1},
+            "median": {"pass": half, "reject": half}}[rule]
+
+
 def fold_guarantees(s: np.ndarray, y: np.ndarray, folds: np.ndarray, offsets: np.ndarray,
-                    ops: Sequence[Dict[str, Any]]) -> None:
-    """Add to each operating point the per-fold escape guarantee and the FPR union bound (in place)."""
+                    ops: Sequence[Dict[str, Any]], rule: str = "median") -> None:
+    """Add to each operating point the per-fold numbers and what the ``rule``'s ensemble guarantees
+    (module docstring), in place."""
     k = len(offsets)
+    v = votes(rule, k)
     for op in ops:
         t = float(op["threshold"])
         per = []
@@ -88,25 +117,35 @@ def fold_guarantees(s: np.ndarray, y: np.ndarray, folds: np.ndarray, offsets: np
             missed = int((s[d] < eff).sum())
             per.append({"fold": f + 1, "threshold": float(eff), "n_defects": int(d.sum()), "missed": missed,
                         "fpr": float((s[g] >= eff).mean()) if g.any() else float("nan")})
-        op["guaranteed_escape_rate"] = min((p["missed"] + 1) / (p["n_defects"] + 1) for p in per)
-        op["fpr_union_bound"] = min(1.0, float(sum(p["fpr"] for p in per)))
+        conformal = [(p["missed"] + 1) / (p["n_defects"] + 1) for p in per]
+        n, n_min = sum(p["n_defects"] for p in per), min(p["n_defects"] for p in per)
+        if rule == "max":
+            op["guaranteed_escape_rate"], op["escape_factor"] = min(conformal), 1.0
+        else:
+            op["guaranteed_escape_rate"] = min(1.0, sum(conformal) / v["pass"])
+            op["escape_factor"] = n / (v["pass"] * n_min)
+        op["fpr_bound"] = min(1.0, float(sum(p["fpr"] for p in per)) / v["reject"])
+        op["ensemble_rule"] = rule
         op["per_fold"] = per
 
 
 def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregates: Sequence[str] = ("mean",),
               target_tpr: float = 1.0, max_batch: int = 64, parity_data: Optional[str] = None,
               parity_images: int = 16, tolerance: float = 1e-4, threads: Optional[int] = None,
-              allow_unseen_mirrors: bool = False) -> EnsembleExport:
+              allow_unseen_mirrors: bool = False, rule: str = "median") -> EnsembleExport:
     """Export the fold ensemble of the CV run folder ``run`` (in-graph ``crops``; ``auto`` chooses by
-    :data:`RULE` on the OOF scores). Its card's operating points are the pooled OOF ones."""
+    :data:`RULE` on the OOF scores), combining the folds by ``rule`` (median, mean or max). Its card's
+    operating points are the pooled OOF ones, with what the rule guarantees."""
     import torch
 
     from nexedge.export import parity as par
-    from nexedge.export.graph import EnsembleInGraph
+    from nexedge.export.graph import ENSEMBLE_RULES, EnsembleInGraph
     from nexedge.export.onnx_export import GRAPH_OUTPUTS, OPSET, tensorrt_check, torch_export
     from nexedge.models.checkpoint import load_checkpoint, model_from_checkpoint
     from nexedge.runtime.onnxrt import OnnxRuntimeBackend
 
+    if rule not in ENSEMBLE_RULES:
+        raise ValueError(f"--ensemble-rule {rule!r}: expected one of {', '.join(ENSEMBLE_RULES)}")
     summary, oof = load_oof(run)
     ckpts = fold_checkpoints(run, summary)
     models, cards = zip(*[model_from_checkpoint(c) for c in ckpts])
@@ -137,7 +176,7 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
     card.data["graph"] = {"crops": mode, "input_name": "images", "output_names": list(GRAPH_OUTPUTS),
                           "max_batch": int(max_batch)}
     ops = metrics.operating_points(y, norm)
-    fold_guarantees(s, y, oof["folds"], offsets, ops)
+    fold_guarantees(s, y, oof["folds"], offsets, ops, rule)
     card.data["operating_points"] = ops
     card.data["val_scores"] = metrics.score_histogram(y, norm)
     card.data["operating_points_source"] = {
@@ -152,9 +191,12 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
         "pooled_splits": ["train", "val"],
         "folds": [{"fold": i + 1, "checkpoint": os.path.relpath(c, run), "sha256": cards[i].sha256,
                    "offset_logit": float(offsets[i])} for i, c in enumerate(ckpts)],
-        "decision": "REJECT when any fold model's score reaches its own fold's threshold",
-        "guarantee": "escape rate <= min over folds of (missed_f + 1) / (defects_f + 1) (split-conformal per fold; "
-                     "K-fold CV+ at TPR 100 %, Barber et al. 2021); tpr_lower95: Clopper-Pearson on all OOF defects",
+        "rule": rule, "votes": votes(rule, int(oof["k"])), "decision": DECISIONS[rule],
+        "guarantee": "escape rate <= guaranteed_escape_rate: per fold split-conformal (m_f + 1) / (n_f + 1), "
+                     "combined by the rule (" + ("the minimum over folds" if rule == "max" else
+                                                 "their sum / the fold models that must miss to PASS, Markov")
+                     + "); expected escape rate and 95 % bound: escape_factor x the pooled OOF ones "
+                     "(tpr_lower95: Clopper-Pearson on all OOF defects)",
         "spread": next((c["spread"] for c in summary["candidates"] if (c["crops"], c["aggregate"]) == (mode, agg)),
                        None),
     }
@@ -172,7 +214,7 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
     card.validate()
 
     out = out or os.path.join(run, f"ensemble.{mode}.onnx")
-    module = EnsembleInGraph(list(models), card.input, mode, g, card.num_classes, agg, offsets).eval()
+    module = EnsembleInGraph(list(models), card.input, mode, g, card.num_classes, agg, offsets, rule).eval()
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, ".tmp-" + os.path.basename(out))
@@ -209,18 +251,23 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
 def format_ensemble(card: ModelCard) -> str:
     """The ensemble's guarantee per operating point beside the pooled numbers."""
     cv = card.data.get("cv") or {}
-    lines = [f"fold ensemble of {cv.get('k')} models: {cv.get('decision')}",
+    lines = [f"fold ensemble of {cv.get('k')} models, rule {cv.get('rule', 'max')}: {cv.get('decision')}",
              f"{'target TPR':>10}  {'threshold':>10}  {'OOF FPR':>7}  {'FPR <=':>6}  {'TPR 95% low':>11}  "
-             "escape rate guaranteed <="]
+             f"{'escapes: expected / 95% bound':>29}  guaranteed <="]
     for op in card.operating_points:
+        esc, bound = metrics.expected_escape_rate(op), metrics.escape_bound(op)
         lines.append(f"{metrics.tpr_key(op['target_tpr']) + ' %':>10}  {op['threshold']:>10.4g}  "
-                     f"{100 * op['fpr']:>6.1f}%  {100 * op.get('fpr_union_bound', float('nan')):>5.1f}%  "
-                     f"{op['tpr_lower95']:>11.4f}  {100 * op.get('guaranteed_escape_rate', float('nan')):.2f} %")
+                     f"{100 * op['fpr']:>6.1f}%  {100 * op.get('fpr_bound', float('nan')):>5.1f}%  "
+                     f"{op['tpr_lower95']:>11.4f}  {100 * esc:>14.2f}% / {100 * bound:>5.2f}%     "
+                     f"{100 * op.get('guaranteed_escape_rate', float('nan')):.2f} %")
     sp = cv.get("spread") or {}
     if sp:
         lines.append("fold-to-fold: AUC {:.2f} +- {:.2f} %, FPR at TPR 100 % {:.1f} +- {:.1f} %, threshold {:.3g} to "
                      "{:.3g}".format(100 * sp["auc"]["mean"], 100 * sp["auc"]["std"], 100 * sp["fpr_at_tpr100"]["mean"],
                                      100 * sp["fpr_at_tpr100"]["std"], sp["threshold"]["min"], sp["threshold"]["max"]))
-    lines.append("(OOF FPR: the folds' average out of fold; FPR <=: their sum, a bound for the ensemble; measure "
-                 "the ensemble's overkill and escapes on test: nexedge eval ARTIFACT --data ROOT --split test)")
+    op0 = card.operating_points[-1] if card.operating_points else {}
+    lines.append(f"(OOF FPR: the folds' average out of fold; FPR <=: a bound for the ensemble's; TPR 95% low: pooled "
+                 f"OOF, the average fold model; escapes: {op0.get('escape_factor', 1.0):.2f} x the pooled OOF ones, "
+                 "carried to the ensemble by its rule; guaranteed: split-conformal per fold, combined by the rule. "
+                 "Measure overkill and escapes on test: nexedge eval ARTIFACT --data ROOT --split test)")
     return "\n".join(lines)

@@ -105,37 +105,55 @@ class FoldStack(nn.Module):
         return torch.stack([m(x) for m in self.folds], dim=0)
 
 
+#: How the fold models' aligned log-odds of a defect become the ensemble's (nexedge.export.ensemble).
+ENSEMBLE_RULES = ("median", "mean", "max")
+
+
 class EnsembleInGraph(InGraphModel):
-    """A fold ensemble that REJECTs when any fold model's defect score reaches its own fold's threshold.
+    """A fold ensemble: the ``rule`` (median, mean or max) over the fold models' aligned log-odds.
 
     uint8 N x H x W x C -> (probs N x C, defect_score N, logits N x C). Each fold model f scores the
     crops (the same preprocessing, crops and ``aggregate`` as :class:`InGraphModel`); its log-odds of
-    a defect minus ``offsets[f]`` put every fold on one scale, and the image's score is
-    ``expit(max_f(logodds_f - offsets[f]))``, so one threshold T REJECTs exactly when some fold f has
-    ``logodds_f >= logit(T) + offsets[f]`` (its own threshold). The logits are the deciding fold's with
-    its defect classes shifted by ``-offsets[f]``: their softmax keeps that fold's shares among the
-    defect classes and sums them to the ensemble's score.
+    a defect minus ``offsets[f]`` put every fold on one scale (u_f), and the image's score is
+    ``expit(rule_f(u_f))`` (the median of an even K is the mean of the middle two). With ``max`` one
+    threshold T REJECTs exactly when some fold f reaches its own threshold ``logit(T) + offsets[f]``;
+    with ``median`` when at least half of them do. The logits output has the good class at 0 and
+    each defect class at ``rule_f(u_f)`` plus the log of its share among the defect classes in the
+    folds' mean logits, so its softmax sums the defect classes to the ensemble's score.
     """
 
     def __init__(self, models: Sequence[nn.Module], inp: Mapping[str, Any], crops: str, good_index: int,
-                 num_classes: int, aggregate: str, offsets: Sequence[float]) -> None:
+                 num_classes: int, aggregate: str, offsets: Sequence[float], rule: str = "median") -> None:
         super().__init__(FoldStack(models), inp, crops, good_index, aggregate)
         if len(offsets) != len(models):
             raise ValueError(f"{len(offsets)} offsets for {len(models)} fold models")
-        self.register_buffer("fold_offsets", torch.tensor([float(o) for o in offsets], dtype=torch.float32).view(-1, 1, 1))
+        if rule not in ENSEMBLE_RULES:
+            raise ValueError(f"ensemble rule {rule!r}: expected one of {', '.join(ENSEMBLE_RULES)}")
+        self.rule, self.n_folds = rule, len(models)
+        self.register_buffer("fold_offsets", torch.tensor([float(o) for o in offsets], dtype=torch.float32).view(-1, 1))
         defect = torch.ones(1, 1, int(num_classes), dtype=torch.float32)
         defect[0, 0, self.good_index] = 0.0
         self.register_buffer("defect_mask", defect)
+
+    def combine(self, u: torch.Tensor) -> torch.Tensor:
+        """F x N aligned log-odds -> N, by the rule."""
+        if self.rule == "max":
+            return u.max(dim=0).values
+        if self.rule == "mean":
+            return u.mean(dim=0)
+        v = torch.sort(u, dim=0).values
+        lo, hi = (self.n_folds - 1) // 2, self.n_folds // 2
+        return v[lo] if lo == hi else 0.5 * (v[lo] + v[hi])
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.good_index
         stacked = self.backbone(self.crops_of(images))  # F x (N*K) x C
         f, c = stacked.shape[0], stacked.shape[-1]
         z = self.aggregate_logits(stacked.reshape(-1, c)).reshape(f, -1, c)  # F x N x C
-        z = z - self.fold_offsets * self.defect_mask  # each fold on the common scale
-        defect = torch.logsumexp(z - 1e4 * (1.0 - self.defect_mask), dim=2)  # F x N, log-sum-exp of the defects
-        u = defect - z[:, :, g]  # log-odds of a defect, shifted
-        top = (u >= u.max(dim=0, keepdim=True).values).float()
-        logits = (z * (top / top.sum(dim=0, keepdim=True)).unsqueeze(2)).sum(dim=0)  # the deciding fold's
+        masked = z - 1e4 * (1.0 - self.defect_mask)  # the defect classes only
+        u = torch.logsumexp(masked, dim=2) - z[:, :, g] - self.fold_offsets  # F x N aligned log-odds
+        score = self.combine(u)  # N
+        share = torch.log_softmax(masked.mean(dim=0), dim=1)  # N x C, among the defect classes
+        logits = (share + score.unsqueeze(1)) * self.defect_mask[0]  # good class at 0
         probs = torch.softmax(logits, dim=1)
         return probs, torch.cat([probs[:, :g], probs[:, g + 1 :]], dim=1).sum(dim=1), logits

@@ -110,23 +110,21 @@ def prepare_cv_folder(out: str, overwrite: bool) -> None:
         shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
 
 
-#: Where the folds' score scales are aligned: this quantile of each fold's good images' OOF scores.
-GOOD_ANCHOR_QUANTILE = 0.95
+def fold_offsets(scores: np.ndarray, y_defect: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
+    """Per fold, the log-odds of its own TPR-100 % threshold on its out-of-fold scores.
 
-
-def fold_offsets(scores: np.ndarray, y_defect: np.ndarray, folds: np.ndarray, k: int,
-                 q: float = GOOD_ANCHOR_QUANTILE) -> np.ndarray:
-    """Per fold, the log-odds of the ``q``-quantile of its own good images' out-of-fold scores.
-
-    The folds' scales are aligned where thresholds live, in the upper tail of the good scores, so
-    at one normalised threshold each fold model REJECTs about the same share of its good images.
-    An outlier defect does not move its fold's offset (anchoring on each fold's own TPR-100 %
-    threshold did: on the tiles one fray scored 3e-5 out of fold, and its fold model then
-    REJECTed 95 % of the good images at every operating point)."""
+    Shifted by these offsets, every fold model's own TPR-100 % threshold (just below the weakest
+    defect of its fold) lands on one value, so at that normalised threshold each fold model sits
+    exactly where its split-conformal guarantee holds: a new defect scores below it with
+    probability at most 1 / (defects in the fold + 1). A fold whose weakest defect is an outlier
+    (on the magnetic tiles one fray scored 3e-5 out of fold) gets a low threshold and REJECTs most
+    good images; the ensemble's default rule (the median over folds) takes it as one vote of K
+    instead of letting it decide (nexedge.export.ensemble)."""
     out = np.empty(k)
+    y = np.asarray(y_defect)
     for f in range(k):
-        good = scores[(folds == f) & (np.asarray(y_defect) == 0)]
-        out[f] = metrics.logit(float(np.quantile(good, q)))
+        m = folds == f
+        out[f] = metrics.logit(float(metrics.operating_point(y[m], scores[m], 1.0)["threshold"]))
     return out
 
 
