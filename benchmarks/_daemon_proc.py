@@ -49,7 +49,9 @@ class DaemonProc:
         cmd = [python, "-m", "nexedge.serve.daemon", "--config", self.config]
         if nice:
             cmd = ["nice", "-n", str(nice)] + cmd
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # cwd: `python -m` puts the working directory first on sys.path, which would shadow the PYTHONPATH
+        # a side-by-side run (--code-roots) picks the checkout with
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
         self.frames = self.verdicts = ""
         self.metrics_port = 0
 

@@ -32,6 +32,22 @@ def jpeg_claiming(width: int, height: int, fillers: int = 2) -> bytes:
     return b"\xff\xd8" + app * fillers + sof + b"\xff\xd9"
 
 
+def jpeg_scan_bomb(side: int, scans: int, channels: int = 3) -> bytes:
+    """A valid progressive JPEG of a flat ``side`` x ``side`` image whose last scan is repeated until it
+    has ``scans`` scans: a few KB that cost one decoding pass over the whole image per scan (issue 30:
+    2,000 scans, 44 KB, 92 s to decode)."""
+    import re
+
+    import cv2
+    import numpy as np
+
+    img = np.full((side, side, channels) if channels > 1 else (side, side), 128, np.uint8)
+    enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    starts = [m.start() for m in re.finditer(rb"\xff\xda", enc)]
+    last = enc[starts[-1]:-2]  # the last scan, up to EOI
+    return enc[:-2] + last * max(scans - len(starts), 0) + b"\xff\xd9"
+
+
 def bmp_claiming(width: int, height: int, bpp: int = 32) -> bytes:
     return b"BM" + bytes(16) + struct.pack("<iiHH", width, height, 1, bpp) + bytes(24)
 
@@ -48,8 +64,9 @@ class Hostile:
             self._huge_header, self._many_parts, self._garbage_json, self._png_bomb, self._jpeg_bomb,
             self._bmp_bomb, self._truncated, self._raw_mismatch, self._bad_dtype, self._bad_shape,
             self._wrong_encoding, self._imagezmq_bad, self._too_few_parts, self._new_camera_flood,
-            self._weird_deadline, self._empty_payload, self._corrupt_png,
+            self._weird_deadline, self._empty_payload, self._corrupt_png, self._scan_bomb,
         ]
+        self._bomb = jpeg_scan_bomb(600, 100)  # over the 32-scan limit: refused before decoding
         if big_parts:
             self.shapes.append(self._oversize)
 
@@ -148,6 +165,9 @@ class Hostile:
 
     def _empty_payload(self, fid: str) -> Msg:
         return [self._h(v=1, camera="c", frame_id=fid, encoding="png"), b""], fid
+
+    def _scan_bomb(self, fid: str) -> Msg:
+        return [self._h(v=1, camera="c", frame_id=fid, encoding="jpeg"), self._bomb], fid
 
     def _corrupt_png(self, fid: str) -> Msg:
         data = bytearray(self.png)

@@ -1,6 +1,21 @@
-"""Daemon memory after floods: RSS before, at peak and after idle, for a flood of many-part
-large messages (the multipart bomb) and of large valid frames, with and without the allocator
-settings (nexedge.serve.memory). Prints a table; ``--markdown`` writes it as a RESULTS.md section. Not a test.
+"""Daemon memory under the attacks of issue 30 and after floods. Not a test.
+
+Attacks (each against a fresh daemon process with frames, control, store and pull endpoints, while an
+honest camera sends a frame every 100 ms):
+
+* ``parts60``: one complete message of 60 parts x 16 MiB on the frames socket;
+* ``unfinished``: two connections sending 40 parts x 16 MiB and never the last part (hand-written ZMTP);
+* ``control8000``: 8,000 parts x 60 KiB on the control socket, complete; ``control_unfinished``: the same
+  never finished; ``pull_unfinished``: 500 parts x 1,000 KiB to the pull socket, never finished;
+* ``tiny``: 1-byte parts (libzmq keeps 64 bytes per part), up to 40 MB on the wire, never finished.
+
+Per attack: RSS before, the peak (sampled every 20 ms), RSS after the attacker has held on for
+``--hold-s``, whether the daemon cut the attacker off, and the honest camera's frames answered. The
+ceiling is checked and printed: peak - base at most ``--ceiling-mib`` (memory guard defaults:
+2 x max_message_bytes + 1 MiB per peer, 256 MiB over all, RSS limit ready + 512 MiB).
+
+The older floods (``multipart``, ``pipelined``, ``mixed``: answered messages of many large parts and
+large valid frames) and the allocator probes are kept (``--kinds``).
 
     PYTHONPATH=$PWD python benchmarks/bench_memory.py [--model MODEL.onnx] [--code-roots .,/work/main]
 
@@ -13,18 +28,23 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _daemon_proc import DaemonProc  # noqa: E402
+from _zmtp import RawPeer  # noqa: E402
+
+ATTACKS = ("parts60", "unfinished", "control8000", "control_unfinished", "pull_unfinished", "tiny")
 
 
-def _config(model: str, max_msg: int) -> dict:
-    return {
+def _config(model: str, max_msg: int, store: Optional[str] = None) -> dict:
+    raw = {
         "model": {"path": model, "warmup": 1, "options": {"intra_threads": 1}},
         "sockets": {"frames": "tcp://127.0.0.1:*", "verdicts": "tcp://127.0.0.1:*", "decode_workers": 1,
                     "max_message_bytes": max_msg},
@@ -32,6 +52,106 @@ def _config(model: str, max_msg: int) -> dict:
         "metrics": {"host": "127.0.0.1", "port": 0},
         "logging": {"level": "WARNING"},
     }
+    if store:
+        raw.update({"store": {"path": store}, "pull": {"bind": "tcp://127.0.0.1:*"},
+                    "lifecycle": {"control": "tcp://127.0.0.1:*"}})
+    return raw
+
+
+def _endpoints(d: DaemonProc) -> dict:
+    """frames, control and pull endpoints from the daemon's ready log line."""
+    for rec in d.log_records():
+        if rec.get("event") == "ready":
+            return dict(rec["endpoints"])
+    return {}
+
+
+def attack(d: DaemonProc, kind: str, hold_s: float) -> dict:
+    """Run one attack against ``d``; RSS before / peak / after holding, cut off, honest replies."""
+    eps = _endpoints(d)
+    base = d.status()["rss"]
+    peak = [base]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], d.status()["rss"])
+
+    honest = {"sent": 0, "got": 0}
+
+    def camera() -> None:
+        import cv2
+
+        png = cv2.imencode(".png", np.random.default_rng(1).integers(0, 256, (48, 48), np.uint8))[1].tobytes()
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(eps["frames"])
+        while not stop.is_set():
+            h = json.dumps({"v": 1, "camera": "line", "frame_id": honest["sent"], "encoding": "png"}).encode()
+            s.send_multipart([b"", h, png])
+            honest["sent"] += 1
+            if s.poll(100):
+                s.recv_multipart()
+                honest["got"] += 1
+            time.sleep(0.1)
+        end = time.monotonic() + 3
+        while honest["got"] < honest["sent"] and time.monotonic() < end:
+            if s.poll(100):
+                s.recv_multipart()
+                honest["got"] += 1
+        s.close()
+        ctx.term()
+
+    threads = [threading.Thread(target=watch, daemon=True), threading.Thread(target=camera, daemon=True)]
+    for t in threads:
+        t.start()
+    peers: List[RawPeer] = []
+    ctx = zmq.Context()
+    try:
+        if kind == "parts60":
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(eps["frames"])
+            s.send_multipart([b""] + [bytes(16 << 20)] * 60)
+            s.poll(int(hold_s * 1000))
+            s.close()
+        elif kind == "control8000":
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(eps["control"])
+            s.send_multipart([b""] + [bytes(60 << 10)] * 8000)
+            s.poll(int(hold_s * 1000))
+            s.close()
+        else:
+            target, n, size, count = {"unfinished": ("frames", 2, 16 << 20, 40),
+                                      "control_unfinished": ("control", 1, 60 << 10, 8000),
+                                      "pull_unfinished": ("pull", 1, 1000 << 10, 500),
+                                      "tiny": ("frames", 1, 1, 0)}[kind]
+            peers = [RawPeer(eps[target], timeout=5.0) for _ in range(n)]
+            if kind == "tiny":
+                chunk = b"\x01\x01x" * 100_000
+                sent = 0
+                while sent < (40 << 20) and peers[0].send_raw(chunk):
+                    sent += len(chunk)
+            else:
+                senders = [threading.Thread(target=p.send_parts, args=(bytes(size), count), daemon=True) for p in peers]
+                for t in senders:
+                    t.start()
+                for t in senders:
+                    t.join(120)
+            time.sleep(hold_s)
+        rss_hold = d.status()["rss"]
+        cut = sum(p.closed_by_server(0.5) for p in peers) if peers else None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for p in peers:
+            p.close()
+        ctx.term()
+    return {"base": base, "peak": peak[0], "hwm": d.status()["hwm"], "hold": rss_hold, "cut": cut,
+            "peers": len(peers), "honest": f"{honest['got']}/{honest['sent']}"}
 
 
 def flood(endpoint: str, kind: str, n: int, part_mib: int, parts: int) -> int:
@@ -178,9 +298,13 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=4, help="messages per flood")
     ap.add_argument("--parts", type=int, default=40, help="parts per multipart bomb")
     ap.add_argument("--part-mib", type=int, default=16)
-    ap.add_argument("--kinds", default="multipart,pipelined,mixed", help="floods: multipart, pipelined, mixed, single")
+    ap.add_argument("--kinds", default=",".join(ATTACKS) + ",mixed",
+                    help="attacks (" + ", ".join(ATTACKS) + ") and floods (multipart, pipelined, mixed, single)")
+    ap.add_argument("--hold-s", type=float, default=15.0, help="how long an attacker holds on before RSS is read")
+    ap.add_argument("--ceiling-mib", type=int, default=600, help="peak RSS over base the attacks must stay under")
     ap.add_argument("--max-message-mib", type=int, default=32)
     ap.add_argument("--probe", choices=("on", "off", "cameras"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-probes", action="store_true", help="skip the allocator and camera-id probes")
     ap.add_argument("--markdown", help="write the results as a Markdown section here")
     args = ap.parse_args()
     model = _model(args.model)
@@ -190,11 +314,24 @@ def main() -> int:
     if args.probe:
         in_process(model, args.probe == "on")
         return 0
-    rows = []
+    rows, arows = [], []
     load0 = os.getloadavg()
     for root in [r.strip() for r in args.code_roots.split(",") if r.strip()]:
         env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
         for kind in args.kinds.split(","):
+            if kind in ATTACKS:
+                store = tempfile.mkdtemp(prefix="nexedge-mem-store-")
+                d = DaemonProc(_config(model, args.max_message_mib << 20, store), env=env).wait_ready()
+                r = attack(d, kind, args.hold_s)
+                d.stop()
+                over = (r["peak"] - r["base"]) >> 20
+                r.update(root=os.path.abspath(root), kind=kind, ok=over <= args.ceiling_mib)
+                arows.append(r)
+                print(f"{root:<20} {kind:<18} base {r['base'] >> 20} MB, peak {r['peak'] >> 20} MB (+{over}), after "
+                      f"{args.hold_s:g} s {r['hold'] >> 20} MB, attacker cut off {r['cut']}/{r['peers']}, honest "
+                      f"{r['honest']}, {'within' if r['ok'] else 'OVER'} the {args.ceiling_mib} MiB ceiling",
+                      flush=True)
+                continue
             d = DaemonProc(_config(model, args.max_message_mib << 20), env=env).wait_ready()
             base = d.status()["rss"]
             got = flood(d.frames, kind, args.n, args.part_mib, args.parts)
@@ -205,26 +342,39 @@ def main() -> int:
             print(f"{root:<20} {kind:<10} base {base >> 20} MB, peak {st['hwm'] >> 20} MB, after 3 s idle "
                   f"{st['rss'] >> 20} MB, replies {got}", flush=True)
     probes = []
-    for mode in ("off", "on", "cameras"):
+    for mode in () if args.no_probes else ("off", "on", "cameras"):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model, "--probe", mode],
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
         line = [ln for ln in out.stdout.splitlines() if ln.startswith(("in-process", "new camera"))]
         probes.append(line[0] if line else f"probe {mode} failed: {out.stderr[-500:]}")
         print(probes[-1], flush=True)
     if args.markdown:
-        md = ["## Daemon memory after floods", "",
+        md = ["## Daemon memory under attack and after floods", "",
               f"`python benchmarks/bench_memory.py --code-roots {args.code_roots}` on "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load0[0]:.1f} at the start "
-              f"(2-core AMD EPYC, shared). Floods: `multipart` = {args.n} messages of {args.parts} parts x "
-              f"{args.part_mib} MiB sent one after the other, `pipelined` = the same sent at once, `mixed` = "
-              "a bomb then 8 valid raw frames of 0.1-6 Mpx, four times. RSS in MB of the daemon process "
-              "(VmHWM for the peak).", "",
-              "| code | flood | base | peak | after 3 s idle | replies |", "|---|---|---|---|---|---|"]
-        md += [f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in rows]
-        md += ["", "Allocator slack vs held memory (daemon in the probing process, mixed flood, then "
-               "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held; the flood "
-               "client runs in that process too, so its buffers count as well):", ""]
-        md += [f"- {p}" for p in probes]
+              "(2-core AMD EPYC, shared). RSS in MB of the daemon process.", ""]
+        if arows:
+            md += [f"Attacks of issue 30, each on a fresh daemon (frames, control, store, pull; defaults but "
+                   f"`max_message_bytes` {args.max_message_mib} MiB) while an honest camera sends a frame every "
+                   f"100 ms. Peak: sampled every 20 ms. Held: after the attacker held on for {args.hold_s:g} s. "
+                   f"Ceiling: peak at most {args.ceiling_mib} MiB over base.", "",
+                   "| code | attack | base | peak | held | attacker cut off | honest frames answered | ceiling |",
+                   "|---|---|---|---|---|---|---|---|"]
+            md += [f"| `{r['root']}` | {r['kind']} | {r['base'] >> 20} | {r['peak'] >> 20} | {r['hold'] >> 20} | "
+                   f"{'-' if r['cut'] is None else str(r['cut']) + '/' + str(r['peers'])} | {r['honest']} | "
+                   f"{'within' if r['ok'] else 'over'} |" for r in arows]
+            md.append("")
+        if rows:
+            md += [f"Floods: `multipart` = {args.n} messages of {args.parts} parts x {args.part_mib} MiB sent one "
+                   "after the other, `pipelined` = the same sent at once, `mixed` = a bomb then 8 valid raw frames "
+                   "of 0.1-6 Mpx, four times (VmHWM for the peak).", "",
+                   "| code | flood | base | peak | after 3 s idle | replies |", "|---|---|---|---|---|---|"]
+            md += [f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} |" for r in rows]
+        if probes:
+            md += ["", "Allocator slack vs held memory (daemon in the probing process, mixed flood, then "
+                   "`malloc_trim(0)` by hand: what it gives back was allocator slack, the rest is held; the flood "
+                   "client runs in that process too, so its buffers count as well):", ""]
+            md += [f"- {p}" for p in probes]
         with open(args.markdown, "w") as f:
             f.write("\n".join(md) + "\n")
     return 0

@@ -47,14 +47,27 @@ SECTIONS: List[Tuple[str, str, str]] = [
     ("cascade", "bench_cascade.py", "cascade TenCrop vs full TenCrop: decisions, escapes, stage-2 share; daemon "
      "throughput and p99 latency (ORT INT8)"),
     ("daemon", "bench_daemon.py", "daemon end to end over loopback vs the bare backend; latency at 50% and 100% load"),
-    ("memory", "bench_memory.py", "daemon RSS before, at peak and after floods (multipart bombs, large frames); "
-     "allocator slack vs held memory"),
+    ("memory", "bench_memory.py", "daemon RSS under the issue-30 attacks (many-part, unfinished, tiny-part messages on "
+     "frames, control, pull) against a stated ceiling, and after floods; this code vs main"),
+    ("decode_attack", "bench_decode_attack.py", "progressive-JPEG scan bombs against 4 honest cameras: honest RECHECK "
+     "share and latency, this code vs main"),
     ("soak", "bench_soak.py", "daemon soak: 8 cameras at 80% of capacity + 1% hostile traffic; lost, late, RSS slope "
      "(30 min by default, long)"),
     ("lifecycle", "bench_lifecycle.py", "throughput with a shadow candidate on vs off; active model's p99 latency "
      "steady vs during hot swaps"),
+    ("rollback", "bench_rollback.py", "automatic rollback and promotion rules by simulation: false- and missed-rollback "
+     "rates per hour at 1/10/50 devices/s and 0.2-5 % rejects (new limits vs the old 3-sigma chart); promotion of "
+     "adversarial candidates"),
+    ("load_probe", "bench_load_probe.py", "a model load with lifecycle.memory_limit (checked in a child process) vs "
+     "without: load time, and the daemon's peak RSS while a small model that builds a large constant is loaded"),
     ("shift", "bench_shift.py", "shift alarm: frames to alarm on batch 3 after batch 2, false alarms on batch 2"),
+    ("shift_scores", "bench_shift_scores.py", "shift monitor PSI: false alarms on an in-distribution line and "
+     "detection delay per drift; [0,1] bins with the validation mix vs log-odds bins with the line's prior"),
     ("trainer", "bench_trainer.py", "CE vs SAT under label noise, CenterCrop vs TenCrop, mislabel ranking (long); Lite0 training speed-ups"),
+    ("contention", "bench_contention.py", "a short training (magnetic tiles) quiet vs beside an identical one, "
+     "OpenMP threads spinning vs sleeping: time ratio vs quiet (target <= 2.2x)"),
+    ("resize_mode", "bench_resize_mode.py", "--resize-mode stretch vs short on the magnetic tiles' mixed aspect "
+     "ratios, each trained with --budget: test AUC, accuracy, escapes, time taken vs budget"),
     ("line_tail", "bench_line_tail.py", "the demo's models on 2,000 held-out images: good devices PASSed at TPR "
      "99.1-100 %, AUC per class and defect mode, the demo's line criterion simulated on random splits"),
     ("tiles", "bench_tiles.py", "the magnetic tiles (real images) through the CLI: split, train, export --crops auto, "

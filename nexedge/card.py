@@ -435,6 +435,16 @@ class ModelCard:
             for key, counts in (("good", good), ("defect", defect or [])):
                 if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
                     self._fail("val_scores." + key, f"expected non-negative integer counts, got {counts!r}")
+            lg = vs.get("logit")
+            if lg is not None:  # the same scores on log-odds bins (shift monitor reference)
+                le = lg.get("edges") if isinstance(lg, dict) else None
+                if not (isinstance(le, list) and len(le) >= 3 and all(isinstance(lg.get(k), list)
+                                                                     and len(lg[k]) == len(le) - 1
+                                                                     for k in ("good", "defect"))):
+                    self._fail("val_scores.logit", "expected edges (n+1), good and defect counts (n)")
+                if sum(lg["good"]) != sum(good) or sum(lg["defect"]) != sum(defect or []):
+                    self._fail("val_scores.logit", "holds other counts than val_scores (the same scores binned "
+                               "twice must add up the same)")
             if ops:
                 for key, field in (("good", "n_good"), ("defect", "n_defects")):
                     n = ops[0].get(field)

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from nexedge import __version__
+from nexedge import __version__, threads
 
 # (name, module, one-line help). Order is the order of the data flow.
 COMMANDS: List[Tuple[str, str, str]] = [
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    threads.quiet_openmp()  # before anything loads torch's OpenMP runtime (torchrun's workers come here too)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -89,7 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))
     try:
-        return int(run(args) or 0)
+        if not hasattr(args, "threads"):
+            return int(run(args) or 0)
+        args._threads_given = args.threads is not None
+        with threads.applied(args.threads, torch=getattr(args, "_threads_torch", False)) as args.threads:
+            return int(run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

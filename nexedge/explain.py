@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nexedge import preprocess as pp
+from nexedge.threads import add_threads_option, given
 
 
 def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, target: Optional[int] = None,
@@ -138,7 +139,7 @@ def configure_explain(p: argparse.ArgumentParser) -> None:
                    help="occluding patch side, as a fraction of the prepared image's shorter side")
     p.add_argument("--stride", type=float, default=0.5, help="patch step, as a fraction of the patch")
     p.add_argument("--limit", type=int, default=50, help="at most this many images (0: all)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads (default: the runtime's)")
+    add_threads_option(p)
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -171,7 +172,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if not 0.0 < args.stride <= 1.0:
         raise ValueError(f"--stride {args.stride}; expected a fraction in (0, 1]")
     model = resolve_artifact(args.model, "model")
-    backend = open_backend(model, **backend_kwargs(backend_kind(model), args.threads, None, None))
+    backend = open_backend(model, **backend_kwargs(backend_kind(model), given(args), None, None))
     card = backend.card
     if args.crop_mode:
         backend = backend.crop_view(args.crop_mode)

@@ -482,13 +482,26 @@ def tpr_key(t: float) -> str:
     return f"{t * 100:.1f}".rstrip("0").rstrip(".")
 
 
-def score_histogram(y_defect: Sequence[int], scores: Sequence[float], bins: int = 20) -> Dict[str, List]:
-    """Counts of good and defect scores on ``bins`` equal bins of [0, 1] (card ``val_scores``)."""
-    y, s = np.asarray(y_defect, dtype=int), np.clip(np.asarray(scores, dtype=float), 0.0, 1.0)
+#: Log-odds bins of the card's score histogram: [-16, 16] in steps of 0.5 (scores outside go to the end bins).
+LOGIT_LIMIT, LOGIT_STEP = 16.0, 0.5
+
+
+def score_histogram(y_defect: Sequence[int], scores: Sequence[float], bins: int = 20) -> Dict[str, Any]:
+    """Counts of good and defect scores on ``bins`` equal bins of [0, 1] (card ``val_scores``), plus
+    ``logit``: the same counts on log-odds bins (the shift monitor's reference: good parts' scores
+    crowd near 0, where equal bins on [0, 1] hold nearly all of them in one bin)."""
+    y, raw = np.asarray(y_defect, dtype=int), np.asarray(scores, dtype=float)
+    s = np.clip(raw, 0.0, 1.0)
     edges = np.linspace(0.0, 1.0, bins + 1)
     good, _ = np.histogram(s[y == 0], bins=edges)
     defect, _ = np.histogram(s[y == 1], bins=edges)
-    return {"edges": [round(float(e), 9) for e in edges], "good": good.tolist(), "defect": defect.tolist()}
+    with np.errstate(divide="ignore"):
+        z = np.clip(np.log(s) - np.log1p(-s), -LOGIT_LIMIT, LOGIT_LIMIT)
+    ledges = np.arange(-LOGIT_LIMIT, LOGIT_LIMIT + LOGIT_STEP / 2, LOGIT_STEP)
+    lgood, _ = np.histogram(z[y == 0], bins=ledges)
+    ldefect, _ = np.histogram(z[y == 1], bins=ledges)
+    return {"edges": [round(float(e), 9) for e in edges], "good": good.tolist(), "defect": defect.tolist(),
+            "logit": {"edges": [float(e) for e in ledges], "good": lgood.tolist(), "defect": ldefect.tolist()}}
 
 
 def binary_terms(logits: np.ndarray, good_index: int) -> Dict[str, np.ndarray]:

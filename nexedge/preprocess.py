@@ -2,7 +2,7 @@
 export parity checks, benchmarks and the daemon.
 
 Steps: decoded image (any size, gray or colour, uint8/uint16) -> model colour
-(``gray`` keeps one channel, ``rgb`` three) -> resize to the card's [H, W]
+(``gray`` keeps one channel, ``rgb`` three; 16-bit samples scaled by their bit depth) -> resize to the card's [H, W]
 (cv2 INTER_AREA) -> uint8 H x W x C. The card's ``input.resize_mode`` says how:
 ``stretch`` (default) scales each axis to [H, W] and changes the aspect ratio;
 ``short`` scales the image, keeping its aspect ratio, until it covers [H, W]
@@ -17,7 +17,7 @@ the same five of the horizontally flipped image (torchvision's order).
 Imported by the daemon: Python 3.8, numpy and OpenCV only.
 """
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,20 +32,34 @@ def n_crops(mode: str) -> int:
         raise ValueError(f"unknown crop mode {mode!r}; expected one of {sorted(CROP_COUNTS)}") from None
 
 
-def as_model_color(img: np.ndarray, color: str) -> np.ndarray:
+def to_uint8(img: np.ndarray, bit_depth: int = 16) -> np.ndarray:
+    """uint16 samples holding ``bit_depth`` significant bits (a 12-bit sensor: 0..4095) -> uint8 0..255,
+    full scale to full scale (rounded; values above full scale clip). 16 bits is ``>> 8``, as before.
+    uint8 passes through."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype != np.uint16:
+        raise ValueError(f"unsupported image dtype {img.dtype}; expected uint8 or uint16")
+    if not isinstance(bit_depth, int) or isinstance(bit_depth, bool) or not 1 <= bit_depth <= 16:
+        raise ValueError(f"bit_depth {bit_depth!r}: expected an integer 1..16")
+    if bit_depth == 16:
+        return (img >> 8).astype(np.uint8)
+    full = (1 << bit_depth) - 1
+    out = (np.minimum(img, full).astype(np.uint32) * 255 + full // 2) // full
+    return out.astype(np.uint8)
+
+
+def as_model_color(img: np.ndarray, color: str, bit_depth: int = 16) -> np.ndarray:
     """Convert a decoded image to uint8 H x W x C with C=1 (``gray``) or 3 (``rgb``).
 
     Accepts H x W, H x W x 1, H x W x 3 (BGR, as OpenCV decodes) and H x W x 4
-    (BGRA); uint8 or uint16 (scaled to 8 bit).
+    (BGRA); uint8 or uint16 (scaled to 8 bit by :func:`to_uint8` at ``bit_depth``).
     """
     import cv2
 
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array, got {type(img).__name__}")
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise ValueError(f"unsupported image dtype {img.dtype}; expected uint8 or uint16")
+    img = to_uint8(img, bit_depth)
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
@@ -92,10 +106,12 @@ def resize_short(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(out[top : top + h, left : left + w])
 
 
-def prepare(img: np.ndarray, inp: Mapping[str, Any]) -> np.ndarray:
-    """Host part common to every model: colour + resize (``input.resize_mode``) -> uint8 H x W x C."""
+def prepare(img: np.ndarray, inp: Mapping[str, Any], bit_depth: Optional[int] = None) -> np.ndarray:
+    """Host part common to every model: colour + resize (``input.resize_mode``) -> uint8 H x W x C.
+    16-bit samples are scaled by ``bit_depth`` significant bits (default: the card's ``input.bit_depth``,
+    else 16)."""
     mode = inp.get("resize_mode", "stretch")
-    img = as_model_color(img, inp["color"])
+    img = as_model_color(img, inp["color"], int(bit_depth or inp.get("bit_depth") or 16))
     if mode == "stretch":
         return resize(img, inp["resize"])
     if mode == "short":

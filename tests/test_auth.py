@@ -21,8 +21,8 @@ def keys(tmp_path):
     for name in ("daemon", "alice", "mallory"):
         assert main(["keys", "--out", d, "--name", name]) == 0
     allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    shutil.copy(os.path.join(d, "alice.key"), allowed)
+    (allowed / "pullers").mkdir(parents=True)
+    shutil.copy(os.path.join(d, "alice.key"), allowed / "pullers")
     return d, str(allowed)
 
 
@@ -80,7 +80,7 @@ def test_allowed_client_pulls_others_get_nothing_and_are_counted(tmp_path, keys)
         ok.close()
         assert _pending(root) == 0
         # revoking: remove alice's key from the allow-list; new connections are refused
-        os.unlink(os.path.join(allowed, "alice.key"))
+        os.unlink(os.path.join(allowed, "pullers", "alice.key"))
         time.sleep(0.05)
         again = RemoteSource(ep, os.path.join(d, "alice.key_secret"), os.path.join(d, "daemon.key"),
                              timeout_s=0.5, retries=0)
@@ -121,3 +121,23 @@ def test_bad_key_files_give_clear_errors(tmp_path, keys):
         CurveConfig(os.path.join(d, "daemon.key_secret"), str(tmp_path / "none"))
     with pytest.raises(ValueError, match="client-key"):
         RemoteSource("tcp://127.0.0.1:1", client_secret=os.path.join(d, "alice.key_secret"))
+
+
+def test_keys_command_puts_a_client_key_in_its_role_folder_and_roles_hold(tmp_path, capsys):
+    """Issue 30 item 5: any allowed key, a camera's included, could use every socket. `nexedge keys --role
+    --allow` files a key under its role; the allow-list lets each role in where it belongs only."""
+    d, allowed = str(tmp_path / "keys"), str(tmp_path / "allowed")
+    assert main(["keys", "--out", d, "--name", "daemon"]) == 0
+    for name, role in (("cam1", "camera"), ("puller1", "puller"), ("ops1", "operator")):
+        assert main(["keys", "--out", d, "--name", name, "--role", role, "--allow", allowed]) == 0
+        assert f"allowed as {role}" in capsys.readouterr().out
+    assert main(["keys", "--out", d, "--name", "x", "--allow", allowed]) == 1  # --allow needs --role
+    assert sorted(os.listdir(allowed)) == ["cameras", "operators", "pullers"]
+    curve = CurveConfig(os.path.join(d, "daemon.key_secret"), allowed)
+    key = {n: load_secret(os.path.join(d, n + ".key_secret"))[0] for n in ("cam1", "puller1", "ops1")}
+    allow = curve._allow
+    assert allow.callback("frames", key["cam1"]) and not allow.callback("frames", key["ops1"])
+    assert allow.callback("pull", key["puller1"]) and not allow.callback("pull", key["cam1"])
+    assert allow.callback("control", key["ops1"]) and not allow.callback("control", key["cam1"])
+    assert all(allow.callback("verdicts", k) for k in key.values())
+    assert curve.counts()["wrong_role"] == 3 and curve.key_name(key["ops1"].decode()) == "ops1"

@@ -73,6 +73,32 @@ def test_find_band_is_the_narrowest_that_agrees_then_widened():
         cc.find_band(s1, s_full, t, margin=-1)
 
 
+def test_held_out_agreement_is_leave_one_out_and_bounds_the_disagreement():
+    """Each image decided by the band refitted without it (checked against a brute-force refit); the
+    in-sample agreement is 1 by construction, the held-out one is not, and the margin buys some of it."""
+    rng = np.random.default_rng(4)
+    s_full = rng.random(120) ** 2
+    s1 = np.clip(s_full + rng.normal(0, 0.08, 120), 1e-6, 1 - 1e-6)
+    t = 0.3
+    for margin in (0.0, 0.5):
+        ho = cc.held_out_agreement(s1, s_full, t, margin)
+        brute_dis = brute_to_pass = 0
+        for i in range(120):
+            keep = np.arange(120) != i
+            b = cc.find_band(s1[keep], s_full[keep], t, margin)
+            d = bool(cc.cascade_decisions(s1[i:i + 1], s_full[i:i + 1], t, b["lo"], b["hi"])[0])
+            brute_dis += d != (s_full[i] >= t)
+            brute_to_pass += (s_full[i] >= t) and not d
+        assert (ho["disagree"], ho["reject_to_pass"]) == (brute_dis, brute_to_pass)
+        assert ho["disagreement_upper"] > ho["disagree"] / 120
+    band = cc.find_band(s1, s_full, t, margin=0.5)
+    assert band["agreement"] == 1.0
+    assert band["held_out_margin0"]["disagree"] > 0  # margin 0: the band's own edge images flip when held out
+    assert band["held_out"]["disagree"] <= band["held_out_margin0"]["disagree"]
+    assert band["held_out"]["disagreement_upper"] == pytest.approx(
+        cc._cp_upper(band["held_out"]["disagree"], 120, 0.95))
+
+
 def test_stage1_route_never_passes_a_band_or_nan_score():
     s1 = np.array([0.01, 0.3, 0.5, 0.7, 0.99, np.nan])
     route = cc.stage1_route(s1, 0.3, 0.7)
@@ -94,6 +120,9 @@ def test_card_band_reproduces_full_tencrop_on_val(models, flavour):
     for op in card.operating_points:
         band = cc.band_for(card, float(op["threshold"]))
         assert band["agreement"] == 1.0
+        ho = band["held_out"]  # what a new image can expect: leave-one-out, with its upper bound
+        assert ho["method"] == "leave-one-out" and ho["n_images"] == len(images) and ho["disagreement_upper"] > 0
+        assert band["held_out_margin0"]["margin_logit"] == 0.0
         plan = cc.make_plan(full, path, float(op["threshold"]), "on", intra_threads=1)
         score, stage, rechecks = _run(plan, images)
         assert rechecks == [None] * len(images)
@@ -153,6 +182,79 @@ def test_band_frames_get_recheck_when_stage2_fails_or_is_late(models):
             assert res2.recheck[i] is None and res2.stage[i] == 2
         else:
             assert res2.stage[i] == 1
+    full.close()
+
+
+def test_one_slow_stage2_call_does_not_disable_stage2(models):
+    """Two stage-2 stalls (a paused process) make the estimate say "too late" for band frames with a
+    0.1 s deadline; once reprobe_s passed, stage 2 runs anyway on one band frame, is measured fast
+    again, and band frames are decided from then on (they used to be RECHECK deadline_passed for good)."""
+    import time
+
+    path = models["host"]
+    images, _ = _val(models["data"], load_card(path))
+    images = images[:8]
+    full = open_backend(path, intra_threads=1)
+    s1 = full.crop_view("center").infer(images).defect_score
+    lo, hi = float(np.sort(s1)[2]), float(np.sort(s1)[5])
+    band = (s1 >= lo) & (s1 <= hi)
+
+    class Stalling:
+        def __init__(self, inner, stall_calls):
+            self.inner, self.calls, self.stall_calls = inner, 0, stall_calls
+            for a in ("card", "crops", "crop_mode", "max_batch", "input_shape", "name"):
+                setattr(self, a, getattr(inner, a))
+
+        def warmup(self, n=2):
+            self.inner.warmup(n)
+
+        def infer(self, x):
+            self.calls += 1
+            if self.calls in self.stall_calls:
+                time.sleep(0.6)
+            return self.inner.infer(x)
+
+        def close(self):
+            pass
+
+    stage2 = Stalling(full, {2, 3})  # call 1 is the warm-up's
+    plan = cc.CascadePlan(full.crop_view("center"), stage2, {"lo": lo, "hi": hi, "threshold": (lo + hi) / 2},
+                          own_stage1=False)
+    plan.warmup(1)
+    plan.reprobe_s = 0.3
+    far = [time.monotonic() + 1e6] * 8
+    for _ in range(2):
+        assert plan.infer_frames(images, far).recheck == [None] * 8  # decided, slowly
+
+    def near():
+        return plan.infer_frames(images, [time.monotonic() + 0.1] * 8).recheck
+
+    late = ["deadline_passed"] * int(band.sum())
+    assert [r for r, b in zip(near(), band) if b] == late  # the estimate says late
+    time.sleep(plan.reprobe_s)
+    assert [r for r, b in zip(near(), band) if b] == [None] + late[1:]  # stage 2 re-measured on one band frame
+    assert plan.reprobes == 1 and plan._backoff == 1  # ... on time
+    assert near() == [None] * 8 and near() == [None] * 8  # and the estimate is back to the measured cost
+
+    # a stage 2 that really is too slow (0.5 s per call on this plan's clock) costs one probe frame per
+    # wait, and each probe that confirms it doubles the wait
+    now = [0.0]
+
+    class Slow(Stalling):
+        def infer(self, x):
+            now[0] += 0.5
+            return self.inner.infer(x)
+
+    slow = cc.CascadePlan(full.crop_view("center"), Slow(full, set()), dict(plan.band), own_stage1=False,
+                          clock=lambda: now[0])
+    for _ in range(3):
+        slow._measured(1.0)
+    probes = []
+    for _ in range(7):
+        now[0] += 1.0
+        rechecks = slow.infer_frames(images, [now[0] + 0.1] * 8).recheck
+        probes.append(sum(r is None for r, b in zip(rechecks, band) if b))
+    assert probes == [1, 0, 1, 0, 0, 0, 1] and slow._backoff == 8  # waits of 1, 2 and 4 s, then 8
     full.close()
 
 

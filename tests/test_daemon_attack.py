@@ -156,8 +156,8 @@ def test_frame_waiting_for_a_decode_thread_is_answered_at_its_deadline(model):
     big, n, busy_s = _slow_decode_png()
     with running(model, sockets={"decode_workers": 1}, batching={"max_queue": 64}) as d:
         raw = Raw(d.endpoints["frames"])
-        for i in range(n):  # keep the one decode thread busy for busy_s seconds
-            raw.send(header("big", f"big{i}"), big)
+        for i in range(n):  # keep the one decode thread busy for busy_s seconds (the same camera: cameras
+            raw.send(header("line", f"big{i}"), big)  # take turns, so another camera's frame would not wait)
         raw.send(header("line", "urgent", deadline_ms=100), _png(4))
         got = {v["frame_id"]: v for v in raw.recv_n(n + 1, 120)}
         raw.close()
@@ -312,7 +312,7 @@ def test_idle_http_connections_are_bounded_and_time_out(model):
         body = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/ready", timeout=5).read()
         for c in conns:
             c.close()
-    assert during - before <= 4 + 1, (before, during)
+    assert during - before <= 1, (before, during)  # one thread serves every connection
     assert body == b"ready\n"
 
 
@@ -423,8 +423,8 @@ def test_metrics_on_a_non_loopback_address_warns(caplog):
 
     caplog.set_level(logging.WARNING, logger="nexedge.serve")
     srv = HealthServer(DaemonMetrics(), "0.0.0.0", 0, lambda: True, lambda: True)
-    srv.httpd.server_close()
+    srv.stop()
     assert any("not loopback" in r.getMessage() and "reverse proxy" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    HealthServer(DaemonMetrics(), "127.0.0.1", 0, lambda: True, lambda: True).httpd.server_close()
+    HealthServer(DaemonMetrics(), "127.0.0.1", 0, lambda: True, lambda: True).stop()
     assert not caplog.records

@@ -31,7 +31,10 @@ def _keys(tmp_path):
     make_keypair(str(keys), "server")
     pub, _ = make_keypair(str(keys), "cam")
     make_keypair(str(keys), "stranger")
-    shutil.copy(pub, str(allowed / "cam.key"))
+    shutil.copy(pub, str(allowed / "cam.key"))  # at the top of the allow-list: a camera key
+    puller, _ = make_keypair(str(keys), "puller")
+    (allowed / "pullers").mkdir()
+    shutil.copy(puller, str(allowed / "pullers" / "puller.key"))
     return keys, allowed
 
 
@@ -64,19 +67,24 @@ def test_all_sections_with_curve_auth(model, tmp_path):
             assert cam.recv(timeout_ms=500) is None
         sub = VerdictSubscriber(d.endpoints["verdicts"], curve=good)
         sub.close()
-        # pull endpoint (the store engineer's protocol) sees the stored samples, through CURVE too
+        # pull endpoint (the store engineer's protocol) sees the stored samples, through CURVE with a
+        # puller's key; the camera's key is refused there (wrong role)
         ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.DEALER)
-        s.linger = 0
-        good.apply_client(s)
-        s.connect(d.endpoints["pull"])
-        deadline = time.monotonic() + 10
-        pending = 0
-        while pending < 12 and time.monotonic() < deadline:
-            s.send_multipart([b"", json.dumps({"op": "hello"}).encode()])
-            assert s.poll(5000)
-            pending = json.loads(s.recv_multipart()[-1])["pending"]
-        s.close()
+        for client in (good, CurveClient(str(keys / "puller.key_secret"), str(keys / "server.key"))):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            client.apply_client(s)
+            s.connect(d.endpoints["pull"])
+            deadline = time.monotonic() + 10
+            pending = 0
+            while pending < 12 and time.monotonic() < deadline:
+                s.send_multipart([b"", json.dumps({"v": 1, "op": "hello"}).encode()])
+                if not s.poll(1000 if client is good else 5000):
+                    break
+                pending = json.loads(s.recv_multipart()[-1])["pending"]
+            s.close()
+            if client is good:
+                assert pending == 0 and d.auth.counts()["wrong_role"] >= 1
         body = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
     finally:
         d.request_stop()

@@ -67,7 +67,7 @@ def test_imagezmq_headers_raw_and_jpg():
     ([b"i", b"", P.native_header("c", 1, "png")], P.WRONG_FRAME_COUNT),
     ([b"i", b"", P.native_header("c", 1, "png"), b"a", b"b"], P.WRONG_FRAME_COUNT),
     ([b"i", b"", b'{"v": 2, "camera": "c", "frame_id": 1}', b"x"], P.UNSUPPORTED_VERSION),
-    ([b"i", b"", b'{"v": 1, "camera": "c", "frame_id": 1, "encoding": "tiff"}', b"x"], P.UNKNOWN_ENCODING),
+    ([b"i", b"", b'{"v": 1, "camera": "c", "frame_id": 1, "encoding": "webp"}', b"x"], P.UNKNOWN_ENCODING),
     ([b"i", b"", P.native_header("c", 1, "raw", "float32", (2, 2)), bytes(16)], P.BAD_DTYPE),
     ([b"i", b"", P.native_header("c", 1, "raw", "uint8", (4, 4)), bytes(15)], P.BAD_SHAPE),
     ([b"i", b"", P.native_header("c", 1, "raw", "uint8", (2, 2, 5)), bytes(20)], P.BAD_SHAPE),

@@ -19,7 +19,6 @@ from nexedge.runtime import open_backend
 from nexedge.serve import config as C
 from nexedge.serve.client import CameraClient
 from nexedge.serve.control import ControlClient, ControlServer, ControlTimeout
-from nexedge.serve.lifecycle import PChart
 from nexedge.store import SampleStore
 
 N = 24
@@ -166,6 +165,7 @@ def test_shadow_identical_100_percent_then_different_exact_counts(models, tmp_pa
     for row in rows:
         i = int(row["frame_id"]) - 1
         assert row["model_id"] == active_id and row["decision"] == active_dec[i]
+        assert row["threshold"] == pytest.approx(ta)  # the threshold that decided the frame
         assert row["score"] == pytest.approx(sa[i], abs=1e-5)
         assert row["shadow"]["model_id"] == cand_id and row["shadow"]["decision"] == cand_dec[i]
         assert row["shadow"]["score"] == pytest.approx(sb[i], abs=1e-5)
@@ -330,54 +330,266 @@ def test_refusals_are_clear_and_the_line_keeps_running(models, tmp_path):
         assert st["previous"] is None and st["candidate"]["path"] == models["twin"]
 
 
-def test_auto_rollback_on_reject_rate_and_rule_based_promotion(models, tmp_path):
+def _wait(pred, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_automatic_promotion_and_rollback_judge_both_directions(models, tmp_path):
+    """An always-PASS candidate is never promoted automatically, even where the total disagreement
+    alone would let it through; promoted by hand, it is rolled back on the chart's lower limit (it
+    rejects nothing); a twin of the active model is promoted once enough active REJECTs were seen,
+    none PASSed by it."""
+    ims, ta = models["images"], models["ta"]
+    n_rej = sum(x >= ta for x in models["sa"])
+    allpass = _copy(models["active"], str(tmp_path / "ap"), "allpass")
+    _set_threshold(allpass, 0.999)
+    lc = _lc(auto_rollback_baseline=24, auto_rollback_subgroup=8, auto_rollback_watch=96, auto_promote_frames=24,
+             auto_promote_max_disagreement=0.9)  # auto_promote_max_escape: the default 0.05
+    with running(models["active"], lifecycle=lc) as d, _ctl(d) as c:
+        a_id = d.card.model_id
+        _stream_seq(d, ims)
+        assert c.call("load", path=allpass)["ok"]
+        _stream_seq(d, ims)
+        rep = _wait_report(c, N)
+        assert rep["cameras"]["cam0"]["matrix"]["REJECT/PASS"] == n_rej > 0
+        st = c.call("status")["status"]
+        assert st["candidate"]["path"] == allpass and "promote" not in st["changes"], st["history"]
+        assert "auto_promote_max_escape" in st["auto_promote"]
+        r = c.call("promote")
+        armed = r["status"]["auto_rollback"]
+        ap_id = r["status"]["active"]["model_id"]
+        assert armed["model_id"] == ap_id and armed["baseline"] == 24 and armed["lower_fires_from"] is not None
+        for _ in range(12):  # at most the watch of 96 frames
+            if c.call("status")["status"]["active"]["model_id"] == a_id:
+                break
+            assert {v["decision"] for v in _stream_seq(d, ims[:8])} <= {"PASS", "REJECT"}
+        assert _wait(lambda: c.call("status")["status"]["active"]["model_id"] == a_id)
+        st = c.call("status")["status"]
+        assert st["history"][-1]["who"] == "auto-rollback" and st["history"][-1]["old_model_id"] == ap_id
+        assert "outside the limits" in st["history"][-1]["reason"] and st["auto_rollback"] is None
+        assert _scrape(d)[("nexedge_model_changes_total", (("action", "auto_rollback"),))] == 1.0
+        # the twin catches every REJECT: promoted once it has seen rejects_needed(0.05) = 59 of them
+        assert c.call("load", path=models["twin"])["ok"]
+        for _ in range(-(-59 // n_rej) + 1):
+            _stream_seq(d, ims)
+            if _wait(lambda: c.call("status")["status"]["candidate"] is None, timeout=0.3):
+                break
+        assert _wait(lambda: c.call("status")["status"]["candidate"] is None, timeout=10)
+        st = c.call("status")["status"]
+        assert st["active"]["path"] == models["twin"] and st["history"][-1]["who"] == "auto-promote"
+        assert "PASSed 0 of the" in st["history"][-1]["rule"]
+
+
+def test_automatic_rollback_acts_only_on_the_model_it_flagged_and_manual_changes_rearm(models, tmp_path):
+    """The chart flags a promoted always-REJECT model; before its rollback gets the operation lock an
+    operator makes another model active: the rollback does nothing (it would have re-instated the
+    flagged model's predecessor over the operator's choice). A later hot swap re-arms the chart for
+    the new model; unloading the previous model disarms it."""
     ims = models["images"]
     high = _copy(models["active"], str(tmp_path / "hi"), "allpass")
-    _set_threshold(high, 0.999)  # the active model PASSes every frame: baseline reject rate 0
+    _set_threshold(high, 0.999)  # the active model PASSes every frame
     low = _copy(models["active"], str(tmp_path / "lo"), "allreject")
-    _set_threshold(low, 0.01)  # this candidate REJECTs every frame
-    twin = _copy(high, str(tmp_path / "tw"), "allpass2")
-    lc = _lc(auto_rollback_baseline=16, auto_rollback_subgroup=8, auto_rollback_watch=64,
-             auto_promote_frames=8, auto_promote_max_disagreement=0.0)
+    _set_threshold(low, 0.01)  # the candidate REJECTs every frame
+    lc = _lc(auto_rollback_baseline=24, auto_rollback_subgroup=8, auto_rollback_watch=96)
     with running(high, lifecycle=lc) as d, _ctl(d) as c:
-        a_id = d.card.model_id
-        assert all(v["decision"] == "PASS" for v in _stream_seq(d, ims[:16]))
-        r = c.call("load", path=low)
-        assert r["ok"]
-        got = _stream_seq(d, ims[:8])
-        rep = _wait_report(c, 8)
-        assert rep["disagree"] == 8 and c.call("status")["status"]["candidate"] is not None  # no auto promotion
+        lcm = d.models
+        _stream_seq(d, ims)
+        assert c.call("load", path=low)["ok"]
         r = c.call("promote")
-        assert r["ok"] and r["status"]["auto_rollback"]["ucl"] < 1.0
         bad_id = r["status"]["active"]["model_id"]
-        got = _stream_seq(d, ims[:8])
-        assert [v["model_id"] for v in got] == [bad_id] * 8  # one subgroup on the new model ...
-        end = time.monotonic() + 20
-        while time.monotonic() < end and c.call("status")["status"]["active"]["model_id"] != a_id:
-            time.sleep(0.05)
-        assert {v["model_id"] for v in _stream_seq(d, ims[:8])} == {a_id}  # ... then it is rolled back
+        assert r["status"]["auto_rollback"] is not None
+        other = lcm._open(models["other"], "test")
+        with lcm._op_lock:  # a load in progress holds the operation lock ...
+            _stream_seq(d, ims[:8])
+            assert _wait(lambda: lcm.changes["auto_rollback"] == 1)  # flagged; its rollback waits for the lock
+            lcm._install(other, "active", "operator")  # ... and makes another model active
+        assert _wait(lambda: lcm.changes.get("auto_rollback_skipped") or lcm.changes.get("rollback"), timeout=5)
         st = c.call("status")["status"]
-        assert st["active"]["model_id"] == a_id and st["history"][-1]["who"] == "auto-rollback"
-        assert _scrape(d)[("nexedge_model_changes_total", (("action", "auto_rollback"),))] == 1.0
-        # rule-based promotion: 8 shadow frames in full agreement promote the candidate
-        assert c.call("load", path=twin)["ok"]
-        _stream_seq(d, ims[:8])
-        end = time.monotonic() + 20
-        while time.monotonic() < end and c.call("status")["status"]["candidate"] is not None:
-            time.sleep(0.05)
-        st = c.call("status")["status"]
-        assert st["active"]["path"] == twin and st["history"][-1]["who"] == "auto-promote"
+        assert st["changes"].get("auto_rollback_skipped") == 1 and "rollback" not in st["changes"]
+        assert st["active"]["model_id"] == other.model_id and st["previous"]["model_id"] == bad_id
+        assert [h["event"] for h in st["history"]][-1] == "model_load"
+        assert {v["model_id"] for v in _stream_seq(d, ims)} == {other.model_id}
+        # a hot swap is a change of model like a promotion: the chart is armed for the new model
+        r = c.call("load", path=high, **{"as": "active"})
+        assert r["ok"] and r["status"]["auto_rollback"]["model_id"] == r["status"]["active"]["model_id"]
+        assert r["status"]["history"][-1]["rollback_limits"]["baseline"] == 24
+        from nexedge.serve.cli import format_status
+
+        assert "automatic rollback armed for 96 frames" in format_status(r["status"])  # `nexedge line status`
+        r = c.call("unload", slot="previous")  # nothing left to roll back to: disarmed, explicitly
+        assert r["ok"] and r["status"]["auto_rollback"] is None
 
 
-def test_pchart_limits():
-    pc = PChart(baseline=100, subgroup=50, watch=200)
-    assert pc.arm() is None  # no baseline yet: not armed
-    pc.observe([i % 10 == 0 for i in range(100)])  # 10 % rejects
-    lim = pc.arm()
-    assert lim["p"] == pytest.approx(0.1) and lim["ucl"] == pytest.approx(0.1 + 3 * (0.09 / 50) ** 0.5)
-    assert pc.observe([i % 8 == 0 for i in range(50)]) is None  # 14 %: inside
-    rate, _ = pc.observe([i % 2 == 0 for i in range(50)])  # 50 %: out
-    assert rate == 0.5 and pc.armed is None
+def _garbage_with_card(src, folder, name):
+    """Bytes ONNX Runtime cannot open, with a valid card stamped for them."""
+    path = _copy(src, folder, name)
+    with open(path, "wb") as f:
+        f.write(b"this is not an onnx graph" * 100)
+    card = read_card(card_path_for(path))
+    card.save_for(path)
+    return path
+
+
+def test_refused_loads_leave_every_slot_as_it_was(models, tmp_path):
+    broken = _garbage_with_card(models["other"], str(tmp_path / "broken"), "broken")
+    with running(models["active"], lifecycle=_lc()) as d, _ctl(d) as c:
+        assert c.call("load", path=models["other"])["ok"] and c.call("promote")["ok"]
+        st = c.call("load", path=models["twin"])["status"]  # three slots full (max_models 3)
+        before = {k: st[k]["sha256"] for k in ("active", "candidate", "previous")}
+        cases = [(models["classes"], "active", "classes"), (models["from_parent"], "candidate", "not measured"),
+                 (broken, "candidate", "broken.onnx"), (broken, "active", "broken.onnx")]
+        for path, as_, needle in cases:
+            r = c.call("load", path=path, **{"as": as_})
+            assert not r["ok"] and needle in r["error"], r
+            st = c.call("status")["status"]
+            assert {k: (st[k] or {}).get("sha256") for k in before} == before, (path, as_)
+        r = c.call("rollback")
+        assert r["ok"] and r["status"]["active"]["sha256"] == before["previous"]
+
+
+def _bomb(src, folder, mib):
+    """The tiny model plus a constant of ``mib`` MiB built at load/run time (ConstantOfShape -> sum * 0),
+    with a valid card: a small file that allocates a lot while it is opened and warmed up."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = _copy(src, folder, "bomb")
+    m = onnx.load(path)
+    g = m.graph
+    out = g.output[0].name
+    for node in g.node:
+        node.output[:] = [o + "_raw" if o == out else o for o in node.output]
+    n = mib * (1 << 20) // 4
+    g.node.extend([
+        helper.make_node("Constant", [], ["bomb_shape"], value=helper.make_tensor("s", TensorProto.INT64, [1], [n])),
+        helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["bomb"], ["bomb_sum"], keepdims=0),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Mul", ["bomb_sum", "zero"], ["bomb_zero"]),
+        helper.make_node("Add", [out + "_raw", "bomb_zero"], [out]),
+    ])
+    onnx.save(m, path)
+    card = read_card(card_path_for(path))
+    card.save_for(path)
+    return path
+
+
+def _vm(key):
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
+
+
+def test_memory_limit_holds_while_a_model_loads(models, tmp_path):
+    """A small ONNX that builds a 400 MiB constant is refused without the daemon ever holding it; a
+    normal model is then checked the same way and loaded."""
+    bomb = _bomb(models["other"], str(tmp_path / "bomb"), 400)
+    with running(models["active"], lifecycle=_lc(memory_limit="8GiB")) as d, _ctl(d) as c:
+        d.models.limit = d.models.resident_bytes() + (150 << 20)
+        with open("/proc/self/clear_refs", "w") as f:  # reset this process's peak RSS (VmHWM)
+            f.write("5")
+        before = _vm("VmRSS")
+        r = c.call("load", path=bomb)
+        peak = _vm("VmHWM")
+        assert not r["ok"] and "lifecycle.memory_limit" in r["error"] and "bomb.onnx" in r["error"], r
+        assert peak - before < (100 << 20), f"the daemon grew by {(peak - before) >> 20} MiB while refusing it"
+        st = c.call("status")["status"]
+        assert st["candidate"] is None and st["changes"] == {}
+        r = c.call("load", path=models["other"])
+        assert r["ok"], r
+        cand = r["status"]["candidate"]
+        assert 0 < cand["memory_bytes"] <= 150 << 20 and 0 < cand["load_peak_bytes"] <= 150 << 20
+
+
+def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_path, caplog):
+    import logging
+
+    from _daemon_util import base_config
+
+    from nexedge.serve.daemon import Daemon
+
+    other_bytes = _copy(models["other"], str(tmp_path / "ob"), "measured_elsewhere")
+    card = read_card(card_path_for(other_bytes))
+    card.data["operating_points_source"]["artifact_sha256"] = "ab" * 32
+    card.save_for(other_bytes)
+    for path, needle in ((models["from_parent"], "from_parent, not measured on this artifact"),
+                         (other_bytes, "measured on artifact abababababab")):
+        d = Daemon(C.from_dict(base_config(path)))
+        with pytest.raises(C.ConfigError, match=f"{needle}.*allow_unmeasured"):
+            d.setup()
+        d.close_unserved()
+    caplog.set_level(logging.WARNING, logger="nexedge.serve")
+    d = Daemon(C.from_dict(base_config(models["from_parent"], decision={"allow_unmeasured": True})))
+    try:
+        d.setup()
+        assert any("UNMEASURED OPERATING POINTS" in r.getMessage() for r in caplog.records)
+        m = _scrape(d)
+        assert np.isnan(m[("nexedge_threshold_expected_escape_rate", ())])  # not the parent's number
+        assert np.isnan(m[("nexedge_threshold_tpr_lower95", ())]) and m[("nexedge_weak_operating_point", ())] == 1
+    finally:
+        d.close_unserved()
+
+
+def test_version_import_never_leaves_an_artifact_without_its_card(models, tmp_path, monkeypatch, caplog):
+    from nexedge.serve import lifecycle as L
+
+    src = models["other"]
+    sha = read_card(card_path_for(src)).sha256
+    v = L.Versions(str(tmp_path / "m"))
+    dest = os.path.join(v.root, "versions", f"beta-{sha[:8]}", "beta.onnx")
+    seen = []
+    real_replace, real_copy = os.replace, shutil.copyfile
+
+    def check():  # a crash could come after any file operation
+        seen.append(not os.path.exists(dest) or os.path.exists(card_path_for(dest)))
+
+    def replace(a, b):
+        real_replace(a, b)
+        check()
+
+    def copyfile(a, b, **kw):
+        out = real_copy(a, b, **kw)
+        check()
+        return out
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    assert v.import_artifact(src, sha) == dest
+    monkeypatch.undo()
+    assert seen and all(seen), seen
+    # a version an older crash left without its card is imported again, not taken as it is
+    os.unlink(card_path_for(dest))
+    assert v.import_artifact(src, sha) == dest and read_card(card_path_for(dest)).sha256 == sha
+    # a pointer naming an incomplete version is ignored with a log line; the line starts on model.path
+    os.unlink(card_path_for(dest))
+    L.atomic_write_bytes(v.pointer_path, json.dumps({"active": {"path": dest, "sha256": sha}}).encode())
+    with pytest.raises(L.LifecycleError, match="incomplete version"):
+        v.read()
+
+
+def test_shadow_thread_runs_below_the_daemons_own_priority():
+    """nice is relative to the daemon's own; past 19 the thread runs SCHED_IDLE (issue 29: at nice 19 the
+    candidate used to outrank the line)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "os.nice(int(sys.argv[1]))\n"
+            "from nexedge.serve.shadow import ShadowScorer\n"
+            "s = ShadowScorer(None, None)\n"
+            "time.sleep(0.3)\n"
+            "f = open(f'/proc/self/task/{s._thread.native_id}/stat').read().rsplit(')', 1)[1].split()\n"
+            "print(os.getpriority(os.PRIO_PROCESS, 0), f[16], f[38])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    for own, want_nice, want_policy in ((0, 10, os.SCHED_OTHER), (15, 19, os.SCHED_IDLE)):
+        out = subprocess.run([sys.executable, "-c", code, str(own)], capture_output=True, text=True, env=env,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert [int(x) for x in out.stdout.split()] == [own, want_nice, want_policy], out.stdout
 
 
 def test_control_endpoint_auth_rules(models, tmp_path):
@@ -396,15 +608,19 @@ def test_control_endpoint_auth_rules(models, tmp_path):
     make_keypair(str(keys), "server")
     make_keypair(str(keys), "alice")
     make_keypair(str(keys), "mallory")
-    allowed.mkdir()
-    shutil.copy(keys / "alice.key", allowed / "alice.key")
+    make_keypair(str(keys), "cam")
+    (allowed / "operators").mkdir(parents=True)
+    shutil.copy(keys / "alice.key", allowed / "operators" / "alice.key")
+    shutil.copy(keys / "cam.key", allowed / "cam.key")  # at the top: a camera key
     auth = {"server_secret_file": str(keys / "server.key_secret"), "allowed_clients_dir": str(allowed)}
     with running(models["active"], lifecycle=_lc(), auth=auth) as d:
         ep = d.endpoints["control"]
-        with ControlClient(ep, timeout_s=2, curve=CurveClient(str(keys / "mallory.key_secret"),
-                                                                 str(keys / "server.key"))) as bad:
-            with pytest.raises(ControlTimeout):
-                bad.call("load", path=models["other"])
+        for who in ("mallory", "cam"):  # unknown key; a camera's key (issue 30 item 5: it could load a model)
+            with ControlClient(ep, timeout_s=2, curve=CurveClient(str(keys / f"{who}.key_secret"),
+                                                                     str(keys / "server.key"))) as bad:
+                with pytest.raises(ControlTimeout):
+                    bad.call("load", path=models["other"], **{"as": "active"})
+        assert d.auth.counts()["wrong_role"] >= 1 and d.models.candidate is None
         with ControlClient(ep, timeout_s=2) as plain:  # no CURVE at all
             with pytest.raises(ControlTimeout):
                 plain.call("status")
@@ -524,6 +740,6 @@ def test_shift_monitor_rebases_on_a_model_change(models):
     mon = ShiftMonitor(a, window=10, min_frames=5)
     for _ in range(8):
         mon.observe("cam", 0.2, "PASS", False, (0.5, 0.1, 0.1))
-    assert mon.snapshot()["cam"]["frames"] == 8 and mon._ref is not None
+    assert mon.snapshot()["cam"]["frames"] == 8 and mon._edges is not None
     mon.rebase(b)  # b's card has no val_scores: no score reference, windows start again
-    assert mon.snapshot() == {} and mon._ref is None
+    assert mon.snapshot() == {} and mon._edges is None

@@ -143,3 +143,76 @@ def test_batch3_after_batch2_raises_within_40_frames_batch2_alone_does_not():
     assert feed(b2) is None  # batch 2 alone, 120 frames: no alarm
     first = feed(b2[:60] + b3)
     assert first is not None and 60 <= first < 60 + 40
+
+
+# -- issue 30 item 7: log-odds bins, a defect prior fitted to the line -----------------------------
+
+
+def _logit_scores(rng, n, p_defect, good_shift=0.0):
+    d = rng.random(n) < p_defect
+    z = np.where(d, rng.normal(3.0, 2.0, n), rng.normal(-6.0 + good_shift, 1.5, n))
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _trained_card(rng, n_good=300, n_defect=150):
+    """A card's val_scores as training writes them (nexedge.metrics.score_histogram): a third defects."""
+    from nexedge.metrics import score_histogram
+
+    s = np.concatenate([_logit_scores(rng, n_good, 0.0), _logit_scores(rng, n_defect, 1.0)])
+    return {"val_scores": score_histogram(np.r_[np.zeros(n_good, int), np.ones(n_defect, int)], s)}
+
+
+def _feed(mon, scores, camera="cam"):
+    first = None
+    for i, s in enumerate(scores):
+        if "psi" in mon.observe(camera, float(s), "REJECT" if s >= 0.04 else "PASS", False) and first is None:
+            first = i
+    return first
+
+
+def test_a_line_at_1_percent_defects_does_not_alarm_against_a_validation_mix_of_a_third():
+    """With the validation mix as the reference (40 % defects) and a line at 1 %, PSI minus chance had a
+    median of 1.51 and never cleared. The prior is now fitted to the line's own frames."""
+    rng = np.random.default_rng(11)
+    mon = ShiftMonitor(_trained_card(rng), window=500)
+    assert _feed(mon, _logit_scores(rng, 4000, 0.01)) is None
+    v = mon.snapshot()["cam"]["values"]
+    assert v["psi"] < 0.05 and 0.003 < v["defect_prior"] < 0.03, v
+
+
+def test_log_odds_bins_see_a_drift_that_doubles_overkill():
+    """With the right prior only 2 of 20 equal bins on [0, 1] held data and a drift that doubled overkill
+    gave PSI 0.057: no alarm. In log-odds bins it is found within a few windows (bench_shift_scores.py
+    measures how fast, and the false-alarm rate)."""
+    shift = 0.41  # log-odds: 2 % of good parts over a threshold that passed 1 % (N(-6, 1.5))
+    rng = np.random.default_rng(12)
+    card = _trained_card(rng)
+    mon = ShiftMonitor(card, window=500, defect_prior=0.01)
+    steady = _feed(mon, _logit_scores(rng, 1500, 0.01))
+    first = _feed(mon, _logit_scores(rng, 3000, 0.01, good_shift=shift))
+    assert steady is None and first is not None, mon.snapshot()["cam"]["values"]
+    old = dict(card["val_scores"])
+    old.pop("logit")  # the same card without log-odds bins: PSI on [0, 1] does not see it
+    mon = ShiftMonitor({"val_scores": old}, window=500, defect_prior=0.01)
+    _feed(mon, _logit_scores(rng, 1500, 0.01))
+    assert _feed(mon, _logit_scores(rng, 3000, 0.01, good_shift=shift)) is None
+
+
+def test_defect_prior_is_a_rate_or_estimate_and_logit_counts_must_match():
+    from nexedge.card import CardError, ModelCard
+    from nexedge.serve import config as C
+
+    with pytest.raises(ValueError, match="defect_prior"):
+        ShiftMonitor({}, defect_prior=1.5)
+    for bad in ("often", 2, -0.1):
+        with pytest.raises(C.ConfigError, match="monitor.defect_prior"):
+            C.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": bad}})
+    assert C.monitor_prior(C.from_dict({"model": {"path": "m.onnx"}, "monitor": {}}).monitor) == "estimate"
+    assert C.monitor_prior(C.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": 0.01}})
+                           .monitor) == 0.01
+    card = ModelCard.new(["good", "bad"], resize=(8, 8), crop=(8, 8), crop_mode="center", color="gray", kind="onnx")
+    card.data["val_scores"] = _trained_card(np.random.default_rng(0), 30, 10)["val_scores"]
+    card.validate()
+    card.data["val_scores"]["logit"]["good"][0] += 1
+    with pytest.raises(CardError, match="val_scores.logit"):
+        card.validate()

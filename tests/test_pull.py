@@ -142,7 +142,9 @@ def test_pull_server_over_loopback_and_bad_requests(tmp_path):
             assert s.poll(5000)
             head = json.loads(s.recv())
             assert head["ok"] is False and head["error"]
-        s.send(json.dumps({"op": "hello"}).encode())
+        s.send(json.dumps({"op": "hello"}).encode())  # no "v": refused (it must be the integer 1)
+        assert "protocol version missing" in json.loads(s.recv())["error"]
+        s.send(json.dumps({"v": 1, "op": "hello"}).encode())
         assert json.loads(s.recv())["pending"] == 0  # still serving
         s.close(0)
         ctx.term()
@@ -234,8 +236,10 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
     allowed.mkdir()
     for name in ("daemon", "cam", "alice"):
         assert main(["keys", "--out", keys, "--name", name]) == 0
-    for name in ("cam", "alice"):
-        os.link(os.path.join(keys, name + ".key"), str(allowed / (name + ".key")))
+    (allowed / "cameras").mkdir()
+    (allowed / "pullers").mkdir()
+    os.link(os.path.join(keys, "cam.key"), str(allowed / "cameras" / "cam.key"))
+    os.link(os.path.join(keys, "alice.key"), str(allowed / "pullers" / "alice.key"))
     store = str(tmp_path / "store")
     # an ephemeral port: a port probed free beforehand could go to the daemon's own "*" sockets
     cfg = base_config(model, store={"path": store}, uncertain={"band": 50.0, "audit_fraction": 0.0},
@@ -260,6 +264,11 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
         ep = d.endpoints["pull"]
         assert main(["pull", "--connect", ep, "--out", str(tmp_path / "plain"), "--timeout", "0.5",
                      "--retries", "0", "--no-progress"]) == 1
+        # a camera's key cannot pull (issue 30 item 5: it could page and ack the store empty)
+        assert main(["pull", "--connect", ep, "--client-key", os.path.join(keys, "cam.key_secret"),
+                     "--server-key", os.path.join(keys, "daemon.key"), "--out", str(tmp_path / "cam"),
+                     "--timeout", "0.5", "--retries", "0", "--no-progress"]) == 1
+        assert d.auth.counts()["wrong_role"] >= 1
         out = str(tmp_path / "out")
         assert main(["pull", "--connect", ep, "--client-key", os.path.join(keys, "alice.key_secret"),
                      "--server-key", os.path.join(keys, "daemon.key"), "--out", out, "--format", "labelstudio",
@@ -296,7 +305,7 @@ def test_ack_accepts_only_integer_ids_of_the_current_lease(tmp_path):
         s.connect(srv.endpoint)
 
         def call(req):
-            s.send(json.dumps(req).encode())
+            s.send(json.dumps(dict(req, v=1)).encode())
             assert s.poll(5000)
             return json.loads(s.recv_multipart()[0])
 
@@ -313,3 +322,47 @@ def test_ack_accepts_only_integer_ids_of_the_current_lease(tmp_path):
         ctx.term()
     with SampleStore(store, writer=False) as st:
         assert st.stats()["pulled"] == 3
+
+
+def test_leases_are_per_client_expire_and_only_the_holder_acks(tmp_path):
+    """Issue 30 item 6: the lease was global: two concurrent pulls exported the same 128 samples, and a
+    client that never paged acknowledged ids leased to another."""
+    store = str(tmp_path / "store")
+    fill(store, 40)
+    with PullServer(store, "tcp://127.0.0.1:*", lease_s=0.5) as srv:
+        ctx = zmq.Context()
+
+        def client():
+            s = ctx.socket(zmq.REQ)
+            s.linger = 0
+            s.connect(srv.endpoint)
+            return s
+
+        def call(s, **req):
+            s.send(json.dumps(dict(req, v=1)).encode())
+            assert s.poll(5000)
+            return json.loads(s.recv_multipart()[0])
+
+        a, b, c = client(), client(), client()
+        pa = call(a, op="page", after_id=None, limit=16)
+        pb = call(b, op="page", after_id=None, limit=16)
+        ids_a, ids_b = [r["id"] for r in pa["samples"]], [r["id"] for r in pb["samples"]]
+        assert len(ids_a) == len(ids_b) == 16 and not set(ids_a) & set(ids_b)  # never handed out twice
+        assert pb["leased_elsewhere"] == 16
+        refused = call(c, op="ack", ids=ids_a[:10])  # c never paged: a's lease is not c's to ack
+        assert refused["ok"] is False and refused["not_leased"] == ids_a[:10]
+        assert call(b, op="ack", ids=ids_a[:1])["ok"] is False
+        assert call(a, op="ack", ids=ids_a[:8]) == {"ok": True, "acked": 8}
+        # a session names the client across connections (nexedge pull keeps one per export folder)
+        s1, s2 = client(), client()
+        ps = call(s1, op="page", after_id=None, limit=4, session="folder-1")
+        assert call(s2, op="ack", ids=[r["id"] for r in ps["samples"]], session="folder-1")["acked"] == 4
+        time.sleep(0.6)  # leases lapse: the rest of a's page goes to whoever pages next; a may not ack it
+        pc = call(c, op="page", after_id=None, limit=64)
+        assert set(ids_a[8:]) <= {r["id"] for r in pc["samples"]}
+        assert call(a, op="ack", ids=ids_a[8:])["ok"] is False
+        for s in (a, b, c, s1, s2):
+            s.close()
+        ctx.term()
+    with SampleStore(store, writer=False) as st:
+        assert st.stats()["pulled"] == 12

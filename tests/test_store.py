@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nexedge.store import SampleStore, blob_relpath, normalize_ext
-from nexedge.store.samples import ROW_BYTES
+from nexedge.store.samples import EVICT_ORDER, MIN_QUOTA
 
 
 def _meta(i, kind="band", camera="cam0", **kw):
@@ -81,56 +81,148 @@ def test_filters_and_paging(tmp_path):
         assert st.stats()["pulled"] == 4
 
 
-def test_retention_order_pulled_then_recheck_then_audit_never_pending_band(tmp_path):
-    unit = 100 + ROW_BYTES  # one 100-byte image and its row
-    with SampleStore(str(tmp_path / "s"), quota_bytes=8 * unit) as st:
-        band = [st.add(_img(i), "png", _meta(i, kind="band")) for i in range(4)]
-        audit = [st.add(_img(10 + i), "png", _meta(10 + i, kind="audit")) for i in range(4)]  # full
-        st.mark_pulled(band[:2])
-        # Two more: the two pulled band samples go, nothing else.
-        new = st.add(_img(20), "png", _meta(20, kind="band"))
-        new2 = st.add(_img(21), "png", _meta(21, kind="band"))
-        assert new and new2
+def _disk_use(root):
+    """Bytes a folder tree takes on disk (st_blocks), as ``du`` counts them."""
+    total = 0
+    for folder, _dirs, files in os.walk(root):
+        total += os.stat(folder).st_blocks * 512
+        for name in files:
+            total += os.stat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+def test_retention_evicts_pulled_then_each_kind_in_the_stated_order_oldest_first(tmp_path):
+    """Issue 30 item 4: every kind can be evicted, in the documented order; band samples used to be kept
+    forever, so a store full of them dropped every new sample."""
+    big = 64 << 10
+    with SampleStore(str(tmp_path / "s"), quota_bytes=MIN_QUOTA) as st:
+        ids = {}
+        for i in range(40):
+            kind = ("band", "drift", "shadow", "audit", "recheck")[i % 5]
+            ids[st.add(_img(i, big), "png", _meta(i, kind=kind))] = kind
+        assert None not in ids
+        st.mark_pulled([i for i, k in ids.items() if k == "band"][:3])
+        for i in range(100, 130):  # new band samples: room is made, nothing is dropped
+            assert st.add(_img(i, big), "png", _meta(i, kind="band")) is not None
         left = {r["id"] for r in st.query(pending_only=False)}
-        assert not (set(band[:2]) & left) and set(band[2:]) <= left and set(audit) <= left
-        # A RECHECK sample (never inspected) does not push out an audit sample: refused.
-        assert st.add(_img(22), "png", _meta(22, kind="recheck")) is None
-        assert {r["id"] for r in st.query(pending_only=False)} == left
-        # A band sample pushes out the oldest audit sample.
-        new3 = st.add(_img(23), "png", _meta(23, kind="band"))
-        left = {r["id"] for r in st.query(pending_only=False)}
-        assert new3 in left and audit[0] not in left and set(audit[1:]) <= left
-        assert st.evicted == 3
-        # Fill with band samples until only pending band rows remain -> refused, counted.
-        ids = [st.add(_img(30 + i), "png", _meta(30 + i, kind="band")) for i in range(5)]
-        assert None not in ids[:3] and ids[3:] == [None, None]
-        assert st.dropped == 3 and st.evicted == 6
-        kinds = {r["kind"] for r in st.query(pending_only=False)}
-        assert kinds == {"band"}
-        assert st.stats()["used_bytes"] == 8 * unit
+        gone = set(ids) - left
+        assert gone and st.dropped == 0 and st.evicted == len(gone)
+        pulled = {r["id"] for r in st.query(pending_only=False) if r["pulled"]} | (gone & set(
+            [i for i, k in ids.items() if k == "band"][:3]))
+        rank = {"pulled": -1, **{k: n for n, k in enumerate(EVICT_ORDER)}}
+        order = sorted(ids, key=lambda i: (rank["pulled" if i in pulled else ids[i]], i))
+        # What went is exactly a prefix of (pulled, recheck, audit, shadow, drift, band), oldest first.
+        assert set(order[: len(gone)]) == gone, (sorted(gone), order[: len(gone)])
+        assert st.stats()["evicted_by_kind"]["recheck"] == 8
+        assert st.stats()["used_bytes"] <= MIN_QUOTA and _disk_use(st.root) <= MIN_QUOTA
         assert st.integrity_check()["ok"]
 
 
-def test_pending_recheck_junk_is_evicted_before_audit_samples(tmp_path):
-    unit = 100 + ROW_BYTES
-    with SampleStore(str(tmp_path / "s"), quota_bytes=6 * unit) as st:
-        junk = [st.add(_img(i), "png", _meta(i, kind="recheck")) for i in range(4)]
-        audit = [st.add(_img(10 + i), "png", _meta(10 + i, kind="audit")) for i in range(2)]  # full
-        new = [st.add(_img(20 + i), "png", _meta(20 + i, kind="band")) for i in range(4)]
-        assert None not in new
-        left = {r["id"] for r in st.query(pending_only=False)}
-        assert not (set(junk) & left) and set(audit) <= left
+def test_a_sample_never_evicts_a_kind_kept_longer_than_its_own(tmp_path):
+    big = 64 << 10
+    with SampleStore(str(tmp_path / "s"), quota_bytes=MIN_QUOTA) as st:
+        audit = [st.add(_img(i, big), "png", _meta(i, kind="audit")) for i in range(60)]
+        kept = [a for a in audit if a is not None]
+        assert len(kept) == 60 and st.evicted > 0 and st.drops["quota"] == 0  # audit evicts older audit
+        before = {r["id"] for r in st.query(pending_only=False)}
+        # A RECHECK sample (never inspected) does not push out an audit sample: it is dropped, counted.
+        assert st.add(_img(99, big), "png", _meta(99, kind="recheck")) is None
+        assert st.drops["quota"] == 1 and st.full
+        assert {r["id"] for r in st.query(pending_only=False)} == before
+        # A shadow sample does push out the oldest audit sample.
+        assert st.add(_img(100, big), "png", _meta(100, kind="shadow")) is not None and not st.full
+        assert min(before) not in {r["id"] for r in st.query(pending_only=False)}
+
+
+def test_quota_counts_blocks_folders_and_the_database_not_bytes_written(tmp_path):
+    """Issue 30 item 4: 100-byte images take a 4 KiB block each; the quota counted 612 bytes per sample, so
+    the store reported itself under quota while the disk filled."""
+    with SampleStore(str(tmp_path / "s"), quota_bytes=MIN_QUOTA) as st:
+        for i in range(1000):
+            st.add(_img(i), "png", _meta(i))
+        used = st.stats()["used_bytes"]
+        assert st.evicted > 0 and st.dropped == 0
+        assert _disk_use(st.root) <= used <= MIN_QUOTA
+        assert st.integrity_check()["ok"]
 
 
 def test_duplicate_images_are_counted_against_the_quota(tmp_path):
-    """Same bytes again and again used to add rows for free: 72 -> 3,072 rows with the quota full."""
-    quota = 4 * (100 + ROW_BYTES)
-    with SampleStore(str(tmp_path / "s"), quota_bytes=quota) as st:
-        ids = [st.add(_img(0), "png", _meta(i, kind="band")) for i in range(50)]
-        kept = [i for i in ids if i is not None]
-        st_ = st.stats()
-        assert st_["rows"] == len(kept) <= 4 and st_["used_bytes"] <= quota
-        assert st.dropped == 50 - len(kept)
+    """Same bytes again and again used to add rows for free: 72 -> 3,072 rows with the quota full. Rows now
+    count as the database pages they take."""
+    with SampleStore(str(tmp_path / "s"), quota_bytes=MIN_QUOTA) as st:
+        st.add(_img(0), "png", _meta(0, kind="audit"))
+        db0 = st.stats()["db_disk_bytes"]
+        ids = [st.add(_img(0), "png", _meta(i, kind="audit")) for i in range(400)]
+        s = st.stats()
+        assert None not in ids and s["images"] == 1 and s["db_disk_bytes"] > db0
+        assert _disk_use(st.root) <= s["used_bytes"] <= MIN_QUOTA
+
+
+TMPFS_FILL = textwrap.dedent(
+    """
+    import json, os, sys
+    from nexedge.store import SampleStore
+    root, reserve, n = sys.argv[1] + "/s", int(sys.argv[2]), int(sys.argv[3])
+    st = SampleStore(root, **({"reserve_bytes": reserve} if reserve else {}))
+    errors, ids = [], []
+    for i in range(n):
+        try:
+            ids.append(st.add(os.urandom(200 + i % 700), "png", {"camera": "c", "frame_id": str(i), "kind":
+                       ("band", "audit", "recheck")[i % 3]}))
+        except Exception as e:
+            errors.append(repr(e)[:120])
+    if reserve == 0:  # the disk is full now: fill the last bytes too, then try once more
+        free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
+        with open(sys.argv[1] + "/filler", "wb") as f:
+            f.write(bytes(max(free - 4096, 0)))
+        for i in range(5):
+            try:
+                ids.append(st.add(os.urandom(300), "png", {"camera": "c", "frame_id": "x%d" % i}))
+            except Exception as e:
+                errors.append(repr(e)[:120])
+    check = st.integrity_check()
+    s = st.stats()
+    print(json.dumps({"errors": errors, "stored_last": sum(i is not None for i in ids[-50:]), "check": check,
+                      "free": s["free_bytes"], "drops": s["drops"], "full": s["full"]}))
+    """
+)
+
+
+def _on_tmpfs(tmp_path, script, size, *args):
+    """Run ``script`` with a small tmpfs (a private mount namespace: no root needed) as argv[1]."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    (tmp_path / "run.py").write_text(script)
+    cmd = (f"mount -t tmpfs -o size={size} tmpfs {mnt} && exec {sys.executable} {tmp_path / 'run.py'} {mnt} "
+           + " ".join(str(a) for a in args))
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", cmd], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    if out.returncode != 0 and "mount" in out.stderr and "{" not in out.stdout:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {out.stderr.strip()[:200]}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_full_file_system_costs_samples_not_the_store(tmp_path):
+    """Issue 30 item 4: on a full file system adds raised ENOSPC (16,114 samples lost) and band samples were
+    never evicted. Now the store keeps store.reserve free, evicts by the retention order and goes on."""
+    res = _on_tmpfs(tmp_path, TMPFS_FILL, "3m", 256 << 10, 1200)
+    assert res["errors"] == [] and res["check"]["ok"], res
+    assert res["free"] >= (256 << 10) - 8192  # the reserve holds (a row's page may dip into it)
+    assert res["stored_last"] > 0  # new samples still get in (older ones evicted)
+
+
+def test_a_commit_refused_by_a_full_disk_leaves_no_orphan_image(tmp_path):
+    """Issue 30 item 8: with no reserve the disk really fills; the image file of a row whose commit failed
+    used to stay behind (``store check``: orphan), and the failed add raised."""
+    res = _on_tmpfs(tmp_path, TMPFS_FILL, "2m", 0, 600)
+    assert res["errors"] == [], res
+    assert res["check"]["orphans"] == [] and res["check"]["ok"], res["check"]
+    assert res["drops"]["disk_full"] > 0
 
 
 def test_bad_input_is_refused_with_clear_errors(tmp_path):
@@ -233,7 +325,7 @@ WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("quota", [None, 400000])
+@pytest.mark.parametrize("quota", [None, 6 << 20])
 def test_kill9_during_writes_leaves_a_consistent_store(tmp_path, quota):
     root = str(tmp_path / "s")
     script = tmp_path / "writer.py"
@@ -261,7 +353,7 @@ def test_kill9_during_writes_leaves_a_consistent_store(tmp_path, quota):
                 with open(st.image_path(r), "rb") as f:
                     assert hashlib.sha256(f.read()).hexdigest() == r["sha256"]
             if quota:
-                assert st.stats()["bytes"] <= quota
+                assert st.stats()["used_bytes"] <= quota
 
 
 def test_store_command_check_and_stats(tmp_path, capsys):
@@ -279,6 +371,7 @@ def test_store_command_check_and_stats(tmp_path, capsys):
     assert main(["store", "stats", root, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"] == 3 and stats["rows"] == 3 and stats["bytes"] == 300
+    assert stats["image_disk_bytes"] >= 300 and stats["used_bytes"] >= stats["db_disk_bytes"] > 0
     db = sqlite3.connect(os.path.join(root, "samples.db"))
     db.execute("UPDATE blobs SET ext = '../../x' WHERE rowid = 1")
     db.commit()

@@ -12,7 +12,8 @@ class _Block:
         return None
 
 
-ROOTS = ["nexedge.card", "nexedge.metrics", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve", "nexedge.store",
+ROOTS = ["nexedge.threads", "nexedge.card", "nexedge.metrics", "nexedge.preprocess", "nexedge.runtime", "nexedge.serve",
+         "nexedge.store",
          # a Jetson's line install runs these too (doctor, build-engine, thresholds, check-onnx)
          "nexedge.doctor", "nexedge.export.engine", "nexedge.export.thresholds", "nexedge.export.onnx_check",
          "nexedge.export.cli"]

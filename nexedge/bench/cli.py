@@ -10,6 +10,8 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
+from nexedge.threads import add_threads_option, given
+
 PRECISIONS = ("fp32", "fp16", "int8")
 CROPS = ("center", "five", "ten")
 
@@ -44,7 +46,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=5.0,
                    help="seconds of timed iterations per batch size (default 5)")
     g.add_argument("--iterations", type=int, help="exact number of timed iterations per batch size")
-    p.add_argument("--threads", type=int, help="intra-op threads for the backend (default: its own default)")
+    add_threads_option(p)
     p.add_argument("--images", help="folder or glob of image files: include JPEG/PNG decode and resize "
                                     "(default: random prepared images, decode not timed)")
     p.add_argument("--gemm", action="store_true",
@@ -68,7 +70,7 @@ def effective_command(args: argparse.Namespace) -> str:
              "--warmup", str(args.warmup)]
     parts += ["--iterations", str(args.iterations)] if args.iterations else ["--duration", str(args.duration)]
     for flag, value in (("--precision", args.precision), ("--providers", args.providers), ("--crops", args.crops),
-                        ("--threads", args.threads), ("--images", args.images)):
+                        ("--threads", given(args)), ("--images", args.images)):
         if value:
             parts += [flag, str(value)]
     if args.cascade is not None:
@@ -94,8 +96,6 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
         raise ValueError(f"--warmup {args.warmup}: expected 0 or more iterations")
     if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations {args.iterations}: expected a positive number")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: expected a positive number")
     if args.gemm and not args.model.lower().endswith(".onnx"):
         raise ValueError("--gemm counts FLOPs from the ONNX graph; bench the .onnx model (or drop --gemm)")
     doc: Dict[str, Any] = {
@@ -107,7 +107,7 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
     doc.update(runner.bench_model(
         args.model, backend=args.backend, precision=args.precision, batches=batches, crops=crops,
         warmup=args.warmup, duration=None if args.iterations else args.duration, iterations=args.iterations,
-        threads=args.threads, providers=args.providers, images=args.images, progress=progress,
+        threads=given(args), providers=args.providers, images=args.images, progress=progress,
         cascade=args.cascade,
     ))
     if args.gemm:

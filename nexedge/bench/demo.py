@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from nexedge.threads import add_threads_option
+
 #: Sizes of the default run (measured wall time and CPU seconds on the 2-core dev box:
 #: docs/benchmarking.md), of ``--arch small_max`` (the earlier recipe) and of ``--tiny``
 #: (the smoke test: seconds, real pipeline, meaningless accuracy).
@@ -72,8 +74,7 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture (default {}, ImageNet-pretrained; small_max: the earlier "
                                   "from-scratch recipe on a reduced class mix; tiny for speed)".format(
                                       PROFILES["default"]["arch"]))
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for training and inference (default: all usable cores)")
+    add_threads_option(p, torch=True)
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
     p.add_argument("--keep-daemon", action="store_true",
                    help="leave the daemon running at the end (prints its PID; default: stop it)")
@@ -92,9 +93,9 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--images {s['images']}: the demo needs at least 40 images (every class in every split)")
     if s["epochs"] < 1:
         raise ValueError(f"--epochs {s['epochs']}: expected 1 or more")
-    from nexedge.bench.env import usable_cores
+    from nexedge.threads import default_threads
 
-    s["threads"] = args.threads or usable_cores()
+    s["threads"] = getattr(args, "threads", None) or default_threads()
     s["seed"] = args.seed
     s["profile"] = profile
     s["keep_daemon"] = bool(getattr(args, "keep_daemon", False))

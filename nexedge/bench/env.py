@@ -83,10 +83,10 @@ def cpu_model(root: str = "/") -> Optional[str]:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """CPUs this process may use (affinity, cgroup quota): :func:`nexedge.threads.usable_cores`."""
+    from nexedge.threads import usable_cores as cores
+
+    return cores()
 
 
 def load_average() -> Optional[List[float]]:

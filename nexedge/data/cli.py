@@ -132,7 +132,8 @@ def run_split(args: argparse.Namespace) -> int:
     s = split_folder(args.src, args.out, seed=args.seed, link=args.link, progress=not args.no_progress,
                      good_class=args.good_class)
     if args.json:
-        print(json.dumps({k: s[k] for k in ("out", "n", "counts", "good_class", "unreadable", "skipped")}, indent=1))
+        print(json.dumps({k: s[k] for k in ("out", "n", "counts", "good_class", "aspect", "unreadable", "skipped")},
+                         indent=1))
         return 0
     classes = sorted({c for split in s["counts"].values() for c in split})
     w = max(len(c) for c in classes + ["class"])
@@ -140,6 +141,13 @@ def run_split(args: argparse.Namespace) -> int:
     print(f"  {'class':<{w}}  " + "  ".join(f"{x:>5}" for x in SPLITS))
     for c in classes:
         print(f"  {c:<{w}}  " + "  ".join(f"{s['counts'][x].get(c, 0):>5}" for x in SPLITS))
+    from nexedge.data.aspect import describe
+
+    shape = s["aspect"]
+    print(f"  {describe(shape)}")
+    print(f"  resize mode for `nexedge train` at a square --resize: --resize-mode {shape['advice']['mode']}: {shape['advice']['reason']}")
+    if shape.get("class_note"):
+        print(f"  note: {shape['class_note']}")
     for r in s["unreadable"]:
         print(f"  left out (unreadable): {r['path']}: {r['reason']}")
     for r in s["skipped"]:

@@ -138,19 +138,24 @@ def scan_class_folders(src: str, exts: Sequence[str] = IMAGE_EXTS,
 
 def unreadable_reason(path: str) -> Optional[str]:
     """None when ``path`` decodes as an image, else why not."""
+    return decode_size(path)[1]
+
+
+def decode_size(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    """((width, height), None) when ``path`` decodes as an image, else (None, why not)."""
     import cv2
 
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return f"cannot read the file ({e.strerror or e})"
+        return None, f"cannot read the file ({e.strerror or e})"
     if not data:
-        return "empty file"
+        return None, "empty file"
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
-        return f"does not decode as an image ({len(data)} bytes; truncated or corrupt?)"
-    return None
+        return None, f"does not decode as an image ({len(data)} bytes; truncated or corrupt?)"
+    return (int(img.shape[1]), int(img.shape[0])), None
 
 
 def _place(src: str, dst: str, mode: str) -> None:
@@ -182,13 +187,17 @@ def split_folder(src: str, out: str, seed: int = 0, link: Optional[str] = None, 
     classes = scan_class_folders(src, exts, skipped)
     check_out_dir(out)
     unreadable: List[Dict[str, str]] = []
+    sizes: List[Tuple[int, int]] = []
+    size_labels: List[str] = []
     bar = _progress(sum(map(len, classes.values())), "verify", progress)
     for c in sorted(classes):
         good = []
         for f in classes[c]:
-            why = unreadable_reason(os.path.join(src, c, f))
-            if why is None:
+            size, why = decode_size(os.path.join(src, c, f))
+            if size is not None:
                 good.append(f)
+                sizes.append(size)
+                size_labels.append(c)
             else:
                 unreadable.append({"path": f"{c}/{f}", "reason": why})
             bar.update(1)
@@ -221,11 +230,16 @@ def split_folder(src: str, out: str, seed: int = 0, link: Optional[str] = None, 
     good = good_class or ("good" if "good" in classes else None)
     report = {"unreadable": unreadable, "skipped": skipped}
     write_json_atomic(os.path.join(out, "split_report.json"), report)
+    from nexedge.data import aspect
+
+    shape = aspect.summarize(sizes, size_labels)
+    shape["advice"] = aspect.advise([w / h for w, h in sizes])
+    shape["class_note"] = aspect.class_note(shape)
     info = {"format": "nexedge-split", "version": 1, "source": os.path.abspath(src), "classes": sorted(classes),
-            "good_class": good, "counts": counts, "n_images": len(rows),
+            "good_class": good, "counts": counts, "n_images": len(rows), "aspect": shape,
             "n_unreadable": len(unreadable), "n_skipped": len(skipped), "args": {"seed": seed, "link": mode}}
     write_json_atomic(os.path.join(out, "dataset.json"), info)
-    return {"out": out, "n": len(rows), "counts": counts, "good_class": good, **report}
+    return {"out": out, "n": len(rows), "counts": counts, "good_class": good, "aspect": shape, **report}
 
 
 class _NoBar:

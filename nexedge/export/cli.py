@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from nexedge.card import GRAPH_CROPS
+from nexedge.threads import add_threads_option, given
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-images", type=int, default=16, help="images used for the parity check (default 16)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs probability difference ONNX vs torch (default 1e-4)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the parity run")
+    add_threads_option(p, torch=True)
     p.add_argument("--data", help="labelled data-set root on which the ONNX model's own operating points are "
                                   "measured (default: the trainer's data root, if still there)")
     p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
@@ -124,10 +125,19 @@ def format_cascade(card: Any) -> str:
         return ""
     lines = [f"cascade ({sec.get('status')}, split {sec.get('split')!r}, stage 1 {sec['stage1'].get('crops')} "
              f"{sec['stage1'].get('file') or '(same model)'}, margin {sec.get('margin_logit')} log-odds):",
-             f"{'target TPR':>10}  {'threshold':>11}  {'band lo':>11}  {'band hi':>11}  {'agreement':>9}  stage-2 share"]
+             f"{'target TPR':>10}  {'threshold':>11}  {'band lo':>11}  {'band hi':>11}  {'held-out agree':>14}  "
+             f"{'disagree <=':>11}  {'at margin 0':>11}  stage-2 share"]
+
+    def held(ho: Any) -> str:
+        return "-" if not ho else f"{100 * ho['agreement']:.2f}%"
+
     for b in sec.get("bands") or []:
+        ho, h0 = b.get("held_out"), b.get("held_out_margin0")
+        upper = "-" if not ho else f"{100 * ho['disagreement_upper']:.2f}%"
         lines.append(f"{100 * b['target_tpr']:>9.1f}%  {b['threshold']:>11.4g}  {b['lo']:>11.4g}  {b['hi']:>11.4g}  "
-                     f"{100 * b['agreement']:>8.2f}%  {100 * b['stage2_fraction']:.1f} %")
+                     f"{held(ho):>14}  {upper:>11}  {held(h0):>11}  {100 * b['stage2_fraction']:.1f} %")
+    lines.append("(held-out: leave-one-out over the split, each image decided by the band fitted without it; "
+                 "'disagree <=' its 95 % upper bound; in-sample agreement is 100 % by construction)")
     return "\n".join(lines)
 
 
@@ -139,7 +149,7 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
     p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op / torch threads")
+    add_threads_option(p)
     add_cascade_args(p)
 
 
@@ -149,7 +159,7 @@ def run_thresholds(args: argparse.Namespace) -> int:
     from nexedge.runtime import registry
 
     args.artifact = resolve_artifact(args.artifact)
-    opts = registry.from_flags(registry.backend_for(args.artifact).name, threads=args.threads)
+    opts = registry.from_flags(registry.backend_for(args.artifact).name, threads=given(args))
     m = measure_artifact(args.artifact, args.data, args.split, floor=args.tpr_floor, batch=args.batch,
                          backend_options=opts, progress=True, cascade=args.cascade or None,
                          margin=args.cascade_margin, stage1=args.stage1)
@@ -196,7 +206,7 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-cache", action="store_true",
                    help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the report")
+    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="replace INT8 models that already exist")
 
 

@@ -14,7 +14,6 @@ artifact here calls :func:`mark_from_parent` instead.
 import datetime as _dt
 import logging
 import os
-import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -113,10 +112,15 @@ def measure_artifact(
     own = backend is None
     be = backend if backend is not None else open_backend(artifact, **(backend_options or {}))
 
+    from nexedge.progress import progress as _progress
+
+    line = _progress(desc=f"thresholds {os.path.basename(artifact)} {split}", total=len(paths), unit="images",
+                     enabled=progress)
+
     def bar(done: int, total: int) -> None:
-        sys.stderr.write(f"\rthresholds {os.path.basename(artifact)} {split}: {done}/{total} images")
+        line.update(done - line.n)
         if done == total:
-            sys.stderr.write("\n")
+            line.close()
 
     want_cascade = bool(card.data.get("cascade")) if cascade is None else cascade
     s1_scores, s1_info, cascade_problem = None, None, None

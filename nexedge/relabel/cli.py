@@ -145,13 +145,26 @@ def run_import_labels(args: argparse.Namespace) -> int:
 
 
 def configure_keys(p: argparse.ArgumentParser) -> None:
+    from nexedge.serve.auth import ROLE_DIRS
+
+    p.description = ("Make a CurveZMQ key pair. The daemon's own pair needs no role; a client's key has one: "
+                     + "; ".join(f"{r} keys go in ALLOWED/{d}/" for r, d in ROLE_DIRS.items())
+                     + " (camera: the frames socket; puller: the pull endpoint; operator: the control endpoint "
+                     "(nexedge line); every role may subscribe to verdicts). A camera key cannot load a model or "
+                     "pull samples.")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the key files")
     p.add_argument("--name", required=True, help="key pair name, e.g. daemon-line3 or laptop-alice")
+    p.add_argument("--role", choices=sorted(ROLE_DIRS), help="what this client may do (see above)")
+    p.add_argument("--allow", metavar="ALLOWED", help="with --role: copy the public key into this allow-list "
+                   "folder (the daemon's auth.allowed_clients_dir), in the role's sub-folder")
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from nexedge.relabel.keys import make_keys, usage_note
+    from nexedge.relabel.keys import allow_key, make_keys, usage_note
 
+    if args.allow and not args.role:
+        raise ValueError("--allow needs --role camera|puller|operator: the folder says what the key may do")
     paths = make_keys(args.out, args.name)
-    print(usage_note(paths, args.name))
+    allowed = allow_key(paths["public"], args.allow, args.role) if args.allow else None
+    print(usage_note(paths, args.name, args.role, allowed))
     return 0

@@ -88,6 +88,9 @@ class RemoteSource:
             self.curve = CurveClient(client_secret, server_public)
         self.ctx = zmq.Context()
         self.sock = None
+        import uuid
+
+        self.session = uuid.uuid4().hex  # the pull endpoint leases pages to this session, across retries
 
     def _socket(self) -> Any:
         zmq = self._zmq
@@ -99,7 +102,7 @@ class RemoteSource:
         return s
 
     def _call(self, req: Dict[str, Any]) -> Tuple[Dict[str, Any], List[bytes]]:
-        req = dict(req, v=1)
+        req = dict(req, v=1, session=self.session)
         for attempt in range(self.retries + 1):
             if self.sock is None:
                 self.sock = self._socket()
@@ -174,7 +177,26 @@ def pull(
         raise ValueError(f"page size must be >= 1, got {page_size}")
     filters = clean_filters(**(filters or {}))
     with _OutLock(out_dir):
+        if hasattr(source, "session"):  # the lease follows the export folder: a rerun after a crash keeps it
+            source.session = _folder_session(out_dir)
         return _pull(source, out_dir, filters, limit, page_size, progress, stop_after_pages)
+
+
+def _folder_session(out_dir: str) -> str:
+    """The pull session id of an export folder (``.pull.session``, made on first use)."""
+    import uuid
+
+    path = os.path.join(out_dir, ".pull.session")
+    try:
+        with open(path, encoding="ascii") as f:
+            sid = f.read().strip()
+        if 0 < len(sid) <= 64 and sid.isalnum():
+            return sid
+    except (OSError, UnicodeDecodeError):
+        pass
+    sid = uuid.uuid4().hex
+    write_atomic(path, sid.encode("ascii"))
+    return sid
 
 
 class _OutLock:

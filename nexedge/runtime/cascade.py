@@ -9,17 +9,29 @@ answered RECHECK, never with its stage-1 decision.
 
 The band is measured, not guessed (:func:`find_band`, called by ``nexedge thresholds
 --cascade``): on the validation split, the narrowest band for which no cascade decision
-differs from full TenCrop's, widened by a margin in log-odds. The card's ``cascade``
-section holds it per operating point, with the measured agreement and stage-2 fraction.
+differs from full TenCrop's, widened by a margin in log-odds. That agreement is 100 % by
+construction on the images the band was fitted to, so the card's ``cascade`` section
+holds, per operating point, the *held-out* agreement (leave-one-out: each image decided
+by the band fitted without it) with a 95 % upper bound on the disagreement, for the
+chosen margin and for margin 0 (what the margin buys), and the stage-2 fraction.
+
+Whether a band frame can wait for stage 2 is judged from stage 2's measured cost per
+image: the lower median of its last few calls (one stall cannot dominate it), and when
+that has said "too late" for every band frame for ``reprobe_s``, stage 2 runs anyway on
+one band frame and is measured again, so one slow call (a paused process, a poison
+frame) cannot turn every band frame into RECHECK for good. A re-probe that finds stage 2
+still too slow doubles the wait before the next one (up to 64 x), so a stage 2 that
+really is slow costs at most one image's stage 2 per wait.
 
 Python 3.8, no torch.
 """
 
+import collections
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +46,10 @@ DEFAULT_MARGIN = 1.0
 MODES = ("auto", "on", "off")
 #: Stage-2 time estimate before any measurement: seconds per image (replaced by the warm-up's).
 _PRIOR_S_PER_IMAGE = 0.0
+#: Stage-2 calls whose median per-image time is the estimate.
+COST_WINDOW = 5
+#: Seconds without a stage-2 call (all band frames predicted late) before stage 2 runs anyway.
+REPROBE_S = 1.0
 #: Reasons a band frame is answered RECHECK (the daemon's protocol reasons).
 DEADLINE_PASSED = "deadline_passed"
 BACKEND_ERROR = "backend_error"
@@ -93,9 +109,7 @@ def find_band(s1: Sequence[float], s_full: Sequence[float], threshold: float, ma
     rej = b >= t
     lo_t = min([t] + ([float(a[rej].min())] if rej.any() else []))
     hi_t = max([t] + ([float(a[~rej].max())] if (~rej).any() else []))
-    lo = expit(float(logit(np.float64(lo_t))) - margin)
-    hi = expit(float(logit(np.float64(hi_t))) + margin)
-    lo, hi = min(lo, lo_t), max(hi, hi_t)  # rounding of expit(logit(x)) must never narrow the band
+    lo, hi = _widen(lo_t, hi_t, margin)
     dec = cascade_decisions(a, b, t, lo, hi)
     band = stage1_route(a, lo, hi) < 0
     out = {
@@ -103,6 +117,8 @@ def find_band(s1: Sequence[float], s_full: Sequence[float], threshold: float, ma
         "n_images": int(a.size), "agreement": float((dec == rej).mean()),
         "stage2_fraction": float(band.mean()),
         "stage2_fraction_tight": float((stage1_route(a, lo_t, hi_t) < 0).mean()),
+        "held_out": held_out_agreement(a, b, t, margin),
+        "held_out_margin0": held_out_agreement(a, b, t, 0.0),
     }
     if y_defect is not None:
         y = np.asarray(y_defect).astype(bool)
@@ -110,6 +126,60 @@ def find_band(s1: Sequence[float], s_full: Sequence[float], threshold: float, ma
         out["escapes_cascade"] = int((y & ~dec).sum())
         out["escapes_stage1_only"] = int((y & (a < t)).sum())
     return out
+
+
+def _widen(lo_t: float, hi_t: float, margin: float) -> Tuple[float, float]:
+    """The tight band moved ``margin`` further out on each side, in log-odds."""
+    lo = expit(float(logit(np.float64(lo_t))) - margin)
+    hi = expit(float(logit(np.float64(hi_t))) + margin)
+    return min(lo, lo_t), max(hi, hi_t)  # rounding of expit(logit(x)) must never narrow the band
+
+
+def held_out_agreement(s1: Sequence[float], s_full: Sequence[float], threshold: float, margin: float,
+                       confidence: float = 0.95) -> Dict[str, Any]:
+    """Leave-one-out agreement of the cascade with full crops: each image is decided with the band
+    fitted (as :func:`find_band` does) on all the *other* images. ``disagree`` counts images whose
+    cascade decision differs, ``reject_to_pass`` those full crops REJECT and the cascade PASSes
+    (escapes the cascade adds); ``disagreement_upper`` is the one-sided Clopper-Pearson upper
+    bound on the disagreement rate at ``confidence``. In-sample agreement is 1 by construction;
+    this is what a new image can expect."""
+    a, b = np.asarray(s1, np.float64), np.asarray(s_full, np.float64)
+    t = float(threshold)
+    rej = b >= t
+    n = int(a.size)
+    # Leaving one image out moves a tight edge only when it is that edge's own image: the edge
+    # falls back to the second-lowest (highest) score, or to the threshold.
+    r_idx, p_idx = np.flatnonzero(rej), np.flatnonzero(~rej)
+    r_sorted = r_idx[np.argsort(a[r_idx], kind="stable")]
+    p_sorted = p_idx[np.argsort(-a[p_idx], kind="stable")]
+    lo_t = np.full(n, min([t] + ([float(a[r_sorted[0]])] if r_sorted.size else [])))
+    hi_t = np.full(n, max([t] + ([float(a[p_sorted[0]])] if p_sorted.size else [])))
+    if r_sorted.size:
+        lo_t[r_sorted[0]] = min([t] + ([float(a[r_sorted[1]])] if r_sorted.size > 1 else []))
+    if p_sorted.size:
+        hi_t[p_sorted[0]] = max([t] + ([float(a[p_sorted[1]])] if p_sorted.size > 1 else []))
+    lo, hi = np.empty(n), np.empty(n)
+    for pair in set(zip(lo_t.tolist(), hi_t.tolist())):  # at most three distinct bands
+        at = (lo_t == pair[0]) & (hi_t == pair[1])
+        lo[at], hi[at] = _widen(pair[0], pair[1], margin)
+    dec = np.where((a >= lo) & (a <= hi), rej, a > hi)  # in its band: full crops' decision
+    disagree = int((dec != rej).sum())
+    to_pass = int((rej & ~dec).sum())
+    return {"method": "leave-one-out", "n_images": n, "disagree": disagree, "reject_to_pass": to_pass,
+            "agreement": 1.0 - disagree / n, "disagreement_upper": _cp_upper(disagree, n, confidence),
+            "reject_to_pass_upper": _cp_upper(to_pass, n, confidence), "confidence": confidence,
+            "margin_logit": float(margin)}
+
+
+def _cp_upper(k: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate with ``k`` events of ``n``."""
+    from nexedge.metrics import beta_ppf
+
+    if n <= 0 or k >= n:
+        return 1.0
+    if k == 0:
+        return float(1.0 - (1.0 - confidence) ** (1.0 / n))
+    return float(beta_ppf(confidence, k + 1, n - k))
 
 
 def measure_section(card: ModelCard, s1: np.ndarray, s_full: np.ndarray, y_defect: np.ndarray,
@@ -188,6 +258,11 @@ class CascadePlan:
         self.name = f"cascade({getattr(stage1, 'name', '?')}:{stage1.crop_mode} -> {getattr(stage2, 'name', '?')}:" \
                     f"{stage2.crop_mode})"
         self.s_per_image = _PRIOR_S_PER_IMAGE
+        self.costs: Deque[float] = collections.deque(maxlen=COST_WINDOW)  # per-image seconds of recent calls
+        self.reprobe_s = REPROBE_S
+        self._backoff = 1
+        self._last_stage2 = clock()
+        self.reprobes = 0
         self.frames = {1: 0, 2: 0, 0: 0}
 
     def monitor_card(self) -> ModelCard:
@@ -215,9 +290,17 @@ class CascadePlan:
         stage = np.where(route < 0, 0, 1).astype(np.int8)
         recheck: List[Optional[str]] = [None] * n
         band = np.flatnonzero(route < 0)
+        probe = None
         if band.size and deadlines is not None:
-            finish = self.clock() + self.s_per_image * band.size
+            now = self.clock()
+            finish = now + self.s_per_image * band.size
             late = np.asarray([deadlines[i] < finish for i in band], bool)
+            if late.all() and now - self._last_stage2 >= self.reprobe_s * self._backoff:
+                probe = int(band[0])  # the estimate may be stale (a stall): measure stage 2 again on one frame
+                late[0] = False
+                self.reprobes += 1
+                log.info("cascade: stage 2 not run for %.1f s (estimated %.3f s per image); re-measuring it on one "
+                         "band frame", now - self._last_stage2, self.s_per_image)
             for i in band[late]:
                 recheck[i] = DEADLINE_PASSED
             band = band[~late]
@@ -234,8 +317,10 @@ class CascadePlan:
                 score[band] = r2.defect_score
                 stage[band] = 2
                 timings.update({"stage2_" + k: v for k, v in r2.timings.items()})
-                per = (time.perf_counter() - t1) / band.size
-                self.s_per_image = per if self.s_per_image <= 0 else 0.8 * self.s_per_image + 0.2 * per
+                self._measured((time.perf_counter() - t1) / band.size)
+            self._last_stage2 = self.clock()
+            if probe is not None and deadlines is not None:  # still too slow: wait longer before the next probe
+                self._backoff = min(self._backoff * 2, 64) if self._last_stage2 > deadlines[probe] else 1
         for i in range(n):
             if recheck[i] is not None:
                 score[i] = np.nan
@@ -252,7 +337,13 @@ class CascadePlan:
         x = np.zeros((self.max_batch,) + tuple(self.input_shape), np.uint8)
         t0 = time.perf_counter()
         self.stage2.infer(x)
-        self.s_per_image = (time.perf_counter() - t0) / self.max_batch
+        self._measured((time.perf_counter() - t0) / self.max_batch)
+        self._last_stage2 = self.clock()
+
+    def _measured(self, per_image: float) -> None:
+        """One stage-2 call's seconds per image: the estimate is the (lower) median of the last few."""
+        self.costs.append(per_image)
+        self.s_per_image = float(sorted(self.costs)[(len(self.costs) - 1) // 2])
 
     def check_batch(self, images: np.ndarray) -> np.ndarray:
         return self.stage2.check_batch(images)
@@ -355,8 +446,14 @@ def plan_for_daemon(backend: Backend, model_cfg: Any, threshold: float, options:
     if model_cfg.warmup:
         plan.warmup(model_cfg.warmup)
     b = plan.band
-    log.info("cascade on: %s; band [%.6g, %.6g] around threshold %.6g, measured agreement %.4f, expected "
-             "stage-2 share %.3f on %d validation images", plan.name, plan.lo, plan.hi, plan.threshold,
-             b.get("agreement", float("nan")), b.get("stage2_fraction", float("nan")), b.get("n_images", 0),
-             extra={"fields": {"cascade": {k: v for k, v in b.items() if isinstance(v, (int, float, str))}}})
+    ho = b.get("held_out") or {}
+    if ho:
+        agreement = (f"held-out (leave-one-out) agreement {ho['agreement']:.4f}, disagreement at most "
+                     f"{ho['disagreement_upper']:.4f} ({100 * ho['confidence']:g} % bound)")
+    else:
+        agreement = "no held-out agreement in the card (re-measure with `nexedge thresholds --cascade`)"
+    log.info("cascade on: %s; band [%.6g, %.6g] around threshold %.6g, %s, expected stage-2 share %.3f on %d "
+             "validation images", plan.name, plan.lo, plan.hi, plan.threshold, agreement,
+             b.get("stage2_fraction", float("nan")), b.get("n_images", 0),
+             extra={"fields": {"cascade": {k: v for k, v in b.items() if k != "val_scores"}}})
     return plan

@@ -5,7 +5,6 @@ one process (several models, several daemons' workers) share a small CPU
 instead of starving each other. Python 3.8, no torch.
 """
 
-import os
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -50,12 +49,11 @@ def resolve_providers(requested: Union[None, str, Sequence[str]], available: Seq
 
 
 def default_threads() -> int:
-    """Intra-op threads when not given: the CPUs this process may use, at most 4."""
-    try:
-        n = len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(4, n))
+    """Intra-op threads when not given: the running command's ``--threads``
+    (:func:`nexedge.threads.configured`), else the CPUs this process may use, at most 4."""
+    from nexedge import threads
+
+    return threads.configured() or max(1, min(4, threads.usable_cores()))
 
 
 def session_options(intra_threads: Optional[int] = None, inter_threads: int = 1):  # type: ignore[no-untyped-def]

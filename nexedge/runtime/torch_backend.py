@@ -39,6 +39,9 @@ class TorchBackend(Backend):
             raise BackendError(f"{path}: a checkpoint card must have graph.crops 'host', got {self.crops!r}")
         if crop_mode:
             self.crop_mode, self.k = crop_mode, pp.n_crops(crop_mode)
+        from nexedge.threads import configured
+
+        threads = threads or configured()  # the running command's --threads
         if threads:
             torch.set_num_threads(int(threads))
         self.path = path

@@ -1,20 +1,33 @@
 """CurveZMQ authentication for daemon sockets: server key pair plus an allow-list
-of client public keys (pyzmq's ``zmq.auth``).
+of client public keys (pyzmq's ``zmq.auth``), with a role per key.
+
+Roles: a client key is allowed on the sockets its role needs, nothing else.
+``allowed_clients_dir`` holds a folder per role::
+
+    allowed_clients/cameras/*.key    camera: the frames socket (and the verdict stream)
+    allowed_clients/pullers/*.key    puller: the pull endpoint (and the verdict stream)
+    allowed_clients/operators/*.key  operator: the control endpoint (and the verdict stream)
+    allowed_clients/*.key            camera (keys at the top, as before roles existed)
+
+So a camera's key cannot load a model or drain the sample store. One key may be in
+several folders. ``nexedge keys --role ROLE --allow DIR`` puts a new public key in the
+right folder.
 
 Server side::
 
     curve = CurveConfig("keys/server.key_secret", "keys/allowed_clients")
-    curve.apply_server(sock)      # before bind; starts the ZAP handler for sock's context
+    curve.apply_server(sock, domain="frames")  # before bind; starts the ZAP handler for sock's context
     ...
-    curve.refused                 # refused connection attempts (unknown key or no/bad CURVE)
+    curve.refused                 # refused connection attempts (unknown key, wrong role, no/bad CURVE)
     curve.stop()
 
-A client whose public key is not a ``*.key`` file in ``allowed_clients_dir``
-is denied by the ZAP handler (counted as ``unknown_key`` and logged with its
-key); a client that does not speak CURVE, or has the wrong server key, fails the
-handshake (counted as ``handshake`` from the socket monitor). Either way it
-never gets a message through. The allow-list is re-read when the folder
-changes, so removing a key file revokes that client for new connections.
+A client whose public key is in no folder is denied by the ZAP handler (counted
+as ``unknown_key``); one whose key is there for another role is denied as
+``wrong_role`` (logged with the key's file and what the socket needs); a client
+that does not speak CURVE, or has the wrong server key, fails the handshake
+(``handshake``). Either way it never gets a message through. The allow-list is
+re-read when a folder changes, so removing a key file revokes that client for new
+connections.
 
 Key pairs come from ``nexedge keys`` (``zmq.auth.create_certificates``).
 
@@ -79,35 +92,90 @@ def load_public(path: str) -> bytes:
     return _load_cert(path, "public")[0]
 
 
+ROLES = ("camera", "puller", "operator")
+#: The folder of each role inside allowed_clients_dir (keys at the top of it are cameras).
+ROLE_DIRS = {"camera": "cameras", "puller": "pullers", "operator": "operators"}
+#: The roles each socket (its ZAP domain) lets in; "*" is any allowed key (e.g. a pull server run alone).
+DOMAIN_ROLES: Dict[str, Tuple[str, ...]] = {
+    "frames": ("camera",),
+    "verdicts": ROLES,
+    "pull": ("puller",),
+    "control": ("operator",),
+    "*": ROLES,
+}
+
+
 class _AllowList:
-    """ZAP credentials provider: allows the public keys found in a folder; counts denials."""
+    """ZAP credentials provider: allows the public keys found in the role folders, for the sockets of
+    their roles; counts denials."""
 
     def __init__(self, folder: str, on_deny: Any) -> None:
         self.folder = folder
         self.on_deny = on_deny
-        self._stamp: Optional[Tuple[float, int]] = None
-        self._keys: Dict[bytes, bool] = {}
+        self._stamp: Optional[Tuple[Any, ...]] = None
+        self._keys: Dict[bytes, Dict[str, str]] = {}  # z85 key -> {role: file name}
         self._lock = threading.Lock()
         self.reload()
 
+    def _folders(self) -> List[Tuple[str, str]]:
+        """(folder, role) pairs: the top (camera) and each role folder that exists."""
+        out = [(self.folder, "camera")]
+        for role, sub in ROLE_DIRS.items():
+            path = os.path.join(self.folder, sub)
+            if os.path.isdir(path):
+                out.append((path, role))
+        return out
+
+    def _current_stamp(self) -> Tuple[Any, ...]:
+        stamp = []
+        for path, _ in [(self.folder, "")] + [(os.path.join(self.folder, d), "") for d in ROLE_DIRS.values()]:
+            try:
+                st = os.stat(path)
+                stamp.append((st.st_mtime_ns, st.st_ino))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
     def reload(self) -> int:
-        keys = zmq.auth.load_certificates(self.folder)
+        keys: Dict[bytes, Dict[str, str]] = {}
+        for path, role in self._folders():
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if not name.endswith(".key") or not os.path.isfile(full):
+                    continue
+                try:
+                    public = load_public(full)
+                except (ValueError, OSError) as e:
+                    log.warning("CURVE allow-list: skipping %s: %s", full, e)
+                    continue
+                keys.setdefault(public, {})[role] = name[: -len(".key")]
         with self._lock:
-            self._keys = {k: True for k in keys}
-            st = os.stat(self.folder)
-            self._stamp = (st.st_mtime, st.st_ino)
+            self._keys = keys
+            self._stamp = self._current_stamp()
         return len(keys)
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        st = os.stat(self.folder)
-        if (st.st_mtime, st.st_ino) != self._stamp:
+    def roles(self, key: bytes) -> Dict[str, str]:
+        """{role: key file name} of a z85 public key (empty when it is not allowed at all)."""
+        if self._current_stamp() != self._stamp:
             n = self.reload()
             log.info("CURVE allow-list %s reloaded: %d client keys", self.folder, n)
         with self._lock:
-            ok = key in self._keys
-        if not ok:
-            self.on_deny("unknown_key", key.decode("ascii", "replace"))
-        return ok
+            return dict(self._keys.get(key, {}))
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        roles = self.roles(key)
+        needed = DOMAIN_ROLES.get(domain or "*", ())
+        if any(r in roles for r in needed):
+            return True
+        text = key.decode("ascii", "replace")
+        if not roles:
+            self.on_deny("unknown_key", text)
+        else:
+            have = ", ".join(f"{r} ({n}.key)" for r, n in sorted(roles.items()))
+            where = " or ".join(ROLE_DIRS[r] + "/" for r in needed)
+            self.on_deny("wrong_role", f"{text}: a {have} key may not use the {domain} socket; it needs a "
+                         f"{' or '.join(needed)} key (put its public key in {where} of the allow-list)")
+        return False
 
 
 class CurveConfig:
@@ -121,11 +189,14 @@ class CurveConfig:
             )
         self.allowed_clients_dir = allowed_clients_dir
         self.refused = 0
-        self.refused_by_reason: Dict[str, int] = {"unknown_key": 0, "handshake": 0}
+        self.refused_by_reason: Dict[str, int] = {"unknown_key": 0, "wrong_role": 0, "handshake": 0}
         self._count_lock = threading.Lock()
         self._allow = _AllowList(allowed_clients_dir, self._deny)
         if not self._allow._keys:
             log.warning("CURVE allow-list %s is empty: every client will be refused", allowed_clients_dir)
+        elif not any(os.path.isdir(os.path.join(allowed_clients_dir, d)) for d in ROLE_DIRS.values()):
+            log.warning("CURVE allow-list %s has no role folders (%s): its keys are camera keys only, refused on "
+                        "the pull and control endpoints", allowed_clients_dir, ", ".join(ROLE_DIRS.values()))
         self._auths: Dict[int, ThreadAuthenticator] = {}
         self._monitors: List[Tuple[int, threading.Thread, threading.Event]] = []
 
@@ -135,6 +206,10 @@ class CurveConfig:
             self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
         log.warning("refused connection: %s %s", reason, detail)
 
+    def handshake_failed(self, reason: str, endpoint: str) -> None:
+        """Count a failed CURVE handshake seen by another socket monitor (the memory guard's)."""
+        self._deny(reason, f"(no CURVE or wrong server key) on {endpoint}")
+
     def start(self, context: Optional[zmq.Context] = None) -> None:
         """Start the ZAP handler for ``context`` (default: the global instance); idempotent."""
         ctx = context or zmq.Context.instance()
@@ -142,16 +217,20 @@ class CurveConfig:
             return
         auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
         auth.start()
-        auth.configure_curve_callback("*", credentials_provider=self._allow)
+        for domain in DOMAIN_ROLES:  # the provider sees the domain and applies its roles
+            auth.configure_curve_callback(domain, credentials_provider=self._allow)
         self._auths[id(ctx)] = auth
 
-    def apply_server(self, socket: zmq.Socket, monitor: bool = True) -> None:
-        """Make ``socket`` a CURVE server (call before bind); count failed handshakes."""
+    def apply_server(self, socket: zmq.Socket, monitor: bool = True, domain: str = "*") -> None:
+        """Make ``socket`` a CURVE server (call before bind) letting in the roles of ``domain`` (a key of
+        :data:`DOMAIN_ROLES`); count failed handshakes (``monitor``: with its own socket monitor)."""
+        if domain not in DOMAIN_ROLES:
+            raise ValueError(f"unknown ZAP domain {domain!r}; expected one of {sorted(DOMAIN_ROLES)}")
         self.start(socket.context)
         socket.curve_secretkey = self.server_secret
         socket.curve_publickey = self.server_public
         socket.curve_server = True
-        socket.zap_domain = b"*"
+        socket.zap_domain = domain.encode("ascii")
         if monitor:
             events = _AUTH_EVENT | sum(_FAIL_EVENTS)
             mon = socket.get_monitor_socket(events)
@@ -194,6 +273,11 @@ class CurveConfig:
         for cid in list(self._auths):
             if context is None or cid == id(context):
                 self._auths.pop(cid).stop()
+
+    def key_name(self, z85: str) -> str:
+        """The allow-list file name (``alice`` for ``operators/alice.key``) of a client's public key, for logs."""
+        roles = self._allow.roles(z85.encode("ascii") if isinstance(z85, str) else z85)
+        return ", ".join(sorted(roles.values())) if roles else "key " + str(z85)[:12]
 
     def counts(self) -> Dict[str, int]:
         with self._count_lock:

@@ -1,6 +1,6 @@
 """Simulated cameras: stream a folder of images to the daemon from N cameras at a rate.
 
-Modes: ``native`` (DEALER, image files sent as they are: JPEG/PNG/BMP),
+Modes: ``native`` (DEALER, image files sent as they are: JPEG/PNG/BMP/TIFF),
 ``native-raw`` (DEALER, decoded arrays), ``imagezmq-raw`` and ``imagezmq-jpg``
 (the unmodified imagezmq ``ImageSender``, REQ: one frame in flight per camera).
 Native cameras are open-loop: they send on schedule as long as fewer than
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 MODES = ("native", "native-raw", "imagezmq-raw", "imagezmq-jpg")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the trainer and the daemon read
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +57,13 @@ def load_images(folder: str, limit: int = 0, skipped: Optional[List[str]] = None
         except OSError as e:
             arr, why = None, str(e)
         else:
-            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            why = "does not decode as an image"
+            from nexedge.serve.decode import sniff, tiff_problem
+
+            why = tiff_problem(data) if sniff(data) == "tiff" else None  # what the daemon would refuse
+            arr = None if why else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if arr is not None and arr.dtype not in (np.uint8, np.uint16):
+                arr, why = None, f"{arr.dtype} samples; the daemon takes 8 or 16-bit images"
+            why = why or "does not decode as an image"
         if arr is None:
             log.warning("skipping %s: %s", p, why)
             if skipped is not None:

@@ -12,7 +12,7 @@ from nexedge.serve.camerasim import MODES
 
 
 def configure_camera_sim(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="folder of images (PNG/JPEG/BMP, searched recursively)")
+    p.add_argument("folder", help="folder of images (PNG/JPEG/BMP/TIFF, searched recursively)")
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="daemon frames endpoint (default %(default)s)")
     p.add_argument("--cameras", type=int, default=2, help="number of simulated cameras (default %(default)s)")
     p.add_argument("--rate", type=float, default=10.0,
@@ -119,7 +119,12 @@ def format_status(st: dict) -> str:
                  + (f" of {lim / 1048576:.0f} MiB allowed" if lim else "") + f", at most {st['max_models']} models")
     if st.get("auto_rollback"):
         a = st["auto_rollback"]
-        lines.append(f"watching   reject rate within [{a['lcl']:.4f}, {a['ucl']:.4f}] (automatic rollback armed)")
+        low = (f"a low reject rate from frame {a['lower_fires_from']} on" if a.get("lower_fires_from") is not None
+               else "NOT a low reject rate (baseline too short)")
+        lines.append(f"watching   {a['model_id']}: automatic rollback armed for {a['watch']} frames against "
+                     f"{a['baseline_rejects']} rejects in {a['baseline']} of the previous model's; catches {low}")
+    if st.get("auto_promote"):
+        lines.append(f"promotion  {st['auto_promote']}")
     for h in st.get("history", [])[-5:]:
         lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['time']))} {h['event'][6:]:<9} by "
                      f"{h['who']}: {h.get('old_model_id')} -> {h.get('new_model_id')}")

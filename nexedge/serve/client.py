@@ -48,7 +48,7 @@ class CameraClient:
     # -- sending ---------------------------------------------------------------
     def send(self, image: Union[np.ndarray, bytes, None] = None, frame_id: P.FrameId = None,
              encoding: Optional[str] = None, deadline_ms: Optional[float] = None) -> P.FrameId:
-        """Send a numpy image (raw) or encoded bytes (JPEG/PNG/BMP, sniffed); returns the frame id."""
+        """Send a numpy image (raw) or encoded bytes (JPEG/PNG/BMP/TIFF, sniffed); returns the frame id."""
         fid = next(self._ids) if frame_id is None else frame_id
         if isinstance(image, np.ndarray):
             arr = np.ascontiguousarray(image)

@@ -41,9 +41,30 @@ class SocketsCfg:
     max_pixels: int = 50_000_000
     max_decoded_bytes: int = 128 << 20
     decode_workers: int = 2
+    #: Decode threads one camera may use at once; 0 = all but one (at least 1).
+    decode_per_camera: int = 0
+    #: JPEGs with more scans are refused (too_many_scans) before decoding; encoders write at most 10.
+    max_jpeg_scans: int = 32
+    #: Significant bits of 16-bit samples when the frame does not say (native ``bit_depth``); none = the
+    #: card's input.bit_depth, else 16.
+    uint16_bit_depth: Optional[int] = None
     max_cameras: int = 256
     hwm: int = 10000
     linger_ms: int = 2000
+    #: Memory guard (nexedge.serve.guard): bytes one peer may have sent that the daemon has not read as whole
+    #: messages; none = 2 x max_message_bytes + 1 MiB.
+    max_peer_pending_bytes: Optional[int] = None
+    #: The same over all peers of all sockets (frames, verdicts, control, pull).
+    max_pending_bytes: int = 256 << 20
+    #: A peer holding an unfinished message this long without completing one is disconnected.
+    unfinished_timeout_s: float = 10.0
+    #: Connections per socket (frames; control and pull take 16); further ones are closed at once.
+    max_peers: int = 256
+    #: ZMTP heartbeat interval (a peer silent for 3 intervals is dropped); 0 = off (TCP keepalive only).
+    heartbeat_s: float = 10.0
+    #: Process RSS past which the peer holding the most unfinished data is disconnected: a size, 'auto'
+    #: (RSS when ready + 512 MiB) or 'off'.
+    rss_limit: str = "auto"
 
 
 @dataclasses.dataclass
@@ -78,6 +99,8 @@ class StoreCfg:
     queue: int = 512
     queue_bytes: str = "64MiB"
     recheck_per_minute: float = 6.0
+    #: Free space the store leaves on its file system (it evicts, then drops, to keep it).
+    reserve: str = "256MiB"
 
 
 @dataclasses.dataclass
@@ -85,6 +108,10 @@ class MetricsCfg:
     host: str = "127.0.0.1"
     port: int = 9108
     max_connections: int = 16
+    #: Connections from one address; past it (or max_connections) the oldest one not done sending its
+    #: request is closed to make room.
+    max_per_client: int = 4
+    #: Deadline for a whole exchange (request and reply), from accept.
     timeout_s: float = 5.0
 
 
@@ -94,12 +121,17 @@ class MonitorCfg:
     min_frames: int = 100
     limits: Dict[str, Any] = dataclasses.field(default_factory=dict)
     alarm_audit_rate: float = 0.05
-    defect_prior: Optional[float] = None
+    #: The line's defect rate for the PSI reference: a number in [0, 1], or 'estimate' (fitted per camera to
+    #: its last prior_window frames).
+    defect_prior: str = "estimate"
+    prior_window: int = 5000
 
 
 @dataclasses.dataclass
 class PullCfg:
     bind: str = "tcp://127.0.0.1:5557"
+    #: Seconds a page's samples stay leased to the client that paged them (others skip them; only it may ack).
+    lease_s: float = 600.0
 
 
 @dataclasses.dataclass
@@ -128,14 +160,18 @@ class LifecycleCfg:
     shadow_queue: int = 2
     #: Rule-based promotion after this many shadow frames (0 = off) ...
     auto_promote_frames: int = 0
-    #: ... when the disagreement rate is at most this.
+    #: ... when the disagreement rate (both directions) is at most this ...
     auto_promote_max_disagreement: float = 0.01
-    #: Automatic rollback: p-chart from the previous model's last K frames (0 = off) ...
+    #: ... and the 95 % upper bound on the share of the active model's REJECTs the candidate PASSes is at most this.
+    auto_promote_max_escape: float = 0.05
+    #: Automatic rollback: limits from the previous model's last K decisions (0 = off) ...
     auto_rollback_baseline: int = 0
-    #: ... checked over subgroups of this many frames of the promoted model ...
+    #: ... the promoted model's cumulative reject count checked every this many frames ...
     auto_rollback_subgroup: int = 200
-    #: ... for this many frames after the promotion.
+    #: ... for this many frames after the change ...
     auto_rollback_watch: int = 2000
+    #: ... with this chance of rolling back a model as good as the previous one (per change, all checks).
+    auto_rollback_alpha: float = 0.01
 
 
 @dataclasses.dataclass
@@ -178,9 +214,38 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: Any, key: str) -> int:
+def monitor_prior(m: "MonitorCfg") -> Any:
+    """``monitor.defect_prior`` as the shift monitor takes it: a float in [0, 1] or 'estimate'."""
+    v = str(m.defect_prior).strip().lower()
+    if v == "estimate":
+        return "estimate"
+    try:
+        p = float(v)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"monitor.defect_prior: {m.defect_prior!r}; expected the line's defect rate in [0, 1] "
+                          "(e.g. 0.01) or 'estimate' (fitted to each camera's recent frames)")
+    return p
+
+
+def rss_limit(s: "SocketsCfg", ready_rss: int = 0) -> Optional[int]:
+    """``sockets.rss_limit`` in bytes (None when off); 'auto' is ``ready_rss`` + 512 MiB."""
+    v = str(s.rss_limit).strip().lower()
+    if v == "off":
+        return None
+    if v == "auto":
+        return ready_rss + (512 << 20)
+    try:
+        return parse_size(s.rss_limit, "sockets.rss_limit")
+    except ConfigError:
+        raise ConfigError(f"sockets.rss_limit: {s.rss_limit!r}; expected a size such as '2GiB', 'auto' (RSS when "
+                          "ready + 512 MiB) or 'off'") from None
+
+
+def parse_size(value: Any, key: str, allow_zero: bool = False) -> int:
     """``"2GB"``, ``"500 MiB"``, ``1048576`` -> bytes (K/M/G/T are powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0)):
         return value
     m = _SIZE.match(str(value))
     if not m:
@@ -188,7 +253,7 @@ def parse_size(value: Any, key: str) -> int:
     unit = (m.group(2) or "").upper().replace("I", "").replace("B", "")
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
     n = int(float(m.group(1)) * mult)
-    if n <= 0:
+    if n < 0 or (n == 0 and not allow_zero):
         raise ConfigError(f"{key}: {value!r} must be a positive size")
     return n
 
@@ -276,10 +341,17 @@ def validate(cfg: Config) -> Config:
         addr = getattr(s, key)
         if not re.match(r"^(tcp|ipc|inproc)://.+", addr):
             raise ConfigError(f"sockets.{key}: {addr!r} is not a ZeroMQ endpoint; expected e.g. tcp://127.0.0.1:5555")
-    for key in ("max_message_bytes", "max_header_bytes", "max_pixels", "max_decoded_bytes", "max_cameras", "hwm"):
+    for key in ("max_message_bytes", "max_header_bytes", "max_pixels", "max_decoded_bytes", "max_cameras", "hwm",
+                "max_jpeg_scans", "max_pending_bytes", "unfinished_timeout_s", "max_peers"):
         _positive("sockets." + key, getattr(s, key))
-    _positive("sockets.decode_workers", s.decode_workers, allow_zero=True)
-    _positive("sockets.linger_ms", s.linger_ms, allow_zero=True)
+    for key in ("decode_workers", "decode_per_camera", "linger_ms", "heartbeat_s"):
+        _positive("sockets." + key, getattr(s, key), allow_zero=True)
+    if s.uint16_bit_depth is not None and not 1 <= s.uint16_bit_depth <= 16:
+        raise ConfigError(f"sockets.uint16_bit_depth: {s.uint16_bit_depth} must be 1..16 (e.g. 12 for a 12-bit "
+                          "sensor sending 16-bit words)")
+    if s.max_peer_pending_bytes is not None:
+        _positive("sockets.max_peer_pending_bytes", s.max_peer_pending_bytes)
+    rss_limit(s)
     b = cfg.batching
     for key in ("max_batch", "max_queue", "deadline_ms"):
         _positive("batching." + key, getattr(b, key))
@@ -308,11 +380,23 @@ def validate(cfg: Config) -> Config:
         _positive("store.queue", cfg.store.queue)
         parse_size(cfg.store.queue_bytes, "store.queue_bytes")
         _positive("store.recheck_per_minute", cfg.store.recheck_per_minute, allow_zero=True)
+        parse_size(cfg.store.reserve, "store.reserve", allow_zero=True)
+        if cfg.store.quota is not None and parse_size(cfg.store.quota, "store.quota") < (4 << 20):
+            raise ConfigError(f"store.quota: {cfg.store.quota!r} is below 4MiB, too small for the database, its WAL "
+                              "and a few samples")
     if cfg.metrics is not None:
         if not 0 <= cfg.metrics.port <= 65535:
             raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
         _positive("metrics.max_connections", cfg.metrics.max_connections)
+        _positive("metrics.max_per_client", cfg.metrics.max_per_client)
         _positive("metrics.timeout_s", cfg.metrics.timeout_s)
+    if cfg.pull is not None:
+        _positive("pull.lease_s", cfg.pull.lease_s)
+    if cfg.monitor is not None:
+        monitor_prior(cfg.monitor)
+        if cfg.monitor.prior_window < cfg.monitor.window:
+            raise ConfigError(f"monitor.prior_window: {cfg.monitor.prior_window} must be >= monitor.window "
+                              f"{cfg.monitor.window}")
     if cfg.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: {cfg.logging.level!r}; expected one of {list(LOG_LEVELS)}")
     if cfg.logging.format not in ("json", "text"):
@@ -348,9 +432,20 @@ def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:
     if not 0.0 <= lc.auto_promote_max_disagreement <= 1.0:
         raise ConfigError(f"lifecycle.auto_promote_max_disagreement: {lc.auto_promote_max_disagreement} must be "
                           "in [0, 1]")
+    if not 0.0 < lc.auto_promote_max_escape < 1.0:
+        raise ConfigError(f"lifecycle.auto_promote_max_escape: {lc.auto_promote_max_escape} must be in (0, 1) (a "
+                          "candidate that PASSes every frame the active model REJECTs must never qualify)")
     _positive("lifecycle.auto_rollback_baseline", lc.auto_rollback_baseline, allow_zero=True)
     _positive("lifecycle.auto_rollback_subgroup", lc.auto_rollback_subgroup)
     _positive("lifecycle.auto_rollback_watch", lc.auto_rollback_watch)
+    if lc.auto_rollback_watch < lc.auto_rollback_subgroup:
+        raise ConfigError(f"lifecycle.auto_rollback_watch: {lc.auto_rollback_watch} is shorter than one check "
+                          f"(auto_rollback_subgroup {lc.auto_rollback_subgroup})")
+    if lc.auto_rollback_watch // lc.auto_rollback_subgroup > 10000:
+        raise ConfigError(f"lifecycle.auto_rollback_watch / auto_rollback_subgroup: "
+                          f"{lc.auto_rollback_watch // lc.auto_rollback_subgroup} checks; at most 10000 (check less often)")
+    if not 0.0 < lc.auto_rollback_alpha < 1.0:
+        raise ConfigError(f"lifecycle.auto_rollback_alpha: {lc.auto_rollback_alpha} must be in (0, 1)")
 
 
 def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config:

@@ -15,20 +15,20 @@ empty delimiter) client, one JSON reply frame.
   keeps running on its active model.
 
 Who made a change is logged with it: the name of the client's key file in the
-auth allow-list under CurveZMQ, ``loopback`` without auth (plus the name the
+auth allow-list under CurveZMQ (only *operator* keys get in: see
+:mod:`nexedge.serve.auth`), ``loopback`` without auth (plus the name the
 client gave as ``"who"``, marked as claimed). A non-loopback bind without auth
 is refused (as for the pull endpoint). Python 3.8, no torch.
 """
 
 import json
 import logging
-import os
 from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 
 from nexedge.serve.lifecycle import LifecycleError
-from nexedge.serve.pullserver import RouterThread, bind_router, is_loopback, split_envelope
+from nexedge.serve.pullserver import RouterThread, check_version, is_loopback, split_envelope
 
 log = logging.getLogger("nexedge.serve")
 PROTOCOL_VERSION = 1
@@ -62,16 +62,16 @@ class ControlServer(RouterThread):
 
     def start(self) -> "ControlServer":
         """Bind (errors surface here) and serve in a background thread."""
-        ctx, sock = bind_router(self.bind, self.auth, "lifecycle.control", MAX_REQUEST_BYTES)
+        ctx, sock = self._bind_router(self.bind, "lifecycle.control", MAX_REQUEST_BYTES)
         self._start_thread(ctx, sock, (), "nexedge-control", "control")
         return self
 
     def _serve(self, sock: zmq.Socket) -> None:
         try:
             while not self._stop.is_set():
-                if not sock.poll(100):
+                if not self._poll(sock):  # the memory guard runs while waiting
                     continue
-                head, body = split_envelope(sock.recv_multipart(copy=False))
+                head, body = split_envelope(self._recv(sock))
                 self.counters["requests"] += 1
                 try:
                     reply = self._handle(body)
@@ -99,18 +99,8 @@ class ControlServer(RouterThread):
         return self._key_name(key) if key else "unknown key"
 
     def _key_name(self, z85: str) -> str:
-        """The allow-list file name (without .key) holding this public key."""
-        if z85 not in self._names:
-            from nexedge.serve.auth import load_public
-
-            folder = self.auth.allowed_clients_dir
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".key"):
-                    try:
-                        self._names[load_public(os.path.join(folder, name)).decode("ascii")] = name[:-4]
-                    except (ValueError, OSError, FileNotFoundError):
-                        continue
-        return self._names.get(z85, "key " + z85[:12])
+        """The allow-list file name (``alice`` for ``operators/alice.key``) holding this public key."""
+        return str(self.auth.key_name(z85))
 
     def _handle(self, body: List[Any]) -> Dict[str, Any]:
         if len(body) != 1:
@@ -121,8 +111,7 @@ class ControlServer(RouterThread):
             raise ValueError("request is not valid UTF-8 JSON; expected e.g. {\"v\": 1, \"op\": \"status\"}") from None
         if not isinstance(req, dict):
             raise ValueError(f"request must be a JSON object, got {type(req).__name__}")
-        if req.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-            raise ValueError(f"protocol version {req.get('v')!r} not supported; this daemon speaks {PROTOCOL_VERSION}")
+        check_version(req, "this daemon's control endpoint")
         op = req.get("op")
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")

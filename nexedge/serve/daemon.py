@@ -23,6 +23,7 @@ from nexedge.serve import config as C
 from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
+from nexedge.serve.guard import GuardRegistry, Limits, SocketGuard
 from nexedge.serve.ingest import DecodePool, IngestMixin, recv_bounded
 from nexedge.serve.ledger import Ledger
 from nexedge.serve.lifecycle import Lifecycle
@@ -53,7 +54,6 @@ class Daemon(IngestMixin):
         self._ready = False
         self._lock = threading.Lock()
         self.ledger = Ledger(self._deliver)
-        self._in_decode = 0
         self._io_ident = -1
         self._io_beat = time.monotonic()
         self.n_received = 0
@@ -71,6 +71,13 @@ class Daemon(IngestMixin):
         self.worker: Optional[InferenceWorker] = None
         self.pool: Optional[DecodePool] = None
         self.ctx: Optional[zmq.Context] = None
+        s = cfg.sockets
+        self.guards = GuardRegistry(s.max_pending_bytes)
+        self.metrics.add_families(self.guards.collect)
+        self._frames_guard: Optional[SocketGuard] = None
+        self._verdicts_guard: Optional[SocketGuard] = None
+        #: Threads still busy when teardown's deadline passed (the process must not wait for them).
+        self.busy_threads: List[str] = []
 
     # The model deciding now (hot swap: see nexedge.serve.lifecycle; a batch holds the swap lock).
     backend = property(lambda self: self.models.active.backend if self.models and self.models.active else None)
@@ -96,10 +103,12 @@ class Daemon(IngestMixin):
         if cfg.metrics is not None:
             try:
                 self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live,
-                                         cfg.metrics.max_connections, cfg.metrics.timeout_s)
+                                         cfg.metrics.max_connections, cfg.metrics.timeout_s,
+                                         cfg.metrics.max_per_client)
                 http_srv = self.http
-                m.add_counter_callback("nexedge_http_refused", "Metrics HTTP connections closed unserved "
-                                       "(metrics.max_connections busy)", "endpoint", lambda: {"http": http_srv.refused})
+                m.add_counter_callback("nexedge_http_refused", "Metrics HTTP connections closed unanswered, by "
+                                       "reason (evicted by a newer one, timeout, too_large)", "reason",
+                                       lambda: dict(http_srv.refused_by_reason))
             except OSError as e:
                 raise RuntimeError(f"cannot serve metrics on metrics.host={cfg.metrics.host!r} "
                                    f"metrics.port={cfg.metrics.port}: {e}") from e
@@ -112,15 +121,19 @@ class Daemon(IngestMixin):
         self.batcher = Batcher(b.max_batch, b.max_delay_ms / 1000.0, b.max_queue)
         self._bind()
         if cfg.sockets.decode_workers > 0:
-            self.pool = DecodePool(cfg.sockets.decode_workers, self._decode_task)
+            self.pool = DecodePool(cfg.sockets.decode_workers, self._decode_task, cfg.sockets.decode_per_camera)
         self.worker = InferenceWorker(self.backend, card, self.batcher, self.decider, m, self.ledger.answer,
                                       self.sampler, self.monitor, self.models, self.models.after_batch)
         self.worker.start()
         if self.control is not None:
+            self.control.guards = self.guards  # memory guard on the control socket too
             self.endpoints["control"] = str(self.control.start().endpoint)
         if self.pull is not None:
             self.pull.start()
             self.endpoints["pull"] = str(self.pull.endpoint)
+        from nexedge.serve.memory import rss_bytes
+
+        self.guards.rss_limit = C.rss_limit(cfg.sockets, rss_bytes())
         self._ready = True
         m.ready.set(1)
         notify.notify("READY=1\nSTATUS=inspecting")
@@ -135,17 +148,26 @@ class Daemon(IngestMixin):
             from nexedge.store import SampleStore
 
             quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
-            self.sampler = Sampler(SampleStore(cfg.store.path, quota_bytes=quota), self.metrics, cfg.store.queue,
+            reserve = C.parse_size(cfg.store.reserve, "store.reserve", allow_zero=True)
+            store = SampleStore(cfg.store.path, quota_bytes=quota, reserve_bytes=reserve)
+            self.sampler = Sampler(store, self.metrics, cfg.store.queue,
                                    C.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
                                    cfg.store.recheck_per_minute, cfg.sockets.max_cameras)
-            log.info("uncertain-sample store at %s (quota %s)", cfg.store.path, cfg.store.quota)
+            self.metrics.add_families(self.sampler.collect)
+            free = store.stats()["free_bytes"]
+            log.info("uncertain-sample store at %s (quota %s, reserve %s, %d MiB free)", cfg.store.path,
+                     cfg.store.quota, cfg.store.reserve, free >> 20)
+            if free < reserve:
+                log.warning("store.path %s has %d MiB free, less than store.reserve %s: samples are dropped until "
+                            "room is made (nexedge_store_out_of_room{reason=\"disk_full\"} 1)", cfg.store.path,
+                            free >> 20, cfg.store.reserve)
         if cfg.monitor is not None:
             from nexedge.serve.monitor import ShiftMonitor
 
             mc = cfg.monitor
             self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
-                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=mc.defect_prior,
-                                        max_cameras=cfg.sockets.max_cameras)
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=C.monitor_prior(mc),
+                                        max_cameras=cfg.sockets.max_cameras, prior_window=mc.prior_window)
             mon = self.monitor
             self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
             self.models.on_active.append(lambda slot: mon.rebase(slot.card))
@@ -155,14 +177,16 @@ class Daemon(IngestMixin):
             self.auth = CurveConfig(cfg.auth.server_secret_file, cfg.auth.allowed_clients_dir)
             auth = self.auth
             self.metrics.add_counter_callback(
-                "nexedge_auth_refused", "Connections refused by CurveZMQ authentication, by reason", "reason",
+                "nexedge_auth_refused", "Connections refused by CurveZMQ authentication, by reason (unknown_key, "
+                "wrong_role, handshake)", "reason",
                 lambda: {k: v for k, v in auth.counts().items() if k != "total"})
         if cfg.pull is not None:
             if cfg.store is None:
                 raise C.ConfigError("pull: needs a store section (the pull endpoint serves the sample store)")
             from nexedge.serve.pullserver import PullServer
 
-            self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth)
+            self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth, guards=self.guards,
+                                   lease_s=cfg.pull.lease_s)
         self.shadow, self.control = self.models.attach(self.sampler, lambda: len(self.batcher), self.auth)
 
     def _bind(self) -> None:
@@ -174,14 +198,24 @@ class Daemon(IngestMixin):
         r.setsockopt(zmq.RCVHWM, s.hwm)
         r.setsockopt(zmq.SNDHWM, s.hwm)
         r.setsockopt(zmq.LINGER, s.linger_ms)
-        # Hard memory guard per frame; messages between max_message_bytes and this get RECHECK oversize.
+        # Bound per part; messages between max_message_bytes and this get RECHECK oversize. The whole
+        # message (parts x size) and unfinished messages are bounded by the memory guard.
         r.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes + (1 << 20))
         pub = self.pub = self.ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, s.hwm)
         pub.setsockopt(zmq.LINGER, s.linger_ms)
+        pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions: a topic (camera id) each
+        for sock in (r, pub):
+            SocketGuard.configure(sock, s.heartbeat_s)
         if self.auth is not None:
-            self.auth.apply_server(r)
-            self.auth.apply_server(pub)
+            self.auth.apply_server(r, monitor=False, domain="frames")  # the guards' monitors count failed
+            self.auth.apply_server(pub, monitor=False, domain="verdicts")  # handshakes
+        failed = self.auth.handshake_failed if self.auth is not None else None
+        peer_max = s.max_peer_pending_bytes or 2 * s.max_message_bytes + (1 << 20)
+        self._frames_guard = SocketGuard(r, "frames", Limits(peer_max, s.unfinished_timeout_s, s.max_peers),
+                                         self.guards, failed)
+        self._verdicts_guard = SocketGuard(pub, "verdicts", Limits(1 << 20, s.unfinished_timeout_s, s.max_peers,
+                                                                    slack=256 << 10), self.guards, failed)
         for sock, key, addr in ((r, "sockets.frames", s.frames), (pub, "sockets.verdicts", s.verdicts)):
             try:
                 sock.bind(addr)
@@ -238,6 +272,8 @@ class Daemon(IngestMixin):
             self._force = True
         self._stop.set()
 
+    _force = False
+
     def serve(self) -> int:
         """Run the I/O loop until :meth:`request_stop`; drain; tear down. Returns the exit code (0)."""
         self._io_ident = threading.get_ident()
@@ -254,14 +290,25 @@ class Daemon(IngestMixin):
                 self.outbox.forward(self._send)
             got = self._receive_burst(RECV_BURST) if self.router in events else 0
             now = time.monotonic()
+            self._frames_guard.tick(now)
+            self._verdicts_guard.tick(now)
             for f in self.batcher.expire(now):
                 self.worker.recheck(f, P.DEADLINE_PASSED)  # decoded: answered and sampled
-            for req in self.ledger.expire(now):  # anywhere else: waiting for or in decode, in a batch
+            expired = self.ledger.expire(now)
+            for req in expired:  # anywhere else: waiting for or in decode, in a batch
                 self._sample_undecoded(req, req.t_wall, P.DEADLINE_PASSED)
-            self.metrics.queue_depth.set(len(self.batcher))
+            if expired and self.pool is not None:
+                self.pool.purge()
+            m = self.metrics
+            m.queue_depth.set(len(self.batcher))
+            if self.pool is not None:
+                m.decoding.set(self.pool.decoding)
+                m.decode_waiting.set(self.pool.waiting)
             self._io_beat = now
             self._watchdog.tick(now, self.is_live())
-            self._memory.tick(now, busy=got > 0 or len(self.ledger) > 0)
+            # A peer the guard cut off leaves libzmq's freed buffers in the heap: trim after it, too.
+            cut = now - self.guards.last_disconnect() < 0.5
+            self._memory.tick(now, busy=got > 0 or len(self.ledger) > 0 or cut)
             if self._stop.is_set() and stop_at is None:
                 t_stop = now
                 stop_at = now + self.cfg.shutdown.timeout_s
@@ -277,7 +324,7 @@ class Daemon(IngestMixin):
             self._answer_outstanding(time.monotonic() - t_stop)
         else:
             self._sweep(quiet_s=0.05, until=stop_at or time.monotonic())
-        return self._teardown(forced)
+        return self._teardown(forced, stop_at)
 
     def _receive_burst(self, n: int) -> int:
         """Receive and handle up to ``n`` messages without blocking; returns how many."""
@@ -290,6 +337,10 @@ class Daemon(IngestMixin):
             except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
                 log.error("receive failed: %s", e)
                 return i
+            try:
+                self._frames_guard.consumed(rec.frames[0].get(zmq.SRCFD), rec.parts, rec.size)
+            except (zmq.ZMQError, AttributeError):
+                pass
             try:
                 self._on_received(rec)
             except Exception as e:  # pragma: no cover - _on_received catches everything itself
@@ -329,25 +380,36 @@ class Daemon(IngestMixin):
         self.ledger.answer_all(P.SHUTTING_DOWN)
         self.outbox.forward(self._send)
 
-    def _teardown(self, forced: bool) -> int:
+    def _teardown(self, forced: bool, stop_at: Optional[float] = None) -> int:
+        """Close everything; waits (for the control or pull thread, the store writer) end at ``stop_at``
+        (the shutdown.timeout_s deadline): a thread still busy then, e.g. loading a model, is left to
+        process exit (:attr:`busy_threads`)."""
         self._ready = False
+        end = stop_at if stop_at is not None else time.monotonic() + self.cfg.shutdown.timeout_s
+
+        def left() -> float:
+            return max(end - time.monotonic(), 0.1)
+
         if self.pool is not None:
             self.pool.shutdown()
-        if self.pull is not None:
-            self.pull.stop()
-        if self.control is not None:
-            self.control.stop()
+        for name in ("pull", "control"):
+            srv = getattr(self, name)
+            if srv is not None and not srv.stop(timeout=left()):
+                self.busy_threads.append(name)
         if self.shadow is not None:
             self.shadow.close()
-        if self.sampler is not None:
-            self.sampler.close(timeout=self.cfg.shutdown.timeout_s)
+        if self.sampler is not None and not self.sampler.close(timeout=left()):
+            self.busy_threads.append("store writer")
         if self.ctx is not None:
+            for g in (self._frames_guard, self._verdicts_guard):
+                if g is not None:
+                    g.close()
             if hasattr(self, "outbox"):
                 self.outbox.close()
             for name in ("router", "pub"):
                 sock = getattr(self, name, None)
                 if sock is not None:
-                    sock.close(linger=self.cfg.sockets.linger_ms)
+                    sock.close(linger=min(self.cfg.sockets.linger_ms, int(left() * 1000)))
             if self.auth is not None:
                 self.auth.stop()
             if forced:
@@ -356,11 +418,11 @@ class Daemon(IngestMixin):
                 self.ctx.term()
         if self.http is not None:
             self.http.stop()
-        if self.models is not None and not forced:
+        if self.models is not None and not forced and not self.busy_threads:
             self.models.close()
         log.info("stopped: %d frames received, %d answered", self.n_received, self.n_answered,
                  extra={"fields": {"event": "stopped", "forced": forced, "received": self.n_received,
-                                   "answered": self.n_answered}})
+                                   "answered": self.n_answered, "busy": self.busy_threads}})
         return 0
 
     def close_unserved(self) -> None:
@@ -449,11 +511,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     over = overrides_from_args(args)  # SIGHUP: re-read the config file's model.path, hot-swap to it
     signal.signal(signal.SIGHUP, lambda *_: daemon.models and daemon.models.hup(lambda: C.load(args.config, over)
                                                                                 .model.path))
-    try:
-        daemon.setup()
-    except Exception as e:
+    failed: List[BaseException] = []
+    if not _setup_within_shutdown_timeout(daemon, failed):
+        _exit_now(0)  # a stop arrived during a start-up that did not finish in shutdown.timeout_s
+    if failed:
         from nexedge.runtime import ArtifactIncompatible
 
+        e = failed[0]
         incompatible = isinstance(e, ArtifactIncompatible)
         log.error("startup failed: %s%s", e, f" (exit {EXIT_INCOMPATIBLE}: not restarted)" if incompatible else "",
                   exc_info=not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)))
@@ -462,7 +526,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception:
             pass
         return EXIT_INCOMPATIBLE if incompatible else EXIT_STARTUP
-    return daemon.serve()
+    rc = daemon.serve()
+    if daemon.busy_threads:  # e.g. a model load the deadline did not wait for: do not wait at exit either
+        log.warning("exiting with %s still busy (shutdown.timeout_s %.1f s)", ", ".join(daemon.busy_threads),
+                    cfg.shutdown.timeout_s)
+        _exit_now(rc)
+    return rc
+
+
+def _setup_within_shutdown_timeout(daemon: Daemon, failed: List[BaseException]) -> bool:
+    """Run ``daemon.setup()`` (model load, warm-up) on a helper thread so a SIGTERM during it is honoured
+    within shutdown.timeout_s; False when a stop came and set-up outlived that timeout."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            daemon.setup()
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="nexedge-setup", daemon=True).start()
+    stop_at: Optional[float] = None
+    while not done.wait(0.05):  # the main thread stays free to run signal handlers
+        now = time.monotonic()
+        if daemon._stop.is_set() and stop_at is None:
+            stop_at = now + daemon.cfg.shutdown.timeout_s
+            log.info("stop requested during start-up; waiting up to %.1f s (shutdown.timeout_s) for the model "
+                     "load to finish", daemon.cfg.shutdown.timeout_s)
+        if stop_at is not None and (now >= stop_at or daemon._force):
+            log.error("start-up still loading the model %.1f s after the stop signal (shutdown.timeout_s); "
+                      "exiting without waiting for it", daemon.cfg.shutdown.timeout_s,
+                      extra={"fields": {"event": "stopped", "forced": True, "during": "startup"}})
+            return False
+    return True
+
+
+def _exit_now(rc: int) -> None:
+    """Leave the process at once (threads stuck in native code, e.g. a model load, are not waited for)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Payload decoding: raw arrays, JPEG, PNG, BMP -> uint8/uint16 image, with limits.
+"""Payload decoding: raw arrays, JPEG, PNG, BMP, TIFF -> uint8/uint16 image, with limits.
 
 Compressed images are sized from their header before decoding (JPEG marker
-segments walked to the frame header, PNG IHDR, BMP info header) so a small
-message cannot expand into a huge allocation (``max_pixels``,
-``max_decoded_bytes``).
+segments walked to the frame header, PNG IHDR, BMP info header, the first TIFF
+IFD) so a small message cannot expand into a huge allocation (``max_pixels``,
+``max_decoded_bytes``). A JPEG's scans are counted before decoding: each scan
+of a progressive JPEG is another pass over the whole image, so a 44 KB file
+repeating one scan 2,000 times took 92 s to decode; more than ``max_scans``
+scans are refused (``too_many_scans``).
 Python 3.8, numpy and OpenCV only.
 """
 
+import re
 import struct
 import zlib
 from typing import Optional, Tuple
@@ -16,9 +20,14 @@ import numpy as np
 from nexedge.serve import protocol as P
 from nexedge.serve.protocol import ProtocolError, Request
 
-MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"))
-EXT = {"jpeg": "jpg", "png": "png", "bmp": "bmp"}
+MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
+         (b"MM\x00*", "tiff"), (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"))
+EXT = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tif"}
+FORMATS = "JPEG, PNG, BMP or TIFF"
 DEFAULT_MAX_DECODED_BYTES = 128 << 20
+#: libjpeg's (and so OpenCV's and Pillow's) progressive JPEGs have 10 scans (colour) or 6 (gray); a
+#: baseline JPEG has 1, or one per component when they are not interleaved.
+DEFAULT_MAX_SCANS = 32
 
 
 def sniff(buf: P.Buffer) -> Optional[str]:
@@ -110,27 +119,118 @@ def _bmp_info(b: P.Buffer) -> Optional[ImageInfo]:
     return ImageInfo(abs(h), abs(w), 4 if bpp == 32 else 3, 1)
 
 
+# A marker inside entropy-coded data: 0xFF followed by anything but a stuffed zero, RSTn or fill.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_scans(b: P.Buffer, stop: int = 1 << 30) -> int:
+    """Start-of-scan markers in a JPEG (the marker segments are walked, the entropy-coded data of each
+    scan skipped to the next marker); counting stops past ``stop``. Cost: one pass over the bytes."""
+    n = len(b)
+    i = 2
+    count = 0
+    while i < n and count <= stop:
+        if b[i] != 0xFF:
+            return count
+        while i < n and b[i] == 0xFF:
+            i += 1
+        if i >= n:
+            return count
+        marker = b[i]
+        i += 1
+        if marker in _JPEG_STANDALONE:
+            if marker == 0xD9:
+                return count
+            continue
+        if i + 2 > n:
+            return count
+        seg = struct.unpack_from(">H", b, i)[0]
+        i += seg
+        if marker == 0xDA:
+            count += 1
+            m = _JPEG_MARKER.search(b, i)
+            if m is None:
+                return count
+            i = m.start()
+    return count
+
+
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}  # SHORT, LONG
+
+
+def _tiff_info(b: P.Buffer) -> Optional[ImageInfo]:
+    """Size of the first image of a classic TIFF from its first IFD; None when broken or not
+    decodable here (BigTIFF, floating-point or JPEG-compressed samples: see :func:`tiff_problem`)."""
+    if tiff_problem(b) is not None:
+        return None
+    tags = _tiff_tags(b)
+    w, h = tags.get(256, 0), tags.get(257, 0)
+    spp = tags.get(277, 1)
+    bits = tags.get(258, 8)
+    if not w or not h or bits not in (1, 2, 4, 8, 16) or not 1 <= spp <= 4:
+        return None
+    return ImageInfo(h, w, spp if spp in (1, 3, 4) else 4, 2 if bits > 8 else 1)
+
+
+def _tiff_tags(b: P.Buffer) -> dict:
+    """First-value of the numeric tags of the first IFD (width, height, bits, samples, format, compression)."""
+    end = "<" if bytes(b[:2]) == b"II" else ">"
+    off = struct.unpack_from(end + "I", b, 4)[0]
+    count = struct.unpack_from(end + "H", b, off)[0]
+    if count > 4096:
+        raise ValueError("implausible TIFF IFD")
+    out = {}
+    for k in range(count):
+        tag, typ, n = struct.unpack_from(end + "HHI", b, off + 2 + 12 * k)
+        if tag not in (256, 257, 258, 259, 277, 339) or typ not in _TIFF_TYPES:
+            continue
+        code, size = _TIFF_TYPES[typ]
+        at = off + 2 + 12 * k + 8
+        if n * size > 4:  # the values live elsewhere; the first is enough (samples share one format here)
+            at = struct.unpack_from(end + "I", b, at)[0]
+        out[tag] = struct.unpack_from(end + code, b, at)[0]
+    return out
+
+
+def tiff_problem(b: P.Buffer) -> Optional[str]:
+    """Why this TIFF is refused before decoding (None when it is not): BigTIFF, floating-point samples,
+    JPEG compression (its decode work cannot be bounded from the header), or an unreadable first IFD."""
+    if bytes(b[2:4]) in (b"+\x00", b"\x00+"):
+        return "BigTIFF is not supported; send a classic TIFF, PNG or raw array"
+    try:
+        tags = _tiff_tags(b)
+    except (struct.error, ValueError, TypeError):
+        return "TIFF header (first IFD) cannot be read"
+    if tags.get(339, 1) == 3:
+        return "floating-point TIFF samples are not supported; send uint8 or uint16"
+    if tags.get(259, 1) in (6, 7):
+        return "JPEG-compressed TIFF is not supported; use no compression, LZW or Deflate"
+    return None
+
+
 def image_info(buf: P.Buffer, fmt: str) -> Optional[ImageInfo]:
-    """Decoded size of a PNG/BMP/JPEG from its header alone; None when the header is missing or broken."""
+    """Decoded size of a PNG/BMP/JPEG/TIFF from its header alone; None when the header is missing or broken."""
     try:
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
-        return {"jpeg": _jpeg_info, "png": _png_info, "bmp": _bmp_info}[fmt](mv)
+        return {"jpeg": _jpeg_info, "png": _png_info, "bmp": _bmp_info, "tiff": _tiff_info}[fmt](mv)
     except (struct.error, KeyError, TypeError, ValueError):
         return None
 
 
 def image_dims(buf: P.Buffer, fmt: str) -> Optional[Tuple[int, int]]:
-    """(height, width) read from a PNG/BMP/JPEG header without decoding; None if not found."""
+    """(height, width) read from a PNG/BMP/JPEG/TIFF header without decoding; None if not found."""
     info = image_info(buf, fmt)
     return None if info is None else (info.height, info.width)
 
 
-def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+           max_scans: int = DEFAULT_MAX_SCANS) -> np.ndarray:
     """Decode ``req.payload`` to an image array; raise :class:`ProtocolError` with a RECHECK reason.
 
     Compressed images are sized from their header first: over ``max_pixels`` or
     ``max_decoded_bytes`` (height x width x channels x bytes per sample) they are
-    refused without decoding; a header that cannot be read is ``undecodable``.
+    refused without decoding; a header that cannot be read is ``undecodable``; a
+    JPEG with more than ``max_scans`` scans is ``too_many_scans``.
     """
     buf = req.payload
     if len(buf) == 0:
@@ -141,10 +241,15 @@ def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_D
 
     fmt = sniff(buf)
     if fmt is None:
-        raise ProtocolError(P.UNDECODABLE, f"payload is not a JPEG, PNG or BMP image (starts with {bytes(buf[:8])!r})", req.camera, req.frame_id)
+        raise ProtocolError(P.UNDECODABLE, f"payload is not a {FORMATS} image (starts with {bytes(buf[:8])!r})",
+                            req.camera, req.frame_id)
     if req.encoding != "auto" and fmt != req.encoding:
         raise ProtocolError(P.UNDECODABLE, f"header says encoding {req.encoding!r} but the payload is {fmt}",
                             req.camera, req.frame_id)
+    if fmt == "tiff":
+        why = tiff_problem(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf)
+        if why is not None:
+            raise ProtocolError(P.UNDECODABLE, why, req.camera, req.frame_id)
     info = image_info(buf, fmt)
     if info is None:
         raise ProtocolError(P.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes has no readable image header "
@@ -159,7 +264,16 @@ def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_D
         raise ProtocolError(P.TOO_MANY_PIXELS, f"{fmt} of {info.height}x{info.width}x{info.channels} at "
                             f"{8 * info.sample_bytes} bits decodes to {info.nbytes} bytes, over max_decoded_bytes "
                             f"{max_decoded_bytes}", req.camera, req.frame_id)
+    if fmt == "jpeg":
+        scans = jpeg_scans(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf, max_scans)
+        if scans > max_scans:
+            raise ProtocolError(P.TOO_MANY_SCANS, f"JPEG of {info.height}x{info.width} has more than {max_scans} "
+                                "scans (sockets.max_jpeg_scans; encoders write at most 10): each scan is another "
+                                "decoding pass", req.camera, req.frame_id)
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is not None and img.dtype not in (np.uint8, np.uint16):
+        raise ProtocolError(P.UNDECODABLE, f"{fmt} decodes to {img.dtype} samples; expected 8 or 16-bit integers",
+                            req.camera, req.frame_id)
     if img is None or img.size == 0:
         raise ProtocolError(P.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes could not be decoded",
                             req.camera, req.frame_id)

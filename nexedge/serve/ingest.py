@@ -6,11 +6,11 @@ Every admitted frame is owned by the ledger (see :mod:`nexedge.serve.ledger`).
 Python 3.8, no torch.
 """
 
+import collections
 import logging
-import queue
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import zmq
 
@@ -67,34 +67,130 @@ def recv_bounded(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_BODY_PAR
 
 
 class DecodePool:
-    """Daemon threads taking decode jobs from a queue; never block process exit.
+    """Decode threads fed from per-camera queues, fairly (daemon threads: never block process exit).
 
-    The queue is bounded by admission (batching.max_queue), not here.
+    * Cameras take turns (round robin): a camera with many frames waiting does not delay the
+      frames of another camera by more than one decode each.
+    * No camera occupies more than ``per_camera`` threads at once (default: all but one), so a
+      camera whose frames are slow to decode cannot hold every thread.
+    * :meth:`admit` bounds what waits: at most ``max_waiting`` frames in all (the caller counts
+      batch queue + waiting + decoding against ``batching.max_queue``); when full, the newest frame
+      of the camera with the most frames waiting gives way to a frame of a camera with fewer.
     """
 
-    def __init__(self, n: int, fn: Any) -> None:
-        self._q = queue.Queue()  # type: queue.Queue  # of job tuples, None to stop
+    def __init__(self, n: int, fn: Any, per_camera: int = 0) -> None:
+        self.per_camera = per_camera if per_camera > 0 else max(1, n - 1)
         self._fn = fn
+        self._cv = threading.Condition()
+        self._queues = {}  # type: Dict[str, Deque[Any]]
+        self._ring = collections.deque()  # type: Deque[str]  # cameras with frames waiting, in turn order
+        self._busy = {}  # type: Dict[str, int]
+        self.waiting = 0
+        self.decoding = 0
+        self.displaced = 0
+        self._stop = False
         self._threads = [threading.Thread(target=self._run, name=f"nexedge-decode-{i}", daemon=True)
                          for i in range(n)]
         for t in self._threads:
             t.start()
 
-    def submit(self, *args: Any) -> None:
-        self._q.put(args)
+    def __len__(self) -> int:
+        return self.waiting + self.decoding
+
+    def admit(self, req: Any, room: int) -> Tuple[bool, Optional[Any]]:
+        """Queue ``req`` when ``room`` > 0; when there is no room, make some by displacing the newest
+        waiting frame of the camera with the most waiting, if that is more than ``req``'s camera has.
+        Returns (queued, displaced frame to answer RECHECK queue_full, or None)."""
+        cam = req.camera
+        with self._cv:
+            victim = None
+            if room <= 0:
+                mine = len(self._queues.get(cam, ()))
+                longest = max(self._queues, key=lambda c: len(self._queues[c]), default=None)
+                if longest is None or len(self._queues[longest]) <= mine:
+                    return False, None
+                victim = self._queues[longest].pop()
+                self._forget(longest)
+                self.waiting -= 1
+                self.displaced += 1
+            q = self._queues.get(cam)
+            if q is None:
+                q = self._queues[cam] = collections.deque()
+                self._ring.append(cam)
+            q.append(req)
+            self.waiting += 1
+            self._cv.notify()
+            return True, victim
+
+    def _forget(self, cam: str) -> None:
+        """Drop ``cam``'s queue once empty (lock held)."""
+        if not self._queues.get(cam):
+            self._queues.pop(cam, None)
+            try:
+                self._ring.remove(cam)
+            except ValueError:
+                pass
+
+    def purge(self) -> int:
+        """Remove frames answered while waiting (deadline passed); returns how many."""
+        n = 0
+        with self._cv:
+            for cam in list(self._queues):
+                q = self._queues[cam]
+                keep = collections.deque(r for r in q if not r.answered)
+                n += len(q) - len(keep)
+                self._queues[cam] = keep
+                self._forget(cam)
+            self.waiting -= n
+        return n
+
+    def _take(self) -> Optional[Any]:
+        """The next frame in turn whose camera has a free thread (blocks); None to stop."""
+        with self._cv:
+            while True:
+                if self._stop:
+                    return None
+                for _ in range(len(self._ring)):
+                    cam = self._ring[0]
+                    self._ring.rotate(-1)  # its turn is used (or skipped while its threads are busy)
+                    if self._busy.get(cam, 0) < self.per_camera:
+                        req = self._queues[cam].popleft()
+                        self._forget(cam)
+                        self.waiting -= 1
+                        self.decoding += 1
+                        self._busy[cam] = self._busy.get(cam, 0) + 1
+                        return req
+                self._cv.wait(0.5)
+
+    def _release(self, cam: str) -> None:
+        with self._cv:
+            self.decoding -= 1
+            n = self._busy.get(cam, 1) - 1
+            if n > 0:
+                self._busy[cam] = n
+            else:
+                self._busy.pop(cam, None)
+            self._cv.notify()
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:
+            req = self._take()
+            if req is None:
                 return
-            self._fn(*job)
-            del job  # do not hold the last frame's payload while waiting for the next one
+            try:
+                self._fn(req)
+            except Exception as e:  # pragma: no cover - the decode task catches everything itself
+                log.exception("decode task failed: %s", e)
+            finally:
+                self._release(req.camera)
+            del req  # do not hold the last frame's payload while waiting for the next one
 
     def shutdown(self) -> None:
-        """Ask the threads to stop after their current job; does not wait."""
-        for _ in self._threads:
-            self._q.put(None)
+        """Ask the threads to stop after their current job; does not wait. Frames still waiting stay
+        with the ledger (answered at shutdown)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
 
 
 class IngestMixin:
@@ -111,8 +207,6 @@ class IngestMixin:
     monitor: Any
     ledger: Ledger
     recheck_sampling: Any
-    _lock: Any
-    _in_decode: int
     _stopping: bool
     _seq: Any
     n_received: int
@@ -171,38 +265,40 @@ class IngestMixin:
         if self._stopping:
             self.ledger.answer(req, "RECHECK", P.SHUTTING_DOWN)
             return
-        if len(self.batcher) + self._in_decode >= self.batcher.max_queue:
-            if self.ledger.answer(req, "RECHECK", P.QUEUE_FULL):
-                self._sample_undecoded(req, t_wall, P.QUEUE_FULL)
-            return
         deadline = t_recv + (req.deadline_ms or self.cfg.batching.deadline_ms) / 1000.0
-        self.ledger.admit(req, t_recv, t_wall, deadline)
-        with self._lock:
-            self._in_decode += 1
-        m.decoding.set(self._in_decode)
-        if self.pool is not None:
-            self.pool.submit(req)
-        else:
+        if self.pool is None:  # decode on this thread
+            if len(self.batcher) >= self.batcher.max_queue:
+                self._queue_full(req, t_wall)
+                return
+            self.ledger.admit(req, t_recv, t_wall, deadline)
             self._decode_task(req)
+            return
+        self.ledger.admit(req, t_recv, t_wall, deadline)
+        queued, displaced = self.pool.admit(req, self.batcher.max_queue - len(self.batcher) - len(self.pool))
+        if displaced is not None:  # a camera with more frames waiting gave way to this one
+            self._queue_full(displaced, displaced.t_wall)
+        if not queued:
+            self._queue_full(req, t_wall)
+        m.decoding.set(self.pool.decoding)
+        m.decode_waiting.set(self.pool.waiting)
+
+    def _queue_full(self, req: Request, t_wall: float) -> None:
+        if self.ledger.answer(req, "RECHECK", P.QUEUE_FULL):
+            self._sample_undecoded(req, t_wall, P.QUEUE_FULL)
 
     def _decode_task(self, req: Request) -> None:
-        try:
-            if req.answered:  # expired (or refused at shutdown) while waiting for a decode thread
-                return
-            with self.ledger.guard(req) as handoff:
-                self._decode_and_queue(req, handoff)
-        finally:
-            with self._lock:
-                self._in_decode -= 1
-            self.metrics.decoding.set(self._in_decode)
+        if req.answered:  # expired (or refused at shutdown) while waiting for a decode thread
+            return
+        with self.ledger.guard(req) as handoff:
+            self._decode_and_queue(req, handoff)
 
     def _decode_and_queue(self, req: Request, handoff: Any) -> None:
         t0 = time.monotonic()
         s = self.cfg.sockets
         try:
-            img = decode(req, s.max_pixels, s.max_decoded_bytes)
+            img = decode(req, s.max_pixels, s.max_decoded_bytes, s.max_jpeg_scans)
             try:
-                prepared = pp.prepare(img, self.card.input)
+                prepared = pp.prepare(img, self.card.input, req.bit_depth or s.uint16_bit_depth)
             except (ValueError, TypeError) as e:
                 raise ProtocolError(P.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
         except ProtocolError as e:

@@ -2,15 +2,20 @@
 
 * A load opens and warms the new artifact on the caller's thread (control
   endpoint, SIGHUP helper), never on the inference thread, and checks its card
-  against the line (:func:`check_compatible`) before anything changes.
+  against the line (:func:`check_compatible`) before anything changes; with
+  ``memory_limit`` (or when a slot must be unloaded to make room) it is first
+  opened in a child process (:mod:`nexedge.serve.loadprobe`). A refused load
+  leaves every slot as it was.
 * The inference worker holds :attr:`Lifecycle.batch_lock` for each batch; a
   swap takes the same lock, so it happens between batches: a batch finishes on
   the model it started with and every verdict names the model that decided it.
 * ``promote`` makes the candidate active and keeps the replaced model as
   ``previous`` (``lifecycle.keep_previous``) for an instant ``rollback``.
-* Optional rules: promotion after N shadow frames with a disagreement rate at
-  most X; automatic rollback when the promoted model's reject rate leaves the
-  3-sigma p-chart limits of the previous model's last K frames.
+* Optional rules (:mod:`nexedge.serve.rules`): promotion after N shadow frames
+  when the candidate's escapes (REJECT/PASS) and all disagreements are bounded;
+  automatic rollback when the new model's cumulative reject count leaves the
+  predictive limits from the previous model's last K decisions. Both act only
+  on the model they judged.
 * With ``lifecycle.models_dir`` loaded artifacts are copied into
   ``models_dir/versions/<stem>-<sha8>/`` and the ``active`` pointer
   (``models_dir/active.json``) is written atomically on every change; a restart
@@ -22,17 +27,25 @@ See docs/lifecycle.md. Python 3.8, no torch.
 import collections
 import json
 import logging
-import math
 import os
 import shutil
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from nexedge.card import ModelCard, atomic_write_bytes, card_path_for, sha256_file
+from nexedge.card import (
+    CardError,
+    ModelCard,
+    atomic_write_bytes,
+    card_path_for,
+    load_card,
+    read_card,
+    sha256_file,
+)
 from nexedge.serve import config as C
 from nexedge.serve.decide import Decider
 from nexedge.serve.memory import rss_bytes
+from nexedge.serve.rules import RollbackChart, promotion_verdict
 
 log = logging.getLogger("nexedge.serve")
 POINTER = "active.json"
@@ -47,13 +60,16 @@ class LifecycleError(ValueError):
 class Slot:
     """One loaded model: backend, card, decision rule, and what it costs in memory."""
 
-    def __init__(self, path: str, backend: Any, decider: Decider, footprint: int, source: str) -> None:
+    def __init__(self, path: str, backend: Any, decider: Decider, footprint: int, source: str,
+                 unmeasured: Optional[str] = None) -> None:
         self.path = path
         self.backend = backend
         self.card: ModelCard = backend.card
         self.decider = decider
         self.footprint = int(footprint)
         self.source = source
+        self.unmeasured = unmeasured  # why its thresholds are not measured on it (decision.allow_unmeasured)
+        self.load_peak: Optional[int] = None  # what it took while it was opened, measured by the load probe
         self.loaded_at = time.time()
         self.closed = False
         self.use_lock = threading.Lock()  # held while the shadow scorer runs it; close() waits for it
@@ -77,11 +93,48 @@ class Slot:
         return {"model_id": self.model_id, "sha256": self.sha256, "path": self.path, "source": self.source,
                 "threshold": self.decider.threshold, "threshold_source": d.get("source"),
                 "target_tpr": d.get("target_tpr"), "crop_mode": str(self.backend.crop_mode),
-                "memory_bytes": self.footprint, "loaded_at": self.loaded_at}
+                "memory_bytes": self.footprint, "load_peak_bytes": self.load_peak, "loaded_at": self.loaded_at,
+                "unmeasured": self.unmeasured}
 
 
-def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Config) -> None:
-    """Refuse a model that cannot replace ``line`` (the active model's card) on this line."""
+def operating_points_problem(card: ModelCard, crop_mode: str) -> Optional[str]:
+    """Why the card's operating points do not rest on a measurement of this artifact run with
+    ``crop_mode``; None when they do."""
+    if not card.operating_points:
+        return "the card has no operating points; measure them with `nexedge thresholds`"
+    problem = card.crop_mode_mismatch(str(crop_mode))
+    if problem is not None:
+        return problem
+    ops = card.ops_source
+    if ops.get("status") != "measured":
+        return (f"operating points are {ops.get('status') or 'of unknown provenance'}, not measured on this "
+                "artifact; run `nexedge thresholds` on it")
+    measured_on = ops.get("artifact_sha256")
+    if measured_on and card.sha256 and measured_on != card.sha256:
+        return (f"operating points were measured on artifact {str(measured_on)[:12]}, not on this one "
+                f"({card.sha256[:12]}); run `nexedge thresholds` on it")
+    return None
+
+
+def unmeasured_points(card: ModelCard, crop_mode: str, d: C.DecisionCfg, error: type = LifecycleError) -> Optional[str]:
+    """The one rule for start-up and every swap: thresholds must be measured on this artifact (or
+    ``decision.threshold`` explicit). Raises ``error`` naming the problem; with
+    ``decision.allow_unmeasured`` logs it as a WARNING and returns it instead."""
+    if d.threshold is not None:
+        return None
+    problem = operating_points_problem(card, crop_mode)
+    if problem is None:
+        return None
+    if not d.allow_unmeasured:
+        raise error(f"{card.source}: {problem}; or set decision.allow_unmeasured: true to run on these unmeasured "
+                    "thresholds anyway")
+    log.warning("UNMEASURED OPERATING POINTS (decision.allow_unmeasured is set): %s: %s; the expected escape rate "
+                "and TPR bound of this model are unknown (their gauges read NaN)", card.source, problem)
+    return problem
+
+
+def check_card_compatible(line: ModelCard, card: ModelCard) -> None:
+    """Card-level part of :func:`check_compatible` (no backend needed: checked before anything opens)."""
     src = card.source
     if card.classes != line.classes or card.good_class != line.good_class:
         raise LifecycleError(f"{src}: classes {card.classes} (negative class {card.good_class!r}) differ from the "
@@ -92,29 +145,66 @@ def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Conf
             raise LifecycleError(f"{src}: input.{key} {card.input.get(key)!r} differs from the line's "
                                  f"{line.input.get(key)!r}; frames are prepared once for both models, so they must "
                                  "share the prepared input (resize, color, resize_mode)")
+
+
+def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Config) -> None:
+    """Refuse a model that cannot replace ``line`` (the active model's card) on this line."""
+    check_card_compatible(line, card)
     if backend.max_batch < cfg.batching.max_batch:
-        raise LifecycleError(f"{src}: the backend accepts batches up to {backend.max_batch}, the line runs "
+        raise LifecycleError(f"{card.source}: the backend accepts batches up to {backend.max_batch}, the line runs "
                              f"batching.max_batch {cfg.batching.max_batch}")
-    if cfg.decision.threshold is not None or cfg.decision.allow_unmeasured:
-        return
-    ops = card.ops_source
-    if not card.operating_points:
-        raise LifecycleError(f"{src}: the card has no operating points; measure them with `nexedge thresholds`")
-    if ops.get("status") != "measured":
-        raise LifecycleError(f"{src}: operating points are {ops.get('status') or 'of unknown provenance'}, not "
-                             "measured on this artifact; run `nexedge thresholds` on it (or set "
-                             "decision.allow_unmeasured: true)")
-    measured_on = ops.get("artifact_sha256")
-    if measured_on and card.sha256 and measured_on != card.sha256:
-        raise LifecycleError(f"{src}: operating points were measured on artifact {str(measured_on)[:12]}, not on this "
-                             f"one ({card.sha256[:12]}); run `nexedge thresholds` on it")
-    problem = card.crop_mode_mismatch(str(backend.crop_mode))
-    if problem is not None:
-        raise LifecycleError(f"{src}: {problem}")
+
+
+def open_slot(cfg: C.Config, path: str, source: str, given: Any = None) -> Slot:
+    """Open, check (the measured-operating-point rule, batch size) and warm one artifact, as the
+    daemon runs it (cascade plan included). Used by the daemon and by the load probe."""
+    from nexedge.runtime import open_backend, registry
+
+    try:  # the options of the backend that opens this file (an engine loaded on an ONNX line too)
+        opts = registry.options_for(path, cfg.model.options)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    if not cfg.model.verify_card:
+        opts["verify"] = False
+    t0, rss0 = time.monotonic(), rss_bytes()
+    backend = given if given is not None else open_backend(path, **opts)
+    try:
+        card = backend.card
+        log.info("card %s: %s", card.model_id, card.ops_status_line(),
+                 extra={"fields": {"operating_points_source": card.ops_source}})
+        unmeasured = unmeasured_points(card, str(backend.crop_mode), cfg.decision, C.ConfigError)
+        if backend.max_batch < cfg.batching.max_batch:
+            raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
+                                f"({backend.max_batch}, from the card's graph.max_batch or model.options)")
+        if cfg.model.warmup:
+            import numpy as np
+
+            backend.warmup(cfg.model.warmup)
+            backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(backend.input_shape), np.uint8))
+        decider = Decider(card, cfg.decision, cfg.uncertain)
+        from nexedge.runtime.cascade import plan_for_daemon
+
+        backend = plan_for_daemon(backend, cfg.model, decider.threshold, opts, artifact=path)  # model.cascade
+    except BaseException:
+        if given is None:
+            backend.close()
+        raise
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    slot = Slot(path, backend, decider, max(rss_bytes() - rss0, size), source, unmeasured)
+    info = decider.info
+    log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
+             card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
+             info.get("tpr_lower95"), extra={"fields": {"model_id": card.model_id, "threshold_info": info}})
+    return slot
 
 
 class Versions:
-    """``models_dir``: ``versions/<stem>-<sha8>/<artifact + card>`` and the ``active.json`` pointer."""
+    """``models_dir``: ``versions/<stem>-<sha8>/<artifact + card>`` and the ``active.json`` pointer.
+
+    A version is complete when its artifact and its card are both there: the card is written
+    (atomically) before the artifact is renamed into place, so a crash in between leaves a card
+    without artifact, never the reverse; an incomplete version is re-imported, or, named by the
+    pointer, ignored with a log line."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -124,6 +214,13 @@ class Versions:
     def pointer_path(self) -> str:
         return os.path.join(self.root, POINTER)
 
+    @staticmethod
+    def _card_names(dest: str, sha256: str) -> bool:
+        try:
+            return read_card(card_path_for(dest)).sha256 == sha256
+        except (CardError, OSError):
+            return False
+
     def import_artifact(self, path: str, sha256: str) -> str:
         """Copy ``path`` and its card into a version folder (once); returns the copy's path."""
         path = os.path.abspath(path)
@@ -132,16 +229,26 @@ class Versions:
         stem = os.path.splitext(os.path.basename(path))[0]
         folder = os.path.join(self.root, VERSIONS, f"{stem}-{sha256[:8]}")
         dest = os.path.join(folder, os.path.basename(path))
-        if os.path.exists(dest) and sha256_file(dest) == sha256:
+        complete = self._card_names(dest, sha256)
+        if os.path.exists(dest) and complete and sha256_file(dest) == sha256:
             return dest
+        if os.path.exists(dest):
+            log.warning("version %s is incomplete (%s); importing it again", folder,
+                        "its card is missing or names other bytes" if not complete else "its artifact changed")
         os.makedirs(folder, exist_ok=True)
+        with open(card_path_for(path), "rb") as f:
+            card_bytes = f.read()
+        atomic_write_bytes(card_path_for(dest), card_bytes)  # the card first: an artifact never lacks its card
         tmp = dest + ".part"
         shutil.copyfile(path, tmp)
         if sha256_file(tmp) != sha256:
             os.unlink(tmp)
             raise LifecycleError(f"{path} changed while it was copied into {folder}; load it again")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
-        shutil.copyfile(card_path_for(path), card_path_for(dest))
+        if not self._card_names(dest, sha256):
+            raise LifecycleError(f"{card_path_for(path)} changed while it was copied into {folder}; load it again")
         return dest
 
     def write(self, active: Slot, previous: Optional[Slot], who: str) -> None:
@@ -152,7 +259,8 @@ class Versions:
         atomic_write_bytes(self.pointer_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
     def read(self) -> Optional[Dict[str, Any]]:
-        """The pointer's ``active`` entry, None when there is none; LifecycleError when it is unusable."""
+        """The pointer's ``active`` entry, None when there is none; LifecycleError when it is unusable
+        (unreadable, or naming a missing or incomplete version)."""
         if not os.path.exists(self.pointer_path):
             return None
         try:
@@ -164,51 +272,10 @@ class Versions:
             raise LifecycleError(f"{self.pointer_path} is not a valid active pointer ({e})") from None
         if not os.path.isfile(path):
             raise LifecycleError(f"{self.pointer_path} names {path}, which does not exist")
+        if not self._card_names(path, sha):
+            raise LifecycleError(f"{self.pointer_path} names {path}, an incomplete version (its card "
+                                 f"{card_path_for(path)} is missing or does not name sha256 {sha[:12]}); ignored")
         return {"path": path, "sha256": sha}
-
-
-class PChart:
-    """Automatic rollback: reject-rate p-chart from the previous model's last ``baseline`` frames."""
-
-    def __init__(self, baseline: int, subgroup: int, watch: int) -> None:
-        self.baseline, self.subgroup, self.watch = baseline, subgroup, watch
-        self.recent: Deque[bool] = collections.deque(maxlen=max(baseline, 1))
-        self.armed: Optional[Dict[str, float]] = None
-        self._n = self._rejects = self._seen = 0
-
-    def arm(self) -> Optional[Dict[str, float]]:
-        """At a promotion: limits from the outgoing model's recent frames (None: too few to judge)."""
-        self._n = self._rejects = self._seen = 0
-        k = len(self.recent)
-        if self.baseline <= 0 or k < self.baseline:
-            self.armed = None
-            return None
-        p = sum(self.recent) / k
-        p = min(max(p, 0.5 / k), 1.0 - 0.5 / k)  # a baseline of 0 rejects must not make any reject an alarm
-        sigma = math.sqrt(p * (1.0 - p) / self.subgroup)
-        self.armed = {"p": p, "lcl": max(0.0, p - 3 * sigma), "ucl": min(1.0, p + 3 * sigma), "baseline": k}
-        self.recent.clear()
-        return self.armed
-
-    def observe(self, rejects: List[bool]) -> Optional[Tuple[float, Dict[str, float]]]:
-        """Feed the active model's decisions; (subgroup reject rate, limits) when it is out of control."""
-        out = None
-        for r in rejects:
-            self.recent.append(r)
-            if self.armed is None:
-                continue
-            self._n += 1
-            self._seen += 1
-            self._rejects += int(r)
-            if self._n >= self.subgroup:
-                rate = self._rejects / self._n
-                if not self.armed["lcl"] <= rate <= self.armed["ucl"]:
-                    out = (rate, dict(self.armed))
-                    self.armed = None
-                self._n = self._rejects = 0
-            if self.armed is not None and self._seen >= self.watch:
-                self.armed = None  # watched long enough: the promotion stands
-        return out
 
 
 class Lifecycle:
@@ -228,8 +295,9 @@ class Lifecycle:
         self.limit = C.parse_size(self.lc.memory_limit, "lifecycle.memory_limit") if self.lc.memory_limit else None
         self.changes: Dict[str, int] = collections.Counter()
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=50)
-        self.pchart = PChart(self.lc.auto_rollback_baseline, self.lc.auto_rollback_subgroup,
-                             self.lc.auto_rollback_watch)
+        self.chart = RollbackChart(self.lc.auto_rollback_baseline, self.lc.auto_rollback_subgroup,
+                                   self.lc.auto_rollback_watch, self.lc.auto_rollback_alpha)
+        self.promotion_state: Optional[str] = None  # why the candidate is (not yet) promoted automatically
         self.on_active: List[Callable[[Slot], None]] = []  # called after the active model changed
         self.on_candidate: List[Callable[[Optional[Slot]], None]] = []  # called when the candidate changed
         self.shadow: Any = None  # the ShadowScorer, when the daemon runs one
@@ -239,7 +307,8 @@ class Lifecycle:
     # -- opening -----------------------------------------------------------------
     def open_initial(self) -> Slot:
         """The model to start on: the ``active`` pointer of ``models_dir`` when there is a usable one,
-        else ``model.path``. A broken pointer is logged and the line starts on ``model.path``."""
+        else ``model.path``. A broken pointer is logged and the line starts on ``model.path``. The
+        start-up model passes the same operating-point rule as a swap (:func:`unmeasured_points`)."""
         path, source = self.cfg.model.path, "model.path"
         if self.versions is not None and self._given is None:
             try:
@@ -264,60 +333,7 @@ class Lifecycle:
         return slot
 
     def _open(self, path: str, source: str, given: Any = None) -> Slot:
-        """Open, check (crop mode / unmeasured thresholds as at start-up) and warm one artifact."""
-        from nexedge.runtime import open_backend, registry
-
-        cfg = self.cfg
-        try:  # the options of the backend that opens this file (an engine loaded on an ONNX line too)
-            opts = registry.options_for(path, cfg.model.options)
-        except ValueError as e:
-            raise C.ConfigError(str(e)) from None
-        if not cfg.model.verify_card:
-            opts["verify"] = False
-        t0, rss0 = time.monotonic(), rss_bytes()
-        backend = given if given is not None else open_backend(path, **opts)
-        try:
-            card = backend.card
-            self._check_operating_points(card, backend, cfg.decision)
-            if backend.max_batch < cfg.batching.max_batch:
-                raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
-                                    f"({backend.max_batch}, from the card's graph.max_batch or model.options)")
-            if cfg.model.warmup:
-                import numpy as np
-
-                backend.warmup(cfg.model.warmup)
-                backend.infer(np.zeros((cfg.batching.max_batch,) + tuple(backend.input_shape), np.uint8))
-            decider = Decider(card, cfg.decision, cfg.uncertain)
-            from nexedge.runtime.cascade import plan_for_daemon
-
-            backend = plan_for_daemon(backend, cfg.model, decider.threshold, opts, artifact=path)  # model.cascade
-        except BaseException:
-            if given is None:
-                backend.close()
-            raise
-        size = os.path.getsize(path) if os.path.isfile(path) else 0
-        slot = Slot(path, backend, decider, max(rss_bytes() - rss0, size), source)
-        info = decider.info
-        log.info("model %s loaded and warmed up in %.2f s; threshold %.6f from %s (target TPR %s, TPR lower95 %s)",
-                 card.model_id, time.monotonic() - t0, info["threshold"], info["source"], info.get("target_tpr"),
-                 info.get("tpr_lower95"), extra={"fields": {"model_id": card.model_id, "threshold_info": info}})
-        return slot
-
-    @staticmethod
-    def _check_operating_points(card: Any, backend: Any, d: C.DecisionCfg) -> None:
-        """Log where the card's operating points come from; refuse (fail closed) thresholds that were
-        measured with another crop mode than the backend runs, unless ``decision.allow_unmeasured``."""
-        log.info("card %s: %s", card.model_id, card.ops_status_line(),
-                 extra={"fields": {"operating_points_source": card.ops_source}})
-        if d.threshold is not None:
-            return  # an explicit threshold does not rest on the card's measurement
-        problem = card.crop_mode_mismatch(str(backend.crop_mode))
-        if problem is None:
-            return
-        if not d.allow_unmeasured:
-            raise C.ConfigError(f"{card.source}: {problem}; or set decision.allow_unmeasured: true to run on "
-                                "these unmeasured thresholds anyway")
-        log.warning("UNMEASURED OPERATING POINTS (decision.allow_unmeasured is set): %s", problem)
+        return open_slot(self.cfg, path, source, given)
 
     def _announce(self, slot: Slot) -> None:
         """Metrics and log lines for the model now deciding."""
@@ -331,18 +347,23 @@ class Lifecycle:
             "tpr_lower95": str(info.get("tpr_lower95")), "version": __version__,
         })
         m.threshold.set(slot.decider.threshold)
-        lb = info.get("tpr_lower95")
-        m.tpr_lower95.set(float("nan") if lb is None else float(lb))
         from nexedge.metrics import expected_escape_rate, weak_points
 
         op = card.operating_point(float(info["target_tpr"])) if info["source"] == "card" else None
-        weak = op is not None and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
-        m.weak_operating_point.set(1 if weak else 0)
-        esc = None if op is None else expected_escape_rate(op)
-        m.expected_escape_rate.set(float("nan") if esc is None else esc)
-        if weak:
-            log.warning("WEAK OPERATING POINT: %s", weak_points([op], self.cfg.decision.tpr_floor)[0]["message"],
-                        extra={"fields": {"tpr_lower95": lb, "tpr_floor": self.cfg.decision.tpr_floor}})
+        if slot.unmeasured is not None:  # the card's numbers belong to another artifact: not this one's
+            m.tpr_lower95.set(float("nan"))
+            m.expected_escape_rate.set(float("nan"))
+            m.weak_operating_point.set(1)
+        else:
+            lb = info.get("tpr_lower95")
+            m.tpr_lower95.set(float("nan") if lb is None else float(lb))
+            weak = op is not None and (lb is None or float(lb) < self.cfg.decision.tpr_floor)
+            m.weak_operating_point.set(1 if weak else 0)
+            esc = None if op is None else expected_escape_rate(op)
+            m.expected_escape_rate.set(float("nan") if esc is None else esc)
+            if weak:
+                log.warning("WEAK OPERATING POINT: %s", weak_points([op], self.cfg.decision.tpr_floor)[0]["message"],
+                            extra={"fields": {"tpr_lower95": lb, "tpr_floor": self.cfg.decision.tpr_floor}})
         for fn in self.on_active:
             fn(slot)
 
@@ -364,26 +385,37 @@ class Lifecycle:
             control = ControlServer(self, self.lc.control, auth, self.report)
         return self.shadow, control
 
-    def after_batch(self, decided: List[Tuple[Any, float, str]]) -> None:
-        """The worker's hook after a batch's verdicts went out: p-chart, then shadow scoring."""
-        self.observe([d for _f, _x, d in decided])
+    def after_batch(self, decided: List[Tuple[Any, float, str]], slot: Optional[Slot] = None) -> None:
+        """The worker's hook after a batch's verdicts went out, with the model that decided them
+        (``slot``; default the active one): rollback chart, then shadow scoring."""
+        slot = slot if slot is not None else self.active
+        self.observe([d for _f, _x, d in decided], slot)
         if self.shadow is not None and self.candidate is not None:
-            self.shadow.offer(None, [f for f, _x, _d in decided], [x for _f, x, _d in decided],
+            self.shadow.offer(slot, [f for f, _x, _d in decided], [x for _f, x, _d in decided],
                               [d for _f, _x, d in decided])
 
     def report(self) -> Dict[str, Any]:
         """``nexedge line report``: shadow statistics of the (last) candidate."""
-        return self.shadow.report() if self.shadow is not None else {}
+        out = self.shadow.report() if self.shadow is not None else {}
+        if self.lc.auto_promote_frames > 0:
+            out["auto_promote"] = self.promotion_state
+        return out
 
     # -- operations ----------------------------------------------------------------
     def slots(self) -> Dict[str, Optional[Slot]]:
         return {"active": self.active, "candidate": self.candidate, "previous": self.previous}
 
-    def resident_bytes(self) -> int:
-        return sum(s.footprint for s in self.slots().values() if s is not None)
+    def resident_bytes(self, without: Tuple[str, ...] = ()) -> int:
+        return sum(s.footprint for k, s in self.slots().items() if s is not None and k not in without)
 
     def load(self, path: str, as_: str = "candidate", who: str = "?") -> Dict[str, Any]:
-        """Open, warm and check ``path``, then make it the candidate (shadow) or the active model."""
+        """Check ``path``, then make it the candidate (shadow) or the active model.
+
+        Nothing resident changes before the new model has passed its checks: a refused load leaves
+        every slot as it was. A slot that must go to make room (``max_models``, ``memory_limit``) is
+        unloaded only after the new model was opened, checked and warmed in a child process (the
+        load probe, :mod:`nexedge.serve.loadprobe`); with ``memory_limit`` every load is probed
+        first, under that budget, so the daemon itself never opens a model that would exceed it."""
         if as_ not in ("candidate", "active"):
             raise LifecycleError(f"load as {as_!r}: expected 'candidate' or 'active'")
         if not isinstance(path, str) or not path:
@@ -392,7 +424,28 @@ class Lifecycle:
         if not os.path.isfile(path):
             raise LifecycleError(f"load: {path} does not exist on the line machine (or is not a file)")
         with self._op_lock:
-            self._make_room(path, as_)
+            card = self._precheck(path, as_)
+            droppable = (("candidate",) if as_ == "candidate" and self.candidate is not None else ()) + \
+                (("previous",) if self.previous is not None else ())
+            drops = self._count_drops(path, as_, droppable)
+            probed: Optional[Dict[str, Any]] = None
+            if self.limit is not None or drops:
+                from nexedge.serve.loadprobe import probe
+
+                budget = None if self.limit is None else self.limit - self.resident_bytes(droppable)
+                if budget is not None and budget <= 0:
+                    raise LifecycleError(f"load {path}: the active model alone takes {_mib(self.resident_bytes(droppable))}"
+                                         f", lifecycle.memory_limit is {self.lc.memory_limit}")
+                probed = probe(path, self.cfg, self.active.card, budget)
+                if probed["sha256"] != card.sha256:
+                    raise LifecycleError(f"load {path}: the file changed while it was checked; load it again")
+                drops = self._memory_drops(path, as_, drops, droppable, int(probed["peak_bytes"]))
+            for name in drops:
+                gone = getattr(self, name)
+                log.warning("unloading the %s model %s to make room for %s (checked in a child process%s)", name,
+                            gone.model_id, card.model_id, "" if probed is None else
+                            f": peak {_mib(int(probed['peak_bytes']))}")
+                self._drop(name, f"unloaded to make room for {card.model_id}")
             try:
                 slot = self._open(path, f"loaded by {who}")
             except LifecycleError:
@@ -401,13 +454,10 @@ class Lifecycle:
                 raise LifecycleError(f"load {path}: {e}") from e
             try:
                 check_compatible(self.active.card, slot.card, slot.backend, self.cfg)
-                if slot.sha256 and slot.sha256 == self.active.sha256 and as_ == "active":
-                    raise LifecycleError(f"{path} is the active model already ({slot.model_id})")
-                if self.limit is not None and self.resident_bytes() + slot.footprint > self.limit:
-                    raise LifecycleError(
-                        f"load {path}: the resident models would take about {_mib(self.resident_bytes() + slot.footprint)}"
-                        f" ({_mib(slot.footprint)} for this one), over lifecycle.memory_limit {self.lc.memory_limit}; "
-                        "unload the candidate or the previous model first")
+                if slot.sha256 != card.sha256:
+                    raise LifecycleError(f"load {path}: the file changed while it was loaded; load it again")
+                if probed is not None:
+                    slot.load_peak = int(probed["peak_bytes"])
                 if self.versions is not None:
                     slot.path = self.versions.import_artifact(path, slot.sha256)
             except BaseException:
@@ -415,28 +465,65 @@ class Lifecycle:
                 raise
             return self._install(slot, as_, who)
 
-    def _make_room(self, path: str, as_: str) -> None:
-        """Before opening: a new candidate replaces the old one (unloaded first); stay within
-        max_models and, by the artifact's size, the memory limit, dropping the previous model first."""
+    def _precheck(self, path: str, as_: str) -> ModelCard:
+        """Checks that need no backend: the card (sha256 verified), its compatibility with the line."""
+        try:
+            card = load_card(path, verify=self.cfg.model.verify_card)
+        except (CardError, OSError) as e:
+            raise LifecycleError(f"load {path}: {e}") from e
+        check_card_compatible(self.active.card, card)
+        d = self.cfg.decision
+        if d.threshold is None and not d.allow_unmeasured:
+            from nexedge.runtime import registry
+
+            try:
+                opts = registry.options_for(path, self.cfg.model.options)
+            except ValueError as e:
+                raise LifecycleError(f"load {path}: {e}") from None
+            problem = operating_points_problem(card, opts.get("crop_mode") or card.runtime_crop_mode)
+            if problem is not None:
+                raise LifecycleError(f"{card.source}: {problem} (or set decision.allow_unmeasured: true)")
+        if as_ == "active" and card.sha256 and card.sha256 == self.active.sha256:
+            raise LifecycleError(f"{path} is the active model already ({card.model_id})")
+        return card
+
+    def _count_drops(self, path: str, as_: str, droppable: Tuple[str, ...]) -> List[str]:
+        """Slots that must go for ``max_models`` (and, by the artifact's size, ``memory_limit``);
+        LifecycleError when even dropping them all leaves no room. Nothing is dropped here."""
         size = os.path.getsize(path)
+        drops: List[str] = []
 
         def over() -> Optional[str]:
-            n = sum(s is not None for s in self.slots().values()) + 1
+            n = sum(s is not None for k, s in self.slots().items() if k not in drops) + 1
             if n > self.lc.max_models:
                 return f"{n} models resident, over lifecycle.max_models {self.lc.max_models}"
-            if self.limit is not None and self.resident_bytes() + size > self.limit:
-                return (f"its {_mib(size)} of weights on top of the {_mib(self.resident_bytes())} resident, over "
-                        f"lifecycle.memory_limit {self.lc.memory_limit}")
+            if self.limit is not None and self.resident_bytes(tuple(drops)) + size > self.limit:
+                return (f"its {_mib(size)} of weights on top of the {_mib(self.resident_bytes(tuple(drops)))} "
+                        f"resident, over lifecycle.memory_limit {self.lc.memory_limit}")
             return None
-        if as_ == "candidate" and self.candidate is not None and over():
-            log.info("unloading the candidate %s to make room for %s", self.candidate.model_id, path)
-            self._drop("candidate")
-        if over() and self.previous is not None:
-            log.info("unloading the previous model %s to make room for %s (%s)", self.previous.model_id, path, over())
-            self._drop("previous")
+        for name in droppable:
+            if over():
+                drops.append(name)
         problem = over()
         if problem:
             raise LifecycleError(f"load {path}: would make {problem}; unload the candidate first")
+        return drops
+
+    def _memory_drops(self, path: str, as_: str, drops: List[str], droppable: Tuple[str, ...], peak: int) -> List[str]:
+        """``drops`` plus what must go so that the resident models and this one's measured peak fit."""
+        if self.limit is None:
+            return drops
+        drops = list(drops)
+        for name in droppable:
+            if self.resident_bytes(tuple(drops)) + peak <= self.limit:
+                break
+            if name not in drops:
+                drops.append(name)
+        if self.resident_bytes(tuple(drops)) + peak > self.limit:
+            raise LifecycleError(f"load {path}: it took {_mib(peak)} while loading (measured in a child process), "
+                                 f"on top of {_mib(self.resident_bytes(tuple(drops)))} resident that is over "
+                                 f"lifecycle.memory_limit {self.lc.memory_limit}; unload the candidate first")
+        return drops
 
     def _install(self, slot: Slot, as_: str, who: str) -> Dict[str, Any]:
         old = self.candidate if as_ == "candidate" else self.active
@@ -448,11 +535,13 @@ class Lifecycle:
                 fn(slot)
             self._record("load", who, old, slot, slot="candidate")
         else:
+            pre = self._baseline_of(old)
             with self.batch_lock:
                 self.active = slot
                 prev_out = self._retire(old)
+                limits = self._rearm(old, slot, pre, "load --as active")
             self._after_active_change(prev_out)
-            self._record("load", who, old, slot, slot="active")
+            self._record("load", who, old, slot, slot="active", rollback_limits=limits)
         return self.status()
 
     def _retire(self, old: Optional[Slot]) -> Optional[Slot]:
@@ -471,37 +560,89 @@ class Lifecycle:
             closing.close()
         self._announce(self.active)
 
-    def promote(self, who: str = "?", rule: str = "") -> Dict[str, Any]:
-        """The candidate becomes active; the active model becomes previous (or is unloaded)."""
+    # -- the rollback chart ---------------------------------------------------------
+    def _baseline_of(self, outgoing: Optional[Slot]) -> Optional[Tuple[int, int]]:
+        """(rejects, frames) of ``outgoing``'s recent decisions, read before the swap."""
+        if self.lc.auto_rollback_baseline <= 0 or outgoing is None:
+            return None
+        return self.chart.baseline_of(outgoing)
+
+    def _rearm(self, old: Optional[Slot], new: Slot, pre: Any, why: str) -> Optional[Dict[str, Any]]:
+        """(under batch_lock, at a change of the active model) arm the chart for ``new`` against ``old``
+        when ``old`` is kept as the rollback target and its baseline is long enough; else disarm it."""
+        if self.lc.auto_rollback_baseline <= 0:
+            return None
+        if old is None or self.previous is not old:
+            self._disarm(f"{why}: no previous model to roll back to")
+            return None
+        if pre is None:
+            self._disarm(f"{why}: fewer than lifecycle.auto_rollback_baseline ({self.lc.auto_rollback_baseline}) "
+                         f"decisions of {old.model_id} were seen before the change")
+            return None
+        limits = self.chart.arm(old, new, new.model_id, pre)
+        log.warning("automatic rollback armed for %s (%s): baseline %d rejects in %d frames of %s; checked every "
+                    "%d frames for %d frames, false-rollback chance %g per change", new.model_id, why,
+                    limits["baseline_rejects"], limits["baseline"], old.model_id, limits["every"], limits["watch"],
+                    limits["alpha"], extra={"fields": {"event": "rollback_armed", "limits": limits}})
+        if limits["lower_fires_from"] is None:
+            log.warning("automatic rollback of %s cannot fire on a LOW reject rate: %d rejects in %d baseline frames "
+                        "cannot tell 0 rejects in %d frames from chance at %g; a model that rejects nothing would "
+                        "not be rolled back (raise lifecycle.auto_rollback_baseline and auto_rollback_watch)",
+                        new.model_id, limits["baseline_rejects"], limits["baseline"], limits["watch"],
+                        limits["alpha"])
+        return limits
+
+    def _disarm(self, why: str) -> None:
+        if self.lc.auto_rollback_baseline <= 0:
+            return
+        was = self.chart.armed
+        self.chart.disarm()
+        log.warning("automatic rollback not armed%s: %s", "" if was is None else f" (was for {was['model_id']})",
+                    why, extra={"fields": {"event": "rollback_disarmed", "reason": why}})
+
+    # -- operations ----------------------------------------------------------------
+    def promote(self, who: str = "?", rule: str = "", expect: Optional[Slot] = None) -> Dict[str, Any]:
+        """The candidate becomes active; the active model becomes previous (or is unloaded).
+        ``expect``: act only when this model is still the candidate (automatic promotion)."""
         with self._op_lock:
             cand = self.candidate
+            if expect is not None and cand is not expect:
+                log.warning("automatic promotion of %s not done: it is no longer the candidate (%s is)",
+                            expect.model_id, cand.model_id if cand else "none")
+                return self.status()
             if cand is None:
                 raise LifecycleError("promote: no candidate is loaded; `nexedge line load ARTIFACT` first")
+            pre = self._baseline_of(self.active)
             with self.batch_lock, cand.use_lock:  # the shadow scorer is done with it (TensorRT contexts are
                 old = self.active                 # not thread-safe: never two threads on one model)
                 self.active, self.candidate = cand, None
                 closing = self._retire(old)
-                limits = self.pchart.arm()
+                limits = self._rearm(old, cand, pre, "promote")
             for fn in self.on_candidate:
                 fn(None)
             self._after_active_change(closing)
             self._record("promote", who, old, cand, rule=rule or None, rollback_limits=limits)
-            if self.lc.auto_rollback_baseline and limits is None:
-                log.warning("automatic rollback not armed: fewer than lifecycle.auto_rollback_baseline (%d) frames "
-                            "of %s were seen before the promotion", self.lc.auto_rollback_baseline, old.model_id)
             return self.status()
 
-    def rollback(self, who: str = "?", reason: str = "") -> Dict[str, Any]:
-        """The previous model becomes active again; the one it replaces is unloaded."""
+    def rollback(self, who: str = "?", reason: str = "", expect: Optional[Slot] = None,
+                 to: Optional[Slot] = None) -> Dict[str, Any]:
+        """The previous model becomes active again; the one it replaces is unloaded. ``expect``/``to``:
+        act only when these are still the active and the previous model (automatic rollback)."""
         with self._op_lock:
             prev = self.previous
+            if expect is not None and (self.active is not expect or prev is not to):
+                self.changes["auto_rollback_skipped"] += 1
+                log.warning("automatic rollback of %s not done: the slots changed since it was flagged (active now "
+                            "%s, previous %s)", expect.model_id, self.active.model_id if self.active else "none",
+                            prev.model_id if prev else "none")
+                return self.status()
             if prev is None:
                 raise LifecycleError("rollback: there is no previous model to go back to (nothing was promoted "
                                      "since the start, or lifecycle.keep_previous is false)")
             with self.batch_lock:
                 bad = self.active
                 self.active, self.previous = prev, None
-                self.pchart.armed = None
+                self._disarm(f"rolled back from {bad.model_id} by {who}")
             self._after_active_change(bad)
             self._record("rollback", who, bad, prev, reason=reason or None)
             return self.status()
@@ -513,13 +654,16 @@ class Lifecycle:
             old = getattr(self, slot)
             if old is None:
                 raise LifecycleError(f"unload: no {slot} model is loaded")
-            self._drop(slot)
+            self._drop(slot, f"unloaded by {who}")
             self._record("unload", who, old, None, slot=slot)
             return self.status()
 
-    def _drop(self, slot: str) -> None:
+    def _drop(self, slot: str, why: str) -> None:
         old = getattr(self, slot)
-        setattr(self, slot, None)
+        with self.batch_lock:
+            setattr(self, slot, None)
+            if slot == "previous" and self.chart.armed is not None:
+                self._disarm(f"the previous model {old.model_id if old else '?'} was {why}: nothing to roll back to")
         if slot == "candidate":
             for fn in self.on_candidate:
                 fn(None)
@@ -550,40 +694,42 @@ class Lifecycle:
                 log.error("SIGHUP: %s; still running on %s", e, self.active.model_id if self.active else "?")
         threading.Thread(target=run, name="nexedge-sighup", daemon=True).start()
 
-    def observe(self, decisions: List[str]) -> None:
-        """The worker's decisions of one batch on the active model (auto-rollback p-chart)."""
+    def observe(self, decisions: List[str], slot: Optional[Slot] = None) -> None:
+        """Decisions of one batch and the model that made them (automatic rollback chart)."""
         if self.lc.auto_rollback_baseline <= 0:
             return
-        hit = self.pchart.observe([d == "REJECT" for d in decisions])
+        hit = self.chart.observe(slot if slot is not None else self.active, [d == "REJECT" for d in decisions])
         if hit is None:
             return
-        rate, lim = hit
+        bad, to = hit.pop("slot"), hit.pop("fallback")
         self.changes["auto_rollback"] += 1
-        msg = (f"reject rate {rate:.4f} over the last {self.lc.auto_rollback_subgroup} frames left the p-chart "
-               f"limits [{lim['lcl']:.4f}, {lim['ucl']:.4f}] (previous model p {lim['p']:.4f} over "
-               f"{int(lim['baseline'])} frames)")
-        log.warning("AUTOMATIC ROLLBACK of %s: %s", self.active.model_id if self.active else "?", msg)
+        msg = (f"{hit['rejects']} rejects in the {hit['frames']} frames since the change, outside the limits "
+               f"[{hit['lo'] + 1}, {hit['hi'] - 1}] predicted from {hit['baseline_rejects']} rejects in "
+               f"{hit['baseline']} frames of the previous model (false-rollback chance {hit['alpha']:g} per change)")
+        log.warning("AUTOMATIC ROLLBACK of %s: %s", bad.model_id, msg, extra={"fields": {"event": "auto_rollback",
+                                                                                         "chart": hit}})
 
         def run() -> None:  # not on the worker: a load in progress holds the operation lock for seconds
             try:
-                self.rollback("auto-rollback", reason=msg)
+                self.rollback("auto-rollback", reason=msg, expect=bad, to=to)
             except LifecycleError as e:
                 log.error("automatic rollback failed: %s", e)
         threading.Thread(target=run, name="nexedge-auto-rollback", daemon=True).start()
 
-    def maybe_auto_promote(self, frames: int, disagreements: int) -> None:
-        """Called by the shadow scorer: promote when the configured rule holds."""
-        n = self.lc.auto_promote_frames
-        if n <= 0 or frames < n or self.candidate is None:
+    def maybe_auto_promote(self, cand: Slot, matrix: Dict[Tuple[str, str], int]) -> None:
+        """Called by the shadow scorer with the agreement matrix of ``cand``: promote it (and only it)
+        when the rule holds (:func:`nexedge.serve.rules.promotion_verdict`)."""
+        lc = self.lc
+        if lc.auto_promote_frames <= 0 or self.candidate is not cand:
             return
-        rate = disagreements / max(frames, 1)
-        if rate > self.lc.auto_promote_max_disagreement:
+        ok, why = promotion_verdict(matrix, lc.auto_promote_frames, lc.auto_promote_max_disagreement,
+                                    lc.auto_promote_max_escape)
+        self.promotion_state = why
+        if not ok:
             return
-        rule = (f"{frames} shadow frames, disagreement {rate:.4f} <= "
-                f"lifecycle.auto_promote_max_disagreement {self.lc.auto_promote_max_disagreement}")
-        log.warning("AUTOMATIC PROMOTION of %s: %s", self.candidate.model_id, rule)
+        log.warning("AUTOMATIC PROMOTION of %s: %s", cand.model_id, why)
         try:
-            self.promote("auto-promote", rule=rule)
+            self.promote("auto-promote", rule=why, expect=cand)
         except LifecycleError as e:
             log.error("automatic promotion failed: %s", e)
 
@@ -612,8 +758,8 @@ class Lifecycle:
         out.update({"resident_bytes": self.resident_bytes(), "memory_limit_bytes": self.limit,
                     "max_models": self.lc.max_models, "keep_previous": self.lc.keep_previous,
                     "models_dir": self.versions.root if self.versions else None,
-                    "auto_rollback": self.pchart.armed, "changes": dict(self.changes),
-                    "history": list(self.history)[-10:]})
+                    "auto_rollback": self.chart.armed, "auto_promote": self.promotion_state,
+                    "changes": dict(self.changes), "history": list(self.history)[-10:]})
         return out
 
     def close(self) -> None:
@@ -633,8 +779,9 @@ class Lifecycle:
                 slot.add_metric([name, s.model_id], 1.0)
                 mem.add_metric([name], float(s.footprint))
         changes = CounterMetricFamily("nexedge_model_changes", "Model lifecycle changes, by action "
-                                      "(load, promote, rollback, unload, auto_rollback)", labels=["action"])
-        for k in ("load", "promote", "rollback", "unload", "auto_rollback"):
+                                      "(load, promote, rollback, unload, auto_rollback, auto_rollback_skipped)",
+                                      labels=["action"])
+        for k in ("load", "promote", "rollback", "unload", "auto_rollback", "auto_rollback_skipped"):
             changes.add_metric([k], float(self.changes.get(k, 0)))
         return [slot, mem, changes]
 

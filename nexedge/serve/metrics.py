@@ -3,10 +3,13 @@
 Python 3.8, no torch.
 """
 
-import http.server
+import http
 import logging
+import selectors
+import socket
 import threading
-from typing import Any, Callable, Dict, Iterable, Optional
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,6 +46,8 @@ class DaemonMetrics:
                              buckets=LAT_BUCKETS, registry=r)
         self.queue_depth = Gauge("nexedge_queue_depth", "Frames waiting for a batch", registry=r)
         self.decoding = Gauge("nexedge_decode_in_flight", "Frames being decoded", registry=r)
+        self.decode_waiting = Gauge("nexedge_decode_waiting", "Admitted frames waiting for a decode thread",
+                                    registry=r)
         self.ready = Gauge("nexedge_ready", "1 when model loaded, warmed up and sockets bound", registry=r)
         self.model = Info("nexedge_model", "Model and decision settings in use", registry=r)
         self.threshold = Gauge("nexedge_threshold", "Decision threshold on the defect score", registry=r)
@@ -125,7 +130,8 @@ class _CounterCollector:
 
 
 #: Shift-monitor statistics exported as one gauge family each, per camera (docs/metrics.md).
-MONITOR_STATS = ("psi", "brightness", "contrast", "sharpness", "uncertain_frac", "mean_score", "reject_rate")
+MONITOR_STATS = ("psi", "brightness", "contrast", "sharpness", "uncertain_frac", "mean_score", "reject_rate",
+                 "defect_prior")
 
 
 class _SnapshotCollector:
@@ -177,101 +183,219 @@ class _SnapshotCollector:
             yield other
 
 
-class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, but at most ``max_connections`` at once: further connections are
-    closed at once (counted), so idle or slow clients cannot pile up threads."""
-
-    daemon_threads = True
-    request_queue_size = 16
-
-    def __init__(self, addr: Any, handler: Any, max_connections: int) -> None:
-        super().__init__(addr, handler)
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.refused = 0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
 def is_loopback_host(host: str) -> bool:
     h = host.strip("[]").lower()
     return h == "localhost" or h == "::1" or h.startswith("127.")
 
 
+#: Request head (request line + headers) a health or metrics request may send.
+MAX_REQUEST_BYTES = 8192
+
+
+class _Conn:
+    __slots__ = ("sock", "client", "t0", "buf", "out", "sent")
+
+    def __init__(self, sock: socket.socket, client: str, t0: float) -> None:
+        self.sock, self.client, self.t0 = sock, client, t0
+        self.buf = b""
+        self.out: Optional[bytes] = None  # the reply, once the request is complete
+        self.sent = 0
+
+
 class HealthServer:
-    """Threaded HTTP server: /metrics (Prometheus text), /live, /ready; bounded connections and
-    per-connection timeouts (``timeout_s`` for the request and for the reply)."""
+    """HTTP endpoint with /metrics (Prometheus text), /live and /ready, on one thread with a selector.
+
+    Slow clients cannot hold it: nothing waits on a connection. Each connection has one deadline,
+    ``timeout_s`` from accept, for the whole exchange (request and reply), however slowly it trickles
+    bytes; at most ``max_connections`` are open, at most ``max_per_client`` from one address. A new
+    connection past either cap pushes out the oldest one (of that client, or overall) that has not
+    finished sending its request, so a slowloris flood only ever closes its own connections and a
+    probe that sends its request at once is answered. Closed-unanswered connections are counted
+    (:attr:`refused`, by reason).
+    """
 
     def __init__(self, metrics: DaemonMetrics, host: str, port: int, is_ready: Callable[[], bool],
-                 is_live: Callable[[], bool], max_connections: int = 16, timeout_s: float = 5.0) -> None:
-        registry = metrics.registry
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = timeout_s  # socket timeout: an idle or trickling client is dropped
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    try:
-                        body = generate_latest(registry)
-                    except Exception as e:  # a metric that cannot render must not kill the endpoint
-                        self._send(500, f"metrics unavailable: {e}\n".encode("ascii", "replace"))
-                        return
-                    self._send(200, body, CONTENT_TYPE_LATEST)
-                elif path == "/live":
-                    ok = is_live()
-                    self._send(200 if ok else 503, b"live\n" if ok else b"not live\n")
-                elif path == "/ready":
-                    ok = is_ready()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"not found; try /metrics, /live, /ready\n")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+                 is_live: Callable[[], bool], max_connections: int = 16, timeout_s: float = 5.0,
+                 max_per_client: int = 4) -> None:
+        self.registry = metrics.registry
+        self.is_ready, self.is_live = is_ready, is_live
+        self.max_connections, self.max_per_client = int(max_connections), int(max_per_client)
+        self.timeout_s = float(timeout_s)
+        self.refused_by_reason: Dict[str, int] = {"evicted": 0, "timeout": 0, "too_large": 0}
         if not is_loopback_host(host):
             log.warning("metrics endpoint binds %s (not loopback): /metrics has no authentication; put it "
                         "behind a reverse proxy or firewall (docs/metrics.md)", host)
-        self.httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
-        self.port = int(self.httpd.server_address[1])
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        self._lsock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+        self._lsock.setblocking(False)
+        self.port = int(self._lsock.getsockname()[1])
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._conns: Dict[int, _Conn] = {}
+        self._stop = False
         self._thread: Optional[threading.Thread] = None
 
     @property
     def refused(self) -> int:
-        """Connections closed unserved because ``max_connections`` were busy."""
-        return self.httpd.refused
+        """Connections closed without an answer (pushed out by a newer one, timed out, oversized)."""
+        return sum(self.refused_by_reason.values())
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="nexedge-http", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="nexedge-http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         if self._thread is not None:
-            self.httpd.shutdown()
+            self._stop = True
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
             self._thread.join(timeout=5)
             self._thread = None
-        self.httpd.server_close()
+        for c in list(self._conns.values()):
+            self._close(c)
+        for s in (self._lsock, self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        self._sel = sel
+        sel.register(self._lsock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop:
+                for key, mask in sel.select(timeout=0.1):
+                    try:
+                        if key.data == "accept":
+                            self._accept()
+                        elif key.data == "wake":
+                            self._wake_r.recv(64)
+                        elif mask & selectors.EVENT_READ:
+                            self._read(key.data)
+                        else:
+                            self._write(key.data)
+                    except Exception as e:  # one bad connection must not stop the endpoint
+                        log.error("metrics HTTP: %s", e)
+                        if isinstance(key.data, _Conn):
+                            self._close(key.data)
+                now = time.monotonic()
+                for c in [c for c in self._conns.values() if now - c.t0 > self.timeout_s]:
+                    if c.out is None:
+                        self.refused_by_reason["timeout"] += 1
+                    self._close(c)
+        finally:
+            sel.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. out of file descriptors: try again on the next event
+                log.error("metrics HTTP accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            client = str(addr[0])
+            mine = [c for c in self._conns.values() if c.client == client]
+            if len(mine) >= self.max_per_client and not self._evict(mine):
+                self.refused_by_reason["evicted"] += 1
+                sock.close()
+                continue
+            if len(self._conns) >= self.max_connections and not self._evict(list(self._conns.values())):
+                self.refused_by_reason["evicted"] += 1
+                sock.close()
+                continue
+            c = _Conn(sock, client, time.monotonic())
+            self._conns[sock.fileno()] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _evict(self, conns: List[_Conn]) -> bool:
+        """Close the oldest of ``conns`` still sending its request; False when all are replying."""
+        waiting = [c for c in conns if c.out is None]
+        if not waiting:
+            return False
+        self.refused_by_reason["evicted"] += 1
+        self._close(min(waiting, key=lambda c: c.t0))
+        return True
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(c)
+            return
+        c.buf += data
+        end = c.buf.find(b"\r\n\r\n")
+        if end < 0:
+            end = c.buf.find(b"\n\n")
+        if end < 0:
+            if len(c.buf) > MAX_REQUEST_BYTES:
+                self.refused_by_reason["too_large"] += 1
+                self._reply(c, 431, b"request header too large\n", head=False)
+            return
+        self._answer(c, c.buf[:end])
+
+    def _answer(self, c: _Conn, head: bytes) -> None:
+        line = head.split(b"\n", 1)[0].strip().split()
+        if len(line) < 2:
+            self._reply(c, 400, b"bad request\n")
+            return
+        method, path = line[0], line[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            self._reply(c, 405, b"only GET and HEAD\n")
+            return
+        is_head = method == b"HEAD"
+        if path == b"/metrics":
+            try:
+                body = generate_latest(self.registry)
+            except Exception as e:  # a metric that cannot render must not kill the endpoint
+                self._reply(c, 500, f"metrics unavailable: {e}\n".encode("ascii", "replace"), is_head)
+                return
+            self._reply(c, 200, body, is_head, CONTENT_TYPE_LATEST)
+        elif path == b"/live":
+            ok = self.is_live()
+            self._reply(c, 200 if ok else 503, b"live\n" if ok else b"not live\n", is_head)
+        elif path == b"/ready":
+            ok = self.is_ready()
+            self._reply(c, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", is_head)
+        else:
+            self._reply(c, 404, b"not found; try /metrics, /live, /ready\n", is_head)
+
+    def _reply(self, c: _Conn, code: int, body: bytes, head: bool = False,
+               ctype: str = "text/plain; charset=utf-8") -> None:
+        reason = http.HTTPStatus(code).phrase
+        hdr = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+               "Connection: close\r\n\r\n").encode("ascii")
+        c.out = hdr + (b"" if head else body)
+        self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+        self._write(c)
+
+    def _write(self, c: _Conn) -> None:
+        try:
+            c.sent += c.sock.send(c.out[c.sent:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        if c.sent >= len(c.out):
+            self._close(c)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0 and self._conns.get(fd) is c:
+            del self._conns[fd]
+            try:
+                self._sel.unregister(c.sock)
+            except (KeyError, ValueError, AttributeError, RuntimeError):
+                pass
+        try:
+            c.sock.close()
+        except OSError:
+            pass

@@ -6,16 +6,29 @@ Per camera, over the last ``window`` frames:
 * ``reject_rate``    fraction of REJECT decisions
 * ``uncertain_frac`` fraction of frames flagged uncertain
 * ``psi``            population stability index of the score histogram against
-                     the card's ``val_scores`` (its bin edges, adjacent bins merged
-                     until each holds >= ``min_bin_frac`` of the reference), minus
-                     its chance level (K - 1)(1/n + 1/N) for a window of n frames
-                     and N reference scores, so one limit fits any window size
+                     the card's validation scores, minus its chance level
+                     (K - 1)(1/n + 1/N) for a window of n frames and N reference
+                     scores, so one limit fits any window size. Scores are binned
+                     in **log-odds** (the card's ``val_scores.logit``): good parts
+                     score near 0, where 20 equal bins on [0, 1] put nearly all of
+                     them in one bin and a drift among them is invisible. Adjacent
+                     bins are merged until each holds >= ``min_bin_frac`` of the
+                     reference, i.e. about quantile bins of the validation scores.
+                     The reference mixes the card's good and defect histograms by
+                     the line's defect rate ``defect_prior``: a number, or
+                     ``"estimate"``: fitted per camera (EM on the mixture weight)
+                     to its last ``prior_window`` frames, because the validation
+                     mix (often 30-50 % defects) is not the line's (about 1 %) and
+                     made PSI alarm for ever.
 * ``brightness``, ``contrast``, ``sharpness``: shift of the window mean from the
   card's ``image_stats`` reference, in units of the reference per-image std
   (|window mean - ref mean| / ref std)
 
-At most ``max_cameras`` cameras get their own window (about 20 KB each at the
-default window); frames from further camera ids share one ``_other`` window and
+A card without ``val_scores.logit`` (made before it existed) falls back to its
+bins on [0, 1], with a warning: re-measure it (``nexedge thresholds``).
+
+At most ``max_cameras`` cameras get their own window (about 30 KB each at the
+default windows); frames from further camera ids share one ``_other`` window and
 are counted (:attr:`ShiftMonitor.other_frames`), so a flood of new ids cannot
 grow memory or the number of metric series.
 
@@ -25,6 +38,7 @@ evaluated every ``check_every`` frames once ``min_frames`` are in the window
 returned by :meth:`ShiftMonitor.observe`); it clears when the value falls under
 ``clear_ratio`` x limit. While a camera has an alarm, :meth:`audit_rate` returns
 a raised audit-sampling rate so the store fills with the new kind of images.
+False-alarm rate and detection delay are measured by benchmarks/bench_shift.py.
 
 Python 3.8, numpy only.
 """
@@ -41,14 +55,16 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("brightness", "contrast", "sharpness")
 #: The shared window of cameras beyond ``max_cameras`` (same name as the metrics' overflow label).
 OTHER = "_other"
-#: Default limits; None switches a statistic off (it is still computed and exported). PSI 0.25
-#: is the usual "significant shift" mark. mean_score, reject_rate and uncertain_frac have no
-#: reference in the card and depend on the model and the line, so they are off until configured.
+#: Default limits; None switches a statistic off (it is still computed and exported). PSI 0.1 (above
+#: its chance level, on log-odds bins): no false alarm in 200,000 in-distribution frames, a doubled
+#: overkill found after about one window (benchmarks/bench_shift_scores.py). mean_score, reject_rate
+#: and uncertain_frac have no reference in the card and depend on the model and the line, so they are
+#: off until configured.
 DEFAULT_LIMITS: Dict[str, Optional[float]] = {
     "mean_score": None,
     "reject_rate": None,
     "uncertain_frac": None,
-    "psi": 0.25,
+    "psi": 0.1,
     "brightness": 1.0,
     "contrast": 1.0,
     "sharpness": 1.0,
@@ -58,9 +74,15 @@ DEFAULT_LIMITS: Dict[str, Optional[float]] = {
 class _Window:
     """Ring buffers and running sums for one camera."""
 
-    def __init__(self, size: int, nbins: int) -> None:
+    def __init__(self, size: int, nbins: int, history: int = 0) -> None:
         self.size = size
         self.n = 0
+        # the longer history of score bins the defect prior is estimated from
+        self.long_bin = np.zeros(max(history, 1), np.int16)
+        self.long_hist = np.zeros(max(nbins, 1), np.int64)
+        self.long_n = 0
+        self.long_pos = 0
+        self.prior: Optional[float] = None  # the last estimate
         self.pos = 0
         self.total = 0
         self.score = np.zeros(size, np.float64)
@@ -96,6 +118,14 @@ class _Window:
         self.uncertain[i] = uncertain
         self.bin[i] = b
         self.hist[b] += 1
+        j = self.long_pos
+        if self.long_n == len(self.long_bin):
+            self.long_hist[self.long_bin[j]] -= 1
+        else:
+            self.long_n += 1
+        self.long_bin[j] = b
+        self.long_hist[b] += 1
+        self.long_pos = (j + 1) % len(self.long_bin)
         self.sum_score += score
         self.sum_reject += reject
         self.sum_uncertain += uncertain
@@ -125,16 +155,34 @@ def psi(observed: np.ndarray, expected: np.ndarray, alpha: float = 0.5) -> float
     return float(np.sum((o - e) * np.log(o / e)))
 
 
+def estimate_prior(counts: np.ndarray, good: np.ndarray, defect: np.ndarray, start: float = 0.05,
+                   iters: int = 200) -> float:
+    """Maximum-likelihood weight p of ``defect`` in the mixture (1 - p) good + p defect that best explains
+    the binned ``counts`` (EM; ``good`` and ``defect`` are bin probabilities, no zeros)."""
+    h = np.asarray(counts, np.float64)
+    n = h.sum()
+    if n <= 0:
+        return start
+    p = min(max(start, 1e-4), 1 - 1e-4)
+    for _ in range(iters):
+        num = p * defect
+        new = float(np.sum(h * num / (num + (1 - p) * good)) / n)
+        if abs(new - p) < 1e-7:
+            return new
+        p = new
+    return p
+
+
 class ShiftMonitor:
     """Rolling per-camera drift statistics against a card's references.
 
     ``card``: a :class:`nexedge.card.ModelCard` or its ``data`` dict; uses
-    ``val_scores`` {edges, good, defect} and ``image_stats`` {name: {mean, std}}
+    ``val_scores`` {edges, good, defect, logit} and ``image_stats`` {name: {mean, std}}
     when present (statistics without a reference are switched off).
     ``limits``: overrides of :data:`DEFAULT_LIMITS` (None disables one).
-    ``defect_prior``: weight of the defect histogram in the PSI reference; None
-    uses the validation mix as it is, a number (e.g. the line's expected defect
-    rate) reweights good and defect counts.
+    ``defect_prior``: the line's defect rate, the weight of the defect histogram in
+    the PSI reference: a number in [0, 1], or ``"estimate"`` (also None) to fit it per
+    camera to its last ``prior_window`` frames.
     """
 
     def __init__(
@@ -145,11 +193,12 @@ class ShiftMonitor:
         min_frames: int = 100,
         check_every: int = 10,
         clear_ratio: float = 0.8,
-        defect_prior: Optional[float] = None,
+        defect_prior: Any = "estimate",
         audit_boost: float = 50.0,
         alarm_audit_rate: float = 0.05,
         min_bin_frac: float = 0.05,
         max_cameras: int = 256,
+        prior_window: int = 5000,
     ) -> None:
         if window < 10:
             raise ValueError(f"shift monitor window must be >= 10 frames, got {window}")
@@ -163,6 +212,14 @@ class ShiftMonitor:
             raise ValueError(f"min_bin_frac must be in (0, 0.5], got {min_bin_frac}")
         if not 0.0 < clear_ratio <= 1.0:
             raise ValueError(f"clear_ratio must be in (0, 1], got {clear_ratio}")
+        if prior_window < window:
+            raise ValueError(f"prior_window must be >= window={window}, got {prior_window}")
+        if defect_prior is None or defect_prior == "estimate":
+            defect_prior = None
+        elif isinstance(defect_prior, bool) or not isinstance(defect_prior, (int, float)) \
+                or not 0.0 <= defect_prior <= 1.0:
+            raise ValueError(f"defect_prior must be a number in [0, 1] or 'estimate', got {defect_prior!r}")
+        self.prior_window = int(prior_window)
         self.limits: Dict[str, Optional[float]] = dict(DEFAULT_LIMITS)
         for k, v in (limits or {}).items():
             if k not in DEFAULT_LIMITS:
@@ -188,9 +245,20 @@ class ShiftMonitor:
     def _set_reference(self, card: Any) -> None:
         data = card.data if hasattr(card, "data") else dict(card)
         vs = data.get("val_scores")
-        self._ref_count = float(sum(vs.get("good") or []) + sum(vs.get("defect") or [])) if vs else 0.0
-        self._edges, self._ref = self._score_reference(vs, self._defect_prior)
-        self._merge_bins(self._min_bin_frac)
+        self._edges = self._good = self._defect = None
+        self._space = "logit"
+        self._n_ref = 0.0
+        if vs:
+            src = vs.get("logit")
+            if src is None:
+                self._space = "score"
+                src = vs
+                log.warning("card has no log-odds score histogram (val_scores.logit, made before it existed): PSI "
+                            "uses its equal bins on [0, 1], which cannot see a drift among low scores; re-measure "
+                            "it with `nexedge thresholds ARTIFACT --data ROOT`")
+            self._edges, self._good, self._defect, self._n_ref = self._score_reference(src)
+        else:
+            log.info("card has no val_scores: PSI of the score histogram is off")
         self._stat_ref = self._image_reference(data.get("image_stats"))
 
     def rebase(self, card: Any) -> None:
@@ -208,31 +276,41 @@ class ShiftMonitor:
         return OTHER
 
     @staticmethod
-    def _score_reference(vs: Any, prior: Optional[float]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-        if not vs:
-            log.info("card has no val_scores: PSI of the score histogram is off")
-            return None, None
+    def _score_reference(vs: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(edges, good bin probabilities, defect bin probabilities, reference count) of a histogram."""
         edges = np.asarray(vs["edges"], np.float64)
         good = np.asarray(vs["good"], np.float64)
         defect = np.asarray(vs.get("defect") or np.zeros_like(good), np.float64)
         if edges.ndim != 1 or len(edges) < 3 or np.any(np.diff(edges) <= 0):
             raise ValueError(f"card val_scores.edges must be increasing with >= 2 bins, got {vs['edges']!r}")
-        if prior is None:
-            ref = good + defect
-        else:
-            if not 0.0 <= prior <= 1.0:
-                raise ValueError(f"defect_prior must be in [0, 1], got {prior}")
-            ref = (1 - prior) * good / max(good.sum(), 1.0) + prior * defect / max(defect.sum(), 1.0)
-        if ref.sum() <= 0:
+        if good.sum() + defect.sum() <= 0:
             raise ValueError("card val_scores holds no counts; cannot be a PSI reference")
-        return edges, ref
+        k = len(good)
+        # a little mass in every bin, so no score the line produces is impossible under the reference
+        g = (good + 0.5 / k) / (good.sum() + 0.5)
+        d = (defect + 0.5 / k) / (defect.sum() + 0.5)
+        return edges, g, d, float(good.sum() + defect.sum())
 
-    def _merge_bins(self, min_frac: float) -> None:
-        """Group adjacent score bins until each holds >= ``min_frac`` of the reference,
-        so sparse tails do not dominate the PSI."""
-        if self._ref is None:
-            return
-        frac = self._ref / self._ref.sum()
+    def _bin(self, score: float) -> int:
+        if self._space == "logit":
+            s = min(max(float(score), 1e-300), 1.0)
+            x = math.log(s) - math.log1p(-s) if s < 1.0 else math.inf
+        else:
+            x = float(score)
+        b = int(np.searchsorted(self._edges, x, side="right")) - 1
+        return min(max(b, 0), len(self._edges) - 2)
+
+    def _prior(self, w: "_Window") -> float:
+        """The defect rate the reference mixes in: set, or estimated from the camera's history."""
+        if self._defect_prior is not None:
+            return float(self._defect_prior)
+        w.prior = estimate_prior(w.long_hist, self._good, self._defect, w.prior if w.prior is not None else 0.05)
+        return w.prior
+
+    @staticmethod
+    def _groups(ref: np.ndarray, min_frac: float) -> np.ndarray:
+        """Group adjacent bins until each holds >= ``min_frac`` of ``ref`` (sparse tails would dominate PSI)."""
+        frac = ref / ref.sum()
         group = np.zeros(len(frac), np.int64)
         g, acc = 0, 0.0
         for i, f in enumerate(frac):
@@ -242,9 +320,7 @@ class ShiftMonitor:
                 g, acc = g + 1, 0.0
         if acc < min_frac and g > 0:  # a thin last group joins the one before
             group[group == g] = g - 1
-        self._group = group
-        self._ref_groups = np.bincount(group, weights=self._ref)
-        self._n_ref = float(self._ref_count)
+        return group
 
     @staticmethod
     def _image_reference(st: Any) -> Optional[np.ndarray]:
@@ -274,23 +350,25 @@ class ShiftMonitor:
             w = self._cams.get(camera)
             if w is None:
                 nb = 1 if self._edges is None else len(self._edges) - 1
-                w = self._cams[camera] = _Window(self.window, nb)
-            b = 0
-            if self._edges is not None:
-                b = int(np.searchsorted(self._edges, score, side="right")) - 1
-                b = min(max(b, 0), len(self._edges) - 2)
+                w = self._cams[camera] = _Window(self.window, nb, self.prior_window if self._edges is not None
+                                                 and self._defect_prior is None else 0)
+            b = 0 if self._edges is None else self._bin(score)
             w.push(float(score), int(decision == "REJECT"), int(bool(uncertain)), b, stats)
             if w.n < self.min_frames or w.total % self.check_every:
                 return []
             return self._check(camera, w)
 
     def _psi_excess(self, w: _Window) -> float:
-        """PSI over the merged bins minus what two samples of these sizes from one
-        distribution give by chance, about (K - 1) * (1/n + 1/N)."""
-        obs = np.bincount(self._group, weights=w.hist, minlength=len(self._ref_groups))
-        k = len(self._ref_groups)
+        """PSI over the merged bins of the reference mixed at the camera's defect prior, minus what two
+        samples of these sizes from one distribution give by chance, about (K - 1) * (1/n + 1/N)."""
+        p = self._prior(w)
+        ref = (1.0 - p) * self._good + p * self._defect
+        group = self._groups(ref, self._min_bin_frac)
+        k = int(group.max()) + 1
+        ref_groups = np.bincount(group, weights=ref, minlength=k)
+        obs = np.bincount(group, weights=w.hist, minlength=k)
         chance = (k - 1) * (1.0 / max(w.n, 1) + 1.0 / max(self._n_ref, 1.0))
-        return max(psi(obs, self._ref_groups) - chance, 0.0)
+        return max(psi(obs, ref_groups) - chance, 0.0)
 
     def _values(self, w: _Window) -> Dict[str, Optional[float]]:
         n = max(w.n, 1)
@@ -298,7 +376,9 @@ class ShiftMonitor:
             "mean_score": w.sum_score / n,
             "reject_rate": w.sum_reject / n,
             "uncertain_frac": w.sum_uncertain / n,
-            "psi": None if self._ref is None else self._psi_excess(w),
+            "psi": None if self._edges is None else self._psi_excess(w),
+            "defect_prior": None if self._edges is None else (self._defect_prior if self._defect_prior is not None
+                                                               else w.prior),
         }
         for j, name in enumerate(STAT_NAMES):
             if self._stat_ref is None or w.n_stats == 0:

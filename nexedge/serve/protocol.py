@@ -4,7 +4,8 @@ One ROUTER socket serves two kinds of peers (see docs/protocol.md):
 
 * native clients (DEALER): ``[b"", header, payload]`` (or ``[header, payload]``)
   with a JSON header carrying ``"v": 1``, ``camera``, ``frame_id``, ``encoding``
-  (raw | jpeg | png | bmp), ``dtype`` and ``shape`` for raw arrays, ``ts``;
+  (raw | jpeg | png | bmp | tiff | auto), ``dtype`` and ``shape`` for raw arrays, ``ts``,
+  ``deadline_ms``, ``bit_depth``;
 * unmodified imagezmq ``ImageSender`` clients (REQ): header ``{"msg", "dtype",
   "shape"}`` (raw arrays) or ``{"msg"}`` (JPEG bytes). ``msg`` is the camera
   name, optionally ``"camera|frame_id"``.
@@ -16,13 +17,15 @@ envelope and is exactly one frame, the JSON verdict.
 Python 3.8, no torch.
 """
 
+import collections
 import json
 import math
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import OrderedDict as OrderedDictT
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("raw", "jpeg", "png", "bmp", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP
+ENCODINGS = ("raw", "jpeg", "png", "bmp", "tiff", "auto")  # auto: the daemon sniffs JPEG/PNG/BMP/TIFF
 RAW_DTYPES = ("uint8", "uint16")
 DECISIONS = ("PASS", "REJECT", "RECHECK")
 MAX_ID_CHARS = 128
@@ -43,13 +46,14 @@ BAD_SHAPE = "bad_shape"
 EMPTY_IMAGE = "empty_image"
 UNDECODABLE = "undecodable"
 TOO_MANY_PIXELS = "too_many_pixels"
+TOO_MANY_SCANS = "too_many_scans"
 QUEUE_FULL = "queue_full"
 DEADLINE_PASSED = "deadline_passed"
 BACKEND_ERROR = "backend_error"
 SHUTTING_DOWN = "shutting_down"
 REASONS = (
     GARBAGE_HEADER, UNSUPPORTED_VERSION, WRONG_FRAME_COUNT, OVERSIZE, UNKNOWN_ENCODING, BAD_DTYPE,
-    BAD_SHAPE, EMPTY_IMAGE, UNDECODABLE, TOO_MANY_PIXELS, QUEUE_FULL, DEADLINE_PASSED, BACKEND_ERROR,
+    BAD_SHAPE, EMPTY_IMAGE, UNDECODABLE, TOO_MANY_PIXELS, TOO_MANY_SCANS, QUEUE_FULL, DEADLINE_PASSED, BACKEND_ERROR,
     SHUTTING_DOWN,
 )
 #: Reasons whose frame carries a decodable image (worth saving for relabeling).
@@ -74,11 +78,12 @@ class Request:
     """One parsed frame request (payload not yet decoded)."""
 
     __slots__ = ("envelope", "kind", "camera", "frame_id", "encoding", "dtype", "shape", "payload", "ts",
-                 "deadline_ms", "answered", "t_recv", "t_wall", "deadline")
+                 "deadline_ms", "bit_depth", "answered", "t_recv", "t_wall", "deadline")
 
     def __init__(self, envelope: List[bytes], kind: str, camera: str, frame_id: FrameId, encoding: str,
                  dtype: Optional[str], shape: Optional[Tuple[int, ...]], payload: Buffer,
-                 ts: Optional[float] = None, deadline_ms: Optional[float] = None) -> None:
+                 ts: Optional[float] = None, deadline_ms: Optional[float] = None,
+                 bit_depth: Optional[int] = None) -> None:
         self.envelope = envelope
         self.kind = kind
         self.camera = camera
@@ -89,6 +94,7 @@ class Request:
         self.payload = payload
         self.ts = ts
         self.deadline_ms = deadline_ms
+        self.bit_depth = bit_depth  # significant bits of 16-bit samples (None: sockets.uint16_bit_depth)
         self.answered = False
         # Set when the daemon admits the frame (see nexedge.serve.ledger): monotonic receive time,
         # wall-clock receive time, monotonic deadline.
@@ -269,7 +275,11 @@ def _parse_native(envelope: List[bytes], h: Dict[str, Any], payload: Buffer) -> 
     ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) else None
     dl = h.get("deadline_ms")
     deadline_ms = float(dl) if isinstance(dl, (int, float)) and not isinstance(dl, bool) and 0 < dl < 1e9 else None
-    return Request(envelope, "native", camera, frame_id, enc, dtype, shape, payload, ts, deadline_ms)
+    bits = h.get("bit_depth")
+    if bits is not None and (type(bits) is not int or not 1 <= bits <= 16):
+        raise ProtocolError(BAD_DTYPE, f"bit_depth {_show(bits)}: expected an integer 1..16 (significant bits of "
+                            "16-bit samples, e.g. 12)", camera, frame_id)
+    return Request(envelope, "native", camera, frame_id, enc, dtype, shape, payload, ts, deadline_ms, bits)
 
 
 def _numeric_id(fid: FrameId) -> FrameId:
@@ -298,17 +308,28 @@ def _parse_imagezmq(envelope: List[bytes], h: Dict[str, Any], payload: Buffer, n
 
 
 class SeqCounter:
-    """Per-camera sequence numbers for peers that send no frame id (imagezmq)."""
+    """Per-camera sequence numbers for peers that send no frame id (imagezmq).
+
+    At most ``max_cameras`` counters are kept; past that the camera idle longest loses its
+    counter (the others keep counting). A camera whose counter was dropped, and every camera
+    first seen after a drop, continues above the highest number ever handed out, so no camera
+    is given a frame id twice.
+    """
 
     def __init__(self, max_cameras: int = 4096) -> None:
-        self._n: Dict[str, int] = {}
+        self._n: OrderedDictT[str, int] = collections.OrderedDict()
         self._max = max_cameras
+        self._floor = 0  # highest number held by a dropped counter
 
     def __call__(self, camera: str) -> int:
-        if camera not in self._n and len(self._n) >= self._max:
-            self._n.clear()
-        self._n[camera] = self._n.get(camera, 0) + 1
-        return self._n[camera]
+        n = self._n.pop(camera, None)
+        if n is None:
+            n = self._floor
+            while len(self._n) >= self._max:
+                self._floor = max(self._floor, self._n.popitem(last=False)[1])
+                n = self._floor
+        self._n[camera] = n + 1  # most recently used last
+        return n + 1
 
 
 def verdict(camera: str, frame_id: FrameId, decision: str, score: Optional[float], threshold: Optional[float],
@@ -320,7 +341,8 @@ def verdict(camera: str, frame_id: FrameId, decision: str, score: Optional[float
         "frame_id": frame_id,
         "camera": camera,
         "decision": decision,
-        "score": None if score is None else round(float(score), 6),
+        # Full precision: a score rounded to a few decimals could read 0.0, or below the threshold, on a REJECT.
+        "score": None if score is None else float(score),
         "threshold": None if threshold is None else float(threshold),
         "uncertain": bool(uncertain),
         "reason": reason,
@@ -339,7 +361,7 @@ def encode_verdict(v: Dict[str, Any]) -> bytes:
 
 def native_header(camera: str, frame_id: FrameId, encoding: str, dtype: Optional[str] = None,
                   shape: Optional[Sequence[int]] = None, ts: Optional[float] = None,
-                  deadline_ms: Optional[float] = None) -> bytes:
+                  deadline_ms: Optional[float] = None, bit_depth: Optional[int] = None) -> bytes:
     """Header of a native v1 request (used by :mod:`nexedge.serve.client`)."""
     h: Dict[str, Any] = {"v": PROTOCOL_VERSION, "camera": camera, "frame_id": frame_id, "encoding": encoding}
     if encoding == "raw":
@@ -349,4 +371,6 @@ def native_header(camera: str, frame_id: FrameId, encoding: str, dtype: Optional
         h["ts"] = ts
     if deadline_ms is not None:
         h["deadline_ms"] = deadline_ms
+    if bit_depth is not None:
+        h["bit_depth"] = bit_depth
     return json.dumps(h, separators=(",", ":")).encode("utf-8")

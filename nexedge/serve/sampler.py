@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Deque, Dict, Optional, Set, Union
+from typing import Any, Deque, Dict, List, Optional, Set, Union
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class Sampler:
         self._limiter = RecheckLimiter(recheck_per_minute, max_cameras)
         self._thread = threading.Thread(target=self._run, name="nexedge-sampler", daemon=True)
         self._last_full_log = 0.0
+        self._stats: Optional[Dict[str, Any]] = None
+        self._stats_at = -1e9
         self.written = 0
         self._thread.start()
 
@@ -94,15 +96,52 @@ class Sampler:
                 log.error("sample store write failed: %s", e)
                 continue
             if row is None:
+                why = "disk_full" if getattr(self.store, "full_reason", "quota") == "disk_full" else "store_full"
                 self.metrics.store_full.inc()
-                self.metrics.samples_dropped.labels("store_full").inc()
+                self.metrics.samples_dropped.labels(why).inc()
                 now = time.monotonic()
                 if now - self._last_full_log > 60:
                     self._last_full_log = now
-                    log.warning("sample store full (quota reached); samples are being dropped, inspection continues")
+                    log.warning("sample store full (%s); samples are being dropped, inspection continues",
+                                "free space under store.reserve" if why == "disk_full" else "quota reached")
             else:
                 self.written += 1
                 self.metrics.samples.labels(meta.get("kind", "band")).inc()
+
+    def collect(self) -> List[Any]:
+        """Store figures at scrape time (registered by the daemon): disk use, quota, free space, full, evictions."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.store
+        now = time.monotonic()
+        if now - self._stats_at > 5.0:  # stats() walks the image folders: at most every 5 s
+            try:
+                self._stats = st.stats()
+            except Exception as e:  # the store may be closing
+                log.error("store stats failed: %s", e)
+            self._stats_at = now
+        s = self._stats or {}
+        g = [GaugeMetricFamily("nexedge_store_used_bytes", "Disk the sample store takes (files, folders, database, "
+                               "WAL), as store.quota counts it", value=float(s.get("used_bytes", 0))),
+             GaugeMetricFamily("nexedge_store_free_bytes", "Free space on the store's file system",
+                               value=float(s.get("free_bytes", 0))),
+             GaugeMetricFamily("nexedge_store_reserve_bytes", "store.reserve: free space the store leaves",
+                               value=float(getattr(st, "reserve_bytes", 0))),
+             ]
+        room = GaugeMetricFamily("nexedge_store_out_of_room", "1 while samples are dropped for want of room, by "
+                                 "reason (quota: store.quota; disk_full: free space under store.reserve)",
+                                 labels=["reason"])
+        for why in ("quota", "disk_full"):
+            room.add_metric([why], 1.0 if getattr(st, "full", False) and getattr(st, "full_reason", "") == why else 0.0)
+        g.append(room)
+        if getattr(st, "quota_bytes", None):
+            g.append(GaugeMetricFamily("nexedge_store_quota_bytes", "store.quota", value=float(st.quota_bytes)))
+        ev = CounterMetricFamily("nexedge_store_evicted", "Samples deleted by retention, by kind", labels=["kind"])
+        for k, n in dict(getattr(st, "evicted_by_kind", {})).items():
+            ev.add_metric([k], float(n))
+        err = CounterMetricFamily("nexedge_store_write_errors", "Writes the file system refused (ENOSPC, SQLite full)",
+                                  value=float(getattr(st, "write_errors", 0)))
+        return g + [ev, err]
 
     def close(self, timeout: float = 10.0) -> bool:
         """Write what is queued (up to ``timeout``), then close the store. True if all were written."""

@@ -9,11 +9,13 @@ correlation, and the frames skipped. Frames are skipped (and counted) when the
 queue is full, when the line is backlogged (a full batch is waiting for the
 active model), when a batch waited longer than the frame deadline, or when the
 ``shadow_fraction`` draw leaves them out. Nothing here can change or delay a
-verdict: the verdicts are sent before :meth:`offer` is called.
+verdict: the verdicts are sent before :meth:`offer` is called. The thread runs
+10 nice levels below the daemon's own (and under ``SCHED_IDLE`` where that is
+past 19), so the candidate never outranks the line.
 
-Disagreements go to the uncertain-sample store with kind ``shadow``: the
-active model's score and decision in the row, the candidate's in its
-``shadow`` field. Python 3.8, no torch.
+Disagreements go to the uncertain-sample store with kind ``shadow``: the model
+that decided the frame, its threshold, score and decision in the row, the
+candidate's in its ``shadow`` field. Python 3.8, no torch.
 """
 
 import logging
@@ -28,6 +30,23 @@ import numpy as np
 
 log = logging.getLogger("nexedge.serve")
 DECISIONS = ("PASS", "REJECT")
+
+
+def lower_priority(step: int = 10) -> Tuple[int, int]:
+    """Put the calling thread ``step`` nice levels below this process's own (Linux: nice is per
+    thread), and under ``SCHED_IDLE`` when that would be past 19, so it stays below the daemon
+    even when the daemon itself runs at nice 19. Returns (nice, policy) of the thread."""
+    tid = threading.get_native_id() if hasattr(threading, "get_native_id") else 0
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        want = own + step
+        os.setpriority(os.PRIO_PROCESS, tid, min(want, 19))
+        if want > 19 and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
+    except (AttributeError, OSError) as e:
+        log.warning("could not lower the shadow thread's priority (%s); the candidate competes with the line", e)
+        return 0, 0
 
 
 class CameraStats:
@@ -95,7 +114,8 @@ class ShadowScorer:
 
     # -- the worker's side: never blocks ----------------------------------------------
     def offer(self, active: Any, frames: List[Any], scores: List[float], decisions: List[str]) -> None:
-        """An answered batch (frames, the active model's scores and decisions); non-blocking."""
+        """An answered batch: the slot that decided it (``active``), its frames, scores and decisions;
+        non-blocking."""
         cand = self.lifecycle.candidate
         if cand is None or not frames:
             return
@@ -109,7 +129,8 @@ class ShadowScorer:
             self._skip(frames, "line_busy")
             return
         try:
-            self._q.put_nowait((cand, frames, [scores[i] for i in keep], [decisions[i] for i in keep]))
+            decider = (getattr(active, "model_id", None), getattr(getattr(active, "decider", None), "threshold", None))
+            self._q.put_nowait((cand, decider, frames, [scores[i] for i in keep], [decisions[i] for i in keep]))
         except queue.Full:
             self._skip(frames, "queue_full")
 
@@ -138,10 +159,7 @@ class ShadowScorer:
 
     # -- the shadow thread -----------------------------------------------------------
     def _run(self) -> None:
-        try:  # below the inference worker: on a small CPU the line's model goes first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # type: ignore[attr-defined]
-        except (AttributeError, OSError):
-            pass
+        lower_priority()
         while True:
             job = self._q.get()
             if job is None:
@@ -151,7 +169,8 @@ class ShadowScorer:
             except Exception as e:  # the shadow must never take the daemon down
                 log.exception("shadow scoring failed: %s", e)
 
-    def _score(self, cand: Any, frames: List[Any], scores: List[float], decisions: List[str]) -> None:
+    def _score(self, cand: Any, decider: Tuple[Optional[str], Optional[float]], frames: List[Any],
+               scores: List[float], decisions: List[str]) -> None:
         if time.monotonic() - min(f.t_recv for f in frames) > self.deadline_s:
             self._skip(frames, "stale")
             return
@@ -177,19 +196,19 @@ class ShadowScorer:
                 self._stats(f.req.camera).add(decisions[i], cd, scores[i], y)
                 if cd != decisions[i]:
                     disagreements.append((f, scores[i], decisions[i], y, cd, res.probs[i]))
-            frames_total, dis_total = self._totals()
+            matrix = self._matrix()
         for f, x, ad, y, cd, probs in disagreements:
-            self._sample(f, cand, x, ad, y, cd, {c: float(p) for c, p in zip(classes, probs)})
-        self.lifecycle.maybe_auto_promote(frames_total, dis_total)
+            self._sample(f, cand, decider, x, ad, y, cd, {c: float(p) for c, p in zip(classes, probs)})
+        self.lifecycle.maybe_auto_promote(cand, matrix)
 
-    def _sample(self, f: Any, cand: Any, x: float, ad: str, y: float, cd: str, probs: Dict[str, float]) -> None:
+    def _sample(self, f: Any, cand: Any, decider: Tuple[Optional[str], Optional[float]], x: float, ad: str,
+                y: float, cd: str, probs: Dict[str, float]) -> None:
         if self.sampler is None:
             return
-        active = self.lifecycle.active
+        model_id, threshold = decider  # the model that decided the frame, not whichever is active now
         self.sampler.submit(f.original, f.ext, {
             "camera": f.req.camera, "frame_id": f.req.frame_id, "ts": f.t_wall,
-            "model_id": getattr(f.req, "model_id", None) or (active.model_id if active else None),
-            "threshold": getattr(f.req, "threshold", None), "score": x, "probs": None, "decision": ad,
+            "model_id": model_id, "threshold": threshold, "score": x, "probs": None, "decision": ad,
             "reason": "", "kind": "shadow",
             "shadow": {"model_id": cand.model_id, "score": y, "decision": cd, "threshold": cand.decider.threshold,
                        "probs": probs}})
@@ -203,6 +222,14 @@ class ShadowScorer:
         n = sum(s.n for s in self.cameras.values())
         agree = sum(s.matrix[("PASS", "PASS")] + s.matrix[("REJECT", "REJECT")] for s in self.cameras.values())
         return n, n - agree
+
+    def _matrix(self) -> Dict[Tuple[str, str], int]:
+        """The agreement matrix over all cameras (active decision, candidate decision) -> frames."""
+        out = {(a, c): 0 for a in DECISIONS for c in DECISIONS}
+        for st in self.cameras.values():
+            for k, v in st.matrix.items():
+                out[k] += v
+        return out
 
     def new_candidate(self, slot: Any) -> None:
         """A candidate was loaded (also the same model again): its shadow period starts afresh. When it

@@ -52,9 +52,10 @@ class InferenceWorker:
 
     def __init__(self, backend: Any, card: ModelCard, batcher: Batcher, decider: Decider, metrics: DaemonMetrics,
                  answer: Answer, sampler: Any = None, monitor: Any = None, models: Any = None,
-                 after_batch: Optional[Callable[[Decided], None]] = None) -> None:
+                 after_batch: Optional[Callable[[Decided, Any], None]] = None) -> None:
         """``models``: the daemon's Lifecycle (each batch runs on its active slot, under its batch lock);
-        ``after_batch``: called with what a batch decided, after its verdicts went out (shadow, p-chart)."""
+        ``after_batch``: called with what a batch decided and the slot that decided it, after its
+        verdicts went out (shadow, rollback chart)."""
         self.backend = backend
         self.card = card
         self.classes = card.classes
@@ -98,10 +99,10 @@ class InferenceWorker:
             try:
                 lock = self.models.batch_lock if self.models is not None else contextlib.nullcontext()
                 with lock:  # a model swap waits for this batch: it finishes on the model it started with
-                    self._bind_active()
+                    slot = self._bind_active()
                     decided = self._run_batch(batch)
                 if decided and self.after_batch is not None:
-                    self.after_batch(decided)
+                    self.after_batch(decided, slot)  # with the model that decided them, whatever is active now
             except Exception as e:  # never let a bug in decisions kill the worker
                 log.exception("inference batch failed: %s", e)
             finally:
@@ -110,11 +111,13 @@ class InferenceWorker:
                     if not f.req.answered:
                         self.recheck(f, P.BACKEND_ERROR)
 
-    def _bind_active(self) -> None:
+    def _bind_active(self) -> Any:
+        """(under the batch lock) Run the next batch on the active model; returns its slot (None without models)."""
         slot = self.models.active if self.models is not None else None
         if slot is not None and slot.backend is not self.backend:
             self.backend, self.card, self.classes, self.decider = slot.backend, slot.card, slot.card.classes, \
                 slot.decider
+        return slot
 
     def _run_batch(self, batch: List[Frame]) -> Decided:
         m = self.metrics

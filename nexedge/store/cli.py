@@ -64,8 +64,11 @@ def run_store(args: argparse.Namespace) -> int:
     print(f"store        {args.path}")
     print(f"samples      {stats['samples']} ({stats['pending']} pending, {stats['pulled']} pulled)")
     print("by kind      " + ", ".join(f"{k} {v}" for k, v in stats["by_kind"].items()))
-    print(f"images       {stats['images']} files, {_human(stats['bytes'])}")
-    print(f"quota use    {_human(stats['used_bytes'])} (images + {_human(stats['row_bytes'])} counted for rows)"
-          + ("" if quota is None else f" of {_human(quota)}"))
+    print(f"images       {stats['images']} files, {_human(stats['bytes'])} written, "
+          f"{_human(stats['image_disk_bytes'])} on disk")
+    print(f"disk use     {_human(stats['used_bytes'])} (images, {_human(stats['folder_disk_bytes'])} folders, "
+          f"{_human(stats['db_disk_bytes'])} database + WAL)" + ("" if quota is None else f" of {_human(quota)} quota"))
+    print(f"free space   {_human(stats['free_bytes'])} on the file system ({stats['free_inodes']} inodes), reserve "
+          f"{_human(stats['reserve_bytes'])} (as opened here; the daemon uses store.reserve)")
     sys.stdout.flush()
     return 0

@@ -15,17 +15,29 @@ One writer (the daemon's background writer thread) adds rows; any number of
 readers (pull server, ``nexedge pull --store``) query, read images and mark
 samples pulled. Readers open with ``writer=False``.
 
-Retention (``quota_bytes`` counts image bytes on disk plus ``ROW_BYTES`` per
-row, so duplicates of one image cannot grow the database without bound): when a
-new sample would exceed the quota, samples already pulled are deleted first
-(oldest first), then not-yet-pulled ``recheck`` samples (frames that were never
-inspected), then not-yet-pulled ``audit`` samples. Pending ``band`` and
-``drift`` samples are never deleted to make room; if the quota still cannot be
-met, :meth:`SampleStore.add` returns None and counts a drop.
+Disk use (``quota_bytes`` and ``reserve_bytes``) is what the files take on the
+file system, not what was written into them: each image file's allocated blocks
+(a 100-byte image takes a whole 4 KiB block on most file systems), the image
+folders, the database file, its WAL (kept to about ``WAL_BYTES`` by checkpoints,
+and counted at least at that size) and its shared-memory index. A new sample
+must fit under the quota with ``ROW_HEADROOM`` to spare for its row, and leave at
+least ``reserve_bytes`` (and a few inodes) free on the file system, so the store
+never fills the disk it shares with the rest of the line machine.
+
+Retention: when a new sample does not fit, samples are deleted, oldest first, in
+``EVICT_ORDER``: samples already pulled (any kind), then pending ``recheck``
+(frames never inspected), ``audit``, ``shadow``, ``drift`` and last ``band``
+samples. A new sample only evicts pending samples of its own kind or of kinds
+before it in that order (a RECHECK sample never pushes out an audit one); if it
+still does not fit it is dropped and counted (:attr:`SampleStore.drops`,
+``quota`` or ``disk_full``). A write the file system refuses (ENOSPC, SQLite
+"disk is full") loses nothing committed: the new sample's file is removed, the
+transaction rolled back, room is made by the same rules and the write retried once.
 
 Python 3.8, no torch.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +46,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from nexedge.store.files import IMAGES, TMP_PREFIX, blob_relpath, normalize_ext, write_atomic
 
@@ -45,15 +57,24 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-#: 2 added ``samples.shadow`` (the candidate model's verdict on a shadow disagreement); a version-1
-#: store is migrated in place by its writer, and read as it is (shadow NULL) by readers.
-SCHEMA_VERSION = 2
-#: What one row costs against the quota (SQLite row, its four index entries, page slack; measured
-#: about 300-400 bytes for typical metadata). Counted so duplicate images cannot grow the
-#: database without bound while the image bytes stay under the quota.
-ROW_BYTES = 512
+#: 2 added ``samples.shadow`` (the candidate model's verdict on a shadow disagreement); 3 added
+#: ``blobs.disk`` (bytes the image file takes on disk). Older stores are migrated in place by their
+#: writer, and read as they are by readers.
+SCHEMA_VERSION = 3
+#: Room a new row may need in the database (the row, four index entries, page splits) on top of its
+#: image file: a sample is only added when usage + image blocks + this stays under the quota.
+ROW_HEADROOM = 32 << 10
+#: The WAL is checkpointed every WAL_PAGES pages and truncated to WAL_BYTES after a checkpoint; it is
+#: counted as at least WAL_BYTES (it grows that far between checkpoints).
+WAL_PAGES = 200
+WAL_BYTES = 1 << 20
+#: Smallest quota that holds the database, its WAL and a few samples.
+MIN_QUOTA = 4 << 20
 KINDS = ("band", "audit", "recheck", "drift", "shadow")
+#: Pending samples are evicted in this order (pulled samples of any kind go first).
+EVICT_ORDER = ("recheck", "audit", "shadow", "drift", "band")
 DB_NAME = "samples.db"
+DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +82,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     sha256 TEXT PRIMARY KEY,
     ext TEXT NOT NULL,
     size INTEGER NOT NULL,
-    refs INTEGER NOT NULL
+    refs INTEGER NOT NULL,
+    disk INTEGER
 );
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,6 +114,31 @@ _COLUMNS = (
 )
 
 
+def _block_size(path: str) -> int:
+    """Allocation unit of the file system holding ``path`` (4096 on most)."""
+    try:
+        v = os.statvfs(path if os.path.exists(path) else os.path.dirname(path) or ".")
+        return max(int(v.f_frsize or v.f_bsize), 512)
+    except OSError:  # pragma: no cover
+        return 4096
+
+
+def _allocated(path: str, size: int, block: int) -> int:
+    """Bytes ``path`` takes on disk (st_blocks); ``size`` rounded up to ``block`` when it cannot be
+    stat'ed (0 for a missing file when ``block`` is 0)."""
+    try:
+        return int(os.stat(path).st_blocks) * 512
+    except (OSError, AttributeError):
+        return -(-size // block) * block if block else 0
+
+
+def _is_full(err: BaseException) -> bool:
+    """True for the errors of a full file system or quota (ENOSPC, EDQUOT, SQLite ``SQLITE_FULL``)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+    return "full" in str(err).lower()
+
+
 def _opt_float(meta: Dict[str, Any], key: str) -> Optional[float]:
     v = meta.get(key)
     if v is None:
@@ -116,16 +163,25 @@ class SampleStore:
         quota_bytes: Optional[int] = None,
         writer: bool = True,
         busy_timeout_ms: int = 10000,
+        reserve_bytes: int = 0,
     ) -> None:
-        if quota_bytes is not None and int(quota_bytes) <= 0:
-            raise ValueError(f"quota_bytes must be positive or None, got {quota_bytes!r}")
+        if quota_bytes is not None and int(quota_bytes) < MIN_QUOTA:
+            raise ValueError(f"quota_bytes must be at least {MIN_QUOTA} ({MIN_QUOTA >> 20} MiB: the database, its WAL "
+                             f"and a few samples) or None, got {quota_bytes!r}")
+        if int(reserve_bytes) < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes!r}")
         self.root = os.path.abspath(root)
         self.quota_bytes = None if quota_bytes is None else int(quota_bytes)
+        self.reserve_bytes = int(reserve_bytes)
         self.writer = bool(writer)
-        self.dropped = 0  # adds refused because the quota could not be met
-        self.evicted = 0  # samples deleted by retention
+        self.drops: Dict[str, int] = {"quota": 0, "disk_full": 0}  # adds refused, by why
+        self.evicted_by_kind: Dict[str, int] = {k: 0 for k in KINDS}  # samples deleted by retention
+        self.write_errors = 0  # writes the file system refused (ENOSPC, SQLite full)
+        self.full = False  # the last add could not make room (quota or free space)
+        self.full_reason = ""  # why: quota or disk_full
         self._lock = threading.RLock()
         self._lock_fd: Optional[int] = None
+        self._dirs: Dict[str, int] = {}  # image folder -> bytes it takes on disk
         db_path = os.path.join(self.root, DB_NAME)
         if self.writer:
             os.makedirs(os.path.join(self.root, IMAGES), exist_ok=True)
@@ -139,12 +195,27 @@ class SampleStore:
         if self.writer:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES}")
             self._init_schema()
         self.store_id = self._meta_get("store_id") or ""
-        self._bytes = self._count_bytes()
-        self._rows = self._count_rows()
+        self._has_disk = "disk" in [r[1] for r in self._db.execute("PRAGMA table_info(blobs)")]
+        self._block = _block_size(self.root)
         if self.writer:
             self.recover()
+            self._fill_disk_column()
+        self._disk = self._count_disk()
+        self._scan_dirs()
+
+    @property
+    def dropped(self) -> int:
+        """Adds refused because neither the quota nor the free-space reserve could be met."""
+        return sum(self.drops.values())
+
+    @property
+    def evicted(self) -> int:
+        """Samples deleted by retention."""
+        return sum(self.evicted_by_kind.values())
 
     # -- setup -----------------------------------------------------------
     def _take_writer_lock(self) -> None:
@@ -172,15 +243,16 @@ class SampleStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, 1, SCHEMA_VERSION):
+                if version not in (0, 1, 2, SCHEMA_VERSION):
                     raise RuntimeError(
                         f"sample store {self.root} has schema version {version}; this nexedge reads {SCHEMA_VERSION}"
                     )
                 for stmt in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
                     if stmt.strip():
                         self._db.execute(stmt)
-                if version == 1:
-                    self._db.execute("ALTER TABLE samples ADD COLUMN shadow TEXT")
+                for table, col, decl in (("samples", "shadow", "TEXT"), ("blobs", "disk", "INTEGER")):
+                    if col not in [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
@@ -202,15 +274,66 @@ class SampleStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _count_bytes(self) -> int:
-        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+    def _fill_disk_column(self) -> None:
+        """Writer: measure ``blobs.disk`` where an older store did not record it."""
+        with self._lock:
+            todo = self._db.execute("SELECT sha256, ext, size FROM blobs WHERE disk IS NULL").fetchall()
+            if not todo:
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sha, ext, size in todo:
+                    disk = _allocated(os.path.join(self.root, blob_relpath(sha, ext)), int(size), self._block)
+                    self._db.execute("UPDATE blobs SET disk = ? WHERE sha256 = ?", (disk, sha))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def _count_rows(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+    def _count_disk(self) -> int:
+        """Bytes the image files take on disk (from the rows; sizes rounded up to blocks where unrecorded)."""
+        col = f"COALESCE(disk, (size + {self._block - 1}) / {self._block} * {self._block})" if self._has_disk else \
+            f"(size + {self._block - 1}) / {self._block} * {self._block}"
+        return int(self._db.execute(f"SELECT COALESCE(SUM({col}), 0) FROM blobs").fetchone()[0])
+
+    def _scan_dirs(self) -> None:
+        top = os.path.join(self.root, IMAGES)
+        self._dirs = {top: _allocated(top, 0, 0)}
+        for sub in os.listdir(top) if os.path.isdir(top) else []:
+            path = os.path.join(top, sub)
+            if os.path.isdir(path):
+                self._dirs[path] = _allocated(path, 0, 0)
+
+    def _db_disk(self) -> int:
+        """Database, WAL (at least WAL_BYTES) and shared-memory index, as allocated on disk."""
+        total = 0
+        for name in DB_FILES:
+            n = _allocated(os.path.join(self.root, name), 0, 0)
+            total += max(n, WAL_BYTES) if name.endswith("-wal") else n
+        return total
 
     def _usage(self) -> int:
-        """What counts against the quota: image bytes plus ROW_BYTES per row."""
-        return self._bytes + self._rows * ROW_BYTES
+        """What counts against the quota: everything the store takes on disk."""
+        return self._disk + sum(self._dirs.values()) + self._db_disk()
+
+    def _free(self) -> Tuple[int, int, int]:
+        """(free bytes, free inodes, inodes to keep free) of the store's file system for this user."""
+        try:
+            v = os.statvfs(self.root)
+        except OSError:  # pragma: no cover - statvfs exists wherever the store runs
+            return 1 << 62, 1 << 30, 0
+        if v.f_files == 0:  # no fixed inode count (btrfs, some network file systems)
+            return v.f_bavail * v.f_frsize, 1 << 30, 0
+        return v.f_bavail * v.f_frsize, v.f_favail, min(1024, v.f_files // 20)
+
+    def _fits(self, need: int) -> Optional[str]:
+        """None when ``need`` more bytes fit; else why not (``quota`` or ``disk_full``)."""
+        if self.quota_bytes is not None and self._usage() + need > self.quota_bytes:
+            return "quota"
+        free, inodes, keep = self._free()
+        if free - need < self.reserve_bytes or inodes <= keep:
+            return "disk_full"
+        return None
 
     def recover(self) -> Dict[str, int]:
         """Writer only: remove temp files and image files no row refers to (crash leftovers)."""
@@ -279,31 +402,68 @@ class SampleStore:
         )
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            while True:  # again after making room: eviction may have removed this image's blob
-                have = self._db.execute("SELECT ext FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
-                need = ROW_BYTES + (len(data) if have is None else 0)
-                if self.quota_bytes is None or self._usage() + need <= self.quota_bytes:
-                    break
-                if not self._make_room(need, kind):
-                    self.dropped += 1
-                    log.warning(
-                        "sample store %s full (%d of %d bytes with %d rows; pending samples are kept): "
-                        "dropped a %s sample from %s", self.root, self._usage(), self.quota_bytes, self._rows,
-                        kind, camera,
-                    )
-                    return None
-            if have is None:
-                path = os.path.join(self.root, blob_relpath(sha, e))
-                if not os.path.exists(path):
-                    write_atomic(path, data)
-            else:
-                e = have[0]
+            for attempt in (0, 1):
+                try:
+                    return self._add_locked(data, e, sha, kind, camera, row)
+                except (OSError, sqlite3.OperationalError, sqlite3.DatabaseError) as err:
+                    if not _is_full(err):
+                        raise
+                    self.write_errors += 1
+                    if not self.full:
+                        log.error("sample store %s: the file system refused a write (%s); making room", self.root,
+                                  err)
+                    try:
+                        room = attempt == 0 and self._make_room(self._need(len(data)) + self._block, kind)
+                    except (OSError, sqlite3.Error) as err2:  # deleting needs a little room too
+                        if not self.full:
+                            log.error("sample store %s: could not make room: %s", self.root, err2)
+                        room = False
+                    if not room:
+                        return self._drop("disk_full", kind, camera)
+        return None  # pragma: no cover - the loop returns
+
+    def _need(self, nbytes: int) -> int:
+        """Disk a new image of ``nbytes`` takes (whole blocks) plus the row's headroom."""
+        return -(-nbytes // self._block) * self._block + ROW_HEADROOM
+
+    def _drop(self, why: str, kind: str, camera: str) -> None:
+        self.drops[why] += 1
+        self.full_reason = why
+        if not self.full:
+            free = self._free()[0]
+            log.warning("sample store %s full (%s: %d bytes used, quota %s, %d bytes free, reserve %d): dropping "
+                        "%s samples (from %s first) until room is made; inspection continues", self.root, why,
+                        self._usage(), self.quota_bytes, free, self.reserve_bytes, kind, camera)
+        self.full = True
+        return None
+
+    def _add_locked(self, data: bytes, e: str, sha: str, kind: str, camera: str, row: Tuple[Any, ...]) -> Optional[int]:
+        while True:  # again after making room: eviction may have removed this image's blob
+            have = self._db.execute("SELECT ext FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+            need = self._need(len(data)) if have is None else ROW_HEADROOM
+            why = self._fits(need)
+            if why is None:
+                break
+            if not self._make_room(need, kind):
+                return self._drop(self._fits(need) or why, kind, camera)
+        wrote: Optional[str] = None
+        disk = 0
+        if have is None:
+            path = os.path.join(self.root, blob_relpath(sha, e))
+            folder = os.path.dirname(path)
+            if not os.path.exists(path):
+                write_atomic(path, data)
+                wrote = path
+            disk = _allocated(path, len(data), self._block)
+            self._dirs[folder] = _allocated(folder, 0, 0)
+        else:
+            e = have[0]
+        try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if have is None:
-                    self._db.execute(
-                        "INSERT INTO blobs (sha256, ext, size, refs) VALUES (?, ?, ?, 1)", (sha, e, len(data))
-                    )
+                    self._db.execute("INSERT INTO blobs (sha256, ext, size, refs, disk) VALUES (?, ?, ?, 1, ?)",
+                                     (sha, e, len(data), disk))
                 else:
                     self._db.execute("UPDATE blobs SET refs = refs + 1 WHERE sha256 = ?", (sha,))
                 cur = self._db.execute(
@@ -313,62 +473,69 @@ class SampleStore:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            if have is None:
-                self._bytes += len(data)
-            self._rows += 1
-            return int(cur.lastrowid)
+        except BaseException:
+            if wrote is not None:  # the row never committed: its new file must not stay behind as an orphan
+                try:
+                    os.unlink(wrote)
+                except OSError:
+                    pass
+            raise
+        if have is None:
+            self._disk += disk
+        self.full = False
+        return int(cur.lastrowid)
 
     def _make_room(self, need: int, kind: str = "band") -> bool:
-        """Delete pulled samples, then pending RECHECK samples (frames never inspected: the cheapest
-        to produce, the least worth keeping), then pending audit samples, oldest first, until ``need``
-        bytes fit. A RECHECK sample never evicts an audit one. Band and drift samples are never evicted."""
-        self._bytes = self._count_bytes()
-        self._rows = self._count_rows()
-        order = [
-            "SELECT id FROM samples WHERE pulled IS NOT NULL ORDER BY id LIMIT 256",
-            "SELECT id FROM samples WHERE pulled IS NULL AND kind = 'recheck' ORDER BY id LIMIT 256",
-        ]
-        if kind != "recheck":
-            order.append("SELECT id FROM samples WHERE pulled IS NULL AND kind = 'audit' ORDER BY id LIMIT 256")
+        """Delete samples, oldest first, in the retention order (pulled samples, then pending samples
+        of each kind in EVICT_ORDER up to ``kind`` itself) until ``need`` bytes fit under the quota and
+        above the free-space reserve. False when they still do not fit."""
+        self._disk = self._count_disk()
+        rank = EVICT_ORDER.index(kind) if kind in EVICT_ORDER else len(EVICT_ORDER) - 1
+        order = ["SELECT id FROM samples WHERE pulled IS NOT NULL ORDER BY id LIMIT 64"]
+        order += [f"SELECT id FROM samples WHERE pulled IS NULL AND kind = '{k}' ORDER BY id LIMIT 64"
+                  for k in EVICT_ORDER[: rank + 1]]
         for sql in order:
-            while self._usage() + need > self.quota_bytes:
+            while self._fits(need) is not None:
                 ids = [r[0] for r in self._db.execute(sql)]
                 if not ids:
                     break
                 for sid in ids:  # one at a time: stop as soon as the new sample fits
                     self._delete([sid])
-                    if self._usage() + need <= self.quota_bytes:
+                    if self._fits(need) is None:
                         return True
-        return self._usage() + need <= self.quota_bytes
+        return self._fits(need) is None
 
     def _delete(self, ids: Sequence[int]) -> None:
         """Delete rows; files whose last reference went are unlinked after the commit."""
         gone: List[str] = []
-        freed = rows = 0
+        freed = 0
+        kinds: List[str] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for sid in ids:
-                r = self._db.execute("SELECT sha256 FROM samples WHERE id = ?", (int(sid),)).fetchone()
+                r = self._db.execute("SELECT sha256, kind FROM samples WHERE id = ?", (int(sid),)).fetchone()
                 if r is None:
                     continue
                 sha = r[0]
                 self._db.execute("DELETE FROM samples WHERE id = ?", (int(sid),))
-                rows += 1
+                kinds.append(r[1])
                 self._db.execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ?", (sha,))
-                b = self._db.execute("SELECT refs, ext, size FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
+                b = self._db.execute("SELECT refs, ext, size, disk FROM blobs WHERE sha256 = ?", (sha,)).fetchone()
                 if b is not None and b[0] <= 0:
                     self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
                     gone.append(blob_relpath(sha, b[1]))
-                    freed += int(b[2])
+                    freed += int(b[3]) if b[3] is not None else -(-int(b[2]) // self._block) * self._block
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self.evicted += rows
-        self._bytes -= freed
-        self._rows -= rows
+        for k in kinds:
+            self.evicted_by_kind[k] = self.evicted_by_kind.get(k, 0) + 1
+        self._disk -= freed
         for rel in gone:  # a crash here leaves an orphan file; recover() removes it
             try:
                 os.unlink(os.path.join(self.root, rel))
@@ -481,26 +648,42 @@ class SampleStore:
         return n
 
     def stats(self) -> Dict[str, Any]:
-        """Counts (total, pending, pulled, by kind), image bytes, quota, drops and evictions."""
+        """Counts (total, pending, pulled, by kind), bytes written and taken on disk, quota, free
+        space and reserve, drops by reason and evictions by kind."""
         with self._lock:
             total, pending = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(pulled IS NULL), 0) FROM samples"
             ).fetchone()
             kinds = dict(self._db.execute("SELECT kind, COUNT(*) FROM samples GROUP BY kind").fetchall())
             blobs, nbytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
+            self._disk = self._count_disk()
+            self._scan_dirs()
+            db = self._db_disk()
+            used = self._usage()
+            folders = sum(self._dirs.values())
+        free, inodes, _ = self._free()
         return {
             "samples": int(total),
             "rows": int(total),
-            "row_bytes": int(total) * ROW_BYTES,
-            "used_bytes": int(nbytes) + int(total) * ROW_BYTES,
             "pending": int(pending),
             "pulled": int(total) - int(pending),
             "by_kind": {k: int(kinds.get(k, 0)) for k in KINDS},
             "images": int(blobs),
             "bytes": int(nbytes),
+            "image_disk_bytes": self._disk,
+            "folder_disk_bytes": folders,
+            "db_disk_bytes": db,
+            "used_bytes": used,
             "quota_bytes": self.quota_bytes,
+            "free_bytes": free,
+            "free_inodes": inodes,
+            "reserve_bytes": self.reserve_bytes,
+            "full": self.full,
             "dropped": self.dropped,
+            "drops": dict(self.drops),
             "evicted": self.evicted,
+            "evicted_by_kind": dict(self.evicted_by_kind),
+            "write_errors": self.write_errors,
         }
 
     def integrity_check(self, verify_hashes: bool = True) -> Dict[str, Any]:

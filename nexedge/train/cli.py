@@ -4,10 +4,13 @@ torch and friends load inside ``run_*``)."""
 import argparse
 from typing import Any, Dict, List, Tuple
 
+from nexedge.threads import add_threads_option
+
 LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
 CROPS = ("center", "five", "ten")
 FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
 PHOTOMETRIC = ("report", "shift")  # transforms.PHOTOMETRIC's keys
+DEFAULT_EPOCHS = 30  # budget.DEFAULT_EPOCHS, without importing torch here
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -83,7 +86,17 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "sensor noise, for production batches that differ from the training set in optics, "
                         "exposure and noise")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30, help="training epochs")
+    o.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 30); with --budget, the most it may choose")
+    o.add_argument("--budget", metavar="DURATION",
+                   help="finish within this wall time on this machine, e.g. 900s, 15m, 1.5h: a short warm-up "
+                        "measures seconds per image and the run gets the most epochs that fit (up to --epochs), "
+                        "validation, test curves and checkpoints included; prints the choice, writes budget.json")
+    o.add_argument("--budget-resize", metavar="CROP[,CROP...]",
+                   help="with --budget, also choose the input size: candidate crops (N or HxW), each measured; the "
+                        "largest that affords --budget-min-epochs wins, --resize scales with it")
+    o.add_argument("--budget-min-epochs", type=int, default=10,
+                   help="with --budget-resize, the epochs a size must afford to be chosen (default 10)")
     o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
     o.add_argument("--lr", type=float, default=0.01, help="learning rate")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -126,6 +139,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "val_auc can pick a half-trained early epoch; after a cosine schedule the final weights "
                         "did better on held-out data in every such run measured (docs/training.md)")
     r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    add_threads_option(r, torch=True)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
@@ -140,9 +154,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import time
+
     from nexedge.train.losses import parse_class_map
     from nexedge.train.trainer import TrainConfig, train
 
+    t_start = time.time()
+    budget_s = _budget_args(args)
     classes = _classes(args.data)
     if args.good_class is None:
         from nexedge.data.split import dataset_good_class
@@ -150,13 +168,14 @@ def run_train(args: argparse.Namespace) -> int:
         args.good_class = dataset_good_class(args.data) or "good"
     if args.good_class not in classes:
         raise ValueError(f"--good-class {args.good_class!r} is not one of the class folders {classes}")
+    _warn_aspect(args)
     cfg = TrainConfig(
         data=args.data, out=args.out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"),
         pretrained=args.pretrained, freeze=args.freeze, channels_last=args.channels_last,
         good_class=args.good_class, color=args.color, resize=args.resize,
         crop=args.crop, crop_mode=args.crop_mode, resize_mode=args.resize_mode, tpr_floor=args.tpr_floor, train_crop=args.train_crop, augment=not args.no_augment,
         flip=args.flip, photometric=args.photometric,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        epochs=args.epochs or DEFAULT_EPOCHS, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,
         loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
@@ -171,8 +190,66 @@ def run_train(args: argparse.Namespace) -> int:
 
         run_cv(cfg, args.cv)
         return 0
+    plan = None
+    if budget_s is not None:
+        import dataclasses
+
+        from nexedge.train import budget
+        from nexedge.train.trainer import prepare_run_folder
+
+        cfg.check()
+        if not cfg.overwrite:  # refuse a taken --out before the warm-up; --overwrite clears it when training starts
+            prepare_run_folder(cfg.out, False)
+        sizes = [_size(s.strip()) for s in args.budget_resize.split(",") if s.strip()] if args.budget_resize else None
+        plan = budget.plan_budget(cfg, budget_s, t_start, sizes=sizes, max_epochs=cfg.epochs,
+                                  min_epochs=args.budget_min_epochs)
+        cfg = dataclasses.replace(cfg, epochs=plan.epochs, resize=plan.resize, crop=plan.crop, budget=plan.record())
     train(cfg)
+    if plan is not None:
+        budget.finish(cfg.out, plan, t_start)
     return 0
+
+
+def _budget_args(args: argparse.Namespace) -> Any:
+    """Seconds of ``--budget`` (None without it); its companion flags need it."""
+    if args.budget is None:
+        if args.budget_resize:
+            raise ValueError("--budget-resize chooses the input size within a --budget; give --budget too")
+        return None
+    from nexedge.train.budget import parse_duration
+
+    if args.resume:
+        raise ValueError("--budget chooses the epochs of a new run; --resume continues one with its own")
+    if args.cv is not None:
+        raise ValueError(f"--budget plans one training; --cv {args.cv} trains {args.cv} fold models: give --epochs "
+                         "with --cv (a --budget run of the same recipe tells the epochs that fit)")
+    if args.budget_min_epochs < 1:
+        raise ValueError(f"--budget-min-epochs {args.budget_min_epochs}: expected 1 or more")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.budget_resize:
+        for s in args.budget_resize.split(","):
+            try:
+                _size(s.strip())
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--budget-resize {args.budget_resize!r}: {e}") from None
+    return parse_duration(args.budget)
+
+
+def _warn_aspect(args: argparse.Namespace) -> None:
+    """WARN when the training images' aspect ratios make --resize-mode (at --resize) a bad fit."""
+    import os
+
+    from nexedge.data.aspect import fit_warning, split_aspects
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
+        return
+    aspects, _ = split_aspects(args.data, "train", skip_unreadable=True)  # the trainer names what it skips
+    if not aspects:
+        return
+    warning = fit_warning(aspects, args.resize_mode, args.resize)
+    if warning:
+        print("WARNING: " + warning, flush=True)
 
 
 def _classes(root: str) -> List[str]:
@@ -194,6 +271,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p, torch=True)
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
                         "this (default 0.95)")
@@ -224,6 +302,7 @@ def configure_mislabels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p, torch=True)
 
 
 def run_mislabels(args: argparse.Namespace) -> int:

@@ -20,14 +20,18 @@ def forward_crops(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x.flatten(0, 1)).view(b, k, -1).mean(dim=1)
 
 
+def _batch_images(batch) -> int:
+    return 0 if batch is None else len(batch[1])
+
+
 def _bar(loader, desc: str, enabled: bool, stage_line: bool = False):
-    """A bar on a terminal; off a terminal nothing (the trainer prints one line per epoch) or,
-    with ``stage_line``, one line when the pass ends."""
+    """A bar on a terminal; off a terminal a heartbeat line every 30 s (batches, images/s, ETA) and,
+    with ``stage_line``, one line when the pass ends (the trainer prints its own per epoch)."""
     if not enabled:
         return loader
     from nexedge.progress import progress
 
-    return progress(loader, desc=desc, unit="batches", per_stage_line=stage_line)
+    return progress(loader, desc=desc, unit="batches", per_stage_line=stage_line, images=_batch_images)
 
 
 def train_one_epoch(

@@ -83,6 +83,7 @@ class TrainConfig:
     cache: bool = True
     plots: bool = True
     next_hint: bool = True
+    budget: Optional[Dict[str, Any]] = None  # what --budget chose and why (nexedge.train.budget), for config.json
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -339,7 +340,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 #: Files and folders a training run writes; ``--overwrite`` removes only these.
-RUN_FILES = ("config.json", "topk.json", "summary.json", "metrics.jsonl", "metrics.csv", "sat_state.npz",
+RUN_FILES = ("config.json", "budget.json", "topk.json", "summary.json", "metrics.jsonl", "metrics.csv", "sat_state.npz",
              "curves_acc.png", "curves_loss.png", "curves_margin.png", "fpr_at_tpr100.png")
 
 
@@ -435,7 +436,14 @@ def _print_epoch(row: Dict[str, Any], epochs: int) -> None:
     fpr = v.get("fpr_at_tpr", {})
     print(f"epoch {row['epoch']:3d}/{epochs} {row['time_s']:6.1f}s lr {row['lr']:.2e} | train loss {t['loss']:.4f} "
           f"acc {_pct(t['acc'])} | val loss {v['loss']:.4f} acc {_pct(v['acc'])} AUC {_pct(v['auc'])} "
-          f"FPR@TPR99.1 {_pct(fpr.get('99.1'))} @100 {_pct(fpr.get('100'))}", flush=True)
+          f"FPR@TPR99.1 {_pct(fpr.get('99.1'))} @100 {_pct(fpr.get('100'))}" + _eta(row, epochs), flush=True)
+
+
+def _eta(row: Dict[str, Any], epochs: int) -> str:
+    from nexedge.progress import format_seconds
+
+    left = epochs - row["epoch"]
+    return f" | ETA {format_seconds(left * row['time_s'])}" if left > 0 else ""
 
 
 def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[str, Any]:
