@@ -71,9 +71,11 @@ def timing(paths: List[str], threads: int, repeats: int) -> List[float]:
 
 
 def measure(run: str, work: str, images: int, threads: int, repeats: int) -> List[List[Any]]:
+    from bench_line_tail import demo_model
+
     from nexedge.export.int8 import run_calibration
 
-    src = os.path.join(run, "model", "model.ten.onnx")
+    src = demo_model(run)
     data = os.path.join(run, "data")
     paths = {}
     for name, float_stem in VARIANTS:
@@ -81,7 +83,7 @@ def measure(run: str, work: str, images: int, threads: int, repeats: int) -> Lis
         os.makedirs(d, exist_ok=True)
         shutil.copy(src, d)
         shutil.copy(src[:-len(".onnx")] + ".card.json", d)
-        fp32 = os.path.join(d, "model.ten.onnx")
+        fp32 = os.path.join(d, os.path.basename(src))
         if float_stem is None:
             paths[name] = fp32
             continue

@@ -7,7 +7,7 @@ on it hangs on its one or two hardest defects. This script scores every image of
 backend and prints what the line depends on: the share of good devices that PASS at TPR 99.1 to
 100 % (1 - FPR), AUC per class, the defect modes and severities at the bottom of the ranking.
 
-    python benchmarks/bench_line_tail.py runs/demo-A/model/model.ten.onnx runs/demo-B/model/model.ten.onnx \\
+    python benchmarks/bench_line_tail.py runs/demo-A/model/model.onnx runs/demo-B/model/model.onnx \\
         --data runs/tail-set --markdown benchmarks/results/line_tail.md
 
 Without artifacts it trains `nexedge demo --seed S` for each of ``--seeds`` (0,1) into
@@ -139,8 +139,68 @@ def parse_split(text: str) -> List[int]:
     return v
 
 
+def at_card_threshold(artifact: str, rows: List[Dict[str, Any]], s: np.ndarray, target_tpr: float = 1.0
+                      ) -> Dict[str, Any]:
+    """What the line does with this artifact as deployed: its card's threshold for ``target_tpr`` (the
+    daemon's default) applied to every held-out image: escapes against the card's promise, good PASSed."""
+    from nexedge.card import load_card
+
+    card = load_card(artifact, verify=False)
+    op = card.operating_point(target_tpr)
+    good = np.array([r["true_label"] == "good" for r in rows])
+    rej = s >= float(op["threshold"])
+    esc, n_def = int((~rej & ~good).sum()), int((~good).sum())
+    return {"threshold": float(op["threshold"]), "crops": card.runtime_crop_mode, "aggregate": card.aggregate,
+            "precision": card.precision, "escapes": esc, "n_defects": n_def, "escape_rate": esc / max(n_def, 1),
+            "expected_escape_rate": metrics.expected_escape_rate(op), "escape_bound95": metrics.escape_bound(op),
+            "promise": metrics.promise_check(esc, n_def, op), "good_pass": float((~rej & good).mean() / good.mean()),
+            "val_defects": op.get("n_defects")}
+
+
+def deployed_lines(results: List[Dict[str, Any]], md: bool) -> List[str]:
+    """The demo criterion: per artifact at its card's threshold, then the mean over the INT8 (deployed) ones."""
+    head = ["artifact", "crops", "threshold", "escapes", "escape rate", "card: expected / 95 % bound",
+            "within bound (P)", "good PASSed"]
+    body = []
+    for r in results:
+        d = r["deployed"]
+        pr = d["promise"] or {}
+        body.append([r["artifact"], f"{d['crops']} {d['aggregate']}", f"{d['threshold']:.4g}",
+                     f"{d['escapes']}/{d['n_defects']}", f"{100 * d['escape_rate']:.2f}%",
+                     f"{100 * (d['expected_escape_rate'] or float('nan')):.2f}% / "
+                     f"{100 * (d['escape_bound95'] or float('nan')):.2f}%",
+                     "-" if not pr else f"{'yes' if pr['within'] else 'NO'} ({pr['p_value']:.2g})",
+                     f"{100 * d['good_pass']:.1f}%"])
+    out = ["At each artifact's own card threshold (TPR 100 % on its validation split, as the daemon decides by "
+           "default), on every held-out image:", "", report.table(head, body, markdown=md), ""]
+    dep = [r["deployed"] for r in results if r["deployed"]["precision"] == "int8"] or \
+        [r["deployed"] for r in results]
+    if len(dep) > 1:
+        esc = float(np.mean([d["escape_rate"] for d in dep]))
+        bound = float(np.mean([d["escape_bound95"] for d in dep]))
+        pas = float(np.mean([d["good_pass"] for d in dep]))
+        out += [f"Mean over the {len(dep)} deployed ({dep[0]['precision']}) artifacts: escape rate {100 * esc:.2f} % "
+                f"(spread {100 * min(d['escape_rate'] for d in dep):.2f} to {100 * max(d['escape_rate'] for d in dep):.2f}"
+                f" %) against the cards' 95 % bound {100 * bound:.2f} % on average: "
+                f"{'within' if esc <= bound else 'NOT within'}; good devices PASSed {100 * pas:.1f} % (spread "
+                f"{100 * min(d['good_pass'] for d in dep):.1f} to {100 * max(d['good_pass'] for d in dep):.1f} %): "
+                f"{'at least' if pas >= 0.5 else 'LESS than'} half. Criterion (both): "
+                f"{'met' if esc <= bound and pas >= 0.5 else 'NOT met'}.", ""]
+    return out
+
+
+def demo_model(run: str) -> str:
+    """The FP32 model of a `nexedge demo` run folder (``model/model.onnx``; ``model.ten.onnx`` before the
+    demo chose its crops by measurement)."""
+    for name in ("model.onnx", "model.ten.onnx"):
+        path = os.path.join(run, "model", name)
+        if os.path.exists(path):
+            return path
+    return os.path.join(run, "model", "model.onnx")
+
+
 def demo_artifacts(where: str, seeds: str) -> List[str]:
-    """FP32 then INT8 TenCrop models of `nexedge demo --seed S` for each seed (about 6 minutes a run)."""
+    """FP32 then INT8 models of `nexedge demo --seed S` for each seed (about 6 minutes a run)."""
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
@@ -150,13 +210,13 @@ def demo_artifacts(where: str, seeds: str) -> List[str]:
     fp32, int8 = [], []
     for seed in seed_list:
         run = os.path.join(where, f"tail-demo-seed{seed}")
-        model = os.path.join(run, "model", "model.ten.onnx")
+        model = demo_model(run)
         if not os.path.exists(model):
             from nexedge.cli import main as nexedge
 
             if nexedge(["demo", "--seed", str(seed), "--out", run]) != 0:
                 raise SystemExit(f"nexedge demo --seed {seed} --out {run} failed")
-        q = os.path.join(run, "model", "model.ten.int8-ort.onnx")
+        q = os.path.splitext(model)[0] + ".int8-ort.onnx"
         if not os.path.exists(q):
             raise SystemExit(f"{run}: no INT8 model {q}; the demo run there stopped before its int8 stage "
                              "(delete the folder to run it again)")
@@ -169,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts", nargs="*",
                    help="ONNX models, INT8 models or checkpoints with their cards (default: the demo's FP32 and INT8 "
-                        "TenCrop models for each of --seeds, trained first unless their run folders exist)")
+                        "models for each of --seeds, trained first unless their run folders exist)")
     p.add_argument("--seeds", default="0,1", help="demo seeds when no artifact is given (default 0,1)")
     p.add_argument("--demo-dir", default="runs", help="where those demo runs go, as tail-demo-seedS (default runs)")
     p.add_argument("--data", default=os.path.join("runs", "line-tail-set"),
@@ -201,7 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sc = score_all(art, args.data, rows)
         res = summarize(rows, sc)
         res.update(modes=per_mode_auc(rows, sc), split=simulate_split(rows, sc, *args.split))
-        res.update(artifact=os.path.relpath(art), seconds=round(time.perf_counter() - t0, 1))
+        res.update(artifact=os.path.relpath(art), seconds=round(time.perf_counter() - t0, 1),
+                   deployed=at_card_threshold(art, rows, sc))
         results.append(res)
     tprs = list(results[0]["pass_at_tpr"])
     classes = sorted({c for r in results for c in r["per_class"]})
@@ -243,6 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  f"{100 * r['split']['pass_median']:.0f}%", f"{100 * r['split']['pass_p25']:.0f}%",
                                  f"{r['split']['p_half_pass']:.2f}", f"{r['split']['p_both']:.2f}"]
                                 for r in results], markdown=md), ""]
+        lines += deployed_lines(results, md)
         for r in results:
             lines.append(f"Lowest-scored defects of {r['artifact']} (class, mode, severity, score):")
             lines.append("")

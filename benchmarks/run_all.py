@@ -70,6 +70,10 @@ SECTIONS: List[Tuple[str, str, str]] = [
      "ratios, each trained with --budget: test AUC, accuracy, escapes, time taken vs budget"),
     ("line_tail", "bench_line_tail.py", "the demo's models on 2,000 held-out images: good devices PASSed at TPR "
      "99.1-100 %, AUC per class and defect mode, the demo's line criterion simulated on random splits"),
+    ("tiles", "bench_tiles.py", "the magnetic tiles (real images) through the CLI: split, train, export --crops auto, "
+     "eval against issue 27's targets; --cv K and the fold ensemble (long)"),
+    ("crops", "bench_crops.py", "CenterCrop / FiveCrop / TenCrop with mean-of-logits or max-defect-score aggregation "
+     "from one TenCrop pass: AUC, FPR at TPR 99.1 and 100 %, escapes and overkill at the validation threshold"),
     ("realism", "bench_realism.py", "synthetic looks (legacy vs calibrated) against real line images: region "
      "intensities, noise spectra, KID, real-vs-synthetic classifier, render cost, models trained on synthetic "
      "data scoring the real references"),

@@ -25,6 +25,10 @@ COLORS = ("gray", "rgb")
 PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("checkpoint", "onnx", "engine")
 RESIZE_MODES = ("stretch", "short")
+#: ``input.aggregate``: how an image's crops become its score (nexedge.metrics.AGGREGATES).
+AGGREGATES = ("mean", "max")
+#: Crop modes that score horizontally mirrored crops (TenCrop's second five).
+MIRRORED_CROP_MODES = ("ten",)
 #: ``operating_points_source.status``: measured on this artifact, or copied from its parent.
 OPS_MEASURED = "measured"
 OPS_FROM_PARENT = "from_parent"
@@ -130,6 +134,7 @@ class ModelCard:
         kind: str = "checkpoint",
         precision: str = "fp32",
         resize_mode: str = "stretch",
+        aggregate: str = "mean",
     ) -> "ModelCard":
         data = {
             "schema": SCHEMA,
@@ -144,6 +149,7 @@ class ModelCard:
                 "crop": [int(crop[0]), int(crop[1])],
                 "crop_mode": crop_mode,
                 "resize_mode": resize_mode,
+                "aggregate": aggregate,
                 "mean": [float(x) for x in mean],
                 "std": [float(x) for x in std],
             },
@@ -229,6 +235,57 @@ class ModelCard:
         return self.data["input"]["crop_mode"] if crops == "host" else crops
 
     @property
+    def aggregate(self) -> str:
+        """How the artifact turns an image's crops into one score: ``mean`` of the logits (cards
+        without the field) or ``max`` (the crop with the highest defect score)."""
+        return str(self.data["input"].get("aggregate", "mean"))
+
+    @property
+    def train_flip(self) -> Optional[str]:
+        """The random mirrors the model was trained with (``none``, ``h``, ``v``, ``hv``); None when the
+        card predates that record."""
+        flip = (self.data.get("provenance") or {}).get("flip")
+        return flip if isinstance(flip, str) else None
+
+    def mirror_problem(self, crop_mode: Optional[str] = None) -> Optional[Dict[str, str]]:
+        """Whether ``crop_mode`` (default: the one the artifact runs) scores mirrored crops the model
+        may never have seen: None when it does not or the model was trained with horizontal mirrors,
+        else {"kind": "unseen" | "unknown", "message": ...}."""
+        mode = crop_mode or self.runtime_crop_mode
+        if mode not in MIRRORED_CROP_MODES:
+            return None
+        flip = self.train_flip
+        if (flip is not None and "h" in flip) or (self.data.get("provenance") or {}).get("train_crop") in \
+                MIRRORED_CROP_MODES:  # trained on mirrors, or on TenCrop's own mirrored crops
+            return None
+        if flip is None:
+            return {"kind": "unknown", "message": (
+                f"{self.source}: {mode!r} crops score five horizontally mirrored crops, and the card does not "
+                "record whether the model was trained with mirrors (`nexedge train --flip h`); if it was not, "
+                "those crops are images it never saw (magnetic tiles: TenCrop FPR at TPR 100 % 80 % vs 25 % "
+                "CenterCrop). Compare with `nexedge export --crops auto`")}
+        return {"kind": "unseen", "message": (
+            f"{self.source}: {mode!r} crops score five horizontally mirrored crops, but the model was trained with "
+            f"--flip {flip}: they are images it never saw (magnetic tiles: TenCrop FPR at TPR 100 % 80 % vs 25 % "
+            "CenterCrop). Use center or five crops (`nexedge export --crops auto` measures them), or train with "
+            "--flip h where a mirrored image keeps its label")}
+
+    def selection_warning(self) -> Optional[str]:
+        """A message when the operating points were measured on the split that also picked the model
+        (``nexedge train --select val_auc`` picks the epoch on val, then val sets the threshold): the
+        threshold then rests on the images that made the model look best, and its promises are
+        optimistic. None otherwise."""
+        prov = self.data.get("provenance") or {}
+        split = self.ops_source.get("split")
+        if not self.operating_points or prov.get("select") != "val_auc" or not prov.get("best_of_run") \
+                or split != prov.get("selected_on", "val"):
+            return None
+        return (f"the operating points were measured on {split!r}, the split that also picked this checkpoint "
+                "(--select val_auc): the threshold and its TPR bound are optimistic (in one measurement the real "
+                "escape rate was 2.85-4.33 % against 2.27 % claimed). Train with --select last, measure on a split "
+                "that did not pick the model, or use `nexedge train --cv K`")
+
+    @property
     def ops_source(self) -> Dict[str, Any]:
         """``operating_points_source`` ({} when the card predates it)."""
         return dict(self.data.get("operating_points_source") or {})
@@ -259,6 +316,10 @@ class ModelCard:
         if measured != runs:
             return (f"operating points were measured with crop mode {measured!r} but the artifact runs "
                     f"{runs!r}: re-measure with `nexedge thresholds`")
+        agg = self.ops_source.get("aggregate")
+        if agg is not None and agg != self.aggregate and runs != "center":
+            return (f"operating points were measured with crop aggregate {agg!r} but the card says "
+                    f"{self.aggregate!r}: re-measure with `nexedge thresholds`")
         return None
 
     @property
@@ -315,6 +376,8 @@ class ModelCard:
             self._fail("input.crop", "crop {} larger than resize {}".format(inp["crop"], inp["resize"]))
         if inp.get("crop_mode") not in CROP_MODES:
             self._fail("input.crop_mode", "expected one of {}, got {!r}".format(CROP_MODES, inp.get("crop_mode")))
+        if inp.get("aggregate", "mean") not in AGGREGATES:
+            self._fail("input.aggregate", "expected one of {}, got {!r}".format(AGGREGATES, inp.get("aggregate")))
         for key in ("mean", "std"):
             v = inp.get(key)
             if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):

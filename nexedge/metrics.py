@@ -16,7 +16,7 @@ and ``nexedge thresholds`` on a Jetson's line install import this module (Python
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,31 @@ def defect_score(logits: np.ndarray, good_index: int) -> np.ndarray:
     if z.ndim != 2 or not 0 <= good_index < z.shape[1] or z.shape[1] < 2:
         raise ValueError(f"logits of shape {z.shape} with good class {good_index}: expected N x C, C >= 2")
     return np.exp(_logsumexp(np.delete(z, good_index, axis=1)) - _logsumexp(z))
+
+
+#: How the crops of one image become its score: ``mean`` averages the crops' logits, then
+#: softmax (the report's way); ``max`` takes the crop with the highest defect score (its
+#: probabilities and score), so a defect seen by one crop is not diluted by the others.
+AGGREGATES = ("mean", "max")
+
+
+def aggregate_crops(logits: np.ndarray, good_index: int, aggregate: str = "mean") -> Tuple[np.ndarray, np.ndarray]:
+    """Per-crop logits N x K x C -> (class probabilities N x C, defect score N, float64) by
+    ``aggregate`` (:data:`AGGREGATES`). With ``max`` the probabilities are those of the crop
+    with the highest defect score, so the score is always the sum of their defect classes."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 3 or z.shape[1] < 1:
+        raise ValueError(f"crop logits of shape {z.shape}: expected N x K x C")
+    n, k, c = z.shape
+    if aggregate == "mean":
+        m = z.mean(axis=1)
+        return np.exp(log_softmax(m)), defect_score(m, good_index)
+    if aggregate == "max":
+        s = defect_score(z.reshape(n * k, c), good_index).reshape(n, k)
+        j = s.argmax(axis=1)
+        rows = np.arange(n)
+        return np.exp(log_softmax(z[rows, j])), s[rows, j]
+    raise ValueError(f"unknown crop aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
 
 
 def defect_score_from_probs(probs: np.ndarray, good_index: int) -> np.ndarray:
@@ -136,13 +161,79 @@ def expected_escape_rate(op: Dict[str, Any]) -> Optional[float]:
     with equal chance, so it escapes with probability at most (m+1)/(n+1), whatever the
     model (it is below that only by the margin under the weakest caught defect). This is a
     mean over validation draws, not a bound for one deployed threshold: for that, read
-    1 - ``tpr_lower95``. None when the point lacks ``tpr`` or ``n_defects``.
+    1 - ``tpr_lower95``. None when the point lacks ``tpr`` or ``n_defects``. A fold ensemble's
+    point carries ``escape_factor`` (nexedge.export.ensemble): its rule's price for carrying the
+    fold models' average to the ensemble, applied here and in :func:`escape_bound`.
     """
     n, tpr = op.get("n_defects"), op.get("tpr")
     if not n or tpr is None:
         return None
     missed = int(round((1.0 - float(tpr)) * int(n)))
-    return (missed + 1) / (int(n) + 1)
+    return min(1.0, _escape_factor(op) * (missed + 1) / (int(n) + 1))
+
+
+def _escape_factor(op: Dict[str, Any]) -> float:
+    f = op.get("escape_factor")
+    if f is None:
+        return 1.0
+    if not float(f) >= 1.0:
+        raise ValueError(f"operating point escape_factor {f!r}: expected a number >= 1")
+    return float(f)
+
+
+def escape_bound(op: Dict[str, Any]) -> Optional[float]:
+    """What the point guarantees with 95 % confidence for its one threshold: the escape rate is at
+    most ``escape_factor * (1 - tpr_lower95)`` (the factor 1 unless the card is a fold ensemble's;
+    None when the point lacks the bound)."""
+    lb = op.get("tpr_lower95")
+    return None if lb is None else min(1.0, _escape_factor(op) * (1.0 - float(lb)))
+
+
+def escape_text(op: Dict[str, Any], n_new: Optional[int] = None) -> str:
+    """One phrase for logs and reports: the expected escape rate beside its 95 % bound (and, with
+    ``n_new``, the escapes both mean among that many new defects)."""
+    esc, bound = expected_escape_rate(op), escape_bound(op)
+    if esc is None and bound is None:
+        return "escape rate unknown (the operating point lacks its defect count)"
+    parts = []
+    if esc is not None:
+        parts.append(f"expected escape rate {100 * esc:.2f} % (mean over validation draws, (missed + 1) / "
+                     f"(defects + 1))")
+    if bound is not None:
+        parts.append(f"at most {100 * bound:.2f} % with 95 % confidence (1 - TPR lower bound)")
+    text = ", ".join(parts)
+    if n_new:
+        text += "; in {} new defects: {} expected{}".format(
+            n_new, "-" if esc is None else f"{esc * n_new:.1f}",
+            "" if bound is None else f", at most {bound * n_new:.1f} at the bound")
+    return text
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how surprising ``k`` escapes of ``n`` defects are when the
+    escape rate is ``p`` (1 for k <= 0)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    return betainc(float(k), float(n - k + 1), float(p))
+
+
+def promise_check(escapes: int, n_defects: int, op: Dict[str, Any], confidence: float = 0.95
+                  ) -> Optional[Dict[str, Any]]:
+    """Whether ``escapes`` of ``n_defects`` new defects fit what ``op`` promises (escape rate at most
+    1 - ``tpr_lower95``): ``p_value`` = P(that many or more | the promised rate), ``within`` when it is
+    at least 1 - ``confidence``. None when the point has no bound or there are no defects."""
+    bound = escape_bound(op)
+    if bound is None or not n_defects:
+        return None
+    p = binomial_tail(int(escapes), int(n_defects), bound)
+    return {"escapes": int(escapes), "n_defects": int(n_defects), "promised_rate": bound, "p_value": p,
+            "within": bool(p >= 1.0 - confidence)}
 
 
 def _check_binary(y_defect: np.ndarray, scores: np.ndarray) -> None:
@@ -164,6 +255,58 @@ def roc_auc(y_defect: Sequence[int], scores: Sequence[float]) -> float:
     mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank, ties share their mean rank
     rank_sum = float(mid_rank[inverse.reshape(-1)][y == 1].sum())
     return (rank_sum - n_def * (n_def + 1) / 2.0) / (n_def * n_good)
+
+
+def _placements(pos: np.ndarray, neg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components: for each defect the share of good images it outscores (ties
+    one half), and for each good image the share of defects that outscore it."""
+    allv = np.concatenate([pos, neg])
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    mid = (np.cumsum(counts) - (counts - 1) / 2.0)[inv.reshape(-1)]  # mid-ranks in the pooled sample
+    _, pinv, pcounts = np.unique(pos, return_inverse=True, return_counts=True)
+    _, ninv, ncounts = np.unique(neg, return_inverse=True, return_counts=True)
+    pos_rank = (np.cumsum(pcounts) - (pcounts - 1) / 2.0)[pinv.reshape(-1)]
+    neg_rank = (np.cumsum(ncounts) - (ncounts - 1) / 2.0)[ninv.reshape(-1)]
+    v10 = (mid[: pos.size] - pos_rank) / neg.size
+    v01 = 1.0 - (mid[pos.size :] - neg_rank) / pos.size
+    return v10, v01
+
+
+def auc_difference(y_defect: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
+                   confidence: float = 0.95) -> Dict[str, float]:
+    """AUC(b) - AUC(a) on the same images with DeLong's paired variance (DeLong, DeLong and
+    Clarke-Pearson 1988): ``delta``, its standard error ``se`` and the two-sided ``confidence``
+    interval ``lo``, ``hi`` (normal approximation; NaN without both classes or with one image of
+    a class)."""
+    y = np.asarray(y_defect, dtype=int)
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    _check_binary(y, a)
+    _check_binary(y, b)
+    nan = {"delta": float("nan"), "se": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    m, n = int((y == 1).sum()), int((y == 0).sum())
+    if m < 2 or n < 2:
+        return nan
+    va10, va01 = _placements(a[y == 1], a[y == 0])
+    vb10, vb01 = _placements(b[y == 1], b[y == 0])
+    delta = float(vb10.mean() - va10.mean())
+    s10 = np.cov(np.vstack([va10, vb10]))
+    s01 = np.cov(np.vstack([va01, vb01]))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    se = float(math.sqrt(max(var, 0.0)))
+    z = _normal_quantile(0.5 + confidence / 2.0)
+    return {"delta": delta, "se": se, "lo": delta - z * se, "hi": delta + z * se}
+
+
+def _normal_quantile(p: float) -> float:
+    """Standard normal quantile by bisection on erf (no scipy)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def roc_curve(y_defect: Sequence[int], scores: Sequence[float]) -> Dict[str, np.ndarray]:

@@ -221,11 +221,22 @@ def test_int8_card_carries_its_own_operating_points_and_report_at_deployed_thres
     flips = (s32 >= dep["threshold_fp32"]) != (s8 >= dep["threshold_int8"])
     assert dep["flip_fraction_good"] == pytest.approx(flips[~is_def].mean())
     assert dep["flip_fraction_defect"] == pytest.approx(flips[is_def].mean())
-    from nexedge.export.cli import format_deployed
+    from nexedge.export.cli import format_deployed, format_int8_line
 
     text = format_deployed(dep, rep)
     assert f"total escapes fp32 {dep['escapes_fp32']} int8 {dep['escapes_int8']}" in text
     assert any(line.split()[:2] == ["good", "overkill"] for line in text.splitlines())
+    # each rate under its own name (not the larger one as "decisions flipped")
+    assert (f"decisions that differ from fp32: {100 * dep['flip_fraction_defect']:.1f} % of defects, "
+            f"{100 * dep['flip_fraction_good']:.1f} % of good") in text
+    # the AUC delta comes with DeLong's paired interval, on the same test images
+    y = is_def.astype(int)
+    d = metrics.auc_difference(y, s32, s8)
+    lo, hi = rep["auc_delta_ci95_points"]
+    assert rep["auc_delta_points"] == pytest.approx(100 * d["delta"]) and lo <= rep["auc_delta_points"] <= hi
+    assert (lo, hi) == pytest.approx((100 * d["lo"], 100 * d["hi"]))
+    assert f"95 % CI {lo:+.2f} to {hi:+.2f}, DeLong paired, {rep['n_images']} images" in \
+        format_int8_line("ort", path, rep)
 
 
 def test_int8_report_refuses_the_threshold_split(toy, ten, tmp_path):

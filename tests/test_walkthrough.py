@@ -59,10 +59,10 @@ def test_walkthrough_own_images_start_to_finish(tmp_path, capsys, monkeypatch):
     assert "negative='ok'" in out and "copied to best.pt" in out and "\r" not in err
     assert os.path.exists("runs/first/best.pt") and os.path.exists("runs/first/best.card.json")
 
-    # 3. eval: mean table, best checkpoint, confusion matrix, operating point
-    assert main(["eval", "runs/first", "--data", "data", "--crops", "center,ten"]) == 0
+    # 3. eval the deployed checkpoint (train's `next:`): confusion matrix, operating point, the misses
+    assert main(["eval", "runs/first/best.pt", "--data", "data"]) == 0
     out = capsys.readouterr().out
-    assert "best checkpoint: " in out and "confusion matrix" in out and "escapes (defects PASSed)" in out
+    assert "deployed model: best.pt" in out and "confusion matrix" in out and "escapes (defects PASSed)" in out
 
     # 4. mislabels -> review export with class probabilities (cleanlab works)
     assert main(["mislabels", "runs/first", "--data", "data", "--top", "5"]) == 0
@@ -71,11 +71,12 @@ def test_walkthrough_own_images_start_to_finish(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert json.load(open("review/cleanlab/classes.json")) == ["chip", "ok", "scratch"]
 
-    # 5. export the run folder (its best.pt) and 6. calibrate INT8 for ONNX Runtime
-    assert main(["export", "runs/first", "--crops", "ten", "--parity-data", "data"]) == 0
-    assert main(["calibrate", "runs/first/best.ten.onnx", "--data", "data", "--images", "32", "--targets", "ort"]) == 0
+    # 5. export the run folder (its best.pt) with the crops that measure best and 6. calibrate INT8 for ONNX Runtime
+    assert main(["export", "runs/first", "--crops", "auto", "--parity-data", "data", "-o", "runs/first/model.onnx"]) == 0
+    assert "crops auto: measured on 'val'" in capsys.readouterr().out
+    assert main(["calibrate", "runs/first/model.onnx", "--data", "data", "--images", "32", "--targets", "ort"]) == 0
     capsys.readouterr()
-    model = "runs/first/best.ten.int8-ort.onnx"
+    model = "runs/first/model.int8-ort.onnx"
     assert os.path.exists(model)
 
     # 7. the daemon with a config whose paths are relative to the config file

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from nexedge.bench import stats
 from nexedge.bench.demo import Demo
 from nexedge.bench.report import table
-from nexedge.metrics import expected_escape_rate
+from nexedge.metrics import escape_text
 
 DECISIONS = ("PASS", "REJECT", "RECHECK")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -288,11 +288,9 @@ def format_verdicts(s: Dict[str, Any], good: str = "good") -> List[str]:
                    "(95 % lower bound {:.1f} %, {} defects), FPR {:.1f} % ({} good)".format(
                        100 * op["target_tpr"], op["threshold"], 100 * op["tpr"], 100 * op["tpr_lower95"],
                        op["n_defects"], 100 * op["fpr"], op["n_good"]))
-        esc = expected_escape_rate(op)
         n_def = sum(s["binary"]["defect"].values())
-        if esc is not None and n_def:
-            out.append("  a new defect drawn like the validation ones escapes this threshold with probability "
-                       f"{100 * esc:.1f} %: {esc * n_def:.1f} expected escapes in these {n_def} defects")
+        if n_def:
+            out.append("  a new defect drawn like the validation ones: " + escape_text(op, n_def))
     for key, title in (("daemon_latency_ms", "daemon latency (receive -> verdict)"),
                        ("client_rtt_ms", "camera round trip")):
         st = s.get(key)

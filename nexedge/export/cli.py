@@ -15,9 +15,27 @@ from nexedge.threads import add_threads_option, given
 def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR",
                    help="trained checkpoint (.pt) with its .card.json beside it, or a run folder (its best.pt)")
-    p.add_argument("--crops", default="host", choices=GRAPH_CROPS,
+    p.add_argument("--crops", default="host", choices=GRAPH_CROPS + ("auto",),
                    help="host: float crops in, logits out (host does the crops); center|five|ten: uint8 "
-                        "prepared images in, crops+softmax in the graph, probs/defect_score out (default: host)")
+                        "prepared images in, crops+softmax in the graph, probs/defect_score out; auto: measure "
+                        "center, five and ten (ten only for a model trained with --flip h) on the validation split "
+                        "through ONNX Runtime and export the one with the lowest FPR at --auto-tpr (then the "
+                        "highest AUC, then the fewest crops) in the graph (default: host)")
+    p.add_argument("--aggregate", default=None,
+                   help="how an image's crops become its score: mean (of the logits, the report's way; default) or "
+                        "max (the crop with the highest defect score). With --crops auto a comma list of the "
+                        "aggregates to try (default mean)")
+    p.add_argument("--auto-tpr", type=float, default=1.0,
+                   help="--crops auto compares the candidates' FPR at this TPR (fraction; default 1.0, the "
+                        "daemon's default operating point)")
+    p.add_argument("--allow-unseen-mirrors", action="store_true",
+                   help="export TenCrop (five mirrored crops) for a model trained without horizontal mirrors "
+                        "(refused by default: on magnetic tiles it cost 55 points of FPR at TPR 100 %%)")
+    p.add_argument("--ensemble-rule", default="median", choices=("median", "mean", "max"),
+                   help="a CV run folder (train --cv K) only: how the fold models' aligned scores combine. median "
+                        "(default): REJECT when at least half of them reach their thresholds; mean: their mean "
+                        "log-odds; max: when any does (the tightest escape guarantee, the most overkill). The card "
+                        "states what each guarantees (docs/training.md)")
     p.add_argument("-o", "--out", help="output .onnx (default: <checkpoint stem>.<crops>.onnx)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch in images the runtime may send (card graph.max_batch; default 64)")
@@ -55,21 +73,41 @@ def add_cascade_args(p: argparse.ArgumentParser, stage1: bool = True) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from nexedge.export.onnx_export import export_onnx
     from nexedge.runs import resolve_artifact
+    from nexedge.train.cv import is_cv_run
 
-    res = export_onnx(
-        resolve_artifact(args.checkpoint),
-        out=args.out,
-        crops=args.crops,
-        max_batch=args.max_batch,
-        parity_data=args.parity_data,
-        parity_images=args.parity_images,
-        tolerance=args.tolerance,
-        threads=args.threads,
-        data=args.data,
-        split=args.split,
-        cascade=args.cascade,
-        cascade_margin=args.cascade_margin,
-    )
+    if is_cv_run(args.checkpoint):
+        from nexedge.export.ensemble import export_cv, format_ensemble
+
+        aggs = [a.strip() for a in (args.aggregate or "mean").split(",") if a.strip()]
+        crops = "auto" if args.crops == "host" else args.crops
+        ens = export_cv(args.checkpoint, out=args.out, crops=crops, aggregates=aggs, target_tpr=args.auto_tpr,
+                        max_batch=args.max_batch, parity_data=args.parity_data, parity_images=args.parity_images,
+                        tolerance=args.tolerance, threads=args.threads, allow_unseen_mirrors=args.allow_unseen_mirrors,
+                        rule=args.ensemble_rule)
+        from nexedge.export.auto import format_selection
+
+        print(format_selection(ens.selection))
+        print(f"wrote {ens.path} and {ens.card_path}")
+        print("parity: " + json.dumps(ens.parity))
+        print(format_ensemble(ens.card))
+        return 0
+    common = dict(max_batch=args.max_batch, parity_data=args.parity_data, parity_images=args.parity_images,
+                  tolerance=args.tolerance, threads=args.threads, data=args.data, split=args.split,
+                  cascade=args.cascade, cascade_margin=args.cascade_margin,
+                  allow_unseen_mirrors=args.allow_unseen_mirrors)
+    if args.crops == "auto":
+        from nexedge.export.auto import auto_export, format_selection
+
+        aggs = [a.strip() for a in (args.aggregate or "mean").split(",") if a.strip()]
+        res, selection = auto_export(resolve_artifact(args.checkpoint), out=args.out, target_tpr=args.auto_tpr,
+                                     aggregates=aggs, **common)
+        print(format_selection(selection))
+    else:
+        if args.aggregate is not None and args.aggregate not in ("mean", "max"):
+            raise ValueError(f"--aggregate {args.aggregate!r}: expected mean or max (a comma list only with "
+                             "--crops auto)")
+        res = export_onnx(resolve_artifact(args.checkpoint), out=args.out, crops=args.crops,
+                          aggregate=args.aggregate, **common)
     from nexedge.export.thresholds import format_points
 
     print(f"wrote {res.path} and {res.card_path}")
@@ -188,11 +226,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"calibration set: {res.manifest}")
     for target, path in res.outputs.items():
         rep = res.reports.get(target) or {}
-        line = f"{target}: {path}"
-        if rep:
-            line += (f"  AUC fp32 {rep['auc_fp32']:.4f} int8 {rep['auc_int8']:.4f} "
-                     f"({rep['auc_delta_points']:+.2f} points) on {rep['split']}")
-        print(line)
+        print(format_int8_line(target, path, rep))
         dep = next((d for d in (rep or {}).get("deployed", []) if abs(d["target_tpr"] - args.deploy_tpr) < 1e-9),
                    None)
         if dep:
@@ -200,6 +234,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if res.trt_cache:
         print(f"TensorRT calibration cache: {res.trt_cache}")
     return 0
+
+
+def format_int8_line(target: str, path: str, rep: dict) -> str:
+    """``<target>: <path>  AUC fp32 .. int8 .. (delta with its 95 % interval) on <split>``."""
+    line = f"{target}: {path}"
+    if rep:
+        ci = rep.get("auc_delta_ci95_points") or [float("nan")] * 2
+        line += (f"  AUC fp32 {rep['auc_fp32']:.4f} int8 {rep['auc_int8']:.4f} ({rep['auc_delta_points']:+.2f} points, "
+                 f"95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}, DeLong paired, {rep['n_images']} images) on {rep['split']}")
+    return line
 
 
 def format_deployed(dep: dict, rep: dict) -> str:
@@ -214,7 +258,7 @@ def format_deployed(dep: dict, rep: dict) -> str:
         what = "overkill" if "overkill" in row["fp32"] else "escapes"
         lines.append(f"    {cls:<{w}}  {what:<8}  {row['fp32']['n']:>6}  {row['fp32'][what]:>5}  {row['int8'][what]:>5}")
     lines.append(f"    total escapes fp32 {dep['escapes_fp32']} int8 {dep['escapes_int8']}, overkill fp32 "
-                 f"{dep['overkill_fp32']} int8 {dep['overkill_int8']}; decisions flipped: "
+                 f"{dep['overkill_fp32']} int8 {dep['overkill_int8']}; decisions that differ from fp32: "
                  f"{100 * dep['flip_fraction_defect']:.1f} % of defects, {100 * dep['flip_fraction_good']:.1f} % of good")
     return "\n".join(lines)
 

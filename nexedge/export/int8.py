@@ -73,6 +73,10 @@ def run_calibration(
         raise ValueError(f"--eval-split {eval_split!r} is the split the thresholds are picked on; the INT8 report "
                          "needs a split not used to pick them (e.g. test)")
     card = load_card(onnx_path)
+    if card.data.get("cv"):
+        raise ValueError(f"{onnx_path} is a fold ensemble: its thresholds come from out-of-fold scores of the fp32 "
+                         "fold models, which an INT8 model would not reproduce and which cannot be re-measured on "
+                         "train or val; deploy the fp32 ensemble")
     if card.data["artifact"]["kind"] != "onnx" or card.precision != "fp32":
         raise ValueError(f"{onnx_path}: calibrate takes an fp32 ONNX model (card says "
                          f"{card.data['artifact']['kind']}/{card.precision})")

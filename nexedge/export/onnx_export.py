@@ -53,7 +53,18 @@ def build_export_module(model: Any, card: ModelCard, crops: str) -> Any:
         return model
     from nexedge.export.graph import InGraphModel
 
-    return InGraphModel(model, card.input, crops, card.good_index).eval()
+    return InGraphModel(model, card.input, crops, card.good_index, card.aggregate).eval()
+
+
+def check_mirrors(card: ModelCard, mode: str, allow: bool = False) -> None:
+    """Refuse a crop mode that scores mirrored crops the model was not trained on (``allow``: warn
+    instead); warn when the card does not say what the model was trained with."""
+    problem = card.mirror_problem(mode)
+    if problem is None:
+        return
+    if problem["kind"] == "unseen" and not allow:
+        raise ValueError(problem["message"] + "; --allow-unseen-mirrors exports it anyway")
+    log.warning("%s", problem["message"])
 
 
 def torch_export(module: Any, card: ModelCard, crops: str, path: str, opset: int = OPSET) -> None:
@@ -121,6 +132,8 @@ def export_onnx(
     split: str = "val",
     cascade: bool = False,
     cascade_margin: Optional[float] = None,
+    aggregate: Optional[str] = None,
+    allow_unseen_mirrors: bool = False,
 ) -> ExportResult:
     """Export ``checkpoint`` (with card) to ONNX; parity vs torch must hold or nothing is written.
     The operating points are then measured on the ONNX model on ``data/<split>`` (default: the
@@ -140,14 +153,18 @@ def export_onnx(
         raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if aggregate is not None and aggregate not in ("mean", "max"):
+        raise ValueError(f"unknown crop aggregate {aggregate!r}; expected mean or max")
     out = out or default_output(checkpoint, crops)
+    from nexedge.card import load_card
+
+    ck = load_card(checkpoint)
+    check_mirrors(ck, ck.input["crop_mode"] if crops == "host" else crops, allow_unseen_mirrors)
     stage1 = None
     if cascade:
-        from nexedge.card import load_card
         from nexedge.export.thresholds import data_root_of
         from nexedge.runtime.cascade import STAGE1_CROPS
 
-        ck = load_card(checkpoint)
         if crops == STAGE1_CROPS or (crops == "host" and ck.input["crop_mode"] == STAGE1_CROPS):
             raise ValueError(f"--cascade needs a multi-crop model (five or ten crops); {out} runs {STAGE1_CROPS!r}")
         if data is None and data_root_of(ck) is None:
@@ -162,6 +179,8 @@ def export_onnx(
     model, ck_card = model_from_checkpoint(checkpoint)
     arch = load_checkpoint(checkpoint)["arch"]
     card = ck_card.derive("onnx", precision="fp32")
+    if aggregate is not None:
+        card.data["input"]["aggregate"] = aggregate
     card.data["graph"] = {
         "crops": crops,
         "input_name": "input" if crops == "host" else "images",

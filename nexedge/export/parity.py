@@ -104,9 +104,13 @@ def parity_images(source: Optional[str], inp: Mapping[str, Any], n: int = 16) ->
     return imgs, f"{source}:{len(paths)}"
 
 
-def torch_reference(model: Any, images: np.ndarray, inp: Mapping[str, Any], mode: str, batch: int = 16) -> np.ndarray:
-    """Reference probabilities N x C from the torch model with host-side crops."""
+def torch_reference(model: Any, images: np.ndarray, inp: Mapping[str, Any], mode: str, batch: int = 16,
+                    good_index: int = 0) -> np.ndarray:
+    """Reference probabilities N x C from the torch model with host-side crops, aggregated as
+    ``inp["aggregate"]`` says (nexedge.metrics.aggregate_crops)."""
     import torch
+
+    from nexedge import metrics
 
     k = pp.n_crops(mode)
     out = []
@@ -114,7 +118,9 @@ def torch_reference(model: Any, images: np.ndarray, inp: Mapping[str, Any], mode
         for i in range(0, len(images), batch):
             x = torch.from_numpy(pp.host_batch(images[i : i + batch], inp, mode))
             logits = model(x).float().numpy()
-            out.append(pp.softmax(pp.average_crops(logits, k)))
+            probs, _ = metrics.aggregate_crops(logits.reshape(-1, k, logits.shape[-1]), good_index,
+                                               inp.get("aggregate", "mean"))
+            out.append(probs)
     return np.concatenate(out).astype(np.float32)
 
 
@@ -122,7 +128,7 @@ def check_parity(
     model: Any, backend: Any, images: np.ndarray, inp: Mapping[str, Any], mode: str, tol: float = 1e-4
 ) -> Dict[str, Any]:
     """Compare ``backend`` with torch on ``images`` (whole batch and batch 1); raise if over ``tol``."""
-    ref = torch_reference(model, images, inp, mode)
+    ref = torch_reference(model, images, inp, mode, good_index=backend.card.good_index)
     nb = min(len(images), backend.max_batch)
     got = np.concatenate([backend.infer(images[i : i + nb]).probs for i in range(0, len(images), nb)])
     single = backend.infer(images[:1]).probs

@@ -96,6 +96,14 @@ def measure_artifact(
     from nexedge.runtime import open_backend
 
     card = load_card(artifact)
+    cv = card.data.get("cv")
+    if cv and split in (cv.get("pooled_splits") or ()):
+        raise ValueError(f"{artifact} is a fold ensemble whose models trained on {split!r}: its operating points "
+                         "are the out-of-fold ones in its card; measuring on a split the models saw would replace "
+                         "them with optimistic ones")
+    mirrors = card.mirror_problem(getattr(backend, "crop_mode", None))
+    if mirrors is not None:
+        log.warning("%s", mirrors["message"])
     paths, labels = split_images(data_root, split, card.classes)
     y_def = (labels != card.good_index).astype(int)
     if not y_def.sum() or y_def.all():
@@ -154,6 +162,7 @@ def measure_artifact(
         "kind": card.data["artifact"]["kind"],
         "precision": card.precision,
         "crop_mode": crop_mode,
+        "aggregate": getattr(be, "aggregate", card.aggregate),
         "resize_mode": card.input.get("resize_mode", "stretch"),
         "backend": backend_name,
         "measured_at": _now(),
@@ -215,17 +224,22 @@ def format_points(card: ModelCard, floor: float = metrics.DEFAULT_TPR_FLOOR) -> 
     one WARNING line per weak point."""
     lines = [card.ops_status_line(),
              f"{'target TPR':>10}  {'threshold':>12}  {'TPR':>6}  {'FPR':>6}  {'TPR 95% low':>11}  defects  "
-             "new defect escapes"]
+             "new defect escapes: expected / 95% bound"]
     for op in card.operating_points:
         lb = op.get("tpr_lower95")
-        esc = metrics.expected_escape_rate(op)
+        esc, bound = metrics.expected_escape_rate(op), metrics.escape_bound(op)
         lines.append(f"{metrics.tpr_key(op['target_tpr']) + ' %':>10}  {op['threshold']:>12.4g}  "
                      f"{op.get('tpr', float('nan')):>6.3f}  {op.get('fpr', float('nan')):>6.3f}  "
                      f"{float('nan') if lb is None else lb:>11.3f}  {op.get('n_defects')!s:>7}  "
-                     + ("-" if esc is None else f"{100 * esc:.1f} %"))
-    lines.append("(new defect escapes: the chance that a new defect drawn like the validation ones scores "
-                 "below the threshold, (missed + 1) / (defects + 1))")
+                     + ("-" if esc is None else f"{100 * esc:.1f} %") + " / "
+                     + ("-" if bound is None else f"{100 * bound:.1f} %"))
+    lines.append("(new defect escapes: expected = (missed + 1) / (defects + 1), the mean over validation draws, "
+                 "not a promise for this one threshold; 95% bound = 1 - TPR 95% low, what this threshold "
+                 "guarantees with 95 % confidence)")
     lines += ["WARNING: " + w["message"] for w in metrics.weak_points(card.operating_points, floor)]
+    sel = card.selection_warning()
+    if sel:
+        lines.append("WARNING: " + sel)
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """Freeze the first N stages of a backbone for fine-tuning on a CPU.
 
 Frozen stages keep their pretrained weights (no gradients, so their backward pass
-is skipped entirely when they sit at the input side) and their BatchNorm layers
-stay in eval mode, using the pretrained running statistics even while the rest of
-the model trains: small batches of one kind of image would otherwise overwrite
-ImageNet statistics the frozen convolutions were trained against.
+is skipped entirely when they sit at the input side) and every module in them stays
+in eval mode even while the rest of the model trains: BatchNorm keeps the pretrained
+running statistics (small batches of one kind of image would otherwise overwrite
+ImageNet statistics the frozen convolutions were trained against), and dropout or
+stochastic depth (EfficientNet's drop-path) does not randomly drop a frozen block,
+which would only add noise that no gradient can adapt to.
 """
 
 from typing import List
@@ -32,8 +34,8 @@ def _keep_eval(module: nn.Module, args) -> None:  # type: ignore[no-untyped-def]
 def freeze_stages(model: nn.Module, n: int) -> int:
     """Freeze the first ``n`` stages; returns the number of parameters frozen.
 
-    A forward pre-hook keeps each frozen BatchNorm in eval mode whatever
-    ``model.train()`` says, so the training loop needs no special case.
+    A forward pre-hook keeps every frozen module (BatchNorm, dropout, a block's drop-path)
+    in eval mode whatever ``model.train()`` says, so the training loop needs no special case.
     """
     stages = model_stages(model)
     if not 0 <= n < len(stages):
@@ -47,7 +49,6 @@ def freeze_stages(model: nn.Module, n: int) -> int:
                     p.requires_grad_(False)
                     frozen += p.numel()
             for m in mod.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-                    m.register_forward_pre_hook(_keep_eval)
+                m.eval()
+                m.register_forward_pre_hook(_keep_eval)
     return frozen

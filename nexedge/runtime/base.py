@@ -49,6 +49,7 @@ class Backend:
         self.crops = card.graph.get("crops", "host")
         self.crop_mode = card.input["crop_mode"] if self.crops == "host" else self.crops
         self.k = pp.n_crops(self.crop_mode)
+        self.aggregate = card.aggregate  # host crops: done here; in-graph crops: done by the graph
         self.max_batch = int(max_batch or card.graph.get("max_batch") or 64)
         self.input_shape = (int(card.input["resize"][0]), int(card.input["resize"][1]),
                             1 if card.input["color"] == "gray" else 3)
@@ -92,11 +93,12 @@ class Backend:
         if self.crops == "host":
             x = pp.host_batch(images, self.card.input, self.crop_mode)
             timings["preprocess"] = time.perf_counter() - t0
-            logits = self._run_host(x, timings)
+            logits = np.asarray(self._run_host(x, timings), np.float64)
             t1 = time.perf_counter()
-            mean_logits = pp.average_crops(np.asarray(logits, np.float64), self.k)
-            probs = pp.softmax(mean_logits)
-            score = metrics.defect_score(mean_logits, self.card.good_index)
+            if logits.ndim != 2 or logits.shape[0] != images.shape[0] * self.k:
+                raise BackendError(f"model returned logits {logits.shape} for {images.shape[0]} images x {self.k} crops")
+            probs, score = metrics.aggregate_crops(logits.reshape(images.shape[0], self.k, -1), self.card.good_index,
+                                                   self.aggregate)
         else:
             timings["preprocess"] = 0.0
             out = np.asarray(self._run_graph(np.ascontiguousarray(images), timings), np.float64)
@@ -111,14 +113,19 @@ class Backend:
         timings["total"] = time.perf_counter() - t0
         return InferenceResult(probs.astype(np.float32), score, timings)
 
-    def crop_view(self, crop_mode: str) -> "Backend":
-        """The same loaded model run with another host crop mode (shares the session/engine; closing
-        the view closes nothing). Host-crop models only: an in-graph model's crops are in the graph."""
+    def crop_view(self, crop_mode: str, aggregate: Optional[str] = None) -> "Backend":
+        """The same loaded model run with another host crop mode (and crop ``aggregate``, default this
+        backend's; shares the session/engine; closing the view closes nothing). Host-crop models only:
+        an in-graph model's crops are in the graph."""
         if self.crops != "host":
             raise BackendError(f"{self.card.model_id} does its crops in the graph ({self.crops}); a "
                                f"{crop_mode!r} view needs a host-crop model or a graph exported with those crops")
         view = copy.copy(self)
         view.crop_mode, view.k = crop_mode, pp.n_crops(crop_mode)
+        if aggregate is not None:
+            if aggregate not in metrics.AGGREGATES:
+                raise BackendError(f"crop aggregate {aggregate!r}: expected one of {', '.join(metrics.AGGREGATES)}")
+            view.aggregate = aggregate
         view.close = lambda: None  # type: ignore[method-assign]
         return view
 

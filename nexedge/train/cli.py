@@ -62,8 +62,9 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout for model and batches (faster convolutions on some CPUs/GPUs)")
     g.add_argument("--good-class", default=None,
-                   help="the negative (pass) class; every other class is a defect. The model's score is "
-                        "1 - p(good class) and the card's thresholds come from it (default: the data set's "
+                   help="the negative (pass) class; every other class is a defect. The model's defect score is "
+                        "the sum of the defect classes' probabilities (what 1 - p(good class) would be without "
+                        "rounding) and the card's thresholds come from it (default: the data set's "
                         "good_class from `nexedge split --good-class`, else 'good')")
     d = p.add_argument_group("input")
     d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
@@ -146,6 +147,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (without a terminal on stderr there are none anyway: one line per epoch)")
     r.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    r.add_argument("--cv", type=int, default=None, metavar="K",
+                   help="cross-validate: pool train+val, train K fold models (each its last epoch) and score every "
+                        "image out of fold, so the operating points rest on every labelled defect; `nexedge export "
+                        "OUT` then builds the fold ensemble. Costs about K trainings (docs/training.md)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -180,6 +185,11 @@ def run_train(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, test_curves=not args.no_test_curves, overwrite=args.overwrite,
         progress=not args.no_progress, cache=not args.no_cache,
     )
+    if args.cv is not None:
+        from nexedge.train.cv import run_cv
+
+        run_cv(cfg, args.cv)
+        return 0
     plan = None
     if budget_s is not None:
         import dataclasses
@@ -210,6 +220,9 @@ def _budget_args(args: argparse.Namespace) -> Any:
 
     if args.resume:
         raise ValueError("--budget chooses the epochs of a new run; --resume continues one with its own")
+    if args.cv is not None:
+        raise ValueError(f"--budget plans one training; --cv {args.cv} trains {args.cv} fold models: give --epochs "
+                         "with --cv (a --budget run of the same recipe tells the epochs that fit)")
     if args.budget_min_epochs < 1:
         raise ValueError(f"--budget-min-epochs {args.budget_min_epochs}: expected 1 or more")
     if args.epochs is not None and args.epochs < 1:
@@ -246,11 +259,14 @@ def _classes(root: str) -> List[str]:
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="CKPT_OR_RUN_DIR",
-                   help="checkpoint(s) or run folder(s) (their top-k checkpoints); several runs are compared")
+    p.add_argument("runs", nargs="+", metavar="MODEL_OR_RUN_DIR",
+                   help="a checkpoint (best.pt: the deployed one), an exported artifact (.onnx, engine: scored "
+                        "through its runtime), or run folder(s) (their top-k checkpoints); several are compared")
     p.add_argument("--data", required=True, help="data root")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--crops", default="center,five,ten", help="comma list of crop styles (default center,five,ten)")
+    p.add_argument("--crops", default=None,
+                   help="comma list of crop styles, e.g. center,five,ten (default: the one the first model's card "
+                        "runs)")
     p.add_argument("--top", type=int, default=None, help="use only the best N checkpoints of each run")
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -264,10 +280,12 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from nexedge.train.evaluate import run_evaluation
 
-    crops = [c.strip() for c in args.crops.split(",") if c.strip()]
-    bad = [c for c in crops if c not in CROPS]
-    if bad or not crops:
-        raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROPS)}")
+    crops = None
+    if args.crops is not None:
+        crops = [c.strip() for c in args.crops.split(",") if c.strip()]
+        bad = [c for c in crops if c not in CROPS]
+        if bad or not crops:
+            raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROPS)}")
     run_evaluation(args.runs, args.data, args.split, crops, out=args.out, top=args.top,
                    batch_size=args.batch_size, progress=not args.no_progress, tpr_floor=args.tpr_floor)
     return 0

@@ -82,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     cache: bool = True
     plots: bool = True
+    next_hint: bool = True
     budget: Optional[Dict[str, Any]] = None  # what --budget chose and why (nexedge.train.budget), for config.json
 
     def check(self) -> None:
@@ -142,16 +143,19 @@ def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict
 
 
 def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, workers: int,
-            balanced: str = "none", good_index: int = 0):
+            balanced: str = "none", good_index: int = 0, own_generator: bool = False):
+    """``own_generator``: the loader draws its worker base seed from a generator of its own, not from
+    torch's global one (evaluation loaders: whether test curves are drawn must not change training)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     if balanced != "none":
         sampler = BalancedSampler(ds.labels, balanced, good_index, seed, ctx.world_size, ctx.rank)
     else:
         sampler = DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
+    gen = torch.Generator().manual_seed(seed) if own_generator else None
     return DataLoader(
         ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-        drop_last=False, collate_fn=collate_skip_unreadable,
+        drop_last=False, collate_fn=collate_skip_unreadable, generator=gen,
     )
 
 
@@ -251,8 +255,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
             )
         train_ld = _loader(train_ds, ctx, cfg.batch_size, True, cfg.seed, cfg.workers, cfg.balanced, g)
-        val_ld = _loader(val_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers)
-        test_ld = _loader(test_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers) if test_ds is not None else None
+        val_ld = _loader(val_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers, own_generator=True)
+        test_ld = (_loader(test_ds, ctx, cfg.batch_size, False, cfg.seed, cfg.workers, own_generator=True)
+                   if test_ds is not None else None)
 
         hist = topk = None
         ref_stats = dhash = None
@@ -271,6 +276,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "pretrained": cfg.pretrained, "freeze": cfg.freeze, "loss": cfg.loss, "sat_es": sat_es if cfg.loss.startswith("sat") else None,
             "sat_alpha": cfg.sat_alpha if cfg.loss.startswith("sat") else None,
             "class_weights": loss_fn.class_weights.tolist(), "train_crop": cfg.train_crop,
+            "flip": cfg.flip if cfg.augment else "none", "photometric": cfg.photometric if cfg.augment else None,
+            "select": cfg.select,
             "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
             "warmup_epochs": cfg.warmup_epochs, "balanced": cfg.balanced, "batch_size": cfg.batch_size,
             "seed": cfg.seed, "world_size": ctx.world_size, "nexedge": __version__, "torch": torch.__version__,
@@ -459,5 +466,8 @@ def _summary(cfg: TrainConfig, hist: History, topk: TopK, wall: float) -> Dict[s
               f"{row['val']['loss']:.4f}; copied to best.pt ({BEST_RULES[cfg.select]})")
         print("  val FPR % at TPR >= " + ", ".join(f"{k}: {_pct(v).strip()}" for k, v in row["val"]["fpr_at_tpr"].items()))
         summary["weak_operating_points"] = _print_weak(os.path.join(cfg.out, best["file"]), cfg.tpr_floor)
-    print(f"next: nexedge eval {cfg.out} --data {cfg.data} --split test --crops center,five,ten")
+    if cfg.next_hint:
+        from nexedge.train.evaluate import next_hint
+
+        print(next_hint(cfg.out, cfg.data))
     return summary
