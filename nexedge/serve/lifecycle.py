@@ -367,9 +367,8 @@ class Lifecycle:
         for fn in self.on_active:
             fn(slot)
 
-    def attach(self, sampler: Any, backlog: Callable[[], int], auth: Any = None) -> Tuple[Any, Any]:
-        """Start the shadow scorer, register the lifecycle metrics, and make the control server when
-        ``lifecycle.control`` is set (the daemon starts it). Returns (shadow, control or None)."""
+    def attach(self, sampler: Any, backlog: Callable[[], int]) -> Any:
+        """Start the shadow scorer and register the lifecycle metrics. Returns the shadow scorer."""
         from nexedge.serve.shadow import ShadowScorer
 
         b = self.cfg.batching
@@ -378,12 +377,7 @@ class Lifecycle:
         self.on_candidate.append(self.shadow.new_candidate)
         self.metrics.add_families(self.collect)
         self.metrics.add_families(self.shadow.collect)
-        control = None
-        if self.lc.control:
-            from nexedge.serve.control import ControlServer
-
-            control = ControlServer(self, self.lc.control, auth, self.report)
-        return self.shadow, control
+        return self.shadow
 
     def after_batch(self, decided: List[Tuple[Any, float, str]], slot: Optional[Slot] = None) -> None:
         """The worker's hook after a batch's verdicts went out, with the model that decided them
