@@ -50,3 +50,34 @@ def test_cycle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
     assert check_imports.cycles(edges) == [("nexedge.a", "nexedge.sub.b", "nexedge.c")]
     assert check_imports.describe(("nexedge.a", "nexedge.sub.b", "nexedge.c"), edges) == (
         "nexedge.a -[line 1]-> nexedge.sub.b -[line 2 in f()]-> nexedge.c -[line 1]-> nexedge.a")
+
+
+# Modules that still keep their own list of image suffixes (to import nexedge.images.READ_EXTS).
+OWN_SUFFIX_LISTS = {"nexedge/export/parity.py", "nexedge/bench/demo_line.py"}
+
+
+def test_image_suffixes_have_one_home():
+    """Image file suffixes are listed in nexedge/images.py (files read from disk) and
+    nexedge/serve/decode.py (what the daemon decodes) only, and the two agree."""
+    import ast
+
+    from nexedge.images import READ_EXTS
+    from nexedge.serve.decode import EXT, SUFFIXES
+
+    assert set(SUFFIXES) == set(READ_EXTS) and set(SUFFIXES.values()) == set(EXT)
+    found = set()
+    for base, _dirs, files in os.walk(os.path.join(REPO, "nexedge")):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(base, f)
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                    items = node.keys if isinstance(node, ast.Dict) else node.elts
+                    words = [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+                    if {".png", ".jpg"} <= set(w.lower() for w in words):
+                        found.add(os.path.relpath(path, REPO))
+    assert found - OWN_SUFFIX_LISTS == {"nexedge/images.py", "nexedge/serve/decode.py"}
+    assert OWN_SUFFIX_LISTS <= found, "a list is gone: remove it from OWN_SUFFIX_LISTS"
