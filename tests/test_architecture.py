@@ -34,6 +34,32 @@ def test_no_new_import_cycle():
     assert not gone, f"cycle(s) no longer there: remove them from ALLOWED_CYCLES: {gone}"
 
 
+_BASE = {"card", "metrics", "preprocess"}
+# The daemon side reaches nothing above it ("nothing reaches back up the chain"): package -> the
+# nexedge packages its modules may import (lazy imports included).
+DAEMON_SIDE_MAY_IMPORT = {
+    "card": _BASE, "metrics": _BASE, "preprocess": _BASE,
+    "runtime": _BASE | {"runtime", "threads"},
+    "store": _BASE | {"store"},
+    "serve": _BASE | {"serve", "runtime", "store", "threads"},
+}
+UPWARD_EDGES = {
+    ("nexedge.runtime.torch_backend", "nexedge.models.checkpoint"),  # the torch backend opens .pt checkpoints
+}
+
+
+def test_daemon_side_imports_nothing_above_it():
+    def package(mod):
+        return mod.split(".")[1]
+
+    edges = check_imports.import_graph(REPO)
+    up = {(a, b) for a, b in edges
+          if package(a) in DAEMON_SIDE_MAY_IMPORT and package(b) not in DAEMON_SIDE_MAY_IMPORT[package(a)]}
+    assert up - UPWARD_EDGES == set(), "\n".join(f"{a} -> {b} ({', '.join(edges[(a, b)])})"
+                                              for a, b in sorted(up - UPWARD_EDGES))
+    assert UPWARD_EDGES <= up, "an upward edge is gone: remove it from UPWARD_EDGES"
+
+
 def test_cycle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
     pkg = tmp_path / "nexedge"
     (pkg / "sub").mkdir(parents=True)
