@@ -6,6 +6,7 @@ images/s, ETA 53 s``; ``NEXEDGE_HEARTBEAT_S`` changes the interval) and one line
 ends, so a log shows that a long pass is alive without thousands of carriage-return updates.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -13,6 +14,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 #: Seconds between heartbeat lines when stderr is not a terminal (``NEXEDGE_HEARTBEAT_S`` overrides).
 HEARTBEAT_S = 30.0
+
+
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``, the same for every command that shows progress (``args.no_progress``)."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (without a terminal on stderr there are none anyway: heartbeat lines)")
 
 
 def stderr_is_tty() -> bool:

@@ -37,6 +37,19 @@ def _untrained_checkpoint(path, arch, size=64, crop=56, color="gray"):
     return save_checkpoint(str(path), model.eval(), arch, CLASSES, "good", arch_kwargs=kwargs, card=card)
 
 
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """arch -> its untrained checkpoint, built once for both flavours (a VGG19 takes seconds to build)."""
+    root, built = tmp_path_factory.mktemp("untrained"), {}
+
+    def get(arch):
+        if arch not in built:
+            built[arch] = _untrained_checkpoint(root / f"{arch}.pt", arch)
+        return built[arch]
+
+    return get
+
+
 def _arch_cases():
     # VGG19's 100M-parameter classifier makes each export ~30 s on 2 cores: marked slow.
     for arch in list_models():
@@ -46,8 +59,8 @@ def _arch_cases():
 
 
 @pytest.mark.parametrize("arch,crops", list(_arch_cases()))
-def test_export_every_arch_both_flavours_with_parity(tmp_path, arch, crops):
-    ckpt = _untrained_checkpoint(tmp_path / f"{arch}.pt", arch)
+def test_export_every_arch_both_flavours_with_parity(untrained, arch, crops):
+    ckpt = untrained(arch)
     in_type, outs = (1, ["logits"]) if crops == "host" else (2, ["probs", "defect_score", "logits"])
     res = export_onnx(ckpt, crops=crops, parity_images=3, threads=1)
     assert res.parity["max_abs_diff"] <= 1e-4

@@ -161,6 +161,29 @@ def test_lint_qdq_rules():
     assert any(f.rule == "qdq-axis" for f in oc.errors(oc.check_onnx(_qdq_model(axis=1), "trt8.5")))
 
 
+def test_types_are_inferred_on_a_copy_without_the_weights():
+    """Shape inference sees large weights as typed inputs (no data) and still infers every type it did on
+    the whole model; small initializers it reads values from (Reshape's shape) keep their data."""
+    w = numpy_helper.from_array(np.ones((64, 48), np.int8), "w")  # 3072 elements: left out of the copy
+    nodes = [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("Reshape", ["x", "shape"], ["xr"]),
+             helper.make_node("MatMul", ["xr", "wd"], ["h"]),
+             helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT16)]
+    m = _model(nodes, [_io("x", TensorProto.FLOAT, [2, 4, 16])], [_io("y", TensorProto.FLOAT16, [2, 48])],
+               [w, numpy_helper.from_array(np.array(0.1, np.float32), "ws"),
+                numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                numpy_helper.from_array(np.array([2, 64], np.int64), "shape")])
+    lite = oc._without_weights(m)
+    assert [i.name for i in lite.graph.initializer] == ["ws", "wz", "shape"]
+    assert "w" in [i.name for i in lite.graph.input] and len(lite.SerializeToString()) < 1000
+    full = onnx.shape_inference.infer_shapes(m, strict_mode=True).graph
+    want = {v.name: v.type.tensor_type.elem_type for v in list(full.input) + list(full.output) + list(full.value_info)}
+    want.update({i.name: i.data_type for i in m.graph.initializer})
+    assert oc.tensor_types(m) == want and want["xr"] == TensorProto.FLOAT and want["wd"] == TensorProto.FLOAT
+    assert oc.check_targets(m) == {t: oc.check_onnx(m, t) for t in oc.TARGETS}
+    assert m.graph.initializer[0].raw_data  # the caller's model keeps its weights
+
+
 def test_lint_ops_types_opset_and_dla():
     x, y = _io("x", TensorProto.FLOAT, ["batch", 4]), _io("y", TensorProto.FLOAT, ["batch", 4])
     m = _model([helper.make_node("Unique", ["x"], ["y"])], [x], [y])

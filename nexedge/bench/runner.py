@@ -21,10 +21,10 @@ import numpy as np
 
 from nexedge import preprocess as pp
 from nexedge.bench import stats
+from nexedge.images import READ_EXTS
 from nexedge.runtime import registry
 
 BACKENDS = ("auto",) + registry.backend_names()
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: Stages in pipeline order; anything else a backend reports is printed after these.
 STAGE_ORDER = ("decode", "resize", "preprocess", "h2d", "inference", "d2h", "postprocess", "total", "e2e")
 
@@ -52,13 +52,13 @@ def list_images(source: str, limit: int = 256) -> List[str]:
             os.path.join(d, f)
             for d, _, names in os.walk(source)
             for f in names
-            if f.lower().endswith(IMAGE_SUFFIXES)
+            if f.lower().endswith(READ_EXTS)
         ]
     else:
-        files = [f for f in glob.glob(source) if f.lower().endswith(IMAGE_SUFFIXES)]
+        files = [f for f in glob.glob(source) if f.lower().endswith(READ_EXTS)]
     files = sorted(files)[:limit]
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found at {source!r}")
+        raise FileNotFoundError(f"no image files ({', '.join(READ_EXTS)}) found at {source!r}")
     return files
 
 

@@ -154,7 +154,7 @@ def split_sizes(root: str, split: str = "train",
                 skip_unreadable: bool = False) -> Tuple[List[Tuple[int, int]], List[str]]:
     """(width, height) and class name of every image of ``root/split``; unreadable ones are a ValueError,
     or left out with ``skip_unreadable`` (training skips and counts them itself)."""
-    from nexedge.train.data import IMAGE_EXTS
+    from nexedge.images import READ_EXTS
 
     folder = os.path.join(root, split)
     paths, labels = [], []
@@ -163,7 +163,7 @@ def split_sizes(root: str, split: str = "train",
         if not os.path.isdir(d) or c.startswith("."):
             continue
         for f in sorted(os.listdir(d)):
-            if f.lower().endswith(IMAGE_EXTS):
+            if f.lower().endswith(READ_EXTS):
                 paths.append(os.path.join(d, f))
                 labels.append(c)
     sizes = image_sizes(paths, skip_unreadable)

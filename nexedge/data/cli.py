@@ -6,6 +6,7 @@ import os
 from typing import Optional, Tuple
 
 from nexedge.data.spec import BATCHES, DEFAULT_LOOK, LOOKS, parse_class_counts
+from nexedge.progress import add_progress_option
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -67,7 +68,7 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-stretch", action="store_true",
                    help="compare without the min-max stretch (default: stretch both sides, as the public "
                         "Nexperia references were stretched by matplotlib)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -123,7 +124,7 @@ def configure_split(p: argparse.ArgumentParser) -> None:
                    help="the negative (pass) class, recorded in dataset.json; `nexedge train` uses it as its "
                         "default --good-class (default: 'good' when there is such a folder)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
 
 
 def run_split(args: argparse.Namespace) -> int:

@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 
 from nexedge.data.spec import STYLES, batch_classes, default_weights
+from nexedge.images import READ_EXTS
 
-IMAGE_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 # (name, x0, y0, x1, y1) as fractions of the frame; "ring" is the frame minus its inner 84 %.
 REGIONS = (("ring", 0.0, 0.0, 1.0, 1.0), ("upper", 0.08, 0.08, 0.92, 0.38),
            ("middle", 0.08, 0.38, 0.92, 0.66), ("lower", 0.08, 0.66, 0.92, 0.92))
@@ -60,11 +60,11 @@ def load_references(ref_dir: str) -> List[Tuple[str, str, np.ndarray]]:
                     files.append((os.path.join(ref_dir, row["file"]), row["label"].strip()))
     else:
         for p in sorted(glob.glob(os.path.join(ref_dir, "*", "*"))):
-            if p.lower().endswith(IMAGE_EXTS):
+            if p.lower().endswith(READ_EXTS):
                 files.append((p, os.path.basename(os.path.dirname(p))))
         if not files:
             for p in sorted(glob.glob(os.path.join(ref_dir, "*"))):
-                if p.lower().endswith(IMAGE_EXTS):
+                if p.lower().endswith(READ_EXTS):
                     name = os.path.basename(p)
                     files.append((p, name.split("__")[0] if "__" in name else "unknown"))
     out = []

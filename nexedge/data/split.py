@@ -15,8 +15,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nexedge.images import READ_EXTS
+
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 LINK_MODES = ("copy", "hard", "sym")
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def count_table(rows: Iterable[Mapping[str, Any]], key: str = "label") -> Dict[s
     return {s: dict(sorted(v.items())) for s, v in t.items()}
 
 
-def scan_class_folders(src: str, exts: Sequence[str] = IMAGE_EXTS,
+def scan_class_folders(src: str, exts: Sequence[str] = READ_EXTS,
                        skipped: Optional[List[Dict[str, str]]] = None) -> Dict[str, List[str]]:
     """{class: sorted image file names} for the class sub-folders of ``src``.
 
@@ -171,7 +172,7 @@ def _place(src: str, dst: str, mode: str) -> None:
 
 
 def split_folder(src: str, out: str, seed: int = 0, link: Optional[str] = None, progress: bool = True,
-                 exts: Sequence[str] = IMAGE_EXTS, good_class: Optional[str] = None) -> Dict[str, Any]:
+                 exts: Sequence[str] = READ_EXTS, good_class: Optional[str] = None) -> Dict[str, Any]:
     """Split ``src/<class>/<image>`` into ``out/{train,val,test}/<class>/`` plus manifest.jsonl and dataset.json.
 
     ``link``: None (copy), "hard" (hard links) or "sym" (absolute symlinks). Deterministic for a seed.

@@ -21,7 +21,8 @@ import numpy as np
 
 from nexedge import preprocess as pp
 from nexedge.card import ModelCard, atomic_write_bytes
-from nexedge.export.parity import IMAGE_EXTS, read_images_skipping
+from nexedge.export.parity import read_images_skipping
+from nexedge.images import READ_EXTS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def class_folders(root: str, split: str) -> Dict[str, List[str]]:
     for cls in sorted(os.listdir(base)):
         d = os.path.join(base, cls)
         if os.path.isdir(d):
-            files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
+            files = sorted(f for f in os.listdir(d) if f.lower().endswith(READ_EXTS))
             if files:
                 out[cls] = [os.path.join(split, cls, f) for f in files]
     if not out:

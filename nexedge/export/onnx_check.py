@@ -104,19 +104,61 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
     return default
 
 
+# Initializers above this many elements are handed to shape inference as typed graph inputs, without
+# their data: inference reads the values of small shape-like inputs only (Reshape's shape, Slice's
+# starts, Resize's scales, ...), never of weights, so the types it infers are the same and a VGG's
+# 550 MB of weights is not serialized, re-parsed and copied back for every check.
+_INFER_KEEPS_DATA_UP_TO = 1024
+
+
+def _copy_fields(src: Any, dst: Any, skip: str = "") -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if hasattr(target, "extend"):  # repeated field
+            target.extend(value)
+        elif hasattr(target, "CopyFrom"):  # message field
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _without_weights(model: Any) -> Any:
+    """Copy of ``model`` whose large initializers are typed graph inputs (dtype and dims, no data)."""
+    import onnx
+
+    lite = onnx.ModelProto()
+    _copy_fields(model, lite, skip="graph")
+    _copy_fields(model.graph, lite.graph, skip="initializer")
+    g = lite.graph
+    inputs = {i.name for i in g.input}
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        if n <= _INFER_KEEPS_DATA_UP_TO:
+            g.initializer.append(init)
+        elif init.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return lite
+
+
 def tensor_types(model: Any) -> Dict[str, int]:
     """Element type of every tensor: graph I/O, initializers, shape-inferred values, Constant and Cast outputs."""
     import onnx
 
+    lite = _without_weights(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(lite, strict_mode=False)
     except Exception:  # inference failing is not the parser's problem: fall back to what the file says
         inferred = model
-    g = inferred.graph
     types: Dict[str, int] = {}
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
+    g = inferred.graph
+    for vi in list(model.graph.input) + list(g.output) + list(g.value_info):
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type
+    g = model.graph
     for init in g.initializer:
         types[init.name] = init.data_type
     for n in g.node:
@@ -144,17 +186,39 @@ def _tname(t: Optional[int]) -> str:
 
 def check_onnx(model: Any, target: str, dla: bool = False) -> List[Finding]:
     """Findings for ``model`` (ModelProto or path) against TensorRT ``target`` (one of :data:`TARGETS`)."""
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
 
-    if target not in TARGETS:
-        raise ValueError(f"unknown TensorRT target {target!r}; expected one of {', '.join(TARGETS)}")
+    _check_target(target)
     if isinstance(model, str):
         model = onnx.load(model)
+    return _check(model, tensor_types(model), target, dla)
+
+
+def check_targets(model: Any, targets: Iterable[str] = TARGETS, dla: bool = False) -> Dict[str, List[Finding]]:
+    """{target: findings} for several targets; loads ``model`` (if a path) and infers its types once."""
+    import onnx
+
+    targets = list(targets)
+    for t in targets:
+        _check_target(t)
+    if isinstance(model, str):
+        model = onnx.load(model)
+    types = tensor_types(model)
+    return {t: _check(model, types, t, dla) for t in targets}
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown TensorRT target {target!r}; expected one of {', '.join(TARGETS)}")
+
+
+def _check(model: Any, types: Dict[str, int], target: str, dla: bool) -> List[Finding]:
+    import numpy as np
+    from onnx import numpy_helper
+
     g = model.graph
     found: List[Finding] = []
-    types = tensor_types(model)
+    types = dict(types)  # the trt10 rule below retypes some outputs for this target only
     if target == "trt10":
         # ONNX types a QuantizeLinear without zero point UINT8; TensorRT 10's importer makes it INT8
         # [IMP-10 QuantDequantLinearHelper: no zero point -> INT8 zeros].
@@ -298,8 +362,8 @@ def format_findings(path: str, target: str, findings: List[Finding]) -> str:
 def summary(model: Any, targets: Iterable[str] = TARGETS, dla: bool = False) -> Dict[str, Any]:
     """{target: "ok" | [error messages]} (warnings left out) for a card."""
     out: Dict[str, Any] = {}
-    for t in targets:
-        errs = errors(check_onnx(model, t, dla))
+    for t, found in check_targets(model, targets, dla).items():
+        errs = errors(found)
         out[t] = "ok" if not errs else [f"[{e.rule}] {e.where}: {e.message}" for e in errs]
     return out
 
@@ -315,12 +379,8 @@ def target_for_version(version: str) -> str:
 
 def require_clean(path: str, targets: Iterable[str], dla: bool = False, what: str = "") -> None:
     """RuntimeError listing every error finding for ``targets``."""
-    import onnx
-
-    model = onnx.load(path)
     msgs = []
-    for t in targets:
-        f = check_onnx(model, t, dla)
+    for t, f in check_targets(path, targets, dla).items():
         if errors(f):
             msgs.append(format_findings(path, t, errors(f)))
     if msgs:

@@ -5,6 +5,8 @@ import datetime as _dt
 import json
 from typing import List, Optional
 
+from nexedge.progress import add_progress_option
+
 FORMAT_CHOICES = ("manifest", "labelstudio", "folders", "cleanlab")
 
 
@@ -66,7 +68,7 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=64, help="samples per request (default 64)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
     p.add_argument("--retries", type=int, default=3, help="re-sends of a request that got no reply (default 3)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
 
 
 def run_pull(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ import re
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+from nexedge.images import READ_EXTS
 from nexedge.relabel.formats import LS_FROM_NAME, MANIFEST, inside
 from nexedge.store import write_atomic
 from nexedge.store.files import try_flock
@@ -41,7 +42,6 @@ from nexedge.store.files import try_flock
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the trainer reads
 _SHA_IN = re.compile(r"([0-9a-f]{64})")
 _TMP = ".tmp-import-"
 
@@ -200,7 +200,7 @@ class Dataset:
                 if cls not in self.classes:
                     self.classes.append(cls)
                 for name in sorted(os.listdir(cdir)):
-                    if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
+                    if name.startswith(".") or not name.lower().endswith(READ_EXTS):
                         continue
                     self.by_sha.setdefault(_sha_file(os.path.join(cdir, name)), f"{split}/{cls}/{name}")
         if not self.classes:
@@ -290,8 +290,8 @@ def plan_import(labels_file: str, dataset: str, split: str = "train", images_dir
                 op["conflict"] = True
         else:
             ext = os.path.splitext(src)[1].lower()
-            if ext not in IMAGE_EXTS:
-                errors.append(f"line {it.line}: {src} has extension {ext!r}; the trainer reads {IMAGE_EXTS}")
+            if ext not in READ_EXTS:
+                errors.append(f"line {it.line}: {src} has extension {ext!r}; the trainer reads {READ_EXTS}")
                 continue
             op.update(action="add", src_abs=src, path=f"{split}/{it.label}/{sha}{ext}", previous=None)
         ops.append(op)
@@ -406,7 +406,7 @@ def update_dataset_counts(root: str) -> None:
             cdir = os.path.join(sdir, cls)
             if os.path.isdir(cdir) and not cls.startswith("."):
                 counts[split][cls] = sum(1 for n in os.listdir(cdir)
-                                         if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS))
+                                         if not n.startswith(".") and n.lower().endswith(READ_EXTS))
     info["counts"] = counts
     info["n_images"] = sum(sum(c.values()) for c in counts.values())
     write_atomic(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -16,8 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nexedge.serve.decode import SUFFIXES
+
 MODES = ("native", "native-raw", "imagezmq-raw", "imagezmq-jpg")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the trainer and the daemon read
+IMAGE_EXTS = tuple(SUFFIXES)  # the files whose bytes the daemon decodes
 log = logging.getLogger(__name__)
 
 

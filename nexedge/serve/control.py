@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 
-from nexedge.serve.lifecycle import LifecycleError
 from nexedge.serve.pullserver import RouterThread, check_version, is_loopback, split_envelope
+from nexedge.serve.slots import LifecycleError
 
 log = logging.getLogger("nexedge.serve")
 PROTOCOL_VERSION = 1

@@ -23,6 +23,7 @@ from nexedge.serve import config as C
 from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
+from nexedge.serve.control import ControlServer
 from nexedge.serve.guard import GuardRegistry, Limits, SocketGuard
 from nexedge.serve.ingest import DecodePool, IngestMixin, recv_bounded
 from nexedge.serve.ledger import Ledger
@@ -187,7 +188,10 @@ class Daemon(IngestMixin):
 
             self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth, guards=self.guards,
                                    lease_s=cfg.pull.lease_s)
-        self.shadow, self.control = self.models.attach(self.sampler, lambda: len(self.batcher), self.auth)
+        self.shadow = self.models.attach(self.sampler, lambda: len(self.batcher))
+        # The control server (`nexedge line ...`) drives the lifecycle; the daemon starts it.
+        self.control = (ControlServer(self.models, self.models.lc.control, self.auth, self.models.report)
+                        if self.models.lc.control else None)
 
     def _bind(self) -> None:
         s = self.cfg.sockets

@@ -23,6 +23,8 @@ from nexedge.serve.protocol import ProtocolError, Request
 MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
          (b"MM\x00*", "tiff"), (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"))
 EXT = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tif"}
+#: File-name suffix -> the format the daemon decodes: what a camera may send as a file's bytes.
+SUFFIXES = {".png": "png", ".bmp": "bmp", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff"}
 FORMATS = "JPEG, PNG, BMP or TIFF"
 DEFAULT_MAX_DECODED_BYTES = 128 << 20
 #: libjpeg's (and so OpenCV's and Pillow's) progressive JPEGs have 10 scans (colour) or 6 (gray); a

@@ -4,7 +4,7 @@ before the daemon opens it itself.
 A model can allocate far more than its file size while it is opened or run (a 1 KB ONNX
 graph can build a 1.5 GB constant). The daemon therefore never opens an unknown model
 first: ``python -m nexedge.serve.loadprobe`` does, exactly as the daemon would
-(:func:`nexedge.serve.lifecycle.open_slot`: card, measured-operating-point rule, warm-up at
+(:func:`nexedge.serve.slots.open_slot`: card, measured-operating-point rule, warm-up at
 ``batching.max_batch``, cascade plan) plus the compatibility check against the line's card.
 The parent polls the child's resident set every few milliseconds and kills it when it
 grows past the budget (what ``lifecycle.memory_limit`` leaves after the resident models);
@@ -55,11 +55,11 @@ def _mib(n: float) -> str:
 
 def probe(path: str, cfg: Any, line_card: Any, budget: Optional[int], timeout_s: float = TIMEOUT_S) -> Dict[str, Any]:
     """Check ``path`` in a child process; ``{"peak_bytes", "sha256", "model_id"}`` when it passed,
-    :class:`~nexedge.serve.lifecycle.LifecycleError` saying why not. ``budget``: the bytes it may
+    :class:`~nexedge.serve.slots.LifecycleError` saying why not. ``budget``: the bytes it may
     grow by (None: no memory limit, the checks only)."""
     import dataclasses
 
-    from nexedge.serve.lifecycle import LifecycleError
+    from nexedge.serve.slots import LifecycleError
 
     sections = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}  # absent optional sections
     req = {"path": path, "config": sections, "line_card": line_card.data,
@@ -129,7 +129,7 @@ def _child() -> int:
     from nexedge.card import ModelCard
     from nexedge.runtime.factory import backend_kind
     from nexedge.serve import config as C
-    from nexedge.serve import lifecycle as L
+    from nexedge.serve import slots
 
     cpu_only = False  # CUDA reserves address space far beyond what it uses: no address-space cap then
     try:
@@ -167,8 +167,8 @@ def _child() -> int:
     try:
         cfg = C.from_dict(req["config"])
         line = ModelCard(req["line_card"], source=req["line_source"])
-        slot = L.open_slot(cfg, path, "load probe")
-        L.check_compatible(line, slot.card, slot.backend, cfg)
+        slot = slots.open_slot(cfg, path, "load probe")
+        slots.check_compatible(line, slot.card, slot.backend, cfg)
         out = {"ok": True, "sha256": slot.sha256, "model_id": slot.model_id,
                "peak_bytes": max(_status_bytes("self", "VmHWM") - base, 0)}
     except MemoryError:

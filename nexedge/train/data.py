@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nexedge import preprocess
+from nexedge.images import READ_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +48,10 @@ def scan_split(root: str, split: str, classes: Sequence[str]) -> List[Tuple[str,
         if d not in index:
             raise ValueError(f"{folder} has class folder {d!r} that the model does not know (classes {list(classes)})")
         for f in sorted(os.listdir(os.path.join(folder, d))):
-            if f.lower().endswith(IMAGE_EXTS):
+            if f.lower().endswith(READ_EXTS):
                 items.append((os.path.join(split, d, f), index[d]))
     if not items:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder}")
+        raise ValueError(f"no images ({', '.join(READ_EXTS)}) under {folder}")
     return items
 
 
@@ -85,7 +85,7 @@ def data_hash(root: str, splits: Sequence[str] = ("train", "val")) -> str:
         for dirpath, dirnames, files in sorted(os.walk(folder)):
             dirnames.sort()
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTS):
+                if f.lower().endswith(READ_EXTS):
                     p = os.path.join(dirpath, f)
                     h.update(os.path.relpath(p, root).encode("utf-8") + b"\0")
                     with open(p, "rb") as fh:

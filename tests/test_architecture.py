@@ -1,0 +1,109 @@
+"""The import graph between nexedge modules has no cycle beyond an allow-list that only shrinks.
+
+Imports inside functions count: a cycle they close does not fail at import time, but it still ties
+the modules together. tools/check_imports.py reads the imports from the source (and prints them:
+``python tools/check_imports.py``).
+"""
+
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("check_imports", os.path.join(REPO, "tools", "check_imports.py"))
+check_imports = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_imports)
+
+# Today's cycles, each to be broken by moving the shared idea into a module of its own; remove an
+# entry when its cycle is gone (the test says so). Never add one.
+ALLOWED_CYCLES = {
+    # The demo's stages import its Demo context; the demo imports its stages (to become nexedge/demo/).
+    ("nexedge.bench.demo", "nexedge.bench.demo_stages"),
+    ("nexedge.bench.demo", "nexedge.bench.demo_stages", "nexedge.bench.demo_line"),
+    # fold needs only OPSET from onnx_export, which calls fold (OPSET to move to export/graph.py).
+    ("nexedge.export.fold", "nexedge.export.onnx_export"),
+}
+
+
+def test_no_new_import_cycle():
+    edges = check_imports.import_graph(REPO)
+    found = set(check_imports.cycles(edges))
+    new = sorted(found - ALLOWED_CYCLES)
+    assert not new, "new import cycle(s) between nexedge modules (move the shared idea into a module both " \
+        "can import):\n" + "\n".join(check_imports.describe(c, edges) for c in new)
+    gone = sorted(ALLOWED_CYCLES - found)
+    assert not gone, f"cycle(s) no longer there: remove them from ALLOWED_CYCLES: {gone}"
+
+
+_BASE = {"card", "metrics", "preprocess"}
+# The daemon side reaches nothing above it ("nothing reaches back up the chain"): package -> the
+# nexedge packages its modules may import (lazy imports included).
+DAEMON_SIDE_MAY_IMPORT = {
+    "card": _BASE, "metrics": _BASE, "preprocess": _BASE,
+    "runtime": _BASE | {"runtime", "threads"},
+    "store": _BASE | {"store"},
+    "serve": _BASE | {"serve", "runtime", "store", "threads"},
+}
+UPWARD_EDGES = {
+    ("nexedge.runtime.torch_backend", "nexedge.models.checkpoint"),  # the torch backend opens .pt checkpoints
+}
+
+
+def test_daemon_side_imports_nothing_above_it():
+    def package(mod):
+        return mod.split(".")[1]
+
+    edges = check_imports.import_graph(REPO)
+    up = {(a, b) for a, b in edges
+          if package(a) in DAEMON_SIDE_MAY_IMPORT and package(b) not in DAEMON_SIDE_MAY_IMPORT[package(a)]}
+    assert up - UPWARD_EDGES == set(), "\n".join(f"{a} -> {b} ({', '.join(edges[(a, b)])})"
+                                              for a, b in sorted(up - UPWARD_EDGES))
+    assert UPWARD_EDGES <= up, "an upward edge is gone: remove it from UPWARD_EDGES"
+
+
+def test_cycle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
+    pkg = tmp_path / "nexedge"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from nexedge.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import X\n")  # lazy and relative
+    (pkg / "c.py").write_text("import nexedge.a as a\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from nexedge import a\n"
+                              "import nexedge.c\n")
+    edges = check_imports.import_graph(str(tmp_path))
+    assert edges[("nexedge.sub.b", "nexedge.c")] == ["line 2 in f()"]
+    assert ("nexedge.d", "nexedge.a") not in edges and ("nexedge.d", "nexedge.c") in edges
+    assert check_imports.cycles(edges) == [("nexedge.a", "nexedge.sub.b", "nexedge.c")]
+    assert check_imports.describe(("nexedge.a", "nexedge.sub.b", "nexedge.c"), edges) == (
+        "nexedge.a -[line 1]-> nexedge.sub.b -[line 2 in f()]-> nexedge.c -[line 1]-> nexedge.a")
+
+
+# Modules that still keep their own list of image suffixes (to import nexedge.images.READ_EXTS).
+OWN_SUFFIX_LISTS = {"nexedge/export/parity.py", "nexedge/bench/demo_line.py"}
+
+
+def test_image_suffixes_have_one_home():
+    """Image file suffixes are listed in nexedge/images.py (files read from disk) and
+    nexedge/serve/decode.py (what the daemon decodes) only, and the two agree."""
+    import ast
+
+    from nexedge.images import READ_EXTS
+    from nexedge.serve.decode import EXT, SUFFIXES
+
+    assert set(SUFFIXES) == set(READ_EXTS) and set(SUFFIXES.values()) == set(EXT)
+    found = set()
+    for base, _dirs, files in os.walk(os.path.join(REPO, "nexedge")):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(base, f)
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                    items = node.keys if isinstance(node, ast.Dict) else node.elts
+                    words = [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+                    if {".png", ".jpg"} <= set(w.lower() for w in words):
+                        found.add(os.path.relpath(path, REPO))
+    assert found - OWN_SUFFIX_LISTS == {"nexedge/images.py", "nexedge/serve/decode.py"}
+    assert OWN_SUFFIX_LISTS <= found, "a list is gone: remove it from OWN_SUFFIX_LISTS"
