@@ -19,8 +19,6 @@ ALLOWED_CYCLES = {
     # The demo's stages import its Demo context; the demo imports its stages (to become nexedge/demo/).
     ("nexedge.bench.demo", "nexedge.bench.demo_stages"),
     ("nexedge.bench.demo", "nexedge.bench.demo_stages", "nexedge.bench.demo_line"),
-    # fold needs only OPSET from onnx_export, which calls fold (OPSET to move to export/graph.py).
-    ("nexedge.export.fold", "nexedge.export.onnx_export"),
 }
 
 
@@ -78,10 +76,6 @@ def test_cycle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
         "nexedge.a -[line 1]-> nexedge.sub.b -[line 2 in f()]-> nexedge.c -[line 1]-> nexedge.a")
 
 
-# Modules that still keep their own list of image suffixes (to import nexedge.images.READ_EXTS).
-OWN_SUFFIX_LISTS = {"nexedge/export/parity.py", "nexedge/bench/demo_line.py"}
-
-
 def test_image_suffixes_have_one_home():
     """Image file suffixes are listed in nexedge/images.py (files read from disk) and
     nexedge/serve/decode.py (what the daemon decodes) only, and the two agree."""
@@ -105,5 +99,4 @@ def test_image_suffixes_have_one_home():
                     words = [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
                     if {".png", ".jpg"} <= set(w.lower() for w in words):
                         found.add(os.path.relpath(path, REPO))
-    assert found - OWN_SUFFIX_LISTS == {"nexedge/images.py", "nexedge/serve/decode.py"}
-    assert OWN_SUFFIX_LISTS <= found, "a list is gone: remove it from OWN_SUFFIX_LISTS"
+    assert found == {"nexedge/images.py", "nexedge/serve/decode.py"}

@@ -18,9 +18,9 @@ from nexedge.bench import stats
 from nexedge.bench.demo import Demo
 from nexedge.bench.report import table
 from nexedge.metrics import escape_text
+from nexedge.serve.decode import SUFFIXES as DECODED
 
 DECISIONS = ("PASS", "REJECT", "RECHECK")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def free_port() -> int:
@@ -146,7 +146,7 @@ def test_images(root: str, good: str = "good") -> List[Tuple[str, str]]:
     for cls in sorted(os.listdir(test)):
         d = os.path.join(test, cls)
         if os.path.isdir(d):
-            out += [(os.path.join(d, f), cls) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_SUFFIXES)]
+            out += [(os.path.join(d, f), cls) for f in sorted(os.listdir(d)) if f.lower().endswith(tuple(DECODED))]
     if not out:
         raise RuntimeError(f"no test images under {test}")
     return out

@@ -63,11 +63,12 @@ def fold_pads_into_conv(model: Any) -> int:
     depend on the input, a Pad read by two nodes) is left as it is."""
     from onnx import helper
 
-    from nexedge.export.onnx_export import OPSET
     from nexedge.export.quantize import prune_dead_nodes
 
     g = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:  # no default-domain opset: no standard Pad to fold
+        return 0
     consumers: Dict[str, List[Any]] = {}
     for n in g.node:
         for i in n.input:

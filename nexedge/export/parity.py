@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from nexedge import preprocess as pp
+from nexedge.images import READ_EXTS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def list_images(root: str) -> List[str]:
@@ -39,7 +39,7 @@ def list_images_flat(root: str) -> List[str]:
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
         for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTS):
+            if f.lower().endswith(READ_EXTS):
                 out.append(os.path.join(dirpath, f))
     return out
 
@@ -99,7 +99,7 @@ def parity_images(source: Optional[str], inp: Mapping[str, Any], n: int = 16) ->
         return generated_images(n, inp), f"generated:{n}"
     paths = spread(list_images(source), n)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {source}")
+        raise FileNotFoundError(f"no images ({', '.join(READ_EXTS)}) found under {source}")
     imgs = np.stack([pp.prepare(read_image(p), inp) for p in paths])
     return imgs, f"{source}:{len(paths)}"
 

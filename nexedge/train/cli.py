@@ -4,6 +4,7 @@ torch and friends load inside ``run_*``)."""
 import argparse
 from typing import Any, Dict, List, Tuple
 
+from nexedge.progress import add_progress_option
 from nexedge.threads import add_threads_option
 
 LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
@@ -143,8 +144,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
-    r.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (without a terminal on stderr there are none anyway: one line per epoch)")
+    add_progress_option(r)
     r.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
     r.add_argument("--cv", type=int, default=None, metavar="K",
@@ -270,7 +270,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=None, help="use only the best N checkpoints of each run")
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_option(p)
     add_threads_option(p, torch=True)
     p.add_argument("--tpr-floor", type=float, default=0.95,
                    help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
@@ -301,7 +301,7 @@ def configure_mislabels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-mode", choices=CROPS, default=None, help="crop style (default: the card's)")
     p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_option(p)
     add_threads_option(p, torch=True)
 
 
