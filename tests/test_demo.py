@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from nexedge.bench import demo as D
-from nexedge.bench import demo_line as L
-from nexedge.bench import demo_stages as S
 from nexedge.cli import main
+from nexedge.demo import line as L
+from nexedge.demo import run as D
+from nexedge.demo import stages as S
 
 
 def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any, Dict, List, Sequence
 
-from nexedge.bench.demo import Demo
+from nexedge.demo.run import Demo
 
 
 def _require(command: str) -> None:
@@ -186,16 +186,16 @@ def stage_calibrate(demo: Demo) -> None:
             "auc": rep["auc_fp32"], "fpr_at_tpr": dict(rep.get("fpr_at_tpr_fp32") or {})}
 
 
-# -- 6-8. the line: see demo_line ---------------------------------------------
+# -- 6-8. the line: see line.py ----------------------------------------------
 
 def stage_daemon(demo: Demo) -> None:
-    from nexedge.bench import demo_line
+    from nexedge.demo import line as demo_line
 
     demo_line.start_daemon(demo)
 
 
 def stage_stream(demo: Demo) -> None:
-    from nexedge.bench import demo_line
+    from nexedge.demo import line as demo_line
 
     demo_line.stream_test_images(demo)
 

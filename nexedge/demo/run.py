@@ -120,7 +120,7 @@ class Demo:
 
 
 def stages() -> List[Tuple[str, str, Callable[[Demo], None]]]:
-    from nexedge.bench import demo_stages as S
+    from nexedge.demo import stages as S
 
     return [
         ("data", "generate a synthetic data set", S.stage_data),
@@ -226,7 +226,7 @@ def deployed_claim_line(daemon: Dict[str, Any], stream: Dict[str, Any]) -> str:
 
     try:
         card = load_card(daemon["model"], verify=False)
-        target = daemon.get("target_tpr") or 1.0  # demo_line configures the daemon at TPR 100 %
+        target = daemon.get("target_tpr") or 1.0  # line.py configures the daemon at TPR 100 %
         op = card.operating_point(target)
     except (ValueError, OSError) as e:
         return f"deployed {daemon.get('model')}: no operating point to compare ({e})"
