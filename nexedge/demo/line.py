@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from nexedge.bench import stats
 from nexedge.bench.report import table
-from nexedge.demo.run import Demo
+from nexedge.demo.context import Demo
 from nexedge.metrics import escape_text
 from nexedge.serve.decode import SUFFIXES as DECODED
 
