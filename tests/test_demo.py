@@ -9,8 +9,9 @@ from nexedge.cli import main
 from nexedge.demo import line as L
 from nexedge.demo import run as D
 from nexedge.demo import stages as S
+from nexedge.demo.cli import configure_demo
 from nexedge.demo.context import Demo
-from nexedge.demo.profiles import configure_demo, resolve_settings
+from nexedge.demo.profiles import resolve_settings
 
 
 def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):

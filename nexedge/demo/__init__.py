@@ -8,13 +8,8 @@ simulated cameras -> verdict summary and latency -> pull the uncertain samples.
 Every artifact lands under one run folder; stage timings and the total wall
 time are printed at the end and saved as ``demo-summary.json``.
 
-Modules: ``profiles`` (sizes and options), ``context`` (the ``Demo`` every stage receives),
-``stages`` (one function per stage), ``line`` (the daemon and the simulated cameras), ``run``
-(drives the stages, prints the recap). Light at import: the stages load when the demo runs, and
-import torch and friends when they run.
+Modules: ``cli`` (the command: options and ``run_demo``), ``profiles`` (sizes and settings),
+``context`` (the ``Demo`` every stage receives), ``run`` (runs the stages, prints the recap and
+timings), ``stages`` (one function per stage), ``line`` (the daemon and the simulated cameras).
+Light at import: the stages load when the demo runs, and import torch and friends when they run.
 """
-
-from nexedge.demo.profiles import configure_demo
-from nexedge.demo.run import run_demo
-
-__all__ = ["configure_demo", "run_demo"]

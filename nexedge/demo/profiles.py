@@ -1,10 +1,7 @@
-"""The demo's sizes (``PROFILES``), the options of ``nexedge demo`` that pick one, and the settings
-they resolve to."""
+"""The demo's sizes (``PROFILES``) and the settings that ``nexedge demo``'s options resolve to."""
 
 import argparse
 from typing import Any, Dict
-
-from nexedge.threads import add_threads_option
 
 #: Sizes of the default run (measured wall time and CPU seconds on the 2-core dev box:
 #: docs/benchmarking.md), of ``--arch small_max`` (the earlier recipe) and of ``--tiny``
@@ -41,28 +38,6 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     "tiny": {"images": 120, "size": 48, "arch": "tiny", "resize": 36, "crop": 32, "val_crop": "center", "epochs": 1,
              "batch_size": 16, "lr": 0.05, "calib_images": 16, "cameras": 2, "good_fraction": 0.5},
 }
-
-
-def configure_demo(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Run the whole product on synthetic data: generate images, train on the CPU, print the "
-        "evaluation table, export to ONNX, quantize to INT8, start the line daemon, stream the test "
-        "images from simulated cameras, print the verdicts and latency, and pull the uncertain samples. "
-        "No arguments needed; about 410-490 CPU seconds (4-5 minutes on 2 free cores)."
-    )
-    p.add_argument("--out", help="run folder (default runs/demo-<UTC timestamp>)")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke-test size: tiny model, ~100 images, 1 epoch (seconds; accuracy meaningless)")
-    p.add_argument("--images", type=int, help="synthetic images to generate (default {})".format(
-        PROFILES["default"]["images"]))
-    p.add_argument("--epochs", type=int, help="training epochs (default {})".format(PROFILES["default"]["epochs"]))
-    p.add_argument("--arch", help="architecture (default {}, ImageNet-pretrained; small_max: the earlier "
-                                  "from-scratch recipe on a reduced class mix; tiny for speed)".format(
-                                      PROFILES["default"]["arch"]))
-    add_threads_option(p, torch=True)
-    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
-    p.add_argument("--keep-daemon", action="store_true",
-                   help="leave the daemon running at the end (prints its PID; default: stop it)")
 
 
 def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:

@@ -1,15 +1,10 @@
-"""Drive ``nexedge demo``: resolve the settings, run the stages in order in one run folder, then
-print the recap and the stage timings and save them as ``demo-summary.json``."""
+"""Run the demo's stages in order, then print the recap of their results and the stage timings."""
 
-import argparse
-import datetime as _dt
-import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from nexedge.demo.context import Demo
-from nexedge.demo.profiles import resolve_settings
 
 
 def stages() -> List[Tuple[str, str, Callable[[Demo], None]]]:
@@ -148,46 +143,3 @@ def print_timings(demo: Demo, records: List[Dict[str, Any]], wall: float, cpu: f
                                                                r["status"]))
     demo.say("  {:<8} {:>7.1f} s  cpu {:>7.1f} s  (wall {:.1f} min; load average at the end {})".format(
         "total", wall, cpu, wall / 60, " ".join(f"{x:.1f}" for x in os.getloadavg())))
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = args.out or os.path.join("runs", f"demo-{stamp}")
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"run folder {out} exists and is not empty; give a new --out")
-    os.makedirs(out, exist_ok=True)
-    demo = Demo(out, settings)
-    try:
-        import torch
-    except ImportError:
-        raise RuntimeError("the demo trains a model and needs the train extra: pip install '.[train]' in the nexedge checkout") from None
-    torch.set_num_threads(settings["threads"])
-    from nexedge.bench.env import capture, one_line
-
-    demo.say(f"nexedge demo ({settings['profile']}): run folder {demo.out}")
-    demo.say("machine: " + one_line(capture(settings["threads"])))
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    records: List[Dict[str, Any]] = []
-    error: Optional[BaseException] = None
-    try:
-        run_stages(demo, stages(), records)
-    except Exception as e:
-        error = e
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    summary = {"settings": settings, "out": demo.out, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-               "load_average_end": list(os.getloadavg()), "stages": records,
-               "results": demo.results,
-               "error": None if error is None else f"{type(error).__name__}: {error}"}
-    with open(demo.path("demo-summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-    print_recap(demo)
-    print_timings(demo, records, wall, cpu)
-    if error is not None:
-        demo.say(f"\ndemo FAILED: {summary['error']}")
-        demo.say(f"artifacts so far: {demo.out}")
-        if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
-            raise error
-        return 1
-    demo.say(f"\nall artifacts under {demo.out} (summary: demo-summary.json)")
-    return 0
