@@ -34,7 +34,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("import-labels", "nexedge.relabel.cli", "add labelled images (Label Studio JSON or CSV) to a data set"),
     ("keys", "nexedge.relabel.cli", "make CurveZMQ key pairs for daemon authentication"),
     ("bench", "nexedge.bench.cli", "latency/throughput benchmark of a model on a backend"),
-    ("demo", "nexedge.bench.demo", "the whole product end to end on synthetic data (CPU, minutes)"),
+    ("demo", "nexedge.demo.cli", "the whole product end to end on synthetic data (CPU, minutes)"),
 ]
 
 

@@ -5,10 +5,13 @@ import os
 
 import pytest
 
-from nexedge.bench import demo as D
-from nexedge.bench import demo_line as L
-from nexedge.bench import demo_stages as S
 from nexedge.cli import main
+from nexedge.demo import line as L
+from nexedge.demo import run as D
+from nexedge.demo import stages as S
+from nexedge.demo.cli import configure_demo
+from nexedge.demo.context import Demo
+from nexedge.demo.profiles import resolve_settings
 
 
 def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):
@@ -21,7 +24,7 @@ def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):
         def flush(self):
             pass
 
-    demo = D.Demo(str(tmp_path), {}, stream=Out())
+    demo = Demo(str(tmp_path), {}, stream=Out())
     ran, cleaned = [], []
 
     def ok(d):
@@ -81,19 +84,19 @@ def _demo_args(*argv):
     import argparse
 
     p = argparse.ArgumentParser()
-    D.configure_demo(p)
+    configure_demo(p)
     return p.parse_args(list(argv))
 
 
 def test_demo_default_is_the_pretrained_lite0_on_the_full_class_mix():
-    s = D.resolve_settings(_demo_args())
+    s = resolve_settings(_demo_args())
     assert s["profile"] == "default" and s["arch"] == "efficientnet_lite0" and s["pretrained"] == "imagenet"
     assert not s.get("class_counts") and s["good_fraction"] == 0.5  # every class of the batch, chipping too
     assert s["freeze"] > 0 and s["channels_last"] and s["val_crop"] == "center"
-    old = D.resolve_settings(_demo_args("--arch", "small_max"))
+    old = resolve_settings(_demo_args("--arch", "small_max"))
     assert old["profile"] == "small_max" and old.get("pretrained", "none") == "none"
     assert old["arch"] == "small_max" and "chipping" not in old["class_counts"]
-    other = D.resolve_settings(_demo_args("--arch", "resnet18"))
+    other = resolve_settings(_demo_args("--arch", "resnet18"))
     assert other["arch"] == "resnet18" and other["pretrained"] == "none" and other["freeze"] == 0
 
 

@@ -122,7 +122,8 @@ def test_train_help_names_the_score_as_computed(capsys):
 def test_demo_recap_names_both_decision_change_rates():
     import io
 
-    from nexedge.bench.demo import Demo, print_recap
+    from nexedge.demo.context import Demo
+    from nexedge.demo.run import print_recap
 
     buf = io.StringIO()
     demo = Demo("/tmp/x", {"arch": "tiny"}, stream=buf)

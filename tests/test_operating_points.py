@@ -563,7 +563,7 @@ def test_resize_short_keeps_aspect_ratio_and_is_carried_by_the_card():
 def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
     from _daemon_util import build_tiny_onnx
 
-    from nexedge.bench.demo import deployed_claim_line
+    from nexedge.demo.run import deployed_claim_line
 
     model = build_tiny_onnx(str(tmp_path))  # card: TPR 1.0 claimed, lower bound 0.98, 150 val defects
     stream = {"binary": {"defect": {"PASS": 1, "REJECT": 19, "RECHECK": 0},

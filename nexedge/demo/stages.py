@@ -11,7 +11,8 @@ import os
 import time
 from typing import Any, Dict, List, Sequence
 
-from nexedge.bench.demo import Demo
+from nexedge.demo import line
+from nexedge.demo.context import Demo
 
 
 def _require(command: str) -> None:
@@ -186,18 +187,14 @@ def stage_calibrate(demo: Demo) -> None:
             "auc": rep["auc_fp32"], "fpr_at_tpr": dict(rep.get("fpr_at_tpr_fp32") or {})}
 
 
-# -- 6-8. the line: see demo_line ---------------------------------------------
+# -- 6-8. the line: see line.py ----------------------------------------------
 
 def stage_daemon(demo: Demo) -> None:
-    from nexedge.bench import demo_line
-
-    demo_line.start_daemon(demo)
+    line.start_daemon(demo)
 
 
 def stage_stream(demo: Demo) -> None:
-    from nexedge.bench import demo_line
-
-    demo_line.stream_test_images(demo)
+    line.stream_test_images(demo)
 
 
 def wait_for_store(store: str, want: int, timeout: float = 30.0) -> int:
@@ -231,7 +228,7 @@ def stage_pull(demo: Demo) -> None:
     if not os.path.exists(manifest):
         raise RuntimeError(f"`nexedge pull` wrote no {manifest}")
     with open(manifest, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(text) for text in f if text.strip()]
     reasons: Dict[str, int] = {}
     for r in rows:
         key = "{} {}".format(r.get("decision", "?"), r.get("reason") or "").strip()
@@ -244,7 +241,7 @@ def stage_pull(demo: Demo) -> None:
     demo.results["pull"] = {"out": out, "samples": len(rows), "by_decision_reason": reasons, "layout": layout}
     demo.say(f"pulled {len(rows)} uncertain/audit samples out of the line store into {out}:")
     demo.say("  by decision and reason: " + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
-    for line in layout[:12]:
-        demo.say(line)
+    for entry in layout[:12]:
+        demo.say(entry)
     demo.say("  (manifest.jsonl = canonical list; labelstudio/ = import into Label Studio; folders/ = by predicted "
              "class for CVAT; label them, then `nexedge import-labels` adds them to the data set)")

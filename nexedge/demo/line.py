@@ -15,8 +15,8 @@ import urllib.request
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from nexedge.bench import stats
-from nexedge.bench.demo import Demo
 from nexedge.bench.report import table
+from nexedge.demo.context import Demo
 from nexedge.metrics import escape_text
 from nexedge.serve.decode import SUFFIXES as DECODED
 
