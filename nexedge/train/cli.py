@@ -4,6 +4,7 @@ torch and friends load inside ``run_*``)."""
 import argparse
 from typing import Any, Dict, List, Tuple
 
+from nexedge.cliopts import add_tpr_floor_option
 from nexedge.progress import add_progress_option
 from nexedge.threads import add_threads_option
 
@@ -145,8 +146,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
     add_progress_option(r)
-    r.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    add_tpr_floor_option(r)
     r.add_argument("--cv", type=int, default=None, metavar="K",
                    help="cross-validate: pool train+val, train K fold models (each its last epoch) and score every "
                         "image out of fold, so the operating points rest on every labelled defect; `nexedge export "
@@ -272,9 +272,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     add_progress_option(p)
     add_threads_option(p, torch=True)
-    p.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
-                        "this (default 0.95)")
+    add_tpr_floor_option(p)
 
 
 def run_eval(args: argparse.Namespace) -> int:
