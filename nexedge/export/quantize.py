@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
-from nexedge.card import DEFAULT_TPRS, ModelCard
+from nexedge.card import ModelCard
 from nexedge.export import BACKBONE_PREFIX
+from nexedge.metrics import DEFAULT_TPRS
 
 log = logging.getLogger(__name__)
 
