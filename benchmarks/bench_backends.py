@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
+from nexedge.threads import add_threads_option, default_threads  # noqa: E402
 
 
 def build_models(work: str, size: int, threads: int) -> Dict[str, Any]:
@@ -253,14 +254,14 @@ def render(sp: Dict[str, Any], acc: Dict[str, Any], e: Dict[str, Any], size: int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=224, help="crop size in px (default 224, the report's)")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and ORT (default: all cores)")
+    add_threads_option(ap)
     ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
     ap.add_argument("--images", type=int, default=4, help="images per call for the multi-image TenCrop row")
     ap.add_argument("--train-steps", type=int, default=300, help="training steps of the accuracy model")
     ap.add_argument("--workdir", help="keep models here and reuse them next time (default: a temporary folder)")
     ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
     args = ap.parse_args()
-    threads = args.threads or benv.usable_cores()
+    threads = args.threads or default_threads()
     command = "python benchmarks/bench_backends.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or tmp

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
+from nexedge.threads import add_threads_option, default_threads  # noqa: E402
 
 
 def _bench_int8() -> Any:
@@ -56,12 +57,12 @@ def score_diff(a: str, b: str, threads: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=224, help="crop size (default 224)")
-    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: all cores)")
+    add_threads_option(ap)
     ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
     ap.add_argument("--workdir", help="keep models here and reuse them (default: a temporary folder)")
     ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
     args = ap.parse_args()
-    threads = args.threads or benv.usable_cores()
+    threads = args.threads or default_threads()
     command = "python benchmarks/bench_fold.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     b8 = _bench_int8()

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nexedge.bench import env, gemm, report, runner  # noqa: E402
+from nexedge.threads import add_threads_option, default_threads  # noqa: E402
 
 CLASSES = ["good", "chipping", "device_flip", "empty_pocket", "foreign_material", "lead_defect", "lead_glue",
            "marking_defect", "pocket_damage", "scratch"]
@@ -139,10 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per model and batch (default 5)")
     ap.add_argument("--gemm-size", type=int, default=1024, help="GEMM matrix size (default 1024)")
     ap.add_argument("--gemm-seconds", type=float, default=2.0, help="seconds per GEMM kernel (default 2)")
-    ap.add_argument("--threads", type=int, default=0, help="threads (default: all usable cores)")
+    add_threads_option(ap)
     ap.add_argument("--work", help="folder for built models (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
-    threads = args.threads or env.usable_cores()
+    threads = args.threads or default_threads()
     batches = runner.parse_int_list(args.batch, "--batch")
     command = " ".join(["python", "benchmarks/bench_gemm.py"] + [shlex.quote(a) for a in argv])
     t0 = time.perf_counter()

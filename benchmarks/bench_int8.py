@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
+from nexedge.threads import add_threads_option, default_threads  # noqa: E402
 
 #: name -> ORT quantization settings (nexedge.export.quantize.ort_settings).
 VARIANTS = {
@@ -363,7 +364,7 @@ def main() -> int:
                     help="archs timed with every --variants setting; the others with the default u8s8 only "
                          "(default resnet18)")
     ap.add_argument("--size", type=int, default=224, help="crop size of the speed models (default 224)")
-    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: all cores)")
+    add_threads_option(ap)
     ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
     ap.add_argument("--profile-runs", type=int, default=5, help="profiled calls per model (default 5)")
     ap.add_argument("--acc-size", type=int, default=64, help="crop size of the accuracy models (default 64)")
@@ -378,7 +379,7 @@ def main() -> int:
     bad = [v for v in args.variants + args.acc_variants.split(",") if v and v not in VARIANTS]
     if bad:
         ap.error(f"unknown variants {bad}; expected some of {', '.join(VARIANTS)}")
-    threads = args.threads or benv.usable_cores()
+    threads = args.threads or default_threads()
     archs = [a for a in args.archs.split(",") if a]
     command = "python benchmarks/bench_int8.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()

@@ -30,6 +30,7 @@ from nexedge import metrics  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
 from nexedge.card import load_card  # noqa: E402
+from nexedge.threads import add_threads_option, default_threads  # noqa: E402
 
 VARIANTS = (("fp32", None), ("int8, stem float", True), ("int8, stem quantized", False))
 
@@ -112,11 +113,11 @@ def main() -> int:
                     help="a `nexedge demo` run folder (repeatable; default: run the demo for each of --seeds)")
     ap.add_argument("--seeds", default="0,1", help="demo seeds to run when no --run is given (default 0,1)")
     ap.add_argument("--images", type=int, default=64, help="calibration images (default 64, as the demo)")
-    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: all cores)")
+    add_threads_option(ap)
     ap.add_argument("--repeats", type=int, default=8, help="interleaved timing rounds (default 8)")
     ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
     args = ap.parse_args()
-    threads = args.threads or benv.usable_cores()
+    threads = args.threads or default_threads()
     command = "python benchmarks/bench_int8_stem.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     rows: List[List[Any]] = []

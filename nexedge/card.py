@@ -33,8 +33,6 @@ MIRRORED_CROP_MODES = ("ten",)
 OPS_MEASURED = "measured"
 OPS_FROM_PARENT = "from_parent"
 OPS_STATUSES = (OPS_MEASURED, OPS_FROM_PARENT)
-#: TPR targets of the report, as fractions.
-DEFAULT_TPRS = (0.991, 0.993, 0.995, 0.997, 1.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+#: TPR targets of the report (operating points in every card), as fractions.
 DEFAULT_TPRS = (0.991, 0.993, 0.995, 0.997, 1.0)
 
 

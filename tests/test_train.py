@@ -86,10 +86,11 @@ def test_train_transform_rejects_an_unknown_flip():
 
 
 def test_train_cli_choices_match_the_transforms():
-    # the CLI keeps its own copies so that `nexedge train --help` does not import torch
-    from nexedge.train import cli, transforms
+    # one definition, in the torch-free nexedge.train.config, so that `nexedge train --help` does not import torch
+    from nexedge.train import cli, config, losses, transforms
 
-    assert cli.FLIPS == transforms.FLIPS and cli.PHOTOMETRIC == tuple(transforms.PHOTOMETRIC)
+    assert cli.FLIPS is transforms.FLIPS is config.FLIPS and cli.LOSSES is losses.LOSSES is config.LOSSES
+    assert cli.PHOTOMETRIC is transforms.PHOTOMETRIC is config.PHOTOMETRIC
 
 
 @pytest.mark.parametrize("kw", [dict(flip="hv"), dict(photometric="shift")])

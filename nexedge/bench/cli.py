@@ -10,10 +10,8 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
+from nexedge.card import CROP_MODES, PRECISIONS
 from nexedge.threads import add_threads_option, given
-
-PRECISIONS = ("fp32", "fp16", "int8")
-CROPS = ("center", "five", "ten")
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
@@ -90,8 +88,8 @@ def bench_document(args: argparse.Namespace, progress: Any = _progress) -> Dict[
     batches = runner.parse_int_list(args.batch, "--batch")
     crops: List[Optional[str]] = [c.strip() for c in args.crops.split(",") if c.strip()] or [None]
     for c in crops:
-        if c is not None and c not in CROPS:
-            raise ValueError(f"--crops {c!r}: expected one of {', '.join(CROPS)}")
+        if c is not None and c not in CROP_MODES:
+            raise ValueError(f"--crops {c!r}: expected one of {', '.join(CROP_MODES)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup {args.warmup}: expected 0 or more iterations")
     if args.iterations is not None and args.iterations < 1:

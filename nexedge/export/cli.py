@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from nexedge.card import GRAPH_CROPS
+from nexedge.cliopts import add_tpr_floor_option
 from nexedge.threads import add_threads_option, given
 
 
@@ -49,8 +50,7 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="labelled data-set root on which the ONNX model's own operating points are "
                                   "measured (default: the trainer's data root, if still there)")
     p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
-    p.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    add_tpr_floor_option(p)
     add_cascade_args(p, stage1=False)
 
 
@@ -146,8 +146,7 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
                                     "or a run folder (its best.pt)")
     p.add_argument("--data", required=True, help="labelled data-set root with <split>/<class>/<image> folders")
     p.add_argument("--split", default="val", help="split to measure on (default val; keep test for reporting)")
-    p.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="warn when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    add_tpr_floor_option(p)
     p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
     add_threads_option(p)
     add_cascade_args(p)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from nexedge import preprocess as pp
 from nexedge.card import PRECISIONS, CardError, ModelCard, atomic_write_bytes, load_card, sha256_file
+from nexedge.export import BACKBONE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,6 @@ def check_recipe_version(recipe: Dict[str, Any], trt_version: str, path: str = "
 
 
 # -- precision of what reaches the score -------------------------------------
-BACKBONE_PREFIX = "/backbone/"  # ONNX node (and so TensorRT layer) names of the backbone (export.graph)
 #: Layer types left alone when pinning: Q/DQ carry their own types, constants and shape layers no math.
 _NOT_PINNED = ("QUANTIZE", "DEQUANTIZE", "CONSTANT", "SHAPE")
 

@@ -29,8 +29,6 @@ from torch import nn
 
 from nexedge import preprocess as pp
 
-BACKBONE_PREFIX = "/backbone/"
-
 
 def mirrored_offsets(mode: str, size: Tuple[int, int], crop: Tuple[int, int]) -> List[Tuple[int, int, bool]]:
     """Crop offsets in the original image: a crop at (top, left) of the flipped image

@@ -24,7 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
-from nexedge.card import DEFAULT_TPRS, ModelCard
+from nexedge.card import ModelCard
+from nexedge.export import BACKBONE_PREFIX
+from nexedge.metrics import DEFAULT_TPRS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ TARGETS = ("tensorrt", "ort")
 ORT_DEFAULTS = {"activations": "u8", "weights": "s8", "per_channel": True, "reduce_range": False}
 METHODS = ("minmax", "entropy", "percentile")
 TAIL_STOP_OPS = ("Gemm", "MatMul")
-BACKBONE_PREFIX = "/backbone/"
 #: Nodes of a spatial transformer (``STNNet.stn``): its affine grid (MatMul) and GridSample sampling
 #: positions would snap to the INT8 grid (about 0.9 px at 224), so the whole STN stays float.
 STN_MARK = "/stn/"

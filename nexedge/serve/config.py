@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from nexedge.metrics import DEFAULT_TPR_FLOOR
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key and the expected value."""
@@ -82,7 +84,7 @@ class DecisionCfg:
     #: Start even when the card's operating points were measured with another crop mode than the model runs.
     allow_unmeasured: bool = False
     #: WARNING at start when the operating point's 95 % TPR lower bound is below this.
-    tpr_floor: float = 0.95
+    tpr_floor: float = DEFAULT_TPR_FLOOR
 
 
 @dataclasses.dataclass

@@ -4,13 +4,12 @@ torch and friends load inside ``run_*``)."""
 import argparse
 from typing import Any, Dict, List, Tuple
 
+from nexedge.card import CROP_MODES
+from nexedge.cliopts import add_tpr_floor_option
 from nexedge.progress import add_progress_option
 from nexedge.threads import add_threads_option
+from nexedge.train.config import FLIPS, LOSSES, PHOTOMETRIC
 
-LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
-CROPS = ("center", "five", "ten")
-FLIPS = ("none", "h", "v", "hv")  # transforms.FLIPS, without importing torch here
-PHOTOMETRIC = ("report", "shift")  # transforms.PHOTOMETRIC's keys
 DEFAULT_EPOCHS = 30  # budget.DEFAULT_EPOCHS, without importing torch here
 
 
@@ -75,14 +74,14 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "aspect ratio, fit the short side and center-crop (the report's Resize + crop); "
                         "the card carries it to export, calibration and the daemon")
     d.add_argument("--crop", type=_size, default=(64, 64), help="crop N or HxW (report: 224; default 64)")
-    d.add_argument("--crop-mode", choices=CROPS, default="center", help="crop style at eval/val time (in the card)")
-    d.add_argument("--train-crop", choices=("random",) + CROPS, default="random",
+    d.add_argument("--crop-mode", choices=CROP_MODES, default="center", help="crop style at eval/val time (in the card)")
+    d.add_argument("--train-crop", choices=("random",) + CROP_MODES, default="random",
                    help="train crop: random (default) or a crop style with logits averaged over crops")
     d.add_argument("--no-augment", action="store_true", help="no rotation/affine/colour jitter")
     d.add_argument("--flip", choices=FLIPS, default="none",
                    help="random mirrors at train time: h (left-right, the mirror TenCrop also scores), v "
                         "(top-bottom) or hv; only where a mirrored image keeps its label (default none)")
-    d.add_argument("--photometric", choices=PHOTOMETRIC, default="report",
+    d.add_argument("--photometric", choices=tuple(PHOTOMETRIC), default="report",
                    help="report: brightness/contrast jitter (default); shift: also random gamma, blur and "
                         "sensor noise, for production batches that differ from the training set in optics, "
                         "exposure and noise")
@@ -145,8 +144,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
     add_progress_option(r)
-    r.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="WARN when an operating point's 95%% TPR lower bound is below this (default 0.95)")
+    add_tpr_floor_option(r)
     r.add_argument("--cv", type=int, default=None, metavar="K",
                    help="cross-validate: pool train+val, train K fold models (each its last epoch) and score every "
                         "image out of fold, so the operating points rest on every labelled defect; `nexedge export "
@@ -272,9 +270,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     add_progress_option(p)
     add_threads_option(p, torch=True)
-    p.add_argument("--tpr-floor", type=float, default=0.95,
-                   help="WARN when the split's defect count cannot support a TPR target: 95%% lower bound below "
-                        "this (default 0.95)")
+    add_tpr_floor_option(p)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -283,9 +279,9 @@ def run_eval(args: argparse.Namespace) -> int:
     crops = None
     if args.crops is not None:
         crops = [c.strip() for c in args.crops.split(",") if c.strip()]
-        bad = [c for c in crops if c not in CROPS]
+        bad = [c for c in crops if c not in CROP_MODES]
         if bad or not crops:
-            raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROPS)}")
+            raise ValueError(f"--crops {args.crops!r}: expected a comma list of {', '.join(CROP_MODES)}")
     run_evaluation(args.runs, args.data, args.split, crops, out=args.out, top=args.top,
                    batch_size=args.batch_size, progress=not args.no_progress, tpr_floor=args.tpr_floor)
     return 0
@@ -298,7 +294,7 @@ def configure_mislabels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=("auto", "model", "sat"), default="auto",
                    help="suspicion from SAT soft labels where present (auto), the model score, or SAT only")
     p.add_argument("--top", type=int, default=None, help="rows flagged (default: 2 %% of the split, at least 10)")
-    p.add_argument("--crop-mode", choices=CROPS, default=None, help="crop style (default: the card's)")
+    p.add_argument("--crop-mode", choices=CROP_MODES, default=None, help="crop style (default: the card's)")
     p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
     p.add_argument("--batch-size", type=int, default=64)
     add_progress_option(p)

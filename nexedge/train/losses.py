@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
+from nexedge.train.config import LOSSES
+
 DEFAULT_BOOST = {"lead_defect": 5.0, "marking_defect": 5.0, "pocket_damage": 5.0, "scratch": 5.0}
 
 

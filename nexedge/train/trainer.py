@@ -48,7 +48,7 @@ class TrainConfig:
     crop: Tuple[int, int] = (64, 64)
     crop_mode: str = "center"
     resize_mode: str = "stretch"
-    tpr_floor: float = 0.95
+    tpr_floor: float = metrics.DEFAULT_TPR_FLOOR
     train_crop: str = "random"
     augment: bool = True
     flip: str = "none"

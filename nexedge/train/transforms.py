@@ -12,16 +12,9 @@ import numpy as np
 import torch
 
 from nexedge import preprocess
+from nexedge.train.config import FLIPS, PHOTOMETRIC  # noqa: F401  (re-exported)
 
 TRAIN_CROPS = ("random", "center", "five", "ten")
-#: Random mirror augmentations: none, horizontal (the mirror TenCrop scores at test time), vertical, or both.
-FLIPS = ("none", "h", "v", "hv")
-#: Photometric recipes: the report's (brightness/contrast jitter), or ``shift``: also a random gamma
-#: (log-uniform within +-gamma), a Gaussian blur (sigma up to ``blur`` px, half the images) and
-#: sensor noise (std up to ``noise`` gray levels), for production batches whose optics, exposure
-#: and noise differ from the training set's.
-PHOTOMETRIC = {"report": {"gamma": 0.0, "blur": 0.0, "noise": 0.0},
-               "shift": {"gamma": 0.35, "blur": 1.0, "noise": 6.0}}
 
 
 class EvalTransform:
