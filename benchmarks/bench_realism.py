@@ -70,7 +70,7 @@ def render_speed(looks: List[str], n: int, rounds: int) -> Dict[str, Any]:
     return out
 
 
-# The demo's CPU recipe (nexedge/bench/demo.py, profile "default"): ImageNet Lite0, first 3 stages
+# The demo's CPU recipe (nexedge/demo/profiles.py, profile "default"): ImageNet Lite0, first 3 stages
 # frozen, 184 -> 160 px, batch 16, AdamW + cosine, the final epoch deployed (--select last); plus the
 # photometric shift augmentation, which helped transfer (docs/data.md). CenterCrop validation while
 # training, TenCrop scoring. The training seed is the data seed (``{seed}``).
