@@ -8,7 +8,9 @@ another (never in parallel: they would share the CPU), keeps each one's output i
 ``benchmarks/results/<name>.log``, and assembles RESULTS.md from the machine
 information, the date, the exact command and every section file. Sections not run
 this time are taken from their existing files (their own date and machine stay in
-them), so a long section such as training need not be rerun to refresh the others.
+them), so a long section such as training need not be rerun to refresh the others. A hand-kept
+``benchmarks/results/<name>.history.md`` (earlier, dated measurements no script writes) is
+appended after its section.
 
     python benchmarks/run_all.py                    # everything (training takes long)
     python benchmarks/run_all.py --skip trainer     # all but training; reuse its last file
@@ -126,6 +128,11 @@ def section_path(name: str) -> str:
     return os.path.join(PATHS["results"], f"{name}.md")
 
 
+def history_path(name: str) -> str:
+    """Hand-kept earlier measurements of a section (dated), appended after it; no script writes it."""
+    return os.path.join(PATHS["results"], f"{name}.history.md")
+
+
 def _copy_output(stream: IO[bytes], logf: IO[bytes]) -> None:
     """Echo a section's output to the terminal and its log as it comes."""
     for line in iter(stream.readline, b""):
@@ -220,6 +227,9 @@ def assemble(argv: Sequence[str], statuses: Dict[str, Dict[str, object]], starte
                              f"from {st.get('mtime')})*")
                 lines.append("")
             lines.append(body)
+            if os.path.exists(history_path(name)):
+                with open(history_path(name), encoding="utf-8") as f:
+                    lines += ["", f.read().strip()]
         else:
             lines += [f"## {name}", "", f"Not measured: {st['status']} — {st.get('error', '')}. "
                       f"Run `python benchmarks/{script} --markdown benchmarks/results/{name}.md` ({what})."]

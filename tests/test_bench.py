@@ -235,6 +235,7 @@ def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "backends.md").write_text("## backends\n\nmeasured earlier: 42 img/s\n")
+    (results / "backends.history.md").write_text("### hand-kept\n\nearlier still: 7 img/s\n")
     out = tmp_path / "RESULTS.md"
     cmd = [sys.executable, os.path.join(root, "benchmarks", "run_all.py"), "--only", "gemm",
            "--results-dir", str(results), "--output", str(out), "--section-args",
@@ -243,6 +244,7 @@ def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
     text = out.read_text()
     assert p.returncode == 0, p.stdout.decode()[-2000:]
     assert "measured earlier: 42 img/s" in text and "reused section file" in text
+    assert text.index("measured earlier: 42 img/s") < text.index("earlier still: 7 img/s") < text.index("## gemm")
     assert "## gemm" in text and "of GEMM peak" in text and "m.host.onnx" in text
     assert "--only gemm" in text and "| CPU |" in text
     assert "**not run**" in text  # daemon/shift/trainer: no file, not selected
