@@ -13,7 +13,7 @@ Python 3.8, numpy and OpenCV only.
 import re
 import struct
 import zlib
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -63,28 +63,50 @@ class ImageInfo:
 _JPEG_STANDALONE = {0x01, 0xD8, 0xD9} | set(range(0xD0, 0xD8))
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); not DHT/JPG/DAC.
 _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# A marker inside entropy-coded data: 0xFF followed by anything but a stuffed zero, RSTn or fill.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _jpeg_segments(b: P.Buffer) -> Iterator[Tuple[int, int, int]]:
+    """(marker, offset of its length field, segment length; 0 for markers without one) of each marker
+    segment from SOI on; the entropy-coded data after a start of scan is skipped to the next marker.
+    Stops at EOI, at the end of the bytes, or where the segments stop following each other."""
+    n = len(b)
+    i = 2
+    while i < n:
+        if b[i] != 0xFF:
+            return  # segments must follow each other exactly; garbage means a broken file
+        while i < n and b[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return
+        marker = b[i]
+        i += 1
+        if marker in _JPEG_STANDALONE:
+            yield marker, i, 0
+            if marker == 0xD9:
+                return
+            continue
+        if i + 2 > n:
+            return
+        seg = struct.unpack_from(">H", b, i)[0]
+        yield marker, i, seg
+        i += seg
+        if marker == 0xDA:
+            m = _JPEG_MARKER.search(b, i)
+            if m is None:
+                return
+            i = m.start()
 
 
 def _jpeg_info(b: P.Buffer) -> Optional[ImageInfo]:
     """Walk the marker segments from SOI to the first SOF (no fixed window); None if absent or broken."""
     n = len(b)
-    i = 2
-    while i < n:
-        if b[i] != 0xFF:
-            return None  # segments must follow each other exactly; garbage means a broken file
-        while i < n and b[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
+    for marker, i, seg in _jpeg_segments(b):
+        if marker == 0xD9:
             return None
-        marker = b[i]
-        i += 1
         if marker in _JPEG_STANDALONE:
-            if marker == 0xD9:
-                return None
             continue
-        if i + 2 > n:
-            return None
-        seg = struct.unpack_from(">H", b, i)[0]
         if seg < 2:
             return None
         if marker in _JPEG_SOF:
@@ -94,7 +116,6 @@ def _jpeg_info(b: P.Buffer) -> Optional[ImageInfo]:
             return ImageInfo(h, w, max(comps, 1), 2 if precision > 8 else 1)
         if marker == 0xDA:  # scan data before any frame header
             return None
-        i += seg
     return None
 
 
@@ -121,39 +142,15 @@ def _bmp_info(b: P.Buffer) -> Optional[ImageInfo]:
     return ImageInfo(abs(h), abs(w), 4 if bpp == 32 else 3, 1)
 
 
-# A marker inside entropy-coded data: 0xFF followed by anything but a stuffed zero, RSTn or fill.
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-
-
 def jpeg_scans(b: P.Buffer, stop: int = 1 << 30) -> int:
     """Start-of-scan markers in a JPEG (the marker segments are walked, the entropy-coded data of each
     scan skipped to the next marker); counting stops past ``stop``. Cost: one pass over the bytes."""
-    n = len(b)
-    i = 2
     count = 0
-    while i < n and count <= stop:
-        if b[i] != 0xFF:
-            return count
-        while i < n and b[i] == 0xFF:
-            i += 1
-        if i >= n:
-            return count
-        marker = b[i]
-        i += 1
-        if marker in _JPEG_STANDALONE:
-            if marker == 0xD9:
-                return count
-            continue
-        if i + 2 > n:
-            return count
-        seg = struct.unpack_from(">H", b, i)[0]
-        i += seg
+    for marker, _, _ in _jpeg_segments(b):
         if marker == 0xDA:
             count += 1
-            m = _JPEG_MARKER.search(b, i)
-            if m is None:
-                return count
-            i = m.start()
+            if count > stop:
+                break
     return count
 
 
