@@ -58,17 +58,17 @@ def build_card(
             **dict(source or {}))
     card.data["val_scores"] = metrics.score_histogram(y_def, val_scores)
     card.data["image_stats"] = image_stats
-    card.data["metrics"] = _finite(dict(metrics_))
-    card.data["provenance"] = _finite(dict(provenance))
+    card.data["metrics"] = json_safe(dict(metrics_))
+    card.data["provenance"] = json_safe(dict(provenance))
     return card.validate()
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become None."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):

@@ -26,6 +26,7 @@ import numpy as np
 
 from nexedge import metrics
 from nexedge.card import atomic_write_bytes
+from nexedge.train.cardbuild import json_safe
 
 CV_FILES = ("cv.json", "oof.npz")
 #: Crop indices of each crop mode inside the stored per-crop logits (TenCrop order).
@@ -245,7 +246,7 @@ def run_cv(cfg: Any, k: int) -> Dict[str, Any]:
                "oof_crops": widest, "folds": fold_info, "candidates": table, "wall_s": round(wall, 1),
                "cpu_note": "K trainings of (K-1)/K of train+val each, plus one OOF pass per fold"}
     atomic_write_bytes(os.path.join(cfg.out, "cv.json"),
-                       (json.dumps(_finite(summary), indent=2) + "\n").encode("utf-8"))
+                       (json.dumps(json_safe(summary), indent=2) + "\n").encode("utf-8"))
     print(format_cv(summary))
     print(f"next: nexedge export {cfg.out} --crops auto   (the fold ensemble, thresholds from the out-of-fold scores)")
     return summary
@@ -267,18 +268,6 @@ def format_cv(summary: Dict[str, Any]) -> str:
                      f"{100 * cand['pooled_auc']:.2f} %, TPR 100 % point: FPR {100 * op['fpr']:.1f} %, TPR 95 % lower "
                      f"bound {100 * op['tpr_lower95']:.2f} % from {op['n_defects']} defects")
     return "\n".join(lines)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def load_oof(run: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
