@@ -50,7 +50,7 @@ def build_models(work: str, arch: str, resize: int, crop: int, threads: int, cal
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     card = ModelCard.new(CLASSES, resize=(resize, resize), crop=(crop, crop), crop_mode="center", color="gray")
-    card.data["provenance"]["arch"] = arch
+    card.update_provenance(arch=arch)
     ckpt = save_checkpoint(os.path.join(work, f"{arch}.pt"), create_model(arch, len(CLASSES)).eval(), arch, CLASSES,
                            "good", card=card)
     fp32 = os.path.join(work, f"{arch}.host.onnx")

@@ -9,6 +9,7 @@ card is missing or belongs to other bytes.
 This module is imported by the daemon: Python 3.8, no torch.
 """
 
+import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -16,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 SCHEMA = "nexedge.card/1"
 CROP_MODES = ("center", "five", "ten")
@@ -99,6 +100,16 @@ def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _json_object(field: str, values: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """``values`` as a plain dict, or a CardError naming the value JSON cannot hold."""
+    out = dict(values)
+    try:
+        json.dumps(out)
+    except (TypeError, ValueError) as e:
+        raise CardError(source, field, f"expected JSON-serialisable values: {e}") from None
+    return out
+
+
 class ModelCard:
     """In-memory view of a card. ``data`` is the plain JSON dict; accessors read it.
 
@@ -116,6 +127,7 @@ class ModelCard:
     def __init__(self, data: Dict[str, Any], source: str = "<memory>") -> None:
         self.data = data
         self.source = source
+        self._editing = 0
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -334,6 +346,123 @@ class ModelCard:
         raise CardError(
             self.source, "operating_points", f"no operating point for target TPR {t} (card has {have})"
         )
+
+    # -- writers: the only way other modules change a card --------------
+    # Each one validates the whole card when it returns (or at the end of an ``edit()`` block) and
+    # leaves the card as it was when that fails, so a bad value is a CardError where it is written.
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator["ModelCard"]:
+        """Group writes that only agree together (new operating points and the histogram they were
+        measured on): validated once at the end; on any error the card is left as it was."""
+        before = copy.deepcopy(self.data)
+        self._editing += 1
+        try:
+            yield self
+            if self._editing == 1:
+                self.validate()
+        except BaseException:
+            self.data.clear()
+            self.data.update(before)
+            raise
+        finally:
+            self._editing -= 1
+
+    def _write(self, **sections: Any) -> None:
+        with self.edit():
+            self.data.update(sections)
+
+    def set_operating_points(self, points: Sequence[Mapping[str, Any]], source: Mapping[str, Any]) -> None:
+        """Operating points (``metrics.operating_points``) and where they were measured
+        (``operating_points_source``: status, split, n_good, n_defects, crop_mode, backend, ...)."""
+        self._write(operating_points=[dict(p) for p in points], operating_points_source=dict(source))
+
+    def set_score_reference(self, val_scores: Optional[Mapping[str, Any]], image_stats: Any = ...) -> None:
+        """The validation score histogram (``metrics.score_histogram``) and, when given, the image
+        statistics (``preprocess.reference_image_stats``) the shift monitor compares against."""
+        sections: Dict[str, Any] = {"val_scores": None if val_scores is None else dict(val_scores)}
+        if image_stats is not ...:
+            sections["image_stats"] = image_stats
+        self._write(**sections)
+
+    def update_ops_source(self, **fields: Any) -> None:
+        """Add or change fields of ``operating_points_source`` (e.g. the artifact's sha256 once written)."""
+        self._write(operating_points_source=dict(self.ops_source, **fields))
+
+    def mark_ops_from_parent(self, reason: str) -> None:
+        """Say that the operating points are the parent's, not re-measured on this artifact, and why."""
+        if not self.operating_points:
+            return
+        src = self.ops_source
+        status = src.get("status")
+        src.update(status=OPS_FROM_PARENT, not_measured_reason=reason)
+        if status and status != OPS_FROM_PARENT:
+            src["parent_status"] = status
+        self._write(operating_points_source=src)
+
+    @property
+    def cascade(self) -> Optional[Dict[str, Any]]:
+        """The ``cascade`` section (a copy), or None."""
+        sec = self.data.get("cascade")
+        return copy.deepcopy(sec) if isinstance(sec, dict) else None
+
+    def set_cascade(self, section: Optional[Mapping[str, Any]]) -> None:
+        """The cascade band section (``nexedge.runtime.cascade.measure_section``), or None to drop it."""
+        self._write(cascade=None if section is None else dict(section))
+
+    def mark_cascade_from_parent(self, reason: str) -> None:
+        """Keep the cascade band but say it was not re-measured on this artifact, and why."""
+        if self.cascade is not None:
+            self._write(cascade=dict(self.cascade, status=OPS_FROM_PARENT, not_measured_reason=reason))
+
+    def set_graph(self, crops: str, input_name: str, output_names: Sequence[str],
+                  max_batch: Optional[int]) -> None:
+        """The artifact's graph interface (replaces the section: a new graph has no quantization)."""
+        self._write(graph={"crops": crops, "input_name": input_name, "output_names": list(output_names),
+                           "max_batch": max_batch})
+
+    def update_graph(self, **fields: Any) -> None:
+        """Change fields of ``graph`` (``max_batch`` of an engine, ``quantization`` of an INT8 model)."""
+        self._write(graph=dict(self.graph, **fields))
+
+    def set_aggregate(self, aggregate: str) -> None:
+        """How the artifact turns an image's crops into one score (``input.aggregate``)."""
+        self._write(input=dict(self.input, aggregate=aggregate))
+
+    @property
+    def metrics(self) -> Dict[str, Any]:
+        """The ``metrics`` section (a copy)."""
+        return copy.deepcopy(self.data.get("metrics") or {})
+
+    def set_metrics(self, values: Mapping[str, Any]) -> None:
+        """Replace ``metrics`` (a child's metrics are not its parent's)."""
+        self._write(metrics=_json_object("metrics", values, self.source))
+
+    def update_metrics(self, **values: Any) -> None:
+        self._write(metrics=_json_object("metrics", dict(self.metrics, **values), self.source))
+
+    @property
+    def provenance(self) -> Dict[str, Any]:
+        """The ``provenance`` section (a copy)."""
+        return copy.deepcopy(self.data.get("provenance") or {})
+
+    def set_provenance(self, values: Mapping[str, Any]) -> None:
+        self._write(provenance=_json_object("provenance", values, self.source))
+
+    def update_provenance(self, **values: Any) -> None:
+        self._write(provenance=_json_object("provenance", dict(self.provenance, **values), self.source))
+
+    def drop_provenance(self, *keys: str) -> None:
+        """Remove ``keys`` from ``provenance`` (those that do not hold for this artifact)."""
+        self._write(provenance={k: v for k, v in self.provenance.items() if k not in keys})
+
+    def set_cv(self, section: Mapping[str, Any]) -> None:
+        """The cross-validation record of an out-of-fold ensemble (``nexedge train --cv``)."""
+        self._write(cv=_json_object("cv", section, self.source))
+
+    def set_crop_selection(self, section: Mapping[str, Any]) -> None:
+        """How ``--crops auto`` chose the crop mode and aggregate, with the candidates it compared."""
+        self._write(crop_selection=_json_object("crop_selection", section, self.source))
 
     # -- validation ---------------------------------------------------
     def _fail(self, field: str, message: str) -> None:

@@ -1,13 +1,16 @@
-"""The import graph between nexedge modules has no cycle (the allow-list is empty and only shrinks).
+"""Structure rules: no import cycle between nexedge modules (the allow-list is empty and only
+shrinks), the daemon side imports nothing above it, constants have one home, cards change only
+through ModelCard's writers.
 
 Imports inside functions count: a cycle they close does not fail at import time, but it still ties
 the modules together. tools/check_imports.py reads the imports from the source (and prints them:
 ``python tools/check_imports.py``).
 """
 
+import ast
 import importlib.util
 import os
-from typing import Set, Tuple
+from typing import List, Set, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("check_imports", os.path.join(REPO, "tools", "check_imports.py"))
@@ -76,8 +79,6 @@ def test_cycle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
 def test_image_suffixes_have_one_home():
     """Image file suffixes are listed in nexedge/images.py (files read from disk) and
     nexedge/serve/decode.py (what the daemon decodes) only, and the two agree."""
-    import ast
-
     from nexedge.images import READ_EXTS
     from nexedge.serve.decode import EXT, SUFFIXES
 
@@ -97,3 +98,65 @@ def test_image_suffixes_have_one_home():
                     if {".png", ".jpg"} <= set(w.lower() for w in words):
                         found.add(os.path.relpath(path, REPO))
     assert found == {"nexedge/images.py", "nexedge/serve/decode.py"}
+
+
+_MUTATORS = {"update", "setdefault", "pop", "popitem", "append", "extend", "clear", "insert", "remove"}
+
+
+def _raw_card_writes(path: str) -> List[str]:
+    """``card.data[...] = ...``, ``del``, augmented assignments and mutating calls on a card's ``.data``
+    (any name ending in ``card``) in one source file: "line: code" per write."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    tree = ast.parse(text)
+
+    def on_card_data(node: ast.AST) -> bool:
+        while isinstance(node, (ast.Subscript, ast.Attribute)):
+            if isinstance(node, ast.Attribute) and node.attr == "data":
+                root = ast.unparse(node.value).split(".")[-1].lower()
+                return root.endswith("card")
+            node = node.value
+        return False
+
+    hits = []
+    for node in ast.walk(tree):
+        targets: List[ast.AST] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = node.targets
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS:
+            targets = [node.func.value]
+        if any(isinstance(t, (ast.Subscript, ast.Attribute)) and on_card_data(t)
+               and not (isinstance(t, ast.Attribute) and t.attr == "data") for t in targets) or any(
+                isinstance(node, ast.Call) and isinstance(t, ast.Attribute) and t.attr == "data" and on_card_data(t)
+                for t in targets):
+            hits.append(f"{node.lineno}: {ast.get_source_segment(text, node)}")
+    return hits
+
+
+def test_cards_change_only_through_their_writers():
+    """Outside nexedge/card.py, package and benchmark code change a card through ModelCard's writers
+    (validated where they are called), never by writing into ``card.data`` (tests may, to build
+    malformed cards)."""
+    found = {}
+    for top in ("nexedge", "benchmarks"):
+        for base, _dirs, files in os.walk(os.path.join(REPO, top)):
+            for f in files:
+                path = os.path.join(base, f)
+                rel = os.path.relpath(path, REPO)
+                if f.endswith(".py") and rel != os.path.join("nexedge", "card.py"):
+                    hits = _raw_card_writes(path)
+                    if hits:
+                        found[rel] = hits
+    assert not found, f"raw writes into card.data (use the ModelCard writers): {found}"
+
+
+def test_raw_card_write_finder_sees_each_kind_of_write(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('card.data["a"] = 1\nicard.data["graph"]["x"] += 1\ndel new_card.data["b"]\n'
+                   'card.data["provenance"].pop("k")\ncard.data.update(a=1)\n'
+                   'x = card.data["a"]\ny = card.data.get("a")\nself.data["a"] = 2\ncard.data = {}\n')
+    assert [h.split(":")[0] for h in _raw_card_writes(str(src))] == ["1", "2", "3", "4", "5"]

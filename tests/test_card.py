@@ -98,3 +98,58 @@ def test_operating_point_lookup():
 
 def test_card_path_for():
     assert card_path_for("a/b/x.int8.onnx") == "a/b/x.int8.card.json"
+
+
+def _ops(thresholds=(0.6, 0.4)):
+    return [{"target_tpr": t, "threshold": th, "tpr": t, "fpr": 0.1, "n_good": 3, "n_defects": 2}
+            for t, th in zip((0.9, 0.99), thresholds)]
+
+
+def test_writers_validate_where_called_and_leave_the_card_unchanged_on_error():
+    card = ModelCard.new(["good", "bad"])
+    card.set_operating_points(_ops(), {"status": "measured", "split": "val", "n_good": 3, "n_defects": 2})
+    before = json.loads(card.to_json())
+    with pytest.raises(CardError, match=r"operating_points\[1\].threshold"):
+        card.set_operating_points(_ops((0.4, 0.6)), {"status": "measured"})  # higher TPR, higher threshold
+    with pytest.raises(CardError, match="operating_points_source.status"):
+        card.update_ops_source(status="guessed")
+    with pytest.raises(CardError, match="graph.crops"):
+        card.set_graph("seven", "images", ["logits"], 8)
+    with pytest.raises(CardError, match="metrics"):
+        card.update_metrics(auc=object())
+    assert json.loads(card.to_json()) == before
+
+
+def test_edit_groups_writes_that_only_agree_together():
+    card = ModelCard.new(["good", "bad"])
+    card.set_score_reference({"edges": [0.0, 0.5, 1.0], "good": [4, 0], "defect": [0, 4]})
+    # alone, 3 good / 2 defects disagree with the histogram's 4 / 4 ...
+    with pytest.raises(CardError, match="histogram"):
+        card.set_operating_points(_ops(), {"status": "measured"})
+    # ... together with their own histogram they are one valid measurement
+    with card.edit():
+        card.set_operating_points(_ops(), {"status": "measured"})
+        card.set_score_reference({"edges": [0.0, 0.5, 1.0], "good": [3, 0], "defect": [0, 2]}, {"gray": {}})
+    assert card.operating_points[0]["n_good"] == 3 and card.data["image_stats"] == {"gray": {}}
+    good = json.loads(card.to_json())
+    with pytest.raises(CardError):
+        with card.edit():
+            card.set_operating_points(_ops(), {"status": "measured"})
+            card.set_score_reference({"edges": [0.0, 0.5, 1.0], "good": [1, 0], "defect": [0, 1]})
+    assert json.loads(card.to_json()) == good
+
+
+def test_marking_from_parent_keeps_the_record_and_says_why():
+    card = ModelCard.new(["good", "bad"])
+    card.mark_ops_from_parent("no data")  # no operating points: nothing to mark
+    assert "operating_points_source" not in card.data
+    card.set_operating_points(_ops(), {"status": "measured", "split": "val"})
+    card.set_cascade({"status": "measured", "bands": [{"lo": 0.1, "threshold": 0.4, "hi": 0.7}]})
+    card.mark_ops_from_parent("no data")
+    card.mark_cascade_from_parent("no stage-1 model")
+    assert card.ops_source == {"status": "from_parent", "split": "val", "not_measured_reason": "no data",
+                               "parent_status": "measured"}
+    assert card.cascade["status"] == "from_parent" and card.cascade["not_measured_reason"] == "no stage-1 model"
+    card.update_provenance(arch="resnet18", best_of_run="e3.pt")
+    card.drop_provenance("best_of_run")
+    assert card.provenance == {"arch": "resnet18"}

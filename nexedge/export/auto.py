@@ -70,7 +70,7 @@ def measure_candidates(checkpoint: str, root: str, split: str, todo: Sequence[Ca
 
     model, ck_card = model_from_checkpoint(checkpoint)
     card = ck_card.derive("onnx", precision="fp32")
-    card.data["graph"] = {"crops": "host", "input_name": "input", "output_names": ["logits"], "max_batch": 160}
+    card.set_graph("host", "input", ["logits"], 160)
     paths, labels = split_images(root, split, card.classes)
     y = (labels != card.good_index).astype(int)
     if not y.sum() or y.all():
@@ -142,7 +142,7 @@ def auto_export(checkpoint: str, out: Optional[str] = None, target_tpr: float = 
                       aggregate=best["aggregate"], data=root, split=split, threads=threads,
                       allow_unseen_mirrors=allow_unseen_mirrors, **export_kw)
     card = load_card(res.path)
-    card.data["crop_selection"] = metrics_jsonable(selection)
+    card.set_crop_selection(metrics_jsonable(selection))
     card_path = card.save_for(res.path)
     return res._replace(card=card, card_path=card_path), selection
 

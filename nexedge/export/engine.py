@@ -651,12 +651,12 @@ def build_engine(onnx_path: str, opts: BuildOptions, out_dir: str = "trt_engines
     blob, info = build_serialized(trt, onnx_path, card, opts, device)
     atomic_write_bytes(path, blob)
     ecard = card.derive("engine", precision=opts.precision)
-    ecard.data["graph"] = dict(ecard.data["graph"], max_batch=mx)
-    ecard.data["provenance"]["engine"] = dict(info, key=key, tensorrt=trt.__version__, device=device.name,
-                                              board=device.board, sm_count=device.sm_count)
+    ecard.update_graph(max_batch=mx)
+    ecard.update_provenance(engine=dict(info, key=key, tensorrt=trt.__version__, device=device.name,
+                                        board=device.board, sm_count=device.sm_count))
     ecard.save_for(path, parent=onnx_path)
     log.info("built %s in %.1f s", path, info["build_seconds"])
-    if card.data.get("cascade") and card.graph.get("crops", "host") != "host":
+    if card.cascade and card.graph.get("crops", "host") != "host":
         build_stage1_engine(onnx_path, card, path, opts, out_dir, trt, device, force, check)
     if measure:
         from nexedge.export.thresholds import remeasure_or_mark
@@ -692,10 +692,10 @@ def build_stage1_engine(onnx_path: str, card: ModelCard, engine_path: str, opts:
     s1_path, _ = build_engine(s1_onnx, s1_opts, out_dir, trt=trt, device=device, force=force, check=check,
                               measure=False)
     ecard = load_card(engine_path)
-    sec = dict(ecard.data["cascade"])
+    sec = ecard.cascade or {}
     sec["stage1"] = dict(sec.get("stage1") or {}, file=os.path.relpath(
         os.path.abspath(s1_path), os.path.dirname(os.path.abspath(engine_path))), precision=s1_opts.precision)
-    ecard.data["cascade"] = sec
+    ecard.set_cascade(sec)
     ecard.save_for(engine_path)
     log.info("cascade: stage-1 engine %s", s1_path)
     return s1_path

@@ -172,21 +172,20 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
     offsets = np.asarray(best["offsets"])
 
     card = first.derive("onnx", precision="fp32")
-    card.data["input"]["aggregate"] = agg
-    card.data["graph"] = {"crops": mode, "input_name": "images", "output_names": list(GRAPH_OUTPUTS),
-                          "max_batch": int(max_batch)}
     ops = metrics.operating_points(y, norm)
     fold_guarantees(s, y, oof["folds"], offsets, ops, rule)
-    card.data["operating_points"] = ops
-    card.data["val_scores"] = metrics.score_histogram(y, norm)
-    card.data["operating_points_source"] = {
-        "status": "measured", "split": f"out-of-fold (train+val, {oof['k']} folds)", "data_root": summary["data"],
-        "n_good": int((y == 0).sum()), "n_defects": int(y.sum()),
-        "per_class": summary.get("per_class"), "artifact_sha256": None, "kind": "onnx", "precision": "fp32",
-        "crop_mode": mode, "aggregate": agg, "resize_mode": first.input.get("resize_mode", "stretch"),
-        "backend": "torch (each image by the fold model that did not train on it)",
-    }
-    card.data["cv"] = {
+    with card.edit():
+        card.set_aggregate(agg)
+        card.set_graph(mode, "images", GRAPH_OUTPUTS, int(max_batch))
+        card.set_operating_points(ops, {
+            "status": "measured", "split": f"out-of-fold (train+val, {oof['k']} folds)", "data_root": summary["data"],
+            "n_good": int((y == 0).sum()), "n_defects": int(y.sum()),
+            "per_class": summary.get("per_class"), "artifact_sha256": None, "kind": "onnx", "precision": "fp32",
+            "crop_mode": mode, "aggregate": agg, "resize_mode": first.input.get("resize_mode", "stretch"),
+            "backend": "torch (each image by the fold model that did not train on it)",
+        })
+        card.set_score_reference(metrics.score_histogram(y, norm))
+    card.set_cv({
         "k": int(oof["k"]), "seed": summary.get("seed"), "run": os.path.abspath(run),
         "pooled_splits": ["train", "val"],
         "folds": [{"fold": i + 1, "checkpoint": os.path.relpath(c, run), "sha256": cards[i].sha256,
@@ -199,19 +198,19 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
                      "(tpr_lower95: Clopper-Pearson on all OOF defects)",
         "spread": next((c["spread"] for c in summary["candidates"] if (c["crops"], c["aggregate"]) == (mode, agg)),
                        None),
-    }
-    card.data["crop_selection"] = {
+    })
+    card.set_crop_selection({
         "rule": RULE, "target_tpr": float(target_tpr), "split": "out-of-fold",
         "candidates": [{k: v for k, v in r.items() if k not in ("scores", "normalized")} for r in rows],
         "chosen": {"crops": mode, "aggregate": agg},
-    }
-    card.data["provenance"] = dict(card.data.get("provenance") or {}, cv_run=os.path.abspath(run),
-                                   export={"arch": load_checkpoint(ckpts[0])["arch"], "opset": OPSET,
-                                           "exporter": "torch.onnx (TorchScript, dynamo=False)",
-                                           "torch": torch.__version__, "ensemble_of": len(ckpts)})
-    card.data["provenance"].pop("best_of_run", None)
-    card.data["metrics"] = {"cv": {"pooled_auc": best["auc"]}}
-    card.validate()
+    })
+    provenance = dict(card.provenance, cv_run=os.path.abspath(run),
+                      export={"arch": load_checkpoint(ckpts[0])["arch"], "opset": OPSET,
+                              "exporter": "torch.onnx (TorchScript, dynamo=False)",
+                              "torch": torch.__version__, "ensemble_of": len(ckpts)})
+    provenance.pop("best_of_run", None)
+    card.set_provenance(provenance)
+    card.set_metrics({"cv": {"pooled_auc": best["auc"]}})
 
     out = out or os.path.join(run, f"ensemble.{mode}.onnx")
     module = EnsembleInGraph(list(models), card.input, mode, g, card.num_classes, agg, offsets, rule).eval()
@@ -238,8 +237,8 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
             os.unlink(tmp)
     from nexedge.card import sha256_file
 
-    card.data["provenance"]["export"].update(parity=parity, tensorrt_check=trt)
-    card.data["operating_points_source"]["artifact_sha256"] = sha256_file(out)
+    card.update_provenance(export=dict(card.provenance["export"], parity=parity, tensorrt_check=trt))
+    card.update_ops_source(artifact_sha256=sha256_file(out))
     card_path = card.save_for(out)
     selection = dict(card.data["crop_selection"], n_good=int((y == 0).sum()), n_defects=int(y.sum()),
                      backend="the fold models, out of fold", skipped=[

@@ -61,7 +61,7 @@ def run_calibration(
     Refuses a data set whose classes differ from the model's, a calibration set made from
     another data set (unless ``rebuild``), and existing INT8 outputs (unless ``force``)."""
     from nexedge.export.parity import read_images_skipping
-    from nexedge.export.thresholds import mark_from_parent, measure_artifact
+    from nexedge.export.thresholds import measure_artifact
     from nexedge.preprocess import prepare
     from nexedge.runtime.onnxrt import OnnxRuntimeBackend
 
@@ -130,7 +130,7 @@ def run_calibration(
             icard = measure_artifact(out, data_root, thresholds_split,
                                      backend_options={"intra_threads": threads}).card
         else:
-            mark_from_parent(icard, f"no {thresholds_split}/ split under {data_root} to measure on")
+            icard.mark_ops_from_parent(f"no {thresholds_split}/ split under {data_root} to measure on")
             icard.save_for(out)
             log.warning("%s: operating points copied from the fp32 model, NOT re-measured (no %s/ split)",
                         out, thresholds_split)
@@ -140,7 +140,7 @@ def run_calibration(
                     OnnxRuntimeBackend(out, card=icard, intra_threads=threads, verify=False) as b:
                 report = qz.compare_int8(a, b, eval_imgs, eval_labels, card, icard)
             report["split"] = eval_split
-            icard.data["metrics"] = dict(icard.data.get("metrics") or {}, int8_vs_fp32=report)
+            icard.update_metrics(int8_vs_fp32=report)
             icard.save_for(out)
         outputs[target], reports[target] = out, report or {}
         log.info("wrote %s (%s)", out, target)

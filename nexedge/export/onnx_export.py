@@ -180,14 +180,9 @@ def export_onnx(
     arch = load_checkpoint(checkpoint)["arch"]
     card = ck_card.derive("onnx", precision="fp32")
     if aggregate is not None:
-        card.data["input"]["aggregate"] = aggregate
-    card.data["graph"] = {
-        "crops": crops,
-        "input_name": "input" if crops == "host" else "images",
-        "output_names": list(HOST_OUTPUTS if crops == "host" else GRAPH_OUTPUTS),
-        "max_batch": int(max_batch),
-    }
-    card.validate()
+        card.set_aggregate(aggregate)
+    card.set_graph(crops, "input" if crops == "host" else "images",
+                   HOST_OUTPUTS if crops == "host" else GRAPH_OUTPUTS, int(max_batch))
 
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
@@ -196,7 +191,7 @@ def export_onnx(
         torch_export(build_export_module(model, card, crops), card, crops, tmp, opset)
         trt_check = tensorrt_check(tmp, out)
         if parity_data is None:  # the trainer records its data root: use its real images when still there
-            root = (ck_card.data.get("provenance") or {}).get("data_root")
+            root = ck_card.provenance.get("data_root")
             if isinstance(root, str) and os.path.isdir(root):
                 parity_data = root
         images, source = par.parity_images(parity_data, card.input, parity_images)
@@ -208,19 +203,19 @@ def export_onnx(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    card.data["provenance"]["export"] = {
+    card.update_provenance(export={
         "arch": arch,
         "opset": opset,
         "exporter": "torch.onnx (TorchScript, dynamo=False)",
         "torch": torch.__version__,
         "parity": parity,
         "tensorrt_check": trt_check,
-    }
-    from nexedge.export.thresholds import data_root_of, mark_from_parent, measure_artifact
+    })
+    from nexedge.export.thresholds import data_root_of, measure_artifact
 
     root = data or data_root_of(ck_card)
     if root is None:
-        mark_from_parent(card, "no labelled data (--data) to measure on and the trainer's data root is gone")
+        card.mark_ops_from_parent("no labelled data (--data) to measure on and the trainer's data root is gone")
     card_path = card.save_for(out, parent=checkpoint)
     log.info("exported %s (crops=%s, parity max diff %.2g)", out, crops, parity["max_abs_diff"])
     if root is None:

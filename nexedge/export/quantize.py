@@ -389,7 +389,7 @@ def int8_card(fp32_card: ModelCard, quant: Dict[str, Any], report: Optional[Dict
               calibration: Dict[str, Any]) -> ModelCard:
     """The INT8 model's card: derived from the fp32 ONNX card, precision int8."""
     card = fp32_card.derive("onnx", precision="int8")
-    card.data["graph"] = dict(card.data["graph"], quantization=dict(quant, calibration=calibration))
+    card.update_graph(quantization=dict(quant, calibration=calibration))
     if report is not None:
-        card.data["metrics"] = dict(card.data.get("metrics") or {}, int8_vs_fp32=report)
+        card.update_metrics(int8_vs_fp32=report)
     return card

@@ -8,7 +8,7 @@ points, validation score histogram and image-statistics reference, and
 ``operating_points_source`` records where they came from (split, counts, artifact
 sha256, crop mode, backend). ``export``, ``calibrate`` and ``build-engine`` call
 :func:`measure_artifact` on what they produce; a stage that cannot run its
-artifact here calls :func:`mark_from_parent` instead.
+artifact here marks them as its parent's (:meth:`ModelCard.mark_ops_from_parent`).
 """
 
 import datetime as _dt
@@ -20,7 +20,7 @@ import numpy as np
 
 from nexedge import metrics
 from nexedge import preprocess as pp
-from nexedge.card import OPS_FROM_PARENT, OPS_MEASURED, ModelCard, load_card
+from nexedge.card import OPS_MEASURED, ModelCard, load_card
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def measure_artifact(
         if done == total:
             line.close()
 
-    want_cascade = bool(card.data.get("cascade")) if cascade is None else cascade
+    want_cascade = bool(card.cascade) if cascade is None else cascade
     s1_scores, s1_info, cascade_problem = None, None, None
     try:
         scores, stats = score_images(be, paths, card.input, batch, bar if progress else None)
@@ -139,34 +139,33 @@ def measure_artifact(
         if own:
             be.close()
     ops = metrics.operating_points(y_def, scores, tprs)
-    card.data["operating_points"] = ops
+    with card.edit():
+        card.set_operating_points(ops, {
+            "status": OPS_MEASURED,
+            "split": split,
+            "data_root": os.path.abspath(data_root),
+            "n_good": int((y_def == 0).sum()),
+            "n_defects": int(y_def.sum()),
+            "per_class": {c: int((labels == i).sum()) for i, c in enumerate(card.classes) if (labels == i).any()},
+            "artifact_sha256": card.sha256,
+            "kind": card.data["artifact"]["kind"],
+            "precision": card.precision,
+            "crop_mode": crop_mode,
+            "aggregate": getattr(be, "aggregate", card.aggregate),
+            "resize_mode": card.input.get("resize_mode", "stretch"),
+            "backend": backend_name,
+            "measured_at": _now(),
+        })
+        card.set_score_reference(metrics.score_histogram(y_def, scores), pp.reference_image_stats(stats))
     if s1_scores is not None:
         from nexedge.runtime.cascade import DEFAULT_MARGIN, measure_section
 
-        m = margin if margin is not None else (card.data.get("cascade") or {}).get("margin_logit", DEFAULT_MARGIN)
-        card.data["cascade"] = measure_section(card, s1_scores, scores, y_def, s1_info or {}, split, float(m))
+        m = margin if margin is not None else (card.cascade or {}).get("margin_logit", DEFAULT_MARGIN)
+        card.set_cascade(measure_section(card, s1_scores, scores, y_def, s1_info or {}, split, float(m)))
     elif cascade_problem is not None:
-        card.data["cascade"] = dict(card.data["cascade"], status=OPS_FROM_PARENT, not_measured_reason=cascade_problem)
+        card.mark_cascade_from_parent(cascade_problem)
         log.warning("%s: cascade band NOT re-measured (%s); the daemon runs full %s until it is", artifact,
                     cascade_problem, card.runtime_crop_mode)
-    card.data["val_scores"] = metrics.score_histogram(y_def, scores)
-    card.data["image_stats"] = pp.reference_image_stats(stats)
-    card.data["operating_points_source"] = {
-        "status": OPS_MEASURED,
-        "split": split,
-        "data_root": os.path.abspath(data_root),
-        "n_good": int((y_def == 0).sum()),
-        "n_defects": int(y_def.sum()),
-        "per_class": {c: int((labels == i).sum()) for i, c in enumerate(card.classes) if (labels == i).any()},
-        "artifact_sha256": card.sha256,
-        "kind": card.data["artifact"]["kind"],
-        "precision": card.precision,
-        "crop_mode": crop_mode,
-        "aggregate": getattr(be, "aggregate", card.aggregate),
-        "resize_mode": card.input.get("resize_mode", "stretch"),
-        "backend": backend_name,
-        "measured_at": _now(),
-    }
     card_path = card.save_for(artifact)
     weak = metrics.weak_points(ops, floor)
     log.info("measured operating points of %s on %s/%s (%d images)", artifact, data_root, split, len(paths))
@@ -197,18 +196,6 @@ def _stage1_scores(artifact: str, card: ModelCard, be: Any, paths: Sequence[str]
                                                                os.path.dirname(os.path.abspath(artifact))),
                 "sha256": s1_card.sha256, "precision": s1_card.precision}
     return s1_scores, info
-
-
-def mark_from_parent(card: ModelCard, reason: str) -> ModelCard:
-    """Say in ``card`` that its operating points are its parent's, not re-measured, and why."""
-    src = card.ops_source
-    if card.operating_points:
-        status = src.get("status")
-        src.update(status=OPS_FROM_PARENT, not_measured_reason=reason)
-        if status and status != OPS_FROM_PARENT:
-            src["parent_status"] = status
-        card.data["operating_points_source"] = src
-    return card
 
 
 def data_root_of(card: ModelCard) -> Optional[str]:
@@ -267,7 +254,8 @@ def remeasure_or_mark(artifact: str, parent: ModelCard, open_fn: Optional[Callab
             reason = f"measuring on {os.path.join(root, split)} failed ({type(e).__name__}: {e})"
         finally:
             be.close()
-    card = mark_from_parent(load_card(artifact), reason or "not measured")
+    card = load_card(artifact)
+    card.mark_ops_from_parent(reason or "not measured")
     card.save_for(artifact)
     log.warning("%s: operating points from parent (not re-measured): %s", artifact, reason)
     return card

@@ -107,12 +107,12 @@ def train_toy_checkpoint(path: str, arch: str = "tiny", inp: Optional[Dict[str, 
     probs = pp.softmax(mean_logits)
     y_def = (vy != card.good_index).astype(int)
     scores = metrics.defect_score(mean_logits, card.good_index)
-    card.data["operating_points"] = metrics.operating_points(y_def, scores)
-    card.data["val_scores"] = metrics.score_histogram(y_def, scores)
-    card.data["operating_points_source"] = {
-        "status": "measured", "split": "toy val (generated)", "n_good": int((y_def == 0).sum()),
-        "n_defects": int(y_def.sum()), "crop_mode": inp["crop_mode"], "backend": "torch", "artifact_sha256": None}
-    card.data["metrics"] = {"val_accuracy": float((probs.argmax(1) == vy).mean()), "train_steps": steps}
-    card.data["provenance"] = {"arch": arch, "data": "nexedge.export.toy (generated)", "seed": seed}
+    with card.edit():
+        card.set_operating_points(metrics.operating_points(y_def, scores), {
+            "status": "measured", "split": "toy val (generated)", "n_good": int((y_def == 0).sum()),
+            "n_defects": int(y_def.sum()), "crop_mode": inp["crop_mode"], "backend": "torch", "artifact_sha256": None})
+        card.set_score_reference(metrics.score_histogram(y_def, scores))
+        card.set_metrics({"val_accuracy": float((probs.argmax(1) == vy).mean()), "train_steps": steps})
+        card.set_provenance({"arch": arch, "data": "nexedge.export.toy (generated)", "seed": seed})
     save_checkpoint(path, model, arch, CLASSES, "good", arch_kwargs=arch_kwargs, card=card)
     return path

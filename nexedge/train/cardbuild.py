@@ -48,19 +48,18 @@ def build_card(
     )
     g = list(classes).index(good_class)
     y_def = (np.asarray(val_labels) != g).astype(int)
-    if y_def.sum() and (y_def == 0).sum():
-        card.data["operating_points"] = metrics.operating_points(y_def, val_scores, tprs)
-        card.data["operating_points_source"] = dict(
-            {"status": "measured", "split": "val", "n_good": int((y_def == 0).sum()), "n_defects": int(y_def.sum()),
-             "artifact_sha256": None, "kind": "checkpoint", "precision": "fp32",
-             "crop_mode": input_cfg["crop_mode"], "resize_mode": input_cfg.get("resize_mode", "stretch"),
-             "backend": "torch (trainer)"},
-            **dict(source or {}))
-    card.data["val_scores"] = metrics.score_histogram(y_def, val_scores)
-    card.data["image_stats"] = image_stats
-    card.data["metrics"] = json_safe(dict(metrics_))
-    card.data["provenance"] = json_safe(dict(provenance))
-    return card.validate()
+    with card.edit():
+        if y_def.sum() and (y_def == 0).sum():
+            card.set_operating_points(metrics.operating_points(y_def, val_scores, tprs), dict(
+                {"status": "measured", "split": "val", "n_good": int((y_def == 0).sum()),
+                 "n_defects": int(y_def.sum()), "artifact_sha256": None, "kind": "checkpoint", "precision": "fp32",
+                 "crop_mode": input_cfg["crop_mode"], "resize_mode": input_cfg.get("resize_mode", "stretch"),
+                 "backend": "torch (trainer)"},
+                **dict(source or {})))
+        card.set_score_reference(metrics.score_histogram(y_def, val_scores), image_stats)
+        card.set_metrics(json_safe(dict(metrics_)))
+        card.set_provenance(json_safe(dict(provenance)))
+    return card
 
 
 def json_safe(obj: Any) -> Any:

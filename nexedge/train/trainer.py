@@ -391,7 +391,7 @@ def write_best(out: str, ckpt_file: str, rule: str = BEST_RULES["val_auc"]) -> s
     with open(src, "rb") as f:
         atomic_write_bytes(dst, f.read())
     card = load_card(src)
-    card.data["provenance"] = dict(card.data.get("provenance") or {}, best_of_run=ckpt_file, best_rule=rule)
+    card.update_provenance(best_of_run=ckpt_file, best_rule=rule)
     card.save_for(dst)
     return dst
 
