@@ -109,7 +109,7 @@ def train_on_synth(look: str, images: int, work: str, seed: int = 0) -> str:
 def over_seeds(per_seed: List[Dict[str, Any]]) -> Dict[str, Any]:
     """AUC per seed, their mean, and the AUC of the seeds' mean log-odds (an ensemble) on the references."""
     from nexedge import metrics
-    from nexedge.runtime.cascade import logit
+    from nexedge.metrics import logit_exact as logit
 
     files = [r["file"] for r in per_seed[0]["rows"]]
     y = np.array([0 if r["label"] == GOOD else 1 for r in per_seed[0]["rows"]])

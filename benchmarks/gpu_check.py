@@ -59,18 +59,14 @@ def flips(a: np.ndarray, b: np.ndarray, thresholds: List[float]) -> float:
     return max((float(np.mean((a >= t) != (b >= t))) for t in thresholds), default=0.0)
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.asarray(p, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(p) - np.log1p(-p)
-
-
 def logodds_near(ref: np.ndarray, got: np.ndarray, thresholds: List[float], near: float = NEAR_LOGIT
                  ) -> Dict[str, Any]:
     """Largest |logit(got) - logit(ref)| over the images whose reference score lies within ``near``
     log-odds of a threshold, and how many of those scores the engine flushed to exactly 0 or 1."""
-    lr, lg = logit(ref), logit(got)
-    lt = logit(np.asarray(thresholds, np.float64))
+    from nexedge.metrics import logit_exact
+
+    lr, lg = logit_exact(ref), logit_exact(got)
+    lt = logit_exact(np.asarray(thresholds, np.float64))
     mask = np.zeros(len(lr), bool)
     for t in lt:
         mask |= np.abs(lr - t) <= near

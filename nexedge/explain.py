@@ -37,7 +37,7 @@ def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, t
     k = patch | 1  # odd median aperture about the patch size: removes structure smaller than the patch
     med = cv2.medianBlur(np.ascontiguousarray(prepared), min(k, 255)).reshape(prepared.shape)
 
-    from nexedge.runtime.cascade import logit
+    from nexedge.metrics import logit_exact as logit
 
     def value(res: Any) -> np.ndarray:  # log-odds: a probability near 0 or 1 would hide what moves it
         p = np.asarray(res.defect_score if target is None else res.probs[:, target], np.float64)

@@ -337,6 +337,21 @@ def logit(p: Any) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
+def logit_exact(p: Any) -> Any:
+    """log(p / (1 - p)) in float64 without clipping: -inf at 0, +inf at 1 (a threshold near 0 or 1
+    must keep its exact log-odds). A number gives a float (per-frame decisions), an array an array."""
+    if isinstance(p, (int, float)):  # np.float64 is a float
+        p = float(p)
+        if p <= 0.0:
+            return -math.inf
+        if p >= 1.0:
+            return math.inf
+        return math.log(p) - math.log1p(-p)
+    a = np.asarray(p, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(a) - np.log1p(-a)
+
+
 def expit(x: Any) -> Any:
     """Inverse of :func:`logit` (numerically stable for both signs)."""
     z = np.asarray(x, dtype=np.float64)

@@ -13,11 +13,12 @@ import pytest
 from _daemon_util import png_header
 
 from nexedge.card import CardError, ModelCard
+from nexedge.metrics import logit_exact as logit
 from nexedge.serve import config as C
 from nexedge.serve import notify
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
-from nexedge.serve.decide import Decider, logit
+from nexedge.serve.decide import Decider
 from nexedge.serve.decode import decode, image_dims, sniff
 
 

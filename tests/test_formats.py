@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nexedge.cli import main
-from nexedge.relabel.formats import export_formats, labeling_config, read_manifest, safe_name
+from nexedge.relabel.formats import export_formats, labeling_config, read_pull_manifest, safe_name
 from nexedge.relabel.pull import LocalSource, pull
 from nexedge.relabel.review import export_mislabels
 from nexedge.store import SampleStore
@@ -69,7 +69,7 @@ def test_class_folders_by_prediction_and_safe_names(tmp_path):
     assert sorted(os.listdir(top)) == ["_escape", "good", "hidden"]
     for p in written["folders"]:
         assert os.path.realpath(p).startswith(os.path.realpath(top) + os.sep)
-    for r in read_manifest(out):
+    for r in read_pull_manifest(out):
         linked = os.path.join(top, safe_name(r["predicted"]), os.path.basename(r["path"]))
         assert open(linked, "rb").read() == open(os.path.join(out, r["path"]), "rb").read()
     assert export_formats(out, ["folders"])["folders"] == []  # idempotent

@@ -8,7 +8,7 @@ import pytest
 
 from nexedge.cli import main
 from nexedge.relabel import importer
-from nexedge.relabel.formats import export_formats, read_manifest
+from nexedge.relabel.formats import export_formats, read_pull_manifest
 from nexedge.relabel.importer import import_labels
 from nexedge.relabel.pull import LocalSource, pull
 from nexedge.relabel.review import export_mislabels
@@ -186,7 +186,7 @@ def test_mislabel_review_round_trip_moves_files_between_class_folders(tmp_path):
     review = str(tmp_path / "review")
     export_mislabels(str(csv_path), ds, review)
     export_formats(review, ["labelstudio"])
-    rows = read_manifest(review)
+    rows = read_pull_manifest(review)
     assert [r["dataset_path"] for r in rows] == ["train/good/good1.png", "train/scratch/scratch0.png"]
     exp = str(tmp_path / "reviewed.json")
     # the annotator moves good1 to scratch and confirms scratch0
@@ -207,7 +207,7 @@ def test_json_min_export_and_clear_errors(tmp_path):
     ds = str(tmp_path / "ds")
     make_dataset(ds)
     out = pulled(tmp_path, n=2)
-    rows = read_manifest(out)
+    rows = read_pull_manifest(out)
     exp = tmp_path / "min.json"
     exp.write_text(json.dumps([{"id": 1, "image": "/data/upload/1/5a3b-" + os.path.basename(rows[0]["path"]),
                                 "label": "scratch", "annotator": "carol"},

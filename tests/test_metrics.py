@@ -183,3 +183,20 @@ def test_metrics_module_imports_without_sklearn_or_scipy():
             "print(metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), ops[-1]['tpr_lower95'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) == pytest.approx(0.75) and float(out[1]) == pytest.approx(0.05 ** 0.5)
+
+
+def test_two_logits_one_for_thresholds_one_for_decisions():
+    """``logit`` is finite everywhere (thresholds and their gaps are numbers); ``logit_exact`` keeps
+    0 and 1 at -inf/+inf and agrees with it inside (0, 1), for numbers and arrays alike."""
+    import math
+
+    assert metrics.logit(0.0) == pytest.approx(-744.44, abs=0.01) and math.isfinite(metrics.logit(1.0))
+    assert metrics.logit_exact(0.0) == -math.inf and metrics.logit_exact(1.0) == math.inf
+    assert isinstance(metrics.logit_exact(0.25), float)
+    arr = metrics.logit_exact(np.array([0.0, 5e-324, 0.25, 1.0]))
+    assert arr[0] == -np.inf and arr[-1] == np.inf and np.isfinite(arr[1])
+    for p in (5e-324, 1e-9, 0.25, 0.5, 1 - 1e-9):
+        assert metrics.logit_exact(p) == pytest.approx(metrics.logit(p), rel=1e-12)
+        assert metrics.logit_exact(np.float64(p)) == pytest.approx(float(metrics.logit_exact(np.array([p]))[0]),
+                                                                   rel=1e-15)
+        assert metrics.expit(metrics.logit_exact(p)) == pytest.approx(p, rel=1e-9)

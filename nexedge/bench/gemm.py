@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from nexedge.export.onnx_check import onnx_attr
+
 CONV_OPS = ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose")
 MATMUL_OPS = ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm")
 
@@ -122,15 +124,6 @@ def _dims(vi: Any) -> Optional[List[int]]:
     return out
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def model_flops(path: str, batch: int = 1) -> Dict[str, Any]:
     """FLOPs (2 x MACs) of one forward pass with every graph input's first axis set to ``batch``.
 
@@ -202,7 +195,7 @@ def _node_flops(node: Any, shapes: Dict[str, List[int]]) -> Optional[float]:
     if a is None or out is None or not a:
         return None
     k = a[-1]
-    if op == "Gemm" and int(_attr(node, "transA", 0)):
+    if op == "Gemm" and int(onnx_attr(node, "transA", 0)):
         k = a[0]
     n_out = 1
     for d in out:

@@ -102,7 +102,7 @@ def build_manifest(root: str, name: str, inp: Mapping[str, Any], n: int = 512, s
     return path
 
 
-def read_manifest(path: str) -> Dict[str, Any]:
+def read_calibration_manifest(path: str) -> Dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"calibration manifest not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -116,7 +116,7 @@ def read_manifest(path: str) -> Dict[str, Any]:
 def load_manifest_images(path: str, inp: Mapping[str, Any], data_root: Optional[str] = None
                          ) -> Tuple[np.ndarray, List[str]]:
     """Prepared uint8 N x H x W x C images of a manifest and their labels, for a model with ``inp``."""
-    m = read_manifest(path)
+    m = read_calibration_manifest(path)
     for k in GEOMETRY_KEYS:
         if m["input"][k] != inp[k]:
             raise ValueError(f"{path}: made for input {k}={m['input'][k]!r}, the model needs {inp[k]!r}; "

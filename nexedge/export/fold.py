@@ -13,14 +13,7 @@ from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
-
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from nexedge.export.onnx_check import onnx_attr
 
 
 def constant_value(graph: Any, name: str, opset: int) -> Optional[np.ndarray]:
@@ -81,10 +74,10 @@ def fold_pads_into_conv(model: Any) -> int:
         if out in outputs or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != out:
             continue
         conv = users[0]
-        mode = _attr(pad, "mode", b"constant")
+        mode = onnx_attr(pad, "mode", b"constant")
         if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or len(pad.input) > 3:
             continue  # opset 18 axes input: not produced by our exporter; leave it
-        if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if onnx_attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
         if len(pad.input) > 2 and pad.input[2]:
             fill = constant_value(g, pad.input[2], opset)
@@ -99,7 +92,7 @@ def fold_pads_into_conv(model: Any) -> int:
         if rank < 3 or np.any(amounts < 0) or np.any(begin[:2]) or np.any(end[:2]):
             continue
         k = rank - 2
-        old = [int(v) for v in (_attr(conv, "pads") or [0] * (2 * k))]
+        old = [int(v) for v in (onnx_attr(conv, "pads") or [0] * (2 * k))]
         new = [old[i] + int(begin[2 + i]) for i in range(k)] + [old[k + i] + int(end[2 + i]) for i in range(k)]
         for a in [a for a in conv.attribute if a.name == "pads"]:
             conv.attribute.remove(a)

@@ -88,7 +88,7 @@ def run_calibration(
     name = name or os.path.splitext(os.path.basename(onnx_path))[0]
     manifest = os.path.join(out_root, name, "manifest.json")
     if os.path.exists(manifest) and not rebuild:
-        made_from = cal.read_manifest(manifest).get("data_root")
+        made_from = cal.read_calibration_manifest(manifest).get("data_root")
         if made_from and os.path.abspath(made_from) != os.path.abspath(data_root):
             raise ValueError(f"calibration set {manifest} was made from {made_from}, not {os.path.abspath(data_root)}; "
                              "--rebuild to replace it or --name for a new one")
@@ -97,7 +97,7 @@ def run_calibration(
     else:
         log.info("reusing calibration manifest %s (--rebuild to make a new one)", manifest)
     images, _ = cal.load_manifest_images(manifest, card.input, data_root)
-    m = cal.read_manifest(manifest)
+    m = cal.read_calibration_manifest(manifest)
     calibration = {"manifest": manifest, "n_images": len(images), "split": m["split"],
                    "per_class": m["per_class"], "manifest_sha256": sha256_file(manifest)}
 

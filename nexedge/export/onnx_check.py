@@ -95,7 +95,8 @@ class Finding(NamedTuple):
     message: str
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
+def onnx_attr(node: Any, name: str, default: Any = None) -> Any:
+    """Value of attribute ``name`` of an ONNX node, or ``default`` when the node does not set it."""
     from onnx import helper
 
     for a in node.attribute:
@@ -163,11 +164,11 @@ def tensor_types(model: Any) -> Dict[str, int]:
         types[init.name] = init.data_type
     for n in g.node:
         if n.op_type == "Constant":
-            v = _attr(n, "value")
+            v = onnx_attr(n, "value")
             if v is not None and hasattr(v, "data_type"):
                 types[n.output[0]] = v.data_type
         elif n.op_type == "Cast":
-            types[n.output[0]] = int(_attr(n, "to"))
+            types[n.output[0]] = int(onnx_attr(n, "to"))
     return types
 
 
@@ -175,8 +176,8 @@ def _constants(g: Any) -> Dict[str, Any]:
     """Name -> TensorProto for initializers and Constant-node outputs."""
     out = {i.name: i for i in g.initializer}
     for n in g.node:
-        if n.op_type == "Constant" and _attr(n, "value") is not None:
-            out[n.output[0]] = _attr(n, "value")
+        if n.op_type == "Constant" and onnx_attr(n, "value") is not None:
+            out[n.output[0]] = onnx_attr(n, "value")
     return out
 
 
@@ -269,7 +270,7 @@ def _check(model: Any, types: Dict[str, int], target: str, dla: bool) -> List[Fi
             continue
         if name in graph_inputs:
             for c in consumers.get(name, []):
-                ok = c.op_type == "Cast" and int(_attr(c, "to")) in (FLOAT, FLOAT16)
+                ok = c.op_type == "Cast" and int(onnx_attr(c, "to")) in (FLOAT, FLOAT16)
                 if not ok:
                     found.append(Finding("error", "uint8", f"{c.name} ({c.op_type})",
                                          f"UINT8 network input {name!r} feeds {c.op_type}; TensorRT takes a UINT8 "
@@ -319,7 +320,7 @@ def _check(model: Any, types: Dict[str, int], target: str, dla: bool) -> List[Fi
                 found.append(Finding("error", "qdq-scale", where, "scale is not a constant initializer"))
             continue
         if len(scale.dims) == 1 and scale.dims[0] > 1:  # per-channel
-            axis = int(_attr(n, "axis", 1))
+            axis = int(onnx_attr(n, "axis", 1))
             if n.op_type == "DequantizeLinear" and n.input[0] not in consts and target != "trt10":
                 # 8.x: per-channel only for weights (constant input) [OPS-8.x DequantizeLinear notes].
                 found.append(Finding("error", "qdq-axis", where, "per-channel scale on an activation"))

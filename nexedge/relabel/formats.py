@@ -137,7 +137,7 @@ def _read_lines(path: str) -> Tuple[List[Dict[str, Any]], int]:
     return rows, good
 
 
-def read_manifest(out_dir: str) -> List[Dict[str, Any]]:
+def read_pull_manifest(out_dir: str) -> List[Dict[str, Any]]:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (run `nexedge pull` into {out_dir} first)")
@@ -320,7 +320,7 @@ def export_formats(out_dir: str, formats: Iterable[str], classes: Optional[Seque
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown export format(s) {bad}; expected some of {FORMATS}")
-    rows = read_manifest(out_dir)
+    rows = read_pull_manifest(out_dir)
     cls = class_list(rows, classes)
     out: Dict[str, List[str]] = {"manifest": [os.path.join(out_dir, MANIFEST)]}
     if "labelstudio" in formats:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Seque
 import numpy as np
 
 from nexedge.card import ModelCard, load_card
+from nexedge.metrics import logit_exact
 from nexedge.runtime.base import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,6 @@ BACKEND_ERROR = "backend_error"
 
 class CascadeError(ValueError):
     """The card's cascade section is missing, stale or does not fit the deployed threshold."""
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)) in float64, -inf at 0 and +inf at 1 (no clamping: thresholds near 0 matter)."""
-    p = np.asarray(p, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(p) - np.log1p(-p)
 
 
 def expit(x: float) -> float:
@@ -130,8 +124,8 @@ def find_band(s1: Sequence[float], s_full: Sequence[float], threshold: float, ma
 
 def _widen(lo_t: float, hi_t: float, margin: float) -> Tuple[float, float]:
     """The tight band moved ``margin`` further out on each side, in log-odds."""
-    lo = expit(float(logit(np.float64(lo_t))) - margin)
-    hi = expit(float(logit(np.float64(hi_t))) + margin)
+    lo = expit(float(logit_exact(np.float64(lo_t))) - margin)
+    hi = expit(float(logit_exact(np.float64(hi_t))) + margin)
     return min(lo, lo_t), max(hi, hi_t)  # rounding of expit(logit(x)) must never narrow the band
 
 

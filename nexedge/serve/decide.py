@@ -7,24 +7,14 @@ Python 3.8, no torch.
 """
 
 import logging
-import math
 import random
 from typing import Any, Dict, Optional, Tuple
 
 from nexedge.card import ModelCard
+from nexedge.metrics import logit_exact
 from nexedge.serve.config import DecisionCfg, UncertainCfg
 
 log = logging.getLogger("nexedge.serve")
-
-
-def logit(p: float) -> float:
-    """log(p / (1 - p)) without clamping: -inf at 0, +inf at 1."""
-    p = float(p)
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return math.log(p) - math.log1p(-p)
 
 
 def resolve_threshold(card: ModelCard, cfg: DecisionCfg) -> Tuple[float, Dict[str, Any]]:
@@ -55,13 +45,13 @@ class Decider:
         self.threshold, self.info = resolve_threshold(card, decision)
         self.band = float(uncertain.band)
         self.audit_fraction = float(uncertain.audit_fraction)
-        self._t_logit = logit(self.threshold)
+        self._t_logit = logit_exact(self.threshold)
         self._rng = random.Random(uncertain.seed)
 
     def decide(self, score: float) -> Tuple[str, bool]:
         """(PASS | REJECT, uncertain)."""
         decision = "REJECT" if score >= self.threshold else "PASS"
-        gap = logit(score) - self._t_logit
+        gap = logit_exact(score) - self._t_logit
         uncertain = score == self.threshold or abs(gap) <= self.band  # inf - inf is NaN at threshold 1
         return decision, uncertain
 

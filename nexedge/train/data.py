@@ -55,7 +55,7 @@ def scan_split(root: str, split: str, classes: Sequence[str]) -> List[Tuple[str,
     return items
 
 
-def read_manifest(root: str) -> Dict[str, Dict[str, Any]]:
+def read_dataset_manifest(root: str) -> Dict[str, Dict[str, Any]]:
     """``manifest.jsonl`` rows keyed by the normalised relative path ({} when absent)."""
     path = os.path.join(root, "manifest.jsonl")
     if not os.path.exists(path):

@@ -46,7 +46,7 @@ def rank_mislabels(
     """Rows sorted by suspicion (highest first) and, with a manifest, precision/recall."""
     from nexedge.card import load_card
     from nexedge.runs import resolve_artifact
-    from nexedge.train.data import read_manifest
+    from nexedge.train.data import read_dataset_manifest
     from nexedge.train.evaluate import score_checkpoint
 
     if by not in ("auto", "model", "sat"):
@@ -81,7 +81,7 @@ def rank_mislabels(
             source[i] = "sat"
     order = np.argsort(-susp, kind="stable")
     n_top = top if top is not None else max(10, int(round(0.02 * len(labels))))
-    manifest = read_manifest(data)
+    manifest = read_dataset_manifest(data)
     true = [manifest.get(p, {}).get("true_label") for p in paths]
     rows = []
     for rank, i in enumerate(order, 1):
