@@ -176,7 +176,9 @@ def close_router(ctx: zmq.Context, sock: Optional[zmq.Socket], auth: Optional[Cu
 
 def split_envelope(msg: List[Any]) -> Tuple[List[Any], List[Any]]:
     """(routing head, body) of a ROUTER message: REQ peers send [identity, b"", request...];
-    DEALER peers may omit the delimiter."""
+    DEALER peers may omit the delimiter. Unlike :func:`nexedge.serve.protocol.split_envelope` (frames
+    endpoint: the envelope becomes bytes, queued for a later reply) the head keeps the received
+    ``zmq.Frame`` objects, whose ``User-Id`` property names the client's CURVE key."""
     if len(msg) >= 3 and bytes(msg[1]) == b"":
         return msg[:2], msg[2:]
     return msg[:1], msg[1:]
