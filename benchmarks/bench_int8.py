@@ -152,7 +152,7 @@ def optimized_ops(path: str, threads: int, work: str) -> Dict[str, int]:
     import onnx
     import onnxruntime as ort
 
-    from nexedge.runtime.onnxrt import session_options
+    from nexedge.runtime.backends.onnxruntime import session_options
 
     so = session_options(threads)
     out = os.path.join(work, os.path.basename(path) + ".opt.onnx")
@@ -166,7 +166,7 @@ def profile(path: str, threads: int, runs: int, work: str) -> Dict[str, Any]:
     import onnxruntime as ort
 
     from nexedge.card import load_card
-    from nexedge.runtime.onnxrt import session_options
+    from nexedge.runtime.backends.onnxruntime import session_options
 
     card = load_card(path)
     so = session_options(threads)

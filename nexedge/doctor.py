@@ -339,7 +339,7 @@ def probe(engine: Optional[str] = None) -> Dict[str, Any]:
     facts["driver"] = facts["runtime"] = None
     facts["cuda_error"] = ""
     try:
-        from nexedge.runtime.tensorrt import _import_cudart
+        from nexedge.runtime.backends.tensorrt import _import_cudart
 
         rt = _import_cudart()
         d, r = rt.cudaDriverGetVersion(), rt.cudaRuntimeGetVersion()

@@ -4,7 +4,7 @@ The default is the CPUs this process may use: the affinity mask, lowered to a cg
 where one is set (containers), divided among the processes a launcher such as torchrun started on
 this node; an ``OMP_NUM_THREADS`` the user exported wins over that. :func:`applied` hands the
 count to torch (intra- and inter-op), OpenCV and every ONNX Runtime session opened while it is
-active (:func:`configured`, read by ``nexedge.runtime.onnxrt.default_threads``).
+active (:func:`configured`, read by ``nexedge.runtime.backends.onnxruntime.default_threads``).
 
 OpenMP worker threads spin-wait between parallel regions by default. torch ships GNU libgomp
 (``torch/lib/libgomp.so.1``), which then keeps each worker busy for about 300,000 spins after

@@ -541,7 +541,7 @@ def use_fake_tensorrt(monkeypatch, trt, cudart=None):
     """Install ``trt`` as ``tensorrt`` and a :class:`FakeCudart` as cuda-python's runtime, for this test."""
     import sys
 
-    import nexedge.runtime.tensorrt as rtmod
+    import nexedge.runtime.backends.tensorrt as rtmod
 
     cudart = cudart or FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -590,7 +590,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, os.environ["NEXEDGE_TESTS_DIR"])
 import _trt_fakes
-import nexedge.runtime.tensorrt as rtmod
+import nexedge.runtime.backends.tensorrt as rtmod
 from nexedge.export import engine as eng
 trt, calls = _trt_fakes.fake_trt(sys.argv[1])
 sys.modules["tensorrt"] = trt

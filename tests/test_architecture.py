@@ -42,7 +42,7 @@ DAEMON_SIDE_MAY_IMPORT = {
     "serve": _BASE | {"serve", "runtime", "store", "threads"},
 }
 UPWARD_EDGES = {
-    ("nexedge.runtime.torch_backend", "nexedge.models.checkpoint"),  # the torch backend opens .pt checkpoints
+    ("nexedge.runtime.backends.torch", "nexedge.models.checkpoint"),  # the torch backend opens .pt checkpoints
 }
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nexedge.runtime import BackendError, open_backend
+from nexedge.runtime.backends.onnxruntime import resolve_providers
 from nexedge.runtime.factory import backend_kind
-from nexedge.runtime.onnxrt import resolve_providers
 
 INP = {"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "five"}
 
@@ -103,7 +103,7 @@ def test_factory_suffixes_and_errors(tmp_path):
 
 def test_ort_backend_rejects_card_of_other_flavour(models, tmp_path):
     from nexedge.card import load_card
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     card = load_card(models["host"])
     card.data["graph"]["crops"] = "ten"
@@ -112,8 +112,9 @@ def test_ort_backend_rejects_card_of_other_flavour(models, tmp_path):
 
 
 def test_runtime_modules_do_not_import_torch():
-    code = ("import sys, nexedge.runtime.factory, nexedge.runtime.onnxrt, nexedge.runtime.torch_backend, "
-            "nexedge.runtime.tensorrt; print('torch' in sys.modules)")
+    code = ("import sys, nexedge.runtime.factory, nexedge.runtime.backends.onnxruntime, nexedge.runtime.backends.torch, "
+            "nexedge.runtime.backends.tensorrt, nexedge.runtime.registry as r; r.backends(); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -251,7 +252,7 @@ def _engine_with_card(tmp_path, blob=b"ENGINE"):
 
 def test_tensorrt_backend_with_fake_tensorrt(tmp_path, monkeypatch):
     """Our buffer/shape/copy logic around TensorRT and CUDA (both absent here)."""
-    import nexedge.runtime.tensorrt as trt_backend
+    import nexedge.runtime.backends.tensorrt as trt_backend
 
     cuda = _FakeCuda()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(cuda))
@@ -276,7 +277,7 @@ def test_tensorrt_backend_with_fake_tensorrt(tmp_path, monkeypatch):
 
 
 def test_tensorrt_backend_bad_engine_names_versions_with_fake_tensorrt(tmp_path, monkeypatch):
-    import nexedge.runtime.tensorrt as trt_backend
+    import nexedge.runtime.backends.tensorrt as trt_backend
 
     cuda = _FakeCuda()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(cuda))

@@ -140,7 +140,7 @@ def test_cache_key_tells_orin_modules_apart_with_fake_tensorrt(models, tmp_path)
 
 
 def test_device_info_reads_sm_count_and_board_with_fake_cudart(monkeypatch, tmp_path):
-    import nexedge.runtime.tensorrt as rtmod
+    import nexedge.runtime.backends.tensorrt as rtmod
 
     class Err(enum.Enum):
         cudaSuccess = 0
@@ -372,7 +372,7 @@ def test_device_info_names_driver_mismatch_with_real_cuda_bindings():
     """Item 3: cuda-python 13 (installed here) against no/old driver: the message names both versions and
     the pins instead of a bare cudaErrorInsufficientDriver."""
     try:
-        from nexedge.runtime.tensorrt import _import_cudart
+        from nexedge.runtime.backends.tensorrt import _import_cudart
 
         rt = _import_cudart()
     except ImportError:
@@ -389,7 +389,7 @@ def test_device_info_names_driver_mismatch_with_real_cuda_bindings():
 
 def test_device_info_mismatch_message_with_fake_cudart(monkeypatch):
     """The same message for a JetPack 6.1 driver (CUDA 12.6) with cuda-python 13 (CUDA 13.0)."""
-    import nexedge.runtime.tensorrt as rtmod
+    import nexedge.runtime.backends.tensorrt as rtmod
 
     class Err(enum.Enum):
         cudaSuccess = 0

@@ -268,7 +268,7 @@ def _fake_trt_that_keeps_the_onnx():
 
 def _fake_trt_runner(tmp):
     """Opens a fake engine (ONNX bytes behind a prefix) with ONNX Runtime, under the engine's card."""
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     def open_fake(engine):
         blob = open(engine, "rb").read()

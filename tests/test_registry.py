@@ -1,13 +1,18 @@
 """nexedge.runtime.registry: each backend declares its options; configs and CLIs are checked against the
 backend that will open the file (issue 28 item 3)."""
 
+import argparse
+import importlib
+import os
+
+import numpy as np
 import pytest
 
 from nexedge.runtime import registry
 
 
 def test_each_backend_declares_suffixes_and_options():
-    assert registry.backend_names() == ("onnxruntime", "tensorrt", "torch")
+    assert registry.backend_names()[:1] == ("onnxruntime",) and {"tensorrt", "torch"} <= set(registry.backend_names())
     assert registry.backend_for("m.onnx").name == "onnxruntime"
     assert registry.backend_for("/x/M.ENGINE").name == "tensorrt" and registry.backend_for("m.plan").name == "tensorrt"
     assert registry.backend_for("m.pt").name == "torch"
@@ -40,10 +45,12 @@ def test_unknown_backend_is_an_error_never_tensorrt():
     """bench.runner used to treat every backend it did not know as TensorRT."""
     from nexedge.bench.runner import backend_kwargs
 
-    with pytest.raises(ValueError, match=r"unknown backend 'openvino'; expected one of onnxruntime, tensorrt, torch"):
-        backend_kwargs("openvino", None, None, None)
-    with pytest.raises(ValueError, match="unknown backend 'openvino'"):
-        registry.validate_options("openvino", {})
+    known = ", ".join(registry.backend_names())  # onnxruntime, tensorrt, torch (+ any backend added since)
+    assert known.startswith("onnxruntime, ") and "tensorrt" in known and "torch" in known
+    with pytest.raises(ValueError, match=rf"unknown backend 'tflite'; expected one of {known}$"):
+        backend_kwargs("tflite", None, None, None)
+    with pytest.raises(ValueError, match="unknown backend 'tflite'"):
+        registry.validate_options("tflite", {})
     assert backend_kwargs("onnxruntime", 2, "five", "cpu") == {"intra_threads": 2, "crop_mode": "five",
                                                               "providers": "cpu"}
     assert backend_kwargs("torch", 2, None, None) == {"threads": 2}
@@ -91,3 +98,142 @@ def test_open_backend_names_a_wrong_option_before_opening(tmp_path):
     with pytest.raises(ValueError, match=r"options.threads: not an option of the onnxruntime backend \(it takes "
                                          r"intra_threads, inter_threads, providers, max_batch, crop_mode, verify\)"):
         open_backend(str(p), threads=2)
+
+
+# -- discovery: a backend is its module in nexedge/runtime/backends/ ---------------------------------
+BACKENDS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nexedge", "runtime",
+                            "backends")
+
+
+def test_every_module_in_the_backends_package_is_a_discovered_backend():
+    """No hand-kept list: the registry's backends are exactly the modules of nexedge/runtime/backends/,
+    each named after its module, with a backend class of that name."""
+    from nexedge.runtime.base import Backend
+
+    modules = sorted(f[:-3] for f in os.listdir(BACKENDS_DIR) if f.endswith(".py") and not f.startswith("_"))
+    assert list(registry.backend_names()) == modules
+    for name, spec in registry.backends().items():
+        assert spec.module == f"nexedge.runtime.backends.{name}"
+        cls = getattr(importlib.import_module(spec.module), spec.factory)
+        assert issubclass(cls, Backend) and cls.name == name
+        assert spec.summary and spec.requires and spec.packages, name
+
+
+# A backend for .onnx files under another name: ONNX Runtime, opened only when chosen by name. It stands
+# for any second backend of an existing suffix (OpenVINO running .onnx); nothing else names it.
+_ALT = '''
+from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from nexedge.runtime.registry import MAX_BATCH, VERIFY, BackendSpec, Option
+
+SPEC = BackendSpec("onnxalt", (), "AltBackend", (
+    Option("intra_threads", (int,), None, "threads", flag="--threads"), MAX_BATCH, VERIFY),
+    internal=("card",), also_opens=(".onnx",), requires=("onnxruntime",), packages=("onnxruntime",),
+    summary="ONNX Runtime under another name", hint="bench an .onnx file")
+
+
+class AltBackend(OnnxRuntimeBackend):
+    name = "onnxalt"
+'''
+
+
+def _package(root, name, modules):
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for mod, text in modules.items():
+        (pkg / f"{mod}.py").write_text(text)
+    return name
+
+
+@pytest.fixture()
+def alt_backend(tmp_path, monkeypatch):
+    """The registry with the backends of nexedge/runtime/backends/ plus ``onnxalt`` from a package of its own."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = dict(registry.backends())
+    found.update(registry.discover(_package(tmp_path, "altbackends", {"onnxalt": _ALT})))
+    monkeypatch.setattr(registry, "_FOUND", found)
+    return found["onnxalt"]
+
+
+def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_path, capsys):
+    """--backend choices and help, the hint, config validation (model.backend, model.options),
+    --check-config, the daemon's open and the machine report all follow from the module's SPEC."""
+    import onnxruntime
+    from _daemon_util import build_tiny_onnx
+
+    from nexedge.bench import env, runner
+    from nexedge.bench.cli import configure_bench
+    from nexedge.runtime import open_backend
+    from nexedge.serve import config as C
+    from nexedge.serve import slots
+    from nexedge.serve.daemon import build_parser
+    from nexedge.serve.daemon import main as daemon_main
+
+    p = argparse.ArgumentParser()
+    configure_bench(p)
+    backend = next(a for a in p._actions if "--backend" in a.option_strings)
+    assert "onnxalt" in backend.choices and "ONNX Runtime under another name" in p.format_help()
+    assert "onnxalt" in build_parser().format_help()
+    assert registry.backend_for("m.onnx").name == "onnxruntime"  # auto: the suffix's own backend
+    assert runner.resolve_backend("m.onnx", "onnxalt") == "onnxalt"
+    with pytest.raises(ValueError, match=r"--backend onnxalt cannot run m.engine \(a tensorrt artifact\); bench an "
+                                         r"\.onnx file"):
+        runner.resolve_backend("m.engine", "onnxalt")
+    assert runner.backend_kwargs("onnxalt", 2, None, None) == {"intra_threads": 2}
+
+    C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"intra_threads": 2}}})
+    with pytest.raises(C.ConfigError, match=r"model.backend: the onnxalt backend cannot run '/opt/m.engine'; it "
+                                            r"opens .onnx files"):
+        C.from_dict({"model": {"path": "/opt/m.engine", "backend": "onnxalt"}})
+    with pytest.raises(C.ConfigError, match=r"model.options.providers: not an option of the onnxalt backend \(it "
+                                            r"takes intra_threads, max_batch, verify\)"):
+        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"providers": "cpu"}}})
+
+    model = build_tiny_onnx(str(tmp_path))
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(f"model: {{path: {model}, backend: onnxalt, options: {{onnxalt: {{intra_threads: 1}}}}}}\n")
+    assert daemon_main(["--config", str(cfg), "--check-config"]) == 0
+    assert "model.path runs on the onnxalt backend (model.backend) with options {'intra_threads': 1}" \
+        in capsys.readouterr().err
+    with open_backend(model, "onnxalt", intra_threads=1) as be:
+        assert type(be).__name__ == "AltBackend" and be.infer(np.zeros((2, 32, 32, 1), np.uint8)).probs.shape == (2, 3)
+    line = C.from_dict({"model": {"path": model, "backend": "onnxalt", "warmup": 0}})
+    slot = slots.open_slot(line, model, "test")  # how the daemon and `nexedge line load` open a model
+    try:
+        assert type(slot.backend).__name__ == "AltBackend"
+    finally:
+        slot.close()
+    assert env.library_versions()["onnxalt"] == onnxruntime.__version__
+
+
+def test_model_backend_key_is_validated(tmp_path, capsys):
+    from nexedge.serve import config as C
+    from nexedge.serve.daemon import main as daemon_main
+
+    assert C.from_dict({"model": {"path": "/opt/m.engine"}}).model.backend == "auto"
+    C.from_dict({"model": {"path": "/opt/m.engine", "backend": "tensorrt"}})
+    with pytest.raises(C.ConfigError, match=r"model.backend: unknown backend 'openvino'; expected auto or one of "
+                                            r"onnxruntime, "):
+        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "openvino"}})
+    with pytest.raises(C.ConfigError, match=r"model.backend: the torch backend cannot run '/opt/m.onnx'; it opens "
+                                            r".pt, .pth files"):
+        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "torch"}})
+    with pytest.raises(C.ConfigError, match=r"model.options.device: not an option of the onnxruntime backend"):
+        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxruntime", "options": {"device": 0}}})
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text("model: {path: m.engine, backend: onnxruntime}\n")
+    assert daemon_main(["--config", str(cfg), "--check-config"]) == 2
+    assert "model.backend: the onnxruntime backend cannot run" in capsys.readouterr().err
+
+
+def test_discovery_refuses_a_module_without_a_spec_a_misnamed_one_and_a_shared_suffix(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"nospec.helper: a backend module must declare SPEC = BackendSpec"):
+        registry.discover(_package(tmp_path, "nospec", {"helper": "X = 1\n"}))
+    with pytest.raises(ValueError, match=r"SPEC.name 'onnxalt' differs from its module name 'other'"):
+        registry.discover(_package(tmp_path, "misnamed", {"other": _ALT}))
+    twice = _ALT.replace('"onnxalt", ()', '"onnxalt", (".onnx",)')
+    with pytest.raises(ValueError, match=r"suffix '.onnx' is opened by default by the onnxalt backend already; list "
+                                         r"it in also_opens"):
+        registry.discover(_package(tmp_path, "twice", {"onnxalt": twice, "onnxalu": twice.replace("onnxalt", "onnxalu")}))
+    assert registry.missing("onnxruntime") is None

@@ -79,7 +79,7 @@ def test_applied_sets_torch_opencv_and_onnxruntime_then_restores():
     torch = pytest.importorskip("torch")
     import cv2
 
-    from nexedge.runtime.onnxrt import default_threads, session_options
+    from nexedge.runtime.backends.onnxruntime import default_threads, session_options
 
     torch.set_num_threads(2)
     before_cv2 = cv2.getNumThreads()

@@ -216,7 +216,7 @@ def _engine(tmp_path, crops="five", max_batch=4, resize=(36, 36)):
 
 @pytest.fixture
 def pycuda_fake(monkeypatch):
-    import nexedge.runtime.tensorrt as rt
+    import nexedge.runtime.backends.tensorrt as rt
 
     drv = FakeDriver()
     pkg = types.ModuleType("pycuda")
@@ -288,7 +288,7 @@ def test_backend_deserializes_after_selecting_the_device_with_fake_cuda(tmp_path
         seen.append((call, drv.current().device))
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(drv.mem, require))
-    from nexedge.runtime.tensorrt import TensorRTBackend
+    from nexedge.runtime.backends.tensorrt import TensorRTBackend
 
     with TensorRTBackend(_engine(tmp_path), device=1) as be:
         be.infer(_images(1))
@@ -308,7 +308,7 @@ def test_fp16_io_engine_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):
 
 
 def test_trt_dtype_map():
-    from nexedge.runtime.tensorrt import trt_dtype_to_numpy
+    from nexedge.runtime.backends.tensorrt import trt_dtype_to_numpy
 
     assert trt_dtype_to_numpy(DataType.HALF) == np.float16 and trt_dtype_to_numpy(DataType.BOOL) == np.bool_
     assert trt_dtype_to_numpy(DataType.UINT8) == np.uint8
@@ -384,7 +384,7 @@ class FakeCudart:
 def test_cuda_python_pinned_float16_and_per_thread_device_with_fake_cudart(monkeypatch):
     """Items 6 and 7: pinned float16 buffers (np.ctypeslib.as_ctypes_type has no float16), and device 1
     stays current on a second thread (the runtime API's current device is per thread)."""
-    import nexedge.runtime.tensorrt as rt
+    import nexedge.runtime.backends.tensorrt as rt
 
     fake = FakeCudart()
     monkeypatch.setattr(rt, "_import_cudart", lambda: fake)

@@ -15,19 +15,22 @@ from nexedge.threads import add_threads_option, given
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
+    from nexedge.runtime import registry
+
     p.description = textwrap.fill(
         "Measure images/s and latency (min, mean, median, p90, p95, p99, max) of a model, split by "
         "stage (decode, resize, preprocess, h2d, inference, d2h, postprocess) as far as the backend "
-        "can tell them apart. MODEL is a .onnx (ONNX Runtime), .engine (TensorRT) or .pt checkpoint "
-        "(torch), each with its card beside it. The machine (CPU, threads, library versions, load; on "
+        "can tell them apart. MODEL is an artifact a backend opens (" + registry.suffix_text() + "; "
+        "backends below), with its card beside it. The machine (CPU, threads, library versions, load; on "
         "a Jetson the power mode and clock lock) is recorded with the result.", 100)
-    p.epilog = ("examples:\n  nexedge bench model.onnx --batch 1,10 --duration 10\n"
+    p.epilog = ("backends (--backend auto picks by suffix):\n" + registry.describe() + "\n\n"
+                "examples:\n  nexedge bench model.onnx --batch 1,10 --duration 10\n"
                 "  nexedge bench model.int8.onnx --json int8.json\n"
                 "  nexedge bench --compare fp32.json int8.json")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("model", nargs="?", help="model artifact (.onnx, .engine, .pt) with its .card.json")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
-                   help="backend; auto picks by suffix, an explicit one must match the artifact (default auto)")
+    p.add_argument("model", nargs="?", help=f"model artifact ({registry.suffix_text()}) with its .card.json")
+    p.add_argument("--backend", default=registry.AUTO, choices=(registry.AUTO,) + registry.backend_names(),
+                   help="backend; auto picks by suffix, an explicit one must open the artifact (default auto)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="require the artifact to be of this precision (its card says which); no conversion")
     p.add_argument("--providers", help="ONNX Runtime execution providers, e.g. cpu, cuda or tensorrt,cuda")
@@ -135,7 +138,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(report.compare(a, b, markdown=args.markdown, names=("A", "B")))
         return 0
     if not args.model:
-        raise ValueError("give a MODEL to benchmark (.onnx, .engine or .pt) or --compare A.json B.json")
+        from nexedge.runtime.registry import suffix_text
+
+        raise ValueError(f"give a MODEL to benchmark ({suffix_text()}) or --compare A.json B.json")
     doc = bench_document(args)
     print(report.render(doc, markdown=args.markdown))
     if args.json:

@@ -15,16 +15,13 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 from typing import Any, Dict, List, Optional
 
-#: (distribution name(s), import name) of the libraries a result depends on.
+#: (name, distribution names) of the libraries a result depends on besides the backends' own
+#: (each backend's spec names its distributions: nexedge.runtime.registry.version).
 LIBRARIES = (
     ("numpy", ("numpy",)),
-    ("onnxruntime", ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml")),
     ("onnx", ("onnx",)),
-    ("torch", ("torch",)),
-    ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt_lean")),
     ("opencv", ("opencv-python-headless", "opencv-python", "opencv-contrib-python")),
     ("pyzmq", ("pyzmq",)),
 )
@@ -55,7 +52,10 @@ def _version(dists) -> Optional[str]:  # type: ignore[no-untyped-def]
 def library_versions() -> Dict[str, Optional[str]]:
     """Installed versions (None where missing). OpenCV falls back to ``cv2.__version__``
     because JetPack's OpenCV comes from apt, not pip."""
+    from nexedge.runtime import registry
+
     out = {key: _version(dists) for key, dists in LIBRARIES}
+    out.update((name, registry.version(spec)) for name, spec in registry.backends().items())
     if out["opencv"] is None:
         try:
             import cv2
@@ -63,8 +63,6 @@ def library_versions() -> Dict[str, Optional[str]]:
             out["opencv"] = cv2.__version__
         except ImportError:
             pass
-    if out["tensorrt"] is None and "tensorrt" in sys.modules:
-        out["tensorrt"] = getattr(sys.modules["tensorrt"], "__version__", None)
     return out
 
 
@@ -212,7 +210,9 @@ def one_line(env: Dict[str, Any]) -> str:
         parts.append("L4T {} {} clocks {}".format(
             jet.get("l4t"), jet.get("power_mode") or "mode ?",
             "locked" if locked.get("cpu") and locked.get("gpu") else "NOT locked"))
-    for key in ("onnxruntime", "tensorrt", "torch", "numpy"):
+    from nexedge.runtime.registry import backend_names
+
+    for key in backend_names() + ("numpy",):
         if libs.get(key):
             parts.append(f"{key} {libs[key]}")
     return ", ".join(parts)

@@ -81,7 +81,7 @@ def ort_gemm(n: int = 1024, threads: Optional[int] = None, int8: bool = False,
     configured like the inference backend (explicit threads, no spinning)."""
     import onnxruntime as ort
 
-    from nexedge.runtime.onnxrt import session_options
+    from nexedge.runtime.backends.onnxruntime import session_options
 
     sess = ort.InferenceSession(_matmul_model(n, int8), sess_options=session_options(threads),
                                 providers=["CPUExecutionProvider"])

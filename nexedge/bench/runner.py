@@ -24,7 +24,6 @@ from nexedge.bench import stats
 from nexedge.images import READ_EXTS
 from nexedge.runtime import registry
 
-BACKENDS = ("auto",) + registry.backend_names()
 #: Stages in pipeline order; anything else a backend reports is printed after these.
 STAGE_ORDER = ("decode", "resize", "preprocess", "h2d", "inference", "d2h", "postprocess", "total", "e2e")
 
@@ -85,20 +84,20 @@ def backend_kwargs(kind: str, threads: Optional[int], crop_mode: Optional[str],
 
 
 def resolve_backend(model: str, backend: str) -> str:
-    """Backend kind for ``model``; an explicit ``backend`` must agree with the artifact's suffix."""
-    from nexedge.runtime.factory import backend_kind
-
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    kind = backend_kind(model)
-    if backend != "auto" and backend != kind:
-        hint = {
-            "tensorrt": "build an engine first (nexedge build-engine) and bench the .engine file",
-            "onnxruntime": "export to ONNX first (nexedge export) and bench the .onnx file",
-            "torch": "bench the .pt checkpoint",
-        }[backend]
-        raise ValueError(f"--backend {backend} cannot run {model} (a {kind} artifact); {hint}")
-    return kind
+    """Backend kind for ``model``: by suffix for ``auto``, else ``backend``, which must open the artifact
+    (its spec's ``suffixes`` or ``also_opens``); the error says what to bench instead (its ``hint``)."""
+    names = (registry.AUTO,) + registry.backend_names()
+    if backend not in names:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(names)}")
+    try:
+        return registry.choose(model, backend, "--backend").name
+    except ValueError:
+        if backend == registry.AUTO:
+            raise
+    spec = registry.get(backend)
+    kind = registry.backend_for(model).name
+    hint = spec.hint or f"it opens {', '.join(spec.opens())} files"
+    raise ValueError(f"--backend {backend} cannot run {model} (a {kind} artifact); {hint}")
 
 
 def _random_batch(n: int, shape: Sequence[int], seed: int) -> np.ndarray:
@@ -220,6 +219,8 @@ def bench_model(
     from nexedge.runtime import open_backend
 
     kind = resolve_backend(model, backend)
+    # a backend other than the suffix's own is named when opening (stage 1 of a cascade too)
+    named = {} if kind == registry.backend_for(model).name else {"backend": kind}
     card = load_card(model, verify=True)
     if precision and precision != card.precision:
         raise ValueError(
@@ -236,7 +237,7 @@ def bench_model(
         if crop == graph_crops:
             crop = None
         kw = backend_kwargs(kind, threads, crop, providers)
-        with open_backend(model, **kw) as be:
+        with open_backend(model, **named, **kw) as be:
             for b in batches:
                 if progress:
                     progress(f"{kind} {card.precision} crops={be.crop_mode} batch={b}: measuring ...")
@@ -245,12 +246,12 @@ def bench_model(
                          providers=list(getattr(be, "providers", []) or []) or None)
                 results.append(r)
     if cascade is not None:
-        from nexedge.runtime.cascade import make_plan
+        from nexedge.runtime.cascade import make_plan, opener
 
         kw = backend_kwargs(kind, threads, None, providers)
         thr = float(card.operating_point(cascade)["threshold"])
-        with open_backend(model, **kw) as be:
-            plan = make_plan(be, model, thr, "on", **kw)
+        with open_backend(model, **named, **kw) as be:
+            plan = make_plan(be, model, thr, "on", None, opener(named.get("backend", "auto")), **kw)
             assert plan is not None  # "on" raises instead of returning None
             try:
                 for b in batches:

@@ -66,7 +66,7 @@ def measure_candidates(checkpoint: str, root: str, split: str, todo: Sequence[Ca
     from nexedge.export.onnx_export import torch_export
     from nexedge.export.thresholds import score_images, split_images
     from nexedge.models.checkpoint import model_from_checkpoint
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     model, ck_card = model_from_checkpoint(checkpoint)
     card = ck_card.derive("onnx", precision="fp32")

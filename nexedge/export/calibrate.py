@@ -201,10 +201,10 @@ class CalibrationBatchStream:
 def make_entropy_calibrator(trt: Any, stream: CalibrationBatchStream, cache_path: str, cuda: Any = None) -> Any:
     """A ``trt.IInt8EntropyCalibrator2`` fed by ``stream``; reads/writes ``cache_path``.
 
-    ``cuda`` is a nexedge.runtime.tensorrt CUDA helper (opened here when None).
+    ``cuda`` is a nexedge.runtime.backends.tensorrt CUDA helper (opened here when None).
     """
     if cuda is None:
-        from nexedge.runtime.tensorrt import open_cuda
+        from nexedge.runtime.backends.tensorrt import open_cuda
 
         cuda = open_cuda()
 

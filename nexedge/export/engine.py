@@ -264,7 +264,7 @@ def device_info(device: int = 0) -> DeviceInfo:
     (cuda-python, else pycuda). A driver/cuda-python mismatch raises a RuntimeError that says so."""
     board = jetson_board(JETSON_MODEL_FILE)
     try:
-        from nexedge.runtime.tensorrt import _import_cudart
+        from nexedge.runtime.backends.tensorrt import _import_cudart
 
         rt = _import_cudart()
     except ImportError:

@@ -142,7 +142,7 @@ def export_cv(run: str, out: Optional[str] = None, crops: str = "auto", aggregat
     from nexedge.export.graph import ENSEMBLE_RULES, EnsembleInGraph
     from nexedge.export.onnx_export import GRAPH_OUTPUTS, OPSET, tensorrt_check, torch_export
     from nexedge.models.checkpoint import load_checkpoint, model_from_checkpoint
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     if rule not in ENSEMBLE_RULES:
         raise ValueError(f"--ensemble-rule {rule!r}: expected one of {', '.join(ENSEMBLE_RULES)}")

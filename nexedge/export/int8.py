@@ -63,7 +63,7 @@ def run_calibration(
     from nexedge.export.parity import read_images_skipping
     from nexedge.export.thresholds import measure_artifact
     from nexedge.preprocess import prepare
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     for t in targets:
         qz.check_target(t)

@@ -146,7 +146,7 @@ def export_onnx(
 
     from nexedge.export import parity as par
     from nexedge.models.checkpoint import load_checkpoint, model_from_checkpoint
-    from nexedge.runtime.onnxrt import OnnxRuntimeBackend
+    from nexedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     check_crops(crops)
     if not isinstance(max_batch, int) or max_batch < 1:

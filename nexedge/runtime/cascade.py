@@ -427,12 +427,22 @@ def make_plan(backend: Backend, artifact: str, threshold: float, mode: str = "au
     return CascadePlan(s1, backend, band, own_stage1=path is not None)
 
 
+def opener(backend: str = "auto") -> Optional[Callable[..., Backend]]:
+    """How a stage-1 artifact is opened: by ``backend`` by name, like stage 2 (None: by suffix)."""
+    if backend == "auto":
+        return None
+    from nexedge.runtime import open_backend
+
+    return lambda path, **options: open_backend(path, backend, **options)
+
+
 def plan_for_daemon(backend: Backend, model_cfg: Any, threshold: float, options: Dict[str, Any],
                     artifact: Optional[str] = None) -> Any:
     """``backend`` (opened from ``artifact``, default ``model_cfg.path``), or the cascade plan around it
     that ``model_cfg.cascade`` (auto | on | off) asks for, warmed up (``model_cfg.warmup`` rounds) and
     logged. CascadeError when ``on`` cannot be met. Call it once per opened model, with its own threshold."""
-    plan = make_plan(backend, artifact or model_cfg.path, threshold, model_cfg.cascade, model_cfg.stage1, **options)
+    plan = make_plan(backend, artifact or model_cfg.path, threshold, model_cfg.cascade, model_cfg.stage1,
+                     opener(getattr(model_cfg, "backend", "auto")), **options)
     if plan is None:
         if model_cfg.cascade != "off":
             log.info("cascade off (%s): full %s crops on every frame", model_cfg.cascade, backend.crop_mode)

@@ -96,8 +96,10 @@ def configure_line(p: argparse.ArgumentParser) -> None:
     for name, text in LINE_ACTIONS.items():
         a = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")
         if name == "load":
-            a.add_argument("artifact", help="model artifact (.onnx/.engine) with its card, as a path on the line "
-                                            "machine (relative paths are made absolute here)")
+            from nexedge.runtime.registry import suffix_text
+
+            a.add_argument("artifact", help=f"model artifact ({suffix_text(line=True)}) with its card, as a path on "
+                                            "the line machine (relative paths are made absolute here)")
             a.add_argument("--as", dest="as_", choices=("candidate", "active"), default="candidate",
                            help="candidate: shadow it first (default); active: hot-swap to it at once")
         if name == "unload":

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class ModelCfg:
     path: str = ""
+    #: The backend that runs ``path`` and every model ``nexedge line load``s: auto = by suffix, or a
+    #: backend's name (nexedge.runtime.registry), which must open the file.
+    backend: str = "auto"
     verify_card: bool = True
     warmup: int = 3
     #: Backend options (nexedge.runtime.registry): per backend ({onnxruntime: {...}, tensorrt: {...}})
@@ -328,12 +331,17 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> Config:
     """Range checks across keys; raise :class:`ConfigError`."""
     if not cfg.model.path:
-        raise ConfigError("model.path: missing; expected the path of a model artifact (.onnx, .engine) with its card")
+        from nexedge.runtime.registry import suffix_text
+
+        raise ConfigError("model.path: missing; expected the path of a model artifact "
+                          f"({suffix_text(line=True)}) with its card")
     _positive("model.warmup", cfg.model.warmup, allow_zero=True)
     from nexedge.runtime import registry
 
     try:
-        registry.check_config_options(cfg.model.options, cfg.model.path)
+        if cfg.model.backend != registry.AUTO:  # auto: the suffix is checked when the model opens
+            registry.choose(cfg.model.path, cfg.model.backend, "model.backend")
+        registry.check_config_options(cfg.model.options, cfg.model.path, backend=cfg.model.backend)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.cascade not in ("auto", "on", "off"):
@@ -409,6 +417,22 @@ def validate(cfg: Config) -> Config:
     if cfg.lifecycle is not None:
         _validate_lifecycle(cfg.lifecycle, cfg.auth is not None)
     return cfg
+
+
+def backend_line(cfg: Config) -> str:
+    """``model.path runs on the onnxruntime backend (auto: by suffix) with options {...}``, with what it
+    still needs where its library is missing; "" when no backend runs ``model.path``."""
+    from nexedge.runtime import registry
+
+    try:
+        spec = registry.choose(cfg.model.path, cfg.model.backend, "model.backend")
+        opts = registry.options_for(cfg.model.path, cfg.model.options, backend=spec.name)
+    except ValueError:
+        return ""
+    how = "auto: by suffix" if cfg.model.backend == registry.AUTO else "model.backend"
+    need = registry.missing(spec.name)
+    return (f"model.path runs on the {spec.name} backend ({how}) with options {opts or '{}'}"
+            + (f"; {need}" if need else ""))
 
 
 def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:

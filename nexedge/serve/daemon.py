@@ -446,12 +446,16 @@ EXIT_INCOMPATIBLE = 78  # the model cannot run on this machine as built (engine 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nexedge.runtime import registry
+
     p = argparse.ArgumentParser(
-        prog="nexedge-daemon",
+        prog="nexedge-daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Line-side inspection daemon: ZeroMQ camera frames in, PASS/REJECT/RECHECK verdicts out.",
-        epilog="See docs/configuration.md for every key and deploy/line.example.yaml for an example.")
+        epilog="backends (model.backend: auto picks by suffix):\n" + registry.describe() + "\n\nSee "
+               "docs/configuration.md for every key and deploy/line.example.yaml for an example.")
     p.add_argument("--config", "-c", help="YAML config file (see deploy/line.example.yaml)")
-    p.add_argument("--model", help="model artifact (.onnx/.engine) with its card; overrides model.path")
+    p.add_argument("--model", help=f"model artifact ({registry.suffix_text(line=True)}) with its card; overrides "
+                                   "model.path")
     p.add_argument("--frames", help="ROUTER bind address for camera frames; overrides sockets.frames")
     p.add_argument("--verdicts", help="PUB bind address for verdicts; overrides sockets.verdicts")
     p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /live, /ready (0 = any free port)")
@@ -501,6 +505,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             problems = C.check_files(cfg, args.user)
         except C.ConfigError as e:
             problems = [str(e)]
+        chosen = C.backend_line(cfg)
+        if chosen:
+            print(f"nexedge-daemon: {chosen}", file=sys.stderr)
         for p in problems:
             print(f"nexedge-daemon: configuration error: {p}", file=sys.stderr)
         return EXIT_CONFIG if problems else 0

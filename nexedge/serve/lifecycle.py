@@ -328,14 +328,15 @@ class Lifecycle:
         except (CardError, OSError) as e:
             raise LifecycleError(f"load {path}: {e}") from e
         check_card_compatible(self.active.card, card)
+        from nexedge.runtime import registry
+
+        try:  # the backend model.backend names (or the suffix's) and its options from model.options
+            kind = registry.choose(path, self.cfg.model.backend, "model.backend").name
+            opts = registry.options_for(path, self.cfg.model.options, backend=kind)
+        except ValueError as e:
+            raise LifecycleError(f"load {path}: {e}") from None
         d = self.cfg.decision
         if d.threshold is None and not d.allow_unmeasured:
-            from nexedge.runtime import registry
-
-            try:
-                opts = registry.options_for(path, self.cfg.model.options)
-            except ValueError as e:
-                raise LifecycleError(f"load {path}: {e}") from None
             problem = operating_points_problem(card, opts.get("crop_mode") or card.runtime_crop_mode)
             if problem is not None:
                 raise LifecycleError(f"{card.source}: {problem} (or set decision.allow_unmeasured: true)")

@@ -121,34 +121,43 @@ def probe(path: str, cfg: Any, line_card: Any, budget: Optional[int], timeout_s:
     return result
 
 
+def preload(path: str, model: Dict[str, Any]) -> bool:
+    """Import the libraries of the backend that runs ``path`` (its spec's ``preload``: the daemon has
+    them loaded, so they are not this model's cost) and say whether the model runs on the CPU only
+    (its spec's ``cpu_only``; CUDA reserves address space far beyond what it uses: no cap then).
+    ``model`` is the config's raw ``model`` section."""
+    import importlib
+
+    from nexedge.runtime import registry
+
+    try:
+        spec = registry.choose(path, model.get("backend") or registry.AUTO)
+    except ValueError:  # the open in the probe names the problem
+        return False
+    for mod in spec.preload:
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # the open names the missing library
+            return False
+    if not spec.cpu_only:
+        return False
+    try:
+        opts = registry.options_for(path, model.get("options"), backend=spec.name)
+        return bool(getattr(importlib.import_module(spec.module), spec.cpu_only)(opts))
+    except ValueError:  # a provider that is not there: the open names it
+        return False
+
+
 def _child() -> int:
     """The probe process: read the request from stdin, answer ``BASE``, then ``RESULT`` lines."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the daemon is the daemon's to handle
     req = json.loads(sys.stdin.read())
     path, budget = req["path"], req["budget"]
     from nexedge.card import ModelCard
-    from nexedge.runtime.factory import backend_kind
     from nexedge.serve import config as C
     from nexedge.serve import slots
 
-    cpu_only = False  # CUDA reserves address space far beyond what it uses: no address-space cap then
-    try:
-        kind = backend_kind(path)
-        if kind == "onnxruntime":  # the daemon has its runtime library loaded: not this model's cost
-            import onnxruntime
-
-            from nexedge.runtime.onnxrt import resolve_providers
-
-            opts = (req["config"].get("model") or {}).get("options") or {}
-            cpu_only = resolve_providers(opts.get("providers"), onnxruntime.get_available_providers()) == \
-                ["CPUExecutionProvider"]
-        elif kind == "tensorrt":
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                pass
-    except ValueError:
-        pass
+    cpu_only = preload(path, req["config"].get("model") or {})
     try:  # the peak from here on is this model's (Linux: 5 resets VmHWM)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -126,13 +126,14 @@ def open_slot(cfg: C.Config, path: str, source: str, given: Any = None) -> Slot:
     from nexedge.runtime import open_backend, registry
 
     try:  # the options of the backend that opens this file (an engine loaded on an ONNX line too)
-        opts = registry.options_for(path, cfg.model.options)
+        kind = registry.choose(path, cfg.model.backend, "model.backend").name
+        opts = registry.options_for(path, cfg.model.options, backend=kind)
     except ValueError as e:
         raise C.ConfigError(str(e)) from None
     if not cfg.model.verify_card:
         opts["verify"] = False
     t0, rss0 = time.monotonic(), rss_bytes()
-    backend = given if given is not None else open_backend(path, **opts)
+    backend = given if given is not None else open_backend(path, kind, **opts)
     try:
         card = backend.card
         log.info("card %s: %s", card.model_id, card.ops_status_line(),

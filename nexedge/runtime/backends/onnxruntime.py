@@ -13,6 +13,22 @@ import numpy as np
 from nexedge import preprocess as pp
 from nexedge.card import ModelCard, load_card
 from nexedge.runtime.base import Backend, BackendError
+from nexedge.runtime.registry import CROPS, MAX_BATCH, VERIFY, BackendSpec, Option
+
+SPEC = BackendSpec(
+    "onnxruntime", (".onnx",), "OnnxRuntimeBackend", (
+        Option("intra_threads", (int,), None, "intra-op threads (default: usable CPUs, at most 4)", flag="--threads"),
+        Option("inter_threads", (int,), 1, "inter-op threads"),
+        Option("providers", (str, list, tuple), None, "execution providers: cpu, cuda, tensorrt (comma list)",
+               flag="--providers"),
+        MAX_BATCH,
+        Option("crop_mode", (str,), None, "host crop mode of a host-crop model", CROPS, flag="--crops"),
+        VERIFY,
+    ), internal=("card",), requires=("onnxruntime",),
+    packages=("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml"), version="onnxruntime:__version__",
+    summary="ONNX Runtime (CPU; CUDA or TensorRT execution providers where present)",
+    hint="export to ONNX first (nexedge export) and bench the .onnx file",
+    preload=("onnxruntime",), cpu_only="runs_on_cpu_only")
 
 #: Short names accepted for ``providers`` and the ORT provider each stands for.
 PROVIDER_ALIASES = {
@@ -46,6 +62,13 @@ def resolve_providers(requested: Union[None, str, Sequence[str]], available: Seq
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")
     return out
+
+
+def runs_on_cpu_only(options: Dict[str, object]) -> bool:
+    """True when ``options`` (this backend's) leave the CPU provider only on this machine."""
+    import onnxruntime as ort
+
+    return resolve_providers(options.get("providers"), ort.get_available_providers()) == ["CPUExecutionProvider"]
 
 
 def default_threads() -> int:

@@ -11,6 +11,17 @@ import numpy as np
 
 from nexedge import preprocess as pp
 from nexedge.runtime.base import Backend, BackendError
+from nexedge.runtime.registry import CROPS, MAX_BATCH, VERIFY, BackendSpec, Option
+
+SPEC = BackendSpec(
+    "torch", (".pt", ".pth"), "TorchBackend", (
+        Option("device", (str,), "cpu", "torch device, e.g. cpu or cuda:0"),
+        Option("threads", (int,), None, "torch intra-op threads", flag="--threads"),
+        MAX_BATCH,
+        Option("crop_mode", (str,), None, "host crop mode", CROPS, flag="--crops"),
+        VERIFY,
+    ), requires=("torch",), packages=("torch",), version="torch:__version__", extra="train", line=False,
+    summary="PyTorch checkpoints (reference runs, not for the line)", hint="bench the .pt checkpoint")
 
 
 class TorchBackend(Backend):

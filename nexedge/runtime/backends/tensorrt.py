@@ -26,6 +26,20 @@ import numpy as np
 
 from nexedge.card import ModelCard, load_card
 from nexedge.runtime.base import ArtifactIncompatible, Backend, BackendError
+from nexedge.runtime.registry import MAX_BATCH, VERIFY, BackendSpec, Option
+
+SPEC = BackendSpec(
+    "tensorrt", (".engine", ".plan"), "TensorRTBackend", (
+        Option("device", (int,), 0, "CUDA device index"),
+        MAX_BATCH,
+        VERIFY,
+    ), note="a TensorRT engine's crops, threads and batch profile are fixed when it is built; see "
+            "nexedge build-engine",
+    internal=("card",), requires=("tensorrt",),
+    packages=("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt_lean"), version="tensorrt:__version__",
+    extra="trt", summary="TensorRT engines built on this machine (nexedge build-engine)",
+    hint="build an engine first (nexedge build-engine) and bench the .engine file",
+    preload=("tensorrt",))
 
 
 def _import_cudart() -> Any:
