@@ -213,8 +213,10 @@ def describe() -> str:
     """One line per backend: name, suffixes (chosen by name: also ...), summary; for --help texts."""
     lines = []
     for spec in backends().values():
-        also = f"; by name also {', '.join(spec.also_opens)}" if spec.also_opens else ""
-        lines.append(f"  {spec.name:<12} {', '.join(spec.suffixes)}{also}: {spec.summary}")
+        opens = ", ".join(spec.suffixes)
+        if spec.also_opens:
+            opens += ("; by name also " if opens else "by name: ") + ", ".join(spec.also_opens)
+        lines.append(f"  {spec.name:<12} {opens}: {spec.summary}")
     return "\n".join(lines)
 
 
