@@ -238,3 +238,16 @@ def test_discovery_refuses_a_module_without_a_spec_a_misnamed_one_and_a_shared_s
                                          r"it in also_opens"):
         registry.discover(_package(tmp_path, "twice", {"onnxalt": twice, "onnxalu": twice.replace("onnxalt", "onnxalu")}))
     assert registry.missing("onnxruntime") is None
+
+
+def test_load_probe_preloads_the_chosen_backends_library_and_caps_only_cpu_models(alt_backend):
+    """The probe imports what the spec's ``preload`` names and asks the spec's ``cpu_only`` function,
+    with that backend's options (per-backend sections included)."""
+    from nexedge.serve.loadprobe import preload
+
+    assert preload("/opt/m.onnx", {"options": {"onnxruntime": {"providers": "cpu"}}}) is True
+    assert preload("/opt/m.onnx", {"options": {"providers": "cpu"}}) is True
+    assert preload("/opt/m.onnx", {"options": {"providers": "no-such-provider"}}) is False
+    assert preload("/opt/m.onnx", {"backend": "onnxalt"}) is False  # its spec declares no cpu_only check
+    assert preload("/opt/m.engine", {"backend": "onnxalt"}) is False  # cannot open it: the open says why
+    assert preload("/opt/m.pt", {}) is False
