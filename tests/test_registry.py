@@ -227,12 +227,14 @@ def test_model_backend_key_is_validated(tmp_path, capsys):
     assert "model.backend: the onnxruntime backend cannot run" in capsys.readouterr().err
 
 
-def test_discovery_refuses_a_module_without_a_spec_a_misnamed_one_and_a_shared_suffix(tmp_path, monkeypatch):
+def test_discovery_refuses_a_module_without_a_spec_or_class_a_misnamed_one_and_a_shared_suffix(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match=r"nospec.helper: a backend module must declare SPEC = BackendSpec"):
         registry.discover(_package(tmp_path, "nospec", {"helper": "X = 1\n"}))
     with pytest.raises(ValueError, match=r"SPEC.name 'onnxalt' differs from its module name 'other'"):
         registry.discover(_package(tmp_path, "misnamed", {"other": _ALT}))
+    with pytest.raises(ValueError, match=r"noclass.onnxalt: SPEC.factory 'AltBackend' is not a class of that module"):
+        registry.discover(_package(tmp_path, "noclass", {"onnxalt": _ALT.replace("class AltBackend", "class Other")}))
     twice = _ALT.replace('"onnxalt", ()', '"onnxalt", (".onnx",)')
     with pytest.raises(ValueError, match=r"suffix '.onnx' is opened by default by the onnxalt backend already; list "
                                          r"it in also_opens"):

@@ -109,11 +109,14 @@ def discover(package: str = "nexedge.runtime.backends") -> Dict[str, BackendSpec
         if info.name.startswith("_"):
             continue
         modname = f"{package}.{info.name}"
-        spec = getattr(importlib.import_module(modname), "SPEC", None)
+        module = importlib.import_module(modname)
+        spec = getattr(module, "SPEC", None)
         if not isinstance(spec, BackendSpec):
             raise ValueError(f"{modname}: a backend module must declare SPEC = BackendSpec(...), got {spec!r}")
         if spec.name != info.name:
             raise ValueError(f"{modname}: SPEC.name {spec.name!r} differs from its module name {info.name!r}")
+        if not isinstance(getattr(module, spec.factory, None), type):
+            raise ValueError(f"{modname}: SPEC.factory {spec.factory!r} is not a class of that module")
         for s in spec.opens():
             if not s.startswith(".") or s != s.lower():
                 raise ValueError(f"{modname}: suffix {s!r}; expected a lower-case suffix like '.onnx'")
