@@ -253,3 +253,14 @@ def test_load_probe_preloads_the_chosen_backends_library_and_caps_only_cpu_model
     assert preload("/opt/m.onnx", {"backend": "onnxalt"}) is False  # its spec declares no cpu_only check
     assert preload("/opt/m.engine", {"backend": "onnxalt"}) is False  # cannot open it: the open says why
     assert preload("/opt/m.pt", {}) is False
+
+
+def test_discovery_and_the_generated_help_import_no_backend_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, nexedge.runtime.registry as r; r.backends(); import nexedge.serve.daemon as d; "
+            "d.build_parser(); import nexedge.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'cuda') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
