@@ -29,17 +29,25 @@ import datetime as _dt
 import os
 import shlex
 import sys
-import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
-from nexedge.threads import add_threads_option, default_threads  # noqa: E402
+from nexedge.threads import default_threads  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    size=(224, "crop size in px (the report's)"),
+    repeats=(10, "interleaved timing rounds"),
+    images=(4, "images per call for the multi-image TenCrop row"),
+    train_steps=(300, "training steps of the accuracy model"),
+)
 
 
 def build_models(work: str, size: int, threads: int) -> Dict[str, Any]:
@@ -251,26 +259,20 @@ def render(sp: Dict[str, Any], acc: Dict[str, Any], e: Dict[str, Any], size: int
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=224, help="crop size in px (default 224, the report's)")
-    add_threads_option(ap)
-    ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
-    ap.add_argument("--images", type=int, default=4, help="images per call for the multi-image TenCrop row")
-    ap.add_argument("--train-steps", type=int, default=300, help="training steps of the accuracy model")
-    ap.add_argument("--workdir", help="keep models here and reuse them next time (default: a temporary folder)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return common.parse(common.parser(__doc__, RECIPE, threads=None), RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     threads = args.threads or default_threads()
     command = "python benchmarks/bench_backends.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or tmp
-        os.makedirs(work, exist_ok=True)
-        t0 = time.time()
-        models = build_models(work, args.size, threads)
-        print(f"models built in {time.time() - t0:.0f} s", flush=True)
-        sp = speed(models, args.size, threads, args.repeats, args.images)
-        acc = accuracy(work, threads, args.train_steps)
+    work = common.work_dir("backends")
+    t0 = time.time()
+    models = build_models(work, args.size, threads)
+    print(f"models built in {time.time() - t0:.0f} s", flush=True)
+    sp = speed(models, args.size, threads, args.repeats, args.images)
+    acc = accuracy(work, threads, args.train_steps)
     e = benv.capture(threads)
     print(render(sp, acc, e, args.size, threads, args.repeats, command, markdown=False))
     if args.markdown:

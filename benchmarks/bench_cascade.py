@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,8 +33,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    margin=(None, float, "band margin in log-odds (None: the runtime's, 1.0)"),
+    max_batch=(8, "daemon max_batch"),
+    cameras=(2, "simulated cameras"),
+    seconds=(20.0, "seconds per daemon phase"),
+)
 
 
 def prepare_models(name: str, ckpt: str, data: str, work: str, threads: int, margin: Optional[float]
@@ -244,41 +252,36 @@ def render(cases: List[Dict[str, Any]], args: argparse.Namespace, e: Dict[str, A
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", action="append", default=[], metavar="NAME=CKPT:DATA",
-                    help="a trained checkpoint and its labelled data root (repeatable; default: a toy ResNet18 "
-                         "trained here on generated images, 600 test images)")
-    ap.add_argument("--margin", type=float, help="band margin in log-odds (default: the runtime's, 1.0)")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    ap.add_argument("--max-batch", type=int, default=8, help="daemon max_batch (default 8)")
-    ap.add_argument("--cameras", type=int, default=2, help="simulated cameras (default 2)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per daemon phase (default 20)")
-    ap.add_argument("--workdir", help="keep models here and reuse them (default: a temporary folder)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    ap.add_argument("--json", metavar="PATH", help="write the raw numbers here")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, List[Tuple[str, str, str]]]:
+    p = common.parser(__doc__, RECIPE, threads=2, threads_help="ORT intra-op threads")
+    p.add_argument("--case", action="append", default=[], metavar="NAME=CKPT:DATA",
+                   help="a trained checkpoint and its labelled data root (repeatable; default: a toy ResNet18 "
+                        "trained here on generated images, 600 test images)")
+    args = common.parse(p, RECIPE, argv)
     specs = []
     for c in args.case:
         name, _, rest = c.partition("=")
         ckpt, _, data = rest.rpartition(":")
         if not (name and ckpt and data):
-            ap.error(f"--case {c!r}: expected NAME=CHECKPOINT:DATA_ROOT")
+            p.error(f"--case {c!r}: expected NAME=CHECKPOINT:DATA_ROOT")
         specs.append((name, os.path.abspath(ckpt), os.path.abspath(data)))
+    return args, specs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args, specs = parse_args(argv)
     command = "python benchmarks/bench_cascade.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load0 = benv.load_average()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or tmp
-        if not specs:
-            specs.append(("toy-resnet18",) + toy_case(work))
-        cases = [run_case(n, k, d, args, work) for n, k, d in specs]
+    work = common.work_dir("cascade")
+    if not specs:
+        specs.append(("toy-resnet18",) + toy_case(work))
+    cases = [run_case(n, k, d, args, work) for n, k, d in specs]
     e = benv.capture(args.threads)
     print(render(cases, args, e, command, load0, markdown=False))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(cases, f, indent=2, default=str)
     if args.markdown:
         report.write_markdown(args.markdown, render(cases, args, e, command, load0, markdown=True))
+        with open(common.json_path(args.markdown), "w") as f:
+            json.dump(cases, f, indent=2, default=str)
     return 0
 
 

@@ -30,15 +30,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
 from nexedge.threads import QUIET_OPENMP, openmp_runtime  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    train_images=(320, "training images"),
+    val_images=(64, "validation images"),
+    arch=("efficientnet_lite0", "efficientnet_lite0 (pretrained, docs recipe) or resnet18"),
+    resize=(144, "nexedge train --resize"),
+    crop=(128, "nexedge train --crop"),
+    epochs=(2, "epochs of the measured run"),
+    settle=(5.0, "seconds the competitor runs before the measurement"),
+    repeats=(2, "rounds of the four runs, the behaviours' order swapped each round"),
+)
 
 #: Runs `nexedge` with the CLI's OpenMP settings switched off: the behaviour before they existed.
 SPINNING = ("import sys; from nexedge import threads; threads.quiet_openmp = lambda environ=None: {}; "
@@ -138,20 +151,15 @@ def one_run(mode: str, data: str, work: str, args: argparse.Namespace, competing
     return {"mode": mode, "competing": competing, "train_s": epochs_seconds(out), "wall_s": wall, "cpu_s": cpu}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="/work/data/tiles", help="split data set (nexedge split) to take images from")
-    ap.add_argument("--train-images", type=int, default=320, help="training images (default 320)")
-    ap.add_argument("--val-images", type=int, default=64, help="validation images (default 64)")
-    ap.add_argument("--arch", default="efficientnet_lite0", help="efficientnet_lite0 (pretrained, docs recipe) or resnet18")
-    ap.add_argument("--resize", type=int, default=144)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of the measured run (default 2)")
-    ap.add_argument("--settle", type=float, default=5.0, help="seconds the competitor runs before the measurement")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of the four runs, the behaviours' order swapped each round (default 2)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
+    common.add_data(p, "split data set (nexedge split) to take images from (default %(default)s)",
+                    default="/work/data/tiles")
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     command = "python benchmarks/bench_contention.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

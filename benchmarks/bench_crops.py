@@ -21,13 +21,19 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge import metrics  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    splits=("val,test", "splits scored; the first one sets the operating point"),
+)
 
 MODES = {"center": [4], "five": [0, 1, 2, 3, 4], "ten": list(range(10))}
 
@@ -76,15 +82,16 @@ def rows_for(ck: str, per_split: Dict[str, Dict[str, Any]], splits: Sequence[str
     return out
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE, threads=2)
     p.add_argument("checkpoints", nargs="+")
-    p.add_argument("--data", required=True, help="data root with the splits")
-    p.add_argument("--splits", default="val,test", help="first one sets the operating point (default val,test)")
-    p.add_argument("--threads", type=int, default=2)
+    common.add_data(p, "data root with the splits", required=True)
     p.add_argument("--label", action="append", default=[], help="name shown for each checkpoint (repeatable)")
-    p.add_argument("--markdown", help="write the section here")
-    args = p.parse_args(list(argv) or None)
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = parse_args(list(argv) or None)
     splits = [s for s in args.splits.split(",") if s]
     head = ["model", "crops", "aggregate"]
     for k, s in enumerate(splits):

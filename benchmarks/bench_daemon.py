@@ -2,7 +2,7 @@
 """Daemon end to end over loopback vs the bare backend, and latency at 50 % / 100 % of capacity.
 
 One run, side by side:
-1. bare backend: ``backend.infer`` on prepared images at ``--max-batch`` -> images/s;
+1. bare backend: ``backend.infer`` on prepared images at the recipe's ``max_batch`` -> images/s;
 2. the daemon (a real ``nexedge-daemon`` process) fed by simulated cameras (native
    protocol, PNG frames larger than the model input, so decode + resize are real)
    as fast as they are answered -> inferred images/s; ratio to (1);
@@ -12,10 +12,10 @@ One run, side by side:
 
 Without ``--model`` it trains a small toy model (ResNet18 by default, TenCrop, host
 crops), exports it to ONNX and calibrates an ONNX Runtime INT8 (U8S8 Q/DQ) copy
-(``--precision fp32`` skips that).
+(``--set precision=fp32`` skips that).
 
     python benchmarks/bench_daemon.py --markdown benchmarks/results/daemon.md
-    python benchmarks/bench_daemon.py --model runs/x/best.ten.int8-ort.onnx --seconds 20
+    python benchmarks/bench_daemon.py --model runs/x/best.ten.int8-ort.onnx --set seconds=20
 """
 
 import argparse
@@ -37,23 +37,25 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from benchmarks import _common as common  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    arch=("resnet18", "arch of the toy model when --model is not given"),
+    size=(72, "toy model resize (crop = size - 8)"),
+    crop_mode=("ten", ("center", "five", "ten"), "toy model crops"),
+    precision=("int8", ("int8", "fp32"), "toy model: ONNX Runtime INT8 (U8S8 Q/DQ, calibrated here) or fp32"),
+    max_batch=(8, "daemon max_batch and bare-backend batch"),
+    cameras=(2, "simulated cameras"),
+    seconds=(15.0, "seconds per measured phase"),
+    frame_size=(0, "camera frame side in px (0: 1.5 x model resize)"),
+)
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=".onnx model with its card (default: build a toy model)")
-    p.add_argument("--arch", default="resnet18", help="arch of the toy model when --model is not given (default %(default)s)")
-    p.add_argument("--size", type=int, default=72, help="toy model resize (crop = size - 8) (default %(default)s)")
-    p.add_argument("--crop-mode", default="ten", choices=["center", "five", "ten"], help="toy model crops (default %(default)s)")
-    p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
-                   help="toy model: ONNX Runtime INT8 (U8S8 Q/DQ, calibrated here) or fp32 (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8, help="daemon max_batch and bare-backend batch (default %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default %(default)s)")
-    p.add_argument("--cameras", type=int, default=2, help="simulated cameras (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=15.0, help="seconds per measured phase (default %(default)s)")
-    p.add_argument("--frame-size", type=int, default=0, help="camera frame side in px (default: 1.5 x model resize)")
-    p.add_argument("--markdown", help="write the Markdown section here")
-    p.add_argument("--json", help="write the raw numbers here")
-    return p.parse_args(argv)
+    p = common.parser(__doc__, RECIPE, threads=2, threads_help="ONNX Runtime intra-op threads")
+    common.add_model(p, ".onnx model with its card (default: build the recipe's toy model)")
+    return common.parse(p, RECIPE, argv)
 
 
 # -- model ----------------------------------------------------------------------
@@ -230,11 +232,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             "batch_ms_p50": (bare0["batch_ms_p50"] + bare1["batch_ms_p50"]) / 2}
     results.update({"bare": bare, "model": desc, "ratio": cap / bare["images_per_s"], "daemon_exit": rc})
     print(f"ratio daemon / bare = {results['ratio']:.3f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
     if args.markdown:
         write_markdown(args, results, capture(), argv)
+        with open(common.json_path(args.markdown), "w") as f:
+            json.dump(results, f, indent=2, default=str)
     return 0
 
 

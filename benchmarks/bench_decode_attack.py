@@ -18,15 +18,28 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _daemon_proc import DaemonProc  # noqa: E402
 from _hostile import jpeg_scan_bomb  # noqa: E402
+
+from benchmarks import _common as common  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    cameras=(4, "honest cameras"),
+    fps=(20.0, "frames per second of each honest camera"),
+    seconds=(60.0, "seconds the cameras send"),
+    bombs=(6, "scan bombs the attacking camera sends"),
+    side=(3000, "side of a bomb image in px"),
+    scans=(1500, "progressive scans per bomb"),
+)
 
 
 def _config(model: str) -> Dict[str, Any]:
@@ -97,18 +110,15 @@ def run(endpoint: str, args: argparse.Namespace, bomb: bytes) -> Dict[str, Any]:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
-    ap.add_argument("--code-roots", default=os.getcwd())
-    ap.add_argument("--cameras", type=int, default=4)
-    ap.add_argument("--fps", type=float, default=20.0)
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--bombs", type=int, default=6)
-    ap.add_argument("--side", type=int, default=3000)
-    ap.add_argument("--scans", type=int, default=1500)
-    ap.add_argument("--markdown")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
+    common.add_model(p, "ONNX model with its card (default: build the tiny test model)")
+    common.add_code_roots(p)
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     if args.model:
         model = os.path.abspath(args.model)
     else:
@@ -135,7 +145,7 @@ def main() -> int:
               f"bombs: {r['bombs']}", flush=True)
     if args.markdown:
         md = ["## Scan bombs against honest cameras", "",
-              f"`python benchmarks/bench_decode_attack.py --code-roots {args.code_roots}` on "
+              f"`python benchmarks/bench_decode_attack.py --code-roots {args.code_roots}{common.sets(args)}` on "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load0:.1f} at the start "
               f"(2-core AMD EPYC, shared). {args.cameras} honest cameras at {args.fps:g} fps (640 x 480 JPEG) for "
               f"{args.seconds:g} s; one camera sends {args.bombs} progressive JPEGs of {args.side} x {args.side} with "

@@ -16,8 +16,7 @@ import importlib.util
 import os
 import shlex
 import sys
-import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 from unittest import mock
 
 import numpy as np
@@ -25,9 +24,16 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
-from nexedge.threads import add_threads_option, default_threads  # noqa: E402
+from nexedge.threads import default_threads  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    size=(224, "crop size in px"),
+    repeats=(10, "interleaved timing rounds"),
+)
 
 
 def _bench_int8() -> Any:
@@ -54,26 +60,23 @@ def score_diff(a: str, b: str, threads: int) -> float:
         return float(np.abs(x.infer(imgs).defect_score - y.infer(imgs).defect_score).max())
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=224, help="crop size (default 224)")
-    add_threads_option(ap)
-    ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
-    ap.add_argument("--workdir", help="keep models here and reuse them (default: a temporary folder)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return common.parse(common.parser(__doc__, RECIPE, threads=None), RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     threads = args.threads or default_threads()
     command = "python benchmarks/bench_fold.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     b8 = _bench_int8()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or tmp
-        models = build_pair(b8, work, args.size, threads)
-        times = b8.speed(models, threads, args.repeats)
-        ops = {(g, f, v): b8.optimized_ops(p, threads, work) for g, per in models.items() for f, vs in per.items()
-               for v, p in vs.items()}
-        diffs = {(f, v): score_diff(models["folded"][f][v], models["unfolded"][f][v], threads)
-                 for f in models["folded"] for v in models["folded"][f]}
+    work = common.work_dir("fold")
+    models = build_pair(b8, work, args.size, threads)
+    times = b8.speed(models, threads, args.repeats)
+    ops = {(g, f, v): b8.optimized_ops(p, threads, work) for g, per in models.items() for f, vs in per.items()
+           for v, p in vs.items()}
+    diffs = {(f, v): score_diff(models["folded"][f][v], models["unfolded"][f][v], threads)
+             for f in models["folded"] for v in models["folded"][f]}
     med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
     rows: List[List[Any]] = []
     for f in models["folded"]:

@@ -12,7 +12,7 @@ GEMM peak of its precision.
 By default the models are built here: an untrained ResNet18 at the report's geometry
 (resize 255, crop 224; FLOPs and speed do not depend on the weights), exported with
 ``nexedge export --crops host`` and quantized with ``nexedge calibrate`` on a few
-synthetic images. ``--models`` benchmarks given ONNX files instead.
+synthetic images. ``--model A.onnx,B.onnx`` benchmarks given ONNX files instead.
 
     python benchmarks/bench_gemm.py --markdown benchmarks/results/gemm.md
 """
@@ -22,15 +22,27 @@ import datetime as _dt
 import os
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env, gemm, report, runner  # noqa: E402
-from nexedge.threads import add_threads_option, default_threads  # noqa: E402
+from nexedge.threads import default_threads  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    arch=("resnet18", "architecture of the built model"),
+    resize=(255, "resize of the built model"),
+    crop=(224, "crop of the built model"),
+    calib_images=(32, "calibration images for INT8"),
+    batch=("1,10", "batch sizes (10 = one TenCrop image)"),
+    duration=(5.0, "seconds per model and batch"),
+    gemm_size=(1024, "GEMM matrix size"),
+    gemm_seconds=(2.0, "seconds per GEMM kernel"),
+)
 
 CLASSES = ["good", "chipping", "device_flip", "empty_pocket", "foreign_material", "lead_defect", "lead_glue",
            "marking_defect", "pocket_damage", "scratch"]
@@ -127,34 +139,24 @@ def render(res: Dict[str, Any], e: Dict[str, Any], command: str, markdown: bool)
     return "\n".join(out) + "\n"
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE, threads=None)
+    common.add_model(p, "comma-separated ONNX files (with cards) to measure instead of building the recipe's model")
+    return common.parse(p, RECIPE, argv, removed={"--models": "use --model (comma-separated)"})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    ap.add_argument("--models", help="comma-separated ONNX files (with cards) instead of building ResNet18")
-    ap.add_argument("--arch", default="resnet18", help="architecture to build (default resnet18)")
-    ap.add_argument("--resize", type=int, default=255, help="resize of the built model (default 255)")
-    ap.add_argument("--crop", type=int, default=224, help="crop of the built model (default 224)")
-    ap.add_argument("--calib-images", type=int, default=32, help="calibration images for INT8 (default 32)")
-    ap.add_argument("--batch", default="1,10", help="batch sizes (default 1,10; 10 = one TenCrop image)")
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per model and batch (default 5)")
-    ap.add_argument("--gemm-size", type=int, default=1024, help="GEMM matrix size (default 1024)")
-    ap.add_argument("--gemm-seconds", type=float, default=2.0, help="seconds per GEMM kernel (default 2)")
-    add_threads_option(ap)
-    ap.add_argument("--work", help="folder for built models (default: a temporary folder, removed)")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     threads = args.threads or default_threads()
-    batches = runner.parse_int_list(args.batch, "--batch")
+    batches = runner.parse_int_list(args.batch, "batch")
     command = " ".join(["python", "benchmarks/bench_gemm.py"] + [shlex.quote(a) for a in argv])
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-gemm-") as tmp:
-        work = args.work or tmp
-        os.makedirs(work, exist_ok=True)
-        if args.models:
-            models = [m.strip() for m in args.models.split(",") if m.strip()]
-        else:
-            models = build_models(work, args.arch, args.resize, args.crop, threads, args.calib_images)
-        res = measure(models, batches, args.duration, threads, args.gemm_size, args.gemm_seconds)
+    if args.model:
+        models = [m.strip() for m in args.model.split(",") if m.strip()]
+    else:
+        models = build_models(common.work_dir("gemm"), args.arch, args.resize, args.crop, threads, args.calib_images)
+    res = measure(models, batches, args.duration, threads, args.gemm_size, args.gemm_seconds)
     e = env.capture(threads)
     print(render(res, e, command, markdown=False))
     print(f"({time.perf_counter() - t0:.0f} s)")

@@ -28,17 +28,17 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
-from nexedge.threads import add_threads_option, default_threads  # noqa: E402
+from nexedge.threads import default_threads  # noqa: E402
 
 #: name -> ORT quantization settings (nexedge.export.quantize.ort_settings).
 VARIANTS = {
@@ -55,6 +55,20 @@ INT8_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAverageP
             "DynamicQuantizeMatMul", "NhwcMaxPool", "MaxPool_uint8")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    archs=("resnet18,small_max,efficientnet_lite0", "architectures timed"),
+    variants=(",".join(VARIANTS), "quantization settings timed on explore_archs (of " + ", ".join(VARIANTS) + ")"),
+    explore_archs=("resnet18", "archs timed with every variant; the others with the default u8s8 only"),
+    size=(224, "crop size of the speed models"),
+    repeats=(10, "interleaved timing rounds"),
+    profile_runs=(5, "profiled calls per model"),
+    acc_size=(64, "crop size of the accuracy models"),
+    acc_steps=(80, "training steps of the accuracy models (0: skip the accuracy part)"),
+    acc_archs=(None, str, "architectures whose accuracy is measured (None: archs)"),
+    acc_variants=("u8s8", "quantization settings whose accuracy is measured (u8s8: the default setting)"),
+)
 
 
 def _arch_kwargs(arch: str, size: int, trained: bool) -> Dict[str, Any]:
@@ -356,49 +370,36 @@ def cpu_flags() -> str:
     return mod.cpu_int8_flags()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archs", default="resnet18,small_max,efficientnet_lite0")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
-    ap.add_argument("--explore-archs", default="resnet18",
-                    help="archs timed with every --variants setting; the others with the default u8s8 only "
-                         "(default resnet18)")
-    ap.add_argument("--size", type=int, default=224, help="crop size of the speed models (default 224)")
-    add_threads_option(ap)
-    ap.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
-    ap.add_argument("--profile-runs", type=int, default=5, help="profiled calls per model (default 5)")
-    ap.add_argument("--acc-size", type=int, default=64, help="crop size of the accuracy models (default 64)")
-    ap.add_argument("--acc-steps", type=int, default=80, help="training steps of the accuracy models (0: skip)")
-    ap.add_argument("--acc-archs", help="architectures whose accuracy is measured (default: --archs)")
-    ap.add_argument("--acc-variants", default="u8s8",
-                    help="quantization settings whose accuracy is measured (default u8s8, the default setting)")
-    ap.add_argument("--workdir", help="keep models here and reuse them (default: a temporary folder)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE, threads=None)
+    args = common.parse(p, RECIPE, argv)
     args.variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in args.variants + args.acc_variants.split(",") if v and v not in VARIANTS]
     if bad:
-        ap.error(f"unknown variants {bad}; expected some of {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {bad}; expected some of {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     threads = args.threads or default_threads()
     archs = [a for a in args.archs.split(",") if a]
     command = "python benchmarks/bench_int8.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or tmp
-        os.makedirs(work, exist_ok=True)
-        t0 = time.time()
-        explore = set(args.explore_archs.split(","))
-        speed_models = {a: build(work, a, args.size, args.variants if a in explore else ["u8s8"], threads)
-                        for a in archs}
-        print(f"speed models built in {time.time() - t0:.0f} s", flush=True)
-        sp = speed(speed_models, threads, args.repeats)
-        lim = limit_analysis(speed_models, threads, args.profile_runs, work)
-        acc: List[List[Any]] = []
-        if args.acc_steps:
-            acc_variants = [v for v in args.acc_variants.split(",") if v]
-            acc_models = {a: build(work, a, args.acc_size, acc_variants, threads, trained_steps=args.acc_steps)
-                          for a in (args.acc_archs.split(",") if args.acc_archs else archs) if a}
-            acc = accuracy(acc_models)
+    work = common.work_dir("int8")
+    t0 = time.time()
+    explore = set(args.explore_archs.split(","))
+    speed_models = {a: build(work, a, args.size, args.variants if a in explore else ["u8s8"], threads)
+                    for a in archs}
+    print(f"speed models built in {time.time() - t0:.0f} s", flush=True)
+    sp = speed(speed_models, threads, args.repeats)
+    lim = limit_analysis(speed_models, threads, args.profile_runs, work)
+    acc: List[List[Any]] = []
+    if args.acc_steps:
+        acc_variants = [v for v in args.acc_variants.split(",") if v]
+        acc_models = {a: build(work, a, args.acc_size, acc_variants, threads, trained_steps=args.acc_steps)
+                      for a in (args.acc_archs.split(",") if args.acc_archs else archs) if a}
+        acc = accuracy(acc_models)
     e = benv.capture(threads)
     print(render(sp, lim, acc, e, args, command, markdown=False, load_start=load_start))
     if args.markdown:

@@ -8,7 +8,7 @@ escapes) and ONNX Runtime time of a TenCrop batch, side by side in one run, on t
         --markdown benchmarks/results/int8_stem.md
 
 Each RUN is a `nexedge demo` folder (model/model.ten.onnx with its card, data/). Without ``--run``
-it first runs `nexedge demo --seed S` for each of ``--seeds`` (default 0,1; about 6 minutes each).
+it first runs `nexedge demo --seed S` for each of the recipe's ``seeds`` (0,1; about 6 minutes each).
 """
 
 import argparse
@@ -19,18 +19,26 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge import metrics  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
 from nexedge.card import load_card  # noqa: E402
-from nexedge.threads import add_threads_option, default_threads  # noqa: E402
+from nexedge.threads import default_threads  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    seeds=("0,1", "demo seeds to run when no --run is given"),
+    images=(64, "calibration images (as the demo)"),
+    repeats=(8, "interleaved timing rounds"),
+)
 
 VARIANTS = (("fp32", None), ("int8, stem float", True), ("int8, stem quantized", False))
 
@@ -107,16 +115,15 @@ def measure(run: str, work: str, images: int, threads: int, repeats: int) -> Lis
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", action="append", default=[],
-                    help="a `nexedge demo` run folder (repeatable; default: run the demo for each of --seeds)")
-    ap.add_argument("--seeds", default="0,1", help="demo seeds to run when no --run is given (default 0,1)")
-    ap.add_argument("--images", type=int, default=64, help="calibration images (default 64, as the demo)")
-    add_threads_option(ap)
-    ap.add_argument("--repeats", type=int, default=8, help="interleaved timing rounds (default 8)")
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE, threads=None)
+    p.add_argument("--run", action="append", default=[],
+                   help="a `nexedge demo` run folder (repeatable; default: run the demo for each of the recipe's seeds)")
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     threads = args.threads or default_threads()
     command = "python benchmarks/bench_int8_stem.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()

@@ -9,7 +9,7 @@ One real ``nexedge-daemon`` process (lifecycle.control on loopback), simulated c
    mode (``shadow_fraction`` 1.0, the same architecture as the active model), and without
    again; ratio shadow on / the mean of the two off phases; frames the shadow scored and
    skipped;
-2. open-loop load at ``--load`` of the measured capacity: client round-trip p50/p95/p99
+2. open-loop load at the recipe's ``load`` share of the measured capacity: client round-trip p50/p95/p99
    steady, with the shadow on, and while the control endpoint swaps the active model back and
    forth (``load --as active`` then ``rollback``, each load opening and warming a model on the
    same CPU); lost frames and RECHECKs in each phase.
@@ -39,25 +39,25 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
+from benchmarks import _common as common  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    arch=("resnet18", "toy model arch when --model is not given"),
+    size=(72, "toy model resize"),
+    max_batch=(8, "daemon max_batch"),
+    cameras=(2, "simulated cameras"),
+    seconds=(12.0, "seconds per measured phase"),
+    deadline_ms=(5000.0, "daemon batching.deadline_ms; raise it on a busy machine where a batch can take seconds"),
+    load=(0.5, "open-loop load as a share of capacity"),
+)
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=".onnx model with its card (default: build the toy model of bench_daemon.py)")
+    p = common.parser(__doc__, RECIPE, threads=1, threads_help="ONNX Runtime intra-op threads per model")
+    common.add_model(p, ".onnx model with its card (default: build the toy model of bench_daemon.py)")
     p.add_argument("--model-note", default="", help="with --model: what the model is, for the Markdown section")
-    p.add_argument("--arch", default="resnet18", help="toy model arch when --model is not given (default %(default)s)")
-    p.add_argument("--size", type=int, default=72, help="toy model resize (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8, help="daemon max_batch (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per model (default %(default)s)")
-    p.add_argument("--cameras", type=int, default=2, help="simulated cameras (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=12.0, help="seconds per measured phase (default %(default)s)")
-    p.add_argument("--deadline-ms", type=float, default=5000.0,
-                   help="daemon batching.deadline_ms; raise it on a busy machine where a batch can take seconds "
-                        "(default %(default)s)")
-    p.add_argument("--load", type=float, default=0.5, help="open-loop load as a share of capacity (default %(default)s)")
-    p.add_argument("--markdown", help="write the Markdown section here")
-    p.add_argument("--json", help="write the raw numbers here")
-    return p.parse_args(argv)
+    return common.parse(p, RECIPE, argv)
 
 
 def build_model(args: argparse.Namespace, work: str) -> Tuple[str, str]:
@@ -211,11 +211,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     r["load_average_end"] = list(os.getloadavg())
     print(f"shadow on / off throughput = {r['ratio_shadow']:.3f}; p99 steady {r['load_steady']['latency_ms']['p99']} "
           f"ms, during swaps {r['load_during_swaps']['latency_ms']['p99']} ms ({r['swaps']} swaps)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2, default=str)
     if args.markdown:
         write_markdown(args, r, env, argv)
+        with open(common.json_path(args.markdown), "w") as f:
+            json.dump(r, f, indent=2, default=str)
     return 0
 
 

@@ -10,11 +10,11 @@ backend and prints what the line depends on: the share of good devices that PASS
     python benchmarks/bench_line_tail.py runs/demo-A/model/model.onnx runs/demo-B/model/model.onnx \\
         --data runs/tail-set --markdown benchmarks/results/line_tail.md
 
-Without artifacts it trains `nexedge demo --seed S` for each of ``--seeds`` (0,1) into
+Without artifacts it trains `nexedge demo --seed S` for each of the recipe's ``seeds`` (0,1) into
 ``runs/tail-demo-seedS`` (kept, and reused when there) and scores their FP32 and INT8 models.
 
 ``--data`` is a `nexedge synth` folder (its manifest gives true labels, modes and severities);
-when it does not exist it is rendered first (``--n`` images, ``--seed``, half good, batch 2).
+when it does not exist it is rendered first (the recipe's ``n`` images and ``seed``, half good, batch 2).
 """
 
 import argparse
@@ -31,6 +31,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge import metrics  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
@@ -134,9 +135,19 @@ def parse_split(text: str) -> List[int]:
     except ValueError:
         v = []
     if len(v) != 3 or min(v) < 1:
-        raise argparse.ArgumentTypeError(f"--split {text!r}: expected VAL_DEFECTS,TEST_DEFECTS,TEST_GOOD, "
+        raise argparse.ArgumentTypeError(f"split {text!r}: expected VAL_DEFECTS,TEST_DEFECTS,TEST_GOOD, "
                                          "three positive integers such as 53,62,60")
     return v
+
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    seeds=("0,1", "demo seeds when no artifact is given"),
+    n=(2000, "images to render when --data is missing"),
+    seed=(100, "seed of that set (the demo uses 0, 1, ...)"),
+    split=([109, 120, 121], parse_split, "split sizes VD,TD,TG of the demo criterion simulation: validation "
+           "defects, test defects, test good (`nexedge demo`'s splits, 2,400 images)"),
+)
 
 
 def at_card_threshold(artifact: str, rows: List[Dict[str, Any]], s: np.ndarray, target_tpr: float = 1.0
@@ -206,7 +217,7 @@ def demo_artifacts(where: str, seeds: str) -> List[str]:
     except ValueError:
         seed_list = []
     if not seed_list:
-        raise SystemExit(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1")
+        raise SystemExit(f"seeds {seeds!r}: expected comma-separated integers such as 0,1")
     fp32, int8 = [], []
     for seed in seed_list:
         run = os.path.join(where, f"tail-demo-seed{seed}")
@@ -225,22 +236,19 @@ def demo_artifacts(where: str, seeds: str) -> List[str]:
     return fp32 + int8
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
     p.add_argument("artifacts", nargs="*",
                    help="ONNX models, INT8 models or checkpoints with their cards (default: the demo's FP32 and INT8 "
-                        "models for each of --seeds, trained first unless their run folders exist)")
-    p.add_argument("--seeds", default="0,1", help="demo seeds when no artifact is given (default 0,1)")
+                        "models for each of the recipe's seeds, trained first unless their run folders exist)")
     p.add_argument("--demo-dir", default="runs", help="where those demo runs go, as tail-demo-seedS (default runs)")
-    p.add_argument("--data", default=os.path.join("runs", "line-tail-set"),
-                   help="held-out `nexedge synth` folder, rendered when missing (default runs/line-tail-set)")
-    p.add_argument("--n", type=int, default=2000, help="images to render when --data is missing (default 2000)")
-    p.add_argument("--seed", type=int, default=100, help="seed of that set (default 100; the demo uses 0, 1, ...)")
-    p.add_argument("--split", type=parse_split, default=[109, 120, 121], metavar="VD,TD,TG",
-                   help="split sizes of the demo criterion simulation: validation defects, test defects, test "
-                        "good (default 109,120,121: `nexedge demo`'s splits, 2,400 images)")
-    p.add_argument("--markdown", help="also write the section as Markdown here")
-    args = p.parse_args(argv)
+    common.add_data(p, "held-out `nexedge synth` folder, rendered when missing (default %(default)s)",
+                    default=os.path.join("runs", "line-tail-set"))
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     if not os.path.isdir(args.data):
         from nexedge.cli import main as cli
 
@@ -252,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = load_manifest(args.data)
     problem = split_problem(rows, args.split)
     if problem:  # before scoring anything
-        p.error(f"--{problem} in {args.data} (render a larger set or give a smaller --split)")
+        raise SystemExit(f"bench_line_tail.py: error: {problem} in {args.data} (render a larger set or set a "
+                         "smaller split)")
     command = "python benchmarks/bench_line_tail.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = benv.load_average()
     results = []

@@ -4,11 +4,11 @@
 Two real ``nexedge-daemon`` processes on the same model, one without and one with
 ``lifecycle.memory_limit`` (every load then opened, checked and warmed in a child process first):
 
-1. wall time of ``nexedge line load CANDIDATE`` (``--loads`` times, the candidate unloaded in
+1. wall time of ``nexedge line load CANDIDATE`` (the recipe's ``loads`` times, the candidate unloaded in
    between): median without the probe, with it, and the ratio;
 2. the candidate's peak while it is opened: in the probe, and in the daemon (VmHWM reset before
    each load);
-3. the daemon's peak RSS (VmHWM) while a small ONNX that builds a ``--bomb-mib`` MiB constant
+3. the daemon's peak RSS (VmHWM) while a small ONNX that builds a ``bomb_mib`` MiB constant
    at load time is loaded: accepted or refused, and how far the daemon's peak moved.
 
 Without ``--model`` it builds the toy model of bench_lifecycle.py (fp32); the candidate and the
@@ -32,20 +32,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env, report  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    arch=("resnet18", "toy model arch without --model"),
+    size=(72, "toy model resize"),
+    loads=(5, "timed loads per daemon"),
+    bomb_mib=(600, "MiB the bomb model builds"),
+    headroom=("300MiB", "memory_limit above the first model's resident estimate"),
+)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help=".onnx model with its card (default: the toy model of bench_lifecycle.py)")
-    p.add_argument("--arch", default="resnet18", help="toy model arch without --model (default %(default)s)")
-    p.add_argument("--size", type=int, default=72, help="toy model resize (default %(default)s)")
-    p.add_argument("--loads", type=int, default=5, help="timed loads per daemon (default %(default)s)")
-    p.add_argument("--bomb-mib", type=int, default=600, help="MiB the bomb model builds (default %(default)s)")
-    p.add_argument("--headroom", default="300MiB", help="memory_limit above the first model's resident estimate "
-                   "(default %(default)s)")
-    p.add_argument("--markdown", help="write the Markdown section here")
-    return p.parse_args(argv)
+    p = common.parser(__doc__, RECIPE)
+    common.add_model(p, ".onnx model with its card (default: the toy model of bench_lifecycle.py)")
+    return common.parse(p, RECIPE, argv)
 
 
 def _bomb(src: str, dst: str, mib: int) -> str:
@@ -168,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cand = _copy_model(model, work, "candidate")
         bomb = _bomb(model, os.path.join(work, "bomb.onnx"), a.bomb_mib)
         without = run_daemon(model, cand, bomb, a.loads, None)
-        limit_bytes = int(without["rss_before"]) + parse_size(a.headroom, "--headroom")
+        limit_bytes = int(without["rss_before"]) + parse_size(a.headroom, "headroom")
         with_ = run_daemon(model, cand, bomb, a.loads, f"{limit_bytes // 2**20}MiB")
         doc = {"machine": env.one_line(env.capture()),
                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -10,12 +10,12 @@ honest camera sends a frame every 100 ms):
 * ``tiny``: 1-byte parts (libzmq keeps 64 bytes per part), up to 40 MB on the wire, never finished.
 
 Per attack: RSS before, the peak (sampled every 20 ms), RSS after the attacker has held on for
-``--hold-s``, whether the daemon cut the attacker off, and the honest camera's frames answered. The
-ceiling is checked and printed: peak - base at most ``--ceiling-mib`` (memory guard defaults:
+the recipe's ``hold_s``, whether the daemon cut the attacker off, and the honest camera's frames answered. The
+ceiling is checked and printed: peak - base at most ``ceiling_mib`` (memory guard defaults:
 2 x max_message_bytes + 1 MiB per peer, 256 MiB over all, RSS limit ready + 512 MiB).
 
 The older floods (``multipart``, ``pipelined``, ``mixed``: answered messages of many large parts and
-large valid frames) and the allocator probes are kept (``--kinds``).
+large valid frames) and the allocator probes are kept (recipe ``kinds``).
 
     PYTHONPATH=$PWD python benchmarks/bench_memory.py [--model MODEL.onnx] [--code-roots .,/work/main]
 
@@ -37,10 +37,29 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _daemon_proc import DaemonProc  # noqa: E402
 from _zmtp import RawPeer  # noqa: E402
 
+from benchmarks import _common as common  # noqa: E402
+
+#: Environment variable that makes this script a probe child (on, off, cameras); set by main() only.
+PROBE_ENV = "NEXEDGE_BENCH_MEMORY_PROBE"
+
 ATTACKS = ("parts60", "unfinished", "control8000", "control_unfinished", "pull_unfinished", "tiny")
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    n=(4, "messages per flood"),
+    parts=(40, "parts per multipart bomb"),
+    part_mib=(16, "MiB per part of a multipart bomb"),
+    kinds=(",".join(ATTACKS) + ",mixed",
+           "attacks (" + ", ".join(ATTACKS) + ") and floods (multipart, pipelined, mixed, single)"),
+    hold_s=(15.0, "how long an attacker holds on before RSS is read"),
+    ceiling_mib=(600, "peak RSS over base the attacks must stay under"),
+    max_message_mib=(32, "the daemon's sockets.max_message_bytes in MiB"),
+    no_probes=(False, "skip the allocator and camera-id probes"),
+)
 
 
 def _config(model: str, max_msg: int, store: Optional[str] = None) -> dict:
@@ -290,29 +309,22 @@ def _model(path: Optional[str]) -> str:
     return build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-mem-"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
-    ap.add_argument("--code-roots", default=os.getcwd(),
-                    help="comma-separated checkouts whose nexedge the daemon runs, side by side (e.g. .,/work/main)")
-    ap.add_argument("--n", type=int, default=4, help="messages per flood")
-    ap.add_argument("--parts", type=int, default=40, help="parts per multipart bomb")
-    ap.add_argument("--part-mib", type=int, default=16)
-    ap.add_argument("--kinds", default=",".join(ATTACKS) + ",mixed",
-                    help="attacks (" + ", ".join(ATTACKS) + ") and floods (multipart, pipelined, mixed, single)")
-    ap.add_argument("--hold-s", type=float, default=15.0, help="how long an attacker holds on before RSS is read")
-    ap.add_argument("--ceiling-mib", type=int, default=600, help="peak RSS over base the attacks must stay under")
-    ap.add_argument("--max-message-mib", type=int, default=32)
-    ap.add_argument("--probe", choices=("on", "off", "cameras"), help=argparse.SUPPRESS)
-    ap.add_argument("--no-probes", action="store_true", help="skip the allocator and camera-id probes")
-    ap.add_argument("--markdown", help="write the results as a Markdown section here")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
+    common.add_model(p, "ONNX model with its card (default: build the tiny test model)")
+    common.add_code_roots(p)
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     model = _model(args.model)
-    if args.probe == "cameras":
+    probe = os.environ.get(PROBE_ENV)
+    if probe == "cameras":
         print(camera_probe(model))
         return 0
-    if args.probe:
-        in_process(model, args.probe == "on")
+    if probe:
+        in_process(model, probe == "on")
         return 0
     rows, arows = [], []
     load0 = os.getloadavg()
@@ -343,14 +355,14 @@ def main() -> int:
                   f"{st['rss'] >> 20} MB, replies {got}", flush=True)
     probes = []
     for mode in () if args.no_probes else ("off", "on", "cameras"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model, "--probe", mode],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=os.getcwd(), **{PROBE_ENV: mode}))
         line = [ln for ln in out.stdout.splitlines() if ln.startswith(("in-process", "new camera"))]
         probes.append(line[0] if line else f"probe {mode} failed: {out.stderr[-500:]}")
         print(probes[-1], flush=True)
     if args.markdown:
         md = ["## Daemon memory under attack and after floods", "",
-              f"`python benchmarks/bench_memory.py --code-roots {args.code_roots}` on "
+              f"`python benchmarks/bench_memory.py --code-roots {args.code_roots}{common.sets(args)}` on "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load0[0]:.1f} at the start "
               "(2-core AMD EPYC, shared). RSS in MB of the daemon process.", ""]
         if arows:

@@ -9,10 +9,10 @@ Three parts, each measured for both looks side by side:
 * transfer: a model trained only on synthetic images of each look scores the references
   (per image, means by label, AUC of good vs defect references). By default the model
   is ImageNet EfficientNet-Lite0 features with a logistic-regression head
-  (nexedge.data.realism.transfer_probe, minutes); ``--finetune`` also fine-tunes Lite0
-  with the demo's recipe on ``--finetune-images`` images for each of ``--finetune-seeds``
+  (nexedge.data.realism.transfer_probe, minutes); ``--set finetune=1`` also fine-tunes Lite0
+  with the demo's recipe on ``finetune_images`` images for each of ``finetune_seeds``
   (minutes per run on a CPU) and scores the references with TenCrop: AUC per seed, mean,
-  and the AUC of the seeds' ensemble; finished runs in ``--work`` are reused.
+  and the AUC of the seeds' ensemble; finished runs in ``runs/bench/realism/`` are reused.
 
     python benchmarks/bench_realism.py --ref ../shared/reference/nexperia \\
         --markdown benchmarks/results/realism.md
@@ -33,8 +33,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.data.realism import REGIONS, load_references, measure, transfer_probe  # noqa: E402
 from nexedge.data.spec import GOOD, LOOKS  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    n=(90, "synthetic images per look for the figures"),
+    repeats=(10, "domain-classifier draws"),
+    speed_images=(200, "images per speed round"),
+    speed_rounds=(2, "interleaved speed rounds"),
+    probe_images=(240, "synthetic training images of the Lite0-features probe per look"),
+    finetune=(False, "also fine-tune Lite0 on each look (long on a CPU)"),
+    finetune_images=(1200, "fine-tuning images"),
+    finetune_seeds=("0", "data and training seeds of the fine-tuned models, comma-separated; nine references "
+                         "move the AUC by 0.06 a pair, so compare looks over several seeds"),
+)
 
 LOOK_ORDER = ("legacy", "real")
 
@@ -153,27 +167,17 @@ def score_references(run: str, ref_dir: str) -> Dict[str, Any]:
             "synthetic_val_auc": (summary.get("best") or {}).get("val_auc"), "train_wall_s": summary.get("wall_s")}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
     p.add_argument("--ref", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                                                   "reference", "nexperia"),
                    help="folder of real reference images (default ../shared/reference/nexperia)")
-    p.add_argument("--n", type=int, default=90, help="synthetic images per look for the figures (default 90)")
-    p.add_argument("--repeats", type=int, default=10, help="domain-classifier draws (default 10)")
-    p.add_argument("--speed-images", type=int, default=200, help="images per speed round (default 200)")
-    p.add_argument("--speed-rounds", type=int, default=2, help="interleaved speed rounds (default 2)")
-    p.add_argument("--probe-images", type=int, default=240,
-                   help="synthetic training images of the Lite0-features probe per look (default 240)")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune Lite0 on each look (long on a CPU)")
-    p.add_argument("--finetune-images", type=int, default=1200, help="fine-tuning images (default 1200)")
-    p.add_argument("--finetune-seeds", default="0",
-                   help="data and training seeds of the fine-tuned models, comma-separated (default 0); nine "
-                        "references move the AUC by 0.06 a pair, so compare looks over several seeds")
-    p.add_argument("--work", default=None,
-                   help="folder for transfer runs (default: a temp folder); finished runs found there are reused")
-    p.add_argument("--markdown", default=None, help="write the Markdown section here (and .json beside it)")
-    args = p.parse_args(argv)
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     looks = [lk for lk in LOOK_ORDER if lk in LOOKS]
     ref = os.path.normpath(args.ref)
     t0 = time.time()
@@ -186,10 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             seeds = [int(v) for v in args.finetune_seeds.split(",") if v.strip()]
         except ValueError:
-            raise SystemExit(f"--finetune-seeds {args.finetune_seeds!r}: expected comma-separated integers") from None
+            raise SystemExit(f"finetune_seeds {args.finetune_seeds!r}: expected comma-separated integers") from None
         if not seeds:
-            raise SystemExit("--finetune-seeds: expected at least one seed")
-        work = args.work or tempfile.mkdtemp(prefix="nexedge-realism-transfer-")
+            raise SystemExit("finetune_seeds: expected at least one seed")
+        work = common.work_dir("realism", fresh=False)  # finished runs found there are reused
         transfer["finetune"] = {}
         transfer["seeds"] = {}
         for lk in looks:
@@ -209,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(md + "\n")
-        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
+        with open(common.json_path(args.markdown), "w", encoding="utf-8") as f:
             json.dump({"realism": res, "speed": speed, "transfer": transfer}, f, indent=1, default=str)
     return 0
 
@@ -287,7 +291,7 @@ def section(res: Dict[str, Any], speed: Dict[str, Any], transfer: Dict[str, Any]
         if kind != "probe":
             out += ["", "Training: " + "; ".join(
                 f"{lk} {t['train_wall_s'] / 60:.1f} min wall" if t.get("train_wall_s") else f"{lk} ?"
-                for lk, t in res_t.items()) + " (shared box; a run reused from `--work` keeps its own time)"]
+                for lk, t in res_t.items()) + " (shared box; a run reused from `runs/bench/realism/` keeps its own time)"]
         out += ["", "| reference | label | " + " | ".join(res_t) + " |", "|---|---|" + "---|" * len(res_t)]
         first = next(iter(res_t.values()))
         for i, r in enumerate(first["rows"]):

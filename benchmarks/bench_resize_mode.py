@@ -17,15 +17,23 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 from nexedge.bench import report  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    budget=("4m", "nexedge train --budget of each training"),
+    resize=("112", "nexedge train --resize"),
+    crop=("96", "nexedge train --crop"),
+    seed=(0, "nexedge train --seed"),
+)
 
 
 def recipe(args: argparse.Namespace) -> List[str]:
@@ -66,20 +74,19 @@ def run_mode(mode: str, args: argparse.Namespace, work: str) -> Dict[str, Any]:
             "budget_s": bud["budget_s"], "warned": warned[0] if warned else ""}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="/work/data/tiles", help="split data set (nexedge split)")
-    ap.add_argument("--budget", default="4m", help="--budget of each training (default 4m)")
-    ap.add_argument("--resize", default="112")
-    ap.add_argument("--crop", default="96")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--markdown", metavar="PATH", help="write the section as Markdown to PATH")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
+    common.add_data(p, "split data set (nexedge split) (default %(default)s)", default="/work/data/tiles")
+    return common.parse(p, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     command = "python benchmarks/bench_resize_mode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = benv.load_average()
-    with tempfile.TemporaryDirectory() as work:
-        rows = [run_mode(m, args, work) for m in ("stretch", "short")]
+    work = common.work_dir("resize_mode")
+    rows = [run_mode(m, args, work) for m in ("stretch", "short")]
     for r in rows:
         print(json.dumps(r), flush=True)
     e = benv.capture()

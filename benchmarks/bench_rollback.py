@@ -35,8 +35,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env, report  # noqa: E402
 from nexedge.serve import rules as R  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    trials=(1000, "simulated promotions per rollback cell"),
+    promote_trials=(300, "simulated shadow phases per promotion cell"),
+    seed=(0, "random seed of the simulation"),
+)
 
 LINE_RATES = (1, 10, 50)
 REJECT_RATES = (0.002, 0.006, 0.02, 0.05)
@@ -47,13 +55,7 @@ CHECK_EVERY = 64
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=1000, help="simulated promotions per rollback cell (default %(default)s)")
-    p.add_argument("--promote-trials", type=int, default=300,
-                   help="simulated shadow phases per promotion cell (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", help="write the Markdown section here")
-    return p.parse_args(argv)
+    return common.parse(common.parser(__doc__, RECIPE), RECIPE, argv)
 
 
 # -- rollback ---------------------------------------------------------------------------------

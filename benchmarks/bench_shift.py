@@ -3,8 +3,8 @@ false-alarm rate on batch 2 alone, over several seeds, on synthetic images.
 
 Per seed, two streams of the same length go through a fresh ShiftMonitor each:
 
-* shift:  ``--before`` batch-2 frames, then ``--after`` batch-3 frames
-* steady: ``--before + --after`` batch-2 frames
+* shift:  ``before`` batch-2 frames, then ``after`` batch-3 frames (recipe values)
+* steady: ``before + after`` batch-2 frames
 
 Frames are rendered by nexedge.data (class mix of the batch), prepared with the
 card's input geometry and measured with nexedge.preprocess.image_stats, as the
@@ -14,7 +14,7 @@ on the CPU) when given; without one, a fixed class-conditional score model
 batches, so then only the image statistics can detect the change (PSI and score
 statistics are not a real test without a model). The card's references
 (val_scores, image_stats) are used when the checkpoint's card has them, else
-computed from ``--ref`` separate batch-2 images.
+computed from the recipe's ``ref`` separate batch-2 images.
 
     python benchmarks/bench_shift.py --train /tmp/shift --seeds 5 --markdown benchmarks/results/shift.md
 """
@@ -32,8 +32,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.preprocess import image_stats, prepare  # noqa: E402
 from nexedge.serve.monitor import DEFAULT_LIMITS, STAT_NAMES, ShiftMonitor  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    train_arch=("tiny", "architecture for --train"),
+    train_epochs=(6, "epochs for --train"),
+    seeds=(5, "shift and steady streams, one pair per seed"),
+    before=(300, "batch-2 frames before the switch"),
+    after=(300, "batch-3 frames after the switch"),
+    window=(200, "monitor window (frames)"),
+    ref=(300, "batch-2 reference images when the card has no references"),
+    resize=(72, "input size without a checkpoint"),
+    workers=(2, "processes rendering the streams"),
+)
 
 EDGES = [i / 20 for i in range(21)]
 TAGS = {"ref": 0, "steady": 1, "after": 2}
@@ -166,22 +180,16 @@ def _git_head() -> str:
         return "?"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = common.parser(__doc__, RECIPE)
     ap.add_argument("--checkpoint", help="trained checkpoint (.pt with card) for real scores; default: stand-in scores")
     ap.add_argument("--train", metavar="DIR", help="render a batch-2 data set with nexedge synth and train a model "
                     "on it in DIR (tiny: about 3 min on 2 CPU cores); its best checkpoint gives the scores")
-    ap.add_argument("--train-arch", default="tiny", help="architecture for --train (default tiny)")
-    ap.add_argument("--train-epochs", type=int, default=6, help="epochs for --train (default 6)")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--before", type=int, default=300, help="batch-2 frames before the switch")
-    ap.add_argument("--after", type=int, default=300, help="batch-3 frames after the switch")
-    ap.add_argument("--window", type=int, default=200, help="monitor window (frames)")
-    ap.add_argument("--ref", type=int, default=300, help="batch-2 reference images when the card has no references")
-    ap.add_argument("--resize", type=int, default=72, help="input size without a checkpoint")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--markdown", help="write the results section here")
-    a = ap.parse_args(argv)
+    return common.parse(ap, RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = parse_args(argv)
     if a.train and not a.checkpoint:
         a.checkpoint = train_model(a.train, a.train_arch, a.train_epochs)
     scorers = [Scorer(None, 0)] + ([Scorer(a.checkpoint, 0)] if a.checkpoint else [])

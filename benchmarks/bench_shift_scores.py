@@ -1,14 +1,14 @@
 """Shift monitor on score streams: false alarms on an in-distribution line, detection delay after a drift.
 
 The card's reference is built the way training builds it (``nexedge.metrics.score_histogram`` of
-validation scores: ``--val-good`` good and ``--val-defect`` defect images, the validation class mix,
-e.g. a third defects). The line runs at ``--line-defects`` (1 %). Scores are logit-normal stand-ins:
+validation scores: ``val_good`` good and ``val_defect`` defect images, the validation class mix,
+e.g. a third defects). The line runs at ``line_defects`` (1 %). Scores are logit-normal stand-ins:
 good logit ~ N(-6, 1.5), defect logit ~ N(3, 2); the threshold passes 1 % of good parts (overkill 1 %).
 
 Streams per seed, each through a fresh :class:`nexedge.serve.monitor.ShiftMonitor` (PSI only):
 
-* ``steady``: ``--steady`` frames from the reference distribution at the line's defect rate;
-* drifts, ``--before`` steady frames then ``--after`` drifted ones: ``overkill x2`` and ``overkill x5``
+* ``steady``: ``steady`` frames from the reference distribution at the line's defect rate;
+* drifts, ``before`` steady frames then ``after`` drifted ones: ``overkill x2`` and ``overkill x5``
   (good scores shifted up in log-odds until twice / five times as many good parts pass the threshold),
   ``good spread x1.5``, and ``defects 1 % -> 5 %`` (not a model drift: the estimated prior should follow).
 
@@ -16,7 +16,7 @@ Monitors, side by side on the same streams: bins on [0, 1] with the validation m
 behaviour before log-odds bins), bins on [0, 1] with the right prior, and log-odds bins with the prior
 estimated from the camera's history (the default) or set to the line's rate.
 
-    python benchmarks/bench_shift_scores.py --seeds 10 --markdown benchmarks/results/shift_scores.md
+    python benchmarks/bench_shift_scores.py --markdown benchmarks/results/shift_scores.md
 """
 
 import argparse
@@ -25,14 +25,28 @@ import platform
 import sys
 import time
 from statistics import NormalDist
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.metrics import score_histogram  # noqa: E402
 from nexedge.serve.monitor import ShiftMonitor  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    seeds=(10, "simulated lines, one per seed"),
+    val_good=(300, "good validation scores on the card"),
+    val_defect=(150, "defect validation scores on the card"),
+    line_defects=(0.01, "the line's defect rate"),
+    window=(500, "monitor window (frames)"),
+    steady=(20000, "frames of the steady stream"),
+    before=(2000, "steady frames before a drift"),
+    after=(5000, "drifted frames"),
+    limit=(None, float, "PSI limit (None: the monitor's)"),
+)
 
 MU_G, SD_G, MU_D, SD_D = -6.0, 1.5, 3.0, 2.0
 T_LOGIT = MU_G + SD_G * NormalDist().inv_cdf(0.99)  # 1 % overkill
@@ -91,19 +105,12 @@ def run(mon: ShiftMonitor, stream: np.ndarray) -> Tuple[List[int], List[float]]:
     return raised, psis
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--val-good", type=int, default=300)
-    ap.add_argument("--val-defect", type=int, default=150)
-    ap.add_argument("--line-defects", type=float, default=0.01)
-    ap.add_argument("--window", type=int, default=500)
-    ap.add_argument("--steady", type=int, default=20000)
-    ap.add_argument("--before", type=int, default=2000)
-    ap.add_argument("--after", type=int, default=5000)
-    ap.add_argument("--limit", type=float, default=None, help="PSI limit (default: the monitor's)")
-    ap.add_argument("--markdown", help="write the results as a Markdown section here")
-    args = ap.parse_args()
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return common.parse(common.parser(__doc__, RECIPE), RECIPE, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     val_mix = args.val_defect / (args.val_good + args.val_defect)
     names = list(monitors(args, val_mix))
     res: Dict[str, Dict[str, List[Any]]] = {n: {"fa": [], "fa_n": [], "psi": []} for n in names}
@@ -163,7 +170,7 @@ def main() -> int:
     if args.markdown:
         limit = args.limit or ShiftMonitor({}).limits["psi"]
         md = ["## Shift monitor: false alarms and detection delay on score streams", "",
-              f"`python benchmarks/bench_shift_scores.py --seeds {args.seeds}` on "
+              f"`python benchmarks/bench_shift_scores.py{common.sets(args)}` on "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({platform.processor() or platform.machine()}, "
               f"load average {load0:.1f} at the start, {time.time() - t0:.0f} s). Card: {args.val_good} good + "
               f"{args.val_defect} defect validation scores; line: {args.line_defects:.0%} defects; window "

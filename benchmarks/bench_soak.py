@@ -1,22 +1,25 @@
 """Soak benchmark of nexedge-daemon under hostile traffic (issue 13). Not a test, not CI.
 
 1. Starts a real ``nexedge-daemon`` process (tiny ONNX model, store, shift monitor, metrics).
-2. Measures capacity: 8 cameras send flat out for ``--capacity-s`` seconds; capacity =
+2. Measures capacity: 8 cameras send flat out for ``capacity_s`` seconds; capacity =
    inferred verdicts per second.
-3. Soaks for ``--minutes`` at ``--load`` x capacity from 8 cameras (real device images from
-   /work/shared/reference/nexperia when present, else synthetic PNGs), plus ``--hostile``
-   (default 1 %) hostile messages of every shape in benchmarks/_hostile.py.
-4. Every ``--sample-s`` seconds: RSS, threads, fds of the daemon, store rows and bytes,
+3. Soaks for ``minutes`` at ``load`` x capacity from 8 cameras (real device images from
+   /work/shared/reference/nexperia when present, else synthetic PNGs), plus ``hostile``
+   (1 %) hostile messages of every shape in benchmarks/_hostile.py.
+4. Every ``sample_s`` seconds: RSS, threads, fds of the daemon, store rows and bytes,
    /metrics and /ready status.
+
+(``minutes`` and the others are the recipe's values: ``--set minutes=10`` for a shorter run.)
 
 Reports frames sent, replies, lost (no reply), duplicates, late (reply after the frame's
 deadline, client-side), PASS without a score (must be 0), p50/p99 latency of well-formed
-frames, RSS slope (MB/hour, least squares after the first ``--warmup-s`` seconds), threads,
-fds, store rows/bytes. Writes a JSON result with ``--out``.
+frames, RSS slope (MB/hour, least squares after the first ``warmup_s`` seconds), threads,
+fds, store rows/bytes. With ``--markdown PATH`` the run's JSON goes beside PATH (PATH's
+``.json``, or ``2.json``, ``3.json``, ... after earlier runs) and PATH is rendered from every
+run there, one column per run.
 
-    PYTHONPATH=$PWD nice python benchmarks/bench_soak.py [--model M.onnx] --minutes 30 \\
-        --out benchmarks/results/soak.json --markdown benchmarks/results/soak.md
-    python benchmarks/bench_soak.py --from-json benchmarks/results/soak.json --markdown benchmarks/results/soak.md
+    PYTHONPATH=$PWD nice python benchmarks/bench_soak.py [--model M.onnx] --markdown benchmarks/results/soak.md
+    python benchmarks/bench_soak.py --set render_only=1 --markdown benchmarks/results/soak.md
 
 Without ``--model`` the tiny test model (tests/_daemon_util.py) is built first.
 """
@@ -35,8 +38,48 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _daemon_proc import DaemonProc, proc_status  # noqa: E402
 from _hostile import Hostile  # noqa: E402
+
+from benchmarks import _common as common  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    minutes=(30.0, "soak duration"),
+    load=(0.8, "offered load as a fraction of the measured capacity"),
+    hostile=(0.01, "hostile messages as a fraction of frames"),
+    capacity_s=(30.0, "seconds of the capacity measurement"),
+    sample_s=(30.0, "seconds between samples of the daemon's RSS, threads, fds, store"),
+    warmup_s=(120.0, "seconds left out of the RSS slope"),
+    deadline_ms=(2000.0, "daemon batching.deadline_ms"),
+    render_only=(False, "measure nothing: only render --markdown from the runs' JSON files beside it"),
+)
+
+
+def run_files(markdown_path: str) -> List[str]:
+    """The JSON files of the runs beside a soak section (``soak.json``, ``soak2.json``, ...), in run order."""
+    stem = os.path.splitext(markdown_path)[0]
+    out = []
+    while os.path.exists(stem + (str(len(out) + 1) if out else "") + ".json"):
+        out.append(stem + (str(len(out) + 1) if out else "") + ".json")
+    return out
+
+
+def render_runs(markdown_path: str) -> str:
+    """Write the section at ``markdown_path`` from every run beside it (one column per run)."""
+    results = []
+    for path in run_files(markdown_path):
+        with open(path) as f:
+            res = json.load(f)
+        res["rss_slope_last_half_mb_per_hour"] = _tail_slope(res)
+        results.append(res)
+    if not results:
+        raise SystemExit(f"no soak runs beside {markdown_path} ({common.json_path(markdown_path)} missing)")
+    text = markdown(results)
+    with open(markdown_path, "w") as f:
+        f.write(text)
+    return text
 
 REFERENCE = "/work/shared/reference/nexperia"
 
@@ -300,32 +343,21 @@ def _tail_slope(res: Dict[str, Any]) -> Optional[float]:
     return float(np.polyfit(t / 3600.0, r, 1)[0])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="ONNX model with its card (default: build the tiny test model)")
-    ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--load", type=float, default=0.8, help="fraction of measured capacity")
-    ap.add_argument("--hostile", type=float, default=0.01, help="hostile messages as a fraction of frames")
-    ap.add_argument("--capacity-s", type=float, default=30.0)
-    ap.add_argument("--sample-s", type=float, default=30.0)
-    ap.add_argument("--warmup-s", type=float, default=120.0)
-    ap.add_argument("--deadline-ms", type=float, default=2000.0)
-    ap.add_argument("--out", help="write the result JSON here")
-    ap.add_argument("--markdown", help="write the result as a RESULTS.md section here")
-    ap.add_argument("--from-json", help="only render --markdown from result JSONs written earlier (comma-separated)")
-    args = ap.parse_args()
-    if args.from_json:
-        results = []
-        for path in args.from_json.split(","):
-            with open(path) as f:
-                res = json.load(f)
-            res["rss_slope_last_half_mb_per_hour"] = _tail_slope(res)
-            results.append(res)
-        text = markdown(results)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(text)
-        print(text)
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = common.parser(__doc__, RECIPE)
+    common.add_model(ap, "ONNX model with its card (default: build the tiny test model)")
+    gone = "each run's JSON is written beside --markdown PATH (PATH's .json, then 2.json, 3.json, ...)"
+    args = common.parse(ap, RECIPE, argv, removed={"--out": gone, "--from-json": "--set render_only=1 renders --markdown "
+                                                   "PATH from the runs' JSON files beside it"})
+    if args.render_only and not args.markdown:
+        ap.error("render_only needs --markdown PATH (the runs' JSON files are beside it)")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.render_only:
+        print(render_runs(args.markdown))
         return 0
     if not args.model:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -376,17 +408,18 @@ def main() -> int:
         "metrics_ok": all(s["metrics"] == 200 for s in samples), "ready_ok": all(s["ready"] == 200 for s in samples),
         "daemon_exit": code, "deadline_ms": args.deadline_ms,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:]), "samples": samples,
+        "command": "python benchmarks/bench_soak.py " + " ".join(args.argv), "samples": samples,
     }
     res["rss_slope_last_half_mb_per_hour"] = _tail_slope(res)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown([res]))
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        runs = run_files(args.markdown)
+        out = os.path.splitext(args.markdown)[0] + (str(len(runs) + 1) if runs else "") + ".json"
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {out}")
+        render_runs(args.markdown)
     return 0
 
 

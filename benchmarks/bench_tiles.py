@@ -4,19 +4,20 @@
 Runs, in a work folder, what a user runs (each a `nexedge` command, timed):
 
     nexedge split SRC data --seed 0                      (reused when the folder exists)
-    nexedge train --data data --out run RECIPE
+    nexedge train --data data --out run TRAIN_RECIPE
     nexedge export run --crops auto --aggregate mean,max -o run/model.onnx --data data
     nexedge eval run/model.onnx --data data --split test
-    with --cv K: nexedge train ... --cv K --out cv; nexedge export cv -o cv/ensemble.onnx;
+    with cv=K: nexedge train ... --cv K --out cv; nexedge export cv -o cv/ensemble.onnx;
                  nexedge eval cv/ensemble.onnx --data data --split test
 
 and prints the targets beside what was measured: 6-class test accuracy >= 97 %, good-vs-defect
 AUC >= 99.5 %, 0 escapes with overkill <= 5 % for the deployed artifact, the whole pipeline
-<= 20 min wall, and with --cv the operating point's 95 % TPR lower bound >= 99 %. ``--from WORK``
-summarises a finished work folder (the same layout) without running anything.
+<= 20 min wall, and with --cv the operating point's 95 % TPR lower bound >= 99 %. The work
+folder is runs/bench/tiles/; ``--set summarise_only=1`` summarises a finished one without
+running anything.
 
-    python benchmarks/bench_tiles.py --src ../shared/datasets/magnetic-tile --work runs/tiles-bench \\
-        --markdown benchmarks/results/tiles.md [--cv 5]
+    python benchmarks/bench_tiles.py --src ../shared/datasets/magnetic-tile \\
+        --markdown benchmarks/results/tiles.md [--set cv=5]
 """
 
 import argparse
@@ -34,10 +35,17 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env as benv  # noqa: E402
 
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    cv=(0, "also nexedge train --cv K and the fold ensemble (K trainings; 0: not)"),
+    summarise_only=(False, "run nothing: only summarise the finished work folder runs/bench/tiles/"),
+)
+
 #: The recipe docs/your-data.md gives for real line images (nothing in it is specific to the tiles).
-RECIPE = ("--arch efficientnet_lite0 --pretrained imagenet --freeze 3 --channels-last --resize 128 --crop 128 "
+TRAIN_RECIPE = ("--arch efficientnet_lite0 --pretrained imagenet --freeze 3 --channels-last --resize 128 --crop 128 "
           "--epochs 12 --batch-size 16 --optimizer adamw --lr 1e-3 --warmup-epochs 1 --schedule cosine "
           "--balanced sqrt --select last")
 
@@ -96,7 +104,7 @@ def render(s: Dict[str, Any], command: str, md: bool) -> str:
              f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
              f"- machine: {benv.one_line(benv.capture(benv.usable_cores()))}",
              f"- command: `{command}`",
-             f"- recipe: `nexedge train --data data --out run {RECIPE}`", ""]
+             f"- recipe: `nexedge train --data data --out run {TRAIN_RECIPE}`", ""]
     rows = []
     d = s.get("deployed")
     if d:
@@ -154,20 +162,21 @@ def render(s: Dict[str, Any], command: str, md: bool) -> str:
     return "\n".join(lines)
 
 
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE)
+    p.add_argument("--src", default=os.path.join("..", "shared", "datasets", "magnetic-tile"),
+                   help="the magnetic-tile images, one folder per class (default %(default)s)")
+    common.add_data(p, "an existing split of the tiles (default runs/bench/tiles/data, made by `nexedge split`)")
+    return common.parse(p, RECIPE, argv, removed={"--from": "--set summarise_only=1 summarises runs/bench/tiles/"})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", default=os.path.join("..", "shared", "datasets", "magnetic-tile"))
-    p.add_argument("--work", default=os.path.join("runs", "tiles-bench"))
-    p.add_argument("--data", help="an existing split of the tiles (default WORK/data, made by `nexedge split`)")
-    p.add_argument("--cv", type=int, default=0, help="also --cv K and the fold ensemble (K trainings)")
-    p.add_argument("--from", dest="from_", metavar="WORK", help="only summarise a finished work folder")
-    p.add_argument("--markdown")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     command = "python benchmarks/bench_tiles.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    work = args.from_ or args.work
+    work = common.work_dir("tiles", fresh=False)  # the split is reused; the runs are overwritten
     times: Dict[str, float] = {}
     tfile = os.path.join(work, "times.json")
-    if args.from_:
+    if args.summarise_only:
         if os.path.exists(tfile):
             with open(tfile, encoding="utf-8") as f:
                 times = json.load(f)
@@ -177,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.isdir(data):
             times["split"] = run(["split", args.src, data, "--seed", "0"], os.path.join(work, "split.log"))
         times["train"] = run(["train", "--data", data, "--out", os.path.join(work, "run"), "--overwrite"]
-                             + RECIPE.split(), os.path.join(work, "train.log"))
+                             + TRAIN_RECIPE.split(), os.path.join(work, "train.log"))
         times["export"] = run(["export", os.path.join(work, "run"), "--crops", "auto", "--aggregate", "mean,max",
                                "-o", os.path.join(work, "run", "model.onnx"), "--data", data],
                               os.path.join(work, "export.log"))
@@ -187,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              os.path.join(work, "eval_ckpt"), "--no-progress"], os.path.join(work, "eval_ckpt.log"))
         if args.cv:
             times["cv"] = run(["train", "--data", data, "--out", os.path.join(work, "cv"), "--overwrite", "--cv",
-                               str(args.cv)] + RECIPE.split(), os.path.join(work, "cv.log"))
+                               str(args.cv)] + TRAIN_RECIPE.split(), os.path.join(work, "cv.log"))
             times["cv_export"] = run(["export", os.path.join(work, "cv"), "-o",
                                       os.path.join(work, "cv", "ensemble.onnx"), "--aggregate", "mean,max"],
                                      os.path.join(work, "cv_export.log"))

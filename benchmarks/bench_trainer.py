@@ -4,12 +4,12 @@ time (the report's Table 3/4 layout) and mislabel-ranking precision/recall, all 
 run on a synthetic data set rendered by ``nexedge synth``.
 
 The synthetic noise is the report's kind: defect images written with the label
-``good`` (escapees), only in the training split. ``--noise`` is the fraction of all
+``good`` (escapees), only in the training split. The recipe's ``noise`` is the fraction of all
 training labels that are wrong; the script sets the generator's per-defect noise
 rate from it and the defect share.
 
     python benchmarks/bench_trainer.py --markdown benchmarks/results/trainer.md
-    python benchmarks/bench_trainer.py --n 600 --epochs 2 --arch tiny   # smoke run, a minute
+    python benchmarks/bench_trainer.py --set n=600 --set epochs=2 --set arch=tiny   # smoke run, a minute
 
 ``--speed``: what each near-native-resolution training speed-up buys on this CPU,
 measured side by side in one run: a training step (forward, backward, optimizer) of
@@ -17,7 +17,7 @@ EfficientNet-Lite0 with and without channels_last and frozen early stages, ResNe
 small_max for scale, and the per-image data cost with and without the decoded-image
 cache. CPU seconds are reported beside wall time (the box is shared).
 
-    python benchmarks/bench_trainer.py --speed --crop 160 --markdown benchmarks/results/trainer_speed.md
+    python benchmarks/bench_trainer.py --speed --set crop=160 --markdown benchmarks/results/trainer_speed.md
 
 ``--compare RUN [RUN ...] --data ROOT``: trained run folders of the same data set side by
 side: test AUC, FPR at TPR 99.1 % and 100 %, AUC of good vs each defect class (TenCrop
@@ -42,43 +42,43 @@ from typing import Any, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env  # noqa: E402
+
+#: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    n=(2500, "images in the synthetic set"),
+    size=(96, "rendered image size in px"),
+    resize=(72, "model resize"),
+    crop=(64, "model crop (also the --speed crop)"),
+    good_fraction=(0.6, "share of good images"),
+    noise=(0.05, "fraction of training labels that are wrong"),
+    toy=(False, "use the drawn toy set (nexedge.train.toydata: good, scratch, blob, dots; marks a small CNN learns "
+                "in minutes) instead of nexedge synth; noise flips good <-> scratch in train"),
+    arch=("resnet18", "architecture trained"),
+    arch_kw=([], list, "KEY=VALUE architecture keyword, e.g. width=32 for tiny"),
+    epochs=(12, "training epochs"),
+    sat_es=(None, int, "SAT start epoch (None: half the epochs)"),
+    losses=("ce,sat", "comma list of losses to compare"),
+    lr=(0.02, "learning rate"),
+    optimizer=("sgd", ("sgd", "adamw"), "optimizer"),
+    warmup_epochs=(0, "warm-up epochs"),
+    class_counts=("", "CLS=N,... exact images per class for nexedge synth (overrides n and good_fraction)"),
+    batch_size=(32, "training batch size (also the --speed batch)"),
+    keep=(5, "top-k checkpoints per run (table: mean (std) over them)"),
+    seed=(0, "data and training seed"),
+    steps=(3, "--speed: timed steps per configuration (best kept)"),
+)
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=2500, help="images in the synthetic set (default 2500)")
-    p.add_argument("--size", type=int, default=96, help="rendered image size in px (default 96)")
-    p.add_argument("--resize", type=int, default=72, help="model resize (default 72)")
-    p.add_argument("--crop", type=int, default=64, help="model crop (default 64)")
-    p.add_argument("--good-fraction", type=float, default=0.6, help="share of good images (default 0.6)")
-    p.add_argument("--noise", type=float, default=0.05, help="fraction of training labels that are wrong (default 0.05)")
-    p.add_argument("--toy", action="store_true",
-                   help="use the drawn toy set (nexedge.train.toydata: good, scratch, blob, dots; marks a small CNN "
-                        "learns in minutes) instead of nexedge synth; --noise flips good <-> scratch in train")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE", help="e.g. width=32 for tiny")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--sat-es", type=int, default=None, help="SAT start epoch (default: half the epochs)")
-    p.add_argument("--losses", default="ce,sat", help="comma list of losses to compare (default ce,sat)")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--class-counts", default="", metavar="CLS=N,...",
-                   help="exact images per class for nexedge synth (overrides --n and --good-fraction)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--keep", type=int, default=5, help="top-k checkpoints per run (table: mean (std) over them)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="keep data and runs here (default: a temp folder)")
-    p.add_argument("--markdown", default=None, help="write the Markdown section here")
+    p = common.parser(__doc__, RECIPE, threads=2, threads_help="torch threads (and nexedge synth workers)")
+    p.add_argument("--speed", action="store_true", help="measure training-step speed-ups instead (see above)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare these trained run folders (see above)")
-    p.add_argument("--data", help="--compare: the data root the runs were trained on")
+    common.add_data(p, "--compare: the data root the runs were trained on")
     p.add_argument("--train-log", action="append", default=[], metavar="RUN=LOG",
                    help="--compare: a /usr/bin/time -v log of the run's training (CPU seconds, load)")
-    p.add_argument("--speed", action="store_true", help="measure training-step speed-ups instead (see above)")
-    p.add_argument("--steps", type=int, default=3, help="--speed: timed steps per configuration (best kept)")
-    return p.parse_args(argv)
+    return common.parse(p, RECIPE, argv)
 
 
 #: --speed configurations: (label, arch, pretrained, freeze, channels_last)
@@ -280,7 +280,7 @@ def _write_section(lines: List[str], path: Optional[str], payload: Any) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(md)
-        with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
+        with open(common.json_path(path), "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=str)
 
 
@@ -343,7 +343,7 @@ def main(argv: List[str]) -> int:
     from nexedge.train.mislabels import rank_mislabels
     from nexedge.train.trainer import TrainConfig, train
 
-    work = args.workdir or tempfile.mkdtemp(prefix="bench_trainer_")
+    work = common.work_dir("trainer")
     data = os.path.join(work, "data")
     t0 = time.time()
     if args.toy:
@@ -356,7 +356,7 @@ def main(argv: List[str]) -> int:
         synth = {"n": 4 * sum(per.values())}
         counts = {k: 4 * v for k, v in per.items()}
     else:
-        class_counts = {k: int(v) for k, v in _kv(args.class_counts.split(","), "--class-counts").items()} \
+        class_counts = {k: int(v) for k, v in _kv(args.class_counts.split(","), "class_counts").items()} \
             if args.class_counts else None
         if class_counts:
             args.n = sum(class_counts.values())
@@ -378,7 +378,7 @@ def main(argv: List[str]) -> int:
     runs: Dict[str, Dict[str, Any]] = {}
     for loss in losses:
         out = os.path.join(work, loss)
-        cfg = TrainConfig(data=data, out=out, arch=args.arch, arch_kw=_kv(args.arch_kw, "--arch-kw"), resize=(args.resize,) * 2, crop=(args.crop,) * 2,
+        cfg = TrainConfig(data=data, out=out, arch=args.arch, arch_kw=_kv(args.arch_kw, "arch_kw"), resize=(args.resize,) * 2, crop=(args.crop,) * 2,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="cosine",
                           loss=loss, sat_es=args.sat_es, keep=args.keep, seed=args.seed, progress=False,
                           test_curves=False, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs)
@@ -401,7 +401,7 @@ def main(argv: List[str]) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(md)
-        with open(os.path.splitext(args.markdown)[0] + ".json", "w", encoding="utf-8") as f:
+        with open(common.json_path(args.markdown), "w", encoding="utf-8") as f:
             json.dump({"eval": ev, "mislabels": {k: {kk: vv for kk, vv in v.items() if kk != "rows"}
                                                  for k, v in mis.items()},
                        "train_s": {k: v["train_s"] for k, v in runs.items()}}, f, indent=1, default=str)

@@ -2,7 +2,9 @@
 
 On an x86 machine with an NVIDIA GPU and TensorRT (``pip install ".[train,trt]"`` from the checkout):
 
-    python benchmarks/gpu_check.py [--archs resnet18,resnet50] [--out runs/gpu_check]
+    python benchmarks/gpu_check.py [--set archs=resnet18,resnet50] [--set size=136]
+
+Work files and ``gpu_check.json`` go to ``runs/bench/gpu_check/``.
 
 For each architecture (default: ResNet18 and the trainer's default backbone, plus
 ResNet50 as the larger one) it trains a toy checkpoint for a few steps on CPU,
@@ -26,6 +28,19 @@ import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _common as common  # noqa: E402
+
+#: What this check measures with (``--set KEY=VALUE`` changes one value for a run).
+RECIPE = common.recipe(
+    archs=("", "comma list of architectures ('': resnet18, the trainer default, resnet50)"),
+    size=(136, "resize side; crops are size*224/255"),
+    steps=(20, "toy training steps per arch"),
+    images=(64, "parity images"),
+    max_batch=(8, "engine max batch in images"),
+    bench_seconds=(2.0, "nexedge bench --duration"),
+)
 
 # Scores are compared in log-odds near the card's thresholds: TPR-100 % thresholds often lie below 1e-6,
 # where an absolute probability tolerance sees nothing (an FP16 softmax flushes 5e-8 to 0: |dprob| 5e-8).
@@ -96,16 +111,16 @@ def compare(onnx_path: str, engine_path: str, images: np.ndarray, batch: int) ->
                 flips=flips(s_a, s_b, thresholds))
 
 
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = common.parser(__doc__, RECIPE, markdown=False)
+    args = common.parse(p, RECIPE, argv, removed={"--out": "the work folder is runs/bench/gpu_check/ "
+                                                  "(gpu_check.json is written there)"})
+    args.out = os.path.join(common.WORK_ROOT, "gpu_check")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--archs", default="", help="comma list (default: resnet18, the trainer default, resnet50)")
-    p.add_argument("--out", default="runs/gpu_check", help="work folder (default runs/gpu_check)")
-    p.add_argument("--size", type=int, default=136, help="resize side; crops are size*224/255 (default 136)")
-    p.add_argument("--steps", type=int, default=20, help="toy training steps per arch (default 20)")
-    p.add_argument("--images", type=int, default=64, help="parity images (default 64)")
-    p.add_argument("--max-batch", type=int, default=8, help="engine max batch in images (default 8)")
-    p.add_argument("--bench-seconds", type=float, default=2.0, help="nexedge bench --duration (default 2)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
 
     why = skip_reason()
     if why:
@@ -127,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     archs = list(dict.fromkeys(archs))
     crop = args.size * 224 // 255
     inp = {"color": "gray", "resize": [args.size, args.size], "crop": [crop, crop], "crop_mode": "ten"}
-    os.makedirs(args.out, exist_ok=True)
+    common.work_dir("gpu_check")
     dev = eng.device_info(0)
     print(f"gpu_check: TensorRT {trt.__version__} on {dev.name} (SM {dev.compute_capability[0]}."
           f"{dev.compute_capability[1]}, {dev.sm_count} SMs, {dev.total_mem_gib} GiB); archs {', '.join(archs)}; "

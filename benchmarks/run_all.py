@@ -249,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--results-dir", default=RESULTS_DIR, help="folder of section files (default benchmarks/results)")
     p.add_argument("--output", default=RESULTS_MD, help="file to write (default benchmarks/RESULTS.md)")
     p.add_argument("--section-args", action="append", default=[], metavar="NAME=ARGS",
-                   help="extra arguments for one section's script, e.g. gemm='--duration 2' (repeatable)")
+                   help="extra arguments for one section's script, e.g. gemm='--set duration=2' (repeatable)")
     args = p.parse_args(argv)
     PATHS.update(results=os.path.abspath(args.results_dir), output=os.path.abspath(args.output))
     if args.list:

@@ -239,7 +239,8 @@ def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
     out = tmp_path / "RESULTS.md"
     cmd = [sys.executable, os.path.join(root, "benchmarks", "run_all.py"), "--only", "gemm",
            "--results-dir", str(results), "--output", str(out), "--section-args",
-           f"gemm=--models {models['host']} --batch 1 --duration 0.2 --gemm-size 64 --gemm-seconds 0.05 --threads 1"]
+           f"gemm=--model {models['host']} --set batch=1 --set duration=0.2 --set gemm_size=64 --set gemm_seconds=0.05 "
+           "--threads 1"]
     p = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     text = out.read_text()
     assert p.returncode == 0, p.stdout.decode()[-2000:]
@@ -250,7 +251,7 @@ def test_run_all_only_gemm_reuses_existing_sections(models, tmp_path):
     assert "**not run**" in text  # daemon/shift/trainer: no file, not selected
     assert (results / "gemm.md").exists() and (results / "gemm.log").exists()
     # a selected section whose script fails makes run_all fail loudly (and still writes the file)
-    bad = [c if not c.startswith("gemm=") else "gemm=--models /nonexistent.onnx" for c in cmd]
+    bad = [c if not c.startswith("gemm=") else "gemm=--model /nonexistent.onnx" for c in cmd]
     p = subprocess.run(bad, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert p.returncode == 1
     assert "**failed**" in out.read_text()

@@ -12,8 +12,7 @@ SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.py")
 
 def _run(extra_path=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (extra_path, os.path.abspath(REPO)) if p))
-    return subprocess.run([sys.executable, SCRIPT, "--out", "unused"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_gpu_check_skips_without_tensorrt():
