@@ -61,6 +61,16 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
+    return n
+
+
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     def convert(text: str) -> str:
         if text not in choices:
@@ -120,8 +130,8 @@ def parser(doc: Optional[str], keys: Dict[str, Key], threads: Any = False, threa
         p.add_argument("--markdown", metavar="PATH",
                        help="also write the section as Markdown to PATH (raw numbers, where kept, to PATH's .json)")
     if threads is not False:
-        shown = "the CPUs this process may use" if threads is None else threads
-        p.add_argument("--threads", type=int, default=threads, metavar="N", help=f"{threads_help} (default {shown})")
+        shown = "OMP_NUM_THREADS when exported, else the CPUs this process may use" if threads is None else threads
+        p.add_argument("--threads", type=_threads, default=threads, metavar="N", help=f"{threads_help} (default {shown})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="recipe_set",
                    help="change one recipe value for this run (repeatable; the keys are listed below)")
     return p

@@ -109,7 +109,8 @@ def test_set_changes_a_recipe_value_and_checks_it(capsys):
                       (["--set", "seconds=fast"], "seconds needs a float value"),
                       (["--set", "mode=five"], "expected one of center, ten"),
                       (["--set", "finetune=maybe"], "finetune needs a"),
-                      (["--set", "seconds"], "expected KEY=VALUE")):
+                      (["--set", "seconds"], "expected KEY=VALUE"),
+                      (["--threads", "0"], "expected a positive number of threads, got '0'")):
         with pytest.raises(SystemExit):
             common.parse(p, keys, bad)
         assert says in capsys.readouterr().err, bad
