@@ -12,7 +12,7 @@ Runs, in a work folder, what a user runs (each a `nexedge` command, timed):
 
 and prints the targets beside what was measured: 6-class test accuracy >= 97 %, good-vs-defect
 AUC >= 99.5 %, 0 escapes with overkill <= 5 % for the deployed artifact, the whole pipeline
-<= 20 min wall, and with --cv the operating point's 95 % TPR lower bound >= 99 %. The work
+<= 20 min wall, and with cv the operating point's 95 % TPR lower bound >= 99 %. The work
 folder is runs/bench/tiles/; ``--set summarise_only=1`` summarises a finished one without
 running anything.
 
@@ -45,9 +45,9 @@ RECIPE = common.recipe(
 )
 
 #: The recipe docs/your-data.md gives for real line images (nothing in it is specific to the tiles).
-TRAIN_RECIPE = ("--arch efficientnet_lite0 --pretrained imagenet --freeze 3 --channels-last --resize 128 --crop 128 "
-          "--epochs 12 --batch-size 16 --optimizer adamw --lr 1e-3 --warmup-epochs 1 --schedule cosine "
-          "--balanced sqrt --select last")
+TRAIN_RECIPE = ("--arch efficientnet_lite0 --pretrained imagenet --freeze 3 --channels-last --resize 128 "
+                "--crop 128 --epochs 12 --batch-size 16 --optimizer adamw --lr 1e-3 --warmup-epochs 1 "
+                "--schedule cosine --balanced sqrt --select last")
 
 
 def run(cmd: List[str], log: str) -> float:

@@ -161,3 +161,17 @@ def test_soak_runs_beside_its_section_render_in_order(tmp_path, capsys):
     with pytest.raises(SystemExit):
         soak.main(["--out", "x.json"])
     assert "--out was removed: each run's JSON is written beside --markdown PATH" in capsys.readouterr().err
+
+
+def test_every_benchmark_script_takes_the_shared_command_line():
+    """A new script goes through benchmarks/_common.py: its parameters in a RECIPE, no own copy of
+    the shared options (the next --markdown or --threads would be the 15th definition again)."""
+    scripts = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH, "*.py"))
+                     if os.path.basename(p).startswith(("bench_", "gpu_check")))
+    assert scripts == sorted(PARSERS), "add the new script to PARSERS (and give it parse_args)"
+    for name in scripts:
+        with open(os.path.join(BENCH, name + ".py"), encoding="utf-8") as f:
+            src = f.read()
+        assert "RECIPE = common.recipe(" in src, name
+        for shared in ('"--markdown"', '"--threads"', '"--set"', '"--json"', '"--workdir"', '"--work"'):
+            assert f"add_argument({shared}" not in src, f"{name} defines {shared} itself"
