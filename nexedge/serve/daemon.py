@@ -30,8 +30,8 @@ from nexedge.serve.ledger import Ledger
 from nexedge.serve.lifecycle import Lifecycle
 from nexedge.serve.logjson import setup_logging
 from nexedge.serve.memory import AllocatorTrim
-from nexedge.serve.metrics import DaemonMetrics, HealthServer
 from nexedge.serve.outbox import Outbox
+from nexedge.serve.prometheus import DaemonMetrics, HealthServer
 from nexedge.serve.protocol import Request
 from nexedge.serve.worker import InferenceWorker
 
