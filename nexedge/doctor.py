@@ -251,11 +251,12 @@ def check_engine(path: str, card: Any, trt_version: Optional[str], device: Any, 
 def check_service(cfg: Any, user: Optional[str], python: str) -> List[Check]:
     """The files the config names, as the service user sees them, and its access to the venv's python."""
     from nexedge.serve import config as C
+    from nexedge.serve import preflight
 
     who = user or "this user"
     try:
-        problems = C.check_files(cfg, user)
-        if not C.can_access(python, os.R_OK | os.X_OK, user):
+        problems = preflight.check_files(cfg, user)
+        if not preflight.can_access(python, os.R_OK | os.X_OK, user):
             problems.append(f"{python} (the venv's python) is not executable by {who}")
     except C.ConfigError as e:
         problems = [str(e)]

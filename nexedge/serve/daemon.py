@@ -20,7 +20,7 @@ import zmq
 
 from nexedge import __version__
 from nexedge.serve import config as C
-from nexedge.serve import notify
+from nexedge.serve import notify, preflight
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.control import ControlServer
@@ -502,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         try:
-            problems = C.check_files(cfg, args.user)
+            problems = preflight.check_files(cfg, args.user)
         except C.ConfigError as e:
             problems = [str(e)]
         chosen = C.backend_line(cfg)
