@@ -15,7 +15,9 @@ import pytest
 from _trt_fakes import fake_trt
 
 from nexedge.card import ModelCard, load_card
-from nexedge.export import cuda_device, trt_build, trt_names, trt_network, trt_recipe, trt_rules
+from nexedge.export import cuda_device, trt_names, trt_network, trt_recipe, trt_rules
+from nexedge.export.trt_build import build_engine
+from nexedge.export.trt_rules import BuildOptions
 
 # cudaGetDeviceProperties names every Orin module "Orin": the SM count and board tell them apart.
 ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
@@ -128,14 +130,14 @@ def test_cache_key_tells_orin_modules_apart_with_fake_tensorrt(models, tmp_path)
     onnx = _copy_model(models, "ten", tmp_path)
     trt, calls = _fake_trt()
     out = str(tmp_path / "engines")
-    a, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=out, trt=trt, device=ORIN)
-    b, reused = trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=out, trt=trt, device=ORIN_NANO)
+    a, _ = build_engine(onnx, BuildOptions(), out_dir=out, trt=trt, device=ORIN)
+    b, reused = build_engine(onnx, BuildOptions(), out_dir=out, trt=trt, device=ORIN_NANO)
     assert a != b and not reused and calls["builds"] == 2
     key = load_card(b).data["provenance"]["engine"]["key"]
     assert key["sm_count"] == 8 and key["board"] == ORIN_NANO.board and key["total_mem_gib"] == 7
     # Same board name but a different SM count (e.g. a 4 GB Nano): still a different key.
     nano4 = ORIN_NANO._replace(sm_count=4, total_mem_gib=3)
-    trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=out, trt=trt, device=nano4)
+    build_engine(onnx, BuildOptions(), out_dir=out, trt=trt, device=nano4)
     assert calls["builds"] == 3
 
 
@@ -159,9 +161,9 @@ def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(models, tmp_pa
     onnx = _copy_model(models, "ten", tmp_path, "m.onnx")
     trt, calls = _fake_trt()
     out = str(tmp_path / "engines")
-    opts = trt_rules.BuildOptions(precision="fp16", opt_batch=4, workspace=512 << 20,
-                                  timing_cache=str(tmp_path / "t.timing.cache"))
-    path, reused = trt_build.build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)
+    opts = BuildOptions(precision="fp16", opt_batch=4, workspace=512 << 20,
+                        timing_cache=str(tmp_path / "t.timing.cache"))
+    path, reused = build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)
     sha8 = load_card(onnx).sha256[:8]
     assert os.path.basename(path) == f"m-{sha8}.fp16.b8.trt10.3.0.30.jetson-agx-orin-developer-kit-sm16.engine"
     assert not reused
@@ -176,17 +178,17 @@ def test_build_engine_card_and_cache_key_reuse_with_fake_tensorrt(models, tmp_pa
     assert key["tensorrt"] == "10.3.0.30" and key["device"] == "Orin" and key["workspace"] == 512 << 20
 
     # Same key: reused without building. Any key change: rebuilt.
-    assert trt_build.build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN) == (path, True)
+    assert build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN) == (path, True)
     assert calls["builds"] == 1
-    trt_build.build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt, device=ORIN)
+    build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt, device=ORIN)
     assert calls["builds"] == 2
-    trt_build.build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt,
-                           device=ORIN._replace(compute_capability=(8, 6)))
+    build_engine(onnx, opts._replace(workspace=1 << 30), out_dir=out, trt=trt,
+                 device=ORIN._replace(compute_capability=(8, 6)))
     assert calls["builds"] == 3
     # A tampered cached engine is never reused.
     with open(path, "ab") as f:
         f.write(b"x")
-    assert trt_build.build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)[1] is False
+    assert build_engine(onnx, opts, out_dir=out, trt=trt, device=ORIN)[1] is False
 
 
 @pytest.mark.parametrize("version", ["8.5.2.2", "8.6.2", "10.3.0.30"])
@@ -195,7 +197,7 @@ def test_ingraph_uint8_model_parses_with_fake_tensorrt(models, tmp_path, version
     (no UINT8 intermediate tensors) both parse it."""
     onnx = _copy_model(models, "ten", tmp_path)
     trt, calls = _fake_trt(version=version)
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    path, _ = build_engine(onnx, BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
     assert calls["builds"] == 1 and os.path.exists(path)
 
 
@@ -206,8 +208,8 @@ def test_int8_qdq_model_parses_and_sets_fp16_with_fake_tensorrt(models, tmp_path
     INT8 build sets FP16 too so the unquantized layers do not run in FP32."""
     onnx = _copy_model(models, flavour + "-qdq", tmp_path)
     trt, calls = _fake_trt(version=version)
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8", max_batch=4, opt_batch=2),
-                                     out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+    path, _ = build_engine(onnx, BuildOptions(precision="int8", max_batch=4, opt_batch=2),
+                           out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
     assert calls["network_flags"] == (1 if version.startswith("8") else 0)
     assert _flags_of(path) == b"ENGINE-FP16,INT8"
     info = load_card(path).data["provenance"]["engine"]
@@ -221,8 +223,8 @@ def test_int8_qdq_model_parses_and_sets_fp16_with_fake_tensorrt(models, tmp_path
 def test_int8_without_fast_fp16_sets_only_int8_with_fake_tensorrt(models, tmp_path):
     onnx = _copy_model(models, "host-qdq", tmp_path)
     trt, calls = fake_trt(fast_fp16=False)
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt,
-                                     device=ORIN)
+    path, _ = build_engine(onnx, BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt,
+                           device=ORIN)
     assert _flags_of(path) == b"ENGINE-INT8"
 
 
@@ -231,8 +233,8 @@ def test_implicit_int8_uses_calibration_cache_with_fake_tensorrt(models, tmp_pat
     cache = tmp_path / "cache.bin"
     cache.write_bytes(b"TRT-8502-EntropyCalibration2\n")
     trt, calls = _fake_trt(version="8.6.1")
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8", calib_cache=str(cache)),
-                                     out_dir=str(tmp_path), trt=trt, device=ORIN)
+    path, _ = build_engine(onnx, BuildOptions(precision="int8", calib_cache=str(cache)),
+                           out_dir=str(tmp_path), trt=trt, device=ORIN)
     calib = calls["config"].int8_calibrator
     assert calib.read_calibration_cache() == b"TRT-8502-EntropyCalibration2\n" and calib.get_batch(["x"]) is None
     key = load_card(path).data["provenance"]["engine"]["key"]
@@ -244,13 +246,13 @@ def test_int8_without_fast_int8_fails_loudly_with_fake_tensorrt(models, tmp_path
     onnx = _copy_model(models, "ten-qdq", tmp_path)
     trt, calls = _fake_trt(fast_int8=False)
     with pytest.raises(RuntimeError, match="INT8 requested but Orin .*has no fast INT8"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt, device=ORIN)
+        build_engine(onnx, BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt, device=ORIN)
     assert calls["builds"] == 0 and not [f for f in os.listdir(tmp_path) if f.endswith(".engine")]
     # TensorRT without platform_has_fast_int8 (deprecated 10.5): decided by compute capability.
     trt2, _ = _fake_trt(has_platform_queries=False)
     with pytest.raises(RuntimeError, match="SM 6.2"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt2,
-                               device=cuda_device.DeviceInfo("Jetson TX2", (6, 2)))
+        build_engine(onnx, BuildOptions(precision="int8"), out_dir=str(tmp_path), trt=trt2,
+                     device=cuda_device.DeviceInfo("Jetson TX2", (6, 2)))
 
 
 def test_parser_errors_are_all_listed_with_fake_tensorrt(models, tmp_path):
@@ -258,7 +260,7 @@ def test_parser_errors_are_all_listed_with_fake_tensorrt(models, tmp_path):
     errs = ("In node 3 (Slice): unsupported step", "In node 9 (Flip): no importer", "weights are external")
     trt, _ = _fake_trt(parse_errors=errs)
     with pytest.raises(RuntimeError) as e:
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN)
+        build_engine(onnx, BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN)
     msg = str(e.value)
     assert "rejected" in msg and "3 error(s)" in msg
     assert all(f"{i + 1}. {err}" in msg for i, err in enumerate(errs))
@@ -266,7 +268,7 @@ def test_parser_errors_are_all_listed_with_fake_tensorrt(models, tmp_path):
     trt86, _ = _fake_trt(version="8.6.1", parse_errors=("TensorRT does not support UINT8 types for intermediate "
                                                         "tensors!",))
     with pytest.raises(RuntimeError, match="(?s)1 error.*UINT8.*hint: .*re-export.*check-onnx"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt86, device=ORIN)
+        build_engine(onnx, BuildOptions(), out_dir=str(tmp_path), trt=trt86, device=ORIN)
 
 
 def test_fake_parser_rejects_what_onnx_tensorrt_rejects(models, tmp_path):
@@ -297,8 +299,8 @@ def test_dla_static_profile_and_layer_report_with_fake_tensorrt(models, tmp_path
     """Item 8: DLA needs min = opt = max; the card says how many layers run on the DLA."""
     onnx = _copy_model(models, "host", tmp_path)
     trt, calls = _fake_trt(version="8.6.2")
-    opts = trt_rules.BuildOptions(precision="fp16", dla_core=1, version_compatible=True, max_batch=2)
-    path, _ = trt_build.build_engine(onnx, opts, out_dir=str(tmp_path), trt=trt, device=ORIN)
+    opts = BuildOptions(precision="fp16", dla_core=1, version_compatible=True, max_batch=2)
+    path, _ = build_engine(onnx, opts, out_dir=str(tmp_path), trt=trt, device=ORIN)
     cfg = calls["config"]
     assert cfg.default_device_type == "DLA" and cfg.DLA_core == 1
     assert sorted(cfg.flags) == ["FP16", "GPU_FALLBACK", "VERSION_COMPATIBLE"]
@@ -308,13 +310,13 @@ def test_dla_static_profile_and_layer_report_with_fake_tensorrt(models, tmp_path
     assert dla["layers_on_dla"] == calls["dla_layers"] > 0 and dla["layers"] >= dla["layers_on_dla"]
     assert dla["core"] == 1
     with pytest.raises(ValueError, match="--dla-core 2: this device has 2 DLA core"):
-        trt_build.build_engine(onnx, opts._replace(dla_core=2), out_dir=str(tmp_path), trt=trt, device=ORIN)
+        build_engine(onnx, opts._replace(dla_core=2), out_dir=str(tmp_path), trt=trt, device=ORIN)
     with pytest.raises(ValueError, match="DLA runs FP16 or INT8 only"):
-        trt_build.build_engine(onnx, opts._replace(precision="fp32"), out_dir=str(tmp_path), trt=trt, device=ORIN)
+        build_engine(onnx, opts._replace(precision="fp32"), out_dir=str(tmp_path), trt=trt, device=ORIN)
     old, _ = _fake_trt(version="8.5.2")
     with pytest.raises(ValueError, match="version-compatible engines need TensorRT 8.6"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(version_compatible=True), out_dir=str(tmp_path), trt=old,
-                               device=ORIN, force=True)
+        build_engine(onnx, BuildOptions(version_compatible=True), out_dir=str(tmp_path), trt=old,
+                     device=ORIN, force=True)
 
 
 def test_dla_refuses_qdq_on_trt8_with_fake_tensorrt(models, tmp_path):
@@ -322,12 +324,12 @@ def test_dla_refuses_qdq_on_trt8_with_fake_tensorrt(models, tmp_path):
     onnx = _copy_model(models, "host-qdq", tmp_path)
     trt, calls = _fake_trt(version="8.6.2")
     with pytest.raises(ValueError, match="on DLA does not take explicit Q/DQ INT8"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8", dla_core=0), out_dir=str(tmp_path), trt=trt,
-                               device=ORIN)
+        build_engine(onnx, BuildOptions(precision="int8", dla_core=0), out_dir=str(tmp_path), trt=trt,
+                     device=ORIN)
     assert calls["builds"] == 0
     trt10, calls10 = _fake_trt(version="10.3.0")
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="int8", dla_core=0, max_batch=1),
-                                     out_dir=str(tmp_path), trt=trt10, device=ORIN)
+    path, _ = build_engine(onnx, BuildOptions(precision="int8", dla_core=0, max_batch=1),
+                           out_dir=str(tmp_path), trt=trt10, device=ORIN)
     assert load_card(path).data["provenance"]["engine"]["dla"]["layers_on_dla"] == calls10["dla_layers"] > 0
 
 
@@ -337,8 +339,8 @@ def test_tensorrt_11_refused_clearly_with_fake_tensorrt(models, tmp_path):
     trt, calls = _fake_trt(version="11.0.0.9")
     for precision in ("fp16", "int8"):
         with pytest.raises(RuntimeError, match="TensorRT 11.0.0.9 is not supported.*tensorrt>=10,<11"):
-            trt_build.build_engine(onnx, trt_rules.BuildOptions(precision=precision, calib_cache=__file__),
-                                   out_dir=str(tmp_path), trt=trt, device=ORIN)
+            build_engine(onnx, BuildOptions(precision=precision, calib_cache=__file__),
+                         out_dir=str(tmp_path), trt=trt, device=ORIN)
     assert calls["builds"] == 0
 
 
@@ -428,7 +430,7 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
     inp = {"color": "gray", "resize": [40, 40], "crop": [32, 32], "crop_mode": "ten"}
     ckpt = train_toy_checkpoint(str(tmp_path / "m.pt"), inp=inp, steps=20)
     onnx = export_onnx(ckpt, crops="ten", parity_images=2, max_batch=4).path
-    path, _ = trt_build.build_engine(onnx, trt_rules.BuildOptions(precision="fp16"), out_dir=str(tmp_path))
+    path, _ = build_engine(onnx, BuildOptions(precision="fp16"), out_dir=str(tmp_path))
     imgs = toy_images(4, inp, seed=2)[0]
     with open_backend(onnx) as a, open_backend(path) as b:
         ra, rb = a.infer(imgs), b.infer(imgs)
@@ -561,10 +563,10 @@ def test_profile_checked_against_input_dims_and_add_result_with_fake_tensorrt(mo
     trt, calls = _fake_trt()
     with pytest.raises(ValueError, match=r"profile shape \(1, 40, 40, 1\) does not fit input 'images'.*"
                                          r"\(-1, 36, 36, 1\)"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+        build_engine(onnx, BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
     monkeypatch.setattr(trt_network, "check_profile_dims", lambda network, shapes: None)
     with pytest.raises(RuntimeError, match="failed to build"):  # the fake builder checks the dims too
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
+        build_engine(onnx, BuildOptions(), out_dir=str(tmp_path), trt=trt, device=ORIN, check=False)
     assert "does not match input dims" in calls["build_error"]
 
     ok = _copy_model(models, "ten", tmp_path, "ok.onnx")
@@ -576,7 +578,7 @@ def test_profile_checked_against_input_dims_and_add_result_with_fake_tensorrt(mo
 
     trt2.Builder.create_builder_config = lambda self: Config()
     with pytest.raises(RuntimeError, match=r"rejected the optimisation profile .* returned -1"):
-        trt_build.build_engine(ok, trt_rules.BuildOptions(), out_dir=str(tmp_path), trt=trt2, device=ORIN, check=False)
+        build_engine(ok, BuildOptions(), out_dir=str(tmp_path), trt=trt2, device=ORIN, check=False)
     assert calls2["builds"] == 0
 
 
@@ -588,7 +590,7 @@ def test_timing_cache_refused_is_replaced_not_ignored_with_fake_tensorrt(models,
     cache.write_bytes(b"made-on-another-gpu")
     trt, calls = fake_trt(timing_cache_accepts=False)
     with caplog.at_level("WARNING"):
-        trt_build.build_engine(onnx, trt_rules.BuildOptions(timing_cache=str(cache)), out_dir=str(tmp_path), trt=trt,
-                               device=ORIN, check=False)
+        build_engine(onnx, BuildOptions(timing_cache=str(cache)), out_dir=str(tmp_path), trt=trt,
+                     device=ORIN, check=False)
     assert calls["timing_cache_refused"] == b"made-on-another-gpu"
     assert "was not accepted" in caplog.text and cache.read_bytes() == b"timing:"
