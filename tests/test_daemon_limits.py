@@ -22,14 +22,12 @@ import numpy as np
 import pytest
 import yaml
 import zmq
-from _daemon_util import base_config, build_tiny_onnx, running
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from _hostile import jpeg_scan_bomb  # noqa: E402
-from _zmtp import RawPeer  # noqa: E402
 
 from nexedge.serve import protocol as P  # noqa: E402
 from nexedge.serve.memory import rss_bytes  # noqa: E402
+from tests.support.daemon import base_config, build_tiny_onnx, running
+from tests.support.hostile import jpeg_scan_bomb
+from tests.support.zmtp import RawPeer
 
 
 @pytest.fixture(scope="module")

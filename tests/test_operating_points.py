@@ -80,11 +80,10 @@ def test_ten_crop_export_measures_its_own_operating_points(toy, ten):
 
 
 def test_daemon_refuses_thresholds_measured_with_another_crop_mode(toy, tmp_path, caplog):
-    from _daemon_util import base_config
-
     from nexedge.export.onnx_export import export_onnx
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config
 
     res = export_onnx(toy["ckpt"], str(tmp_path / "m.ten.onnx"), crops="ten", max_batch=8, parity_images=2,
                       threads=1)  # no labelled data: the card keeps the checkpoint's center-crop numbers
@@ -347,10 +346,9 @@ def test_thresholds_cli_prints_weak_warning(toy, ten, capsys):
 
 
 def test_daemon_warns_and_exports_the_tpr_lower_bound(tmp_path, caplog):
-    from _daemon_util import base_config, build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config, build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))  # tpr_lower95 0.98 at TPR 100 %, 0.975 at 99.5 %
     caplog.set_level(logging.INFO, logger="nexedge.serve")
@@ -413,10 +411,9 @@ def test_card_monotone_points_and_histogram_counts():
 
 
 def test_daemon_refuses_card_with_infinite_threshold(tmp_path):
-    from _daemon_util import base_config, build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config, build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))
     cp = card_path_for(model)
@@ -561,9 +558,8 @@ def test_resize_short_keeps_aspect_ratio_and_is_carried_by_the_card():
 # -- demo: claimed TPR beside what the line delivered ----------------------------------
 
 def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
-    from _daemon_util import build_tiny_onnx
-
     from nexedge.demo.run import deployed_claim_line
+    from tests.support.daemon import build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))  # card: TPR 1.0 claimed, lower bound 0.98, 150 val defects
     stream = {"binary": {"defect": {"PASS": 1, "REJECT": 19, "RECHECK": 0},

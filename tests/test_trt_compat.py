@@ -273,7 +273,7 @@ def test_lint_requires_the_zero_point_input_before_tensorrt_10():
 def test_fake_parser_follows_each_release_on_two_input_qdq():
     """The fake parser must reject what 8.5/8.6 reject (3 inputs asserted) and accept what 10.x accepts
     (a 2-input Q is INT8, so its DequantizeLinear takes it)."""
-    from _trt_fakes import fake_parse_errors
+    from tests.support.trt_fakes import fake_parse_errors
 
     data = _two_input_qdq().SerializeToString()
     for version in ((8, 5), (8, 6)):

@@ -1,6 +1,6 @@
 """Issue 14: the traps a new user met with their own class folders, one CLI-level test per item.
 
-The data set is tests/userdata.py: three classes with ``ok`` as the negative class, PNG and
+The data set is tests/support/userdata.py: three classes with ``ok`` as the negative class, PNG and
 JPEG, non-ASCII names, a corrupt PNG, a text file, Thumbs.db and an empty class folder.
 """
 
@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from _daemon_util import base_config, running
-from userdata import CORRUPT, make_user_dataset
 
 from nexedge.cli import main
+from tests.support.daemon import base_config, running
+from tests.support.userdata import CORRUPT, make_user_dataset
 
 
 def _train(epochs: int = 2) -> list:
