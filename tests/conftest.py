@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.support import shared as sh
+
 #: At most this many xdist workers for ``-n auto``: the daemon tests time their own threads, and
 #: more workers than cores only make each one slower.
 MAX_WORKERS = 4
@@ -53,6 +55,32 @@ def _one_torch_thread_per_worker():
     yield
     if _under_xdist() and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """``shared(key, build)``: ``build(folder)`` once per run, its (JSON) result shared by every test
+    file and xdist worker (tests/support/shared.py). Do not change what it returns: copy it first."""
+    root = sh.run_folder(tmp_path_factory)
+    return lambda key, build: sh.once(root, key, build)
+
+
+@pytest.fixture(scope="session")
+def untrained_export(shared):
+    """``get(arch, flavour, int8=False)`` -> {"checkpoint", "fp32"[, "int8"]}: ``arch`` with random
+    weights at the smallest input every architecture takes, exported in ``flavour`` (parity-checked)
+    and, with ``int8``, quantized with TensorRT Q/DQ; each once per run (test_export, test_trt_compat)."""
+
+    def get(arch, flavour, int8=False):
+        ckpt = shared(f"untrained-{arch}", lambda d: sh.untrained_checkpoint(os.path.join(d, f"{arch}.pt"), arch))
+        out = {"checkpoint": ckpt, "fp32": shared(
+            f"export-{arch}-{flavour}",
+            lambda d: sh.export_untrained(ckpt, os.path.join(d, f"{arch}.{flavour}.onnx"), flavour))}
+        if int8:
+            out["int8"] = shared(f"int8-{arch}-{flavour}", lambda d: sh.quantize_for_tensorrt(out["fp32"]))
+        return out
+
+    return get
 
 
 def pytest_collection_modifyitems(config, items):
