@@ -35,10 +35,10 @@ install-check: $(STAMP)
 
 # lint and compat first (seconds), then the test suite on every usable core (pytest-xdist, -n auto:
 # at most 4 workers, tests/conftest.py) with install-check (about a CPU-minute of pip resolving)
-# running beside it rather than before it. Fails when any of the four fails; install-check's output
-# is printed after pytest's.
+# running beside it, niced, in the time the daemon tests leave the cores idle. Fails when any of the
+# four fails; install-check's output is printed after pytest's.
 test: $(STAMP) lint compat
-	@$(BIN)/python tools/check_install.py > $(VENV)/install-check.log 2>&1 & ic=$$!; \
+	@nice -n 10 $(BIN)/python tools/check_install.py > $(VENV)/install-check.log 2>&1 & ic=$$!; \
 	$(BIN)/python -m pytest -q -n auto -m "not gpu and not tensorrt"; rc=$$?; \
 	wait $$ic; ic_rc=$$?; \
 	echo "--- install-check (tools/check_install.py):"; cat $(VENV)/install-check.log; \
