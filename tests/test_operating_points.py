@@ -567,3 +567,44 @@ def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
     line = deployed_claim_line({"model": model}, stream)
     assert "claimed TPR 100.0% (95% lower bound 98.0%" in line
     assert "on test: TPR 95.0% FPR 10.0% (20 defect, 40 good" in line
+
+
+def _escape_op(n=35, tpr=1.0):
+    return {"target_tpr": 1.0, "threshold": 0.1, "tpr": tpr, "fpr": 0.2, "n_defects": n, "n_good": 86,
+            "tpr_lower95": metrics.clopper_pearson_lower(int(round(tpr * n)), n)}
+
+
+def test_format_points_prints_the_95_bound_beside_the_expected_escape_rate():
+    from nexedge.export.thresholds import format_points
+
+    card = ModelCard.new(["good", "chip"])
+    card.data["operating_points"] = [_escape_op()]
+    text = format_points(card)
+    # 35 defects all caught: 1/36 = 2.8 % on average over validation draws, at most 8.2 % for this threshold
+    assert "new defect escapes: expected / 95% bound" in text and "2.8 % / 8.2 %" in text
+    assert "not a promise for this one threshold" in text
+
+
+def test_selection_warning_when_val_picked_the_checkpoint_and_set_its_threshold():
+    from nexedge.export.thresholds import format_points
+
+    card = ModelCard.new(["good", "chip"])
+    card.data["operating_points"] = [_escape_op()]
+    card.data["operating_points_source"] = {"status": "measured", "split": "val", "crop_mode": "center"}
+    card.data["provenance"] = {"select": "val_auc", "best_of_run": "ckpt_e004.pt"}
+    assert "the split that also picked this checkpoint" in card.selection_warning()
+    assert "WARNING: the operating points were measured on 'val'" in format_points(card)
+    for prov, split in (({"select": "last", "best_of_run": "ckpt_e005.pt"}, "val"),
+                        ({"select": "val_auc", "best_of_run": "ckpt_e004.pt"}, "holdout")):
+        card.data["provenance"] = prov
+        card.data["operating_points_source"]["split"] = split
+        assert card.selection_warning() is None
+
+
+def test_promise_check_says_whether_test_escapes_fit_the_bound():
+    op = _escape_op(332)  # the tiles' train+val defects under --cv: bound 0.9 %
+    assert metrics.promise_check(0, 40, op)["within"]
+    assert metrics.promise_check(1, 40, op)["within"]  # P(>= 1 of 40 at 0.9 %) = 0.30
+    assert not metrics.promise_check(3, 40, op)["within"]
+    assert metrics.binomial_tail(1, 40, 0.009) == pytest.approx(1 - (1 - 0.009) ** 40)
+    assert metrics.promise_check(0, 0, op) is None
