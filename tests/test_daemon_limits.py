@@ -211,10 +211,13 @@ def test_connections_past_max_peers_are_closed(model):
     with running(model, sockets={"max_peers": 3}) as d:
         peers = [RawPeer(d.endpoints["frames"]) for _ in range(3)]
         time.sleep(0.2)
-        extra = RawPeer(d.endpoints["frames"])
-        assert extra.closed_by_server(3)
+        try:
+            extra = RawPeer(d.endpoints["frames"])
+        except ConnectionError:  # the guard closed it before the daemon's greeting was out: closed all the same
+            extra = None
+        assert extra is None or extra.closed_by_server(3)
         assert not peers[0].closed_by_server(0.3)
-        for p in peers + [extra]:
+        for p in peers + ([extra] if extra else []):
             p.close()
 
 
