@@ -33,8 +33,18 @@ compat: $(STAMP)
 install-check: $(STAMP)
 	$(BIN)/python tools/check_install.py
 
-test: $(STAMP) lint compat install-check
-	$(BIN)/python -m pytest -q -m "not gpu and not tensorrt"
+# lint and compat first (seconds), then the test suite on every usable core (pytest-xdist, -n auto:
+# at most 4 workers, tests/conftest.py) with install-check (about a CPU-minute of pip resolving)
+# running beside it, niced, in the time the daemon tests leave the cores idle. Fails when any of the
+# four fails; install-check's output is printed after pytest's.
+test: $(STAMP) lint compat
+	@nice -n 10 $(BIN)/python tools/check_install.py > $(VENV)/install-check.log 2>&1 & ic=$$!; \
+	$(BIN)/python -m pytest -q -n auto -m "not gpu and not tensorrt"; rc=$$?; \
+	wait $$ic; ic_rc=$$?; \
+	echo "--- install-check (tools/check_install.py):"; cat $(VENV)/install-check.log; \
+	if [ $$ic_rc -ne 0 ]; then echo "make test: install-check FAILED (exit $$ic_rc)"; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test: pytest FAILED (exit $$rc)"; fi; \
+	[ $$rc -eq 0 ] && [ $$ic_rc -eq 0 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from _daemon_util import running_config
 from test_trt_runtime import pycuda_fake  # noqa: F401  (the fake-CUDA fixture, used below)
 
 from nexedge import metrics
@@ -17,6 +16,7 @@ from nexedge.card import load_card
 from nexedge.runtime import cascade as cc
 from nexedge.runtime import open_backend
 from nexedge.runtime.base import BackendError
+from tests.support.daemon import running_config
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_derived_card_band_is_from_parent_until_remeasured(models, tmp_path):
 
 
 def _config(path, mode, warmup=1, threshold=None):
-    from _daemon_util import base_config
+    from tests.support.daemon import base_config
 
     raw = base_config(path)
     raw["model"].update(cascade=mode, warmup=warmup)
@@ -389,10 +389,9 @@ def test_daemon_answers_recheck_for_band_frames_stage2_cannot_decide(models):
 
 
 def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):
-    from _daemon_util import build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import build_tiny_onnx
 
     path = build_tiny_onnx(str(tmp_path))
     d = Daemon(C.from_dict(_config(path, "on")))

@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import build_tiny_onnx, png_header, running
 from test_daemon_serve import FailingBackend, scrape
 
 from nexedge.runtime import open_backend
 from nexedge.serve import protocol as P
 from nexedge.serve.client import CameraClient
 from nexedge.serve.decode import image_dims
+from tests.support.daemon import build_tiny_onnx, png_header, running
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import types
 
 import numpy as np
 import pytest
-from _trt_fakes import fake_trt
 
 from nexedge.card import ModelCard, load_card
 from nexedge.export import cuda_device, trt_names, trt_network, trt_recipe, trt_rules
 from nexedge.export.trt_build import build_engine
 from nexedge.export.trt_rules import BuildOptions
+from tests.support.trt_fakes import fake_trt
 
 # cudaGetDeviceProperties names every Orin module "Orin": the SM count and board tell them apart.
 ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
@@ -47,7 +47,7 @@ def _flags_of(engine_path):
 def models(tmp_path_factory):
     """Real tiny ONNX models (host and ten-crop, fp32 and TensorRT Q/DQ), exported once."""
     pytest.importorskip("torch")
-    from _trt_fakes import export_tiny_models
+    from tests.support.trt_fakes import export_tiny_models
 
     return export_tiny_models(str(tmp_path_factory.mktemp("models")))
 
@@ -275,8 +275,9 @@ def test_fake_parser_rejects_what_onnx_tensorrt_rejects(models, tmp_path):
     """The fake parser is only useful if it fails where the real one does: a uint8 Transpose (the old
     in-graph export), an INT32 DequantizeLinear (a quantized bias) and non-ONNX bytes."""
     import onnx
-    from _trt_fakes import fake_parse_errors
     from onnx import TensorProto, helper
+
+    from tests.support.trt_fakes import fake_parse_errors
 
     x = helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])

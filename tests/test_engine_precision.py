@@ -1,6 +1,6 @@
 """Engine scores: FP16 and INT8 builds must not touch the precision of what reaches the defect score.
 
-TensorRT is absent here. The fake builder (tests/_trt_fakes.py) rounds the float outputs and weights
+TensorRT is absent here. The fake builder (tests/support/trt_fakes.py) rounds the float outputs and weights
 of every layer not pinned to FP32 to float16, as an FP16 engine stores them (values below 6e-8
 flush to 0), and its engine runs under ONNX Runtime; so the decisions of a real tiny model's FP16
 "engine" are compared with the fp32 ONNX model's at a threshold below 6e-8.
@@ -10,12 +10,12 @@ import os
 
 import numpy as np
 import pytest
-from _trt_fakes import fake_trt, use_fake_tensorrt
 
 from nexedge.card import load_card
 from nexedge.export import cuda_device, trt_network
 from nexedge.export.trt_build import build_engine
 from nexedge.export.trt_rules import BuildOptions
+from tests.support.trt_fakes import fake_trt, use_fake_tensorrt
 
 ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
 INP = {"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "ten"}

@@ -1,7 +1,7 @@
 """The device side of issue 28, as a Jetson's line install runs it: build-engine --data, thresholds on an
 engine, the cascade's center engine, and the example configs starting on each backend.
 
-TensorRT and CUDA are absent here: the engine side runs on the fake TensorRT of tests/_trt_fakes.py
+TensorRT and CUDA are absent here: the engine side runs on the fake TensorRT of tests/support/trt_fakes.py
 (its engines execute under ONNX Runtime), in a subprocess that cannot import torch, scikit-learn or
 scipy. Every other part is real: exported ONNX models, cards, ZeroMQ sockets, the daemon.
 """
@@ -12,12 +12,12 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from _trt_fakes import fake_trt, run_line_install_cli, use_fake_tensorrt
 
 from nexedge.card import card_path_for, load_card
 from nexedge.export import cuda_device
 from nexedge.export.trt_build import build_engine
 from nexedge.export.trt_rules import BuildOptions
+from tests.support.trt_fakes import fake_trt, run_line_install_cli, use_fake_tensorrt
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 INP = {"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "ten"}
@@ -152,7 +152,7 @@ def test_example_config_checks_and_starts_on_each_backend_with_fake_tensorrt(nam
                                 device=ORIN, data=line["data"])
     cfg_path, raw = _example_config(name, model, tmp_path)
     assert daemon_main(["--config", cfg_path, "--check-config"]) == 0, capsys.readouterr().err
-    from _daemon_util import running_config
+    from tests.support.daemon import running_config
 
     raw["logging"]["level"] = "WARNING"
     with running_config(raw) as d:
@@ -167,7 +167,7 @@ def test_line_load_of_an_engine_on_an_onnx_line_uses_the_engine_options_with_fak
                                                                                           monkeypatch):
     """Item 3: `nexedge line load x.engine` on a line configured for ONNX Runtime opens the engine with its
     own options section; flat ONNX Runtime options name the problem instead of a TypeError."""
-    from _daemon_util import base_config, running_config
+    from tests.support.daemon import base_config, running_config
 
     trt, _ = fake_trt("10.3.0.30")
     use_fake_tensorrt(monkeypatch, trt)

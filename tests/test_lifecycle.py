@@ -11,7 +11,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from _daemon_util import build_tiny_onnx, running
 
 from nexedge import preprocess as pp
 from nexedge.card import card_path_for, read_card
@@ -20,6 +19,7 @@ from nexedge.serve import config as C
 from nexedge.serve.client import CameraClient
 from nexedge.serve.control import ControlClient, ControlServer, ControlTimeout
 from nexedge.store import SampleStore
+from tests.support.daemon import build_tiny_onnx, running
 
 N = 24
 
@@ -509,9 +509,8 @@ def test_memory_limit_holds_while_a_model_loads(models, tmp_path):
 def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_path, caplog):
     import logging
 
-    from _daemon_util import base_config
-
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config
 
     other_bytes = _copy(models["other"], str(tmp_path / "ob"), "measured_elsewhere")
     card = read_card(card_path_for(other_bytes))
@@ -671,7 +670,8 @@ def test_cli_and_sighup_on_a_daemon_process(models, tmp_path):
     import sys
 
     import yaml
-    from _daemon_util import base_config, free_port
+
+    from tests.support.daemon import base_config, free_port
 
     port = free_port()
     ctl = f"tcp://127.0.0.1:{port}"

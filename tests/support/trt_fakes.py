@@ -588,8 +588,7 @@ class Block:
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not part of the line install")
 sys.meta_path.insert(0, Block())
-sys.path.insert(0, os.environ["NEXEDGE_TESTS_DIR"])
-import _trt_fakes
+from tests.support import trt_fakes as _trt_fakes
 import nexedge.runtime.backends.tensorrt as rtmod
 from nexedge.export import cuda_device
 trt, calls = _trt_fakes.fake_trt(sys.argv[1])
@@ -608,8 +607,7 @@ def run_line_install_cli(args, trt_version="10.3.0.30", cwd=None, timeout=300):
     import subprocess
     import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, NEXEDGE_TESTS_DIR=here,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support importable
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", LINE_INSTALL_CLI, trt_version, *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=timeout)
