@@ -536,8 +536,10 @@ class FakeCudart:
 
     The current device is per thread (``cudaSetDevice``; a new thread starts on device 0); a device
     that does not exist is cudaErrorInvalidDevice; a copy to or from memory of another device than the
-    calling thread's current one fails with cudaErrorInvalidDevice. ``devices``: how many GPUs (a Jetson
-    has one)."""
+    calling thread's current one fails with cudaErrorInvalidDevice; with a driver older than the runtime
+    (``driver < runtime``, CUDA versions as 1000 * major + 10 * minor) device calls fail with
+    cudaErrorInsufficientDriver ("the installed NVIDIA CUDA driver is older than the CUDA runtime
+    library"), the version queries still answer. ``devices``: how many GPUs (a Jetson has one)."""
 
     class cudaError_t(enum.Enum):
         cudaSuccess = 0
@@ -548,10 +550,11 @@ class FakeCudart:
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
-    def __init__(self, name=b"Orin", cc=(8, 7), sms=16, driver=12060, runtime=12060, devices=1):
+    def __init__(self, name=b"Orin", cc=(8, 7), sms=16, driver=12060, runtime=12060, devices=1,
+                 total_mem=61 << 30):
         self.tls, self.bufs, self.owner, self.ok = threading.local(), {}, {}, self.cudaError_t.cudaSuccess
         self.props = types.SimpleNamespace(name=name, major=cc[0], minor=cc[1], multiProcessorCount=sms,
-                                           totalGlobalMem=61 << 30)
+                                           totalGlobalMem=total_mem)
         self.versions, self.devices = (driver, runtime), devices
         self.streams = {}  # handle -> device it was created on
         self._next_stream = 7
@@ -616,6 +619,8 @@ class FakeCudart:
         return (self.ok,)
 
     def cudaGetDeviceProperties(self, d):
+        if self.versions[0] < self.versions[1]:
+            return (self.cudaError_t.cudaErrorInsufficientDriver, None)
         if not 0 <= int(d) < self.devices:
             return (self.cudaError_t.cudaErrorInvalidDevice, None)
         return (self.ok, self.props)

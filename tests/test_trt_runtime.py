@@ -74,6 +74,31 @@ def test_fake_cuda_enforces_context_affinity(pycuda_fake):
     drv.Context.pop()
 
 
+def test_fake_cudart_enforces_the_per_thread_device():
+    """The fake cuda-python runtime must fail where CUDA does: a new thread starts on device 0, memory and
+    streams of device 1 are not usable from there, and a device that does not exist cannot be selected."""
+    fake = FakeCudart(devices=2)
+    assert fake.cudaSetDevice(2)[0] == fake.cudaError_t.cudaErrorInvalidDevice
+    assert fake.cudaSetDevice(1)[0] == fake.ok
+    _, ptr = fake.cudaMalloc(16)
+    _, stream = fake.cudaStreamCreate()
+    host = np.zeros(16, np.uint8)
+    h2d = fake.cudaMemcpyKind.cudaMemcpyHostToDevice
+    assert fake.cudaMemcpyAsync(ptr, host.ctypes.data, 16, h2d, stream)[0] == fake.ok
+    assert fake.may_launch(1, stream, [ptr])
+    seen = []
+
+    def worker():
+        seen.append(fake.current_device())
+        seen.append(fake.cudaMemcpyAsync(ptr, host.ctypes.data, 16, h2d, stream)[0])
+        seen.append(fake.may_launch(1, stream, [ptr]))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [0, fake.cudaError_t.cudaErrorInvalidDevice, False]
+
+
 def test_backend_deserializes_after_selecting_the_device_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):
     """Item 7: deserialize_cuda_engine runs with the chosen device's context current (multi-GPU hosts)."""
     drv = pycuda_fake
