@@ -1,4 +1,5 @@
-"""A fake ``tensorrt`` (builder and runtime) and a fake cuda-python runtime, faithful where our code depends on them.
+"""One fake ``tensorrt`` (builder and runtime) and fake CUDA (cuda-python runtime, pycuda), faithful where our code
+depends on them.
 
 TensorRT and CUDA cannot be installed here. The fakes follow TensorRT's / onnx-tensorrt's
 documented behaviour in the points nexedge's logic depends on:
@@ -40,8 +41,10 @@ CUDA (one set of rules, used by every fake here; a fake TensorRT installed with
   TensorRT call without a current context fails with "invalid device context", as pycuda's
   LogicError does.
 * fake cuda-python runtime (:class:`FakeCudart`): the current device is per thread
-  (cudaSetDevice; "a new thread starts on device 0"), ``cudaSetDevice`` of a device that does
-  not exist fails with cudaErrorInvalidDevice, and memory of device 1 used from device 0 fails.
+  (cudaSetDevice "sets device as the current device for the calling host thread"; a thread
+  that never set one runs on device 0), ``cudaSetDevice`` of a device that does not exist fails
+  with cudaErrorInvalidDevice, and memory of device 1 used from device 0 fails (stricter than
+  CUDA with unified addressing, where such a copy may work: our code must not depend on that).
   The runtime API makes the device's primary context current implicitly, so TensorRT calls need
   no explicit context there.
 * TensorRT places a deserialized engine on the current device ("deserializeCudaEngine" uses the
