@@ -92,3 +92,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_trt)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def pycuda_fake(monkeypatch):
+    """A fake pycuda.driver (per-thread context stacks; tests/support/trt_fakes.py) installed for this test."""
+    from tests.support.trt_fakes import install_fake_pycuda
+
+    return install_fake_pycuda(monkeypatch)

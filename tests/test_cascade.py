@@ -1,6 +1,6 @@
 """Cascade TenCrop: the measured band, the plan with real ONNX Runtime sessions (host-crop and
 in-graph flavours), RECHECK for band frames stage 2 cannot decide, the daemon end to end, and the
-TensorRT host-crop path with the fakes of test_trt_runtime (no GPU here)."""
+TensorRT host-crop path with the fakes of tests/support/trt_fakes.py (no GPU here)."""
 
 import contextlib
 import os
@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from test_trt_runtime import pycuda_fake  # noqa: F401  (the fake-CUDA fixture, used below)
 
 from nexedge import metrics
 from nexedge import preprocess as pp
@@ -402,10 +401,11 @@ def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):
         C.from_dict(_config(path, "maybe"))
 
 
-def test_cascade_host_engine_uses_a_crop_view_fake_trt(tmp_path, monkeypatch, pycuda_fake):  # noqa: F811
-    """TensorRT host-crop engine (fakes of test_trt_runtime: no GPU here): stage 1 is a center-crop view
+def test_cascade_host_engine_uses_a_crop_view_fake_trt(tmp_path, monkeypatch, pycuda_fake):
+    """TensorRT host-crop engine (fakes of tests/support/trt_fakes.py: no GPU here): stage 1 is a center-crop view
     of the same engine (closing it frees nothing), band frames go to stage 2 as one batch."""
-    from test_trt_runtime import DataType, _engine, fake_tensorrt
+    from tests.support.trt_fakes import DataType, fake_tensorrt
+    from tests.support.trt_fakes import fake_engine_file as _engine
 
     drv = pycuda_fake
     calls = []

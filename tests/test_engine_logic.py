@@ -6,9 +6,7 @@ version branches, naming, cache keys and errors are tested; the real build is
 in the ``tensorrt``-marked test at the end, which skips without TensorRT.
 """
 
-import enum
 import os
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from nexedge.card import ModelCard, load_card
 from nexedge.export import cuda_device, trt_names, trt_network, trt_recipe, trt_rules
 from nexedge.export.trt_build import build_engine
 from nexedge.export.trt_rules import BuildOptions
-from tests.support.trt_fakes import fake_trt
+from tests.support.trt_fakes import FakeCudart, fake_trt
 
 # cudaGetDeviceProperties names every Orin module "Orin": the SM count and board tell them apart.
 ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
@@ -144,12 +142,7 @@ def test_cache_key_tells_orin_modules_apart_with_fake_tensorrt(models, tmp_path)
 def test_device_info_reads_sm_count_and_board_with_fake_cudart(monkeypatch, tmp_path):
     import nexedge.runtime.backends.tensorrt as rtmod
 
-    class Err(enum.Enum):
-        cudaSuccess = 0
-
-    props = types.SimpleNamespace(name=b"Orin\x00", major=8, minor=7, multiProcessorCount=8,
-                                  totalGlobalMem=7 * (1 << 30) + 123)
-    rt = types.SimpleNamespace(cudaError_t=Err, cudaGetDeviceProperties=lambda d: (Err.cudaSuccess, props))
+    rt = FakeCudart(name=b"Orin\x00", cc=(8, 7), sms=8, total_mem=7 * (1 << 30) + 123)
     monkeypatch.setattr(rtmod, "_import_cudart", lambda: rt)
     model = tmp_path / "model"
     model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
@@ -394,13 +387,7 @@ def test_device_info_mismatch_message_with_fake_cudart(monkeypatch):
     """The same message for a JetPack 6.1 driver (CUDA 12.6) with cuda-python 13 (CUDA 13.0)."""
     import nexedge.runtime.backends.tensorrt as rtmod
 
-    class Err(enum.Enum):
-        cudaSuccess = 0
-        cudaErrorInsufficientDriver = 35
-
-    rt = types.SimpleNamespace(
-        cudaError_t=Err, cudaGetDeviceProperties=lambda d: (Err.cudaErrorInsufficientDriver, None),
-        cudaDriverGetVersion=lambda: (Err.cudaSuccess, 12060), cudaRuntimeGetVersion=lambda: (Err.cudaSuccess, 13000))
+    rt = FakeCudart(driver=12060, runtime=13000)
     monkeypatch.setattr(rtmod, "_import_cudart", lambda: rt)
     with pytest.raises(RuntimeError, match="(?s)driver supports CUDA 12.6.*built for CUDA 13.0.*matching the "
                                            "driver's CUDA 12.*JetPack 6"):
