@@ -35,7 +35,7 @@ PINS = {
     "jetpack6": {"numpy": ">=1.19,<2", "cuda-python": ">=12.6,<12.7", "onnxruntime": ">=1.12"},
     "x86_64": {"numpy": ">=1.19", "cuda-python": ">=12,<13", "tensorrt": ">=10,<11", "onnxruntime": ">=1.12"},
 }
-TENSORRT_RANGE = ((8, 5), 10)  # nexedge.export.engine.MIN_VERSION, MAX_MAJOR
+TENSORRT_RANGE = ((8, 5), 10)  # nexedge.export.trt_rules.MIN_VERSION, MAX_MAJOR
 FIX_NUMPY = 'pip install "numpy>=1.19,<2"  (JetPack\'s OpenCV is built against numpy 1.x)'
 
 
@@ -253,11 +253,12 @@ def check_engine(path: str, card: Any, trt_version: Optional[str], device: Any, 
 def check_service(cfg: Any, user: Optional[str], python: str) -> List[Check]:
     """The files the config names, as the service user sees them, and its access to the venv's python."""
     from nexedge.serve import config as C
+    from nexedge.serve import preflight
 
     who = user or "this user"
     try:
-        problems = C.check_files(cfg, user)
-        if not C.can_access(python, os.R_OK | os.X_OK, user):
+        problems = preflight.check_files(cfg, user)
+        if not preflight.can_access(python, os.R_OK | os.X_OK, user):
             problems.append(f"{python} (the venv's python) is not executable by {who}")
     except C.ConfigError as e:
         problems = [str(e)]
@@ -355,7 +356,7 @@ def probe(engine: Optional[str] = None) -> Dict[str, Any]:
     facts["device"] = None
     if facts["trt"] is not None or engine:
         try:
-            from nexedge.export.engine import device_info
+            from nexedge.export.cuda_device import device_info
 
             facts["device"] = device_info(0)
         except Exception as e:

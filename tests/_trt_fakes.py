@@ -591,12 +591,12 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, os.environ["NEXEDGE_TESTS_DIR"])
 import _trt_fakes
 import nexedge.runtime.backends.tensorrt as rtmod
-from nexedge.export import engine as eng
+from nexedge.export import cuda_device
 trt, calls = _trt_fakes.fake_trt(sys.argv[1])
 sys.modules["tensorrt"] = trt
 cudart = _trt_fakes.FakeCudart()
 rtmod._import_cudart = lambda: cudart
-eng.device_info = lambda device=0: eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+cuda_device.device_info = lambda device=0: cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
 from nexedge.cli import main
 sys.exit(main(sys.argv[2:]))
 '''

@@ -244,7 +244,7 @@ def test_recheck_samples_are_rate_limited_and_deduplicated(model, tmp_path):
 
 
 def test_sample_queue_is_bounded_by_bytes(tmp_path):
-    from nexedge.serve.metrics import DaemonMetrics
+    from nexedge.serve.prometheus import DaemonMetrics
     from nexedge.serve.sampler import Sampler
 
     class SlowStore:
@@ -419,7 +419,7 @@ def test_secret_key_file_is_never_readable_by_others(tmp_path, monkeypatch):
 
 
 def test_metrics_on_a_non_loopback_address_warns(caplog):
-    from nexedge.serve.metrics import DaemonMetrics, HealthServer
+    from nexedge.serve.prometheus import DaemonMetrics, HealthServer
 
     caplog.set_level(logging.WARNING, logger="nexedge.serve")
     srv = HealthServer(DaemonMetrics(), "0.0.0.0", 0, lambda: True, lambda: True)

@@ -312,7 +312,7 @@ def test_parser_and_decoder_only_ever_raise_protocol_errors(frames, delim):
 
 
 def test_camera_label_cardinality_is_bounded():
-    from nexedge.serve.metrics import OTHER_CAMERA, DaemonMetrics
+    from nexedge.serve.prometheus import OTHER_CAMERA, DaemonMetrics
 
     m = DaemonMetrics(max_cameras=3)
     labels = [m.camera_label(f"cam{i}") for i in range(10)]

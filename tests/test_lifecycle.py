@@ -536,11 +536,11 @@ def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_pat
 
 
 def test_version_import_never_leaves_an_artifact_without_its_card(models, tmp_path, monkeypatch, caplog):
-    from nexedge.serve import lifecycle as L
+    from nexedge.serve import versions
 
     src = models["other"]
     sha = read_card(card_path_for(src)).sha256
-    v = L.Versions(str(tmp_path / "m"))
+    v = versions.Versions(str(tmp_path / "m"))
     dest = os.path.join(v.root, "versions", f"beta-{sha[:8]}", "beta.onnx")
     seen = []
     real_replace, real_copy = os.replace, shutil.copyfile
@@ -566,8 +566,8 @@ def test_version_import_never_leaves_an_artifact_without_its_card(models, tmp_pa
     assert v.import_artifact(src, sha) == dest and read_card(card_path_for(dest)).sha256 == sha
     # a pointer naming an incomplete version is ignored with a log line; the line starts on model.path
     os.unlink(card_path_for(dest))
-    L.atomic_write_bytes(v.pointer_path, json.dumps({"active": {"path": dest, "sha256": sha}}).encode())
-    with pytest.raises(L.LifecycleError, match="incomplete version"):
+    versions.atomic_write_bytes(v.pointer_path, json.dumps({"active": {"path": dest, "sha256": sha}}).encode())
+    with pytest.raises(versions.LifecycleError, match="incomplete version"):
         v.read()
 
 

@@ -284,13 +284,15 @@ def _fake_trt_runner(tmp):
 
 
 def test_engine_measured_with_fake_trt_and_marked_when_it_cannot_run(toy, ten, tmp_path):
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device
+    from nexedge.export.trt_build import build_engine
+    from nexedge.export.trt_rules import BuildOptions
 
     trt = _fake_trt_that_keeps_the_onnx()
-    dev = eng.DeviceInfo("Orin", (8, 7))
-    opts = eng.BuildOptions(precision="fp16", timing_cache=str(tmp_path / "t.cache"))
+    dev = cuda_device.DeviceInfo("Orin", (8, 7))
+    opts = BuildOptions(precision="fp16", timing_cache=str(tmp_path / "t.cache"))
     runner = _fake_trt_runner(str(tmp_path))
-    path, _ = eng.build_engine(ten.path, opts, out_dir=str(tmp_path / "e"), trt=trt, device=dev, runner=runner)
+    path, _ = build_engine(ten.path, opts, out_dir=str(tmp_path / "e"), trt=trt, device=dev, runner=runner)
     card = load_card(path)
     assert card.data["artifact"]["kind"] == "engine" and card.ops_source["backend"] == "tensorrt (fake: onnxruntime)"
     assert_reproduces(path, toy["data"], backend=runner(path))
@@ -298,8 +300,8 @@ def test_engine_measured_with_fake_trt_and_marked_when_it_cannot_run(toy, ten, t
     def no_trt(engine):
         raise ImportError("No module named 'tensorrt'")
 
-    path2, _ = eng.build_engine(ten.path, opts._replace(precision="fp32"), out_dir=str(tmp_path / "e"), trt=trt,
-                                device=dev, runner=no_trt)
+    path2, _ = build_engine(ten.path, opts._replace(precision="fp32"), out_dir=str(tmp_path / "e"), trt=trt,
+                            device=dev, runner=no_trt)
     src = load_card(path2).ops_source
     assert src["status"] == "from_parent" and "tensorrt" in src["not_measured_reason"]
     assert src["crop_mode"] == "ten" and src["parent_status"] == "measured"

@@ -14,7 +14,7 @@ from nexedge import preprocess  # noqa: E402
 from nexedge.card import load_card  # noqa: E402
 from nexedge.train.cardbuild import TopK  # noqa: E402
 from nexedge.train.data import ImageFolderSet, list_classes, load_image  # noqa: E402
-from nexedge.train.engine import forward_crops  # noqa: E402
+from nexedge.train.loop import forward_crops  # noqa: E402
 from nexedge.train.toydata import make_toy_imagefolder  # noqa: E402
 from nexedge.train.trainer import TrainConfig, train  # noqa: E402
 from nexedge.train.transforms import EvalTransform, TrainTransform  # noqa: E402

@@ -298,12 +298,12 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
 
 def build_settings(args: argparse.Namespace) -> dict:
     """Defaults < recipe < command-line flags."""
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_recipe, trt_rules
 
     settings = {"precision": "fp16", "max_batch": 0, "opt_batch": 0, "workspace_mib": 1024, "dla_core": None,
                 "version_compatible": False}
     if args.recipe:
-        recipe = eng.load_recipe(args.recipe)
+        recipe = trt_recipe.load_recipe(args.recipe)
         settings.update({k: v for k, v in recipe.items() if k in settings and v is not None})
         settings["_recipe"] = recipe
         if recipe.get("precision") is not None:
@@ -314,7 +314,7 @@ def build_settings(args: argparse.Namespace) -> dict:
             settings[key] = value
             if key == "precision":
                 settings.pop("_precision_from", None)
-    eng.check_precision(settings["precision"])
+    trt_rules.check_precision(settings["precision"])
     return settings
 
 
@@ -322,30 +322,30 @@ def run_build_engine(args: argparse.Namespace) -> int:
     import os
 
     from nexedge.card import load_card
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device, trt_build, trt_names, trt_recipe, trt_rules
 
     s = build_settings(args)
     # Precision rules before anything slow, naming the recipe when the precision came from it.
     src = f" (precision int8 from {s['_precision_from']})" if "_precision_from" in s else ""
-    eng.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
+    trt_rules.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
     try:
         import tensorrt as trt
     except ImportError:
         raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
                            "device, see trt_engines/README.md") from None
     if "_recipe" in s:
-        eng.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
-    dev = eng.device_info(0)
+        trt_recipe.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
+    dev = cuda_device.device_info(0)
     timing = args.timing_cache or os.path.join(
-        args.out_dir, f"{eng.device_tag(dev)}.trt{trt.__version__}.timing.cache")
-    opts = eng.BuildOptions(
+        args.out_dir, f"{trt_names.device_tag(dev)}.trt{trt.__version__}.timing.cache")
+    opts = trt_rules.BuildOptions(
         precision=s["precision"], max_batch=s["max_batch"], opt_batch=s["opt_batch"],
         workspace=s["workspace_mib"] << 20, dla_core=s["dla_core"], version_compatible=s["version_compatible"],
         calib_cache=args.calib_cache, timing_cache=timing,
     )
-    path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
-                                    force=args.force, data=args.data, check=not args.no_check)
-    print(("reused " if reused else "built ") + eng.describe(path))
+    path, reused = trt_build.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
+                                          force=args.force, data=args.data, check=not args.no_check)
+    print(("reused " if reused else "built ") + trt_build.describe(path))
     return report_unmeasured(path, bool(args.data))
 
 

@@ -178,24 +178,24 @@ def _require_tensorrt() -> Any:
     except ImportError:
         raise RuntimeError("--trt-cache needs TensorRT (import tensorrt failed); run it on the target "
                            "(Jetson) or use the Q/DQ model, which needs no cache") from None
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_rules
 
-    eng.check_builder_api(trt, eng.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
+    trt_rules.check_builder_api(trt, trt_rules.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
     return trt
 
 
 def build_trt_cache(onnx_path: str, card: Any, images: Any, manifest: str, batch_images: int = 8) -> str:
     """Entropy-calibrate with TensorRT (implicit quantization, TensorRT <= 10) and keep the cache."""
     trt = _require_tensorrt()
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_build, trt_rules
 
     stream = cal.CalibrationBatchStream(images, card, batch_images)
     path = trt_cache_path(manifest, card.sha256, trt.__version__)
     calibrator = cal.make_entropy_calibrator(trt, stream, path)
     # TensorRT calibrates at the profile's opt shape: make it the calibration batch.
-    opts = eng.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
-                            opt_batch=batch_images, calibrator=calibrator)
-    eng.build_serialized(trt, onnx_path, card, opts)
+    opts = trt_rules.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
+                                  opt_batch=batch_images, calibrator=calibrator)
+    trt_build.build_serialized(trt, onnx_path, card, opts)
     if not os.path.exists(path):
         raise RuntimeError(f"TensorRT finished but wrote no calibration cache at {path}")
     return path

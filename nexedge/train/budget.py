@@ -183,7 +183,7 @@ def measure(cfg: Any, resize: Sequence[int], crop: Sequence[int], batches: int =
 
     from nexedge.models import input_normalization
     from nexedge.train.data import ImageFolderSet, collate_skip_unreadable, list_classes
-    from nexedge.train.engine import forward_crops
+    from nexedge.train.loop import forward_crops
     from nexedge.train.trainer import _make_model, _optimizer
     from nexedge.train.transforms import EvalTransform, TrainTransform
 

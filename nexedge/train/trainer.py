@@ -24,8 +24,8 @@ from nexedge.card import ModelCard, atomic_write_bytes
 from nexedge.train import distributed as D
 from nexedge.train.cardbuild import BEST_RULES, TopK, build_card, reference_image_stats
 from nexedge.train.data import ImageFolderSet, class_counts, collate_skip_unreadable, data_hash, list_classes
-from nexedge.train.engine import evaluate, train_one_epoch
 from nexedge.train.history import History
+from nexedge.train.loop import evaluate, train_one_epoch
 from nexedge.train.losses import SATLoss, build_loss
 from nexedge.train.sampling import BALANCE_MODES, BalancedSampler
 from nexedge.train.transforms import EvalTransform, TrainTransform
