@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from nexedge.cliopts import uses_globals
+
 OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
 
 #: JetPack by L4T release (/etc/nv_tegra_release): (JetPack, Python, TensorRT major.minor, CUDA).
@@ -398,7 +400,7 @@ def configure_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", help="an engine to check against this device (default: the config's model.path "
                                     "when it is an engine)")
     p.add_argument("--user", help="check file access as this user (the unit's User=, e.g. nexedge)")
-    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    uses_globals(p, "--json")
 
 
 def run_doctor(args: argparse.Namespace) -> int:

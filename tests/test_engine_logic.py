@@ -513,9 +513,11 @@ def test_documented_build_engine_commands_run_as_written_with_fake_tensorrt(comm
         if a.endswith(".onnx"):
             os.makedirs(os.path.dirname(a) or ".", exist_ok=True)
             _copy_model(models, "ten-qdq" if a.endswith(".int8-trt.onnx") else "ten", tmp_path, a)
-        if i and args[i - 1] == "--calib-cache":
-            os.makedirs(os.path.dirname(a), exist_ok=True)
-            open(a, "wb").write(b"TRT-8502-EntropyCalibration2\n")
+        cache = a if i and args[i - 1] == "--calib-cache" else (
+            a.split("=", 1)[1] if i and args[i - 1] == "--build-kw" and a.startswith("calib_cache=") else None)
+        if cache:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            open(cache, "wb").write(b"TRT-8502-EntropyCalibration2\n")
     trt, calls = _fake_trt(version=version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(cuda_device, "device_info", lambda device=0: ORIN)

@@ -70,7 +70,7 @@ def run_calibration(
     if trt_cache:
         _require_tensorrt()  # fail before the slow part
     if eval_split and eval_split == thresholds_split:
-        raise ValueError(f"--eval-split {eval_split!r} is the split the thresholds are picked on; the INT8 report "
+        raise ValueError(f"--report-kw eval_split={eval_split!r} is the split the thresholds are picked on; the INT8 report "
                          "needs a split not used to pick them (e.g. test)")
     card = load_card(onnx_path)
     if card.data.get("cv"):

@@ -73,7 +73,7 @@ def int8_mode(onnx_precision: str, precision: str, has_calibration: bool, source
     if precision != "int8":
         return None
     if not has_calibration:
-        raise ValueError(f"INT8{source} from an fp32 ONNX model needs a calibration cache (--calib-cache, from "
+        raise ValueError(f"INT8{source} from an fp32 ONNX model needs a calibration cache (--build-kw calib_cache=FILE, from "
                          "`nexedge calibrate --trt-cache`); or build from the Q/DQ model "
                          "(`nexedge calibrate` writes *.int8-trt.onnx); or pass --precision fp16")
     return "implicit"
@@ -90,7 +90,7 @@ def check_dla(opts: BuildOptions, precision: str, mode: Optional[str], version: 
         # TensorRT 8.x developer guide, Working with DLA: explicit quantization (Q/DQ) is not supported on DLA.
         raise ValueError(f"TensorRT {'.'.join(map(str, version))} on DLA does not take explicit Q/DQ INT8 graphs; "
                          "build the Q/DQ model for the GPU (drop --dla-core), or build INT8 for DLA from the fp32 "
-                         "ONNX with --calib-cache, or use --precision fp16 with the fp32 ONNX")
+                         "ONNX with --build-kw calib_cache=FILE, or use --precision fp16 with the fp32 ONNX")
     if card.graph["crops"] != "host":
         log.warning("DLA: in-graph preprocessing (Cast, Slice, crops) runs on the GPU; host-crop models "
                     "(export --crops host) put more of the network on the DLA")

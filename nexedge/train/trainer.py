@@ -99,7 +99,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+            raise ValueError(f"--optimizer-kw warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}")
         if self.select not in BEST_RULES:
             raise ValueError(f"--select {self.select!r}: expected one of {', '.join(BEST_RULES)}")
         if self.freeze < 0:
