@@ -185,6 +185,27 @@ def test_cuda_python_pinned_float16_and_per_thread_device_with_fake_cudart(monke
         cuda.close()
 
 
+def test_two_cuda_python_wrappers_on_one_thread_each_use_their_device_with_fake_cudart(monkeypatch):
+    """The current device belongs to the thread, not to a wrapper: after a wrapper on device 0 ran on this
+    thread, one on device 1 must select device 1 again, or its buffers silently land on device 0."""
+    import nexedge.runtime.backends.tensorrt as rt
+
+    fake = FakeCudart(devices=2)
+    monkeypatch.setattr(rt, "_import_cudart", lambda: fake)
+    a = rt.CudaPython(device=1)
+    b = rt.CudaPython(device=0)
+    host = np.arange(4, dtype=np.float32)
+    with a.active():
+        ptr = a.malloc(host.nbytes)
+    with b.active():
+        assert fake.current_device() == 0
+    with a.active():
+        assert fake.current_device() == 1
+        second = a.malloc(host.nbytes)
+        a.htod(ptr, host)
+    assert fake.owner[ptr] == 1 and fake.owner[second] == 1
+
+
 def test_pycuda_stream_is_destroyed_inside_its_context_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):
     """Issue 28 item 7: pycuda destroys a Stream when its last reference goes (cuStreamDestroy), which
     needs the context current; close() dropped it after popping the context."""

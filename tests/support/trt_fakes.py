@@ -582,6 +582,9 @@ class FakeCudart:
         self.tls.device = int(d)
         return (self.ok,)
 
+    def cudaGetDevice(self):
+        return (self.ok, self.current_device())
+
     def cudaStreamCreate(self):
         self._next_stream += 1
         self.streams[self._next_stream] = self.current_device()
