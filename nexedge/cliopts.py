@@ -301,6 +301,11 @@ def rewrite_retired(argv: Sequence[str], note: Callable[[str], None] = _note) ->
     if c >= len(argv):
         return argv
     cmd = argv[c]
+    for t in argv[:c]:
+        if (cmd, t.partition("=")[0]) in OWN_OPTIONS:
+            sys.stderr.write(f"nexedge {cmd}: {t.partition('=')[0]} is this command's own option here "
+                             f"(see nexedge {cmd} --help); give it after the command\n")
+            raise SystemExit(2)
     retired = RETIRED.get(cmd, {})
     front: List[str] = []
     rest: List[str] = []

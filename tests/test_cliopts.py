@@ -115,6 +115,13 @@ def test_bench_keeps_its_own_json_file_option():
     assert args.json == "out.json"
 
 
+def test_the_global_json_before_bench_is_refused_not_dropped(capsys):
+    """bench's --json takes a file; a global --json in front of it used to vanish without a word."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--json", "bench", "m.onnx"])
+    assert e.value.code == 2 and "nexedge bench: --json is this command's own option" in capsys.readouterr().err
+
+
 def test_threads_after_the_command_reaches_run(monkeypatch):
     """``nexedge train --threads 2`` (the old spelling) still runs the command on 2 threads."""
     from nexedge.train import cli as tcli
