@@ -16,7 +16,9 @@ ROOTS = ["nexedge.threads", "nexedge.card", "nexedge.metrics", "nexedge.preproce
          "nexedge.store",
          # a Jetson's line install runs these too (doctor, build-engine, thresholds, check-onnx)
          "nexedge.doctor", "nexedge.export.engine", "nexedge.export.thresholds", "nexedge.export.onnx_check",
-         "nexedge.export.cli"]
+         "nexedge.export.cli",
+         # the command line lists the architectures (--arch help, --pretrained checks) without torch
+         "nexedge.models.archs", "nexedge.train.cli", "nexedge.demo.cli"]
 
 
 def main() -> int:
