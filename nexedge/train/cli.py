@@ -118,8 +118,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="replace the run already in --out (by default a non-empty --out is refused, so two runs "
                         "never mix)")
     lo = p.add_argument_group("loss")
-    lo.add_argument("--loss", choices=LOSSES, default="ce",
-                    help="ce; wbce (CE + weighted binary); sat, sat_good, sat_boost (self-adaptive training)")
+    lo.add_argument("--loss", choices=tuple(LOSSES), default="ce",
+                    help="; ".join(f"{name}: {text}" for name, text in LOSSES.items()))
     lo.add_argument("--boost", action="append", default=None, metavar="CLASS=FACTOR",
                     help="class weight (repeatable); sat_boost defaults to x5 for lead_defect, marking_defect, "
                          "pocket_damage and scratch where present")
