@@ -212,7 +212,12 @@ def test_exportable_adaptive_pool_equals_torch(hw):
 
 
 def test_imagenet_without_network_fails_clearly(tmp_path, monkeypatch):
+    import urllib.request
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+    # urlopen keeps the opener it builds (with the dead proxy below): dropped after the test, so later
+    # tests in this process (the demo polls its daemon over HTTP) reach localhost again
+    monkeypatch.setattr(urllib.request, "_opener", None)
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens: no network
     monkeypatch.delenv("no_proxy", raising=False)
