@@ -24,7 +24,7 @@ lint: $(STAMP)
 # The daemon side (runtime, serve, store, card, preprocess) must run on Python 3.8 (JetPack 5).
 DAEMON_MODULES := nexedge/__init__.py nexedge/threads.py nexedge/card.py nexedge/metrics.py nexedge/preprocess.py nexedge/runtime nexedge/serve nexedge/store
 # What a Jetson's line install runs besides the daemon: doctor, build-engine, thresholds, check-onnx.
-DEVICE_MODULES := nexedge/cli.py nexedge/doctor.py nexedge/export/cli.py nexedge/export/engine.py nexedge/export/thresholds.py nexedge/export/onnx_check.py nexedge/export/calibrate.py nexedge/export/parity.py nexedge/images.py nexedge/cliopts.py nexedge/export/__init__.py nexedge/train/config.py nexedge/train/cli.py nexedge/progress.py
+DEVICE_MODULES := nexedge/cli.py nexedge/doctor.py nexedge/export/cli.py nexedge/export/cuda_device.py nexedge/export/trt_rules.py nexedge/export/trt_names.py nexedge/export/trt_recipe.py nexedge/export/trt_network.py nexedge/export/trt_build.py nexedge/export/thresholds.py nexedge/export/onnx_check.py nexedge/export/calibrate.py nexedge/export/parity.py nexedge/images.py nexedge/cliopts.py nexedge/export/__init__.py nexedge/train/config.py nexedge/train/cli.py nexedge/progress.py
 compat: $(STAMP)
 	$(BIN)/vermin --no-tips --violations -t=3.8- --eval-annotations --backport dataclasses $(DAEMON_MODULES) $(DEVICE_MODULES)
 	$(BIN)/python tools/check_no_torch.py
@@ -33,8 +33,18 @@ compat: $(STAMP)
 install-check: $(STAMP)
 	$(BIN)/python tools/check_install.py
 
-test: $(STAMP) lint compat install-check
-	$(BIN)/python -m pytest -q -m "not gpu and not tensorrt"
+# lint and compat first (seconds), then the test suite on every usable core (pytest-xdist, -n auto:
+# at most 4 workers, tests/conftest.py) with install-check (about a CPU-minute of pip resolving)
+# running beside it, niced, in the time the daemon tests leave the cores idle. Fails when any of the
+# four fails; install-check's output is printed after pytest's.
+test: $(STAMP) lint compat
+	@nice -n 10 $(BIN)/python tools/check_install.py > $(VENV)/install-check.log 2>&1 & ic=$$!; \
+	$(BIN)/python -m pytest -q -n auto -m "not gpu and not tensorrt"; rc=$$?; \
+	wait $$ic; ic_rc=$$?; \
+	echo "--- install-check (tools/check_install.py):"; cat $(VENV)/install-check.log; \
+	if [ $$ic_rc -ne 0 ]; then echo "make test: install-check FAILED (exit $$ic_rc)"; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test: pytest FAILED (exit $$rc)"; fi; \
+	[ $$rc -eq 0 ] && [ $$ic_rc -eq 0 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

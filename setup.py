@@ -55,6 +55,7 @@ EXTRAS = {
     "test": [
         "pytest>=7",
         "pytest-timeout>=2",
+        "pytest-xdist>=3",  # make test runs the suite on every core (-n auto, capped in tests/conftest.py)
         "hypothesis>=6",
         "imagezmq>=1.1",
         "tqdm>=4.60",

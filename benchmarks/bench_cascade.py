@@ -131,10 +131,9 @@ def offline(model: str, data: str, threads: int, batch: int) -> Dict[str, Any]:
 def daemon_run(model: str, data: str, mode: str, threads: int, max_batch: int, cameras: int, seconds: float,
                rate: Optional[float]) -> Dict[str, Any]:
     """Saturation (closed loop) and, with ``rate``, an open-loop run at that total rate."""
-    from _daemon_proc import DaemonProc
-
     from nexedge.card import load_card
     from nexedge.serve.camerasim import escapes_overkill, load_images, run_sim
+    from tests.support.daemon_proc import DaemonProc
 
     good = load_card(model).good_class
     sims = load_images(os.path.join(data, "test"))

@@ -44,7 +44,7 @@ def crop_logits_of(ckpt: str, data: str, split: str, threads: int) -> Dict[str, 
 
     from nexedge.models.checkpoint import model_from_checkpoint
     from nexedge.train.data import ImageFolderSet, collate_skip_unreadable
-    from nexedge.train.engine import crop_logits
+    from nexedge.train.loop import crop_logits
     from nexedge.train.transforms import EvalTransform
 
     torch.set_num_threads(threads)

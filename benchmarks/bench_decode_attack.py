@@ -26,10 +26,9 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _daemon_proc import DaemonProc  # noqa: E402
-from _hostile import jpeg_scan_bomb  # noqa: E402
-
 from benchmarks import _common as common  # noqa: E402
+from tests.support.daemon_proc import DaemonProc  # noqa: E402
+from tests.support.hostile import jpeg_scan_bomb  # noqa: E402
 
 #: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
 RECIPE = common.recipe(
@@ -122,8 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.model:
         model = os.path.abspath(args.model)
     else:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from _daemon_util import build_tiny_onnx
+        from tests.support.daemon import build_tiny_onnx
 
         model = build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-bomb-"))
     bomb = jpeg_scan_bomb(args.side, args.scans)

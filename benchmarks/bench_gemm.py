@@ -71,7 +71,7 @@ def build_models(work: str, arch: str, resize: int, crop: int, threads: int, cal
     _nexedge(main, ["synth", data, "--n", str(max(60, 2 * calib_images)), "--size", str(resize),
                     "--workers", str(threads), "--no-progress"])
     _nexedge(main, ["calibrate", fp32, "--data", data, "--images", str(calib_images), "--targets", "ort",
-                    "--eval-split", "", "--calib-root", os.path.join(work, "calibrate"), "--out-dir", work])
+                    "--report-kw", "eval_split=", "--calib-root", os.path.join(work, "calibrate"), "--out-dir", work])
     int8 = sorted(glob.glob(os.path.join(work, "*.int8-ort.onnx")))
     if not int8:
         raise RuntimeError(f"nexedge calibrate wrote no *.int8-ort.onnx under {work}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """INT8 with the stem convolutions kept float (what `nexedge calibrate` writes by default) vs every
-backbone convolution quantized (`--quantize-stem`, the recipe before): ranking kept from FP32
+backbone convolution quantized (`--quant-kw quantize_stem=true`, the recipe before): ranking kept from FP32
 (test AUC, FPR at TPR 100 %), the line at each artifact's own validation threshold (good PASSed,
 escapes) and ONNX Runtime time of a TenCrop batch, side by side in one run, on trained demo models.
 

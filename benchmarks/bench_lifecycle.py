@@ -104,12 +104,11 @@ def _frames(side: int) -> List[Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from _daemon_proc import DaemonProc
-
     from nexedge.bench.env import capture
     from nexedge.card import load_card
     from nexedge.serve.camerasim import run_sim
     from nexedge.serve.control import ControlClient
+    from tests.support.daemon_proc import DaemonProc
 
     env = capture()
     work = tempfile.mkdtemp(prefix="bench-lifecycle-")

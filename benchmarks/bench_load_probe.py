@@ -85,9 +85,8 @@ def _free_endpoint() -> str:
 
 
 def run_daemon(model: str, cand: str, bomb: str, loads: int, limit: Optional[str]) -> Dict[str, Any]:
-    from _daemon_proc import DaemonProc
-
     from nexedge.serve.control import ControlClient
+    from tests.support.daemon_proc import DaemonProc
 
     ctl = _free_endpoint()
     lc: Dict[str, Any] = {"control": ctl}

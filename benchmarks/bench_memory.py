@@ -38,10 +38,9 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _daemon_proc import DaemonProc  # noqa: E402
-from _zmtp import RawPeer  # noqa: E402
-
 from benchmarks import _common as common  # noqa: E402
+from tests.support.daemon_proc import DaemonProc  # noqa: E402
+from tests.support.zmtp import RawPeer  # noqa: E402
 
 #: Environment variable that makes this script a probe child (on, off, cameras); set by main() only.
 PROBE_ENV = "NEXEDGE_BENCH_MEMORY_PROBE"
@@ -223,12 +222,10 @@ def in_process(model: str, allocator: bool) -> None:
     import gc
     import threading
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from _daemon_util import base_config
-
     import nexedge.serve.memory as M
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config
 
     if not allocator:
         M.AllocatorTrim.__init__.__defaults__ = (0, 1.0, False)
@@ -259,12 +256,10 @@ def camera_probe(model: str) -> str:
 
     import cv2
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from _daemon_util import base_config
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
     from nexedge.serve.memory import rss_bytes
+    from tests.support.daemon import base_config
 
     d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"}, monitor={"window": 200, "min_frames": 50},
                                        store={"path": tempfile.mkdtemp(prefix="nexedge-cam-")})))
@@ -303,8 +298,7 @@ def _model(path: Optional[str]) -> str:
         return os.path.abspath(path)
     import tempfile
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from _daemon_util import build_tiny_onnx
+    from tests.support.daemon import build_tiny_onnx
 
     return build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-mem-"))
 

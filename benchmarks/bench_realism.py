@@ -90,7 +90,7 @@ def render_speed(looks: List[str], n: int, rounds: int) -> Dict[str, Any]:
 # training, TenCrop scoring. The training seed is the data seed (``{seed}``).
 TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--pretrained", "imagenet", "--freeze", "3", "--channels-last",
               "--resize", "184", "--crop", "160", "--crop-mode", "center", "--epochs", "5", "--batch-size", "16",
-              "--lr", "1e-3", "--schedule", "cosine", "--optimizer", "adamw", "--warmup-epochs", "1",
+              "--lr", "1e-3", "--schedule", "cosine", "--optimizer", "adamw", "--optimizer-kw", "warmup_epochs=1",
               "--balanced", "sqrt", "--photometric", "shift", "--select", "last", "--seed", "{seed}", "--keep", "1",
               "--no-test-curves", "--no-progress"]
 SYNTH_ARGS = ["--good-fraction", "0.5", "--seed", "{seed}", "--no-progress"]  # the batch-2 defect mix, half good

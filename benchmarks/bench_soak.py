@@ -5,7 +5,7 @@
    inferred verdicts per second.
 3. Soaks for ``minutes`` at ``load`` x capacity from 8 cameras (real device images from
    /work/shared/reference/nexperia when present, else synthetic PNGs), plus ``hostile``
-   (1 %) hostile messages of every shape in benchmarks/_hostile.py.
+   (1 %) hostile messages of every shape in tests/support/hostile.py.
 4. Every ``sample_s`` seconds: RSS, threads, fds of the daemon, store rows and bytes,
    /metrics and /ready status.
 
@@ -21,7 +21,7 @@ run there, one column per run.
     PYTHONPATH=$PWD nice python benchmarks/bench_soak.py [--model M.onnx] --markdown benchmarks/results/soak.md
     python benchmarks/bench_soak.py --set render_only=1 --markdown benchmarks/results/soak.md
 
-Without ``--model`` the tiny test model (tests/_daemon_util.py) is built first.
+Without ``--model`` the tiny test model (tests/support/daemon.py) is built first.
 """
 
 import argparse
@@ -39,10 +39,9 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _daemon_proc import DaemonProc, proc_status  # noqa: E402
-from _hostile import Hostile  # noqa: E402
-
 from benchmarks import _common as common  # noqa: E402
+from tests.support.daemon_proc import DaemonProc, proc_status  # noqa: E402
+from tests.support.hostile import Hostile  # noqa: E402
 
 #: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
 RECIPE = common.recipe(
@@ -318,7 +317,7 @@ def markdown(results: List[Dict[str, Any]]) -> str:
     out = ["## Soak: 8 cameras at 80 % of capacity with 1 % hostile traffic", "",
            f"{results[0]['machine']}, nice'd while other engineers' jobs ran (see the load average). Model: the "
            "tiny test model (32x32 TenCrop, random weights, so every frame scores alike); images: the real "
-           "Nexperia reference PNGs; hostile messages: every shape in benchmarks/_hostile.py.", "",
+           "Nexperia reference PNGs; hostile messages: every shape in tests/support/hostile.py.", "",
            "| | " + " | ".join(f"run {i + 1}" for i in range(len(results))) + " |",
            "|---|" + "---|" * len(results)]
     cols = [_rows(r) for r in results]
@@ -360,8 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(render_runs(args.markdown))
         return 0
     if not args.model:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from _daemon_util import build_tiny_onnx
+        from tests.support.daemon import build_tiny_onnx
 
         args.model = build_tiny_onnx(tempfile.mkdtemp(prefix="nexedge-soak-model-"))
     work = tempfile.mkdtemp(prefix="nexedge-soak-")

@@ -46,7 +46,7 @@ RECIPE = common.recipe(
 
 #: The recipe docs/your-data.md gives for real line images (nothing in it is specific to the tiles).
 TRAIN_RECIPE = ("--arch efficientnet_lite0 --pretrained imagenet --freeze 3 --channels-last --resize 128 "
-                "--crop 128 --epochs 12 --batch-size 16 --optimizer adamw --lr 1e-3 --warmup-epochs 1 "
+                "--crop 128 --epochs 12 --batch-size 16 --optimizer adamw --lr 1e-3 --optimizer-kw warmup_epochs=1 "
                 "--schedule cosine --balanced sqrt --select last")
 
 

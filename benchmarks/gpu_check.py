@@ -60,10 +60,10 @@ def skip_reason() -> Optional[str]:
         import torch  # noqa: F401
     except ImportError:
         return "torch is not installed (pip install '.[train]' from the nexedge checkout)"
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device
 
     try:
-        eng.device_info(0)
+        cuda_device.device_info(0)
     except Exception as e:
         return f"no usable CUDA device ({e})"
     return None
@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from nexedge.card import load_card
     from nexedge.export import calibrate as cal
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device, trt_build, trt_rules
     from nexedge.export import onnx_check as oc
     from nexedge.export import quantize as qz
     from nexedge.export.onnx_export import export_onnx
@@ -143,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     crop = args.size * 224 // 255
     inp = {"color": "gray", "resize": [args.size, args.size], "crop": [crop, crop], "crop_mode": "ten"}
     common.work_dir("gpu_check")
-    dev = eng.device_info(0)
+    dev = cuda_device.device_info(0)
     print(f"gpu_check: TensorRT {trt.__version__} on {dev.name} (SM {dev.compute_capability[0]}."
           f"{dev.compute_capability[1]}, {dev.sm_count} SMs, {dev.total_mem_gib} GiB); archs {', '.join(archs)}; "
           f"input {args.size}x{args.size} gray, TenCrop {crop}x{crop}")
@@ -164,9 +164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 lint = oc.summary(model, [oc.target_for_version(trt.__version__)])
                 t0 = time.perf_counter()
                 try:
-                    path, _ = eng.build_engine(model, eng.BuildOptions(precision=precision),
-                                               out_dir=os.path.join(args.out, "engines"), trt=trt, device=dev,
-                                               force=True)
+                    path, _ = trt_build.build_engine(model, trt_rules.BuildOptions(precision=precision),
+                                                     out_dir=os.path.join(args.out, "engines"), trt=trt, device=dev,
+                                                     force=True)
                 except Exception as e:  # report and go on: one failure should not hide the others
                     rows.append([arch, flavour, precision, "-", "-", "-", "-", f"BUILD FAILED: {e}".splitlines()[0]])
                     ok = False

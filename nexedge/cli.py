@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from nexedge import __version__, threads
+from nexedge import __version__, cliopts, threads
 
 # (name, module, one-line help). Order is the order of the data flow.
 COMMANDS: List[Tuple[str, str, str]] = [
@@ -53,14 +53,25 @@ def _fn_name(cmd: str) -> str:
     return cmd.replace("-", "_")
 
 
+class NexedgeParser(argparse.ArgumentParser):
+    """The ``nexedge`` parser: before parsing, global options given after the command move in front of
+    it and retired spellings become their new ones (:func:`nexedge.cliopts.rewrite_retired`)."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None
+                         ) -> Tuple[argparse.Namespace, List[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(cliopts.rewrite_retired(argv), namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NexedgeParser(
         prog="nexedge",
         description="Train, export and serve semiconductor defect classifiers on inspection lines.",
     )
     parser.add_argument("--version", action="version", version="nexedge " + __version__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cliopts.add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
     for name, module, help_ in COMMANDS:
         try:
             mod = importlib.import_module(module)
@@ -87,10 +98,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nexedge.preprocess import quiet_opencv
 
         quiet_opencv()
+    unused = cliopts.check_globals(args)
+    if unused:
+        parser.error(unused)
     mod = importlib.import_module(args._module)
     run = getattr(mod, "run_" + _fn_name(args._name))
     try:
-        if not hasattr(args, "threads"):
+        if "--threads" not in getattr(args, "_globals", ()):
             return int(run(args) or 0)
         args._threads_given = args.threads is not None
         with threads.applied(args.threads, torch=getattr(args, "_threads_torch", False)) as args.threads:

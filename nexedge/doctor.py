@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from nexedge.cliopts import uses_globals
+
 OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
 
 #: JetPack by L4T release (/etc/nv_tegra_release): (JetPack, Python, TensorRT major.minor, CUDA).
@@ -33,7 +35,7 @@ PINS = {
     "jetpack6": {"numpy": ">=1.19,<2", "cuda-python": ">=12.6,<12.7", "onnxruntime": ">=1.12"},
     "x86_64": {"numpy": ">=1.19", "cuda-python": ">=12,<13", "tensorrt": ">=10,<11", "onnxruntime": ">=1.12"},
 }
-TENSORRT_RANGE = ((8, 5), 10)  # nexedge.export.engine.MIN_VERSION, MAX_MAJOR
+TENSORRT_RANGE = ((8, 5), 10)  # nexedge.export.trt_rules.MIN_VERSION, MAX_MAJOR
 FIX_NUMPY = 'pip install "numpy>=1.19,<2"  (JetPack\'s OpenCV is built against numpy 1.x)'
 
 
@@ -251,11 +253,12 @@ def check_engine(path: str, card: Any, trt_version: Optional[str], device: Any, 
 def check_service(cfg: Any, user: Optional[str], python: str) -> List[Check]:
     """The files the config names, as the service user sees them, and its access to the venv's python."""
     from nexedge.serve import config as C
+    from nexedge.serve import preflight
 
     who = user or "this user"
     try:
-        problems = C.check_files(cfg, user)
-        if not C.can_access(python, os.R_OK | os.X_OK, user):
+        problems = preflight.check_files(cfg, user)
+        if not preflight.can_access(python, os.R_OK | os.X_OK, user):
             problems.append(f"{python} (the venv's python) is not executable by {who}")
     except C.ConfigError as e:
         problems = [str(e)]
@@ -353,7 +356,7 @@ def probe(engine: Optional[str] = None) -> Dict[str, Any]:
     facts["device"] = None
     if facts["trt"] is not None or engine:
         try:
-            from nexedge.export.engine import device_info
+            from nexedge.export.cuda_device import device_info
 
             facts["device"] = device_info(0)
         except Exception as e:
@@ -397,7 +400,7 @@ def configure_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", help="an engine to check against this device (default: the config's model.path "
                                     "when it is an engine)")
     p.add_argument("--user", help="check file access as this user (the unit's User=, e.g. nexedge)")
-    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    uses_globals(p, "--json")
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nexedge import preprocess as pp
-from nexedge.threads import add_threads_option, given
+from nexedge.cliopts import Key, add_kw_option, uses_globals
+from nexedge.threads import given
 
 
 def occlusion_map(backend: Any, prepared: np.ndarray, patch: int, stride: int, target: Optional[int] = None,
@@ -135,11 +136,12 @@ def configure_explain(p: argparse.ArgumentParser) -> None:
                    help="explain this class's probability instead of the defect score (1 - p(good))")
     p.add_argument("--crop-mode", default=None, choices=sorted(pp.CROP_COUNTS),
                    help="crops per image (default: the card's; ten is 10x slower than center)")
-    p.add_argument("--patch", type=float, default=0.1,
-                   help="occluding patch side, as a fraction of the prepared image's shorter side")
-    p.add_argument("--stride", type=float, default=0.5, help="patch step, as a fraction of the patch")
+    add_kw_option(p, "--occlusion-kw", {
+        "patch": Key("patch", float, 0.1, "occluding patch side, as a fraction of the prepared image's shorter side"),
+        "stride": Key("stride", float, 0.5, "patch step, as a fraction of the patch"),
+    }, help="occlusion settings")
     p.add_argument("--limit", type=int, default=50, help="at most this many images (0: all)")
-    add_threads_option(p)
+    uses_globals(p, "--threads")
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -168,9 +170,9 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"explaining the first {args.limit} of {len(paths)} images (--limit; 0 for all)")
         paths = paths[:args.limit]
     if not 0.0 < args.patch <= 1.0:
-        raise ValueError(f"--patch {args.patch}; expected a fraction in (0, 1]")
+        raise ValueError(f"--occlusion-kw patch={args.patch}; expected a fraction in (0, 1]")
     if not 0.0 < args.stride <= 1.0:
-        raise ValueError(f"--stride {args.stride}; expected a fraction in (0, 1]")
+        raise ValueError(f"--occlusion-kw stride={args.stride}; expected a fraction in (0, 1]")
     model = resolve_artifact(args.model, "model")
     backend = open_backend(model, **backend_kwargs(backend_kind(model), given(args), None, None))
     card = backend.card

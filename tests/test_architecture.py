@@ -43,6 +43,8 @@ DAEMON_SIDE_MAY_IMPORT = {
 }
 UPWARD_EDGES = {
     ("nexedge.runtime.backends.torch", "nexedge.models.checkpoint"),  # the torch backend opens .pt checkpoints
+    # the `nexedge camera-sim/line` and `nexedge store` commands take the shared CLI options (torch-free, py3.8)
+    ("nexedge.serve.cli", "nexedge.cliopts"), ("nexedge.store.cli", "nexedge.cliopts"),
 }
 
 

@@ -160,94 +160,19 @@ class _FakeCuda:
         return contextlib.nullcontext()
 
 
-def _fake_tensorrt_module(cuda, n_classes=3, max_images=4, image_shape=(36, 36, 1)):
-    import types
+def _fake_tensorrt_module(cuda, max_images=4):
+    """The mean-pixel fake TensorRT runtime of tests/support/trt_fakes.py on ``cuda``'s memory, enqueued only on its
+    stream; _FakeCuda stands in for our own CUDA wrapper (no context to check, its active() does nothing)."""
+    from tests.support.trt_fakes import fake_tensorrt
 
-    class Mode:
-        INPUT, OUTPUT = "in", "out"
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addr = {}, {}
-
-        def set_input_shape(self, name, shape):
-            if shape[0] > max_images:
-                return False
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            n = self.shapes["images"][0]
-            return (n, n_classes) if name == "probs" else (n,)
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-
-        def execute_async_v3(self, stream):
-            assert stream == cuda.stream_handle
-            n = self.shapes["images"][0]
-            x = cuda.mem[self.addr["images"]][: n * int(np.prod(image_shape))].reshape((n,) + image_shape)
-            m = x.reshape(n, -1).mean(1).astype(np.float32) / 255.0  # "probs": a function of the pixels
-            probs = np.stack([m, (1 - m) / 2, (1 - m) / 2], 1).astype(np.float32)
-            cuda.mem[self.addr["probs"]][: probs.nbytes] = probs.reshape(-1).view(np.uint8)
-            return True
-
-    class Engine:
-        num_io_tensors = 3
-        names = ["images", "probs", "defect_score"]
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return Mode.INPUT if name == "images" else Mode.OUTPUT
-
-        def get_tensor_profile_shape(self, name, profile):
-            return [(1,) + image_shape, (2,) + image_shape, (max_images,) + image_shape]
-
-        def get_tensor_dtype(self, name):
-            return DataType.UINT8 if name == "images" else DataType.FLOAT
-
-        def create_execution_context(self):
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine() if blob == b"ENGINE" else None
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    import enum
-
-    class DataType(enum.Enum):  # tensorrt.DataType: pybind11 enum members with .name
-        FLOAT, HALF, INT8, INT32, BOOL, UINT8 = 0, 1, 2, 3, 4, 5
-
-    def nptype(dt):  # TensorRT 8.5.2's nptype builds its table with np.bool (gone in numpy >= 1.24)
-        raise AttributeError("module 'numpy' has no attribute 'bool'.")
-
-    return types.SimpleNamespace(__version__="10.3.0", Logger=Logger, Runtime=Runtime, TensorIOMode=Mode,
-                                 DataType=DataType, nptype=nptype)
+    return fake_tensorrt(cuda.mem, lambda call: None, profile=(1, 2, max_images), version="10.3.0",
+                         streams={cuda.stream_handle})
 
 
 def _engine_with_card(tmp_path, blob=b"ENGINE"):
-    from nexedge.card import ModelCard
+    from tests.support.trt_fakes import fake_engine_file
 
-    path = tmp_path / "m.engine"
-    path.write_bytes(blob)
-    card = ModelCard.new(["good", "chip", "scratch"], resize=(36, 36), crop=(32, 32), crop_mode="five",
-                         kind="engine", precision="fp16")
-    card.data["graph"] = {"crops": "five", "input_name": "images", "output_names": ["probs", "defect_score"],
-                          "max_batch": 4}
-    card.data["provenance"]["engine"] = {"tensorrt": "10.3.0", "key": {"version_compatible": False}}
-    card.save_for(str(path))
-    return str(path)
+    return fake_engine_file(tmp_path, tensorrt="10.3.0", blob=blob)
 
 
 def test_tensorrt_backend_with_fake_tensorrt(tmp_path, monkeypatch):

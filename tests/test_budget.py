@@ -76,10 +76,10 @@ def test_budget_flags_are_checked_before_any_work(tmp_path, capsys):
     base = ["train", "--data", data, "--out", str(tmp_path / "r"), "--arch", "tiny"]
     assert main(base + ["--budget", "15"]) == 1
     assert "--budget '15': expected a positive duration with a unit" in capsys.readouterr().err
-    assert main(base + ["--budget-resize", "32"]) == 1
+    assert main(base + ["--budget-kw", "resize=32"]) == 1
     assert "give --budget too" in capsys.readouterr().err
-    assert main(base + ["--budget", "1m", "--budget-resize", "32,big"]) == 1
-    assert "--budget-resize '32,big'" in capsys.readouterr().err
+    assert main(base + ["--budget", "1m", "--budget-kw", "resize=32,big"]) == 1
+    assert "--budget-kw resize='32,big'" in capsys.readouterr().err
     assert main(base + ["--budget", "1m", "--resume", "x.pt"]) == 1
     assert "--resume continues one" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r")
@@ -101,7 +101,7 @@ def test_tiny_budget_run_measures_chooses_and_records(tmp_path, capsys):
                                     {"train": [8, 8], "val": [4, 4], "test": [3, 3]}, size=40))
     out = str(tmp_path / "run")
     assert main(["train", "--data", data, "--out", out, "--arch", "tiny", "--epochs", "2", "--budget", "2m",
-                 "--budget-resize", "32,24", "--resize", "40", "--crop", "32", "--batch-size", "8", "--threads", "1",
+                 "--budget-kw", "resize=32,24", "--resize", "40", "--crop", "32", "--batch-size", "8", "--threads", "1",
                  "--schedule", "cosine"]) == 0
     text = capsys.readouterr().out
     assert "warm-up at crop 32x32 (resize 40x40)" in text and "warm-up at crop 24x24 (resize 30x30)" in text

@@ -1,6 +1,6 @@
 """Cascade TenCrop: the measured band, the plan with real ONNX Runtime sessions (host-crop and
 in-graph flavours), RECHECK for band frames stage 2 cannot decide, the daemon end to end, and the
-TensorRT host-crop path with the fakes of test_trt_runtime (no GPU here)."""
+TensorRT host-crop path with the fakes of tests/support/trt_fakes.py (no GPU here)."""
 
 import contextlib
 import os
@@ -8,8 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from _daemon_util import running_config
-from test_trt_runtime import pycuda_fake  # noqa: F401  (the fake-CUDA fixture, used below)
 
 from nexedge import metrics
 from nexedge import preprocess as pp
@@ -17,6 +15,7 @@ from nexedge.card import load_card
 from nexedge.runtime import cascade as cc
 from nexedge.runtime import open_backend
 from nexedge.runtime.base import BackendError
+from tests.support.daemon import running_config
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +312,7 @@ def test_derived_card_band_is_from_parent_until_remeasured(models, tmp_path):
 
 
 def _config(path, mode, warmup=1, threshold=None):
-    from _daemon_util import base_config
+    from tests.support.daemon import base_config
 
     raw = base_config(path)
     raw["model"].update(cascade=mode, warmup=warmup)
@@ -389,10 +388,9 @@ def test_daemon_answers_recheck_for_band_frames_stage2_cannot_decide(models):
 
 
 def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):
-    from _daemon_util import build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import build_tiny_onnx
 
     path = build_tiny_onnx(str(tmp_path))
     d = Daemon(C.from_dict(_config(path, "on")))
@@ -403,10 +401,11 @@ def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):
         C.from_dict(_config(path, "maybe"))
 
 
-def test_cascade_host_engine_uses_a_crop_view_fake_trt(tmp_path, monkeypatch, pycuda_fake):  # noqa: F811
-    """TensorRT host-crop engine (fakes of test_trt_runtime: no GPU here): stage 1 is a center-crop view
+def test_cascade_host_engine_uses_a_crop_view_fake_trt(tmp_path, monkeypatch, pycuda_fake):
+    """TensorRT host-crop engine (fakes of tests/support/trt_fakes.py: no GPU here): stage 1 is a center-crop view
     of the same engine (closing it frees nothing), band frames go to stage 2 as one batch."""
-    from test_trt_runtime import DataType, _engine, fake_tensorrt
+    from tests.support.trt_fakes import DataType, fake_tensorrt
+    from tests.support.trt_fakes import fake_engine_file as _engine
 
     drv = pycuda_fake
     calls = []

@@ -124,7 +124,7 @@ def test_ingraph_max_matches_the_host_max_and_parity_holds(toy, tmp_path):
 def test_export_refuses_tencrop_for_a_model_trained_without_mirrors(toy, tmp_path, caplog):
     _, data, ckpt = toy
     _with_flip(ckpt, "none")
-    with pytest.raises(ValueError, match="trained with --flip none.*--allow-unseen-mirrors"):
+    with pytest.raises(ValueError, match="trained with --flip none.*--auto-kw allow_unseen_mirrors=true"):
         export_onnx(ckpt, out=str(tmp_path / "t.onnx"), crops="ten", threads=1, data=data)
     assert not (tmp_path / "t.onnx").exists()
     res = export_onnx(ckpt, out=str(tmp_path / "t.onnx"), crops="ten", threads=1, data=data, parity_images=2,

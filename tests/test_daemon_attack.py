@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import build_tiny_onnx, png_header, running
 from test_daemon_serve import FailingBackend, scrape
 
 from nexedge.runtime import open_backend
 from nexedge.serve import protocol as P
 from nexedge.serve.client import CameraClient
 from nexedge.serve.decode import image_dims
+from tests.support.daemon import build_tiny_onnx, png_header, running
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_recheck_samples_are_rate_limited_and_deduplicated(model, tmp_path):
 
 
 def test_sample_queue_is_bounded_by_bytes(tmp_path):
-    from nexedge.serve.metrics import DaemonMetrics
+    from nexedge.serve.prometheus import DaemonMetrics
     from nexedge.serve.sampler import Sampler
 
     class SlowStore:
@@ -419,7 +419,7 @@ def test_secret_key_file_is_never_readable_by_others(tmp_path, monkeypatch):
 
 
 def test_metrics_on_a_non_loopback_address_warns(caplog):
-    from nexedge.serve.metrics import DaemonMetrics, HealthServer
+    from nexedge.serve.prometheus import DaemonMetrics, HealthServer
 
     caplog.set_level(logging.WARNING, logger="nexedge.serve")
     srv = HealthServer(DaemonMetrics(), "0.0.0.0", 0, lambda: True, lambda: True)

@@ -10,12 +10,12 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import base_config, build_tiny_onnx
 
 from nexedge.serve import config as C
 from nexedge.serve.auth import CurveClient, make_keypair
 from nexedge.serve.client import CameraClient, VerdictSubscriber
 from nexedge.serve.daemon import Daemon
+from tests.support.daemon import base_config, build_tiny_onnx
 
 
 @pytest.fixture(scope="module")

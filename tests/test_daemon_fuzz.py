@@ -1,5 +1,5 @@
 """Issue 13 fuzz test: 10,000+ malformed and hostile messages of every known shape (seeded,
-benchmarks/_hostile.py) against a real nexedge-daemon process over loopback TCP.
+tests/support/hostile.py) against a real nexedge-daemon process over loopback TCP.
 
 Asserts: every message gets exactly one reply, carrying its frame id when it has a readable
 one; no PASS without a score (a device that was not inspected is never passed); the well-formed
@@ -9,18 +9,16 @@ throughout; RSS stays under a bound; SIGTERM still drains to exit 0.
 
 import json
 import os
-import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import build_tiny_onnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from _daemon_proc import DaemonProc  # noqa: E402
-from _hostile import Hostile  # noqa: E402
+from tests.support.daemon import build_tiny_onnx
+from tests.support.daemon_proc import DaemonProc
+from tests.support.hostile import Hostile
 
 N_HOSTILE = 10_000
 CLIENTS = 4

@@ -22,14 +22,12 @@ import numpy as np
 import pytest
 import yaml
 import zmq
-from _daemon_util import base_config, build_tiny_onnx, running
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from _hostile import jpeg_scan_bomb  # noqa: E402
-from _zmtp import RawPeer  # noqa: E402
 
 from nexedge.serve import protocol as P  # noqa: E402
 from nexedge.serve.memory import rss_bytes  # noqa: E402
+from tests.support.daemon import base_config, build_tiny_onnx, running
+from tests.support.hostile import jpeg_scan_bomb
+from tests.support.zmtp import RawPeer
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +211,13 @@ def test_connections_past_max_peers_are_closed(model):
     with running(model, sockets={"max_peers": 3}) as d:
         peers = [RawPeer(d.endpoints["frames"]) for _ in range(3)]
         time.sleep(0.2)
-        extra = RawPeer(d.endpoints["frames"])
-        assert extra.closed_by_server(3)
+        try:
+            extra = RawPeer(d.endpoints["frames"])
+        except ConnectionError:  # the guard closed it before the daemon's greeting was out: closed all the same
+            extra = None
+        assert extra is None or extra.closed_by_server(3)
         assert not peers[0].closed_by_server(0.3)
-        for p in peers + [extra]:
+        for p in peers + ([extra] if extra else []):
             p.close()
 
 

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import yaml
-from _daemon_util import base_config, build_tiny_onnx
 
 from nexedge.serve.client import CameraClient
+from tests.support.daemon import base_config, build_tiny_onnx
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import imagezmq
 import numpy as np
 import pytest
 import zmq
-from _daemon_util import CLASSES, base_config, build_tiny_onnx, make_images, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexedge import preprocess as pp
@@ -19,6 +18,7 @@ from nexedge.serve import config as C
 from nexedge.serve import protocol as P
 from nexedge.serve.client import CameraClient, VerdictSubscriber
 from nexedge.serve.daemon import Daemon
+from tests.support.daemon import CLASSES, base_config, build_tiny_onnx, make_images, running
 
 
 @pytest.fixture(scope="module")

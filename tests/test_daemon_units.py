@@ -10,7 +10,6 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from _daemon_util import png_header
 
 from nexedge.card import CardError, ModelCard
 from nexedge.metrics import logit_exact as logit
@@ -20,6 +19,7 @@ from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
 from nexedge.serve.decode import decode, image_dims, sniff
+from tests.support.daemon import png_header
 
 
 def _parse(frames):
@@ -312,7 +312,7 @@ def test_parser_and_decoder_only_ever_raise_protocol_errors(frames, delim):
 
 
 def test_camera_label_cardinality_is_bounded():
-    from nexedge.serve.metrics import OTHER_CAMERA, DaemonMetrics
+    from nexedge.serve.prometheus import OTHER_CAMERA, DaemonMetrics
 
     m = DaemonMetrics(max_cameras=3)
     labels = [m.camera_label(f"cam{i}") for i in range(10)]

@@ -164,3 +164,22 @@ def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
     rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()] if manifest.exists() else []
     assert res["pull"]["samples"] == len(rows) >= st["uncertain"]
     assert "verdict summary" in text and "stage timings" in text and "total" in text
+
+
+def test_demo_recap_names_both_decision_change_rates():
+    import io
+
+    from nexedge.demo.context import Demo
+    from nexedge.demo.run import print_recap
+
+    buf = io.StringIO()
+    demo = Demo("/tmp/x", {"arch": "tiny"}, stream=buf)
+    demo.results["int8"] = {"onnx": "m.int8-ort.onnx", "bytes": 1e6, "fp32_bytes": 4e6,
+                            "decision_flips": {"good": 0.02, "defect": 0.05},
+                            "metrics": {"split": "test", "n_images": 122, "auc_int8": 0.98, "auc_fp32": 0.985,
+                                        "auc_delta_points": -0.5, "auc_delta_ci95_points": [-1.4, 0.4],
+                                        "max_abs_score_diff": 0.01}}
+    print_recap(demo)
+    text = buf.getvalue()
+    assert "delta -0.50 points, 95 % CI -1.40 to +0.40" in text
+    assert "decisions that differ at the deployed point: 2.0% of good, 5.0% of defects" in text

@@ -9,13 +9,13 @@ import pytest
 
 from nexedge import doctor as D
 from nexedge.card import ModelCard
-from nexedge.export import engine as eng
+from nexedge.export import cuda_device, trt_rules
 
 JP51 = D.jetpack_of((35, 4, 1))
 JP60 = D.jetpack_of((36, 3, 0))
 JP61 = D.jetpack_of((36, 4, 0))
-ORIN = eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
-NANO = eng.DeviceInfo("Orin", (8, 7), 8, 7, "NVIDIA Jetson Orin Nano Developer Kit")
+ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+NANO = cuda_device.DeviceInfo("Orin", (8, 7), 8, 7, "NVIDIA Jetson Orin Nano Developer Kit")
 
 
 def test_l4t_release_gives_the_jetpack():
@@ -153,7 +153,7 @@ def test_doctor_pins_are_setup_pys():
                 pins[r.name] = r.specifier
         for name, spec in D.PINS[key].items():
             assert SpecifierSet(spec) == pins[name], (key, name)
-    assert D.TENSORRT_RANGE == (eng.MIN_VERSION, eng.MAX_MAJOR)
+    assert D.TENSORRT_RANGE == (trt_rules.MIN_VERSION, trt_rules.MAX_MAJOR)
 
 
 def test_run_checks_and_cli_on_this_machine(tmp_path, capsys):

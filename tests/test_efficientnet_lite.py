@@ -124,3 +124,24 @@ def test_lite0_exports_quantizes_and_runs_like_the_daemon(tmp_path):
     with open_backend(onnx_path, intra_threads=1) as a, open_backend(res.outputs["ort"], intra_threads=1) as b:
         fa, fb = a.infer(imgs), b.infer(imgs)
     assert np.abs(fa.defect_score - fb.defect_score).max() <= 0.15
+
+
+def test_frozen_efficientnet_stages_apply_no_stochastic_depth():
+    from nexedge.models import create_model
+    from nexedge.models.freeze import freeze_stages
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, drop_path=0.9)
+    freeze_stages(model, 4)  # stem + three block stages
+    frozen_last = model.stages()[3][-1]
+    trained_last = model.stages()[5][-1]
+    assert frozen_last.drop_path > 0 and trained_last.drop_path > 0 and frozen_last.residual
+    seen = {"frozen": [], "trained": []}
+    frozen_last.register_forward_hook(lambda m, i, o: seen["frozen"].append(o.detach().clone()))
+    trained_last.register_forward_hook(lambda m, i, o: seen["trained"].append(o.detach().clone()))
+    model.train()
+    x = torch.randn(8, 3, 64, 64)
+    model(x)
+    model(x)
+    torch.testing.assert_close(seen["frozen"][0], seen["frozen"][1], rtol=0, atol=0)  # no random drop
+    assert not torch.equal(seen["trained"][0], seen["trained"][1])  # the trained stages keep drop-path

@@ -1,6 +1,6 @@
 """Engine scores: FP16 and INT8 builds must not touch the precision of what reaches the defect score.
 
-TensorRT is absent here. The fake builder (tests/_trt_fakes.py) rounds the float outputs and weights
+TensorRT is absent here. The fake builder (tests/support/trt_fakes.py) rounds the float outputs and weights
 of every layer not pinned to FP32 to float16, as an FP16 engine stores them (values below 6e-8
 flush to 0), and its engine runs under ONNX Runtime; so the decisions of a real tiny model's FP16
 "engine" are compared with the fp32 ONNX model's at a threshold below 6e-8.
@@ -10,12 +10,14 @@ import os
 
 import numpy as np
 import pytest
-from _trt_fakes import fake_trt, use_fake_tensorrt
 
 from nexedge.card import load_card
-from nexedge.export import engine as eng
+from nexedge.export import cuda_device, trt_network
+from nexedge.export.trt_build import build_engine
+from nexedge.export.trt_rules import BuildOptions
+from tests.support.trt_fakes import fake_trt, use_fake_tensorrt
 
-ORIN = eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
 INP = {"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "ten"}
 TARGET = 3e-8  # below FP16's smallest subnormal step (5.96e-8)
 
@@ -99,12 +101,12 @@ def test_threshold_below_6e8_survives_an_fp16_engine_build_with_fake_tensorrt(sh
     assert thr < 6e-8 and 0 < (ref >= thr).sum() < len(ref)
     trt, calls = fake_trt("8.5.2.2")
     use_fake_tensorrt(monkeypatch, trt)
-    opts = eng.BuildOptions(precision="fp16")
+    opts = BuildOptions(precision="fp16")
     if precision == "int8-implicit":
         cache = tmp_path / "cache.bin"
         cache.write_bytes(b"TRT-8502-EntropyCalibration2\n")
-        opts = eng.BuildOptions(precision="int8", calib_cache=str(cache))
-    path, _ = eng.build_engine(onnx, opts, out_dir=str(tmp_path), trt=trt, device=ORIN)
+        opts = BuildOptions(precision="int8", calib_cache=str(cache))
+    path, _ = build_engine(onnx, opts, out_dir=str(tmp_path), trt=trt, device=ORIN)
     assert calls["fp16_layers"] and all(n.startswith("/backbone/") for n in calls["fp16_layers"])
     if precision == "int8-implicit":  # the calibrator may quantize the backbone only
         assert calls["int8_quantizable"] and all(n.startswith("/backbone/") for n in calls["int8_quantizable"])
@@ -125,10 +127,10 @@ def test_fake_fp16_builder_does_flush_unpinned_probabilities(sharp, tmp_path, mo
     onnx, imgs, ref = sharp
     trt, calls = fake_trt("10.3.0.30")
     use_fake_tensorrt(monkeypatch, trt)
-    monkeypatch.setattr(eng, "pin_outside_backbone", lambda trt, network, card: [])
-    monkeypatch.setattr(eng, "score_path_problems", lambda *a: [])
-    path, _ = eng.build_engine(onnx, eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
-                               device=ORIN)
+    monkeypatch.setattr(trt_network, "pin_outside_backbone", lambda trt, network, card: [])
+    monkeypatch.setattr(trt_network, "score_path_problems", lambda *a: [])
+    path, _ = build_engine(onnx, BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
+                           device=ORIN)
     from nexedge.runtime import open_backend
 
     with open_backend(path) as be:
@@ -156,13 +158,13 @@ def test_score_path_check_refuses_an_unpinned_softmax_with_fake_tensorrt(sharp, 
     card.data["graph"]["output_names"] = ["probs", "defect_score"]
     card.save_for(legacy)
     trt, calls = fake_trt("10.3.0.30")
-    monkeypatch.setattr(eng, "pin_outside_backbone", lambda trt, network, card: [])
+    monkeypatch.setattr(trt_network, "pin_outside_backbone", lambda trt, network, card: [])
     with pytest.raises(RuntimeError, match=r"reduced precision would reach the defect score.*/Softmax \(SOFTMAX\)"):
-        eng.build_engine(legacy, eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt, device=ORIN)
+        build_engine(legacy, BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt, device=ORIN)
     assert calls["builds"] == 0
     monkeypatch.undo()
     use_fake_tensorrt(monkeypatch, trt)
-    path, _ = eng.build_engine(legacy, eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
-                               device=ORIN)
+    path, _ = build_engine(legacy, BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
+                           device=ORIN)
     assert load_card(path).data["provenance"]["engine"]["score_output"] == "probs"
     assert "/Softmax" in calls["pinned"] and os.path.exists(path)

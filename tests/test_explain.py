@@ -96,7 +96,7 @@ def test_explain_command_writes_figures_and_json(spot_model, tmp_path, capsys):
     cv2.imwrite(str(folder / "d_float.tif"), np.full((40, 40), 0.5, np.float32))  # decodes, but no 8/16-bit image
     cv2.imwrite(str(folder / "e_bgra16.png"), np.full((SIZE * 2, SIZE * 2, 4), 80 * 257, np.uint16))
     out = tmp_path / "out"
-    assert main(["explain", spot_model, str(folder), "--out", str(out), "--patch", "0.12", "--stride", "0.5",
+    assert main(["explain", spot_model, str(folder), "--out", str(out), "--occlusion-kw", "patch=0.12", "--occlusion-kw", "stride=0.5",
                  "--threads", "1"]) == 0
     rep = json.loads((out / "explain.json").read_text())
     rows = {os.path.basename(r["image"]): r for r in rep["images"]}
@@ -124,8 +124,8 @@ def test_explain_rejects_bad_arguments_naming_them(spot_model, tmp_path, capsys)
     cv2.imwrite(str(img), np.full((40, 40), 80, np.uint8))
     assert main(["explain", spot_model, str(img), "--target", "chipping", "--out", str(tmp_path / "o")]) == 1
     assert "'chipping'" in capsys.readouterr().err
-    assert main(["explain", spot_model, str(img), "--patch", "1.5", "--out", str(tmp_path / "o")]) == 1
-    assert "--patch 1.5" in capsys.readouterr().err
+    assert main(["explain", spot_model, str(img), "--occlusion-kw", "patch=1.5", "--out", str(tmp_path / "o")]) == 1
+    assert "--occlusion-kw patch=1.5" in capsys.readouterr().err
     assert main(["explain", spot_model, str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "nope" in capsys.readouterr().err
     cv2.imwrite(str(tmp_path / "y.png"), np.full((40, 40), 80, np.uint8))

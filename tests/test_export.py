@@ -12,9 +12,9 @@ from nexedge.card import CardError, ModelCard, load_card  # noqa: E402
 from nexedge.export.graph import InGraphModel  # noqa: E402
 from nexedge.export.onnx_export import export_onnx  # noqa: E402
 from nexedge.export.toy import CLASSES, toy_images, train_toy_checkpoint, write_toy_dataset  # noqa: E402
-from nexedge.models import create_model, list_models  # noqa: E402
-from nexedge.models.checkpoint import save_checkpoint  # noqa: E402
+from nexedge.models import list_models  # noqa: E402
 from nexedge.runtime import open_backend  # noqa: E402
+from tests.support.shared import untrained_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 INP = {"color": "gray", "resize": [40, 44], "crop": [32, 36], "crop_mode": "ten"}
@@ -26,30 +26,6 @@ def trained(tmp_path_factory):
     return train_toy_checkpoint(str(d / "toy.pt"), inp=dict(INP), steps=30)
 
 
-def _untrained_checkpoint(path, arch, size=64, crop=56, color="gray"):
-    kwargs = {"input_size": [crop, crop]}  # the zoo's factories take the crop size (STN needs it)
-    try:
-        model = create_model(arch, 3, **kwargs)
-    except TypeError:  # e.g. tiny: any input size
-        kwargs = {}
-        model = create_model(arch, 3)
-    card = ModelCard.new(CLASSES, resize=(size, size), crop=(crop, crop), crop_mode="ten", color=color)
-    return save_checkpoint(str(path), model.eval(), arch, CLASSES, "good", arch_kwargs=kwargs, card=card)
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    """arch -> its untrained checkpoint, built once for both flavours (a VGG19 takes seconds to build)."""
-    root, built = tmp_path_factory.mktemp("untrained"), {}
-
-    def get(arch):
-        if arch not in built:
-            built[arch] = _untrained_checkpoint(root / f"{arch}.pt", arch)
-        return built[arch]
-
-    return get
-
-
 def _arch_cases():
     # VGG19's 100M-parameter classifier makes each export ~30 s on 2 cores: marked slow.
     for arch in list_models():
@@ -59,25 +35,28 @@ def _arch_cases():
 
 
 @pytest.mark.parametrize("arch,crops", list(_arch_cases()))
-def test_export_every_arch_both_flavours_with_parity(untrained, arch, crops):
-    ckpt = untrained(arch)
+def test_export_every_arch_both_flavours_with_parity(untrained_export, arch, crops):
+    """``untrained_export`` (tests/conftest.py): export_onnx(ckpt, crops=crops, parity_images=3), once
+    per run (test_trt_compat lints the same files), at the smallest input every arch takes."""
+    got = untrained_export(arch, crops)
+    ckpt, path = got["checkpoint"], got["fp32"]
     in_type, outs = (1, ["logits"]) if crops == "host" else (2, ["probs", "defect_score", "logits"])
-    res = export_onnx(ckpt, crops=crops, parity_images=3, threads=1)
-    assert res.parity["max_abs_diff"] <= 1e-4
-    proto = onnx.load(res.path)
+    card = load_card(path)
+    parity = card.data["provenance"]["export"]["parity"]  # what export_onnx returned
+    assert parity["max_abs_diff"] <= 1e-4 and parity["n_images"] == 3
+    proto = onnx.load(path)
     assert proto.opset_import[0].version == 17
     inp = proto.graph.input[0].type.tensor_type
     assert inp.elem_type == in_type  # 1 = FLOAT, 2 = UINT8
     assert inp.shape.dim[0].dim_param == "batch"
     assert [o.name for o in proto.graph.output] == outs
-    card = load_card(res.path)
     assert card.graph["crops"] == crops and card.data["parent"]["sha256"] == load_card(ckpt).sha256
     assert card.data["provenance"]["export"]["arch"] == arch
     # TensorRT 8.5/8.6/10 parser rules (`nexedge check-onnx`); the full matrix is in test_trt_compat.
     from nexedge.export import onnx_check as oc
 
     for target in oc.TARGETS:
-        assert not oc.errors(oc.check_onnx(proto, target)), oc.format_findings(res.path, target,
+        assert not oc.errors(oc.check_onnx(proto, target)), oc.format_findings(path, target,
                                                                                 oc.check_onnx(proto, target))
     assert card.data["provenance"]["export"]["tensorrt_check"] == {t: "ok" for t in oc.TARGETS}
 
@@ -123,7 +102,7 @@ def test_export_parity_failure_writes_nothing(tmp_path, trained):
 
 
 def test_export_refuses_tampered_checkpoint(tmp_path):
-    ckpt = _untrained_checkpoint(tmp_path / "m.pt", "tiny", size=32, crop=28)
+    ckpt = untrained_checkpoint(str(tmp_path / "m.pt"), "tiny", size=32, crop=28)
     with open(ckpt, "ab") as f:
         f.write(b"tamper")
     with pytest.raises(CardError, match="artifact.sha256"):

@@ -1,7 +1,7 @@
 """The device side of issue 28, as a Jetson's line install runs it: build-engine --data, thresholds on an
 engine, the cascade's center engine, and the example configs starting on each backend.
 
-TensorRT and CUDA are absent here: the engine side runs on the fake TensorRT of tests/_trt_fakes.py
+TensorRT and CUDA are absent here: the engine side runs on the fake TensorRT of tests/support/trt_fakes.py
 (its engines execute under ONNX Runtime), in a subprocess that cannot import torch, scikit-learn or
 scipy. Every other part is real: exported ONNX models, cards, ZeroMQ sockets, the daemon.
 """
@@ -12,14 +12,16 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from _trt_fakes import fake_trt, run_line_install_cli, use_fake_tensorrt
 
 from nexedge.card import card_path_for, load_card
-from nexedge.export import engine as eng
+from nexedge.export import cuda_device
+from nexedge.export.trt_build import build_engine
+from nexedge.export.trt_rules import BuildOptions
+from tests.support.trt_fakes import fake_trt, run_line_install_cli, use_fake_tensorrt
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 INP = {"color": "gray", "resize": [36, 36], "crop": [32, 32], "crop_mode": "ten"}
-ORIN = eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+ORIN = cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +148,11 @@ def test_example_config_checks_and_starts_on_each_backend_with_fake_tensorrt(nam
     if backend == "tensorrt-fake":
         trt, calls = fake_trt("10.3.0.30")
         use_fake_tensorrt(monkeypatch, trt)
-        model, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
-                                    device=ORIN, data=line["data"])
+        model, _ = build_engine(line["host"], BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
+                                device=ORIN, data=line["data"])
     cfg_path, raw = _example_config(name, model, tmp_path)
     assert daemon_main(["--config", cfg_path, "--check-config"]) == 0, capsys.readouterr().err
-    from _daemon_util import running_config
+    from tests.support.daemon import running_config
 
     raw["logging"]["level"] = "WARNING"
     with running_config(raw) as d:
@@ -165,12 +167,12 @@ def test_line_load_of_an_engine_on_an_onnx_line_uses_the_engine_options_with_fak
                                                                                           monkeypatch):
     """Item 3: `nexedge line load x.engine` on a line configured for ONNX Runtime opens the engine with its
     own options section; flat ONNX Runtime options name the problem instead of a TypeError."""
-    from _daemon_util import base_config, running_config
+    from tests.support.daemon import base_config, running_config
 
     trt, _ = fake_trt("10.3.0.30")
     use_fake_tensorrt(monkeypatch, trt)
-    engine, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
-                                 device=ORIN, data=line["data"])
+    engine, _ = build_engine(line["host"], BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=trt,
+                             device=ORIN, data=line["data"])
     per_backend = {"onnxruntime": {"intra_threads": 1}, "tensorrt": {"device": 0}}
     cfg = base_config(line["host"], lifecycle={"max_models": 3})
     cfg["model"]["options"] = per_backend
@@ -193,8 +195,8 @@ def test_dla_core_is_set_on_the_runtime_before_deserializing_with_fake_tensorrt(
 
     trt, calls = fake_trt("8.6.2")
     use_fake_tensorrt(monkeypatch, trt)
-    path, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16", dla_core=1, max_batch=2),
-                               out_dir=str(tmp_path), trt=trt, device=ORIN)
+    path, _ = build_engine(line["host"], BuildOptions(precision="fp16", dla_core=1, max_batch=2),
+                           out_dir=str(tmp_path), trt=trt, device=ORIN)
     with open_backend(path) as be:
         be.infer(np.zeros((2, 36, 36, 1), np.uint8))
     assert calls["deserialize_dla_core"] == 1 and calls["engine_dla_core"] == 1
@@ -215,8 +217,8 @@ def test_engine_from_another_tensorrt_exits_78_and_the_unit_does_not_restart_it_
 
     old, _ = fake_trt("8.6.2")
     use_fake_tensorrt(monkeypatch, old)
-    path, _ = eng.build_engine(line["host"], eng.BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=old,
-                               device=ORIN)
+    path, _ = build_engine(line["host"], BuildOptions(precision="fp16"), out_dir=str(tmp_path), trt=old,
+                           device=ORIN)
     new, calls = fake_trt("10.3.0.30")
     use_fake_tensorrt(monkeypatch, new)
     with pytest.raises(ArtifactIncompatible, match=r"built with TensorRT 8.6.2; this machine has TensorRT 10.3.0.30.*"

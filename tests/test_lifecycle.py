@@ -11,7 +11,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from _daemon_util import build_tiny_onnx, running
 
 from nexedge import preprocess as pp
 from nexedge.card import card_path_for, read_card
@@ -20,6 +19,7 @@ from nexedge.serve import config as C
 from nexedge.serve.client import CameraClient
 from nexedge.serve.control import ControlClient, ControlServer, ControlTimeout
 from nexedge.store import SampleStore
+from tests.support.daemon import build_tiny_onnx, running
 
 N = 24
 
@@ -509,9 +509,8 @@ def test_memory_limit_holds_while_a_model_loads(models, tmp_path):
 def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_path, caplog):
     import logging
 
-    from _daemon_util import base_config
-
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config
 
     other_bytes = _copy(models["other"], str(tmp_path / "ob"), "measured_elsewhere")
     card = read_card(card_path_for(other_bytes))
@@ -536,11 +535,11 @@ def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_pat
 
 
 def test_version_import_never_leaves_an_artifact_without_its_card(models, tmp_path, monkeypatch, caplog):
-    from nexedge.serve import lifecycle as L
+    from nexedge.serve import versions
 
     src = models["other"]
     sha = read_card(card_path_for(src)).sha256
-    v = L.Versions(str(tmp_path / "m"))
+    v = versions.Versions(str(tmp_path / "m"))
     dest = os.path.join(v.root, "versions", f"beta-{sha[:8]}", "beta.onnx")
     seen = []
     real_replace, real_copy = os.replace, shutil.copyfile
@@ -566,8 +565,8 @@ def test_version_import_never_leaves_an_artifact_without_its_card(models, tmp_pa
     assert v.import_artifact(src, sha) == dest and read_card(card_path_for(dest)).sha256 == sha
     # a pointer naming an incomplete version is ignored with a log line; the line starts on model.path
     os.unlink(card_path_for(dest))
-    L.atomic_write_bytes(v.pointer_path, json.dumps({"active": {"path": dest, "sha256": sha}}).encode())
-    with pytest.raises(L.LifecycleError, match="incomplete version"):
+    versions.atomic_write_bytes(v.pointer_path, json.dumps({"active": {"path": dest, "sha256": sha}}).encode())
+    with pytest.raises(versions.LifecycleError, match="incomplete version"):
         v.read()
 
 
@@ -671,7 +670,8 @@ def test_cli_and_sighup_on_a_daemon_process(models, tmp_path):
     import sys
 
     import yaml
-    from _daemon_util import base_config, free_port
+
+    from tests.support.daemon import base_config, free_port
 
     port = free_port()
     ctl = f"tcp://127.0.0.1:{port}"

@@ -127,7 +127,7 @@ def test_custom_boost_and_errors():
         parse_class_map(["scratch"], CLASSES, "--boost")
     with pytest.raises(ValueError, match="unknown loss 'focal'"):
         build_loss("focal", [0], CLASSES, "good")
-    with pytest.raises(ValueError, match="--sat-alpha"):
+    with pytest.raises(ValueError, match="--loss-kw sat_alpha"):
         build_loss("sat", [0], CLASSES, "good", sat_alpha=1.5)
 
 

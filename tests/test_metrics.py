@@ -200,3 +200,20 @@ def test_two_logits_one_for_thresholds_one_for_decisions():
         assert metrics.logit_exact(np.float64(p)) == pytest.approx(float(metrics.logit_exact(np.array([p]))[0]),
                                                                    rel=1e-15)
         assert metrics.expit(metrics.logit_exact(p)) == pytest.approx(p, rel=1e-9)
+
+
+def test_delong_paired_difference_hand_checked():
+    y = [1, 1, 0, 0]
+    d = metrics.auc_difference(y, [0.9, 0.4, 0.5, 0.1], [0.9, 0.6, 0.5, 0.1])
+    # AUCs 0.75 and 1; structural components give var = 0.125/2 + 0.125/2
+    assert d["delta"] == pytest.approx(0.25) and d["se"] == pytest.approx(0.125 ** 0.5)
+    assert d["lo"] == pytest.approx(0.25 - 1.959964 * 0.125 ** 0.5, abs=1e-5)
+    same = metrics.auc_difference(y, [0.9, 0.4, 0.5, 0.1], [0.9, 0.4, 0.5, 0.1])
+    assert same["delta"] == 0 and same["se"] == 0
+    rng = np.random.default_rng(0)
+    yy = rng.integers(0, 2, 300)
+    a = rng.normal(0, 1, 300) + yy
+    b = a + rng.normal(0, 0.3, 300)
+    d = metrics.auc_difference(yy, a, b)
+    assert d["delta"] == pytest.approx(metrics.roc_auc(yy, b) - metrics.roc_auc(yy, a))
+    assert d["lo"] < d["delta"] < d["hi"] and 0 < d["se"] < 0.05

@@ -80,11 +80,10 @@ def test_ten_crop_export_measures_its_own_operating_points(toy, ten):
 
 
 def test_daemon_refuses_thresholds_measured_with_another_crop_mode(toy, tmp_path, caplog):
-    from _daemon_util import base_config
-
     from nexedge.export.onnx_export import export_onnx
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config
 
     res = export_onnx(toy["ckpt"], str(tmp_path / "m.ten.onnx"), crops="ten", max_batch=8, parity_images=2,
                       threads=1)  # no labelled data: the card keeps the checkpoint's center-crop numbers
@@ -284,13 +283,15 @@ def _fake_trt_runner(tmp):
 
 
 def test_engine_measured_with_fake_trt_and_marked_when_it_cannot_run(toy, ten, tmp_path):
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device
+    from nexedge.export.trt_build import build_engine
+    from nexedge.export.trt_rules import BuildOptions
 
     trt = _fake_trt_that_keeps_the_onnx()
-    dev = eng.DeviceInfo("Orin", (8, 7))
-    opts = eng.BuildOptions(precision="fp16", timing_cache=str(tmp_path / "t.cache"))
+    dev = cuda_device.DeviceInfo("Orin", (8, 7))
+    opts = BuildOptions(precision="fp16", timing_cache=str(tmp_path / "t.cache"))
     runner = _fake_trt_runner(str(tmp_path))
-    path, _ = eng.build_engine(ten.path, opts, out_dir=str(tmp_path / "e"), trt=trt, device=dev, runner=runner)
+    path, _ = build_engine(ten.path, opts, out_dir=str(tmp_path / "e"), trt=trt, device=dev, runner=runner)
     card = load_card(path)
     assert card.data["artifact"]["kind"] == "engine" and card.ops_source["backend"] == "tensorrt (fake: onnxruntime)"
     assert_reproduces(path, toy["data"], backend=runner(path))
@@ -298,8 +299,8 @@ def test_engine_measured_with_fake_trt_and_marked_when_it_cannot_run(toy, ten, t
     def no_trt(engine):
         raise ImportError("No module named 'tensorrt'")
 
-    path2, _ = eng.build_engine(ten.path, opts._replace(precision="fp32"), out_dir=str(tmp_path / "e"), trt=trt,
-                                device=dev, runner=no_trt)
+    path2, _ = build_engine(ten.path, opts._replace(precision="fp32"), out_dir=str(tmp_path / "e"), trt=trt,
+                            device=dev, runner=no_trt)
     src = load_card(path2).ops_source
     assert src["status"] == "from_parent" and "tensorrt" in src["not_measured_reason"]
     assert src["crop_mode"] == "ten" and src["parent_status"] == "measured"
@@ -347,10 +348,9 @@ def test_thresholds_cli_prints_weak_warning(toy, ten, capsys):
 
 
 def test_daemon_warns_and_exports_the_tpr_lower_bound(tmp_path, caplog):
-    from _daemon_util import base_config, build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config, build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))  # tpr_lower95 0.98 at TPR 100 %, 0.975 at 99.5 %
     caplog.set_level(logging.INFO, logger="nexedge.serve")
@@ -413,10 +413,9 @@ def test_card_monotone_points_and_histogram_counts():
 
 
 def test_daemon_refuses_card_with_infinite_threshold(tmp_path):
-    from _daemon_util import base_config, build_tiny_onnx
-
     from nexedge.serve import config as C
     from nexedge.serve.daemon import Daemon
+    from tests.support.daemon import base_config, build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))
     cp = card_path_for(model)
@@ -561,9 +560,8 @@ def test_resize_short_keeps_aspect_ratio_and_is_carried_by_the_card():
 # -- demo: claimed TPR beside what the line delivered ----------------------------------
 
 def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
-    from _daemon_util import build_tiny_onnx
-
     from nexedge.demo.run import deployed_claim_line
+    from tests.support.daemon import build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))  # card: TPR 1.0 claimed, lower bound 0.98, 150 val defects
     stream = {"binary": {"defect": {"PASS": 1, "REJECT": 19, "RECHECK": 0},
@@ -571,3 +569,44 @@ def test_demo_recap_puts_claimed_tpr_beside_measured_on_test(tmp_path):
     line = deployed_claim_line({"model": model}, stream)
     assert "claimed TPR 100.0% (95% lower bound 98.0%" in line
     assert "on test: TPR 95.0% FPR 10.0% (20 defect, 40 good" in line
+
+
+def _escape_op(n=35, tpr=1.0):
+    return {"target_tpr": 1.0, "threshold": 0.1, "tpr": tpr, "fpr": 0.2, "n_defects": n, "n_good": 86,
+            "tpr_lower95": metrics.clopper_pearson_lower(int(round(tpr * n)), n)}
+
+
+def test_format_points_prints_the_95_bound_beside_the_expected_escape_rate():
+    from nexedge.export.thresholds import format_points
+
+    card = ModelCard.new(["good", "chip"])
+    card.data["operating_points"] = [_escape_op()]
+    text = format_points(card)
+    # 35 defects all caught: 1/36 = 2.8 % on average over validation draws, at most 8.2 % for this threshold
+    assert "new defect escapes: expected / 95% bound" in text and "2.8 % / 8.2 %" in text
+    assert "not a promise for this one threshold" in text
+
+
+def test_selection_warning_when_val_picked_the_checkpoint_and_set_its_threshold():
+    from nexedge.export.thresholds import format_points
+
+    card = ModelCard.new(["good", "chip"])
+    card.data["operating_points"] = [_escape_op()]
+    card.data["operating_points_source"] = {"status": "measured", "split": "val", "crop_mode": "center"}
+    card.data["provenance"] = {"select": "val_auc", "best_of_run": "ckpt_e004.pt"}
+    assert "the split that also picked this checkpoint" in card.selection_warning()
+    assert "WARNING: the operating points were measured on 'val'" in format_points(card)
+    for prov, split in (({"select": "last", "best_of_run": "ckpt_e005.pt"}, "val"),
+                        ({"select": "val_auc", "best_of_run": "ckpt_e004.pt"}, "holdout")):
+        card.data["provenance"] = prov
+        card.data["operating_points_source"]["split"] = split
+        assert card.selection_warning() is None
+
+
+def test_promise_check_says_whether_test_escapes_fit_the_bound():
+    op = _escape_op(332)  # the tiles' train+val defects under --cv: bound 0.9 %
+    assert metrics.promise_check(0, 40, op)["within"]
+    assert metrics.promise_check(1, 40, op)["within"]  # P(>= 1 of 40 at 0.9 %) = 0.30
+    assert not metrics.promise_check(3, 40, op)["within"]
+    assert metrics.binomial_tail(1, 40, 0.009) == pytest.approx(1 - (1 - 0.009) ** 40)
+    assert metrics.promise_check(0, 0, op) is None

@@ -220,7 +220,6 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
     """The real daemon (tiny ONNX model) logs uncertain frames; `nexedge pull --connect` with keys gets
     them, a plain client gets nothing; labels go back into a data set the trainer reads."""
     import numpy as np
-    from _daemon_util import CLASSES, base_config, build_tiny_onnx
 
     from nexedge.cli import main
     from nexedge.relabel.importer import import_labels
@@ -229,6 +228,7 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
     from nexedge.serve.client import CameraClient
     from nexedge.serve.daemon import Daemon
     from nexedge.train.data import list_classes, scan_split
+    from tests.support.daemon import CLASSES, base_config, build_tiny_onnx
 
     (tmp_path / "model").mkdir()
     model = build_tiny_onnx(str(tmp_path / "model"))

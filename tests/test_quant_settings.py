@@ -32,14 +32,21 @@ def test_tensorrt_target_refuses_ort_settings(tmp_path):
 def test_calibrate_cli_passes_the_settings():
     import argparse
 
+    from nexedge.cli import build_parser
     from nexedge.export.cli import configure_calibrate
 
     p = argparse.ArgumentParser()
     configure_calibrate(p)
-    a = p.parse_args(["m.onnx", "--data", "d", "--ort-weights", "u8", "--per-tensor", "--reduce-range"])
+    a = p.parse_args(["m.onnx", "--data", "d", "--quant-kw", "ort_weights=u8", "--quant-kw", "per_tensor=true",
+                      "--quant-kw", "reduce_range=true"])
     assert (a.ort_weights, a.per_tensor, a.reduce_range, a.ort_activations) == ("u8", True, True, None)
     assert not a.quantize_stem  # the stem stays float unless asked
-    assert p.parse_args(["m.onnx", "--data", "d", "--quantize-stem"]).quantize_stem
+    assert p.parse_args(["m.onnx", "--data", "d", "--quant-kw", "quantize_stem=true"]).quantize_stem
+    # the retired flags still work through nexedge's parser
+    a = build_parser().parse_args(["calibrate", "m.onnx", "--data", "d", "--ort-weights", "u8", "--per-tensor",
+                                   "--reduce-range"])
+    assert (a.ort_weights, a.per_tensor, a.reduce_range, a.ort_activations) == ("u8", True, True, None)
+    assert build_parser().parse_args(["calibrate", "m.onnx", "--data", "d", "--quantize-stem"]).quantize_stem
 
 
 def test_prune_dead_nodes_drops_unread_constants_and_keeps_the_graph_working():

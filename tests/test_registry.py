@@ -160,7 +160,6 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
     """--backend choices and help, the hint, config validation (model.backend, model.options),
     --check-config, the daemon's open and the machine report all follow from the module's SPEC."""
     import onnxruntime
-    from _daemon_util import build_tiny_onnx
 
     from nexedge.bench import env, runner
     from nexedge.bench.cli import configure_bench
@@ -169,6 +168,7 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
     from nexedge.serve import slots
     from nexedge.serve.daemon import build_parser
     from nexedge.serve.daemon import main as daemon_main
+    from tests.support.daemon import build_tiny_onnx
 
     p = argparse.ArgumentParser()
     configure_bench(p)

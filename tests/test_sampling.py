@@ -72,7 +72,7 @@ def test_adamw_warmup_cosine_schedule():
         sched.step()
     np.testing.assert_allclose(lrs[:3], [0.01 / 3, 0.02 / 3, 0.01], rtol=1e-6)
     assert lrs[3] < lrs[2] and lrs[4] < lrs[3]
-    for bad, match in ((dict(optimizer="lion"), "--optimizer 'lion'"), (dict(warmup_epochs=5), "--warmup-epochs"),
+    for bad, match in ((dict(optimizer="lion"), "--optimizer 'lion'"), (dict(warmup_epochs=5), "--optimizer-kw warmup_epochs"),
                        (dict(balanced="yes"), "--balanced 'yes'")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(data="x", out="y", epochs=5, **bad).check()
@@ -86,7 +86,7 @@ def test_cli_train_balanced_adamw_records_options(tmp_path, capsys):
     out = str(tmp_path / "run")
     rc = main(["train", "--data", str(data), "--out", out, "--arch", "tiny", "--epochs", "2", "--resize", "36",
                "--crop", "32", "--batch-size", "4", "--balanced", "--optimizer", "adamw", "--lr", "0.003",
-               "--warmup-epochs", "1", "--no-progress", "--keep", "1"])
+               "--optimizer-kw", "warmup_epochs=1", "--no-progress", "--keep", "1"])
     assert rc == 0
     assert "adamw lr 0.003" in capsys.readouterr().out
     conf = json.load(open(os.path.join(out, "config.json")))

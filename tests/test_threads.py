@@ -23,9 +23,14 @@ def _subparsers():
 
 @pytest.mark.parametrize("name", COMPUTING)
 def test_every_computing_command_has_the_one_shared_threads_option(name):
+    """The one --threads is a global option of ``nexedge`` (given before or after the command); every
+    computing command declares that it uses it, and none defines its own."""
+    top = build_parser()
     sub = _subparsers()[name]
-    opts = [a for a in sub._actions if "--threads" in a.option_strings]
+    assert not [a for a in sub._actions if "--threads" in a.option_strings]
+    opts = [a for a in top._actions if "--threads" in a.option_strings]
     assert len(opts) == 1 and opts[0].type is threads._threads_arg and opts[0].default is None
+    assert "--threads" in sub.get_default("_globals")
     assert sub.get_default("_threads_torch") in (True, False)
     with pytest.raises(argparse.ArgumentTypeError):
         opts[0].type("0")

@@ -14,7 +14,7 @@ from nexedge import preprocess  # noqa: E402
 from nexedge.card import load_card  # noqa: E402
 from nexedge.train.cardbuild import TopK  # noqa: E402
 from nexedge.train.data import ImageFolderSet, list_classes, load_image  # noqa: E402
-from nexedge.train.engine import forward_crops  # noqa: E402
+from nexedge.train.loop import forward_crops  # noqa: E402
 from nexedge.train.toydata import make_toy_imagefolder  # noqa: E402
 from nexedge.train.trainer import TrainConfig, train  # noqa: E402
 from nexedge.train.transforms import EvalTransform, TrainTransform  # noqa: E402
@@ -237,3 +237,30 @@ def test_select_last_deploys_the_final_epoch(toy, tmp_path, capsys):
     assert prov["best_of_run"] == "ckpt_e003.pt" and prov["epoch"] == 3 and "last epoch" in prov["best_rule"]
     with pytest.raises(ValueError, match="--select 'first'"):
         train(_cfg(toy, str(tmp_path / "bad"), select="first"))
+
+
+def test_evaluation_loaders_do_not_change_training(tmp_path):
+    from nexedge.models.checkpoint import load_checkpoint
+    from nexedge.train.toydata import make_toy_imagefolder
+    from nexedge.train.trainer import TrainConfig, train
+
+    root = str(make_toy_imagefolder(str(tmp_path / "d"), ("good", "chip"), {"train": [6, 6], "val": [3, 3],
+                                                                            "test": [3, 3]}, size=36))
+    weights = []
+    for curves in (True, False):
+        out = str(tmp_path / f"r{curves}")
+        train(TrainConfig(data=root, out=out, arch="tiny", epochs=2, batch_size=4, resize=(36, 36), crop=(32, 32),
+                          progress=False, plots=False, keep=1, test_curves=curves, lr=0.05, next_hint=False))
+        weights.append(load_checkpoint(out + "/last.pt")["state_dict"])
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0)
+
+
+def test_train_help_names_the_score_as_computed(capsys):
+    from nexedge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "defect score is the sum of the defect classes' probabilities" in text
+    assert "The model's score is 1 - p(good class)" not in text

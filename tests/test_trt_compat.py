@@ -27,50 +27,11 @@ from nexedge.models import list_models  # noqa: E402
 FLAVOURS = ("host", "center", "five", "ten")
 
 
-def _untrained_checkpoint(path, arch, size=36, crop=32):
-    from nexedge.card import ModelCard
-    from nexedge.export.toy import CLASSES
-    from nexedge.models import create_model
-    from nexedge.models.checkpoint import save_checkpoint
-
-    kwargs = {"input_size": [crop, crop]}  # the zoo's factories take the crop size (STN needs it)
-    try:
-        model = create_model(arch, 3, **kwargs)
-    except TypeError:
-        kwargs = {}
-        model = create_model(arch, 3)
-    card = ModelCard.new(CLASSES, resize=(size, size), crop=(crop, crop), crop_mode="ten", color="gray")
-    return save_checkpoint(str(path), model.eval(), arch, CLASSES, "good", arch_kwargs=kwargs, card=card)
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Lazily export (arch, flavour) -> {"fp32": path, "int8": TensorRT Q/DQ path}; each only once."""
-    import torch
-
-    from nexedge.card import load_card
-    from nexedge.export import calibrate as cal
-    from nexedge.export import quantize as qz
-    from nexedge.export.onnx_export import export_onnx
-    from nexedge.export.toy import toy_images
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("matrix")
-    cache, ckpts = {}, {}
-
-    def get(arch, flavour):
-        if (arch, flavour) not in cache:
-            if arch not in ckpts:
-                ckpts[arch] = _untrained_checkpoint(root / f"{arch}.pt", arch)
-            fp32 = export_onnx(ckpts[arch], crops=flavour, parity_images=2, max_batch=4, threads=1).path
-            card = load_card(fp32)
-            imgs = toy_images(4, card.input, seed=1)[0]
-            q = fp32.replace(".onnx", ".int8-trt.onnx")
-            qz.quantize_model(fp32, q, card, cal.OrtCalibrationReader(imgs, card, batch_images=4), "tensorrt")
-            cache[(arch, flavour)] = {"fp32": fp32, "int8": q}
-        return cache[(arch, flavour)]
-
-    return get
+def exported(untrained_export):
+    """(arch, flavour) -> {"fp32": path, "int8": TensorRT Q/DQ path}: the run-wide untrained exports
+    of tests/conftest.py (36x36, crop 32; test_export checks their parity), each built once."""
+    return lambda arch, flavour: untrained_export(arch, flavour, int8=True)
 
 
 # One architecture per op family: resnet34/50 (and their STN variants) are the same op types as
@@ -273,7 +234,7 @@ def test_lint_requires_the_zero_point_input_before_tensorrt_10():
 def test_fake_parser_follows_each_release_on_two_input_qdq():
     """The fake parser must reject what 8.5/8.6 reject (3 inputs asserted) and accept what 10.x accepts
     (a 2-input Q is INT8, so its DequantizeLinear takes it)."""
-    from _trt_fakes import fake_parse_errors
+    from tests.support.trt_fakes import fake_parse_errors
 
     data = _two_input_qdq().SerializeToString()
     for version in ((8, 5), (8, 6)):

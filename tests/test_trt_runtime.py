@@ -1,6 +1,7 @@
 """TensorRT backend logic around CUDA contexts, threads and dtypes, with fakes that enforce CUDA's rules.
 
-No GPU or TensorRT here. The fakes are faithful where our code depends on them:
+No GPU or TensorRT here. The fakes (tests/support/trt_fakes.py, whose docstring cites the documented
+behaviour each rule follows) are faithful where our code depends on them:
 
 * fake pycuda: a context is current only on the thread that pushed it (CUDA driver API
   context stacks are per thread); every allocation, copy, stream call and TensorRT
@@ -13,222 +14,17 @@ No GPU or TensorRT here. The fakes are faithful where our code depends on them:
 """
 
 import contextlib
-import ctypes
 import enum
 import sys
 import threading
-import types
 
 import numpy as np
 import pytest
 
-from nexedge.card import ModelCard
 from nexedge.runtime import open_backend
 from nexedge.runtime.base import BackendError
-
-
-class LogicError(RuntimeError):
-    pass
-
-
-class FakeDriver:
-    """Just enough of pycuda.driver, with per-thread context stacks."""
-
-    LogicError = LogicError
-
-    def __init__(self):
-        self.tls = threading.local()
-        self.mem, self.next = {}, 0x1000
-        self.driver = self
-        self.stream_deaths = []  # per destroyed Stream: was a context current (cuStreamDestroy needs one)
-
-        drv = self
-
-        class Context:
-            def __init__(self, device):
-                self.device = device
-
-            def push(self):
-                drv._stack().append(self)
-
-            @staticmethod
-            def pop():
-                if not drv._stack():
-                    raise LogicError("cuCtxPopCurrent failed: invalid device context")
-                drv._stack().pop()
-
-        class Device:
-            def __init__(self, i):
-                self.i = i
-
-            def retain_primary_context(self):
-                return Context(self.i)
-
-        class Stream:
-            def __init__(self):
-                drv.require("cuStreamCreate")
-                self.handle = 99
-
-            def synchronize(self):
-                drv.require("cuStreamSynchronize")
-
-            def __del__(self):
-                drv.stream_deaths.append(bool(drv._stack()))
-
-        class Alloc:
-            def __init__(self, ptr):
-                self.ptr = ptr
-
-            def __int__(self):
-                return self.ptr
-
-            def free(self):
-                drv.require("cuMemFree")
-
-        self.Context, self.Device, self.Stream, self._Alloc = Context, Device, Stream, Alloc
-
-    def _stack(self):
-        if not hasattr(self.tls, "stack"):
-            self.tls.stack = []
-        return self.tls.stack
-
-    def require(self, call):
-        if not self._stack():
-            raise LogicError(f"{call} failed: invalid device context")
-
-    def current(self):
-        return self._stack()[-1] if self._stack() else None
-
-    def init(self):
-        pass
-
-    def mem_alloc(self, n):
-        self.require("cuMemAlloc")
-        self.next += 0x1000
-        self.mem[self.next] = np.zeros(n, np.uint8)
-        return self._Alloc(self.next)
-
-    def pagelocked_empty(self, shape, dtype):
-        self.require("cuMemHostAlloc")
-        return np.zeros(shape, dtype)
-
-    def memcpy_htod_async(self, dst, src, stream):
-        self.require("cuMemcpyHtoDAsync")
-        self.mem[int(dst)][: src.nbytes] = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
-
-    def memcpy_dtoh_async(self, dst, src, stream):
-        self.require("cuMemcpyDtoHAsync")
-        dst.reshape(-1).view(np.uint8)[:] = self.mem[int(src)][: dst.nbytes]
-
-
-class DataType(enum.Enum):
-    FLOAT, HALF, INT8, INT32, BOOL, UINT8 = 0, 1, 2, 3, 4, 5
-
-
-def fake_tensorrt(mem, require, in_dtype=DataType.UINT8, out_dtype=DataType.FLOAT, image_shape=(36, 36, 1),
-                  in_name="images", out_names=("probs", "defect_score"), profile=(1, 2, 4), n_classes=3):
-    """An engine computing probs from the mean pixel; every call checks a current context via ``require``."""
-    np_types = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.UINT8: np.uint8}
-
-    class Mode:
-        INPUT, OUTPUT = "in", "out"
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addr = {}, {}
-
-        def set_input_shape(self, name, shape):
-            if not profile[0] <= shape[0] <= profile[2]:
-                return False
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            n = self.shapes[in_name][0]
-            return (n, n_classes) if name == out_names[0] else (n,)
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-
-        def execute_async_v3(self, stream):
-            require("enqueueV3")
-            n = self.shapes[in_name][0]
-            dt = np.dtype(np_types[in_dtype])
-            x = mem[self.addr[in_name]][: n * int(np.prod(image_shape)) * dt.itemsize].view(dt)
-            m = x.reshape(n, -1).astype(np.float32).mean(1) / (255.0 if dt == np.uint8 else 1.0)
-            probs = np.stack([m, (1 - m) / 2, (1 - m) / 2], 1).astype(np_types[out_dtype])
-            mem[self.addr[out_names[0]]][: probs.nbytes] = probs.reshape(-1).view(np.uint8)
-            return True
-
-    class Engine:
-        num_io_tensors = 1 + len(out_names)
-        names = [in_name, *out_names]
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return Mode.INPUT if name == in_name else Mode.OUTPUT
-
-        def get_tensor_profile_shape(self, name, p):
-            return [(b,) + tuple(image_shape) for b in profile]
-
-        def get_tensor_dtype(self, name):
-            return in_dtype if name == in_name else out_dtype
-
-        def create_execution_context(self):
-            require("createExecutionContext")
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            require("deserializeCudaEngine")  # TensorRT places the engine on the current device/context
-            return Engine()
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    def nptype(dt):  # TensorRT 8.5.2 on numpy >= 1.24
-        raise AttributeError("module 'numpy' has no attribute 'bool'.")
-
-    return types.SimpleNamespace(__version__="8.5.2.2", Logger=Logger, Runtime=Runtime, TensorIOMode=Mode,
-                                 DataType=DataType, nptype=nptype)
-
-
-def _engine(tmp_path, crops="five", max_batch=4, resize=(36, 36)):
-    path = tmp_path / "m.engine"
-    path.write_bytes(b"ENGINE")
-    card = ModelCard.new(["good", "chip", "scratch"], resize=resize, crop=(32, 32), crop_mode="five",
-                         kind="engine", precision="fp16")
-    card.data["graph"] = {"crops": crops, "input_name": "images" if crops != "host" else "input",
-                          "output_names": ["probs", "defect_score"] if crops != "host" else ["logits"],
-                          "max_batch": max_batch}
-    card.data["provenance"]["engine"] = {"tensorrt": "8.5.2.2", "key": {"version_compatible": False}}
-    card.save_for(str(path))
-    return str(path)
-
-
-@pytest.fixture
-def pycuda_fake(monkeypatch):
-    import nexedge.runtime.backends.tensorrt as rt
-
-    drv = FakeDriver()
-    pkg = types.ModuleType("pycuda")
-    pkg.driver = drv
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
-
-    def no_cuda_python():
-        raise ImportError("No module named 'cuda'")
-
-    monkeypatch.setattr(rt, "_import_cudart", no_cuda_python)
-    return drv
+from tests.support.trt_fakes import DataType, FakeCudart, LogicError, fake_tensorrt
+from tests.support.trt_fakes import fake_engine_file as _engine
 
 
 def _images(n, seed=0):
@@ -276,6 +72,31 @@ def test_fake_cuda_enforces_context_affinity(pycuda_fake):
     t.join()
     assert errs
     drv.Context.pop()
+
+
+def test_fake_cudart_enforces_the_per_thread_device():
+    """The fake cuda-python runtime must fail where CUDA does: a new thread starts on device 0, memory and
+    streams of device 1 are not usable from there, and a device that does not exist cannot be selected."""
+    fake = FakeCudart(devices=2)
+    assert fake.cudaSetDevice(2)[0] == fake.cudaError_t.cudaErrorInvalidDevice
+    assert fake.cudaSetDevice(1)[0] == fake.ok
+    _, ptr = fake.cudaMalloc(16)
+    _, stream = fake.cudaStreamCreate()
+    host = np.zeros(16, np.uint8)
+    h2d = fake.cudaMemcpyKind.cudaMemcpyHostToDevice
+    assert fake.cudaMemcpyAsync(ptr, host.ctypes.data, 16, h2d, stream)[0] == fake.ok
+    assert fake.may_launch(1, stream, [ptr])
+    seen = []
+
+    def worker():
+        seen.append(fake.current_device())
+        seen.append(fake.cudaMemcpyAsync(ptr, host.ctypes.data, 16, h2d, stream)[0])
+        seen.append(fake.may_launch(1, stream, [ptr]))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [0, fake.cudaError_t.cudaErrorInvalidDevice, False]
 
 
 def test_backend_deserializes_after_selecting_the_device_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):
@@ -332,61 +153,12 @@ def test_static_profile_engine_pads_small_batches_with_fake_cuda(tmp_path, monke
         assert be.infer(_images(4)).probs.shape == (4, 3)
 
 
-class FakeCudart:
-    """cuda-python's runtime API: the current device is per thread; host memory is real (ctypes)."""
-
-    class cudaError_t(enum.Enum):
-        cudaSuccess = 0
-        cudaErrorInvalidDevice = 101
-
-    class cudaMemcpyKind(enum.Enum):
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    def __init__(self):
-        self.tls, self.bufs, self.owner = threading.local(), {}, {}
-        self.ok = self.cudaError_t.cudaSuccess
-
-    def _dev(self):
-        return getattr(self.tls, "device", 0)
-
-    def cudaSetDevice(self, d):
-        self.tls.device = d
-        return (self.ok,)
-
-    def cudaStreamCreate(self):
-        return (self.ok, 5)
-
-    def cudaMallocHost(self, n):
-        buf = ctypes.create_string_buffer(n)
-        self.bufs[ctypes.addressof(buf)] = buf
-        return (self.ok, ctypes.addressof(buf))
-
-    def cudaMalloc(self, n):
-        ok, ptr = self.cudaMallocHost(n)
-        self.owner[ptr] = self._dev()
-        return (ok, ptr)
-
-    def _check(self, ptr):
-        return self.ok if self.owner.get(ptr, self._dev()) == self._dev() else self.cudaError_t.cudaErrorInvalidDevice
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        dev = dst if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else src
-        err = self._check(dev)
-        if err == self.ok:
-            ctypes.memmove(dst, src, n)
-        return (err,)
-
-    def cudaStreamSynchronize(self, s):
-        return (self.ok,)
-
-
 def test_cuda_python_pinned_float16_and_per_thread_device_with_fake_cudart(monkeypatch):
     """Items 6 and 7: pinned float16 buffers (np.ctypeslib.as_ctypes_type has no float16), and device 1
     stays current on a second thread (the runtime API's current device is per thread)."""
     import nexedge.runtime.backends.tensorrt as rt
 
-    fake = FakeCudart()
+    fake = FakeCudart(devices=2)
     monkeypatch.setattr(rt, "_import_cudart", lambda: fake)
     cuda = rt.CudaPython(device=1)
     host, _ = cuda.pinned((2, 3), np.float16)
@@ -411,6 +183,27 @@ def test_cuda_python_pinned_float16_and_per_thread_device_with_fake_cudart(monke
     assert not errs, errs
     with contextlib.suppress(Exception):
         cuda.close()
+
+
+def test_two_cuda_python_wrappers_on_one_thread_each_use_their_device_with_fake_cudart(monkeypatch):
+    """The current device belongs to the thread, not to a wrapper: after a wrapper on device 0 ran on this
+    thread, one on device 1 must select device 1 again, or its buffers silently land on device 0."""
+    import nexedge.runtime.backends.tensorrt as rt
+
+    fake = FakeCudart(devices=2)
+    monkeypatch.setattr(rt, "_import_cudart", lambda: fake)
+    a = rt.CudaPython(device=1)
+    b = rt.CudaPython(device=0)
+    host = np.arange(4, dtype=np.float32)
+    with a.active():
+        ptr = a.malloc(host.nbytes)
+    with b.active():
+        assert fake.current_device() == 0
+    with a.active():
+        assert fake.current_device() == 1
+        second = a.malloc(host.nbytes)
+        a.htod(ptr, host)
+    assert fake.owner[ptr] == 1 and fake.owner[second] == 1
 
 
 def test_pycuda_stream_is_destroyed_inside_its_context_with_fake_cuda(tmp_path, monkeypatch, pycuda_fake):

@@ -1,6 +1,6 @@
 """Issue 14: the traps a new user met with their own class folders, one CLI-level test per item.
 
-The data set is tests/userdata.py: three classes with ``ok`` as the negative class, PNG and
+The data set is tests/support/userdata.py: three classes with ``ok`` as the negative class, PNG and
 JPEG, non-ASCII names, a corrupt PNG, a text file, Thumbs.db and an empty class folder.
 """
 
@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from _daemon_util import base_config, running
-from userdata import CORRUPT, make_user_dataset
 
 from nexedge.cli import main
+from tests.support.daemon import base_config, running
+from tests.support.userdata import CORRUPT, make_user_dataset
 
 
 def _train(epochs: int = 2) -> list:
@@ -52,7 +52,7 @@ def _err(capsys):
 
 
 # -- 1. a second run into the same --out -----------------------------------------------------
-def test_1_train_refuses_a_used_run_folder_unless_overwrite(user, tmp_path, capsys):
+def test_train_refuses_a_used_run_folder_unless_overwrite(user, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--data", user["data"], "--out", out, "--no-progress"] + TRAIN) == 0
     capsys.readouterr()
@@ -71,7 +71,7 @@ def test_1_train_refuses_a_used_run_folder_unless_overwrite(user, tmp_path, caps
 
 
 # -- 2. calibrate on other classes / over an earlier INT8 model --------------------------------
-def test_2_calibrate_refuses_other_classes_and_overwriting(user, tmp_path, capsys):
+def test_calibrate_refuses_other_classes_and_overwriting(user, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(user["data"], other)
     for split in ("train", "val", "test"):
@@ -92,7 +92,7 @@ def test_2_calibrate_refuses_other_classes_and_overwriting(user, tmp_path, capsy
 
 
 # -- 3. a negative class that is not called "good" ---------------------------------------------
-def test_3_mislabel_review_and_cleanlab_with_ok_as_negative_class(user, tmp_path, capsys):
+def test_mislabel_review_and_cleanlab_with_ok_as_negative_class(user, tmp_path, capsys):
     csv_path = str(tmp_path / "m.csv")
     assert main(["mislabels", user["run"], "--data", user["data"], "--out", csv_path, "--top", "6",
                  "--no-progress"]) == 0
@@ -124,7 +124,7 @@ def _dataset_images(root, split):
 
 
 # -- 4. ties, best.pt, run folders as arguments ------------------------------------------------
-def test_4_ties_on_val_auc_go_to_lower_val_loss_then_the_later_epoch(tmp_path):
+def test_ties_on_val_auc_go_to_lower_val_loss_then_the_later_epoch(tmp_path):
     from nexedge.train.cardbuild import TopK
 
     tk = TopK(str(tmp_path), k=3)
@@ -134,7 +134,7 @@ def test_4_ties_on_val_auc_go_to_lower_val_loss_then_the_later_epoch(tmp_path):
     assert [e["epoch"] for e in tk.entries] == [3, 2, 1]
 
 
-def test_4_best_pt_and_run_folders_for_export_eval_mislabels(user, tmp_path, capsys):
+def test_best_pt_and_run_folders_for_export_eval_mislabels(user, tmp_path, capsys):
     run = user["run"]
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["best_file"] == "best.pt" and "val loss" in summary["best_rule"]
@@ -154,7 +154,7 @@ def test_4_best_pt_and_run_folders_for_export_eval_mislabels(user, tmp_path, cap
 
 
 # -- 6. every config path relative to the config file ----------------------------------------
-def test_6_store_path_resolves_against_the_config_file_not_the_cwd(user, tmp_path, monkeypatch, capsys):
+def test_store_path_resolves_against_the_config_file_not_the_cwd(user, tmp_path, monkeypatch, capsys):
     from nexedge.serve.daemon import main as daemon_main
 
     etc = tmp_path / "etc"
@@ -176,7 +176,7 @@ def test_6_store_path_resolves_against_the_config_file_not_the_cwd(user, tmp_pat
 
 
 # -- 7. --check-config checks the files ---------------------------------------------------------
-def test_7_check_config_fails_for_a_missing_or_unreadable_model(user, tmp_path, capsys):
+def test_check_config_fails_for_a_missing_or_unreadable_model(user, tmp_path, capsys):
     from nexedge.serve.daemon import main as daemon_main
 
     cfg = tmp_path / "line.yaml"
@@ -205,7 +205,7 @@ def test_7_check_config_fails_for_a_missing_or_unreadable_model(user, tmp_path, 
 
 
 # -- 8. data as it really arrives -----------------------------------------------------------------
-def test_8_split_verifies_images_and_reports_what_it_left_out(user, tmp_path):
+def test_split_verifies_images_and_reports_what_it_left_out(user, tmp_path):
     report = json.load(open(os.path.join(user["data"], "split_report.json")))
     assert [r["path"] for r in report["unreadable"]] == [CORRUPT.replace(os.sep, "/")]
     skipped = {r["path"] for r in report["skipped"]}
@@ -227,7 +227,7 @@ def _pypath():
                             os.environ.get("PYTHONPATH", "")])
 
 
-def test_8_training_skips_and_counts_a_file_that_became_unreadable(user, tmp_path, capsys):
+def test_training_skips_and_counts_a_file_that_became_unreadable(user, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(user["data"], data)
     shutil.copy(os.path.join(user["photos"], CORRUPT), data / "train" / "scratch" / "later_broken.png")
@@ -238,7 +238,7 @@ def test_8_training_skips_and_counts_a_file_that_became_unreadable(user, tmp_pat
     assert [os.path.basename(p) for p in summary["unreadable"]] == ["later_broken.png"]
 
 
-def test_8_camera_sim_skips_an_unreadable_file(user, tmp_path):
+def test_camera_sim_skips_an_unreadable_file(user, tmp_path):
     from nexedge.serve.camerasim import load_images
 
     folder = tmp_path / "imgs"
@@ -252,14 +252,14 @@ def test_8_camera_sim_skips_an_unreadable_file(user, tmp_path):
 
 
 # -- 9. artifacts with the user's umask -------------------------------------------------------------
-def test_9_cards_and_checkpoints_get_the_umask_not_0600(user):
+def test_cards_and_checkpoints_get_the_umask_not_0600(user):
     for name in ("best.pt", "best.card.json", "last.pt", "topk.json", "summary.json", "best.ten.card.json"):
         mode = stat.S_IMODE(os.stat(os.path.join(user["run"], name)).st_mode)
         assert mode == 0o644, (name, oct(mode))
 
 
 # -- 10. eval: the best checkpoint, a confusion matrix, escapes and overkill ------------------------
-def test_10_eval_shows_best_checkpoint_confusion_and_operating_point(user, tmp_path, capsys):
+def test_eval_shows_best_checkpoint_confusion_and_operating_point(user, tmp_path, capsys):
     run2 = str(tmp_path / "run2")
     shutil.copytree(user["run"], run2)
     assert main(["eval", user["run"], "--data", user["data"], "--crops", "center,ten", "--no-progress"]) == 0
@@ -280,7 +280,7 @@ def test_10_eval_shows_best_checkpoint_confusion_and_operating_point(user, tmp_p
 
 
 # -- 11 and 14 (daemon side): camera-sim by folder label, RECHECK reasons ----------------------------
-def test_11_camera_sim_prints_decisions_by_folder_label(user, capsys):
+def test_camera_sim_prints_decisions_by_folder_label(user, capsys):
     with running(user["onnx"]) as d:
         assert main(["camera-sim", os.path.join(user["data"], "test"), "--connect", d.endpoints["frames"],
                      "--cameras", "2", "--frames", "5", "--rate", "0", "--json"]) == 0
@@ -291,7 +291,7 @@ def test_11_camera_sim_prints_decisions_by_folder_label(user, capsys):
     assert s["overkill"] == s["by_label"]["ok"].get("REJECT", 0)
 
 
-def test_14_daemon_answers_corrupt_png_and_text_with_recheck_undecodable(user):
+def test_daemon_answers_corrupt_png_and_text_with_recheck_undecodable(user):
     from nexedge.serve.client import CameraClient
 
     corrupt = open(os.path.join(user["photos"], CORRUPT), "rb").read()
@@ -302,7 +302,7 @@ def test_14_daemon_answers_corrupt_png_and_text_with_recheck_undecodable(user):
     assert (v2["decision"], v2["reason"]) == ("RECHECK", "undecodable")
 
 
-def test_14_imagezmq_numeric_frame_id_is_an_int():
+def test_imagezmq_numeric_frame_id_is_an_int():
     from nexedge.serve import protocol as P
 
     seq = P.SeqCounter()
@@ -312,7 +312,7 @@ def test_14_imagezmq_numeric_frame_id_is_an_int():
     assert (req.frame_id, auto.frame_id, named.frame_id) == (12, 1, "a7")
 
 
-def test_12_plots_have_labels_separate_axes_and_no_empty_zoom(user, tmp_path, monkeypatch):
+def test_plots_have_labels_separate_axes_and_no_empty_zoom(user, tmp_path, monkeypatch):
     import matplotlib.figure
 
     from nexedge.train.history import History
@@ -339,7 +339,7 @@ def test_12_plots_have_labels_separate_axes_and_no_empty_zoom(user, tmp_path, mo
 
 
 # -- 13. progress without a terminal ---------------------------------------------------------------
-def test_13_no_progress_bars_into_a_log(user, tmp_path, capsys):
+def test_no_progress_bars_into_a_log(user, tmp_path, capsys):
     assert main(["eval", user["run"], "--data", user["data"], "--crops", "center", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err  # pytest's stderr is not a terminal, like a log file
     assert "\r" not in err
@@ -347,7 +347,7 @@ def test_13_no_progress_bars_into_a_log(user, tmp_path, capsys):
 
 
 # -- 14. messages ---------------------------------------------------------------------------------------
-def test_14_messages_name_the_real_problem(user, tmp_path, capsys):
+def test_messages_name_the_real_problem(user, tmp_path, capsys):
     script = tmp_path / "make_data.py"
     script.write_text("print('hi')\n")
     assert main(["split", str(script), str(tmp_path / "out")]) == 1
@@ -370,7 +370,7 @@ def test_14_messages_name_the_real_problem(user, tmp_path, capsys):
     assert "(default: 30)" in helptext and "small_max" in helptext
 
 
-def test_14_busy_pull_bind_names_the_key(tmp_path):
+def test_busy_pull_bind_names_the_key(tmp_path):
     import zmq
 
     from nexedge.serve.pullserver import PullServer
@@ -389,7 +389,7 @@ def test_14_busy_pull_bind_names_the_key(tmp_path):
 
 
 # -- 15. pull formats validated before acking; one Label Studio task per image --------------------
-def test_15_cleanlab_from_a_line_pull_is_refused_before_anything_is_acknowledged(tmp_path, capsys):
+def test_cleanlab_from_a_line_pull_is_refused_before_anything_is_acknowledged(tmp_path, capsys):
     from nexedge.store import SampleStore
 
     st = SampleStore(str(tmp_path / "s"))
@@ -419,7 +419,7 @@ def _any_png(tmp_path):
 
 
 # -- 16. an annotator's correction of a data-set image -----------------------------------------------
-def test_16_import_relabel_moves_a_corrected_dataset_image_and_recounts(user, tmp_path, capsys):
+def test_import_relabel_moves_a_corrected_dataset_image_and_recounts(user, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(user["data"], data)
     src = next(p for p in _dataset_images(str(data), "train") if "/ok/" in p)

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import yaml
-from userdata import CORRUPT, make_user_dataset
 
 from nexedge.cli import main
+from tests.support.userdata import CORRUPT, make_user_dataset
 
 
 def _daemon(cfg_path):

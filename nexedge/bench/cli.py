@@ -11,7 +11,8 @@ import textwrap
 from typing import Any, Dict, List, Optional
 
 from nexedge.card import CROP_MODES, PRECISIONS
-from nexedge.threads import add_threads_option, given
+from nexedge.cliopts import Key, add_kw_option, uses_globals
+from nexedge.threads import given
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
@@ -47,18 +48,20 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=5.0,
                    help="seconds of timed iterations per batch size (default 5)")
     g.add_argument("--iterations", type=int, help="exact number of timed iterations per batch size")
-    add_threads_option(p)
     p.add_argument("--images", help="folder or glob of image files: include JPEG/PNG decode and resize "
                                     "(default: random prepared images, decode not timed)")
     p.add_argument("--gemm", action="store_true",
                    help="also measure GEMM GFLOP/s on this machine and report achieved GFLOP/s vs that peak "
                         "(ONNX models; needs the onnx package)")
-    p.add_argument("--gemm-size", type=int, default=1024, help="matrix size for --gemm (default 1024)")
-    p.add_argument("--gemm-seconds", type=float, default=1.0, help="seconds per GEMM kernel for --gemm (default 1)")
+    add_kw_option(p, "--gemm-kw", {
+        "size": Key("gemm_size", int, 1024, "matrix size"),
+        "seconds": Key("gemm_seconds", float, 1.0, "seconds per GEMM kernel"),
+    }, help="--gemm settings")
     p.add_argument("--json", metavar="OUT", help="write the result document to this JSON file")
     p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="compare two result files (ratios B/A) instead of running a benchmark")
+    uses_globals(p, "--threads")
 
 
 def _progress(msg: str) -> None:
@@ -77,7 +80,7 @@ def effective_command(args: argparse.Namespace) -> str:
     if args.cascade is not None:
         parts += ["--cascade", str(args.cascade)]
     if args.gemm:
-        parts += ["--gemm", "--gemm-size", str(args.gemm_size), "--gemm-seconds", str(args.gemm_seconds)]
+        parts += ["--gemm", "--gemm-kw", f"size={args.gemm_size}", "--gemm-kw", f"seconds={args.gemm_seconds}"]
     if args.json:
         parts += ["--json", args.json]
     return " ".join(shlex.quote(p) for p in parts)

@@ -5,8 +5,8 @@ import json
 import os
 from typing import Optional, Tuple
 
+from nexedge.cliopts import Key, add_kw_option, boolean, uses_globals
 from nexedge.data.spec import BATCHES, DEFAULT_LOOK, LOOKS, parse_class_counts
-from nexedge.progress import add_progress_option
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -47,9 +47,11 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
                    help="fraction of good images; defects keep the batch's relative mix")
     p.add_argument("--contact-sheet", default=None, metavar="PNG",
                    help="also (or only, without OUT) write a contact sheet: one labelled row per class")
-    p.add_argument("--sheet-per-class", type=int, default=5, help="images per row of the contact sheet (default 5)")
-    p.add_argument("--sheet-scale", type=float, default=0.45, help="tile scale of the contact sheet (default 0.45)")
-    p.add_argument("--sheet-boxes", action="store_true", help="draw defect bounding boxes on the contact sheet")
+    add_kw_option(p, "--sheet-kw", {
+        "per_class": Key("sheet_per_class", int, 5, "images per row"),
+        "scale": Key("sheet_scale", float, 0.45, "tile scale"),
+        "boxes": Key("sheet_boxes", boolean, False, "true: draw defect bounding boxes"),
+    }, help="contact sheet layout")
     p.add_argument("--look", choices=LOOKS, default=DEFAULT_LOOK,
                    help="renderer look: legacy (default; every published demo and benchmark number uses it) or "
                         "real (calibrated against real line images; opt-in until the demo is re-measured on it)")
@@ -59,16 +61,17 @@ def configure_synth(p: argparse.ArgumentParser) -> None:
                         "(index.csv with file,label columns, class sub-folders, or LABEL__name files): "
                         "per-region intensity stats, noise spectra, KID on ImageNet EfficientNet-Lite0 "
                         "features and a leave-one-out real-vs-synthetic classifier")
-    g.add_argument("--realism-looks", default=None, metavar="LOOK,...",
-                   help="looks to measure side by side (default: --look; e.g. legacy,real for before/after)")
-    g.add_argument("--realism-n", type=int, default=90, help="synthetic images per look (default 90)")
-    g.add_argument("--realism-json", default=None, metavar="PATH", help="also write the figures as JSON")
-    g.add_argument("--realism-figure", default=None, metavar="PNG",
-                   help="also write real references and synthetic images of the same classes side by side")
-    g.add_argument("--no-stretch", action="store_true",
-                   help="compare without the min-max stretch (default: stretch both sides, as the public "
-                        "Nexperia references were stretched by matplotlib)")
-    add_progress_option(p)
+    add_kw_option(g, "--realism-kw", {
+        "looks": Key("realism_looks", str, None, "LOOK,...: looks to measure side by side; default: --look; e.g. "
+                     "legacy,real for before/after"),
+        "n": Key("realism_n", int, 90, "synthetic images per look"),
+        "json": Key("realism_json", str, None, "PATH: also write the figures as JSON"),
+        "figure": Key("realism_figure", str, None, "PNG: also write real references and synthetic images of the "
+                      "same classes side by side"),
+        "stretch": Key("realism_stretch", boolean, True, "false: compare without the min-max stretch; by default "
+                       "both sides are stretched, as the public Nexperia references were by matplotlib"),
+    }, help="realism report settings")
+    uses_globals(p, "--no-progress")
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -103,9 +106,9 @@ def run_synth(args: argparse.Namespace) -> int:
         looks = [x.strip() for x in (args.realism_looks or args.look).split(",") if x.strip()]
         bad = [x for x in looks if x not in LOOKS]
         if bad or not looks:
-            raise ValueError(f"bad --realism-looks {args.realism_looks!r}; expected a comma list of {list(LOOKS)}")
+            raise ValueError(f"bad --realism-kw looks={args.realism_looks!r}; expected a comma list of {list(LOOKS)}")
         run_realism(args.realism, looks, n=args.realism_n, batch=args.batch, seed=args.seed,
-                    stretch=not args.no_stretch, out_json=args.realism_json, figure=args.realism_figure)
+                    stretch=args.realism_stretch, out_json=args.realism_json, figure=args.realism_figure)
     return 0
 
 
@@ -123,8 +126,7 @@ def configure_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--good-class", default=None,
                    help="the negative (pass) class, recorded in dataset.json; `nexedge train` uses it as its "
                         "default --good-class (default: 'good' when there is such a folder)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_progress_option(p)
+    uses_globals(p, "--json", "--no-progress")
 
 
 def run_split(args: argparse.Namespace) -> int:

@@ -204,7 +204,7 @@ def measure(refs: Sequence[Tuple[str, str, np.ndarray]], looks: Sequence[str], n
             seed: int = 0, stretch: bool = True, features: bool = True, repeats: int = 10) -> Dict[str, Any]:
     """All realism figures of each look against the references (one dict, JSON-ready)."""
     if n < 2 * len(refs):
-        raise ValueError(f"--realism-n {n} is too small for {len(refs)} references; expected at least {2 * len(refs)}")
+        raise ValueError(f"--realism-kw n={n} is too small for {len(refs)} references; expected at least {2 * len(refs)}")
     if batch not in STYLES:
         raise ValueError(f"unknown batch {batch!r}; expected one of {sorted(STYLES)}")
     sizes = np.array([im.shape for _, _, im in refs])

@@ -7,11 +7,11 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
+from nexedge.cliopts import uses_globals
 from nexedge.demo.context import Demo
 from nexedge.demo.profiles import PROFILES, resolve_settings
 from nexedge.demo.run import cpu_seconds, print_recap, print_timings, run_stages, stages
 from nexedge.models import add_arch_option
-from nexedge.threads import add_threads_option
 
 
 def configure_demo(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default {})".format(PROFILES["default"]["epochs"]))
     add_arch_option(p, what="architecture (default {}, ImageNet-pretrained; small_max: the earlier from-scratch "
                             "recipe on a reduced class mix; tiny for speed); one of".format(PROFILES["default"]["arch"]))
-    add_threads_option(p, torch=True)
+    uses_globals(p, "--threads", torch=True)
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
     p.add_argument("--keep-daemon", action="store_true",
                    help="leave the daemon running at the end (prints its PID; default: stop it)")

@@ -96,7 +96,7 @@ def stage_train(demo: Demo) -> None:
                    "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
                    "--schedule", "cosine", "--seed", str(s["seed"]), "--keep", "3", "--no-test-curves",
                    "--select", s.get("select", "val_auc")]
-             + ["--optimizer", s.get("optimizer", "sgd"), "--warmup-epochs", str(s.get("warmup_epochs", 0))]
+             + ["--optimizer", s.get("optimizer", "sgd"), "--optimizer-kw", "warmup_epochs={}".format(s.get("warmup_epochs", 0))]
              + [a for kw in s.get("arch_kw", []) for a in ("--arch-kw", kw)]
              + ["--pretrained", s.get("pretrained", "none"), "--freeze", str(s.get("freeze", 0)),
                 "--balanced", s.get("balanced", "none")]
@@ -146,7 +146,7 @@ def stage_export(demo: Demo) -> None:
     onnx_path = demo.path("model", MODEL_FILE)
     os.makedirs(os.path.dirname(onnx_path), exist_ok=True)
     nexedge(demo, ["export", best, "--crops", "auto", "--aggregate", demo.settings.get("aggregates", "mean"),
-                   "-o", onnx_path, "--max-batch", "16", "--parity-data", demo.results["data"]["root"],
+                   "-o", onnx_path, "--max-batch", "16", "--parity-kw", "data=" + demo.results["data"]["root"],
                    "--threads", str(demo.settings["threads"])])
     from nexedge.card import load_card
 

@@ -127,7 +127,7 @@ def auto_export(checkpoint: str, out: Optional[str] = None, target_tpr: float = 
     if bad or not aggregates:
         raise ValueError(f"--aggregate {','.join(aggregates)}: expected one or more of {', '.join(metrics.AGGREGATES)}")
     if not 0.0 < target_tpr <= 1.0:
-        raise ValueError(f"--auto-tpr {target_tpr}: expected a fraction in (0, 1]")
+        raise ValueError(f"--auto-kw tpr={target_tpr}: expected a fraction in (0, 1]")
     ck = load_card(checkpoint)
     root = data or data_root_of(ck)
     if root is None:

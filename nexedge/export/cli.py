@@ -9,8 +9,8 @@ import json
 from typing import Any
 
 from nexedge.card import GRAPH_CROPS
-from nexedge.cliopts import add_tpr_floor_option
-from nexedge.threads import add_threads_option, given
+from nexedge.cliopts import Key, add_kw_option, add_tpr_floor_option, boolean, choice, uses_globals
+from nexedge.threads import given
 
 
 def configure_export(p: argparse.ArgumentParser) -> None:
@@ -20,18 +20,20 @@ def configure_export(p: argparse.ArgumentParser) -> None:
                    help="host: float crops in, logits out (host does the crops); center|five|ten: uint8 "
                         "prepared images in, crops+softmax in the graph, probs/defect_score out; auto: measure "
                         "center, five and ten (ten only for a model trained with --flip h) on the validation split "
-                        "through ONNX Runtime and export the one with the lowest FPR at --auto-tpr (then the "
+                        "through ONNX Runtime and export the one with the lowest FPR at --auto-kw tpr (then the "
                         "highest AUC, then the fewest crops) in the graph (default: host)")
     p.add_argument("--aggregate", default=None,
                    help="how an image's crops become its score: mean (of the logits, the report's way; default) or "
                         "max (the crop with the highest defect score). With --crops auto a comma list of the "
                         "aggregates to try (default mean)")
-    p.add_argument("--auto-tpr", type=float, default=1.0,
-                   help="--crops auto compares the candidates' FPR at this TPR (fraction; default 1.0, the "
-                        "daemon's default operating point)")
-    p.add_argument("--allow-unseen-mirrors", action="store_true",
-                   help="export TenCrop (five mirrored crops) for a model trained without horizontal mirrors "
-                        "(refused by default: on magnetic tiles it cost 55 points of FPR at TPR 100 %%)")
+    add_kw_option(p, "--auto-kw", {
+        "tpr": Key("auto_tpr", float, 1.0, "--crops auto compares the candidates' FPR at this TPR (fraction; 1.0 is "
+                   "the daemon's default operating point)"),
+        "allow_unseen_mirrors": Key("allow_unseen_mirrors", boolean, False,
+                                    "true: export TenCrop (five mirrored crops) for a model trained without "
+                                    "horizontal mirrors; refused by default: on magnetic tiles it cost 55 points "
+                                    "of FPR at TPR 100 %"),
+    }, help="how --crops chooses and what it allows")
     p.add_argument("--ensemble-rule", default="median", choices=("median", "mean", "max"),
                    help="a CV run folder (train --cv K) only: how the fold models' aligned scores combine. median "
                         "(default): REJECT when at least half of them reach their thresholds; mean: their mean "
@@ -40,18 +42,18 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="output .onnx (default: <checkpoint stem>.<crops>.onnx)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch in images the runtime may send (card graph.max_batch; default 64)")
-    p.add_argument("--parity-data",
-                   help="folder of images or data-set root (val/ preferred) for the parity check; "
-                        "without it parity runs on generated images and the card says so")
-    p.add_argument("--parity-images", type=int, default=16, help="images used for the parity check (default 16)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="max abs probability difference ONNX vs torch (default 1e-4)")
-    add_threads_option(p, torch=True)
+    add_kw_option(p, "--parity-kw", {
+        "data": Key("parity_data", str, None, "folder of images or data-set root (val/ preferred); without it "
+                    "parity runs on generated images and the card says so"),
+        "images": Key("parity_images", int, 16, "images used"),
+        "tolerance": Key("tolerance", float, 1e-4, "max abs probability difference ONNX vs torch"),
+    }, help="the ONNX-vs-torch parity check")
     p.add_argument("--data", help="labelled data-set root on which the ONNX model's own operating points are "
                                   "measured (default: the trainer's data root, if still there)")
     p.add_argument("--split", default="val", help="split the operating points are measured on (default val)")
     add_tpr_floor_option(p)
     add_cascade_args(p, stage1=False)
+    uses_globals(p, "--threads", torch=True)
 
 
 def add_cascade_args(p: argparse.ArgumentParser, stage1: bool = True) -> None:
@@ -148,8 +150,8 @@ def configure_thresholds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split to measure on (default val; keep test for reporting)")
     add_tpr_floor_option(p)
     p.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
-    add_threads_option(p)
     add_cascade_args(p)
+    uses_globals(p, "--threads")
 
 
 def run_thresholds(args: argparse.Namespace) -> int:
@@ -175,38 +177,43 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="calibration set name: calibrate/<name>/ (default: the model file stem)")
     p.add_argument("--images", type=int, default=512, help="calibration images, class stratified (default 512)")
     p.add_argument("--split", default="train", help="split the calibration images come from (default train)")
-    p.add_argument("--thresholds-split", default="val",
-                   help="labelled split on which each INT8 model's own operating points are measured (default val)")
-    p.add_argument("--eval-split", default="test",
-                   help="labelled split for the INT8-vs-FP32 report at the deployed thresholds (escapes and "
-                        "overkill per class); must differ from --thresholds-split; '' to skip (default test)")
-    p.add_argument("--deploy-tpr", type=float, default=1.0,
-                   help="target TPR of the operating point the console report shows (default 1.0, the daemon's)")
-    p.add_argument("--eval-images", type=int, default=0, help="cap on report images (default 0 = all)")
+    add_kw_option(p, "--report-kw", {
+        "thresholds_split": Key("thresholds_split", str, "val", "labelled split on which each INT8 model's own "
+                                "operating points are measured"),
+        "eval_split": Key("eval_split", str, "test", "labelled split for the INT8-vs-FP32 report at the deployed "
+                          "thresholds (escapes and overkill per class); must differ from thresholds_split; empty "
+                          "to skip"),
+        "eval_images": Key("eval_images", int, 0, "cap on report images, 0 = all"),
+        "deploy_tpr": Key("deploy_tpr", float, 1.0, "target TPR of the operating point the console report shows; "
+                          "1.0 is the daemon's"),
+    }, help="what the INT8 models are measured and reported on")
     p.add_argument("--targets", default="tensorrt,ort",
                    help="tensorrt: symmetric int8 Q/DQ for TensorRT; ort: U8S8 Q/DQ for ONNX Runtime CPU "
                         "(default both)")
     p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
                    help="range calibration method for the Q/DQ models (default minmax)")
-    g = p.add_argument_group("ONNX Runtime target settings (benchmarks/RESULTS.md, int8: U8S8 per-channel is the "
-                             "fastest on x86; the others trade speed for accuracy)")
-    g.add_argument("--ort-activations", choices=("u8", "s8"), help="activation type (default u8)")
-    g.add_argument("--ort-weights", choices=("s8", "u8"), help="weight type (default s8; u8 = U8U8, slower on AVX2)")
-    g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
-    g.add_argument("--reduce-range", action="store_true",
-                   help="7-bit weights: ORT's remedy for vpmaddubsw saturation on x86 without VNNI")
-    p.add_argument("--quantize-stem", action="store_true",
-                   help="quantize the stem convolutions too (default: they stay float; quantizing them cost "
-                        "EfficientNet-Lite0 most of its INT8 ranking; float costs 15-22 %% of the INT8 speed on x86, "
-                        "benchmarks/results/int8_stem.md)")
+    add_kw_option(p, "--quant-kw", {
+        "ort_activations": Key("ort_activations", choice("u8", "s8"), None, "ORT target: activation type u8 "
+                               "(default) or s8"),
+        "ort_weights": Key("ort_weights", choice("s8", "u8"), None, "ORT target: weight type s8 (default) or u8 "
+                           "(U8U8, slower on AVX2)"),
+        "per_tensor": Key("per_tensor", boolean, False, "ORT target: true = one weight scale per tensor instead of "
+                          "per channel"),
+        "reduce_range": Key("reduce_range", boolean, False, "ORT target: true = 7-bit weights, ORT's remedy for "
+                            "vpmaddubsw saturation on x86 without VNNI"),
+        "quantize_stem": Key("quantize_stem", boolean, False, "true = quantize the stem convolutions too; by default "
+                             "they stay float: quantizing them cost EfficientNet-Lite0 most of its INT8 ranking, "
+                             "float costs 15-22 % of the INT8 speed on x86 (benchmarks/results/int8_stem.md)"),
+    }, help="quantizer settings; U8S8 per-channel (the defaults) is the fastest on x86, the others trade speed "
+            "for accuracy")
     p.add_argument("--calib-root", default="calibrate", help="folder of calibration sets (default calibrate)")
     p.add_argument("--out-dir", help="where INT8 models go (default: beside the fp32 model)")
     p.add_argument("--rebuild", action="store_true", help="make a new manifest even if calibrate/<name>/ has one")
     p.add_argument("--trt-cache", action="store_true",
                    help="also run TensorRT entropy calibration (needs TensorRT) and keep its cache")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the calibration set")
-    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="replace INT8 models that already exist")
+    uses_globals(p, "--threads")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -270,13 +277,16 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
                    help="largest batch in images (default: the card's graph.max_batch); host-crop models "
                         "multiply it by the crops per image")
     p.add_argument("--opt-batch", type=int, help="batch in images TensorRT tunes for (default min(8, max))")
-    p.add_argument("--workspace-mib", type=int, help="builder workspace limit in MiB (default 1024)")
     p.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson), GPU fallback on")
-    p.add_argument("--version-compatible", action="store_true", default=None,
-                   help="engine runs on later TensorRT versions too (8.6+; slower to load)")
-    p.add_argument("--calib-cache", help="entropy-calibration cache for INT8 from an fp32 ONNX (implicit INT8)")
-    p.add_argument("--timing-cache", help="timing cache file to reuse and update "
-                   "(default trt_engines/<device>.trt<version>.timing.cache)")
+    add_kw_option(p, "--build-kw", {
+        "workspace_mib": Key("workspace_mib", int, None, "builder workspace limit in MiB; default 1024"),
+        "version_compatible": Key("version_compatible", boolean, None, "true: the engine runs on later TensorRT "
+                                  "versions too (8.6+; slower to load)"),
+        "calib_cache": Key("calib_cache", str, None, "entropy-calibration cache for INT8 from an fp32 ONNX "
+                           "(implicit INT8)"),
+        "timing_cache": Key("timing_cache", str, None, "timing cache file to reuse and update; default "
+                            "trt_engines/<device>.trt<version>.timing.cache"),
+    }, help="builder settings a recipe usually carries; given here they win over it")
     p.add_argument("--out-dir", default="trt_engines", help="where engines go (default trt_engines)")
     p.add_argument("--name", help="engine name prefix (default: the ONNX file stem)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
@@ -288,12 +298,12 @@ def configure_build_engine(p: argparse.ArgumentParser) -> None:
 
 def build_settings(args: argparse.Namespace) -> dict:
     """Defaults < recipe < command-line flags."""
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_recipe, trt_rules
 
     settings = {"precision": "fp16", "max_batch": 0, "opt_batch": 0, "workspace_mib": 1024, "dla_core": None,
                 "version_compatible": False}
     if args.recipe:
-        recipe = eng.load_recipe(args.recipe)
+        recipe = trt_recipe.load_recipe(args.recipe)
         settings.update({k: v for k, v in recipe.items() if k in settings and v is not None})
         settings["_recipe"] = recipe
         if recipe.get("precision") is not None:
@@ -304,7 +314,7 @@ def build_settings(args: argparse.Namespace) -> dict:
             settings[key] = value
             if key == "precision":
                 settings.pop("_precision_from", None)
-    eng.check_precision(settings["precision"])
+    trt_rules.check_precision(settings["precision"])
     return settings
 
 
@@ -312,30 +322,30 @@ def run_build_engine(args: argparse.Namespace) -> int:
     import os
 
     from nexedge.card import load_card
-    from nexedge.export import engine as eng
+    from nexedge.export import cuda_device, trt_build, trt_names, trt_recipe, trt_rules
 
     s = build_settings(args)
     # Precision rules before anything slow, naming the recipe when the precision came from it.
     src = f" (precision int8 from {s['_precision_from']})" if "_precision_from" in s else ""
-    eng.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
+    trt_rules.int8_mode(load_card(args.onnx).precision, s["precision"], bool(args.calib_cache), source=src)
     try:
         import tensorrt as trt
     except ImportError:
         raise RuntimeError("build-engine needs TensorRT (import tensorrt failed); run it on the target "
                            "device, see trt_engines/README.md") from None
     if "_recipe" in s:
-        eng.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
-    dev = eng.device_info(0)
+        trt_recipe.check_recipe_version(s["_recipe"], trt.__version__, args.recipe)
+    dev = cuda_device.device_info(0)
     timing = args.timing_cache or os.path.join(
-        args.out_dir, f"{eng.device_tag(dev)}.trt{trt.__version__}.timing.cache")
-    opts = eng.BuildOptions(
+        args.out_dir, f"{trt_names.device_tag(dev)}.trt{trt.__version__}.timing.cache")
+    opts = trt_rules.BuildOptions(
         precision=s["precision"], max_batch=s["max_batch"], opt_batch=s["opt_batch"],
         workspace=s["workspace_mib"] << 20, dla_core=s["dla_core"], version_compatible=s["version_compatible"],
         calib_cache=args.calib_cache, timing_cache=timing,
     )
-    path, reused = eng.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
-                                    force=args.force, data=args.data, check=not args.no_check)
-    print(("reused " if reused else "built ") + eng.describe(path))
+    path, reused = trt_build.build_engine(args.onnx, opts, out_dir=args.out_dir, name=args.name, trt=trt, device=dev,
+                                          force=args.force, data=args.data, check=not args.no_check)
+    print(("reused " if reused else "built ") + trt_build.describe(path))
     return report_unmeasured(path, bool(args.data))
 
 

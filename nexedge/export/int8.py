@@ -70,7 +70,7 @@ def run_calibration(
     if trt_cache:
         _require_tensorrt()  # fail before the slow part
     if eval_split and eval_split == thresholds_split:
-        raise ValueError(f"--eval-split {eval_split!r} is the split the thresholds are picked on; the INT8 report "
+        raise ValueError(f"--report-kw eval_split={eval_split!r} is the split the thresholds are picked on; the INT8 report "
                          "needs a split not used to pick them (e.g. test)")
     card = load_card(onnx_path)
     if card.data.get("cv"):
@@ -178,24 +178,24 @@ def _require_tensorrt() -> Any:
     except ImportError:
         raise RuntimeError("--trt-cache needs TensorRT (import tensorrt failed); run it on the target "
                            "(Jetson) or use the Q/DQ model, which needs no cache") from None
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_rules
 
-    eng.check_builder_api(trt, eng.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
+    trt_rules.check_builder_api(trt, trt_rules.parse_version(trt.__version__))  # TensorRT 11 has no calibrators
     return trt
 
 
 def build_trt_cache(onnx_path: str, card: Any, images: Any, manifest: str, batch_images: int = 8) -> str:
     """Entropy-calibrate with TensorRT (implicit quantization, TensorRT <= 10) and keep the cache."""
     trt = _require_tensorrt()
-    from nexedge.export import engine as eng
+    from nexedge.export import trt_build, trt_rules
 
     stream = cal.CalibrationBatchStream(images, card, batch_images)
     path = trt_cache_path(manifest, card.sha256, trt.__version__)
     calibrator = cal.make_entropy_calibrator(trt, stream, path)
     # TensorRT calibrates at the profile's opt shape: make it the calibration batch.
-    opts = eng.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
-                            opt_batch=batch_images, calibrator=calibrator)
-    eng.build_serialized(trt, onnx_path, card, opts)
+    opts = trt_rules.BuildOptions(precision="int8", max_batch=max(card.graph.get("max_batch") or 1, batch_images),
+                                  opt_batch=batch_images, calibrator=calibrator)
+    trt_build.build_serialized(trt, onnx_path, card, opts)
     if not os.path.exists(path):
         raise RuntimeError(f"TensorRT finished but wrote no calibration cache at {path}")
     return path

@@ -63,7 +63,7 @@ def check_mirrors(card: ModelCard, mode: str, allow: bool = False) -> None:
     if problem is None:
         return
     if problem["kind"] == "unseen" and not allow:
-        raise ValueError(problem["message"] + "; --allow-unseen-mirrors exports it anyway")
+        raise ValueError(problem["message"] + "; --auto-kw allow_unseen_mirrors=true exports it anyway")
     log.warning("%s", problem["message"])
 
 

@@ -95,7 +95,7 @@ def generated_images(n: int, inp: Mapping[str, Any], seed: int = 0) -> np.ndarra
 def parity_images(source: Optional[str], inp: Mapping[str, Any], n: int = 16) -> Tuple[np.ndarray, str]:
     """(prepared uint8 N x H x W x C, description). ``source`` None -> generated images (logged)."""
     if source is None:
-        log.warning("no --parity-data given: parity runs on %d generated images, not real ones", n)
+        log.warning("no --parity-kw data=... given: parity runs on %d generated images, not real ones", n)
         return generated_images(n, inp), f"generated:{n}"
     paths = spread(list_images(source), n)
     if not paths:

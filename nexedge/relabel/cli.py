@@ -5,7 +5,7 @@ import datetime as _dt
 import json
 from typing import List, Optional
 
-from nexedge.progress import add_progress_option
+from nexedge.cliopts import Key, add_curve_key_options, add_kw_option, uses_globals
 
 FORMAT_CHOICES = ("manifest", "labelstudio", "folders", "cleanlab")
 
@@ -47,8 +47,7 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="export folder (re-running resumes into it)")
     p.add_argument("--format", action="append", metavar="FMT",
                    help=f"extra formats besides manifest.jsonl: {', '.join(FORMAT_CHOICES[1:])} (repeat or comma-separate)")
-    p.add_argument("--client-key", metavar="FILE", help="this client's *.key_secret (CurveZMQ)")
-    p.add_argument("--server-key", metavar="FILE", help="the daemon's public *.key (CurveZMQ)")
+    add_curve_key_options(p)
     f = p.add_argument_group("filters")
     f.add_argument("--camera", help="only this camera id")
     f.add_argument("--since", help="frames at or after this time (epoch s or ISO 8601, UTC)")
@@ -65,10 +64,12 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="class list for the exports (comma-separated; default: from the probabilities)")
     p.add_argument("--ls-url-prefix", help="prefix of image URLs in Label Studio tasks (default: local-files "
                                            "serving with document root /)")
-    p.add_argument("--page-size", type=int, default=64, help="samples per request (default 64)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
-    p.add_argument("--retries", type=int, default=3, help="re-sends of a request that got no reply (default 3)")
-    add_progress_option(p)
+    add_kw_option(p, "--transport-kw", {
+        "page_size": Key("page_size", int, 64, "samples per request"),
+        "timeout": Key("timeout", float, 10.0, "seconds to wait for each reply"),
+        "retries": Key("retries", int, 3, "re-sends of a request that got no reply"),
+    }, help="--connect: how pages are fetched")
+    uses_globals(p, "--no-progress")
 
 
 def run_pull(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import List, Optional
 
+from nexedge.cliopts import Key, add_curve_key_options, add_kw_option, uses_globals
 from nexedge.serve.camerasim import MODES
 
 
@@ -16,21 +17,23 @@ def configure_camera_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="daemon frames endpoint (default %(default)s)")
     p.add_argument("--cameras", type=int, default=2, help="number of simulated cameras (default %(default)s)")
     p.add_argument("--rate", type=float, default=10.0,
-                   help="frames per second per camera; 0 = as fast as --window allows (default %(default)s)")
+                   help="frames per second per camera; 0 = as fast as --sim-kw window allows (default %(default)s)")
     p.add_argument("--frames", type=int, default=0, help="frames per camera (default: run for --duration)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to stream when --frames is 0 (default %(default)s)")
     p.add_argument("--mode", choices=MODES, default="native",
                    help="native: files as they are; native-raw: decoded arrays; imagezmq-raw / imagezmq-jpg: the "
                         "unmodified imagezmq ImageSender (default %(default)s)")
-    p.add_argument("--window", type=int, default=64, help="native: max unanswered frames per camera (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for outstanding verdicts (default %(default)s)")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many images from the folder")
-    p.add_argument("--prefix", default="cam", help="camera name prefix (default %(default)s)")
+    add_kw_option(p, "--sim-kw", {
+        "window": Key("window", int, 64, "native: max unanswered frames per camera"),
+        "timeout": Key("timeout", float, 10.0, "seconds to wait for outstanding verdicts"),
+        "limit": Key("limit", int, 0, "use at most this many images from the folder; 0 = all"),
+        "prefix": Key("prefix", str, "cam", "camera name prefix"),
+    }, help="simulator settings")
     p.add_argument("--good-class", default=None,
                    help="with a labelled folder (FOLDER/<class>/...): the negative class, for escapes (defects "
                         "PASSed) and overkill (good REJECTed) (default: good_class of the data set's "
                         "dataset.json in FOLDER or above it, else 'good' when there is such a folder)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    uses_globals(p, "--json")
 
 
 def _good_class(folder: str, labels: set) -> Optional[str]:
@@ -83,15 +86,14 @@ def configure_line(p: argparse.ArgumentParser) -> None:
                 "`nexedge line promote`; if anything looks wrong, `nexedge line rollback`.")
     p.add_argument("--connect", default="tcp://127.0.0.1:5558",
                    help="the daemon's control endpoint (lifecycle.control; default %(default)s)")
-    p.add_argument("--client-key", metavar="FILE", help="this client's *.key_secret (when the daemon uses CurveZMQ)")
-    p.add_argument("--server-key", metavar="FILE", help="the daemon's public *.key (when it uses CurveZMQ)")
+    add_curve_key_options(p)
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the reply; a load includes opening and warming the model "
                         "(default %(default)s)")
     p.add_argument("--who", default=os.environ.get("USER", ""),
                    help="your name for the daemon's change log without CurveZMQ (with it, the key's name is "
                         "logged; default: $USER)")
-    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    uses_globals(p, "--json")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, text in LINE_ACTIONS.items():
         a = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")

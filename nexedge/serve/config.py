@@ -6,6 +6,7 @@ section is present. Python 3.8, no torch.
 """
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -13,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from nexedge.metrics import DEFAULT_TPR_FLOOR
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -43,30 +46,55 @@ class SocketsCfg:
     verdicts: str = "tcp://127.0.0.1:5556"
     max_message_bytes: int = 32 << 20
     max_header_bytes: int = 16 << 10
-    max_pixels: int = 50_000_000
-    max_decoded_bytes: int = 128 << 20
+    #: What a frame may decode to (``sockets.decode_limits.<key>``).
+    decode_limits: "DecodeLimitsCfg" = dataclasses.field(default_factory=lambda: DecodeLimitsCfg())
     decode_workers: int = 2
     #: Decode threads one camera may use at once; 0 = all but one (at least 1).
     decode_per_camera: int = 0
-    #: JPEGs with more scans are refused (too_many_scans) before decoding; encoders write at most 10.
-    max_jpeg_scans: int = 32
     #: Significant bits of 16-bit samples when the frame does not say (native ``bit_depth``); none = the
     #: card's input.bit_depth, else 16.
     uint16_bit_depth: Optional[int] = None
     max_cameras: int = 256
     hwm: int = 10000
     linger_ms: int = 2000
-    #: Memory guard (nexedge.serve.guard): bytes one peer may have sent that the daemon has not read as whole
-    #: messages; none = 2 x max_message_bytes + 1 MiB.
+    #: Memory guard (nexedge.serve.guard; ``sockets.guard.<key>``).
+    guard: "GuardCfg" = dataclasses.field(default_factory=lambda: GuardCfg())
+    #: Connections per socket (frames; control and pull take 16); further ones are closed at once.
+    max_peers: int = 256
+    #: ZMTP heartbeat interval (a peer silent for 3 intervals is dropped); 0 = off (TCP keepalive only).
+    heartbeat_s: float = 10.0
+
+    # The keys these groups replaced, as attributes for the code that reads them.
+    max_pixels = property(lambda self: self.decode_limits.max_pixels)
+    max_decoded_bytes = property(lambda self: self.decode_limits.max_decoded_bytes)
+    max_jpeg_scans = property(lambda self: self.decode_limits.max_jpeg_scans)
+    max_peer_pending_bytes = property(lambda self: self.guard.max_peer_pending_bytes)
+    max_pending_bytes = property(lambda self: self.guard.max_pending_bytes)
+    unfinished_timeout_s = property(lambda self: self.guard.unfinished_timeout_s)
+    rss_limit = property(lambda self: self.guard.rss_limit)
+
+
+@dataclasses.dataclass
+class DecodeLimitsCfg:
+    """``sockets.decode_limits``: frames past these get RECHECK before or instead of decoding."""
+
+    max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 128 << 20
+    #: JPEGs with more scans are refused (too_many_scans) before decoding; encoders write at most 10.
+    max_jpeg_scans: int = 32
+
+
+@dataclasses.dataclass
+class GuardCfg:
+    """``sockets.guard``: the memory guard (nexedge.serve.guard, docs/protocol.md#memory)."""
+
+    #: Bytes one peer may have sent that the daemon has not read as whole messages; none = 2 x
+    #: sockets.max_message_bytes + 1 MiB.
     max_peer_pending_bytes: Optional[int] = None
     #: The same over all peers of all sockets (frames, verdicts, control, pull).
     max_pending_bytes: int = 256 << 20
     #: A peer holding an unfinished message this long without completing one is disconnected.
     unfinished_timeout_s: float = 10.0
-    #: Connections per socket (frames; control and pull take 16); further ones are closed at once.
-    max_peers: int = 256
-    #: ZMTP heartbeat interval (a peer silent for 3 intervals is dropped); 0 = off (TCP keepalive only).
-    heartbeat_s: float = 10.0
     #: Process RSS past which the peer holding the most unfinished data is disconnected: a size, 'auto'
     #: (RSS when ready + 512 MiB) or 'off'.
     rss_limit: str = "auto"
@@ -112,6 +140,18 @@ class StoreCfg:
 class MetricsCfg:
     host: str = "127.0.0.1"
     port: int = 9108
+    #: Connection limits (``metrics.limits.<key>``).
+    limits: "MetricsLimitsCfg" = dataclasses.field(default_factory=lambda: MetricsLimitsCfg())
+
+    max_connections = property(lambda self: self.limits.max_connections)
+    max_per_client = property(lambda self: self.limits.max_per_client)
+    timeout_s = property(lambda self: self.limits.timeout_s)
+
+
+@dataclasses.dataclass
+class MetricsLimitsCfg:
+    """``metrics.limits``: what the /metrics endpoint serves at once."""
+
     max_connections: int = 16
     #: Connections from one address; past it (or max_connections) the oldest one not done sending its
     #: request is closed to make room.
@@ -163,20 +203,44 @@ class LifecycleCfg:
     shadow_fraction: float = 1.0
     #: Batches waiting for the shadow scorer; beyond, frames are skipped and counted.
     shadow_queue: int = 2
-    #: Rule-based promotion after this many shadow frames (0 = off) ...
-    auto_promote_frames: int = 0
+    #: Rule-based promotion (``lifecycle.auto_promote.<key>``).
+    auto_promote: "AutoPromoteCfg" = dataclasses.field(default_factory=lambda: AutoPromoteCfg())
+    #: Automatic rollback (``lifecycle.auto_rollback.<key>``).
+    auto_rollback: "AutoRollbackCfg" = dataclasses.field(default_factory=lambda: AutoRollbackCfg())
+
+    auto_promote_frames = property(lambda self: self.auto_promote.frames)
+    auto_promote_max_disagreement = property(lambda self: self.auto_promote.max_disagreement)
+    auto_promote_max_escape = property(lambda self: self.auto_promote.max_escape)
+    auto_rollback_baseline = property(lambda self: self.auto_rollback.baseline)
+    auto_rollback_subgroup = property(lambda self: self.auto_rollback.subgroup)
+    auto_rollback_watch = property(lambda self: self.auto_rollback.watch)
+    auto_rollback_alpha = property(lambda self: self.auto_rollback.alpha)
+
+
+@dataclasses.dataclass
+class AutoPromoteCfg:
+    """``lifecycle.auto_promote``: promote the candidate by rule."""
+
+    #: After this many shadow frames (0 = off) ...
+    frames: int = 0
     #: ... when the disagreement rate (both directions) is at most this ...
-    auto_promote_max_disagreement: float = 0.01
+    max_disagreement: float = 0.01
     #: ... and the 95 % upper bound on the share of the active model's REJECTs the candidate PASSes is at most this.
-    auto_promote_max_escape: float = 0.05
-    #: Automatic rollback: limits from the previous model's last K decisions (0 = off) ...
-    auto_rollback_baseline: int = 0
+    max_escape: float = 0.05
+
+
+@dataclasses.dataclass
+class AutoRollbackCfg:
+    """``lifecycle.auto_rollback``: roll a promoted model back when its reject count leaves the limits."""
+
+    #: Limits from the previous model's last K decisions (0 = off) ...
+    baseline: int = 0
     #: ... the promoted model's cumulative reject count checked every this many frames ...
-    auto_rollback_subgroup: int = 200
+    subgroup: int = 200
     #: ... for this many frames after the change ...
-    auto_rollback_watch: int = 2000
+    watch: int = 2000
     #: ... with this chance of rolling back a model as good as the previous one (per change, all checks).
-    auto_rollback_alpha: float = 0.01
+    alpha: float = 0.01
 
 
 @dataclasses.dataclass
@@ -212,6 +276,27 @@ SECTIONS = {
     "uncertain": UncertainCfg, "metrics": MetricsCfg, "logging": LoggingCfg, "shutdown": ShutdownCfg,
     "store": StoreCfg, "monitor": MonitorCfg, "pull": PullCfg, "auth": AuthCfg,
     "lifecycle": LifecycleCfg,
+}
+#: Retired keys -> the key that replaced them (the value carries over). An old config that sets one still
+#: loads, with a warning naming the new key.
+REMOVED_KEYS: Dict[str, str] = {
+    "sockets.max_pixels": "sockets.decode_limits.max_pixels",
+    "sockets.max_decoded_bytes": "sockets.decode_limits.max_decoded_bytes",
+    "sockets.max_jpeg_scans": "sockets.decode_limits.max_jpeg_scans",
+    "sockets.max_peer_pending_bytes": "sockets.guard.max_peer_pending_bytes",
+    "sockets.max_pending_bytes": "sockets.guard.max_pending_bytes",
+    "sockets.unfinished_timeout_s": "sockets.guard.unfinished_timeout_s",
+    "sockets.rss_limit": "sockets.guard.rss_limit",
+    "metrics.max_connections": "metrics.limits.max_connections",
+    "metrics.max_per_client": "metrics.limits.max_per_client",
+    "metrics.timeout_s": "metrics.limits.timeout_s",
+    "lifecycle.auto_promote_frames": "lifecycle.auto_promote.frames",
+    "lifecycle.auto_promote_max_disagreement": "lifecycle.auto_promote.max_disagreement",
+    "lifecycle.auto_promote_max_escape": "lifecycle.auto_promote.max_escape",
+    "lifecycle.auto_rollback_baseline": "lifecycle.auto_rollback.baseline",
+    "lifecycle.auto_rollback_subgroup": "lifecycle.auto_rollback.subgroup",
+    "lifecycle.auto_rollback_watch": "lifecycle.auto_rollback.watch",
+    "lifecycle.auto_rollback_alpha": "lifecycle.auto_rollback.alpha",
 }
 #: Sections that switch a feature on by being present.
 OPTIONAL = ("store", "monitor", "pull", "auth", "lifecycle")
@@ -301,8 +386,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
 
 
-def _section(name: str, raw: Any) -> Any:
-    cls = SECTIONS[name]
+def _retire(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
+    """``raw`` (section ``name``) with each retired key moved to the one that replaced it, warning once each."""
+    out = dict(raw)
+    for key in list(raw):
+        new = REMOVED_KEYS.get(f"{name}.{key}")
+        if new is None:
+            continue
+        value = out.pop(key)
+        group, sub = new.split(".")[1:]
+        nested = out.get(group)
+        nested = dict(nested) if isinstance(nested, dict) else {}
+        if sub in nested and nested[sub] != value:
+            raise ConfigError(f"{name}.{key} (retired) is {value!r} but {new} is {nested[sub]!r}; keep only {new}")
+        nested[sub] = value
+        out[group] = nested
+        log.warning("config: %s.%s is retired; use %s (value %r carried over)", name, key, new, value)
+    return out
+
+
+def _build(cls: Any, raw: Any, name: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -313,14 +416,24 @@ def _section(name: str, raw: Any) -> Any:
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"{name}.{key}: unknown key; expected one of {sorted(fields)}")
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{name}.{key}")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{name}.{key}")
     return cls(**kwargs)
+
+
+def _section(name: str, raw: Any) -> Any:
+    if isinstance(raw, dict):
+        raw = _retire(name, raw)
+    return _build(SECTIONS[name], raw, name)
 
 
 def _hints(cls: Any) -> Dict[str, Any]:
     import typing
 
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, globals())
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -329,7 +442,17 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks across keys; raise :class:`ConfigError`."""
+    """Range checks across keys; raise :class:`ConfigError` naming the current key."""
+    try:
+        return _validate(cfg)
+    except ConfigError as e:
+        text = str(e)
+        for old in sorted(REMOVED_KEYS, key=len, reverse=True):
+            text = re.sub(re.escape(old) + r"\b", REMOVED_KEYS[old], text)
+        raise ConfigError(text) from None
+
+
+def _validate(cfg: Config) -> Config:
     if not cfg.model.path:
         from nexedge.runtime.registry import suffix_text
 
@@ -511,88 +634,6 @@ def resolve_paths(cfg: Config, base: str) -> None:
             setattr(part, key, os.path.normpath(os.path.join(base, value)))
 
 
-def can_access(path: str, want: int, user: Optional[str] = None) -> bool:
-    """``os.access`` for this process, or by the permission bits for another ``user`` (the unit's User=),
-    including search permission on every parent folder. ``want``: os.R_OK | os.W_OK | os.X_OK."""
-    if user is None:
-        return os.access(path, want)
-    import grp  # noqa: F401  (POSIX only; imported here so the module loads anywhere)
-    import pwd
-
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(f"--user {user!r}: no such user on this machine") from None
-    if pw.pw_uid == 0:
-        return os.path.exists(path)
-    groups = set(os.getgrouplist(user, pw.pw_gid))
-
-    def bits(p: str) -> int:
-        st = os.stat(p)
-        if st.st_uid == pw.pw_uid:
-            return (st.st_mode >> 6) & 7
-        if st.st_gid in groups:
-            return (st.st_mode >> 3) & 7
-        return st.st_mode & 7
-
-    try:
-        parent = os.path.dirname(os.path.abspath(path))
-        while True:
-            if not bits(parent) & os.X_OK:
-                return False
-            up = os.path.dirname(parent)
-            if up == parent:
-                break
-            parent = up
-        return (bits(path) & want) == want
-    except OSError:
-        return False
-
-
-def check_files(cfg: Config, user: Optional[str] = None) -> List[str]:
-    """Problems with the files the config names: missing, or not readable (writable for the store)
-    by ``user`` (default: this process). An empty list means the daemon can open them all."""
-    from nexedge.card import card_path_for
-
-    who = f"user {user!r}" if user else "this user"
-    problems: List[str] = []
-
-    def need_file(key: str, path: str, what: str) -> None:
-        if not os.path.exists(path):
-            problems.append(f"{key}: {what} {path} does not exist")
-        elif not os.path.isfile(path):
-            problems.append(f"{key}: {what} {path} is not a file")
-        elif not can_access(path, os.R_OK, user):
-            problems.append(f"{key}: {what} {path} is not readable by {who}")
-
-    need_file("model.path", cfg.model.path, "model")
-    if os.path.isfile(cfg.model.path):
-        n = len(problems)
-        need_file("model.path", card_path_for(cfg.model.path), "model card")
-        if len(problems) == n and os.access(card_path_for(cfg.model.path), os.R_OK):
-            from nexedge.card import CardError, load_card
-
-            try:
-                load_card(cfg.model.path, verify=cfg.model.verify_card)
-            except (CardError, ValueError, OSError) as e:
-                problems.append(f"model.path: {e}")
-    if cfg.auth is not None:
-        need_file("auth.server_secret_file", cfg.auth.server_secret_file, "server key")
-        d = cfg.auth.allowed_clients_dir
-        if not os.path.isdir(d):
-            problems.append(f"auth.allowed_clients_dir: {d} is not a folder")
-        elif not can_access(d, os.R_OK | os.X_OK, user):
-            problems.append(f"auth.allowed_clients_dir: {d} is not readable by {who}")
-    if cfg.store is not None:
-        p = cfg.store.path
-        while not os.path.exists(p) and os.path.dirname(p) != p:
-            p = os.path.dirname(p)  # the daemon creates the missing part: the nearest existing folder counts
-        if not os.path.isdir(p) or not can_access(p, os.W_OK | os.X_OK, user):
-            problems.append(f"store.path: {cfg.store.path} cannot be created or written by {who} ({p} is not a "
-                            "writable folder)")
-    return problems
-
-
 def apply_overrides(raw: Dict[str, Any], overrides: List[Tuple[str, Any]]) -> Dict[str, Any]:
     """Set ``section.key`` values (already parsed) into a raw config mapping."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
@@ -603,9 +644,15 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[Tuple[str, Any]]) -> Di
         if section not in SECTIONS:
             raise ConfigError(f"override {dotted!r}: unknown section {section!r}; expected one of {sorted(SECTIONS)}")
         sec = out.get(section)
-        if not isinstance(sec, dict):
-            sec = {}
-        sec[key] = value
+        sec = dict(sec) if isinstance(sec, dict) else {}
+        key, dot, sub = key.partition(".")  # a group's key: section.group.key
+        if dot:
+            group = sec.get(key)
+            group = dict(group) if isinstance(group, dict) else {}
+            group[sub] = value
+            sec[key] = group
+        else:
+            sec[key] = value
         out[section] = sec
     return out
 

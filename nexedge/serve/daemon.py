@@ -20,7 +20,7 @@ import zmq
 
 from nexedge import __version__
 from nexedge.serve import config as C
-from nexedge.serve import notify
+from nexedge.serve import notify, preflight
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.control import ControlServer
@@ -30,8 +30,8 @@ from nexedge.serve.ledger import Ledger
 from nexedge.serve.lifecycle import Lifecycle
 from nexedge.serve.logjson import setup_logging
 from nexedge.serve.memory import AllocatorTrim
-from nexedge.serve.metrics import DaemonMetrics, HealthServer
 from nexedge.serve.outbox import Outbox
+from nexedge.serve.prometheus import DaemonMetrics, HealthServer
 from nexedge.serve.protocol import Request
 from nexedge.serve.worker import InferenceWorker
 
@@ -502,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         try:
-            problems = C.check_files(cfg, args.user)
+            problems = preflight.check_files(cfg, args.user)
         except C.ConfigError as e:
             problems = [str(e)]
         chosen = C.backend_line(cfg)

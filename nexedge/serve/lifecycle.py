@@ -11,12 +11,13 @@
   the model it started with and every verdict names the model that decided it.
 * ``promote`` makes the candidate active and keeps the replaced model as
   ``previous`` (``lifecycle.keep_previous``) for an instant ``rollback``.
-* Optional rules (:mod:`nexedge.serve.rules`): promotion after N shadow frames
+* Optional rules (:mod:`nexedge.serve.rules`; the rollback chart's arming in
+  :mod:`nexedge.serve.rollback_watch`): promotion after N shadow frames
   when the candidate's escapes (REJECT/PASS) and all disagreements are bounded;
   automatic rollback when the new model's cumulative reject count leaves the
   predictive limits from the previous model's last K decisions. Both act only
   on the model they judged.
-* With ``lifecycle.models_dir`` loaded artifacts are copied into
+* With ``lifecycle.models_dir`` (:mod:`nexedge.serve.versions`) loaded artifacts are copied into
   ``models_dir/versions/<stem>-<sha8>/`` and the ``active`` pointer
   (``models_dir/active.json``) is written atomically on every change; a restart
   comes back on the model it names.
@@ -25,25 +26,16 @@ See docs/lifecycle.md. Python 3.8, no torch.
 """
 
 import collections
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from nexedge.card import (
-    CardError,
-    ModelCard,
-    atomic_write_bytes,
-    card_path_for,
-    load_card,
-    read_card,
-    sha256_file,
-)
+from nexedge.card import CardError, ModelCard, load_card, sha256_file
 from nexedge.serve import config as C
-from nexedge.serve.rules import RollbackChart, promotion_verdict
+from nexedge.serve.rollback_watch import RollbackWatch
+from nexedge.serve.rules import promotion_verdict
 from nexedge.serve.slots import (  # noqa: F401 (check_compatible, open_slot: part of this module's interface)
     LifecycleError,
     Slot,
@@ -53,91 +45,10 @@ from nexedge.serve.slots import (  # noqa: F401 (check_compatible, open_slot: pa
     operating_points_problem,
     unmeasured_points,
 )
+from nexedge.serve.versions import Versions
 
 log = logging.getLogger("nexedge.serve")
-POINTER = "active.json"
-VERSIONS = "versions"
 SLOTS = ("active", "candidate", "previous")
-
-
-class Versions:
-    """``models_dir``: ``versions/<stem>-<sha8>/<artifact + card>`` and the ``active.json`` pointer.
-
-    A version is complete when its artifact and its card are both there: the card is written
-    (atomically) before the artifact is renamed into place, so a crash in between leaves a card
-    without artifact, never the reverse; an incomplete version is re-imported, or, named by the
-    pointer, ignored with a log line."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        os.makedirs(os.path.join(self.root, VERSIONS), exist_ok=True)
-
-    @property
-    def pointer_path(self) -> str:
-        return os.path.join(self.root, POINTER)
-
-    @staticmethod
-    def _card_names(dest: str, sha256: str) -> bool:
-        try:
-            return read_card(card_path_for(dest)).sha256 == sha256
-        except (CardError, OSError):
-            return False
-
-    def import_artifact(self, path: str, sha256: str) -> str:
-        """Copy ``path`` and its card into a version folder (once); returns the copy's path."""
-        path = os.path.abspath(path)
-        if path.startswith(os.path.join(self.root, VERSIONS) + os.sep):
-            return path
-        stem = os.path.splitext(os.path.basename(path))[0]
-        folder = os.path.join(self.root, VERSIONS, f"{stem}-{sha256[:8]}")
-        dest = os.path.join(folder, os.path.basename(path))
-        complete = self._card_names(dest, sha256)
-        if os.path.exists(dest) and complete and sha256_file(dest) == sha256:
-            return dest
-        if os.path.exists(dest):
-            log.warning("version %s is incomplete (%s); importing it again", folder,
-                        "its card is missing or names other bytes" if not complete else "its artifact changed")
-        os.makedirs(folder, exist_ok=True)
-        with open(card_path_for(path), "rb") as f:
-            card_bytes = f.read()
-        atomic_write_bytes(card_path_for(dest), card_bytes)  # the card first: an artifact never lacks its card
-        tmp = dest + ".part"
-        shutil.copyfile(path, tmp)
-        if sha256_file(tmp) != sha256:
-            os.unlink(tmp)
-            raise LifecycleError(f"{path} changed while it was copied into {folder}; load it again")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        if not self._card_names(dest, sha256):
-            raise LifecycleError(f"{card_path_for(path)} changed while it was copied into {folder}; load it again")
-        return dest
-
-    def write(self, active: Slot, previous: Optional[Slot], who: str) -> None:
-        doc = {"active": {"path": active.path, "sha256": active.sha256, "model_id": active.model_id},
-               "previous": None if previous is None else {"path": previous.path, "sha256": previous.sha256,
-                                                          "model_id": previous.model_id},
-               "by": who, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_bytes(self.pointer_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-
-    def read(self) -> Optional[Dict[str, Any]]:
-        """The pointer's ``active`` entry, None when there is none; LifecycleError when it is unusable
-        (unreadable, or naming a missing or incomplete version)."""
-        if not os.path.exists(self.pointer_path):
-            return None
-        try:
-            with open(self.pointer_path, encoding="utf-8") as f:
-                doc = json.load(f)
-            entry = doc["active"]
-            path, sha = str(entry["path"]), str(entry["sha256"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LifecycleError(f"{self.pointer_path} is not a valid active pointer ({e})") from None
-        if not os.path.isfile(path):
-            raise LifecycleError(f"{self.pointer_path} names {path}, which does not exist")
-        if not self._card_names(path, sha):
-            raise LifecycleError(f"{self.pointer_path} names {path}, an incomplete version (its card "
-                                 f"{card_path_for(path)} is missing or does not name sha256 {sha[:12]}); ignored")
-        return {"path": path, "sha256": sha}
 
 
 class Lifecycle:
@@ -157,8 +68,7 @@ class Lifecycle:
         self.limit = C.parse_size(self.lc.memory_limit, "lifecycle.memory_limit") if self.lc.memory_limit else None
         self.changes: Dict[str, int] = collections.Counter()
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=50)
-        self.chart = RollbackChart(self.lc.auto_rollback_baseline, self.lc.auto_rollback_subgroup,
-                                   self.lc.auto_rollback_watch, self.lc.auto_rollback_alpha)
+        self.rollback_watch = RollbackWatch(self.lc)
         self.promotion_state: Optional[str] = None  # why the candidate is (not yet) promoted automatically
         self.on_active: List[Callable[[Slot], None]] = []  # called after the active model changed
         self.on_candidate: List[Callable[[Optional[Slot]], None]] = []  # called when the candidate changed
@@ -392,11 +302,11 @@ class Lifecycle:
                 fn(slot)
             self._record("load", who, old, slot, slot="candidate")
         else:
-            pre = self._baseline_of(old)
+            pre = self.rollback_watch.baseline_of(old)
             with self.batch_lock:
                 self.active = slot
                 prev_out = self._retire(old)
-                limits = self._rearm(old, slot, pre, "load --as active")
+                limits = self.rollback_watch.rearm(old, slot, self.previous, pre, "load --as active")
             self._after_active_change(prev_out)
             self._record("load", who, old, slot, slot="active", rollback_limits=limits)
         return self.status()
@@ -417,46 +327,6 @@ class Lifecycle:
             closing.close()
         self._announce(self.active)
 
-    # -- the rollback chart ---------------------------------------------------------
-    def _baseline_of(self, outgoing: Optional[Slot]) -> Optional[Tuple[int, int]]:
-        """(rejects, frames) of ``outgoing``'s recent decisions, read before the swap."""
-        if self.lc.auto_rollback_baseline <= 0 or outgoing is None:
-            return None
-        return self.chart.baseline_of(outgoing)
-
-    def _rearm(self, old: Optional[Slot], new: Slot, pre: Any, why: str) -> Optional[Dict[str, Any]]:
-        """(under batch_lock, at a change of the active model) arm the chart for ``new`` against ``old``
-        when ``old`` is kept as the rollback target and its baseline is long enough; else disarm it."""
-        if self.lc.auto_rollback_baseline <= 0:
-            return None
-        if old is None or self.previous is not old:
-            self._disarm(f"{why}: no previous model to roll back to")
-            return None
-        if pre is None:
-            self._disarm(f"{why}: fewer than lifecycle.auto_rollback_baseline ({self.lc.auto_rollback_baseline}) "
-                         f"decisions of {old.model_id} were seen before the change")
-            return None
-        limits = self.chart.arm(old, new, new.model_id, pre)
-        log.warning("automatic rollback armed for %s (%s): baseline %d rejects in %d frames of %s; checked every "
-                    "%d frames for %d frames, false-rollback chance %g per change", new.model_id, why,
-                    limits["baseline_rejects"], limits["baseline"], old.model_id, limits["every"], limits["watch"],
-                    limits["alpha"], extra={"fields": {"event": "rollback_armed", "limits": limits}})
-        if limits["lower_fires_from"] is None:
-            log.warning("automatic rollback of %s cannot fire on a LOW reject rate: %d rejects in %d baseline frames "
-                        "cannot tell 0 rejects in %d frames from chance at %g; a model that rejects nothing would "
-                        "not be rolled back (raise lifecycle.auto_rollback_baseline and auto_rollback_watch)",
-                        new.model_id, limits["baseline_rejects"], limits["baseline"], limits["watch"],
-                        limits["alpha"])
-        return limits
-
-    def _disarm(self, why: str) -> None:
-        if self.lc.auto_rollback_baseline <= 0:
-            return
-        was = self.chart.armed
-        self.chart.disarm()
-        log.warning("automatic rollback not armed%s: %s", "" if was is None else f" (was for {was['model_id']})",
-                    why, extra={"fields": {"event": "rollback_disarmed", "reason": why}})
-
     # -- operations ----------------------------------------------------------------
     def promote(self, who: str = "?", rule: str = "", expect: Optional[Slot] = None) -> Dict[str, Any]:
         """The candidate becomes active; the active model becomes previous (or is unloaded).
@@ -469,12 +339,12 @@ class Lifecycle:
                 return self.status()
             if cand is None:
                 raise LifecycleError("promote: no candidate is loaded; `nexedge line load ARTIFACT` first")
-            pre = self._baseline_of(self.active)
+            pre = self.rollback_watch.baseline_of(self.active)
             with self.batch_lock, cand.use_lock:  # the shadow scorer is done with it (TensorRT contexts are
                 old = self.active                 # not thread-safe: never two threads on one model)
                 self.active, self.candidate = cand, None
                 closing = self._retire(old)
-                limits = self._rearm(old, cand, pre, "promote")
+                limits = self.rollback_watch.rearm(old, cand, self.previous, pre, "promote")
             for fn in self.on_candidate:
                 fn(None)
             self._after_active_change(closing)
@@ -499,7 +369,7 @@ class Lifecycle:
             with self.batch_lock:
                 bad = self.active
                 self.active, self.previous = prev, None
-                self._disarm(f"rolled back from {bad.model_id} by {who}")
+                self.rollback_watch.disarm(f"rolled back from {bad.model_id} by {who}")
             self._after_active_change(bad)
             self._record("rollback", who, bad, prev, reason=reason or None)
             return self.status()
@@ -519,8 +389,8 @@ class Lifecycle:
         old = getattr(self, slot)
         with self.batch_lock:
             setattr(self, slot, None)
-            if slot == "previous" and self.chart.armed is not None:
-                self._disarm(f"the previous model {old.model_id if old else '?'} was {why}: nothing to roll back to")
+            if slot == "previous" and self.rollback_watch.armed is not None:
+                self.rollback_watch.disarm(f"the previous model {old.model_id if old else '?'} was {why}: nothing to roll back to")
         if slot == "candidate":
             for fn in self.on_candidate:
                 fn(None)
@@ -553,16 +423,11 @@ class Lifecycle:
 
     def observe(self, decisions: List[str], slot: Optional[Slot] = None) -> None:
         """Decisions of one batch and the model that made them (automatic rollback chart)."""
-        if self.lc.auto_rollback_baseline <= 0:
+        fired = self.rollback_watch.observe(slot if slot is not None else self.active, decisions)
+        if fired is None:
             return
-        hit = self.chart.observe(slot if slot is not None else self.active, [d == "REJECT" for d in decisions])
-        if hit is None:
-            return
-        bad, to = hit.pop("slot"), hit.pop("fallback")
+        bad, to, msg, hit = fired
         self.changes["auto_rollback"] += 1
-        msg = (f"{hit['rejects']} rejects in the {hit['frames']} frames since the change, outside the limits "
-               f"[{hit['lo'] + 1}, {hit['hi'] - 1}] predicted from {hit['baseline_rejects']} rejects in "
-               f"{hit['baseline']} frames of the previous model (false-rollback chance {hit['alpha']:g} per change)")
         log.warning("AUTOMATIC ROLLBACK of %s: %s", bad.model_id, msg, extra={"fields": {"event": "auto_rollback",
                                                                                          "chart": hit}})
 
@@ -615,7 +480,7 @@ class Lifecycle:
         out.update({"resident_bytes": self.resident_bytes(), "memory_limit_bytes": self.limit,
                     "max_models": self.lc.max_models, "keep_previous": self.lc.keep_previous,
                     "models_dir": self.versions.root if self.versions else None,
-                    "auto_rollback": self.chart.armed, "auto_promote": self.promotion_state,
+                    "auto_rollback": self.rollback_watch.armed, "auto_promote": self.promotion_state,
                     "changes": dict(self.changes), "history": list(self.history)[-10:]})
         return out
 
@@ -626,22 +491,9 @@ class Lifecycle:
 
     def collect(self) -> Any:
         """Prometheus families: slots, memory, changes (registered by the daemon)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from nexedge.serve.prometheus import model_slot_families
 
-        slot = GaugeMetricFamily("nexedge_model_slot", "1 per loaded model, by slot", labels=["slot", "model_id"])
-        mem = GaugeMetricFamily("nexedge_model_memory_bytes", "Estimated resident bytes per model slot "
-                                "(RSS growth at its load, at least the artifact size)", labels=["slot"])
-        for name, s in self.slots().items():
-            if s is not None:
-                slot.add_metric([name, s.model_id], 1.0)
-                mem.add_metric([name], float(s.footprint))
-        changes = CounterMetricFamily("nexedge_model_changes", "Model lifecycle changes, by action "
-                                      "(load, promote, rollback, unload, auto_rollback, auto_rollback_skipped)",
-                                      labels=["action"])
-        for k in ("load", "promote", "rollback", "unload", "auto_rollback", "auto_rollback_skipped"):
-            changes.add_metric([k], float(self.changes.get(k, 0)))
-        return [slot, mem, changes]
-
+        return model_slot_families(self.slots(), self.changes)
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"

@@ -25,7 +25,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Union
 import numpy as np
 
 from nexedge.serve.decode import encode_png
-from nexedge.serve.metrics import DaemonMetrics
+from nexedge.serve.prometheus import DaemonMetrics
 
 log = logging.getLogger("nexedge.serve.sampler")
 Image = Union[bytes, memoryview, np.ndarray]

@@ -16,7 +16,7 @@ from nexedge.card import ModelCard
 from nexedge.serve import protocol as P
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
-from nexedge.serve.metrics import DaemonMetrics
+from nexedge.serve.prometheus import DaemonMetrics
 from nexedge.serve.protocol import Request
 
 log = logging.getLogger("nexedge.serve")

@@ -9,6 +9,8 @@ import json
 import sys
 from typing import Any, Dict
 
+from nexedge.cliopts import uses_globals
+
 
 def configure_store(p: argparse.ArgumentParser) -> None:
     p.epilog = ("check exits 0 when the store is consistent, 1 when it found problems (each is listed); "
@@ -17,7 +19,7 @@ def configure_store(p: argparse.ArgumentParser) -> None:
                    "stats: rows, pending, bytes, quota use")
     p.add_argument("path", help="store folder (the daemon's store.path)")
     p.add_argument("--no-hashes", action="store_true", help="check: skip re-hashing every image file (faster)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    uses_globals(p, "--json")
 
 
 def _human(n: float) -> str:

@@ -143,7 +143,7 @@ def choose_plan(budget_s: float, spent_s: float, candidates: Sequence[Candidate]
                 f"{_fmt(c.epoch_s)} here ({counts.train} training images at {1000 * c.timings.train_s:.0f} ms, "
                 f"{counts.val + counts.test} evaluated at {1000 * c.timings.eval_s:.0f} ms), so one epoch needs a "
                 f"budget of at least {_fmt(one)} (warm-up {_fmt(spent_s)} and a {100 * margin:.0f} % margin included)"
-                + ("" if several else "; --budget-resize with smaller sizes, fewer images or --no-test-curves help"))
+                + ("" if several else "; --budget-kw resize= with smaller sizes, fewer images or --no-test-curves help"))
         why_size = (f"no size affords {need} epochs; crop {_hw(pick.crop)} affords the most" if several else "")
     else:
         why_size = (f"the largest crop that affords {need} epochs" if several else "")
@@ -183,7 +183,7 @@ def measure(cfg: Any, resize: Sequence[int], crop: Sequence[int], batches: int =
 
     from nexedge.models import input_normalization
     from nexedge.train.data import ImageFolderSet, collate_skip_unreadable, list_classes
-    from nexedge.train.engine import forward_crops
+    from nexedge.train.loop import forward_crops
     from nexedge.train.trainer import _make_model, _optimizer
     from nexedge.train.transforms import EvalTransform, TrainTransform
 
@@ -307,12 +307,12 @@ def plan_budget(cfg: Any, budget_s: float, t_start: float, sizes: Optional[Seque
     spent = time.time() - t_start
     plan = choose_plan(budget_s, spent, cands, counts, max_epochs=max_epochs, min_epochs=min_epochs, margin=margin)
     if plan.epochs <= cfg.warmup_epochs:
-        raise ValueError(f"--budget {_fmt(budget_s)} affords {plan.epochs} epoch(s), not more than --warmup-epochs "
-                         f"{cfg.warmup_epochs}; lower --warmup-epochs or raise the budget")
+        raise ValueError(f"--budget {_fmt(budget_s)} affords {plan.epochs} epoch(s), not more than --optimizer-kw "
+                         f"warmup_epochs={cfg.warmup_epochs}; lower warmup_epochs or raise the budget")
     say(f"budget {_fmt(budget_s)}: chose {plan.reason} ({counts.train} train, {counts.val} val"
         + (f", {counts.test} test" if counts.test else "") + " images per epoch)")
     if cfg.schedule == "step" and cfg.step_size >= plan.epochs:
-        say(f"  note: --schedule step with --step-size {cfg.step_size} never lowers the lr in {plan.epochs} epochs; "
+        say(f"  note: --schedule step:{cfg.step_size} never lowers the lr in {plan.epochs} epochs; "
             "--schedule cosine anneals over whatever epochs the budget gives")
     return plan
 

@@ -5,10 +5,8 @@ import argparse
 from typing import Any, Dict, List, Tuple
 
 from nexedge.card import CROP_MODES
-from nexedge.cliopts import add_tpr_floor_option
+from nexedge.cliopts import STEP_GAMMA, STEP_SIZE, Key, add_kw_option, add_tpr_floor_option, uses_globals
 from nexedge.models import add_arch_option
-from nexedge.progress import add_progress_option
-from nexedge.threads import add_threads_option
 from nexedge.train.config import FLIPS, LOSSES, PHOTOMETRIC
 
 DEFAULT_EPOCHS = 30  # budget.DEFAULT_EPOCHS, without importing torch here
@@ -93,25 +91,28 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="finish within this wall time on this machine, e.g. 900s, 15m, 1.5h: a short warm-up "
                         "measures seconds per image and the run gets the most epochs that fit (up to --epochs), "
                         "validation, test curves and checkpoints included; prints the choice, writes budget.json")
-    o.add_argument("--budget-resize", metavar="CROP[,CROP...]",
-                   help="with --budget, also choose the input size: candidate crops (N or HxW), each measured; the "
-                        "largest that affords --budget-min-epochs wins, --resize scales with it")
-    o.add_argument("--budget-min-epochs", type=int, default=10,
-                   help="with --budget-resize, the epochs a size must afford to be chosen (default 10)")
+    add_kw_option(o, "--budget-kw", {
+        "resize": Key("budget_resize", str, None, "CROP[,CROP...]: also choose the input size from these candidate "
+                      "crops (N or HxW), each measured; the largest that affords min_epochs wins, --resize scales "
+                      "with it"),
+        "min_epochs": Key("budget_min_epochs", int, 10, "with resize, the epochs a size must afford to be chosen"),
+    }, help="with --budget: how it chooses")
     o.add_argument("--batch-size", type=int, default=32, help="images per batch, per process")
     o.add_argument("--lr", type=float, default=0.01, help="learning rate")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    o.add_argument("--schedule", choices=("step", "cosine"), default="step",
-                   help="step: x gamma every --step-size epochs; cosine: annealing over all epochs")
-    o.add_argument("--step-size", type=int, default=14, help="epochs between lr steps (--schedule step)")
+    o.add_argument("--schedule", action=_ScheduleAction, default="step", metavar="step[:N[:GAMMA]]|cosine",
+                   help=f"step: lr x GAMMA every N epochs (default step:{STEP_SIZE}:{STEP_GAMMA:g}); cosine: "
+                        "annealing over all epochs")
+    p.set_defaults(step_size=STEP_SIZE, gamma=STEP_GAMMA)
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="sgd (default, with --momentum) or adamw (try --lr 1e-3 to 3e-3)")
-    o.add_argument("--warmup-epochs", type=int, default=0, help="linear lr warm-up epochs before the schedule")
+                   help="sgd (default, with momentum) or adamw (try --lr 1e-3 to 3e-3)")
+    add_kw_option(o, "--optimizer-kw", {
+        "momentum": Key("momentum", float, 0.9, "SGD momentum"),
+        "weight_decay": Key("weight_decay", float, 1e-4, "weight decay"),
+        "warmup_epochs": Key("warmup_epochs", int, 0, "linear lr warm-up epochs before the schedule"),
+    }, help="optimiser settings")
     o.add_argument("--balanced", nargs="?", const="class", default="none", choices=("none", "class", "binary", "sqrt"),
                    help="class-balanced sampling with replacement: class (bare --balanced; every class equally), "
                         "binary (half good, half defects) or sqrt (by sqrt of class counts); default none")
-    o.add_argument("--gamma", type=float, default=0.1, help="lr factor at each step (--schedule step)")
     o.add_argument("--seed", type=int, default=0, help="random seed")
     o.add_argument("--resume", metavar="CKPT", help="continue from a run's last.pt (same --out)")
     o.add_argument("--overwrite", action="store_true",
@@ -123,12 +124,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--boost", action="append", default=None, metavar="CLASS=FACTOR",
                     help="class weight (repeatable); sat_boost defaults to x5 for lead_defect, marking_defect, "
                          "pocket_damage and scratch where present")
-    lo.add_argument("--sat-alpha", type=float, default=0.9, help="SAT soft-label momentum")
-    lo.add_argument("--sat-es", type=int, default=None, help="SAT starts after this epoch (default: half the epochs)")
-    lo.add_argument("--wbce-lambda", type=float, default=0.5, help="weight of CE in wbce")
-    lo.add_argument("--wbce-start", action="append", default=[], metavar="CLASS=EPOCH",
-                    help="first epoch of the binary term for a class (repeatable)")
-    lo.add_argument("--wbce-start-default", type=int, default=1, help="first epoch of the binary term otherwise")
+    add_kw_option(lo, "--loss-kw", {
+        "sat_alpha": Key("sat_alpha", float, 0.9, "SAT soft-label momentum"),
+        "sat_es": Key("sat_es", int, None, "SAT starts after this epoch; default: half the epochs"),
+        "wbce_lambda": Key("wbce_lambda", float, 0.5, "weight of CE in wbce"),
+        "wbce_start.": Key("wbce_start", int, [], "first epoch of wbce's binary term for a class"),
+        "wbce_start_default": Key("wbce_start_default", int, 1, "first epoch of the binary term otherwise"),
+    }, help="loss settings, e.g. sat_alpha=0.8 or wbce_start.scratch=5")
     r = p.add_argument_group("run")
     r.add_argument("--keep", type=int, default=10, help="checkpoints kept, best first by --select (default 10)")
     from nexedge.train.cardbuild import BEST_RULES  # torch-free
@@ -140,16 +142,36 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "val_auc can pick a half-trained early epoch; after a cosine schedule the final weights "
                         "did better on held-out data in every such run measured (docs/training.md)")
     r.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
-    add_threads_option(r, torch=True)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--no-test-curves", action="store_true", help="do not evaluate test/ every epoch (fig. 9)")
     r.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of caching them")
-    add_progress_option(r)
     add_tpr_floor_option(r)
     r.add_argument("--cv", type=int, default=None, metavar="K",
                    help="cross-validate: pool train+val, train K fold models (each its last epoch) and score every "
                         "image out of fold, so the operating points rest on every labelled defect; `nexedge export "
                         "OUT` then builds the fold ensemble. Costs about K trainings (docs/training.md)")
+    uses_globals(p, "--threads", "--no-progress", torch=True)
+
+
+class _ScheduleAction(argparse.Action):
+    """``--schedule step[:N[:GAMMA]]`` or ``cosine``: sets ``schedule``, ``step_size`` and ``gamma``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Any = None) -> None:
+        name, _, rest = str(values).partition(":")
+        parts = rest.split(":") if rest else []
+        bad = f"--schedule {values!r}: expected step[:N[:GAMMA]] (N epochs, a whole number >= 1; GAMMA > 0) or cosine"
+        if name not in ("step", "cosine") or len(parts) > 2 or (name == "cosine" and parts):
+            raise argparse.ArgumentError(self, bad)
+        try:
+            step = int(parts[0]) if parts and parts[0] else STEP_SIZE
+            gamma = float(parts[1]) if len(parts) > 1 and parts[1] else STEP_GAMMA
+        except ValueError:
+            raise argparse.ArgumentError(self, bad) from None
+        if step < 1 or gamma <= 0:
+            raise argparse.ArgumentError(self, bad)
+        namespace.schedule = name
+        namespace.step_size, namespace.gamma = step, gamma
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -184,7 +206,7 @@ def run_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, balanced=args.balanced, step_size=args.step_size, gamma=args.gamma,
         loss=args.loss, boost=None if args.boost is None else parse_class_map(args.boost, classes, "--boost"),
         sat_alpha=args.sat_alpha, sat_es=args.sat_es, wbce_lambda=args.wbce_lambda,
-        wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--wbce-start", int).items()},
+        wbce_start={k: int(v) for k, v in parse_class_map(args.wbce_start, classes, "--loss-kw wbce_start.CLASS", int).items()},
         wbce_start_default=args.wbce_start_default, keep=args.keep, select=args.select, seed=args.seed, resume=args.resume,
         workers=args.workers, device=args.device, test_curves=not args.no_test_curves, overwrite=args.overwrite,
         progress=not args.no_progress, cache=not args.no_cache,
@@ -218,7 +240,7 @@ def _budget_args(args: argparse.Namespace) -> Any:
     """Seconds of ``--budget`` (None without it); its companion flags need it."""
     if args.budget is None:
         if args.budget_resize:
-            raise ValueError("--budget-resize chooses the input size within a --budget; give --budget too")
+            raise ValueError("--budget-kw resize chooses the input size within a --budget; give --budget too")
         return None
     from nexedge.train.budget import parse_duration
 
@@ -228,7 +250,7 @@ def _budget_args(args: argparse.Namespace) -> Any:
         raise ValueError(f"--budget plans one training; --cv {args.cv} trains {args.cv} fold models: give --epochs "
                          "with --cv (a --budget run of the same recipe tells the epochs that fit)")
     if args.budget_min_epochs < 1:
-        raise ValueError(f"--budget-min-epochs {args.budget_min_epochs}: expected 1 or more")
+        raise ValueError(f"--budget-kw min_epochs={args.budget_min_epochs}: expected 1 or more")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.budget_resize:
@@ -236,7 +258,7 @@ def _budget_args(args: argparse.Namespace) -> Any:
             try:
                 _size(s.strip())
             except argparse.ArgumentTypeError as e:
-                raise ValueError(f"--budget-resize {args.budget_resize!r}: {e}") from None
+                raise ValueError(f"--budget-kw resize={args.budget_resize!r}: {e}") from None
     return parse_duration(args.budget)
 
 
@@ -274,9 +296,8 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=None, help="use only the best N checkpoints of each run")
     p.add_argument("--out", default=None, help="folder for eval.json, eval.csv, roc_*.png (default: <first run>/eval_<split>)")
     p.add_argument("--batch-size", type=int, default=64)
-    add_progress_option(p)
-    add_threads_option(p, torch=True)
     add_tpr_floor_option(p)
+    uses_globals(p, "--threads", "--no-progress", torch=True)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -303,8 +324,7 @@ def configure_mislabels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-mode", choices=CROP_MODES, default=None, help="crop style (default: the card's)")
     p.add_argument("--out", default=None, help="CSV path (default <run>/mislabels_<split>.csv)")
     p.add_argument("--batch-size", type=int, default=64)
-    add_progress_option(p)
-    add_threads_option(p, torch=True)
+    uses_globals(p, "--threads", "--no-progress", torch=True)
 
 
 def run_mislabels(args: argparse.Namespace) -> int:

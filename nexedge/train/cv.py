@@ -161,7 +161,7 @@ def oof_logits(ckpt: str, root: str, widest: str, batch_size: int = 32) -> Tuple
 
     from nexedge.models.checkpoint import model_from_checkpoint
     from nexedge.train.data import ImageFolderSet, collate_skip_unreadable
-    from nexedge.train.engine import crop_logits
+    from nexedge.train.loop import crop_logits
     from nexedge.train.transforms import EvalTransform
 
     model, card = model_from_checkpoint(ckpt)

@@ -50,7 +50,7 @@ def score_checkpoint(
 
     from nexedge.models.checkpoint import model_from_checkpoint
     from nexedge.train.data import ImageFolderSet
-    from nexedge.train.engine import crop_logits
+    from nexedge.train.loop import crop_logits
     from nexedge.train.transforms import EvalTransform
 
     model, card = model_from_checkpoint(ckpt)

@@ -99,7 +99,7 @@ class WBCELoss(TrainLoss):
         torch, _ = _torch()
         super().__init__(num_classes, good_index, class_weights)
         if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"--wbce-lambda must be in [0, 1], got {lam}")
+            raise ValueError(f"--loss-kw wbce_lambda must be in [0, 1], got {lam}")
         self.lam = float(lam)
         starts = [1] * num_classes if start_epochs is None else [int(s) for s in start_epochs]
         if len(starts) != num_classes:
@@ -141,9 +141,9 @@ class SATLoss(TrainLoss):
         torch, F = _torch()
         super().__init__(num_classes, good_index, class_weights)
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"--sat-alpha must be in [0, 1), got {alpha}")
+            raise ValueError(f"--loss-kw sat_alpha must be in [0, 1), got {alpha}")
         if es < 0:
-            raise ValueError(f"--sat-es must be >= 0, got {es}")
+            raise ValueError(f"--loss-kw sat_es must be >= 0, got {es}")
         labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.alpha, self.es, self.only_good = float(alpha), int(es), bool(only_good)
         self.soft = F.one_hot(labels_t, num_classes).float()

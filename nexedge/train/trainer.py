@@ -24,8 +24,8 @@ from nexedge.card import ModelCard, atomic_write_bytes
 from nexedge.train import distributed as D
 from nexedge.train.cardbuild import BEST_RULES, TopK, build_card, reference_image_stats
 from nexedge.train.data import ImageFolderSet, class_counts, collate_skip_unreadable, data_hash, list_classes
-from nexedge.train.engine import evaluate, train_one_epoch
 from nexedge.train.history import History
+from nexedge.train.loop import evaluate, train_one_epoch
 from nexedge.train.losses import SATLoss, build_loss
 from nexedge.train.sampling import BALANCE_MODES, BalancedSampler
 from nexedge.train.transforms import EvalTransform, TrainTransform
@@ -114,7 +114,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+            raise ValueError(f"--optimizer-kw warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}")
         if self.select not in BEST_RULES:
             raise ValueError(f"--select {self.select!r}: expected one of {', '.join(BEST_RULES)}")
         if self.freeze < 0:

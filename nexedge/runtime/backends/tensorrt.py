@@ -82,16 +82,16 @@ class CudaPython:
     def __init__(self, device: int = 0) -> None:
         self.rt = _import_cudart()
         self.device = int(device)
-        self._local = threading.local()
         with self.active():
             self.stream = self._call(self.rt.cudaStreamCreate())
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """The runtime API's current device is per thread (a new thread starts on device 0)."""
-        if getattr(self._local, "device", None) != self.device:
+        """The runtime API's current device is per thread (a new thread starts on device 0) and shared by
+        everything on that thread, so it is asked each time (cudaGetDevice is a host-side lookup): a
+        wrapper on device 1 used after one on device 0 selects device 1 again."""
+        if self._call(self.rt.cudaGetDevice()) != self.device:
             self._call(self.rt.cudaSetDevice(self.device))
-            self._local.device = self.device
         yield
 
     def _call(self, ret: Any) -> Any:

@@ -1,5 +1,5 @@
 """Seeded generator of malformed and hostile daemon messages (issue 13), shared by the CI fuzz
-test (tests/test_daemon_fuzz.py) and the soak benchmark (benchmarks/soak_daemon.py).
+test (tests/test_daemon_fuzz.py) and the soak benchmark (benchmarks/bench_soak.py).
 
 :func:`hostile` returns ``(parts, frame_id)``: the multipart body to send after the empty
 delimiter, and the frame id a reply must carry when the message has a readable identity (None

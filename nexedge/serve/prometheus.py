@@ -183,6 +183,24 @@ class _SnapshotCollector:
             yield other
 
 
+def model_slot_families(slots: Dict[str, Any], changes: Dict[str, int]) -> List[Any]:
+    """The lifecycle's families: one ``nexedge_model_slot`` per loaded model, its memory, and the
+    model changes by action (``slots``: slot name -> Slot or None; ``changes``: action -> count)."""
+    slot = GaugeMetricFamily("nexedge_model_slot", "1 per loaded model, by slot", labels=["slot", "model_id"])
+    mem = GaugeMetricFamily("nexedge_model_memory_bytes", "Estimated resident bytes per model slot "
+                            "(RSS growth at its load, at least the artifact size)", labels=["slot"])
+    for name, s in slots.items():
+        if s is not None:
+            slot.add_metric([name, s.model_id], 1.0)
+            mem.add_metric([name], float(s.footprint))
+    family = CounterMetricFamily("nexedge_model_changes", "Model lifecycle changes, by action "
+                                 "(load, promote, rollback, unload, auto_rollback, auto_rollback_skipped)",
+                                 labels=["action"])
+    for k in ("load", "promote", "rollback", "unload", "auto_rollback", "auto_rollback_skipped"):
+        family.add_metric([k], float(changes.get(k, 0)))
+    return [slot, mem, family]
+
+
 def is_loopback_host(host: str) -> bool:
     h = host.strip("[]").lower()
     return h == "localhost" or h == "::1" or h.startswith("127.")

@@ -1,4 +1,5 @@
-"""A fake ``tensorrt`` (builder and runtime) and a fake cuda-python runtime, faithful where our code depends on them.
+"""One fake ``tensorrt`` (builder and runtime) and fake CUDA (cuda-python runtime, pycuda), faithful where our code
+depends on them.
 
 TensorRT and CUDA cannot be installed here. The fakes follow TensorRT's / onnx-tensorrt's
 documented behaviour in the points nexedge's logic depends on:
@@ -29,11 +30,37 @@ documented behaviour in the points nexedge's logic depends on:
   and records the DLA core set on it before deserializing.
 * TensorRT 11 (``version >= 11``): BuilderFlag has no FP16/INT8, no
   IInt8EntropyCalibrator2, no ``platform_has_fast_*``; networks are strongly typed.
+* ``DataType`` members are enum members with ``.name`` (pybind11 enums); ``nptype`` raises
+  like TensorRT 8.5.x on numpy >= 1.24 (its table uses ``np.bool``, which numpy 1.24 removed).
+
+CUDA (one set of rules, used by every fake here; a fake TensorRT installed with
+:func:`use_fake_tensorrt` or :func:`install_fake_pycuda` checks them on every runtime call):
+
+* fake pycuda (:class:`FakeDriver`): a context is current only on the thread that pushed it
+  (CUDA driver API context stacks are per thread); every allocation, copy, stream call and
+  TensorRT call without a current context fails with "invalid device context", as pycuda's
+  LogicError does.
+* fake cuda-python runtime (:class:`FakeCudart`): the current device is per thread
+  (cudaSetDevice "sets device as the current device for the calling host thread"; a thread
+  that never set one runs on device 0), ``cudaSetDevice`` of a device that does not exist fails
+  with cudaErrorInvalidDevice, and memory of device 1 used from device 0 fails (stricter than
+  CUDA with unified addressing, where such a copy may work: our code must not depend on that).
+  The runtime API makes the device's primary context current implicitly, so TensorRT calls need
+  no explicit context there.
+* TensorRT places a deserialized engine on the current device ("deserializeCudaEngine" uses the
+  current context); ``execute_async_v3`` on a thread whose current device is another one, or with
+  a stream of another device, fails (returns False): "a kernel launch will fail if it is issued to a
+  stream that is not associated to the current device" (CUDA programming guide, stream and event
+  behavior).
+* "Device" memory is host memory (ctypes buffers at real addresses), so ONNX-Runtime engines and
+  the mean-pixel engine of :func:`fake_tensorrt` read and write it the same way under both APIs.
 """
 
 import ctypes
 import enum
 import json
+import sys
+import threading
 import types
 
 import numpy as np
@@ -58,6 +85,19 @@ LAYER_TYPES = {"Softmax": "SOFTMAX", "QuantizeLinear": "QUANTIZE", "DequantizeLi
                "Flatten": "SHUFFLE", "Slice": "SLICE", "Concat": "CONCATENATION", "ReduceMean": "REDUCE",
                "ReduceSum": "REDUCE"}
 LayerType = enum.Enum("LayerType", {n: n for n in sorted(set(LAYER_TYPES.values()) | {"ELEMENTWISE"})})
+
+
+class Mode:
+    """tensorrt.TensorIOMode."""
+    INPUT, OUTPUT = "in", "out"
+
+
+class Logger:
+    """tensorrt.Logger."""
+    WARNING = 2
+
+    def __init__(self, level):
+        self.level = level
 
 
 def _q_output_type(n, types_, version):
@@ -145,6 +185,20 @@ def fp16_rounded_model(model, rounded: set):
     return m
 
 
+def _nptype(version: tuple):
+    """``tensorrt.nptype``: TensorRT 8.5.x builds its table with ``np.bool``, gone in the numpy >= 1.24
+    that pip installs on JetPack 5's Python 3.8, so it raises on every lookup there (numpy here may differ)."""
+    table = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+             DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8, DataType.INT64: np.int64}
+
+    def nptype(dt):
+        if version < (8, 6):
+            raise AttributeError("module 'numpy' has no attribute 'bool'.")
+        return table[dt]
+
+    return nptype
+
+
 def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, has_platform_queries=True,
              timing_cache_accepts=True):
     """(module, calls): ``calls`` records what our code asked of the API."""
@@ -159,12 +213,6 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
     names = ["GPU_FALLBACK", "VERSION_COMPATIBLE", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"] \
         + ([] if trt11 else ["FP16", "INT8"])
     BuilderFlag = enum.Enum("BuilderFlag", {n: n for n in names})
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
 
     class Tensor:
         def __init__(self, name, dtype=DataType.FLOAT, shape=()):
@@ -369,9 +417,6 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
         Builder.platform_has_fast_int8 = fast_int8
         Builder.platform_has_fast_fp16 = fast_fp16
 
-    class Mode:
-        INPUT, OUTPUT = "in", "out"
-
     class Runtime:
         num_DLA_cores = dla_cores
 
@@ -379,6 +424,9 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             self.DLA_core, self.engine_host_code_allowed = -1, False
 
         def deserialize_cuda_engine(self, blob):
+            cuda = mod.cuda
+            if cuda is not None:
+                cuda.require("deserializeCudaEngine")  # the engine goes to the current device/context
             calls["deserialize_dla_core"] = self.DLA_core
             blob = bytes(blob)
             try:
@@ -390,11 +438,13 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             if not meta_line.startswith(ENGINE_MAGIC) or meta["tensorrt"] != version:
                 return None  # engines are tied to the TensorRT version that built them
             calls["engine_dla_core"] = self.DLA_core if meta["dla_core"] is not None else None
-            return Engine(meta, onnx_bytes)
+            return Engine(meta, onnx_bytes, cuda.current_device() if cuda is not None else None)
 
     class Engine:
-        def __init__(self, meta, onnx_bytes):
+        def __init__(self, meta, onnx_bytes, device=None):
             import onnxruntime as ort
+
+            self.device = device
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
@@ -421,6 +471,8 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             return self.dtypes[name]
 
         def create_execution_context(self):
+            if mod.cuda is not None:
+                mod.cuda.require("createExecutionContext")
             return Context(self)
 
     class Context:
@@ -451,6 +503,9 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
             return True
 
         def execute_async_v3(self, stream):
+            if mod.cuda is not None and not mod.cuda.may_launch(self.engine.device, stream, self.addr.values()):
+                calls["failed_executions"] = calls.get("failed_executions", 0) + 1
+                return False  # TensorRT logs the CUDA error and returns False
             name = self.engine.inp.name
             shape = self.shapes[name]
             dt = np.dtype(np.uint8 if self.engine.dtypes[name] == DataType.UINT8 else np.float32)
@@ -467,7 +522,8 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
         NetworkDefinitionCreationFlag=Flag, BuilderFlag=BuilderFlag, DataType=DataType, LayerType=LayerType,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         DeviceType=types.SimpleNamespace(DLA="DLA", GPU="GPU"), Runtime=Runtime, TensorIOMode=Mode,
-        float32=DataType.FLOAT, float16=DataType.HALF,
+        float32=DataType.FLOAT, float16=DataType.HALF, nptype=_nptype(vt),
+        cuda=None,  # the fake CUDA whose rules the runtime side checks (set by use_fake_tensorrt)
     )
     if not trt11:
         class IInt8EntropyCalibrator2:
@@ -479,32 +535,63 @@ def fake_trt(version="10.3.0.30", fast_int8=True, fast_fp16=True, dla_cores=2, h
 
 
 class FakeCudart:
-    """cuda-python's runtime API as the TensorRT backend uses it; "device" memory is host memory."""
+    """cuda-python's runtime API as the TensorRT backend uses it; "device" memory is host memory (ctypes).
+
+    The current device is per thread (``cudaSetDevice``; a new thread starts on device 0); a device
+    that does not exist is cudaErrorInvalidDevice; a copy to or from memory of another device than the
+    calling thread's current one fails with cudaErrorInvalidDevice; with a driver older than the runtime
+    (``driver < runtime``, CUDA versions as 1000 * major + 10 * minor) device calls fail with
+    cudaErrorInsufficientDriver ("the installed NVIDIA CUDA driver is older than the CUDA runtime
+    library"), the version queries still answer. ``devices``: how many GPUs (a Jetson has one)."""
 
     class cudaError_t(enum.Enum):
         cudaSuccess = 0
         cudaErrorInsufficientDriver = 35
+        cudaErrorInvalidDevice = 101
 
     class cudaMemcpyKind(enum.Enum):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
-    def __init__(self, name=b"Orin", cc=(8, 7), sms=16, driver=12060, runtime=12060):
-        self.bufs, self.ok = {}, self.cudaError_t.cudaSuccess
+    def __init__(self, name=b"Orin", cc=(8, 7), sms=16, driver=12060, runtime=12060, devices=1,
+                 total_mem=61 << 30):
+        self.tls, self.bufs, self.owner, self.ok = threading.local(), {}, {}, self.cudaError_t.cudaSuccess
         self.props = types.SimpleNamespace(name=name, major=cc[0], minor=cc[1], multiProcessorCount=sms,
-                                           totalGlobalMem=61 << 30)
-        self.versions = (driver, runtime)
-        self.streams = set()
+                                           totalGlobalMem=total_mem)
+        self.versions, self.devices = (driver, runtime), devices
+        self.streams = {}  # handle -> device it was created on
+        self._next_stream = 7
 
+    # the rules the fake TensorRT checks ------------------------------------------------------------
+    def current_device(self) -> int:
+        return getattr(self.tls, "device", 0)
+
+    def require(self, call: str) -> None:
+        """The runtime API makes the current device's primary context current implicitly: nothing to check."""
+
+    def may_launch(self, device, stream, ptrs) -> bool:
+        """A kernel launch needs the engine's device current, a stream of that device and memory on it."""
+        dev = self.current_device()
+        return (device in (None, dev) and self.streams.get(int(stream), dev) == dev
+                and all(self.owner.get(int(p), dev) == dev for p in ptrs))
+
+    # cuda-python's API -----------------------------------------------------------------------------
     def cudaSetDevice(self, d):
+        if not 0 <= int(d) < self.devices:
+            return (self.cudaError_t.cudaErrorInvalidDevice,)
+        self.tls.device = int(d)
         return (self.ok,)
 
+    def cudaGetDevice(self):
+        return (self.ok, self.current_device())
+
     def cudaStreamCreate(self):
-        self.streams.add(7)
-        return (self.ok, 7)
+        self._next_stream += 1
+        self.streams[self._next_stream] = self.current_device()
+        return (self.ok, self._next_stream)
 
     def cudaStreamDestroy(self, s):
-        self.streams.discard(s)
+        self.streams.pop(int(s), None)
         return (self.ok,)
 
     def cudaMallocHost(self, n):
@@ -512,22 +599,36 @@ class FakeCudart:
         self.bufs[ctypes.addressof(buf)] = buf
         return (self.ok, ctypes.addressof(buf))
 
-    cudaMalloc = cudaMallocHost
+    def cudaMalloc(self, n):
+        ok, ptr = self.cudaMallocHost(n)
+        self.owner[ptr] = self.current_device()
+        return (ok, ptr)
 
     def cudaFree(self, ptr):
         self.bufs.pop(int(ptr), None)
+        self.owner.pop(int(ptr), None)
         return (self.ok,)
 
     cudaFreeHost = cudaFree
 
+    def _check(self, ptr):
+        dev = self.current_device()
+        return self.ok if self.owner.get(int(ptr), dev) == dev else self.cudaError_t.cudaErrorInvalidDevice
+
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        ctypes.memmove(dst, src, n)
-        return (self.ok,)
+        err = self._check(dst if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else src)
+        if err == self.ok:
+            ctypes.memmove(dst, src, n)
+        return (err,)
 
     def cudaStreamSynchronize(self, s):
         return (self.ok,)
 
     def cudaGetDeviceProperties(self, d):
+        if self.versions[0] < self.versions[1]:
+            return (self.cudaError_t.cudaErrorInsufficientDriver, None)
+        if not 0 <= int(d) < self.devices:
+            return (self.cudaError_t.cudaErrorInvalidDevice, None)
         return (self.ok, self.props)
 
     def cudaDriverGetVersion(self):
@@ -538,15 +639,231 @@ class FakeCudart:
 
 
 def use_fake_tensorrt(monkeypatch, trt, cudart=None):
-    """Install ``trt`` as ``tensorrt`` and a :class:`FakeCudart` as cuda-python's runtime, for this test."""
-    import sys
-
+    """Install ``trt`` as ``tensorrt`` and a :class:`FakeCudart` as cuda-python's runtime, for this test;
+    ``trt``'s runtime then checks that CUDA's rules."""
     import nexedge.runtime.backends.tensorrt as rtmod
 
     cudart = cudart or FakeCudart()
+    if hasattr(trt, "cuda"):
+        trt.cuda = cudart
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(rtmod, "_import_cudart", lambda: cudart)
     return cudart
+
+
+class LogicError(RuntimeError):
+    """pycuda.driver.LogicError."""
+
+
+class FakeDriver:
+    """Just enough of pycuda.driver, with per-thread context stacks; memory is host memory (ctypes)."""
+
+    LogicError = LogicError
+
+    def __init__(self):
+        self.tls = threading.local()
+        self.mem, self._bufs = {}, {}  # device pointer -> uint8 view of its bytes / the ctypes buffer
+        self.driver = self
+        self.stream_deaths = []  # per destroyed Stream: was a context current (cuStreamDestroy needs one)
+
+        drv = self
+
+        class Context:
+            def __init__(self, device):
+                self.device = device
+
+            def push(self):
+                drv._stack().append(self)
+
+            @staticmethod
+            def pop():
+                if not drv._stack():
+                    raise LogicError("cuCtxPopCurrent failed: invalid device context")
+                drv._stack().pop()
+
+        class Device:
+            def __init__(self, i):
+                self.i = i
+
+            def retain_primary_context(self):
+                return Context(self.i)
+
+        class Stream:
+            def __init__(self):
+                drv.require("cuStreamCreate")
+                self.handle = 99
+                self.device = drv.current_device()
+
+            def synchronize(self):
+                drv.require("cuStreamSynchronize")
+
+            def __del__(self):
+                drv.stream_deaths.append(bool(drv._stack()))
+
+        class Alloc:
+            def __init__(self, ptr):
+                self.ptr = ptr
+
+            def __int__(self):
+                return self.ptr
+
+            def free(self):
+                drv.require("cuMemFree")
+
+        self.Context, self.Device, self.Stream, self._Alloc = Context, Device, Stream, Alloc
+
+    def _stack(self):
+        if not hasattr(self.tls, "stack"):
+            self.tls.stack = []
+        return self.tls.stack
+
+    def require(self, call):
+        if not self._stack():
+            raise LogicError(f"{call} failed: invalid device context")
+
+    def current(self):
+        return self._stack()[-1] if self._stack() else None
+
+    def current_device(self):
+        ctx = self.current()
+        return ctx.device if ctx is not None else None
+
+    def may_launch(self, device, stream, ptrs) -> bool:
+        self.require("enqueueV3")
+        return device in (None, self.current_device())
+
+    def init(self):
+        pass
+
+    def mem_alloc(self, n):
+        self.require("cuMemAlloc")
+        buf = ctypes.create_string_buffer(max(1, n))
+        ptr = ctypes.addressof(buf)
+        self._bufs[ptr] = buf
+        self.mem[ptr] = np.frombuffer(buf, np.uint8, count=n)
+        return self._Alloc(ptr)
+
+    def pagelocked_empty(self, shape, dtype):
+        self.require("cuMemHostAlloc")
+        return np.zeros(shape, dtype)
+
+    def memcpy_htod_async(self, dst, src, stream):
+        self.require("cuMemcpyHtoDAsync")
+        self.mem[int(dst)][: src.nbytes] = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
+
+    def memcpy_dtoh_async(self, dst, src, stream):
+        self.require("cuMemcpyDtoHAsync")
+        dst.reshape(-1).view(np.uint8)[:] = self.mem[int(src)][: dst.nbytes]
+
+
+def install_fake_pycuda(monkeypatch, trt=None):
+    """Install a :class:`FakeDriver` as ``pycuda.driver`` (cuda-python made unimportable, so the backend
+    takes pycuda), and ``trt`` as ``tensorrt`` checking its rules, for this test (fixture
+    ``pycuda_fake`` in conftest.py)."""
+    import nexedge.runtime.backends.tensorrt as rt
+
+    drv = FakeDriver()
+    pkg = types.ModuleType("pycuda")
+    pkg.driver = drv
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+
+    def no_cuda_python():
+        raise ImportError("No module named 'cuda'")
+
+    monkeypatch.setattr(rt, "_import_cudart", no_cuda_python)
+    if trt is not None:
+        trt.cuda = drv
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return drv
+
+
+def fake_tensorrt(mem, require, in_dtype=DataType.UINT8, out_dtype=DataType.FLOAT, image_shape=(36, 36, 1),
+                  in_name="images", out_names=("probs", "defect_score"), profile=(1, 2, 4), n_classes=3,
+                  version="8.5.2.2", streams=None):
+    """The runtime side of TensorRT with an engine computing probs from the mean pixel (no ONNX export
+    needed): the engine file must hold ``b"ENGINE"`` (other bytes deserialize to None, as TensorRT's do);
+    every CUDA-dependent call checks a current context via ``require`` (a fake's ``require``, or a
+    wrapper recording the calls). ``mem``: the fake CUDA's device pointer -> uint8 view. ``streams``: if
+    given, the stream handles an execution may be enqueued on (any other: execute_async_v3 returns False)."""
+    np_types = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.UINT8: np.uint8}
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addr = {}, {}
+
+        def set_input_shape(self, name, shape):
+            if not profile[0] <= shape[0] <= profile[2]:
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            n = self.shapes[in_name][0]
+            return (n, n_classes) if name == out_names[0] else (n,)
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream):
+            require("enqueueV3")
+            if streams is not None and stream not in streams:
+                return False
+            n = self.shapes[in_name][0]
+            dt = np.dtype(np_types[in_dtype])
+            x = mem[self.addr[in_name]][: n * int(np.prod(image_shape)) * dt.itemsize].view(dt)
+            m = x.reshape(n, -1).astype(np.float32).mean(1) / (255.0 if dt == np.uint8 else 1.0)
+            probs = np.stack([m, (1 - m) / 2, (1 - m) / 2], 1).astype(np_types[out_dtype])
+            mem[self.addr[out_names[0]]][: probs.nbytes] = probs.reshape(-1).view(np.uint8)
+            return True
+
+    class Engine:
+        num_io_tensors = 1 + len(out_names)
+        names = [in_name, *out_names]
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return Mode.INPUT if name == in_name else Mode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, p):
+            return [(b,) + tuple(image_shape) for b in profile]
+
+        def get_tensor_dtype(self, name):
+            return in_dtype if name == in_name else out_dtype
+
+        def create_execution_context(self):
+            require("createExecutionContext")
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            require("deserializeCudaEngine")  # TensorRT places the engine on the current device/context
+            return Engine() if bytes(blob) == b"ENGINE" else None
+
+    vt = tuple(int(x) for x in version.split(".")[:2])
+    return types.SimpleNamespace(__version__=version, Logger=Logger, Runtime=Runtime, TensorIOMode=Mode,
+                                 DataType=DataType, nptype=_nptype(vt))
+
+
+def fake_engine_file(tmp_path, crops="five", max_batch=4, resize=(36, 36), tensorrt="8.5.2.2", blob=b"ENGINE"):
+    """An engine file for :func:`fake_tensorrt` with its card (classes good/chip/scratch, crop 32)."""
+    from nexedge.card import ModelCard
+
+    path = tmp_path / "m.engine"
+    path.write_bytes(blob)
+    card = ModelCard.new(["good", "chip", "scratch"], resize=resize, crop=(32, 32), crop_mode="five",
+                         kind="engine", precision="fp16")
+    card.data["graph"] = {"crops": crops, "input_name": "images" if crops != "host" else "input",
+                          "output_names": ["probs", "defect_score"] if crops != "host" else ["logits"],
+                          "max_batch": max_batch}
+    card.data["provenance"]["engine"] = {"tensorrt": tensorrt, "key": {"version_compatible": False}}
+    card.save_for(str(path))
+    return str(path)
 
 
 def export_tiny_models(folder, inp=None, flavours=("host", "ten"), max_batch=8, arch="tiny", qdq=True):
@@ -588,15 +905,15 @@ class Block:
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not part of the line install")
 sys.meta_path.insert(0, Block())
-sys.path.insert(0, os.environ["NEXEDGE_TESTS_DIR"])
-import _trt_fakes
+from tests.support import trt_fakes as _trt_fakes
 import nexedge.runtime.backends.tensorrt as rtmod
-from nexedge.export import engine as eng
+from nexedge.export import cuda_device
 trt, calls = _trt_fakes.fake_trt(sys.argv[1])
 sys.modules["tensorrt"] = trt
 cudart = _trt_fakes.FakeCudart()
+trt.cuda = cudart
 rtmod._import_cudart = lambda: cudart
-eng.device_info = lambda device=0: eng.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
+cuda_device.device_info = lambda device=0: cuda_device.DeviceInfo("Orin", (8, 7), 16, 61, "NVIDIA Jetson AGX Orin Developer Kit")
 from nexedge.cli import main
 sys.exit(main(sys.argv[2:]))
 '''
@@ -608,8 +925,7 @@ def run_line_install_cli(args, trt_version="10.3.0.30", cwd=None, timeout=300):
     import subprocess
     import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, NEXEDGE_TESTS_DIR=here,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support importable
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", LINE_INSTALL_CLI, trt_version, *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=timeout)
