@@ -140,3 +140,21 @@ def test_sat_state_roundtrip_and_shape_check():
     assert torch.equal(other.soft, loss.soft)
     with pytest.raises(ValueError, match="does not fit"):
         build_loss("sat", [0, 1], CLASSES, "good").load_state(loss.state())
+
+
+def test_every_declared_loss_builds_and_the_cli_offers_it():
+    """LOSSES is the one declaration: --loss choices and help come from it, build_loss builds each."""
+    from nexedge.cli import build_parser
+    from nexedge.train.losses import LOSSES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    loss = next(a for a in sub.choices["train"]._actions if a.dest == "loss")
+    assert tuple(loss.choices) == tuple(LOSSES)
+    classes = ["good", "scratch", "lead_defect"]
+    for name in LOSSES:
+        assert f"{name}: {LOSSES[name]}" in loss.help
+        built = build_loss(name, [0, 1, 2, 0], classes, "good")
+        assert isinstance(built, TrainLoss) and built.name == name
+        logits = torch.randn(4, 3, requires_grad=True)
+        built(logits, torch.tensor([0, 1, 2, 0]), torch.arange(4), 1).backward()
+        assert logits.grad is not None

@@ -17,7 +17,9 @@ ROOTS = ["nexedge.threads", "nexedge.card", "nexedge.metrics", "nexedge.preproce
          # a Jetson's line install runs these too (doctor, build-engine, thresholds, check-onnx)
          "nexedge.doctor", "nexedge.export.cuda_device", "nexedge.export.trt_rules", "nexedge.export.trt_names",
          "nexedge.export.trt_recipe", "nexedge.export.trt_network", "nexedge.export.trt_build",
-         "nexedge.export.thresholds", "nexedge.export.onnx_check", "nexedge.export.cli"]
+         "nexedge.export.thresholds", "nexedge.export.onnx_check", "nexedge.export.cli",
+         # the command line lists the architectures (--arch help, --pretrained checks) without torch
+         "nexedge.models.archs", "nexedge.train.cli", "nexedge.demo.cli"]
 
 
 def main() -> int:

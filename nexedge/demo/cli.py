@@ -11,6 +11,7 @@ from nexedge.cliopts import uses_globals
 from nexedge.demo.context import Demo
 from nexedge.demo.profiles import PROFILES, resolve_settings
 from nexedge.demo.run import cpu_seconds, print_recap, print_timings, run_stages, stages
+from nexedge.models import add_arch_option
 
 
 def configure_demo(p: argparse.ArgumentParser) -> None:
@@ -26,9 +27,8 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, help="synthetic images to generate (default {})".format(
         PROFILES["default"]["images"]))
     p.add_argument("--epochs", type=int, help="training epochs (default {})".format(PROFILES["default"]["epochs"]))
-    p.add_argument("--arch", help="architecture (default {}, ImageNet-pretrained; small_max: the earlier "
-                                  "from-scratch recipe on a reduced class mix; tiny for speed)".format(
-                                      PROFILES["default"]["arch"]))
+    add_arch_option(p, what="architecture (default {}, ImageNet-pretrained; small_max: the earlier from-scratch "
+                            "recipe on a reduced class mix; tiny for speed); one of".format(PROFILES["default"]["arch"]))
     uses_globals(p, "--threads", torch=True)
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
     p.add_argument("--keep-daemon", action="store_true",

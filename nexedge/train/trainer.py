@@ -44,8 +44,8 @@ class TrainConfig:
     channels_last: bool = False
     good_class: str = "good"
     color: str = "gray"
-    resize: Tuple[int, int] = (72, 72)
-    crop: Tuple[int, int] = (64, 64)
+    resize: Optional[Tuple[int, int]] = None  # None: the architecture's default (nexedge.models.ArchSpec)
+    crop: Optional[Tuple[int, int]] = None
     crop_mode: str = "center"
     resize_mode: str = "stretch"
     tpr_floor: float = metrics.DEFAULT_TPR_FLOOR
@@ -85,7 +85,22 @@ class TrainConfig:
     next_hint: bool = True
     budget: Optional[Dict[str, Any]] = None  # what --budget chose and why (nexedge.train.budget), for config.json
 
+    def __post_init__(self) -> None:
+        if self.resize is None or self.crop is None:
+            from nexedge.models import arch_specs
+
+            spec = arch_specs().get(self.arch)  # an unknown arch fails in check()
+            if self.resize is None:
+                self.resize = spec.resize if spec else (72, 72)
+            if self.crop is None:
+                self.crop = spec.crop if spec else (64, 64)
+
     def check(self) -> None:
+        from nexedge.models import check_pretrained, list_models
+
+        if self.arch not in list_models():
+            raise ValueError(f"unknown --arch {self.arch!r}; available: {', '.join(list_models())}")
+        check_pretrained(self.arch, self.pretrained)
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -123,12 +138,11 @@ def _seed_all(seed: int) -> None:
 
 
 def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    from nexedge.models import _REGISTRY, create_model, list_models
-    from nexedge.models.zoo import arch_accepts
+    from nexedge.models import accepts, create_model, list_models
 
     if cfg.arch not in list_models():
         raise ValueError(f"unknown --arch {cfg.arch!r}; available: {', '.join(list_models())}")
-    kw = arch_accepts({"input_size": list(cfg.crop)}, _REGISTRY[cfg.arch])
+    kw = accepts(cfg.arch, {"input_size": list(cfg.crop)})
     kw.update(cfg.arch_kw)
     model = create_model(cfg.arch, n_classes, pretrained=cfg.pretrained, **kw)
     if cfg.freeze:
