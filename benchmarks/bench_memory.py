@@ -222,25 +222,25 @@ def in_process(model: str, allocator: bool) -> None:
     import gc
     import threading
 
-    import nexedge.serve.memory as M
-    from nexedge.serve import config as C
+    import nexedge.serve.memory as memory
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from tests.support.daemon import base_config
 
     if not allocator:
-        M.AllocatorTrim.__init__.__defaults__ = (0, 1.0, False)
-    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"})))
+        memory.AllocatorTrim.__init__.__defaults__ = (0, 1.0, False)
+    d = Daemon(serve_config.from_dict(base_config(model, logging={"level": "ERROR"})))
     d._memory.libc = None  # no automatic trim after the burst: we trim by hand below
     d.setup()
     t = threading.Thread(target=d.serve)
     t.start()
-    base = M.rss_bytes()
+    base = memory.rss_bytes()
     flood(d.endpoints["frames"], "mixed", 4, 1, 1)
     time.sleep(2)
     gc.collect()
-    after = M.rss_bytes()
+    after = memory.rss_bytes()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    trimmed = M.rss_bytes()
+    trimmed = memory.rss_bytes()
     d.request_stop()
     t.join()
     print(f"in-process mixed flood, fixed mmap threshold {'on ' if allocator else 'off'}: base {base >> 20} MB, "
@@ -256,12 +256,12 @@ def camera_probe(model: str) -> str:
 
     import cv2
 
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from nexedge.serve.memory import rss_bytes
     from tests.support.daemon import base_config
 
-    d = Daemon(C.from_dict(base_config(model, logging={"level": "ERROR"}, monitor={"window": 200, "min_frames": 50},
+    d = Daemon(serve_config.from_dict(base_config(model, logging={"level": "ERROR"}, monitor={"window": 200, "min_frames": 50},
                                        store={"path": tempfile.mkdtemp(prefix="nexedge-cam-")})))
     d.setup()
     t = threading.Thread(target=d.serve)

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks import _common as common  # noqa: E402
 from nexedge.bench import env, report  # noqa: E402
-from nexedge.serve import rules as R  # noqa: E402
+from nexedge.serve import rules  # noqa: E402
 
 #: What this benchmark measures with (``--set KEY=VALUE`` changes one value for a run).
 RECIPE = common.recipe(
@@ -69,7 +69,7 @@ def _first_fire(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 def rollback_cell(rate: int, p: float, trials: int, rng: np.random.Generator) -> Dict[str, Any]:
     n, checks = rate * 60, 60
     k = rate * 3600
-    chart = R.RollbackChart(baseline=k, every=n, watch=n * checks, alpha=ALPHA)
+    chart = rules.RollbackChart(baseline=k, every=n, watch=n * checks, alpha=ALPHA)
     xs = rng.binomial(k, p, trials)
     cache: Dict[int, Any] = {}
     for x in np.unique(xs):
@@ -112,7 +112,7 @@ def check_fidelity(rng: np.random.Generator) -> int:
         k, n, checks = 3600, 60, 60
         for _ in range(20):
             old, new = Slot(), Slot()
-            chart = R.RollbackChart(baseline=k, every=n, watch=n * checks, alpha=ALPHA)
+            chart = rules.RollbackChart(baseline=k, every=n, watch=n * checks, alpha=ALPHA)
             base = rng.random(k) < p
             chart.observe(old, list(base))
             chart.arm(old, new, "new")
@@ -122,7 +122,7 @@ def check_fidelity(rng: np.random.Generator) -> int:
                 hit = chart.observe(new, list(stream[i:i + 8]))
                 if hit is not None:
                     break
-            lo, hi = (np.asarray(v) for v in R.RollbackChart(k, n, n * checks, ALPHA).limits(int(base.sum()), k))
+            lo, hi = (np.asarray(v) for v in rules.RollbackChart(k, n, n * checks, ALPHA).limits(int(base.sum()), k))
             cum = np.cumsum(stream.reshape(checks, n).sum(axis=1))[None, :]
             first = int(_first_fire(cum, lo[None, :], hi[None, :])[0])
             mismatches += (hit is None) != (first < 0) or (hit is not None and hit["frames"] != (first + 1) * n)
@@ -135,9 +135,9 @@ def _needed_table(kmax: int) -> np.ndarray:
     (Clopper-Pearson duality: the upper bound is <= e exactly when P(Binomial(m, e) <= k) <= 1 - conf)."""
     from scipy.stats import binom
 
-    e, a = PROMOTE["max_escape"], 1 - R.PROMOTE_CONFIDENCE
+    e, a = PROMOTE["max_escape"], 1 - rules.PROMOTE_CONFIDENCE
     need = np.empty(kmax + 1, np.int64)
-    m = R.rejects_needed(e)
+    m = rules.rejects_needed(e)
     for k in range(kmax + 1):
         m = max(m, k + 1)
         while binom.cdf(k, m, e) > a:
@@ -145,7 +145,7 @@ def _needed_table(kmax: int) -> np.ndarray:
         need[k] = m
     for k, extra in ((0, 0), (0, -1), (3, 0), (3, -1), (12, 0), (12, -1)):  # the table is the daemon's rule
         m = int(need[k]) + extra
-        assert (R.cp_upper(k, m) <= e) == (extra == 0), (k, m)
+        assert (rules.cp_upper(k, m) <= e) == (extra == 0), (k, m)
     return need
 
 

@@ -252,7 +252,7 @@ def check_engine(path: str, card: Any, trt_version: Optional[str], device: Any, 
 
 def check_service(cfg: Any, user: Optional[str], python: str) -> List[Check]:
     """The files the config names, as the service user sees them, and its access to the venv's python."""
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve import preflight
 
     who = user or "this user"
@@ -260,7 +260,7 @@ def check_service(cfg: Any, user: Optional[str], python: str) -> List[Check]:
         problems = preflight.check_files(cfg, user)
         if not preflight.can_access(python, os.R_OK | os.X_OK, user):
             problems.append(f"{python} (the venv's python) is not executable by {who}")
-    except C.ConfigError as e:
+    except serve_config.ConfigError as e:
         problems = [str(e)]
     if problems:
         return [Check("service files", FAIL, p, f"chown/chmod so that {who} can read it (store: write)")
@@ -406,9 +406,9 @@ def configure_doctor(p: argparse.ArgumentParser) -> None:
 def run_doctor(args: argparse.Namespace) -> int:
     cfg = None
     if args.config:
-        from nexedge.serve import config as C
+        from nexedge.serve import config as serve_config
 
-        cfg = C.load(args.config)
+        cfg = serve_config.load(args.config)
     engine = args.engine or (cfg.model.path if cfg is not None and cfg.model.path.endswith((".engine", ".plan"))
                              else None)
     checks = run_checks(probe(engine), engine, cfg, args.user)

@@ -162,3 +162,37 @@ def test_raw_card_write_finder_sees_each_kind_of_write(tmp_path):
                    'card.data["provenance"].pop("k")\ncard.data.update(a=1)\n'
                    'x = card.data["a"]\ny = card.data.get("a")\nself.data["a"] = 2\ncard.data = {}\n')
     assert [h.split(":")[0] for h in _raw_card_writes(str(src))] == ["1", "2", "3", "4", "5"]
+
+
+def one_letter_module_aliases(roots: List[str]) -> List[str]:
+    """``path:line`` of each nexedge module imported under a one-letter name (``import x as C``)."""
+    found = []
+    for root in roots:
+        for base, _dirs, files in os.walk(root):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(base, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                        continue
+                    mod = getattr(node, "module", None) or ""
+                    for alias in node.names:
+                        full = f"{mod}.{alias.name}" if mod else alias.name
+                        if full.startswith("nexedge") and alias.asname and len(alias.asname) == 1:
+                            found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+    return found
+
+
+def test_nexedge_modules_are_not_imported_under_one_letter_names():
+    """``from nexedge.serve import config as C`` makes a reader look up what ``C`` is in every file."""
+    roots = [os.path.join(REPO, d) for d in ("nexedge", "tests", "benchmarks", "tools")]
+    assert one_letter_module_aliases(roots) == []
+
+
+def test_one_letter_alias_finder_sees_both_import_forms(tmp_path):
+    (tmp_path / "a.py").write_text("import nexedge.serve.config as C\nfrom nexedge import preprocess as P\n"
+                                   "import numpy as n\nfrom nexedge import card as card_mod\n")
+    assert [s.rsplit(":", 1)[1] for s in one_letter_module_aliases([str(tmp_path)])] == ["1", "2"]

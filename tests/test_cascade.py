@@ -388,17 +388,17 @@ def test_daemon_answers_recheck_for_band_frames_stage2_cannot_decide(models):
 
 
 def test_daemon_cascade_on_without_band_fails_at_startup(tmp_path):
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from tests.support.daemon import build_tiny_onnx
 
     path = build_tiny_onnx(str(tmp_path))
-    d = Daemon(C.from_dict(_config(path, "on")))
+    d = Daemon(serve_config.from_dict(_config(path, "on")))
     with pytest.raises(cc.CascadeError, match="no cascade section"):
         d.setup()
     d.close_unserved()
-    with pytest.raises(C.ConfigError, match="model.cascade"):
-        C.from_dict(_config(path, "maybe"))
+    with pytest.raises(serve_config.ConfigError, match="model.cascade"):
+        serve_config.from_dict(_config(path, "maybe"))
 
 
 def test_cascade_host_engine_uses_a_crop_view_fake_trt(tmp_path, monkeypatch, pycuda_fake):

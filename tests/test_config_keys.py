@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_EXAMPLE = os.path.join(ROOT, "tests", "data", "line.example-0.1.yaml")
@@ -33,45 +33,45 @@ def _read(path):
 
 def test_the_0_1_example_loads_with_warnings_and_gives_the_same_effective_config(caplog):
     with caplog.at_level(logging.WARNING, logger="nexedge.serve.config"):
-        old = C.from_dict(_read(OLD_EXAMPLE))
+        old = serve_config.from_dict(_read(OLD_EXAMPLE))
     warned = [r.getMessage() for r in caplog.records]
     assert warned and all("is retired; use " in w for w in warned)
     assert "config: sockets.rss_limit is retired; use sockets.guard.rss_limit (value 'auto' carried over)" in warned
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="nexedge.serve.config"):
-        new = C.from_dict(_read(EXAMPLE))
+        new = serve_config.from_dict(_read(EXAMPLE))
     assert not caplog.records  # the current example uses the current keys
     assert dataclasses.asdict(old) == dataclasses.asdict(new)
 
 
 def test_every_retired_key_is_sampled():
-    assert sorted(SAMPLE) == sorted(C.REMOVED_KEYS)
+    assert sorted(SAMPLE) == sorted(serve_config.REMOVED_KEYS)
 
 
-@pytest.mark.parametrize("old", sorted(C.REMOVED_KEYS))
+@pytest.mark.parametrize("old", sorted(serve_config.REMOVED_KEYS))
 def test_a_retired_key_carries_its_value_to_the_new_key(old, caplog):
-    new = C.REMOVED_KEYS[old]
+    new = serve_config.REMOVED_KEYS[old]
     value = SAMPLE[old]
     with caplog.at_level(logging.WARNING, logger="nexedge.serve.config"):
-        cfg = C.load(None, [("model.path", "m.onnx"), (old, value)])
+        cfg = serve_config.load(None, [("model.path", "m.onnx"), (old, value)])
     assert [r.getMessage() for r in caplog.records] == [f"config: {old} is retired; use {new} (value {value!r} "
                                                         "carried over)"]
     section, group, key = new.split(".")
     assert getattr(getattr(getattr(cfg, section), group), key) == value
     assert getattr(getattr(cfg, section), old.split(".")[1]) == value  # the old attribute still reads it
-    assert cfg == C.load(None, [("model.path", "m.onnx"), (new, value)])  # the same as the new spelling
+    assert cfg == serve_config.load(None, [("model.path", "m.onnx"), (new, value)])  # the same as the new spelling
 
 
 def test_a_retired_key_that_contradicts_its_new_key_is_refused():
-    with pytest.raises(C.ConfigError, match=r"sockets.rss_limit \(retired\) is 'off' but sockets.guard.rss_limit is "
+    with pytest.raises(serve_config.ConfigError, match=r"sockets.rss_limit \(retired\) is 'off' but sockets.guard.rss_limit is "
                                             r"'auto'; keep only sockets.guard.rss_limit"):
-        C.from_dict({"model": {"path": "m.onnx"}, "sockets": {"rss_limit": "off", "guard": {"rss_limit": "auto"}}})
+        serve_config.from_dict({"model": {"path": "m.onnx"}, "sockets": {"rss_limit": "off", "guard": {"rss_limit": "auto"}}})
 
 
 def test_errors_name_the_new_key():
-    with pytest.raises(C.ConfigError, match=r"^lifecycle.auto_rollback.alpha: 1.5 must be in \(0, 1\)"):
-        C.load(None, [("model.path", "m.onnx"), ("lifecycle.auto_rollback.alpha", 1.5)])
-    with pytest.raises(C.ConfigError, match=r"^sockets.guard.unfinished_timeout_s: 0.0 must be > 0"):
-        C.load(None, [("model.path", "m.onnx"), ("sockets.unfinished_timeout_s", 0)])
-    with pytest.raises(C.ConfigError, match=r"sockets.guard.rss: unknown key; expected one of"):
-        C.load(None, [("model.path", "m.onnx"), ("sockets.guard.rss", 1)])
+    with pytest.raises(serve_config.ConfigError, match=r"^lifecycle.auto_rollback.alpha: 1.5 must be in \(0, 1\)"):
+        serve_config.load(None, [("model.path", "m.onnx"), ("lifecycle.auto_rollback.alpha", 1.5)])
+    with pytest.raises(serve_config.ConfigError, match=r"^sockets.guard.unfinished_timeout_s: 0.0 must be > 0"):
+        serve_config.load(None, [("model.path", "m.onnx"), ("sockets.unfinished_timeout_s", 0)])
+    with pytest.raises(serve_config.ConfigError, match=r"sockets.guard.rss: unknown key; expected one of"):
+        serve_config.load(None, [("model.path", "m.onnx"), ("sockets.guard.rss", 1)])

@@ -22,7 +22,7 @@ import zmq
 from test_daemon_serve import FailingBackend, scrape
 
 from nexedge.runtime import open_backend
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.client import CameraClient
 from nexedge.serve.decode import image_dims
 from tests.support.daemon import build_tiny_onnx, png_header, running
@@ -90,7 +90,7 @@ def test_surrogate_camera_id_is_refused_and_harms_no_other_frame(model):
         assert scrape(d)  # /metrics still renders
     by_id = {v["frame_id"]: v for v in got}
     assert len(got) == 13 and len(by_id) == 13
-    assert (by_id["bad-1"]["decision"], by_id["bad-1"]["reason"]) == ("RECHECK", P.GARBAGE_HEADER)
+    assert (by_id["bad-1"]["decision"], by_id["bad-1"]["reason"]) == ("RECHECK", protocol.GARBAGE_HEADER)
     assert all(by_id[i]["decision"] in ("PASS", "REJECT") for i in range(12)), got
 
 
@@ -110,10 +110,10 @@ def test_many_part_messages_are_refused_with_a_readable_frame_id(model):
         got = {v["frame_id"]: v for v in raw.recv_n(3)}
         raw.close()
         m = scrape(d)
-    assert got["many-small"]["reason"] == P.WRONG_FRAME_COUNT
-    assert got["few-large"]["reason"] == P.OVERSIZE
+    assert got["many-small"]["reason"] == protocol.WRONG_FRAME_COUNT
+    assert got["few-large"]["reason"] == protocol.OVERSIZE
     assert got["ok"]["decision"] in ("PASS", "REJECT")
-    assert m[("nexedge_recheck_total", (("reason", P.OVERSIZE),))] == 1
+    assert m[("nexedge_recheck_total", (("reason", protocol.OVERSIZE),))] == 1
 
 
 # -- 3. decompression bombs and deadlines at every stage --------------------------------------
@@ -138,7 +138,7 @@ def test_png_bomb_is_refused_before_decoding_and_other_cameras_stay_on_time(mode
         got = {v["frame_id"]: v for v in raw.recv_n(8, 60)}
         raw.close()
     for i in range(4):
-        assert got[f"bomb{i}"]["reason"] == P.TOO_MANY_PIXELS
+        assert got[f"bomb{i}"]["reason"] == protocol.TOO_MANY_PIXELS
         assert got[i]["decision"] in ("PASS", "REJECT") and got[i]["latency_ms"] < 2000, got[i]
 
 
@@ -162,7 +162,7 @@ def test_frame_waiting_for_a_decode_thread_is_answered_at_its_deadline(model):
         got = {v["frame_id"]: v for v in raw.recv_n(n + 1, 120)}
         raw.close()
     urgent = got["urgent"]
-    assert (urgent["decision"], urgent["reason"]) == ("RECHECK", P.DEADLINE_PASSED)
+    assert (urgent["decision"], urgent["reason"]) == ("RECHECK", protocol.DEADLINE_PASSED)
     # at its deadline, not after the decodes queued before it (the old code: after all of them)
     assert urgent["latency_ms"] < min(1000.0, busy_s * 1000 / 2), (urgent, busy_s)
 
@@ -180,7 +180,7 @@ def test_jpeg_frame_header_is_found_behind_large_app_segments(model):
         raw.send(header("c", "padded", "jpeg"), padded)
         v = raw.recv(20000)
         raw.close()
-    assert v["reason"] == P.TOO_MANY_PIXELS
+    assert v["reason"] == protocol.TOO_MANY_PIXELS
 
 
 # -- 5. bounded cameras in the shift monitor and its gauges (issue 14 item 5) -----------------
@@ -236,7 +236,7 @@ def test_recheck_samples_are_rate_limited_and_deduplicated(model, tmp_path):
             raw.send(header("flood", i), imgs[i % 20])
         got = raw.recv_n(400, 60)
         raw.close()
-    assert sum(v["reason"] == P.QUEUE_FULL for v in got) > 100
+    assert sum(v["reason"] == protocol.QUEUE_FULL for v in got) > 100
     with SampleStore(store, writer=False) as st:
         rows = st.query(pending_only=False)
     assert len(rows) <= 3  # one minute's budget for one camera
@@ -286,7 +286,7 @@ def test_deeply_nested_header_gets_one_reply_even_during_drain(model):
         raw = Raw(d.endpoints["frames"])
         raw.send(deep, b"x")
         v = raw.recv()
-        assert v is not None and (v["decision"], v["reason"]) == ("RECHECK", P.GARBAGE_HEADER)
+        assert v is not None and (v["decision"], v["reason"]) == ("RECHECK", protocol.GARBAGE_HEADER)
         sb.delay = 1.0
         raw.send(header("c", "slow"), _png(6))
         time.sleep(0.3)
@@ -295,7 +295,7 @@ def test_deeply_nested_header_gets_one_reply_even_during_drain(model):
         raw.send(deep, b"x")
         got = raw.recv_n(2, 10)
         raw.close()
-    assert sorted(v["reason"] for v in got if v["frame_id"] is None) in ([P.GARBAGE_HEADER], [P.SHUTTING_DOWN])
+    assert sorted(v["reason"] for v in got if v["frame_id"] is None) in ([protocol.GARBAGE_HEADER], [protocol.SHUTTING_DOWN])
     assert [v["decision"] for v in got if v["frame_id"] == "slow"] in (["PASS"], ["REJECT"])
 
 
@@ -320,16 +320,16 @@ def test_idle_http_connections_are_bounded_and_time_out(model):
 
 
 @pytest.mark.parametrize("hdr,reason,fid", [
-    (b'{"v": true, "camera": "c", "frame_id": 1, "encoding": "png"}', P.UNSUPPORTED_VERSION, 1),
-    (b'{"v": 1.0, "camera": "c", "frame_id": 2, "encoding": "png"}', P.UNSUPPORTED_VERSION, 2),
-    (b'{"v": 1, "camera": "c\\u007f", "frame_id": 3, "encoding": "png"}', P.GARBAGE_HEADER, 3),
-    (b'{"v": 1, "camera": "c\\u0085", "frame_id": 4, "encoding": "png"}', P.GARBAGE_HEADER, 4),
-    (b'{"v": 1, "camera": 12, "frame_id": 5, "encoding": "png"}', P.GARBAGE_HEADER, 5),
-    (b'{"v": 1, "camera": ["c"], "frame_id": "f6", "encoding": "png"}', P.GARBAGE_HEADER, "f6"),
-    (b'{"v": 1, "camera": "c", "frame_id": true, "encoding": "png"}', P.GARBAGE_HEADER, None),
-    (b'{"v": 1, "camera": "c", "frame_id": 99999999999999999999999, "encoding": "png"}', P.GARBAGE_HEADER,
+    (b'{"v": true, "camera": "c", "frame_id": 1, "encoding": "png"}', protocol.UNSUPPORTED_VERSION, 1),
+    (b'{"v": 1.0, "camera": "c", "frame_id": 2, "encoding": "png"}', protocol.UNSUPPORTED_VERSION, 2),
+    (b'{"v": 1, "camera": "c\\u007f", "frame_id": 3, "encoding": "png"}', protocol.GARBAGE_HEADER, 3),
+    (b'{"v": 1, "camera": "c\\u0085", "frame_id": 4, "encoding": "png"}', protocol.GARBAGE_HEADER, 4),
+    (b'{"v": 1, "camera": 12, "frame_id": 5, "encoding": "png"}', protocol.GARBAGE_HEADER, 5),
+    (b'{"v": 1, "camera": ["c"], "frame_id": "f6", "encoding": "png"}', protocol.GARBAGE_HEADER, "f6"),
+    (b'{"v": 1, "camera": "c", "frame_id": true, "encoding": "png"}', protocol.GARBAGE_HEADER, None),
+    (b'{"v": 1, "camera": "c", "frame_id": 99999999999999999999999, "encoding": "png"}', protocol.GARBAGE_HEADER,
      None),
-    (b'{"msg": "c\\u2028|f9"}', P.GARBAGE_HEADER, "f9"),
+    (b'{"msg": "c\\u2028|f9"}', protocol.GARBAGE_HEADER, "f9"),
 ])
 def test_protocol_is_strict_and_errors_keep_a_readable_frame_id(model, hdr, reason, fid):
     with running(model) as d:
@@ -367,9 +367,9 @@ def test_second_signal_is_logged_as_such_and_decode_waiters_are_answered_at_once
         raw.close()
     ids = {v["frame_id"]: v for v in got}
     for i in range(3):  # answered at once, not after the decodes before them (busy_s)
-        assert ids[f"wait{i}"]["reason"] == P.SHUTTING_DOWN
+        assert ids[f"wait{i}"]["reason"] == protocol.SHUTTING_DOWN
     assert t_waiters < busy_s / 2, (t_waiters, busy_s)
-    assert ids["inflight"]["reason"] == P.SHUTTING_DOWN
+    assert ids["inflight"]["reason"] == protocol.SHUTTING_DOWN
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "drain timed out after 30" not in text
     assert "second stop signal" in text
@@ -388,7 +388,7 @@ def test_exception_after_decode_is_answered_not_lost(model, monkeypatch):
         monkeypatch.setattr(pp, "image_stats", broken)
         with CameraClient(d.endpoints["frames"], "c") as cam:
             v = cam.wait_for(cam.send(_png(10), deadline_ms=3000), 2000)
-    assert v is not None and (v["decision"], v["reason"]) == ("RECHECK", P.BACKEND_ERROR)
+    assert v is not None and (v["decision"], v["reason"]) == ("RECHECK", protocol.BACKEND_ERROR)
 
 
 # -- 11. key files ---------------------------------------------------------------------------

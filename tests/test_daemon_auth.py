@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 from nexedge.serve.auth import CurveClient, make_keypair
 from nexedge.serve.client import CameraClient, VerdictSubscriber
 from nexedge.serve.daemon import Daemon
@@ -49,7 +49,7 @@ def test_all_sections_with_curve_auth(model, tmp_path):
         pull={"bind": "tcp://127.0.0.1:*"},
         auth={"server_secret_file": str(keys / "server.key_secret"), "allowed_clients_dir": str(allowed)},
     )
-    d = Daemon(C.from_dict(raw))
+    d = Daemon(serve_config.from_dict(raw))
     d.setup()
     t = threading.Thread(target=d.serve)
     t.start()

@@ -23,7 +23,7 @@ import pytest
 import yaml
 import zmq
 
-from nexedge.serve import protocol as P  # noqa: E402
+from nexedge.serve import protocol  # noqa: E402
 from nexedge.serve.memory import rss_bytes  # noqa: E402
 from tests.support.daemon import base_config, build_tiny_onnx, running
 from tests.support.hostile import jpeg_scan_bomb
@@ -94,7 +94,7 @@ def test_progressive_jpeg_scan_bomb_is_refused_before_decoding(model):
         got = cam.recv_all(4)
         took = time.monotonic() - t0
         cam.close()
-    assert {got[f"b{i}"]["reason"] for i in range(3)} == {P.TOO_MANY_SCANS}
+    assert {got[f"b{i}"]["reason"] for i in range(3)} == {protocol.TOO_MANY_SCANS}
     assert got["h0"]["decision"] in ("PASS", "REJECT")
     assert took < 2.0, took  # refused without decoding
 
@@ -285,9 +285,9 @@ def test_imagezmq_frame_ids_do_not_restart_for_every_camera_past_max_cameras(mod
 
 def test_verdict_score_keeps_its_precision():
     """A REJECT at threshold 5e-8 read score 0.0 (rounded to 6 decimals)."""
-    v = json.loads(P.encode_verdict(P.verdict("c", 1, "REJECT", 1.234567891e-7, 5e-8, False, "", "m", 1.0)))
+    v = json.loads(protocol.encode_verdict(protocol.verdict("c", 1, "REJECT", 1.234567891e-7, 5e-8, False, "", "m", 1.0)))
     assert v["score"] == 1.234567891e-7 and v["score"] >= v["threshold"]
-    v = json.loads(P.encode_verdict(P.verdict("c", 1, "REJECT", 0.50000012345, 0.500000123, False, "", "m", 1.0)))
+    v = json.loads(protocol.encode_verdict(protocol.verdict("c", 1, "REJECT", 0.50000012345, 0.500000123, False, "", "m", 1.0)))
     assert v["score"] >= v["threshold"]
 
 
@@ -326,7 +326,7 @@ def test_16_bit_frames_are_scaled_by_their_bit_depth(model):
         got = cam.recv_all(3)
         cam.close()
     assert got["12"]["score"] == got["8"]["score"] and got["12"]["decision"] in ("PASS", "REJECT")
-    assert got["bad"]["reason"] == P.BAD_DTYPE
+    assert got["bad"]["reason"] == protocol.BAD_DTYPE
 
 
 def test_tiff_is_decoded_by_the_daemon_and_sent_by_camera_sim(model, tmp_path, capsys):
@@ -353,7 +353,7 @@ def test_tiff_is_decoded_by_the_daemon_and_sent_by_camera_sim(model, tmp_path, c
                    "--rate", "0", "--json"])
         res = json.loads(capsys.readouterr().out)
     assert got["tif"]["score"] == got["png"]["score"]
-    assert got["float"]["reason"] == P.UNDECODABLE
+    assert got["float"]["reason"] == protocol.UNDECODABLE
     assert rc == 0 and res["sent"] == res["received"] == 4 and res["decisions"].get("RECHECK", 0) == 0, res
     assert [os.path.basename(p) for p in res["skipped"]] == ["c.tiff"]  # float TIFF: refused, said why
 

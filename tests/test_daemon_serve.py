@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nexedge import preprocess as pp
 from nexedge.runtime import open_backend
-from nexedge.serve import config as C
-from nexedge.serve import protocol as P
+from nexedge.serve import config as serve_config
+from nexedge.serve import protocol
 from nexedge.serve.client import CameraClient, VerdictSubscriber
 from nexedge.serve.daemon import Daemon
 from tests.support.daemon import CLASSES, base_config, build_tiny_onnx, make_images, running
@@ -120,27 +120,27 @@ def test_unmodified_imagezmq_sender(model, jpg):
             sender.close()
     assert all(r["decision"] in ("PASS", "REJECT") and r["camera"] == "line1-cam2" for r in replies)
     assert [r["frame_id"] for r in replies] == ([1, 2, 3, 4, 5] if jpg else [f"f{i}" for i in range(5)])
-    assert bad["decision"] == "RECHECK" and bad["reason"] == P.BAD_DTYPE
+    assert bad["decision"] == "RECHECK" and bad["reason"] == protocol.BAD_DTYPE
     assert after["decision"] in ("PASS", "REJECT")
 
 
 def test_every_bad_input_gets_recheck_and_daemon_keeps_serving(model):
     good = _img(1)
     png = cv2.imencode(".png", good)[1].tobytes()
-    hdr = P.native_header
+    hdr = protocol.native_header
     cases = [
-        ([b"", b"{garbage", b"x"], P.GARBAGE_HEADER),
-        ([b"", hdr("c", 1, "raw", "uint8", (40, 52)), good.tobytes()[:-7]], P.BAD_SHAPE),  # truncated
-        ([b"", hdr("c", 2, "raw", "uint8", (40, 40)), good.tobytes()], P.BAD_SHAPE),  # shape mismatch
-        ([b"", b'{"v":1,"camera":"c","frame_id":3,"encoding":"webp"}', png], P.UNKNOWN_ENCODING),
-        ([b"", hdr("c", 4, "png")], P.WRONG_FRAME_COUNT),
-        ([b"", hdr("c", 5, "png"), png, png], P.WRONG_FRAME_COUNT),
-        ([b"", hdr("c", 6, "raw", "uint8", (1000, 1000)), bytes(1000 * 1000)], P.OVERSIZE),
-        ([b"", hdr("c", 7, "png"), b""], P.EMPTY_IMAGE),
-        ([b"", hdr("c", 8, "jpeg"), b"\xff\xd8\xff" + bytes(100)], P.UNDECODABLE),
-        ([b"", hdr("c", 9, "raw", "uint8", (2, 2, 7)), bytes(28)], P.BAD_SHAPE),
-        ([b"", hdr("c", 10, "raw", "int64", (2, 2)), bytes(32)], P.BAD_DTYPE),
-        ([b"", b'{"v":9,"camera":"c","frame_id":11}', png], P.UNSUPPORTED_VERSION),
+        ([b"", b"{garbage", b"x"], protocol.GARBAGE_HEADER),
+        ([b"", hdr("c", 1, "raw", "uint8", (40, 52)), good.tobytes()[:-7]], protocol.BAD_SHAPE),  # truncated
+        ([b"", hdr("c", 2, "raw", "uint8", (40, 40)), good.tobytes()], protocol.BAD_SHAPE),  # shape mismatch
+        ([b"", b'{"v":1,"camera":"c","frame_id":3,"encoding":"webp"}', png], protocol.UNKNOWN_ENCODING),
+        ([b"", hdr("c", 4, "png")], protocol.WRONG_FRAME_COUNT),
+        ([b"", hdr("c", 5, "png"), png, png], protocol.WRONG_FRAME_COUNT),
+        ([b"", hdr("c", 6, "raw", "uint8", (1000, 1000)), bytes(1000 * 1000)], protocol.OVERSIZE),
+        ([b"", hdr("c", 7, "png"), b""], protocol.EMPTY_IMAGE),
+        ([b"", hdr("c", 8, "jpeg"), b"\xff\xd8\xff" + bytes(100)], protocol.UNDECODABLE),
+        ([b"", hdr("c", 9, "raw", "uint8", (2, 2, 7)), bytes(28)], protocol.BAD_SHAPE),
+        ([b"", hdr("c", 10, "raw", "int64", (2, 2)), bytes(32)], protocol.BAD_DTYPE),
+        ([b"", b'{"v":9,"camera":"c","frame_id":11}', png], protocol.UNSUPPORTED_VERSION),
     ]
     with running(model, sockets={"max_message_bytes": 500_000}) as d:
         with CameraClient(d.endpoints["frames"], "c") as cam:
@@ -170,7 +170,7 @@ def test_overload_answers_recheck_quickly_instead_of_queueing(model):
             elapsed = time.monotonic() - t0
     assert len(got) == 400 and len({v["frame_id"] for v in got}) == 400
     full = [v for v in got if v["decision"] == "RECHECK"]
-    assert full and all(v["reason"] == P.QUEUE_FULL for v in full)
+    assert full and all(v["reason"] == protocol.QUEUE_FULL for v in full)
     assert sum(v["decision"] != "RECHECK" for v in got) >= 8
     # refused frames are answered at once, not after waiting behind the queue
     assert np.percentile([v["latency_ms"] for v in full], 95) < 250
@@ -185,7 +185,7 @@ def test_deadline_passed_gets_recheck(model):
         with CameraClient(d.endpoints["frames"], "slowline") as cam:
             late = cam.wait_for(cam.send(im, deadline_ms=20), 5000)
             ok = cam.infer(im)
-    assert (late["decision"], late["reason"]) == ("RECHECK", P.DEADLINE_PASSED)
+    assert (late["decision"], late["reason"]) == ("RECHECK", protocol.DEADLINE_PASSED)
     assert late["latency_ms"] < 800  # answered at its deadline, not when the batch closes (1 s)
     assert ok["decision"] in ("PASS", "REJECT")
 
@@ -218,7 +218,7 @@ def test_backend_error_gives_recheck_with_fault_injection(model):
             bad = cam.infer(_img(5))
             fb.fail = False
             ok = cam.infer(_img(5))
-    assert (bad["decision"], bad["reason"]) == ("RECHECK", P.BACKEND_ERROR)
+    assert (bad["decision"], bad["reason"]) == ("RECHECK", protocol.BACKEND_ERROR)
     assert ok["decision"] in ("PASS", "REJECT")
 
 
@@ -235,7 +235,7 @@ def test_uncertain_and_recheck_frames_go_to_the_store(model, tmp_path):
             late = cam.wait_for(cam.send(ims[1], deadline_ms=0.001), 5000)
             cam.send_frames([b"", b"garbage", b"x"])
             cam.recv(5000)
-    assert late["reason"] == P.DEADLINE_PASSED
+    assert late["reason"] == protocol.DEADLINE_PASSED
     with SampleStore(store, writer=False) as s:
         rows = s.query(pending_only=False)
         kinds = sorted(r["kind"] for r in rows)
@@ -248,7 +248,7 @@ def test_uncertain_and_recheck_frames_go_to_the_store(model, tmp_path):
         raw = cv2.imdecode(np.frombuffer(s.read_image(r0), np.uint8), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(raw, ims[0])  # raw frames are stored losslessly as PNG
         rc = [r for r in rows if r["kind"] == "recheck"][0]
-        assert (rc["decision"], rc["reason"]) == ("RECHECK", P.DEADLINE_PASSED)
+        assert (rc["decision"], rc["reason"]) == ("RECHECK", protocol.DEADLINE_PASSED)
 
 
 def test_health_endpoints_and_camera_sim(model, tmp_path, capsys):
@@ -318,7 +318,7 @@ def test_in_graph_tencrop_model(tmp_path):
 def test_address_in_use_is_a_clear_startup_error(model):
     with running(model) as d:
         taken = d.endpoints["frames"]
-        other = Daemon(C.from_dict(base_config(model, sockets={"frames": taken})))
+        other = Daemon(serve_config.from_dict(base_config(model, sockets={"frames": taken})))
         with pytest.raises(RuntimeError, match="sockets.frames"):
             other.setup()
         other.close_unserved()

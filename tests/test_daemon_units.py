@@ -13,9 +13,8 @@ import pytest
 
 from nexedge.card import CardError, ModelCard
 from nexedge.metrics import logit_exact as logit
-from nexedge.serve import config as C
-from nexedge.serve import notify
-from nexedge.serve import protocol as P
+from nexedge.serve import config as serve_config
+from nexedge.serve import notify, protocol
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
 from nexedge.serve.decode import decode, image_dims, sniff
@@ -23,12 +22,12 @@ from tests.support.daemon import png_header
 
 
 def _parse(frames):
-    env, body = P.split_envelope(frames)
-    return P.parse_body(env, body, P.SeqCounter())
+    env, body = protocol.split_envelope(frames)
+    return protocol.parse_body(env, body, protocol.SeqCounter())
 
 
 def _reason(frames):
-    with pytest.raises(P.ProtocolError) as ei:
+    with pytest.raises(protocol.ProtocolError) as ei:
         req = _parse(frames)
         decode(req, 10_000_000)
     return ei.value.reason
@@ -37,7 +36,7 @@ def _reason(frames):
 # -- protocol ---------------------------------------------------------------
 def test_native_header_roundtrip_and_envelopes():
     arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    h = P.native_header("cam1", 7, "raw", "uint8", arr.shape, ts=1.5)
+    h = protocol.native_header("cam1", 7, "raw", "uint8", arr.shape, ts=1.5)
     req = _parse([b"id", b"", h, arr.tobytes()])
     assert req.envelope == [b"id", b""] and req.kind == "native"
     assert (req.camera, req.frame_id, req.encoding, req.shape, req.ts) == ("cam1", 7, "raw", (3, 4), 1.5)
@@ -50,10 +49,10 @@ def test_native_header_roundtrip_and_envelopes():
 def test_imagezmq_headers_raw_and_jpg():
     arr = np.full((5, 6, 3), 9, np.uint8)
     h = json.dumps({"msg": "line3-cam", "dtype": "uint8", "shape": [5, 6, 3]}).encode()
-    seq = P.SeqCounter()
-    env, body = P.split_envelope([b"id", b"", h, arr.tobytes()])
-    a = P.parse_body(env, body, seq)
-    b = P.parse_body(env, body, seq)
+    seq = protocol.SeqCounter()
+    env, body = protocol.split_envelope([b"id", b"", h, arr.tobytes()])
+    a = protocol.parse_body(env, body, seq)
+    b = protocol.parse_body(env, body, seq)
     assert (a.kind, a.camera, a.frame_id, b.frame_id) == ("imagezmq", "line3-cam", 1, 2)
     ok, jpg = cv2.imencode(".jpg", arr)
     j = _parse([b"id", b"", json.dumps({"msg": "cam9|frame-42"}).encode(), jpg.tobytes()])
@@ -62,24 +61,24 @@ def test_imagezmq_headers_raw_and_jpg():
 
 
 @pytest.mark.parametrize("frames, reason", [
-    ([b"i", b"", b"{not json", b"x"], P.GARBAGE_HEADER),
-    ([b"i", b"", b"[1,2]", b"x"], P.GARBAGE_HEADER),
-    ([b"i", b"", b'{"x": 1}', b"x"], P.GARBAGE_HEADER),
-    ([b"i", b"", P.native_header("c", 1, "png")], P.WRONG_FRAME_COUNT),
-    ([b"i", b"", P.native_header("c", 1, "png"), b"a", b"b"], P.WRONG_FRAME_COUNT),
-    ([b"i", b"", b'{"v": 2, "camera": "c", "frame_id": 1}', b"x"], P.UNSUPPORTED_VERSION),
-    ([b"i", b"", b'{"v": 1, "camera": "c", "frame_id": 1, "encoding": "webp"}', b"x"], P.UNKNOWN_ENCODING),
-    ([b"i", b"", P.native_header("c", 1, "raw", "float32", (2, 2)), bytes(16)], P.BAD_DTYPE),
-    ([b"i", b"", P.native_header("c", 1, "raw", "uint8", (4, 4)), bytes(15)], P.BAD_SHAPE),
-    ([b"i", b"", P.native_header("c", 1, "raw", "uint8", (2, 2, 5)), bytes(20)], P.BAD_SHAPE),
-    ([b"i", b"", P.native_header("c", 1, "raw", "uint8", (0, 4)), b""], P.EMPTY_IMAGE),
-    ([b"i", b"", P.native_header("c", 1, "png"), b""], P.EMPTY_IMAGE),
-    ([b"i", b"", P.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(8) + bytes([0, 0, 0, 1] * 2) + bytes(40)],
-     P.UNDECODABLE),
-    ([b"i", b"", P.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(40)], P.UNDECODABLE),
-    ([b"i", b"", P.native_header("c", 1, "png"), png_header(0, 5)], P.EMPTY_IMAGE),
-    ([b"i", b"", P.native_header("c", 1, "jpeg"), b"hello world"], P.UNDECODABLE),
-    ([b"i", b"", P.native_header("", 1, "png"), b"x"], P.GARBAGE_HEADER),
+    ([b"i", b"", b"{not json", b"x"], protocol.GARBAGE_HEADER),
+    ([b"i", b"", b"[1,2]", b"x"], protocol.GARBAGE_HEADER),
+    ([b"i", b"", b'{"x": 1}', b"x"], protocol.GARBAGE_HEADER),
+    ([b"i", b"", protocol.native_header("c", 1, "png")], protocol.WRONG_FRAME_COUNT),
+    ([b"i", b"", protocol.native_header("c", 1, "png"), b"a", b"b"], protocol.WRONG_FRAME_COUNT),
+    ([b"i", b"", b'{"v": 2, "camera": "c", "frame_id": 1}', b"x"], protocol.UNSUPPORTED_VERSION),
+    ([b"i", b"", b'{"v": 1, "camera": "c", "frame_id": 1, "encoding": "webp"}', b"x"], protocol.UNKNOWN_ENCODING),
+    ([b"i", b"", protocol.native_header("c", 1, "raw", "float32", (2, 2)), bytes(16)], protocol.BAD_DTYPE),
+    ([b"i", b"", protocol.native_header("c", 1, "raw", "uint8", (4, 4)), bytes(15)], protocol.BAD_SHAPE),
+    ([b"i", b"", protocol.native_header("c", 1, "raw", "uint8", (2, 2, 5)), bytes(20)], protocol.BAD_SHAPE),
+    ([b"i", b"", protocol.native_header("c", 1, "raw", "uint8", (0, 4)), b""], protocol.EMPTY_IMAGE),
+    ([b"i", b"", protocol.native_header("c", 1, "png"), b""], protocol.EMPTY_IMAGE),
+    ([b"i", b"", protocol.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(8) + bytes([0, 0, 0, 1] * 2) + bytes(40)],
+     protocol.UNDECODABLE),
+    ([b"i", b"", protocol.native_header("c", 1, "png"), b"\x89PNG\r\n\x1a\n" + bytes(40)], protocol.UNDECODABLE),
+    ([b"i", b"", protocol.native_header("c", 1, "png"), png_header(0, 5)], protocol.EMPTY_IMAGE),
+    ([b"i", b"", protocol.native_header("c", 1, "jpeg"), b"hello world"], protocol.UNDECODABLE),
+    ([b"i", b"", protocol.native_header("", 1, "png"), b"x"], protocol.GARBAGE_HEADER),
 ])
 def test_bad_messages_name_their_reason(frames, reason):
     assert _reason(frames) == reason
@@ -91,10 +90,10 @@ def test_oversized_dimensions_refused_before_decoding():
     assert sniff(bytes(data)) == "png" and image_dims(bytes(data), "png") == (20, 30)
     data[16:24] = (100000).to_bytes(4, "big") * 2  # header claims 100000 x 100000 (with a valid CRC)
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    req = _parse([b"i", b"", P.native_header("c", 1, "png"), bytes(data)])
-    with pytest.raises(P.ProtocolError) as ei:
+    req = _parse([b"i", b"", protocol.native_header("c", 1, "png"), bytes(data)])
+    with pytest.raises(protocol.ProtocolError) as ei:
         decode(req, 50_000_000)
-    assert ei.value.reason == P.TOO_MANY_PIXELS
+    assert ei.value.reason == protocol.TOO_MANY_PIXELS
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp"])
@@ -106,8 +105,8 @@ def test_image_dims_from_headers(ext):
 
 
 def test_verdict_json_fields():
-    v = P.verdict("cam", 3, "PASS", 0.1234567, 0.5, False, "", "m@1", 2.5)
-    d = json.loads(P.encode_verdict(v))
+    v = protocol.verdict("cam", 3, "PASS", 0.1234567, 0.5, False, "", "m@1", 2.5)
+    d = json.loads(protocol.encode_verdict(v))
     assert set(d) == {"v", "frame_id", "camera", "decision", "score", "threshold", "uncertain", "reason",
                       "model_id", "latency_ms"}
 
@@ -116,10 +115,10 @@ def test_verdict_json_fields():
 def test_config_defaults_and_optional_sections(tmp_path):
     p = tmp_path / "line.yaml"
     p.write_text("model: {path: m.onnx}\nstore: {path: /tmp/s, quota: 2GiB}\n")
-    cfg = C.load(str(p))
+    cfg = serve_config.load(str(p))
     assert cfg.model.path == str(tmp_path / "m.onnx")
     assert cfg.batching.max_batch == 8 and cfg.decision.target_tpr is None
-    assert cfg.store is not None and C.parse_size(cfg.store.quota, "q") == 2 << 30
+    assert cfg.store is not None and serve_config.parse_size(cfg.store.quota, "q") == 2 << 30
     assert cfg.monitor is None and cfg.pull is None and cfg.auth is None
 
 
@@ -135,19 +134,19 @@ def test_config_defaults_and_optional_sections(tmp_path):
     ({"model": {"path": "m"}, "uncertain": {"audit_fraction": 2}}, ["uncertain.audit_fraction", "[0, 1]"]),
 ])
 def test_config_errors_name_key_value_expected(raw, words):
-    with pytest.raises(C.ConfigError) as ei:
-        C.from_dict(raw)
+    with pytest.raises(serve_config.ConfigError) as ei:
+        serve_config.from_dict(raw)
     for w in words:
         assert w in str(ei.value)
 
 
 def test_cli_overrides():
-    raw = C.apply_overrides({"model": {"path": "a"}}, [C.parse_set("batching.max_batch=16"),
+    raw = serve_config.apply_overrides({"model": {"path": "a"}}, [serve_config.parse_set("batching.max_batch=16"),
                                                       ("model.path", "b.onnx")])
-    cfg = C.from_dict(raw)
+    cfg = serve_config.from_dict(raw)
     assert cfg.batching.max_batch == 16 and cfg.model.path == "b.onnx"
-    with pytest.raises(C.ConfigError):
-        C.parse_set("no-equals-sign")
+    with pytest.raises(serve_config.ConfigError):
+        serve_config.parse_set("no-equals-sign")
 
 
 # -- decisions --------------------------------------------------------------
@@ -159,18 +158,18 @@ def _card():
 
 
 def test_threshold_from_card_explicit_and_missing():
-    d = Decider(_card(), C.DecisionCfg(), C.UncertainCfg())
+    d = Decider(_card(), serve_config.DecisionCfg(), serve_config.UncertainCfg())
     assert d.threshold == 0.2 and d.info["source"] == "card" and d.info["tpr_lower95"] == 0.98
-    d = Decider(_card(), C.DecisionCfg(target_tpr=99.5), C.UncertainCfg())
+    d = Decider(_card(), serve_config.DecisionCfg(target_tpr=99.5), serve_config.UncertainCfg())
     assert d.threshold == 0.4
-    d = Decider(_card(), C.DecisionCfg(threshold=0.7), C.UncertainCfg())
+    d = Decider(_card(), serve_config.DecisionCfg(threshold=0.7), serve_config.UncertainCfg())
     assert d.threshold == 0.7 and d.info["source"] == "explicit"
     with pytest.raises(CardError, match="0.9"):
-        Decider(_card(), C.DecisionCfg(target_tpr=0.9), C.UncertainCfg())
+        Decider(_card(), serve_config.DecisionCfg(target_tpr=0.9), serve_config.UncertainCfg())
 
 
 def test_decide_band_and_audit():
-    d = Decider(_card(), C.DecisionCfg(threshold=0.5), C.UncertainCfg(band=1.0, audit_fraction=0.25, seed=1))
+    d = Decider(_card(), serve_config.DecisionCfg(threshold=0.5), serve_config.UncertainCfg(band=1.0, audit_fraction=0.25, seed=1))
     assert d.decide(0.5) == ("REJECT", True)
     assert d.decide(0.49) == ("PASS", True)
     assert d.decide(0.72) == ("REJECT", True)  # logit(0.72) = 0.94 <= 1.0
@@ -259,7 +258,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_example_config_validates_and_packaged_copy_matches():
     path = os.path.join(ROOT, "deploy", "line.example.yaml")
-    cfg = C.load(path)
+    cfg = serve_config.load(path)
     assert cfg.store is not None and cfg.monitor is not None and cfg.pull is not None and cfg.auth is None
     assert cfg.decision.target_tpr == 1.0 and cfg.batching.max_batch == 8
     with open(path, "rb") as a, open(os.path.join(ROOT, "nexedge", "serve", "line.example.yaml"), "rb") as b:
@@ -303,12 +302,12 @@ _header = st.one_of(
 @given(frames=st.lists(st.one_of(_header, st.binary(max_size=300)), min_size=0, max_size=4), delim=st.booleans())
 def test_parser_and_decoder_only_ever_raise_protocol_errors(frames, delim):
     msg = [b"peer"] + ([b""] if delim else []) + frames
-    env, body = P.split_envelope(msg)
+    env, body = protocol.split_envelope(msg)
     try:
-        req = P.parse_body(env, body, P.SeqCounter())
+        req = protocol.parse_body(env, body, protocol.SeqCounter())
         decode(req, 1_000_000)
-    except P.ProtocolError as e:
-        assert e.reason in P.REASONS
+    except protocol.ProtocolError as e:
+        assert e.reason in protocol.REASONS
 
 
 def test_camera_label_cardinality_is_bounded():

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from nexedge.cli import main
-from nexedge.demo import line as L
-from nexedge.demo import run as D
-from nexedge.demo import stages as S
+from nexedge.demo import line as demo_line
+from nexedge.demo import run as demo_run
+from nexedge.demo import stages
 from nexedge.demo.cli import configure_demo
 from nexedge.demo.context import Demo
 from nexedge.demo.profiles import resolve_settings
@@ -39,7 +39,7 @@ def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):
 
     records = []
     with pytest.raises(RuntimeError, match="piece missing"):
-        D.run_stages(demo, [("a", "first", ok), ("b", "second", boom), ("c", "third", never)], records)
+        demo_run.run_stages(demo, [("a", "first", ok), ("b", "second", boom), ("c", "third", never)], records)
     assert ran == ["a"] and cleaned == ["a"]
     assert [(r["stage"], r["status"]) for r in records] == [("a", "ok"), ("b", "FAILED")]
     assert "piece missing" in records[1]["error"]
@@ -48,7 +48,7 @@ def test_stage_runner_stops_at_the_first_failure_and_cleans_up(tmp_path):
 
 def test_missing_command_fails_loudly():
     with pytest.raises(RuntimeError, match="no `nexedge no-such-stage` command"):
-        S._require("no-such-stage")
+        stages._require("no-such-stage")
 
 
 def test_demo_refuses_a_used_run_folder_and_bad_sizes(tmp_path, capsys):
@@ -66,7 +66,7 @@ def test_verdict_summary_counts_confusion_and_latency():
     verdicts = {i: {"frame_id": i, "decision": d, "latency_ms": float(i + 1), "rtt_ms": 10.0 + i,
                     "uncertain": i in (1, 4), "reason": "deadline_passed" if d == "RECHECK" else "",
                     "threshold": 0.5, "model_id": "m@1234"} for i, d in enumerate(dec)}
-    s = L.summarize_verdicts(images, verdicts, wall=2.0)
+    s = demo_line.summarize_verdicts(images, verdicts, wall=2.0)
     assert s["decisions"] == {"PASS": 3, "REJECT": 2, "RECHECK": 1}
     assert s["binary"]["good"] == {"PASS": 2, "REJECT": 1, "RECHECK": 0}
     assert s["binary"]["defect"] == {"PASS": 1, "REJECT": 1, "RECHECK": 1}
@@ -76,7 +76,7 @@ def test_verdict_summary_counts_confusion_and_latency():
     assert s["recheck_reasons"] == {"deadline_passed": 1} and s["uncertain"] == 2
     assert s["daemon_latency_ms"]["max"] == 6.0 and s["client_rtt_ms"]["median"] == 12.0
     assert s["frames_per_s"] == 3.0
-    text = "\n".join(L.format_verdicts(s))
+    text = "\n".join(demo_line.format_verdicts(s))
     assert "PASS 3  REJECT 2  RECHECK 1" in text and "escapes (defect PASSed): 1 (33.3%)" in text
 
 
@@ -105,10 +105,10 @@ def test_verdict_summary_prints_escapes_per_class_and_the_tpr_lower_bound():
     dec = ["PASS", "REJECT", "REJECT", "PASS", "REJECT"]
     verdicts = {i: {"frame_id": i, "decision": d, "latency_ms": 1.0, "threshold": 0.3, "model_id": "m"}
                 for i, d in enumerate(dec)}
-    s = L.summarize_verdicts(images, verdicts, wall=1.0)
+    s = demo_line.summarize_verdicts(images, verdicts, wall=1.0)
     s["operating_point"] = {"target_tpr": 1.0, "threshold": 0.3, "tpr": 1.0, "fpr": 0.25, "tpr_lower95": 0.9624,
                             "n_defects": 78, "n_good": 100}
-    text = "\n".join(L.format_verdicts(s))
+    text = "\n".join(demo_line.format_verdicts(s))
     assert "escapes per class: chipping 0/1, scratch 1/2" in text
     assert "overkill per class: good 1/2 REJECTed" in text
     assert "95 % lower bound 96.2 %, 78 defects" in text
@@ -129,7 +129,7 @@ def test_demo_tiny_runs_the_real_pipeline_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text[-3000:]
     summary = json.loads((out / "demo-summary.json").read_text())
-    assert [r["stage"] for r in summary["stages"]] == [s[0] for s in D.stages()]
+    assert [r["stage"] for r in summary["stages"]] == [s[0] for s in demo_run.stages()]
     assert all(r["status"] == "ok" for r in summary["stages"])
     res = summary["results"]
     n_test = res["data"]["counts"]["test"]

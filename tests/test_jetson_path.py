@@ -71,13 +71,13 @@ def test_build_engine_data_measures_the_engine_and_its_center_engine_on_the_line
     assert sec["stage1"]["sha256"] == load_card(os.path.join(out, sec["stage1"]["file"])).sha256
     assert '"cascade": {"status": "measured"' in r.stdout
 
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.lifecycle import check_compatible
 
     class Be:
         max_batch, crop_mode = 8, "ten"
 
-    check_compatible(load_card(line["ten"]), card, Be(), C.from_dict({"model": {"path": line["ten"]}}))
+    check_compatible(load_card(line["ten"]), card, Be(), serve_config.from_dict({"model": {"path": line["ten"]}}))
 
     r2 = run_line_install_cli(["thresholds", path, "--data", line["data"]])
     assert r2.returncode == 0, r2.stderr

@@ -15,7 +15,7 @@ import pytest
 from nexedge import preprocess as pp
 from nexedge.card import card_path_for, read_card
 from nexedge.runtime import open_backend
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 from nexedge.serve.client import CameraClient
 from nexedge.serve.control import ControlClient, ControlServer, ControlTimeout
 from nexedge.store import SampleStore
@@ -518,12 +518,12 @@ def test_startup_applies_the_same_operating_point_rule_as_a_swap(models, tmp_pat
     card.save_for(other_bytes)
     for path, needle in ((models["from_parent"], "from_parent, not measured on this artifact"),
                          (other_bytes, "measured on artifact abababababab")):
-        d = Daemon(C.from_dict(base_config(path)))
-        with pytest.raises(C.ConfigError, match=f"{needle}.*allow_unmeasured"):
+        d = Daemon(serve_config.from_dict(base_config(path)))
+        with pytest.raises(serve_config.ConfigError, match=f"{needle}.*allow_unmeasured"):
             d.setup()
         d.close_unserved()
     caplog.set_level(logging.WARNING, logger="nexedge.serve")
-    d = Daemon(C.from_dict(base_config(models["from_parent"], decision={"allow_unmeasured": True})))
+    d = Daemon(serve_config.from_dict(base_config(models["from_parent"], decision={"allow_unmeasured": True})))
     try:
         d.setup()
         assert any("UNMEASURED OPERATING POINTS" in r.getMessage() for r in caplog.records)
@@ -592,14 +592,14 @@ def test_shadow_thread_runs_below_the_daemons_own_priority():
 
 
 def test_control_endpoint_auth_rules(models, tmp_path):
-    with pytest.raises(C.ConfigError, match="not loopback"):
-        C.from_dict({"model": {"path": models["active"]}, "lifecycle": {"control": "tcp://0.0.0.0:5558"}})
+    with pytest.raises(serve_config.ConfigError, match="not loopback"):
+        serve_config.from_dict({"model": {"path": models["active"]}, "lifecycle": {"control": "tcp://0.0.0.0:5558"}})
     with pytest.raises(ValueError, match="not loopback"):
         ControlServer(None, "tcp://0.0.0.0:5558")
     for key, value, needle in (("max_models", 1, "must be 2 or 3"), ("memory_limit", "lots", "not a size"),
                                ("shadow_fraction", 1.5, "[0, 1]"), ("control", "localhost:5558", "not a ZeroMQ")):
-        with pytest.raises(C.ConfigError, match=f"lifecycle.{key}.*{re.escape(needle)}"):
-            C.from_dict({"model": {"path": models["active"]}, "lifecycle": {key: value}})
+        with pytest.raises(serve_config.ConfigError, match=f"lifecycle.{key}.*{re.escape(needle)}"):
+            serve_config.from_dict({"model": {"path": models["active"]}, "lifecycle": {key: value}})
     from nexedge.serve.auth import CurveClient, make_keypair
 
     keys = tmp_path / "keys"

@@ -5,7 +5,7 @@ behaviour is in test_lifecycle.py."""
 import numpy as np
 import pytest
 
-from nexedge.serve import rules as R
+from nexedge.serve import rules
 
 RATES = (0.002, 0.006, 0.02, 0.05)
 
@@ -36,16 +36,16 @@ def test_adversarial_candidates_are_never_promoted_and_a_twin_is(rate):
     }
     for name, cand in candidates.items():
         for m in _stream_matrix(active, cand):
-            ok, why = R.promotion_verdict(m, **rule)
+            ok, why = rules.promotion_verdict(m, **rule)
             assert not ok, (name, rate, m, why)
     promoted_at = None
     for i, m in enumerate(_stream_matrix(active, active)):
-        if R.promotion_verdict(m, **rule)[0]:
+        if rules.promotion_verdict(m, **rule)[0]:
             promoted_at = (i + 1) * 64
             break
     assert promoted_at is not None
     # it needs 59 active REJECTs (none PASSed) for a 5 % bound, and at least min_frames frames
-    assert int(active[:promoted_at].sum()) >= R.rejects_needed(0.05) == 59
+    assert int(active[:promoted_at].sum()) >= rules.rejects_needed(0.05) == 59
     assert promoted_at >= 2000
 
 
@@ -53,9 +53,9 @@ def test_the_old_rule_would_have_promoted_the_always_pass_candidate():
     """The attack of issue 29: 0.6 % rejects, 5,600 frames, a candidate scoring 0 on every frame."""
     m = {("PASS", "PASS"): 5566, ("PASS", "REJECT"): 0, ("REJECT", "PASS"): 34, ("REJECT", "REJECT"): 0}
     assert 34 / 5600 <= 0.01  # total disagreement alone lets it through
-    ok, why = R.promotion_verdict(m, min_frames=5000, max_disagreement=0.01, max_escape=0.05)
+    ok, why = rules.promotion_verdict(m, min_frames=5000, max_disagreement=0.01, max_escape=0.05)
     assert not ok and "PASSed 34 of the 34" in why and "auto_promote_max_escape" in why
-    ok, why = R.promotion_verdict({("PASS", "PASS"): 6000}, 5000, 0.01, 0.05)
+    ok, why = rules.promotion_verdict({("PASS", "PASS"): 6000}, 5000, 0.01, 0.05)
     assert not ok and "REJECTed none" in why  # no active REJECT seen: never promoted
 
 
@@ -64,7 +64,7 @@ def test_clopper_pearson_upper_matches_scipy():
 
     for k, n in ((1, 60), (3, 200), (10, 59), (0, 59), (5, 5)):
         want = 1.0 if k == n else beta.ppf(0.95, k + 1, n - k)
-        assert R.cp_upper(k, n) == pytest.approx(want, rel=1e-7)
+        assert rules.cp_upper(k, n) == pytest.approx(want, rel=1e-7)
 
 
 @pytest.mark.parametrize("x,k,t,tail", [(7, 3600, 3600, 1e-4), (0, 200, 2000, 1e-3), (120, 20000, 2000, 2.5e-4),
@@ -72,7 +72,7 @@ def test_clopper_pearson_upper_matches_scipy():
 def test_predictive_limits_are_the_exact_beta_binomial_quantiles(x, k, t, tail):
     from scipy.stats import betabinom
 
-    lo, hi = R.predictive_limits(x, k, t, tail)
+    lo, hi = rules.predictive_limits(x, k, t, tail)
     d = betabinom(t, x + 0.5, k - x + 0.5)
     if lo >= 0:
         assert d.cdf(lo) <= tail < d.cdf(lo + 1)
@@ -99,7 +99,7 @@ def test_chart_lower_limit_fires_on_a_model_that_rejects_nothing():
     """0.6 % line: with 20,000 baseline frames a model rejecting nothing is rolled back within 2,000
     frames; with the 200 frames of the old default the lower limit cannot fire, and the chart says so."""
     old, new = _Slot("old"), _Slot("new")
-    chart = R.RollbackChart(baseline=20000, every=200, watch=2000, alpha=0.01)
+    chart = rules.RollbackChart(baseline=20000, every=200, watch=2000, alpha=0.01)
     rng = np.random.default_rng(1)
     _feed(chart, old, rng.random(20000) < 0.006)
     armed = chart.arm(old, new, "new")
@@ -110,7 +110,7 @@ def test_chart_lower_limit_fires_on_a_model_that_rejects_nothing():
     assert hit is not None and hit["rejects"] == 0 and hit["lo"] >= 0 and hit["slot"] is new
     assert hit["fallback"] is old and chart.armed is None
 
-    small = R.RollbackChart(baseline=200, every=200, watch=2000, alpha=0.01)
+    small = rules.RollbackChart(baseline=200, every=200, watch=2000, alpha=0.01)
     _feed(small, old, np.arange(200) < 1)  # 1 reject in 200 (0.5 %)
     assert small.arm(old, new, "new")["lower_fires_from"] is None
     assert _feed(small, new, np.zeros(2000, bool)) is None
@@ -118,7 +118,7 @@ def test_chart_lower_limit_fires_on_a_model_that_rejects_nothing():
 
 def test_chart_upper_limit_fires_at_the_first_check_on_an_always_reject_model():
     old, new = _Slot("old"), _Slot("new")
-    chart = R.RollbackChart(baseline=3600, every=200, watch=3600, alpha=0.01)
+    chart = rules.RollbackChart(baseline=3600, every=200, watch=3600, alpha=0.01)
     _feed(chart, old, np.random.default_rng(2).random(3600) < 0.02)
     chart.arm(old, new, "new")
     hit = _feed(chart, new, np.ones(400, bool))
@@ -127,7 +127,7 @@ def test_chart_upper_limit_fires_at_the_first_check_on_an_always_reject_model():
 
 def test_chart_judges_only_its_model_and_baselines_only_one_model():
     old, new, other = _Slot("old"), _Slot("new"), _Slot("other")
-    chart = R.RollbackChart(baseline=100, every=50, watch=200, alpha=0.05)
+    chart = rules.RollbackChart(baseline=100, every=50, watch=200, alpha=0.05)
     _feed(chart, old, np.arange(100) % 10 == 0)
     assert chart.baseline_of(old) == (10, 100)
     assert chart.arm(old, new, "new") is not None
@@ -140,7 +140,7 @@ def test_false_rollbacks_per_change_stay_near_alpha_with_the_baseline_error_incl
     """Equal models, short baseline (the issue's 34 % case had K = 200): 2,000 simulated changes."""
     rng = np.random.default_rng(3)
     every, watch, k, alpha, p = 200, 2000, 200, 0.05, 0.02
-    chart = R.RollbackChart(baseline=k, every=every, watch=watch, alpha=alpha)
+    chart = rules.RollbackChart(baseline=k, every=every, watch=watch, alpha=alpha)
     trials = 2000
     x = rng.binomial(k, p, trials)
     cum = np.cumsum(rng.binomial(every, p, (trials, watch // every)), axis=1)

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 import torch.nn.functional as F  # noqa: E402
 
-import nexedge.models as M  # noqa: E402
+import nexedge.models as models  # noqa: E402
 from nexedge.models import accepts, arch_specs, create_model, list_models  # noqa: E402
 from nexedge.models.stn import SpatialTransformer, affine_grid  # noqa: E402
 from nexedge.models.zoo import ExportableAdaptiveAvgPool2d  # noqa: E402
@@ -72,7 +72,7 @@ def test_every_module_in_the_archs_package_is_discovered_and_declares_what_it_bu
         assert spec.summary and spec.family, name
         assert len(spec.mean) == len(spec.std) == 3 and min(spec.std) > 0, name
         assert spec.crop[0] <= spec.resize[0] and spec.crop[1] <= spec.resize[1], name
-        assert callable(M.factory_of(name)), name
+        assert callable(models.factory_of(name)), name
         assert ("input_size" in accepts(name, {"input_size": 1})) or not spec.needs_input_size, name
 
 
@@ -91,12 +91,12 @@ def test_listing_imports_no_torch_and_survives_a_module_with_a_missing_package(t
     (pkg / "mine.py").write_text("from nexedge.models import ArchSpec\n"
                                  "ARCHS = (ArchSpec('mine', 'mine', 'a test arch', 'mine_nets:build'),)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    found, skipped = M.discover("altarchs")
+    found, skipped = models.discover("altarchs")
     assert list(found) == ["mine"] and found["mine"].module == "altarchs.mine"
     assert "no_such_package_here" in skipped["altarchs.needs_timm"]
     (pkg / "bad.py").write_text("X = 1\n")
     with pytest.raises(ValueError, match=r"altarchs.bad: an architecture module must declare ARCHS"):
-        M.discover("altarchs")
+        models.discover("altarchs")
 
 
 def test_generated_arch_help_and_choices_name_every_architecture():
@@ -128,18 +128,18 @@ def test_bad_pretrained_fails_naming_the_value_the_arch_and_its_weights(tmp_path
 
 
 def test_register_keeps_its_signature_for_runtime_architectures():
-    @M.register("test_runtime_arch", mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    @models.register("test_runtime_arch", mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
     def build(num_classes, pretrained="none", width=4):
         return torch.nn.Linear(width, num_classes)
 
     try:
         assert "test_runtime_arch" in list_models()
-        assert M.input_normalization("test_runtime_arch") == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+        assert models.input_normalization("test_runtime_arch") == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
         assert create_model("test_runtime_arch", 3, width=5).weight.shape == (3, 5)
         with pytest.raises(ValueError, match="registered twice"):
-            M.register("tiny")(build)
+            models.register("tiny")(build)
     finally:
-        M._RUNTIME.pop("test_runtime_arch")
+        models._RUNTIME.pop("test_runtime_arch")
 
 
 def test_trainer_takes_the_input_size_from_the_arch_spec():

@@ -200,15 +200,15 @@ def test_log_odds_bins_see_a_drift_that_doubles_overkill():
 
 def test_defect_prior_is_a_rate_or_estimate_and_logit_counts_must_match():
     from nexedge.card import CardError, ModelCard
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
 
     with pytest.raises(ValueError, match="defect_prior"):
         ShiftMonitor({}, defect_prior=1.5)
     for bad in ("often", 2, -0.1):
-        with pytest.raises(C.ConfigError, match="monitor.defect_prior"):
-            C.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": bad}})
-    assert C.monitor_prior(C.from_dict({"model": {"path": "m.onnx"}, "monitor": {}}).monitor) == "estimate"
-    assert C.monitor_prior(C.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": 0.01}})
+        with pytest.raises(serve_config.ConfigError, match="monitor.defect_prior"):
+            serve_config.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": bad}})
+    assert serve_config.monitor_prior(serve_config.from_dict({"model": {"path": "m.onnx"}, "monitor": {}}).monitor) == "estimate"
+    assert serve_config.monitor_prior(serve_config.from_dict({"model": {"path": "m.onnx"}, "monitor": {"defect_prior": 0.01}})
                            .monitor) == 0.01
     card = ModelCard.new(["good", "bad"], resize=(8, 8), crop=(8, 8), crop_mode="center", color="gray", kind="onnx")
     card.data["val_scores"] = _trained_card(np.random.default_rng(0), 30, 10)["val_scores"]

@@ -81,21 +81,21 @@ def test_ten_crop_export_measures_its_own_operating_points(toy, ten):
 
 def test_daemon_refuses_thresholds_measured_with_another_crop_mode(toy, tmp_path, caplog):
     from nexedge.export.onnx_export import export_onnx
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from tests.support.daemon import base_config
 
     res = export_onnx(toy["ckpt"], str(tmp_path / "m.ten.onnx"), crops="ten", max_batch=8, parity_images=2,
                       threads=1)  # no labelled data: the card keeps the checkpoint's center-crop numbers
-    d = Daemon(C.from_dict(base_config(res.path, decision={"target_tpr": 1.0})))
-    with pytest.raises(C.ConfigError, match="crop mode 'center'.*allow_unmeasured"):
+    d = Daemon(serve_config.from_dict(base_config(res.path, decision={"target_tpr": 1.0})))
+    with pytest.raises(serve_config.ConfigError, match="crop mode 'center'.*allow_unmeasured"):
         d.setup()
     d.close_unserved()
     card = load_card(res.path)
     assert not res.measured and card.ops_source["status"] == "from_parent"
     assert "measured with crop mode 'center'" in card.crop_mode_mismatch()
     caplog.set_level(logging.INFO, logger="nexedge.serve")
-    ok = Daemon(C.from_dict(base_config(res.path, decision={"target_tpr": 1.0, "allow_unmeasured": True})))
+    ok = Daemon(serve_config.from_dict(base_config(res.path, decision={"target_tpr": 1.0, "allow_unmeasured": True})))
     try:
         ok.setup()
         assert any("from parent (not re-measured)" in r.getMessage() for r in caplog.records)
@@ -348,13 +348,13 @@ def test_thresholds_cli_prints_weak_warning(toy, ten, capsys):
 
 
 def test_daemon_warns_and_exports_the_tpr_lower_bound(tmp_path, caplog):
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from tests.support.daemon import base_config, build_tiny_onnx
 
     model = build_tiny_onnx(str(tmp_path))  # tpr_lower95 0.98 at TPR 100 %, 0.975 at 99.5 %
     caplog.set_level(logging.INFO, logger="nexedge.serve")
-    d = Daemon(C.from_dict(base_config(model, decision={"target_tpr": 1.0, "tpr_floor": 0.99})))
+    d = Daemon(serve_config.from_dict(base_config(model, decision={"target_tpr": 1.0, "tpr_floor": 0.99})))
     try:
         d.setup()
         from prometheus_client import generate_latest
@@ -413,7 +413,7 @@ def test_card_monotone_points_and_histogram_counts():
 
 
 def test_daemon_refuses_card_with_infinite_threshold(tmp_path):
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
     from tests.support.daemon import base_config, build_tiny_onnx
 
@@ -423,7 +423,7 @@ def test_daemon_refuses_card_with_infinite_threshold(tmp_path):
     data["operating_points"][0]["threshold"] = float("inf")
     with open(cp, "w") as f:
         json.dump(data, f)
-    d = Daemon(C.from_dict(base_config(model, decision={"target_tpr": 1.0})))
+    d = Daemon(serve_config.from_dict(base_config(model, decision={"target_tpr": 1.0})))
     with pytest.raises(CardError, match="threshold"):
         d.setup()
     d.close_unserved()

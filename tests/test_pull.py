@@ -223,7 +223,7 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
 
     from nexedge.cli import main
     from nexedge.relabel.importer import import_labels
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.auth import CurveClient
     from nexedge.serve.client import CameraClient
     from nexedge.serve.daemon import Daemon
@@ -246,7 +246,7 @@ def test_daemon_store_to_pull_over_curve_to_import(tmp_path):
                       pull={"bind": "tcp://127.0.0.1:*"},
                       auth={"server_secret_file": os.path.join(keys, "daemon.key_secret"),
                             "allowed_clients_dir": str(allowed)})
-    d = Daemon(C.from_dict(cfg))
+    d = Daemon(serve_config.from_dict(cfg))
     d.setup()
     t = threading.Thread(target=d.serve)
     t.start()

@@ -120,17 +120,17 @@ def test_real_look_has_the_references_isolated_bright_spots():
 def test_real_look_recess_walls_glint_and_stay_with_the_pocket():
     # Every reference shows the recess under the bottom lead as bright curved walls either side of
     # the lead; they belong to the tape, so a short lead does not move them.
-    from nexedge.data import scene as S
+    from nexedge.data import scene
     from nexedge.data.spec import STYLES
 
     rng = np.random.default_rng(3)
-    sc = S.sample_scene(rng, (267, 275), STYLES[2], "real")
+    sc = scene.sample_scene(rng, (267, 275), STYLES[2], "real")
     sc.recess = [(45.0, 5.0, 0.0, 5.0, 1.2, 1.0) + (1.0,) * 5, (45.0, 5.0, 0.0, 5.0, 1.2, 0.0) + (1.0,) * 5]
-    with_walls = S.draw_background(sc)
+    with_walls = scene.draw_background(sc)
     flat = sc.copy()
     flat.recess = [(45.0, 5.0, 0.0, 5.0, 0.0, 0.0) + (0.0,) * 5] * 2
     flat.recess_bars = (4.0, 0.0, 20.0, 0.0)
-    diff = with_walls - S.draw_background(flat)
+    diff = with_walls - scene.draw_background(flat)
     bx = (sc.cx + sc.pocket_dx) * sc.sx
     tip = (sc.cy + sc.pocket_dy + sc.body_h / 2 + 50.0) * sc.sy
     rows = slice(int(tip - 30 * sc.sy), int(tip))
@@ -140,7 +140,7 @@ def test_real_look_recess_walls_glint_and_stay_with_the_pocket():
     assert np.abs(diff[rows, int(bx) - 20:int(bx) + 20]).max() < 1  # nothing drawn between them
     short = sc.copy()
     short.leads[2].length *= 0.5
-    assert np.array_equal(S.draw_background(short), with_walls)
+    assert np.array_equal(scene.draw_background(short), with_walls)
 
 
 def _edge_sharpness(cls, look):

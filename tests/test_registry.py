@@ -78,16 +78,16 @@ def test_config_options_per_backend_or_flat():
 def test_check_config_refuses_options_the_model_backend_does_not_take(tmp_path, capsys):
     """--check-config used to pass `options: {intra_threads: 2}` for an engine, which then failed at start
     with a TypeError."""
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import main
 
-    with pytest.raises(C.ConfigError, match=r"model.options.intra_threads: not an option of the tensorrt backend"):
-        C.from_dict({"model": {"path": "/opt/m.engine", "options": {"intra_threads": 2}}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.options.intra_threads: not an option of the tensorrt backend"):
+        serve_config.from_dict({"model": {"path": "/opt/m.engine", "options": {"intra_threads": 2}}})
     cfg = tmp_path / "line.yaml"
     cfg.write_text("model:\n  path: m.engine\n  options: {intra_threads: 2}\n")
     assert main(["--config", str(cfg), "--check-config"]) == 2
     assert "not an option of the tensorrt backend" in capsys.readouterr().err
-    C.from_dict({"model": {"path": "/opt/m.engine", "options": {"onnxruntime": {"intra_threads": 2},
+    serve_config.from_dict({"model": {"path": "/opt/m.engine", "options": {"onnxruntime": {"intra_threads": 2},
                                                                 "tensorrt": {"device": 0}}}})
 
 
@@ -164,7 +164,7 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
     from nexedge.bench import env, runner
     from nexedge.bench.cli import configure_bench
     from nexedge.runtime import open_backend
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve import slots
     from nexedge.serve.daemon import build_parser
     from nexedge.serve.daemon import main as daemon_main
@@ -182,13 +182,13 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
         runner.resolve_backend("m.engine", "onnxalt")
     assert runner.backend_kwargs("onnxalt", 2, None, None) == {"intra_threads": 2}
 
-    C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"intra_threads": 2}}})
-    with pytest.raises(C.ConfigError, match=r"model.backend: the onnxalt backend cannot run '/opt/m.engine'; it "
+    serve_config.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"intra_threads": 2}}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.backend: the onnxalt backend cannot run '/opt/m.engine'; it "
                                             r"opens .onnx files"):
-        C.from_dict({"model": {"path": "/opt/m.engine", "backend": "onnxalt"}})
-    with pytest.raises(C.ConfigError, match=r"model.options.providers: not an option of the onnxalt backend \(it "
+        serve_config.from_dict({"model": {"path": "/opt/m.engine", "backend": "onnxalt"}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.options.providers: not an option of the onnxalt backend \(it "
                                             r"takes intra_threads, max_batch, verify\)"):
-        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"providers": "cpu"}}})
+        serve_config.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxalt", "options": {"providers": "cpu"}}})
 
     model = build_tiny_onnx(str(tmp_path))
     cfg = tmp_path / "line.yaml"
@@ -198,7 +198,7 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
         in capsys.readouterr().err
     with open_backend(model, "onnxalt", intra_threads=1) as be:
         assert type(be).__name__ == "AltBackend" and be.infer(np.zeros((2, 32, 32, 1), np.uint8)).probs.shape == (2, 3)
-    line = C.from_dict({"model": {"path": model, "backend": "onnxalt", "warmup": 0}})
+    line = serve_config.from_dict({"model": {"path": model, "backend": "onnxalt", "warmup": 0}})
     slot = slots.open_slot(line, model, "test")  # how the daemon and `nexedge line load` open a model
     try:
         assert type(slot.backend).__name__ == "AltBackend"
@@ -208,19 +208,19 @@ def test_a_backend_module_with_a_spec_reaches_every_consumer(alt_backend, tmp_pa
 
 
 def test_model_backend_key_is_validated(tmp_path, capsys):
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import main as daemon_main
 
-    assert C.from_dict({"model": {"path": "/opt/m.engine"}}).model.backend == "auto"
-    C.from_dict({"model": {"path": "/opt/m.engine", "backend": "tensorrt"}})
-    with pytest.raises(C.ConfigError, match=r"model.backend: unknown backend 'tflite'; expected auto or one of "
+    assert serve_config.from_dict({"model": {"path": "/opt/m.engine"}}).model.backend == "auto"
+    serve_config.from_dict({"model": {"path": "/opt/m.engine", "backend": "tensorrt"}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.backend: unknown backend 'tflite'; expected auto or one of "
                                             r"onnxruntime, "):
-        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "tflite"}})
-    with pytest.raises(C.ConfigError, match=r"model.backend: the torch backend cannot run '/opt/m.onnx'; it opens "
+        serve_config.from_dict({"model": {"path": "/opt/m.onnx", "backend": "tflite"}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.backend: the torch backend cannot run '/opt/m.onnx'; it opens "
                                             r".pt, .pth files"):
-        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "torch"}})
-    with pytest.raises(C.ConfigError, match=r"model.options.device: not an option of the onnxruntime backend"):
-        C.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxruntime", "options": {"device": 0}}})
+        serve_config.from_dict({"model": {"path": "/opt/m.onnx", "backend": "torch"}})
+    with pytest.raises(serve_config.ConfigError, match=r"model.options.device: not an option of the onnxruntime backend"):
+        serve_config.from_dict({"model": {"path": "/opt/m.onnx", "backend": "onnxruntime", "options": {"device": 0}}})
     cfg = tmp_path / "line.yaml"
     cfg.write_text("model: {path: m.engine, backend: onnxruntime}\n")
     assert daemon_main(["--config", str(cfg), "--check-config"]) == 2

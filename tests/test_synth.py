@@ -310,7 +310,7 @@ def test_a_severe_chip_is_plain_to_see():
 def test_a_shifted_bottom_lead_leaves_the_range_of_good_bottom_leads():
     # a good device's lone bottom lead sits anywhere in BOTTOM_LEAD_X (7 px); a shift of 3-17 px
     # from where it happened to sit often left it inside that range, a defect nothing can see
-    from nexedge.data import defects as D
+    from nexedge.data import defects
     from nexedge.data.scene import BOTTOM_LEAD_X, sample_scene
     from nexedge.data.spec import STYLES
 
@@ -318,7 +318,7 @@ def test_a_shifted_bottom_lead_leaves_the_range_of_good_bottom_leads():
     for i in range(40):
         sc = sample_scene(rng, (267, 275), STYLES[2])
         sev = float(rng.uniform(0.03, 0.3))
-        d = D.Defect("lead_defect", sev, {"lead": 2, "mode": "shifted", "sign": float(rng.choice([-1.0, 1.0]))})
-        x = D.modify(sc, d).leads[2].x
+        d = defects.Defect("lead_defect", sev, {"lead": 2, "mode": "shifted", "sign": float(rng.choice([-1.0, 1.0]))})
+        x = defects.modify(sc, d).leads[2].x
         gap = BOTTOM_LEAD_X[0] - x if x < BOTTOM_LEAD_X[0] else x - BOTTOM_LEAD_X[1]
         assert gap >= 3.0 + 14.0 * sev - 1e-6, (i, sc.leads[2].x, x)

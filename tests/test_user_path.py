@@ -303,12 +303,12 @@ def test_daemon_answers_corrupt_png_and_text_with_recheck_undecodable(user):
 
 
 def test_imagezmq_numeric_frame_id_is_an_int():
-    from nexedge.serve import protocol as P
+    from nexedge.serve import protocol
 
-    seq = P.SeqCounter()
-    req = P.parse_body([b"i", b""], [json.dumps({"msg": "cam1|12"}).encode(), b"x"], seq)
-    auto = P.parse_body([b"i", b""], [json.dumps({"msg": "cam1"}).encode(), b"x"], seq)
-    named = P.parse_body([b"i", b""], [json.dumps({"msg": "cam1|a7"}).encode(), b"x"], seq)
+    seq = protocol.SeqCounter()
+    req = protocol.parse_body([b"i", b""], [json.dumps({"msg": "cam1|12"}).encode(), b"x"], seq)
+    auto = protocol.parse_body([b"i", b""], [json.dumps({"msg": "cam1"}).encode(), b"x"], seq)
+    named = protocol.parse_body([b"i", b""], [json.dumps({"msg": "cam1|a7"}).encode(), b"x"], seq)
     assert (req.frame_id, auto.frame_id, named.frame_id) == (12, 1, "a7")
 
 

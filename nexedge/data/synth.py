@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-from nexedge.data import defects as D
+from nexedge.data import defects
 from nexedge.data.scene import Scene, composite, draw_background, draw_device, sample_scene
 from nexedge.data.spec import (
     DEFAULT_LOOK,
@@ -69,20 +69,20 @@ def sample_severity(rng: np.random.Generator) -> float:
     return float(np.clip(rng.beta(1.5, 1.2), 0.03, 1.0))
 
 
-def _canvas(sc: Scene, d: Optional[D.Defect]) -> np.ndarray:
-    s2 = D.modify(sc, d) if d is not None else sc
+def _canvas(sc: Scene, d: Optional[defects.Defect]) -> np.ndarray:
+    s2 = defects.modify(sc, d) if d is not None else sc
     bg = draw_background(s2)
     if d is not None:
-        D.on_background(bg, s2, d)
+        defects.on_background(bg, s2, d)
     if s2.device:
         dev, alpha = draw_device(s2)
         if d is not None:
-            D.on_device(dev, alpha, s2, d)
+            defects.on_device(dev, alpha, s2, d)
         img = composite(bg, dev, alpha, s2)
     else:
         img = bg
     if d is not None:
-        img = D.on_image(img, s2, d)
+        img = defects.on_image(img, s2, d)
     return img
 
 
@@ -213,7 +213,7 @@ def _render(cls: str, seed: SeedLike, batch: int, size: Sequence[int], severity:
     if cls in FIXED_SEVERITY:
         sev = 1.0
     for k in range(16):  # a defect drawn where it cannot show (e.g. clipped away) is drawn again
-        d = D.sample_defect(cls, sc, defect_rng, sev)
+        d = defects.sample_defect(cls, sc, defect_rng, sev)
         bad = _canvas(sc, d)
         bbox = _bbox(bad, clean, sc, out_wh)
         if bbox is not None and visible(bad, clean, sc):

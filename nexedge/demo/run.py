@@ -8,17 +8,17 @@ from nexedge.demo.context import Demo
 
 
 def stages() -> List[Tuple[str, str, Callable[[Demo], None]]]:
-    from nexedge.demo import stages as S
+    from nexedge.demo import stages as demo_stages
 
     return [
-        ("data", "generate a synthetic data set", S.stage_data),
-        ("train", "train a small model on the CPU", S.stage_train),
-        ("eval", "evaluation table (test split)", S.stage_eval),
-        ("export", "export to ONNX, crops chosen on val (--crops auto)", S.stage_export),
-        ("int8", "INT8 calibration (ONNX Runtime U8S8)", S.stage_calibrate),
-        ("daemon", "start nexedge-daemon", S.stage_daemon),
-        ("stream", "stream the test images from simulated cameras", S.stage_stream),
-        ("pull", "pull the uncertain samples", S.stage_pull),
+        ("data", "generate a synthetic data set", demo_stages.stage_data),
+        ("train", "train a small model on the CPU", demo_stages.stage_train),
+        ("eval", "evaluation table (test split)", demo_stages.stage_eval),
+        ("export", "export to ONNX, crops chosen on val (--crops auto)", demo_stages.stage_export),
+        ("int8", "INT8 calibration (ONNX Runtime U8S8)", demo_stages.stage_calibrate),
+        ("daemon", "start nexedge-daemon", demo_stages.stage_daemon),
+        ("stream", "stream the test images from simulated cameras", demo_stages.stage_stream),
+        ("pull", "pull the uncertain samples", demo_stages.stage_pull),
     ]
 
 

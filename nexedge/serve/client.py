@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import zmq
 
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.decode import sniff
 
 
@@ -46,19 +46,19 @@ class CameraClient:
         self._early: Dict[Any, Dict[str, Any]] = {}
 
     # -- sending ---------------------------------------------------------------
-    def send(self, image: Union[np.ndarray, bytes, None] = None, frame_id: P.FrameId = None,
-             encoding: Optional[str] = None, deadline_ms: Optional[float] = None) -> P.FrameId:
+    def send(self, image: Union[np.ndarray, bytes, None] = None, frame_id: protocol.FrameId = None,
+             encoding: Optional[str] = None, deadline_ms: Optional[float] = None) -> protocol.FrameId:
         """Send a numpy image (raw) or encoded bytes (JPEG/PNG/BMP/TIFF, sniffed); returns the frame id."""
         fid = next(self._ids) if frame_id is None else frame_id
         if isinstance(image, np.ndarray):
             arr = np.ascontiguousarray(image)
-            header = P.native_header(self.camera, fid, "raw", str(arr.dtype), arr.shape, time.time(), deadline_ms)
+            header = protocol.native_header(self.camera, fid, "raw", str(arr.dtype), arr.shape, time.time(), deadline_ms)
             payload: Any = arr
         else:
             data = bytes(image or b"")
             # Not JPEG/PNG/BMP: let the daemon answer (RECHECK undecodable), as it would for any camera.
             enc = encoding or sniff(data) or "auto"
-            header = P.native_header(self.camera, fid, enc, ts=time.time(), deadline_ms=deadline_ms)
+            header = protocol.native_header(self.camera, fid, enc, ts=time.time(), deadline_ms=deadline_ms)
             payload = data
         self.send_frames([b"", header, payload])
         self.pending[fid] = time.monotonic()
@@ -82,7 +82,7 @@ class CameraClient:
             v["rtt_ms"] = (time.monotonic() - t) * 1000.0
         return v
 
-    def wait_for(self, frame_id: P.FrameId, timeout_ms: int = 5000) -> Dict[str, Any]:
+    def wait_for(self, frame_id: protocol.FrameId, timeout_ms: int = 5000) -> Dict[str, Any]:
         """The verdict of ``frame_id``; verdicts of other frames are kept for :meth:`recv`."""
         if frame_id in self._early:
             return self._early.pop(frame_id)

@@ -19,9 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import zmq
 
 from nexedge import __version__
-from nexedge.serve import config as C
-from nexedge.serve import notify, preflight
-from nexedge.serve import protocol as P
+from nexedge.serve import config as serve_config
+from nexedge.serve import notify, preflight, protocol
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.control import ControlServer
 from nexedge.serve.guard import GuardRegistry, Limits, SocketGuard
@@ -43,7 +42,7 @@ RECV_BURST = 256
 class Daemon(IngestMixin):
     """The line daemon. ``setup()`` loads and binds (errors raise), ``serve()`` runs until stopped."""
 
-    def __init__(self, cfg: C.Config, backend: Any = None) -> None:
+    def __init__(self, cfg: serve_config.Config, backend: Any = None) -> None:
         """``backend``: an already open backend to use instead of opening ``model.path`` (embedding, tests)."""
         self.cfg = cfg
         self._given_backend = backend
@@ -58,7 +57,7 @@ class Daemon(IngestMixin):
         self._io_ident = -1
         self._io_beat = time.monotonic()
         self.n_received = 0
-        self._seq = P.SeqCounter(cfg.sockets.max_cameras)
+        self._seq = protocol.SeqCounter(cfg.sockets.max_cameras)
         self._watchdog = notify.Watchdog()
         self._memory = AllocatorTrim()
         self.http: Optional[HealthServer] = None
@@ -134,7 +133,7 @@ class Daemon(IngestMixin):
             self.endpoints["pull"] = str(self.pull.endpoint)
         from nexedge.serve.memory import rss_bytes
 
-        self.guards.rss_limit = C.rss_limit(cfg.sockets, rss_bytes())
+        self.guards.rss_limit = serve_config.rss_limit(cfg.sockets, rss_bytes())
         self._ready = True
         m.ready.set(1)
         notify.notify("READY=1\nSTATUS=inspecting")
@@ -148,11 +147,11 @@ class Daemon(IngestMixin):
             from nexedge.serve.sampler import Sampler
             from nexedge.store import SampleStore
 
-            quota = C.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
-            reserve = C.parse_size(cfg.store.reserve, "store.reserve", allow_zero=True)
+            quota = serve_config.parse_size(cfg.store.quota, "store.quota") if cfg.store.quota is not None else None
+            reserve = serve_config.parse_size(cfg.store.reserve, "store.reserve", allow_zero=True)
             store = SampleStore(cfg.store.path, quota_bytes=quota, reserve_bytes=reserve)
             self.sampler = Sampler(store, self.metrics, cfg.store.queue,
-                                   C.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
+                                   serve_config.parse_size(cfg.store.queue_bytes, "store.queue_bytes"),
                                    cfg.store.recheck_per_minute, cfg.sockets.max_cameras)
             self.metrics.add_families(self.sampler.collect)
             free = store.stats()["free_bytes"]
@@ -167,7 +166,7 @@ class Daemon(IngestMixin):
 
             mc = cfg.monitor
             self.monitor = ShiftMonitor(card, window=mc.window, limits=mc.limits, min_frames=mc.min_frames,
-                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=C.monitor_prior(mc),
+                                        alarm_audit_rate=mc.alarm_audit_rate, defect_prior=serve_config.monitor_prior(mc),
                                         max_cameras=cfg.sockets.max_cameras, prior_window=mc.prior_window)
             mon = self.monitor
             self.metrics.add_snapshot_collector("nexedge_monitor", mon.snapshot, lambda: mon.other_frames)
@@ -183,7 +182,7 @@ class Daemon(IngestMixin):
                 lambda: {k: v for k, v in auth.counts().items() if k != "total"})
         if cfg.pull is not None:
             if cfg.store is None:
-                raise C.ConfigError("pull: needs a store section (the pull endpoint serves the sample store)")
+                raise serve_config.ConfigError("pull: needs a store section (the pull endpoint serves the sample store)")
             from nexedge.serve.pullserver import PullServer
 
             self.pull = PullServer(cfg.store.path, cfg.pull.bind, auth=self.auth, guards=self.guards,
@@ -238,14 +237,14 @@ class Daemon(IngestMixin):
                  uncertain: bool, probs: Optional[Dict[str, float]]) -> None:
         """Build, count and send one verdict (called by the ledger, once per frame)."""
         try:
-            v = P.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
+            v = protocol.verdict(req.camera, req.frame_id, decision, score, self.decider.threshold, uncertain, reason,
                           self.card.model_id, latency * 1000.0)
-            data = P.encode_verdict(v)
+            data = protocol.encode_verdict(v)
         except Exception as e:  # a verdict that cannot be built still goes out, as the plainest RECHECK
             log.error("verdict of camera %r frame %r could not be encoded (%s); sending a bare RECHECK",
                       req.camera, req.frame_id, e)
-            decision, reason = "RECHECK", P.BACKEND_ERROR
-            data = P.encode_verdict(P.verdict(P.readable_camera(req.camera), P.readable_frame_id(req.frame_id),
+            decision, reason = "RECHECK", protocol.BACKEND_ERROR
+            data = protocol.encode_verdict(protocol.verdict(protocol.readable_camera(req.camera), protocol.readable_frame_id(req.frame_id),
                                               decision, None, None, False, reason, "", latency * 1000.0))
         camera = req.camera.encode("utf-8", "replace")
         if threading.get_ident() == self._io_ident:
@@ -297,10 +296,10 @@ class Daemon(IngestMixin):
             self._frames_guard.tick(now)
             self._verdicts_guard.tick(now)
             for f in self.batcher.expire(now):
-                self.worker.recheck(f, P.DEADLINE_PASSED)  # decoded: answered and sampled
+                self.worker.recheck(f, protocol.DEADLINE_PASSED)  # decoded: answered and sampled
             expired = self.ledger.expire(now)
             for req in expired:  # anywhere else: waiting for or in decode, in a batch
-                self._sample_undecoded(req, req.t_wall, P.DEADLINE_PASSED)
+                self._sample_undecoded(req, req.t_wall, protocol.DEADLINE_PASSED)
             if expired and self.pool is not None:
                 self.pool.purge()
             m = self.metrics
@@ -367,9 +366,9 @@ class Daemon(IngestMixin):
                  "batch of %d in flight", len(pending), max(len(self.ledger) - len(pending) - len(in_flight), 0),
                  len(in_flight), extra={"fields": {"event": "stopping", "queued": len(pending)}})
         for f in pending:
-            self.worker.recheck(f, P.SHUTTING_DOWN)
+            self.worker.recheck(f, protocol.SHUTTING_DOWN)
         # Frames waiting for or in decode are not worth waiting for: answer them now.
-        self.ledger.answer_all(P.SHUTTING_DOWN, keep=in_flight)
+        self.ledger.answer_all(protocol.SHUTTING_DOWN, keep=in_flight)
         if self.pool is not None:
             self.pool.shutdown()
 
@@ -381,7 +380,7 @@ class Daemon(IngestMixin):
         else:
             log.error("drain timed out after %.1f s (shutdown.timeout_s); answering %d frames RECHECK "
                       "shutting_down", waited_s, n)
-        self.ledger.answer_all(P.SHUTTING_DOWN)
+        self.ledger.answer_all(protocol.SHUTTING_DOWN)
         self.outbox.forward(self._send)
 
     def _teardown(self, forced: bool, stop_at: Optional[float] = None) -> int:
@@ -484,7 +483,7 @@ def overrides_from_args(args: argparse.Namespace) -> List[Any]:
         out.append(("metrics.port", args.metrics_port))
     if args.store:
         out.append(("store.path", os.path.abspath(args.store)))
-    out.extend(C.parse_set(item) for item in args.set)
+    out.extend(serve_config.parse_set(item) for item in args.set)
     return out
 
 
@@ -492,8 +491,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``nexedge-daemon``; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = C.load(args.config, overrides_from_args(args))
-    except (C.ConfigError, FileNotFoundError) as e:
+        cfg = serve_config.load(args.config, overrides_from_args(args))
+    except (serve_config.ConfigError, FileNotFoundError) as e:
         print(f"nexedge-daemon: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
@@ -503,9 +502,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         try:
             problems = preflight.check_files(cfg, args.user)
-        except C.ConfigError as e:
+        except serve_config.ConfigError as e:
             problems = [str(e)]
-        chosen = C.backend_line(cfg)
+        chosen = serve_config.backend_line(cfg)
         if chosen:
             print(f"nexedge-daemon: {chosen}", file=sys.stderr)
         for p in problems:
@@ -520,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     over = overrides_from_args(args)  # SIGHUP: re-read the config file's model.path, hot-swap to it
-    signal.signal(signal.SIGHUP, lambda *_: daemon.models and daemon.models.hup(lambda: C.load(args.config, over)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.models and daemon.models.hup(lambda: serve_config.load(args.config, over)
                                                                                 .model.path))
     failed: List[BaseException] = []
     if not _setup_within_shutdown_timeout(daemon, failed):

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.protocol import ProtocolError, Request
 
 MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
@@ -32,7 +32,7 @@ DEFAULT_MAX_DECODED_BYTES = 128 << 20
 DEFAULT_MAX_SCANS = 32
 
 
-def sniff(buf: P.Buffer) -> Optional[str]:
+def sniff(buf: protocol.Buffer) -> Optional[str]:
     """Image format from the first bytes, or None."""
     head = bytes(buf[:8])
     for magic, name in MAGIC:
@@ -67,7 +67,7 @@ _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-def _jpeg_segments(b: P.Buffer) -> Iterator[Tuple[int, int, int]]:
+def _jpeg_segments(b: protocol.Buffer) -> Iterator[Tuple[int, int, int]]:
     """(marker, offset of its length field, segment length; 0 for markers without one) of each marker
     segment from SOI on; the entropy-coded data after a start of scan is skipped to the next marker.
     Stops at EOI, at the end of the bytes, or where the segments stop following each other."""
@@ -99,7 +99,7 @@ def _jpeg_segments(b: P.Buffer) -> Iterator[Tuple[int, int, int]]:
             i = m.start()
 
 
-def _jpeg_info(b: P.Buffer) -> Optional[ImageInfo]:
+def _jpeg_info(b: protocol.Buffer) -> Optional[ImageInfo]:
     """Walk the marker segments from SOI to the first SOF (no fixed window); None if absent or broken."""
     n = len(b)
     for marker, i, seg in _jpeg_segments(b):
@@ -119,7 +119,7 @@ def _jpeg_info(b: P.Buffer) -> Optional[ImageInfo]:
     return None
 
 
-def _png_info(b: P.Buffer) -> Optional[ImageInfo]:
+def _png_info(b: protocol.Buffer) -> Optional[ImageInfo]:
     if len(b) < 33 or bytes(b[12:16]) != b"IHDR":
         return None
     if zlib.crc32(bytes(b[12:29])) != struct.unpack_from(">I", b, 29)[0]:
@@ -132,7 +132,7 @@ def _png_info(b: P.Buffer) -> Optional[ImageInfo]:
     return ImageInfo(h, w, channels, 2 if depth == 16 else 1)
 
 
-def _bmp_info(b: P.Buffer) -> Optional[ImageInfo]:
+def _bmp_info(b: protocol.Buffer) -> Optional[ImageInfo]:
     if len(b) < 30:
         return None
     w, h = struct.unpack_from("<ii", b, 18)
@@ -142,7 +142,7 @@ def _bmp_info(b: P.Buffer) -> Optional[ImageInfo]:
     return ImageInfo(abs(h), abs(w), 4 if bpp == 32 else 3, 1)
 
 
-def jpeg_scans(b: P.Buffer, stop: int = 1 << 30) -> int:
+def jpeg_scans(b: protocol.Buffer, stop: int = 1 << 30) -> int:
     """Start-of-scan markers in a JPEG (the marker segments are walked, the entropy-coded data of each
     scan skipped to the next marker); counting stops past ``stop``. Cost: one pass over the bytes."""
     count = 0
@@ -157,7 +157,7 @@ def jpeg_scans(b: P.Buffer, stop: int = 1 << 30) -> int:
 _TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}  # SHORT, LONG
 
 
-def _tiff_info(b: P.Buffer) -> Optional[ImageInfo]:
+def _tiff_info(b: protocol.Buffer) -> Optional[ImageInfo]:
     """Size of the first image of a classic TIFF from its first IFD; None when broken or not
     decodable here (BigTIFF, floating-point or JPEG-compressed samples: see :func:`tiff_problem`)."""
     if tiff_problem(b) is not None:
@@ -171,7 +171,7 @@ def _tiff_info(b: P.Buffer) -> Optional[ImageInfo]:
     return ImageInfo(h, w, spp if spp in (1, 3, 4) else 4, 2 if bits > 8 else 1)
 
 
-def _tiff_tags(b: P.Buffer) -> dict:
+def _tiff_tags(b: protocol.Buffer) -> dict:
     """First-value of the numeric tags of the first IFD (width, height, bits, samples, format, compression)."""
     end = "<" if bytes(b[:2]) == b"II" else ">"
     off = struct.unpack_from(end + "I", b, 4)[0]
@@ -191,7 +191,7 @@ def _tiff_tags(b: P.Buffer) -> dict:
     return out
 
 
-def tiff_problem(b: P.Buffer) -> Optional[str]:
+def tiff_problem(b: protocol.Buffer) -> Optional[str]:
     """Why this TIFF is refused before decoding (None when it is not): BigTIFF, floating-point samples,
     JPEG compression (its decode work cannot be bounded from the header), or an unreadable first IFD."""
     if bytes(b[2:4]) in (b"+\x00", b"\x00+"):
@@ -207,7 +207,7 @@ def tiff_problem(b: P.Buffer) -> Optional[str]:
     return None
 
 
-def image_info(buf: P.Buffer, fmt: str) -> Optional[ImageInfo]:
+def image_info(buf: protocol.Buffer, fmt: str) -> Optional[ImageInfo]:
     """Decoded size of a PNG/BMP/JPEG/TIFF from its header alone; None when the header is missing or broken."""
     try:
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
@@ -216,7 +216,7 @@ def image_info(buf: P.Buffer, fmt: str) -> Optional[ImageInfo]:
         return None
 
 
-def image_dims(buf: P.Buffer, fmt: str) -> Optional[Tuple[int, int]]:
+def image_dims(buf: protocol.Buffer, fmt: str) -> Optional[Tuple[int, int]]:
     """(height, width) read from a PNG/BMP/JPEG/TIFF header without decoding; None if not found."""
     info = image_info(buf, fmt)
     return None if info is None else (info.height, info.width)
@@ -233,51 +233,51 @@ def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_D
     """
     buf = req.payload
     if len(buf) == 0:
-        raise ProtocolError(P.EMPTY_IMAGE, "payload is empty", req.camera, req.frame_id)
+        raise ProtocolError(protocol.EMPTY_IMAGE, "payload is empty", req.camera, req.frame_id)
     if req.encoding == "raw":
         return _decode_raw(req, max_pixels)
     import cv2
 
     fmt = sniff(buf)
     if fmt is None:
-        raise ProtocolError(P.UNDECODABLE, f"payload is not a {FORMATS} image (starts with {bytes(buf[:8])!r})",
+        raise ProtocolError(protocol.UNDECODABLE, f"payload is not a {FORMATS} image (starts with {bytes(buf[:8])!r})",
                             req.camera, req.frame_id)
     if req.encoding != "auto" and fmt != req.encoding:
-        raise ProtocolError(P.UNDECODABLE, f"header says encoding {req.encoding!r} but the payload is {fmt}",
+        raise ProtocolError(protocol.UNDECODABLE, f"header says encoding {req.encoding!r} but the payload is {fmt}",
                             req.camera, req.frame_id)
     if fmt == "tiff":
         why = tiff_problem(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf)
         if why is not None:
-            raise ProtocolError(P.UNDECODABLE, why, req.camera, req.frame_id)
+            raise ProtocolError(protocol.UNDECODABLE, why, req.camera, req.frame_id)
     info = image_info(buf, fmt)
     if info is None:
-        raise ProtocolError(P.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes has no readable image header "
+        raise ProtocolError(protocol.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes has no readable image header "
                             "(size unknown; refused before decoding)", req.camera, req.frame_id)
     if info.pixels == 0:
-        raise ProtocolError(P.EMPTY_IMAGE, f"{fmt} header says {info.height}x{info.width} pixels",
+        raise ProtocolError(protocol.EMPTY_IMAGE, f"{fmt} header says {info.height}x{info.width} pixels",
                             req.camera, req.frame_id)
     if info.pixels > max_pixels:
-        raise ProtocolError(P.TOO_MANY_PIXELS, f"{fmt} of {info.height}x{info.width} exceeds max_pixels {max_pixels}",
+        raise ProtocolError(protocol.TOO_MANY_PIXELS, f"{fmt} of {info.height}x{info.width} exceeds max_pixels {max_pixels}",
                             req.camera, req.frame_id)
     if info.nbytes > max_decoded_bytes:
-        raise ProtocolError(P.TOO_MANY_PIXELS, f"{fmt} of {info.height}x{info.width}x{info.channels} at "
+        raise ProtocolError(protocol.TOO_MANY_PIXELS, f"{fmt} of {info.height}x{info.width}x{info.channels} at "
                             f"{8 * info.sample_bytes} bits decodes to {info.nbytes} bytes, over max_decoded_bytes "
                             f"{max_decoded_bytes}", req.camera, req.frame_id)
     if fmt == "jpeg":
         scans = jpeg_scans(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf, max_scans)
         if scans > max_scans:
-            raise ProtocolError(P.TOO_MANY_SCANS, f"JPEG of {info.height}x{info.width} has more than {max_scans} "
+            raise ProtocolError(protocol.TOO_MANY_SCANS, f"JPEG of {info.height}x{info.width} has more than {max_scans} "
                                 "scans (sockets.max_jpeg_scans; encoders write at most 10): each scan is another "
                                 "decoding pass", req.camera, req.frame_id)
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is not None and img.dtype not in (np.uint8, np.uint16):
-        raise ProtocolError(P.UNDECODABLE, f"{fmt} decodes to {img.dtype} samples; expected 8 or 16-bit integers",
+        raise ProtocolError(protocol.UNDECODABLE, f"{fmt} decodes to {img.dtype} samples; expected 8 or 16-bit integers",
                             req.camera, req.frame_id)
     if img is None or img.size == 0:
-        raise ProtocolError(P.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes could not be decoded",
+        raise ProtocolError(protocol.UNDECODABLE, f"{fmt} payload of {len(buf)} bytes could not be decoded",
                             req.camera, req.frame_id)
     if img.shape[0] * img.shape[1] > max_pixels or img.nbytes > max_decoded_bytes:
-        raise ProtocolError(P.TOO_MANY_PIXELS, f"image of {img.shape} exceeds max_pixels {max_pixels} or "
+        raise ProtocolError(protocol.TOO_MANY_PIXELS, f"image of {img.shape} exceeds max_pixels {max_pixels} or "
                             f"max_decoded_bytes {max_decoded_bytes}", req.camera, req.frame_id)
     return img
 
@@ -285,17 +285,17 @@ def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_D
 def _decode_raw(req: Request, max_pixels: int) -> np.ndarray:
     shape = req.shape or ()
     if len(shape) == 3 and shape[2] not in (1, 3, 4):
-        raise ProtocolError(P.BAD_SHAPE, f"shape {list(shape)}: channels must be 1, 3 or 4", req.camera, req.frame_id)
+        raise ProtocolError(protocol.BAD_SHAPE, f"shape {list(shape)}: channels must be 1, 3 or 4", req.camera, req.frame_id)
     npix = int(shape[0]) * int(shape[1])
     if npix == 0 or (len(shape) == 3 and shape[2] == 0):
-        raise ProtocolError(P.EMPTY_IMAGE, f"shape {list(shape)} has no pixels", req.camera, req.frame_id)
+        raise ProtocolError(protocol.EMPTY_IMAGE, f"shape {list(shape)} has no pixels", req.camera, req.frame_id)
     if npix > max_pixels:
-        raise ProtocolError(P.TOO_MANY_PIXELS, f"shape {list(shape)} exceeds max_pixels {max_pixels}",
+        raise ProtocolError(protocol.TOO_MANY_PIXELS, f"shape {list(shape)} exceeds max_pixels {max_pixels}",
                             req.camera, req.frame_id)
     dtype = np.dtype(req.dtype)
     need = int(np.prod(shape)) * dtype.itemsize
     if len(req.payload) != need:
-        raise ProtocolError(P.BAD_SHAPE, f"payload has {len(req.payload)} bytes; shape {list(shape)} {req.dtype} "
+        raise ProtocolError(protocol.BAD_SHAPE, f"payload has {len(req.payload)} bytes; shape {list(shape)} {req.dtype} "
                             f"needs {need}", req.camera, req.frame_id)
     return np.frombuffer(req.payload, dtype).reshape(shape)
 

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 import zmq
 
 from nexedge import preprocess as pp
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.decode import EXT, decode, sniff
 from nexedge.serve.ledger import Ledger
 from nexedge.serve.protocol import ProtocolError, Request
@@ -55,14 +55,14 @@ def recv_bounded(sock: zmq.Socket, max_bytes: int, max_parts: int = MAX_BODY_PAR
         size += len(f)
         if problem is None:
             if parts > max_parts:
-                problem = P.WRONG_FRAME_COUNT
+                problem = protocol.WRONG_FRAME_COUNT
             elif size > max_bytes:
-                problem = P.OVERSIZE
-        if problem is None or (parts <= max_parts and len(f) <= P.MAX_HEADER_BYTES):
+                problem = protocol.OVERSIZE
+        if problem is None or (parts <= max_parts and len(f) <= protocol.MAX_HEADER_BYTES):
             frames.append(f)  # small parts stay, so an error reply can still name the frame
         del f
-    if problem == P.WRONG_FRAME_COUNT and size > max_bytes:
-        problem = P.OVERSIZE
+    if problem == protocol.WRONG_FRAME_COUNT and size > max_bytes:
+        problem = protocol.OVERSIZE
     return Received(frames, parts, size, problem)
 
 
@@ -216,25 +216,25 @@ class IngestMixin:
         t_recv, t_wall = time.monotonic(), time.time()
         self.n_received += 1
         try:
-            envelope, body = P.split_envelope(rec.frames)
+            envelope, body = protocol.split_envelope(rec.frames)
         except Exception:  # pragma: no cover - an identity frame is always there
             return
         req: Optional[Request] = None
         try:
             if rec.problem is not None:
-                cam, fid = P.peek_ids(body[0], self.cfg.sockets.max_header_bytes) if body else ("", None)
-                if rec.problem == P.OVERSIZE:
-                    raise ProtocolError(P.OVERSIZE, f"message of {rec.size} bytes in {rec.parts} parts exceeds "
+                cam, fid = protocol.peek_ids(body[0], self.cfg.sockets.max_header_bytes) if body else ("", None)
+                if rec.problem == protocol.OVERSIZE:
+                    raise ProtocolError(protocol.OVERSIZE, f"message of {rec.size} bytes in {rec.parts} parts exceeds "
                                         f"max_message_bytes {self.cfg.sockets.max_message_bytes}", cam, fid)
-                raise ProtocolError(P.WRONG_FRAME_COUNT, f"expected 2 frames (header, payload), got {rec.parts}",
+                raise ProtocolError(protocol.WRONG_FRAME_COUNT, f"expected 2 frames (header, payload), got {rec.parts}",
                                     cam, fid)
-            req = P.parse_body(envelope, body, self._seq, self.cfg.sockets.max_header_bytes)
+            req = protocol.parse_body(envelope, body, self._seq, self.cfg.sockets.max_header_bytes)
         except ProtocolError as e:
             self._refuse(envelope, t_recv, e)
             return
         except Exception as e:  # a parser bug is still just a frame we cannot inspect
             log.exception("unexpected error parsing a message: %s", e)
-            self._refuse(envelope, t_recv, ProtocolError(P.GARBAGE_HEADER, str(e)))
+            self._refuse(envelope, t_recv, ProtocolError(protocol.GARBAGE_HEADER, str(e)))
             return
         try:
             self._admit(req, t_recv, t_wall)
@@ -242,10 +242,10 @@ class IngestMixin:
             log.exception("unexpected error admitting camera %r frame %r: %s", req.camera, req.frame_id, e)
             if req.t_recv == 0.0:
                 req.t_recv = t_recv
-            self.ledger.answer(req, "RECHECK", P.BACKEND_ERROR)
+            self.ledger.answer(req, "RECHECK", protocol.BACKEND_ERROR)
 
     def _refuse(self, envelope: List[bytes], t_recv: float, e: ProtocolError) -> None:
-        req = Request(envelope, "error", P.readable_camera(e.camera), P.readable_frame_id(e.frame_id), "", None, None,
+        req = Request(envelope, "error", protocol.readable_camera(e.camera), protocol.readable_frame_id(e.frame_id), "", None, None,
                       b"")
         req.t_recv = t_recv
         m = self.metrics
@@ -263,7 +263,7 @@ class IngestMixin:
         m.protocol.labels(req.kind).inc()
         req.t_recv, req.t_wall = t_recv, t_wall
         if self._stopping:
-            self.ledger.answer(req, "RECHECK", P.SHUTTING_DOWN)
+            self.ledger.answer(req, "RECHECK", protocol.SHUTTING_DOWN)
             return
         deadline = t_recv + (req.deadline_ms or self.cfg.batching.deadline_ms) / 1000.0
         if self.pool is None:  # decode on this thread
@@ -283,8 +283,8 @@ class IngestMixin:
         m.decode_waiting.set(self.pool.waiting)
 
     def _queue_full(self, req: Request, t_wall: float) -> None:
-        if self.ledger.answer(req, "RECHECK", P.QUEUE_FULL):
-            self._sample_undecoded(req, t_wall, P.QUEUE_FULL)
+        if self.ledger.answer(req, "RECHECK", protocol.QUEUE_FULL):
+            self._sample_undecoded(req, t_wall, protocol.QUEUE_FULL)
 
     def _decode_task(self, req: Request) -> None:
         if req.answered:  # expired (or refused at shutdown) while waiting for a decode thread
@@ -300,13 +300,13 @@ class IngestMixin:
             try:
                 prepared = pp.prepare(img, self.card.input, req.bit_depth or s.uint16_bit_depth)
             except (ValueError, TypeError) as e:
-                raise ProtocolError(P.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
+                raise ProtocolError(protocol.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
         except ProtocolError as e:
             self.ledger.answer(req, "RECHECK", e.reason)
             return
         except Exception as e:  # an unexpected decoder failure is still just an uninspected frame
             log.warning("decode failed for camera %s frame %s: %s", req.camera, req.frame_id, e)
-            self.ledger.answer(req, "RECHECK", P.UNDECODABLE)
+            self.ledger.answer(req, "RECHECK", protocol.UNDECODABLE)
             return
         if req.answered:  # its deadline passed during decode: already answered
             return
@@ -317,9 +317,9 @@ class IngestMixin:
         self.metrics.stage.labels("decode").observe(time.monotonic() - t0)
         handoff.done()
         if time.monotonic() >= req.deadline:
-            self.worker.recheck(frame, P.DEADLINE_PASSED)
+            self.worker.recheck(frame, protocol.DEADLINE_PASSED)
         elif not self.batcher.put(frame):
-            self.worker.recheck(frame, P.SHUTTING_DOWN if self.batcher.closed else P.QUEUE_FULL)
+            self.worker.recheck(frame, protocol.SHUTTING_DOWN if self.batcher.closed else protocol.QUEUE_FULL)
 
     def _sample_undecoded(self, req: Request, t_wall: float, reason: str) -> None:
         """A frame refused before decoding goes to the store only when its header decodes to a

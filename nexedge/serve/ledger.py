@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.protocol import Request
 
 log = logging.getLogger("nexedge.serve")
@@ -61,7 +61,7 @@ class Ledger:
             self.answered += 1
             self._open.pop(id(req), None)
         if decision == "PASS" and score is None:  # a device that was not inspected is never PASSed
-            decision, reason = "RECHECK", P.BACKEND_ERROR
+            decision, reason = "RECHECK", protocol.BACKEND_ERROR
         try:
             latency = time.monotonic() - req.t_recv if req.t_recv else 0.0
             self._deliver(req, decision, reason, latency, score, uncertain, probs)
@@ -74,7 +74,7 @@ class Ledger:
         """Answer every frame whose deadline has passed RECHECK deadline_passed; returns those answered."""
         with self._lock:
             late = [r for r in self._open.values() if r.deadline <= now]
-        return [r for r in late if self.answer(r, "RECHECK", P.DEADLINE_PASSED)]
+        return [r for r in late if self.answer(r, "RECHECK", protocol.DEADLINE_PASSED)]
 
     def answer_all(self, reason: str, keep: Iterable[Request] = ()) -> int:
         """Answer every open frame RECHECK ``reason`` except those in ``keep`` (e.g. the batch in flight)."""
@@ -88,7 +88,7 @@ class Ledger:
             return list(self._open.values())
 
     @contextlib.contextmanager
-    def guard(self, req: Request, reason: str = P.BACKEND_ERROR) -> Iterator["Handoff"]:
+    def guard(self, req: Request, reason: str = protocol.BACKEND_ERROR) -> Iterator["Handoff"]:
         """Work on ``req``: if the block raises, or ends with ``req`` neither answered nor
         handed on (``handoff.done()``), it is answered RECHECK ``reason`` at once."""
         h = Handoff()

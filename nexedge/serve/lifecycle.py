@@ -33,7 +33,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from nexedge.card import CardError, ModelCard, load_card, sha256_file
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 from nexedge.serve.rollback_watch import RollbackWatch
 from nexedge.serve.rules import promotion_verdict
 from nexedge.serve.slots import (  # noqa: F401 (check_compatible, open_slot: part of this module's interface)
@@ -54,9 +54,9 @@ SLOTS = ("active", "candidate", "previous")
 class Lifecycle:
     """Owns the daemon's model slots. Thread-safe; every change is logged with who and what."""
 
-    def __init__(self, cfg: C.Config, metrics: Any, given_backend: Any = None) -> None:
+    def __init__(self, cfg: serve_config.Config, metrics: Any, given_backend: Any = None) -> None:
         self.cfg = cfg
-        self.lc = cfg.lifecycle or C.LifecycleCfg()
+        self.lc = cfg.lifecycle or serve_config.LifecycleCfg()
         self.metrics = metrics
         self.batch_lock = threading.RLock()  # the worker holds it per batch; swaps take it
         self._op_lock = threading.Lock()  # one load/promote/rollback at a time
@@ -65,7 +65,7 @@ class Lifecycle:
         self.candidate: Optional[Slot] = None
         self.previous: Optional[Slot] = None
         self.versions = Versions(self.lc.models_dir) if self.lc.models_dir else None
-        self.limit = C.parse_size(self.lc.memory_limit, "lifecycle.memory_limit") if self.lc.memory_limit else None
+        self.limit = serve_config.parse_size(self.lc.memory_limit, "lifecycle.memory_limit") if self.lc.memory_limit else None
         self.changes: Dict[str, int] = collections.Counter()
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=50)
         self.rollback_watch = RollbackWatch(self.lc)

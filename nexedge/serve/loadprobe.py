@@ -154,7 +154,7 @@ def _child() -> int:
     req = json.loads(sys.stdin.read())
     path, budget = req["path"], req["budget"]
     from nexedge.card import ModelCard
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve import slots
 
     cpu_only = preload(path, req["config"].get("model") or {})
@@ -174,7 +174,7 @@ def _child() -> int:
     print("BASE", base, flush=True)
     out: Dict[str, Any]
     try:
-        cfg = C.from_dict(req["config"])
+        cfg = serve_config.from_dict(req["config"])
         line = ModelCard(req["line_card"], source=req["line_source"])
         slot = slots.open_slot(cfg, path, "load probe")
         slots.check_compatible(line, slot.card, slot.backend, cfg)

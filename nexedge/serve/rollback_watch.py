@@ -9,7 +9,7 @@ this module only decides and says why. Python 3.8, no torch.
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 from nexedge.serve.rules import RollbackChart
 from nexedge.serve.slots import Slot
 
@@ -19,7 +19,7 @@ log = logging.getLogger("nexedge.serve")
 class RollbackWatch:
     """The rollback chart of one daemon, with the arming policy and its log lines."""
 
-    def __init__(self, lc: C.LifecycleCfg) -> None:
+    def __init__(self, lc: serve_config.LifecycleCfg) -> None:
         self.lc = lc
         self.chart = RollbackChart(lc.auto_rollback_baseline, lc.auto_rollback_subgroup,
                                    lc.auto_rollback_watch, lc.auto_rollback_alpha)

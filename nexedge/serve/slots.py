@@ -11,7 +11,7 @@ import time
 from typing import Any, Dict, Optional
 
 from nexedge.card import ModelCard
-from nexedge.serve import config as C
+from nexedge.serve import config as serve_config
 from nexedge.serve.decide import Decider
 from nexedge.serve.memory import rss_bytes
 
@@ -81,7 +81,7 @@ def operating_points_problem(card: ModelCard, crop_mode: str) -> Optional[str]:
     return None
 
 
-def unmeasured_points(card: ModelCard, crop_mode: str, d: C.DecisionCfg, error: type = LifecycleError) -> Optional[str]:
+def unmeasured_points(card: ModelCard, crop_mode: str, d: serve_config.DecisionCfg, error: type = LifecycleError) -> Optional[str]:
     """The one rule for start-up and every swap: thresholds must be measured on this artifact (or
     ``decision.threshold`` explicit). Raises ``error`` naming the problem; with
     ``decision.allow_unmeasured`` logs it as a WARNING and returns it instead."""
@@ -112,7 +112,7 @@ def check_card_compatible(line: ModelCard, card: ModelCard) -> None:
                                  "share the prepared input (resize, color, resize_mode)")
 
 
-def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Config) -> None:
+def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: serve_config.Config) -> None:
     """Refuse a model that cannot replace ``line`` (the active model's card) on this line."""
     check_card_compatible(line, card)
     if backend.max_batch < cfg.batching.max_batch:
@@ -120,7 +120,7 @@ def check_compatible(line: ModelCard, card: ModelCard, backend: Any, cfg: C.Conf
                              f"batching.max_batch {cfg.batching.max_batch}")
 
 
-def open_slot(cfg: C.Config, path: str, source: str, given: Any = None) -> Slot:
+def open_slot(cfg: serve_config.Config, path: str, source: str, given: Any = None) -> Slot:
     """Open, check (the measured-operating-point rule, batch size) and warm one artifact, as the
     daemon runs it (cascade plan included). Used by the daemon and by the load probe."""
     from nexedge.runtime import open_backend, registry
@@ -129,7 +129,7 @@ def open_slot(cfg: C.Config, path: str, source: str, given: Any = None) -> Slot:
         kind = registry.choose(path, cfg.model.backend, "model.backend").name
         opts = registry.options_for(path, cfg.model.options, backend=kind)
     except ValueError as e:
-        raise C.ConfigError(str(e)) from None
+        raise serve_config.ConfigError(str(e)) from None
     if not cfg.model.verify_card:
         opts["verify"] = False
     t0, rss0 = time.monotonic(), rss_bytes()
@@ -138,9 +138,9 @@ def open_slot(cfg: C.Config, path: str, source: str, given: Any = None) -> Slot:
         card = backend.card
         log.info("card %s: %s", card.model_id, card.ops_status_line(),
                  extra={"fields": {"operating_points_source": card.ops_source}})
-        unmeasured = unmeasured_points(card, str(backend.crop_mode), cfg.decision, C.ConfigError)
+        unmeasured = unmeasured_points(card, str(backend.crop_mode), cfg.decision, serve_config.ConfigError)
         if backend.max_batch < cfg.batching.max_batch:
-            raise C.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
+            raise serve_config.ConfigError(f"batching.max_batch: {cfg.batching.max_batch} exceeds what the backend accepts "
                                 f"({backend.max_batch}, from the card's graph.max_batch or model.options)")
         if cfg.model.warmup:
             import numpy as np

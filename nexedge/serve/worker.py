@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import numpy as np
 
 from nexedge.card import ModelCard
-from nexedge.serve import protocol as P
+from nexedge.serve import protocol
 from nexedge.serve.batcher import Batcher
 from nexedge.serve.decide import Decider
 from nexedge.serve.prometheus import DaemonMetrics
@@ -89,7 +89,7 @@ class InferenceWorker:
             batch, expired = self.batcher.next_batch(timeout=0.25)
             m.queue_depth.set(len(self.batcher))
             for f in expired:
-                self.recheck(f, P.DEADLINE_PASSED)
+                self.recheck(f, protocol.DEADLINE_PASSED)
             batch = [f for f in batch if not f.req.answered]  # expired while queued: no work to do
             if not batch:
                 if self.batcher.closed and len(self.batcher) == 0:
@@ -109,7 +109,7 @@ class InferenceWorker:
                 self.in_flight = []
                 for f in batch:  # every frame of the batch ends answered, whatever happened above
                     if not f.req.answered:
-                        self.recheck(f, P.BACKEND_ERROR)
+                        self.recheck(f, protocol.BACKEND_ERROR)
 
     def _bind_active(self) -> Any:
         """(under the batch lock) Run the next batch on the active model; returns its slot (None without models)."""
@@ -133,7 +133,7 @@ class InferenceWorker:
         except Exception as e:
             log.error("backend error on a batch of %d: %s", len(batch), e)
             for f in batch:
-                self.recheck(f, P.BACKEND_ERROR)
+                self.recheck(f, protocol.BACKEND_ERROR)
             return decided
         t1 = time.monotonic()
         m.inference.observe(t1 - t0)
@@ -148,7 +148,7 @@ class InferenceWorker:
                 continue
             score = float(res.defect_score[i])
             if not np.isfinite(score):
-                self.recheck(f, P.BACKEND_ERROR)
+                self.recheck(f, protocol.BACKEND_ERROR)
                 continue
             probs = {c: float(p) for c, p in zip(self.classes, res.probs[i])}
             decision, uncertain = self.decider.decide(score)

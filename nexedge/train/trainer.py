@@ -21,7 +21,7 @@ import torch
 
 from nexedge import __version__, metrics
 from nexedge.card import ModelCard, atomic_write_bytes
-from nexedge.train import distributed as D
+from nexedge.train import distributed
 from nexedge.train.cardbuild import BEST_RULES, TopK, build_card, reference_image_stats
 from nexedge.train.data import ImageFolderSet, class_counts, collate_skip_unreadable, data_hash, list_classes
 from nexedge.train.history import History
@@ -156,7 +156,7 @@ def _make_model(cfg: TrainConfig, n_classes: int) -> Tuple[torch.nn.Module, Dict
     return model, kw
 
 
-def _loader(ds, ctx: D.DistContext, batch: int, shuffle: bool, seed: int, workers: int,
+def _loader(ds, ctx: distributed.DistContext, batch: int, shuffle: bool, seed: int, workers: int,
             balanced: str = "none", good_index: int = 0, own_generator: bool = False):
     """``own_generator``: the loader draws its worker base seed from a generator of its own, not from
     torch's global one (evaluation loaders: whether test curves are drawn must not change training)."""
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     cfg.check()
     t_start = time.time()
-    ctx = D.init_distributed(cfg.device)
+    ctx = distributed.init_distributed(cfg.device)
     try:
         if ctx.is_main and not cfg.resume:  # only the writer checks: other ranks would see its new files
             prepare_run_folder(cfg.out, cfg.overwrite)
@@ -336,7 +336,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         reported.add(path)
                         print(f"  skipped unreadable image {path} (it no longer decodes; left out of this run)",
                               flush=True)
-            D.barrier(ctx)
+            distributed.barrier(ctx)
         summary: Dict[str, Any] = {}
         if ctx.is_main:
             if cfg.plots and hist.rows:
@@ -350,7 +350,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             atomic_write_bytes(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
         return summary
     finally:
-        D.cleanup(ctx)
+        distributed.cleanup(ctx)
 
 
 #: Files and folders a training run writes; ``--overwrite`` removes only these.
@@ -429,7 +429,7 @@ def _print_weak(ckpt: str, floor: float) -> List[Dict[str, Any]]:
     return [{k: w[k] for k in ("target_tpr", "tpr_lower95", "n_defects", "defects_needed")} for w in weak]
 
 
-def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: D.DistContext) -> None:
+def _print_start(cfg: TrainConfig, classes: List[str], tr, va, te, ctx: distributed.DistContext) -> None:
     counts = class_counts(tr.labels, classes)
     frozen = f", first {cfg.freeze} stage(s) frozen" if cfg.freeze else ""
     print(f"nexedge train: {cfg.arch} ({cfg.pretrained}{frozen}) loss={cfg.loss} on {cfg.data}")

@@ -118,10 +118,10 @@ def running(model: str, backend: Any = None, **sections: Any) -> Iterator[Any]:
 @contextlib.contextmanager
 def running_config(cfg: Dict[str, Any], backend: Any = None) -> Iterator[Any]:
     """A real Daemon built from the config dict ``cfg``, serving on a thread until the block ends."""
-    from nexedge.serve import config as C
+    from nexedge.serve import config as serve_config
     from nexedge.serve.daemon import Daemon
 
-    d = Daemon(C.from_dict(cfg), backend=backend)
+    d = Daemon(serve_config.from_dict(cfg), backend=backend)
     d.setup()
     t = threading.Thread(target=d.serve, name="daemon-io")
     t.start()
