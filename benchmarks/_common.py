@@ -26,6 +26,8 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from nexedge.cliopts import choice
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
@@ -71,15 +73,6 @@ def _threads(text: str) -> int:
     return n
 
 
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def convert(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return text
-    convert.__name__ = "|".join(choices)
-    return convert
-
-
 def recipe(**keys: Tuple[Any, ...]) -> Dict[str, Key]:
     """``recipe(seconds=(20.0, "seconds per phase"), mode=("ten", ("center", "ten"), "crops"))``.
 
@@ -99,7 +92,7 @@ def recipe(**keys: Tuple[Any, ...]) -> Dict[str, Key]:
         if kind is list:
             out[name] = Key(list(default), str, help_, append=True)
         elif isinstance(kind, tuple):
-            out[name] = Key(default, _choice(kind), help_)
+            out[name] = Key(default, choice(*kind), help_)
         elif kind is bool:
             out[name] = Key(default, _boolean, help_)
         elif kind is type(None):
