@@ -24,7 +24,7 @@ lint: $(STAMP)
 # The daemon side (runtime, serve, store, card, preprocess) must run on Python 3.8 (JetPack 5).
 DAEMON_MODULES := nexedge/__init__.py nexedge/threads.py nexedge/card.py nexedge/metrics.py nexedge/preprocess.py nexedge/runtime nexedge/serve nexedge/store
 # What a Jetson's line install runs besides the daemon: doctor, build-engine, thresholds, check-onnx.
-DEVICE_MODULES := nexedge/cli.py nexedge/doctor.py nexedge/export/cli.py nexedge/export/cuda_device.py nexedge/export/trt_rules.py nexedge/export/trt_names.py nexedge/export/trt_recipe.py nexedge/export/trt_network.py nexedge/export/trt_build.py nexedge/export/thresholds.py nexedge/export/onnx_check.py nexedge/export/calibrate.py nexedge/export/parity.py nexedge/images.py nexedge/cliopts.py nexedge/export/__init__.py nexedge/train/config.py nexedge/train/cli.py nexedge/progress.py
+DEVICE_MODULES := nexedge/cli.py nexedge/doctor.py nexedge/export/cli.py nexedge/export/cuda_device.py nexedge/export/trt_rules.py nexedge/export/trt_names.py nexedge/export/trt_recipe.py nexedge/export/trt_network.py nexedge/export/trt_build.py nexedge/export/thresholds.py nexedge/export/onnx_check.py nexedge/export/calibrate.py nexedge/export/parity.py nexedge/images.py nexedge/cliopts.py nexedge/export/__init__.py nexedge/train/config.py nexedge/train/cli.py nexedge/progress.py nexedge/models/__init__.py nexedge/models/archs nexedge/train/losses.py nexedge/demo/cli.py
 compat: $(STAMP)
 	$(BIN)/vermin --no-tips --violations -t=3.8- --eval-annotations --backport dataclasses $(DAEMON_MODULES) $(DEVICE_MODULES)
 	$(BIN)/python tools/check_no_torch.py
