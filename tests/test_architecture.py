@@ -196,3 +196,33 @@ def test_one_letter_alias_finder_sees_both_import_forms(tmp_path):
     (tmp_path / "a.py").write_text("import nexedge.serve.config as C\nfrom nexedge import preprocess as P\n"
                                    "import numpy as n\nfrom nexedge import card as card_mod\n")
     assert [s.rsplit(":", 1)[1] for s in one_letter_module_aliases([str(tmp_path)])] == ["1", "2"]
+
+
+def _compat_paths() -> List[str]:
+    """The paths ``make compat`` checks for Python 3.8 (DAEMON_MODULES and DEVICE_MODULES)."""
+    import re
+
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        text = f.read()
+    return [p for var in ("DAEMON_MODULES", "DEVICE_MODULES")
+            for p in re.search(rf"^{var} := (.*)$", text, re.M).group(1).split()]
+
+
+def test_python38_check_covers_what_a_line_install_imports_for_help():
+    """A Jetson (JetPack 5: Python 3.8) imports these modules for `nexedge --help` and the daemon's
+    parser; a 3.9+ construct in one that vermin does not check breaks the install before the first frame."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nexedge.cli as c, nexedge.serve.daemon as d; c.build_parser(); d.build_parser(); "
+            "print('\\n'.join(m for m in sys.modules if m.startswith('nexedge')))")
+    mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=REPO).stdout.split()
+    paths = _compat_paths()
+
+    def covered(mod: str) -> bool:
+        p = mod.replace(".", "/")
+        return any(x in (p + ".py", p + "/__init__.py") or (p + "/").startswith(x.rstrip("/") + "/")
+                   for x in paths)
+
+    assert mods and [m for m in mods if not covered(m)] == []
