@@ -64,14 +64,6 @@ class SocketsCfg:
     #: ZMTP heartbeat interval (a peer silent for 3 intervals is dropped); 0 = off (TCP keepalive only).
     heartbeat_s: float = 10.0
 
-    # The keys these groups replaced, as attributes for the code that reads them.
-    max_pixels = property(lambda self: self.decode_limits.max_pixels)
-    max_decoded_bytes = property(lambda self: self.decode_limits.max_decoded_bytes)
-    max_jpeg_scans = property(lambda self: self.decode_limits.max_jpeg_scans)
-    max_peer_pending_bytes = property(lambda self: self.guard.max_peer_pending_bytes)
-    max_pending_bytes = property(lambda self: self.guard.max_pending_bytes)
-    unfinished_timeout_s = property(lambda self: self.guard.unfinished_timeout_s)
-    rss_limit = property(lambda self: self.guard.rss_limit)
 
 
 @dataclasses.dataclass
@@ -143,9 +135,6 @@ class MetricsCfg:
     #: Connection limits (``metrics.limits.<key>``).
     limits: "MetricsLimitsCfg" = dataclasses.field(default_factory=lambda: MetricsLimitsCfg())
 
-    max_connections = property(lambda self: self.limits.max_connections)
-    max_per_client = property(lambda self: self.limits.max_per_client)
-    timeout_s = property(lambda self: self.limits.timeout_s)
 
 
 @dataclasses.dataclass
@@ -208,13 +197,6 @@ class LifecycleCfg:
     #: Automatic rollback (``lifecycle.auto_rollback.<key>``).
     auto_rollback: "AutoRollbackCfg" = dataclasses.field(default_factory=lambda: AutoRollbackCfg())
 
-    auto_promote_frames = property(lambda self: self.auto_promote.frames)
-    auto_promote_max_disagreement = property(lambda self: self.auto_promote.max_disagreement)
-    auto_promote_max_escape = property(lambda self: self.auto_promote.max_escape)
-    auto_rollback_baseline = property(lambda self: self.auto_rollback.baseline)
-    auto_rollback_subgroup = property(lambda self: self.auto_rollback.subgroup)
-    auto_rollback_watch = property(lambda self: self.auto_rollback.watch)
-    auto_rollback_alpha = property(lambda self: self.auto_rollback.alpha)
 
 
 @dataclasses.dataclass
@@ -320,16 +302,17 @@ def monitor_prior(m: "MonitorCfg") -> Any:
 
 
 def rss_limit(s: "SocketsCfg", ready_rss: int = 0) -> Optional[int]:
-    """``sockets.rss_limit`` in bytes (None when off); 'auto' is ``ready_rss`` + 512 MiB."""
-    v = str(s.rss_limit).strip().lower()
+    """``sockets.guard.rss_limit`` in bytes (None when off); 'auto' is ``ready_rss`` + 512 MiB."""
+    value = s.guard.rss_limit
+    v = str(value).strip().lower()
     if v == "off":
         return None
     if v == "auto":
         return ready_rss + (512 << 20)
     try:
-        return parse_size(s.rss_limit, "sockets.rss_limit")
+        return parse_size(value, "sockets.guard.rss_limit")
     except ConfigError:
-        raise ConfigError(f"sockets.rss_limit: {s.rss_limit!r}; expected a size such as '2GiB', 'auto' (RSS when "
+        raise ConfigError(f"sockets.guard.rss_limit: {value!r}; expected a size such as '2GiB', 'auto' (RSS when "
                           "ready + 512 MiB) or 'off'") from None
 
 
@@ -442,17 +425,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks across keys; raise :class:`ConfigError` naming the current key."""
-    try:
-        return _validate(cfg)
-    except ConfigError as e:
-        text = str(e)
-        for old in sorted(REMOVED_KEYS, key=len, reverse=True):
-            text = re.sub(re.escape(old) + r"\b", REMOVED_KEYS[old], text)
-        raise ConfigError(text) from None
-
-
-def _validate(cfg: Config) -> Config:
+    """Range checks across keys; raise :class:`ConfigError` naming the key."""
     if not cfg.model.path:
         from nexedge.runtime.registry import suffix_text
 
@@ -474,16 +447,19 @@ def _validate(cfg: Config) -> Config:
         addr = getattr(s, key)
         if not re.match(r"^(tcp|ipc|inproc)://.+", addr):
             raise ConfigError(f"sockets.{key}: {addr!r} is not a ZeroMQ endpoint; expected e.g. tcp://127.0.0.1:5555")
-    for key in ("max_message_bytes", "max_header_bytes", "max_pixels", "max_decoded_bytes", "max_cameras", "hwm",
-                "max_jpeg_scans", "max_pending_bytes", "unfinished_timeout_s", "max_peers"):
+    for key in ("max_message_bytes", "max_header_bytes", "max_cameras", "hwm", "max_peers"):
         _positive("sockets." + key, getattr(s, key))
+    for key in ("max_pixels", "max_decoded_bytes", "max_jpeg_scans"):
+        _positive("sockets.decode_limits." + key, getattr(s.decode_limits, key))
+    for key in ("max_pending_bytes", "unfinished_timeout_s"):
+        _positive("sockets.guard." + key, getattr(s.guard, key))
     for key in ("decode_workers", "decode_per_camera", "linger_ms", "heartbeat_s"):
         _positive("sockets." + key, getattr(s, key), allow_zero=True)
     if s.uint16_bit_depth is not None and not 1 <= s.uint16_bit_depth <= 16:
         raise ConfigError(f"sockets.uint16_bit_depth: {s.uint16_bit_depth} must be 1..16 (e.g. 12 for a 12-bit "
                           "sensor sending 16-bit words)")
-    if s.max_peer_pending_bytes is not None:
-        _positive("sockets.max_peer_pending_bytes", s.max_peer_pending_bytes)
+    if s.guard.max_peer_pending_bytes is not None:
+        _positive("sockets.guard.max_peer_pending_bytes", s.guard.max_peer_pending_bytes)
     rss_limit(s)
     b = cfg.batching
     for key in ("max_batch", "max_queue", "deadline_ms"):
@@ -520,9 +496,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.metrics is not None:
         if not 0 <= cfg.metrics.port <= 65535:
             raise ConfigError(f"metrics.port: {cfg.metrics.port} must be 0..65535 (0 = any free port)")
-        _positive("metrics.max_connections", cfg.metrics.max_connections)
-        _positive("metrics.max_per_client", cfg.metrics.max_per_client)
-        _positive("metrics.timeout_s", cfg.metrics.timeout_s)
+        for key in ("max_connections", "max_per_client", "timeout_s"):
+            _positive("metrics.limits." + key, getattr(cfg.metrics.limits, key))
     if cfg.pull is not None:
         _positive("pull.lease_s", cfg.pull.lease_s)
     if cfg.monitor is not None:
@@ -577,24 +552,24 @@ def _validate_lifecycle(lc: LifecycleCfg, has_auth: bool) -> None:
     if not 0.0 <= lc.shadow_fraction <= 1.0:
         raise ConfigError(f"lifecycle.shadow_fraction: {lc.shadow_fraction} must be in [0, 1]")
     _positive("lifecycle.shadow_queue", lc.shadow_queue)
-    _positive("lifecycle.auto_promote_frames", lc.auto_promote_frames, allow_zero=True)
-    if not 0.0 <= lc.auto_promote_max_disagreement <= 1.0:
-        raise ConfigError(f"lifecycle.auto_promote_max_disagreement: {lc.auto_promote_max_disagreement} must be "
-                          "in [0, 1]")
-    if not 0.0 < lc.auto_promote_max_escape < 1.0:
-        raise ConfigError(f"lifecycle.auto_promote_max_escape: {lc.auto_promote_max_escape} must be in (0, 1) (a "
+    ap, ar = lc.auto_promote, lc.auto_rollback
+    _positive("lifecycle.auto_promote.frames", ap.frames, allow_zero=True)
+    if not 0.0 <= ap.max_disagreement <= 1.0:
+        raise ConfigError(f"lifecycle.auto_promote.max_disagreement: {ap.max_disagreement} must be in [0, 1]")
+    if not 0.0 < ap.max_escape < 1.0:
+        raise ConfigError(f"lifecycle.auto_promote.max_escape: {ap.max_escape} must be in (0, 1) (a "
                           "candidate that PASSes every frame the active model REJECTs must never qualify)")
-    _positive("lifecycle.auto_rollback_baseline", lc.auto_rollback_baseline, allow_zero=True)
-    _positive("lifecycle.auto_rollback_subgroup", lc.auto_rollback_subgroup)
-    _positive("lifecycle.auto_rollback_watch", lc.auto_rollback_watch)
-    if lc.auto_rollback_watch < lc.auto_rollback_subgroup:
-        raise ConfigError(f"lifecycle.auto_rollback_watch: {lc.auto_rollback_watch} is shorter than one check "
-                          f"(auto_rollback_subgroup {lc.auto_rollback_subgroup})")
-    if lc.auto_rollback_watch // lc.auto_rollback_subgroup > 10000:
-        raise ConfigError(f"lifecycle.auto_rollback_watch / auto_rollback_subgroup: "
-                          f"{lc.auto_rollback_watch // lc.auto_rollback_subgroup} checks; at most 10000 (check less often)")
-    if not 0.0 < lc.auto_rollback_alpha < 1.0:
-        raise ConfigError(f"lifecycle.auto_rollback_alpha: {lc.auto_rollback_alpha} must be in (0, 1)")
+    _positive("lifecycle.auto_rollback.baseline", ar.baseline, allow_zero=True)
+    _positive("lifecycle.auto_rollback.subgroup", ar.subgroup)
+    _positive("lifecycle.auto_rollback.watch", ar.watch)
+    if ar.watch < ar.subgroup:
+        raise ConfigError(f"lifecycle.auto_rollback.watch: {ar.watch} is shorter than one check "
+                          f"(auto_rollback.subgroup {ar.subgroup})")
+    if ar.watch // ar.subgroup > 10000:
+        raise ConfigError(f"lifecycle.auto_rollback.watch / auto_rollback.subgroup: "
+                          f"{ar.watch // ar.subgroup} checks; at most 10000 (check less often)")
+    if not 0.0 < ar.alpha < 1.0:
+        raise ConfigError(f"lifecycle.auto_rollback.alpha: {ar.alpha} must be in (0, 1)")
 
 
 def from_dict(raw: Optional[Dict[str, Any]], source: str = "<config>") -> Config:

@@ -72,7 +72,7 @@ class Daemon(IngestMixin):
         self.pool: Optional[DecodePool] = None
         self.ctx: Optional[zmq.Context] = None
         s = cfg.sockets
-        self.guards = GuardRegistry(s.max_pending_bytes)
+        self.guards = GuardRegistry(s.guard.max_pending_bytes)
         self.metrics.add_families(self.guards.collect)
         self._frames_guard: Optional[SocketGuard] = None
         self._verdicts_guard: Optional[SocketGuard] = None
@@ -103,8 +103,8 @@ class Daemon(IngestMixin):
         if cfg.metrics is not None:
             try:
                 self.http = HealthServer(m, cfg.metrics.host, cfg.metrics.port, self.is_ready, self.is_live,
-                                         cfg.metrics.max_connections, cfg.metrics.timeout_s,
-                                         cfg.metrics.max_per_client)
+                                         cfg.metrics.limits.max_connections, cfg.metrics.limits.timeout_s,
+                                         cfg.metrics.limits.max_per_client)
                 http_srv = self.http
                 m.add_counter_callback("nexedge_http_refused", "Metrics HTTP connections closed unanswered, by "
                                        "reason (evicted by a newer one, timeout, too_large)", "reason",
@@ -214,10 +214,10 @@ class Daemon(IngestMixin):
             self.auth.apply_server(r, monitor=False, domain="frames")  # the guards' monitors count failed
             self.auth.apply_server(pub, monitor=False, domain="verdicts")  # handshakes
         failed = self.auth.handshake_failed if self.auth is not None else None
-        peer_max = s.max_peer_pending_bytes or 2 * s.max_message_bytes + (1 << 20)
-        self._frames_guard = SocketGuard(r, "frames", Limits(peer_max, s.unfinished_timeout_s, s.max_peers),
+        peer_max = s.guard.max_peer_pending_bytes or 2 * s.max_message_bytes + (1 << 20)
+        self._frames_guard = SocketGuard(r, "frames", Limits(peer_max, s.guard.unfinished_timeout_s, s.max_peers),
                                          self.guards, failed)
-        self._verdicts_guard = SocketGuard(pub, "verdicts", Limits(1 << 20, s.unfinished_timeout_s, s.max_peers,
+        self._verdicts_guard = SocketGuard(pub, "verdicts", Limits(1 << 20, s.guard.unfinished_timeout_s, s.max_peers,
                                                                     slack=256 << 10), self.guards, failed)
         for sock, key, addr in ((r, "sockets.frames", s.frames), (pub, "sockets.verdicts", s.verdicts)):
             try:

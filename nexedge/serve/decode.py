@@ -267,7 +267,7 @@ def decode(req: Request, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_D
         scans = jpeg_scans(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf, max_scans)
         if scans > max_scans:
             raise ProtocolError(protocol.TOO_MANY_SCANS, f"JPEG of {info.height}x{info.width} has more than {max_scans} "
-                                "scans (sockets.max_jpeg_scans; encoders write at most 10): each scan is another "
+                                "scans (sockets.decode_limits.max_jpeg_scans; encoders write at most 10): each scan is another "
                                 "decoding pass", req.camera, req.frame_id)
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is not None and img.dtype not in (np.uint8, np.uint16):

@@ -341,7 +341,7 @@ class GuardRegistry:
                 cands = self._candidates(now, RSS_MIN_AGE_S, drained_only=False)
                 if cands:
                     pending, g, p = cands[0]
-                    g.disconnect(p, "rss", f"process RSS {self.rss >> 20} MiB over sockets.rss_limit "
+                    g.disconnect(p, "rss", f"process RSS {self.rss >> 20} MiB over sockets.guard.rss_limit "
                                  f"{self.rss_limit >> 20} MiB; this peer holds {pending} unfinished bytes")
         finally:
             self._lock.release()
@@ -375,7 +375,7 @@ class GuardRegistry:
         rss.add_metric([], float(rss_bytes()))
         fams = [peers, pend, big, disc, rss]
         if self.rss_limit:
-            lim = GaugeMetricFamily("nexedge_rss_limit_bytes", "sockets.rss_limit in effect")
+            lim = GaugeMetricFamily("nexedge_rss_limit_bytes", "sockets.guard.rss_limit in effect")
             lim.add_metric([], float(self.rss_limit))
             fams.append(lim)
         return fams

@@ -294,11 +294,11 @@ class IngestMixin:
 
     def _decode_and_queue(self, req: Request, handoff: Any) -> None:
         t0 = time.monotonic()
-        s = self.cfg.sockets
+        lim = self.cfg.sockets.decode_limits
         try:
-            img = decode(req, s.max_pixels, s.max_decoded_bytes, s.max_jpeg_scans)
+            img = decode(req, lim.max_pixels, lim.max_decoded_bytes, lim.max_jpeg_scans)
             try:
-                prepared = pp.prepare(img, self.card.input, req.bit_depth or s.uint16_bit_depth)
+                prepared = pp.prepare(img, self.card.input, req.bit_depth or self.cfg.sockets.uint16_bit_depth)
             except (ValueError, TypeError) as e:
                 raise ProtocolError(protocol.BAD_SHAPE, str(e), req.camera, req.frame_id) from None
         except ProtocolError as e:
@@ -345,8 +345,8 @@ class IngestMixin:
 
             fmt = sniff(req.payload)
             info = image_info(req.payload, fmt) if fmt is not None else None
-            s = self.cfg.sockets
-            if info is None or not 0 < info.pixels <= s.max_pixels or info.nbytes > s.max_decoded_bytes:
+            lim = self.cfg.sockets.decode_limits
+            if info is None or not 0 < info.pixels <= lim.max_pixels or info.nbytes > lim.max_decoded_bytes:
                 return
             original, ext = req.payload, EXT[fmt]
         self.sampler.submit(original, ext, {

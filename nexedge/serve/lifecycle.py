@@ -163,7 +163,7 @@ class Lifecycle:
     def report(self) -> Dict[str, Any]:
         """``nexedge line report``: shadow statistics of the (last) candidate."""
         out = self.shadow.report() if self.shadow is not None else {}
-        if self.lc.auto_promote_frames > 0:
+        if self.lc.auto_promote.frames > 0:
             out["auto_promote"] = self.promotion_state
         return out
 
@@ -442,10 +442,10 @@ class Lifecycle:
         """Called by the shadow scorer with the agreement matrix of ``cand``: promote it (and only it)
         when the rule holds (:func:`nexedge.serve.rules.promotion_verdict`)."""
         lc = self.lc
-        if lc.auto_promote_frames <= 0 or self.candidate is not cand:
+        if lc.auto_promote.frames <= 0 or self.candidate is not cand:
             return
-        ok, why = promotion_verdict(matrix, lc.auto_promote_frames, lc.auto_promote_max_disagreement,
-                                    lc.auto_promote_max_escape)
+        ok, why = promotion_verdict(matrix, lc.auto_promote.frames, lc.auto_promote.max_disagreement,
+                                    lc.auto_promote.max_escape)
         self.promotion_state = why
         if not ok:
             return

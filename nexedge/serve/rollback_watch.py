@@ -21,12 +21,12 @@ class RollbackWatch:
 
     def __init__(self, lc: serve_config.LifecycleCfg) -> None:
         self.lc = lc
-        self.chart = RollbackChart(lc.auto_rollback_baseline, lc.auto_rollback_subgroup,
-                                   lc.auto_rollback_watch, lc.auto_rollback_alpha)
+        self.chart = RollbackChart(lc.auto_rollback.baseline, lc.auto_rollback.subgroup,
+                                   lc.auto_rollback.watch, lc.auto_rollback.alpha)
 
     @property
     def enabled(self) -> bool:
-        return self.lc.auto_rollback_baseline > 0
+        return self.lc.auto_rollback.baseline > 0
 
     @property
     def armed(self) -> Optional[Dict[str, Any]]:
@@ -50,7 +50,7 @@ class RollbackWatch:
             self.disarm(f"{why}: no previous model to roll back to")
             return None
         if pre is None:
-            self.disarm(f"{why}: fewer than lifecycle.auto_rollback_baseline ({self.lc.auto_rollback_baseline}) "
+            self.disarm(f"{why}: fewer than lifecycle.auto_rollback.baseline ({self.lc.auto_rollback.baseline}) "
                         f"decisions of {old.model_id} were seen before the change")
             return None
         limits = self.chart.arm(old, new, new.model_id, pre)
@@ -61,7 +61,7 @@ class RollbackWatch:
         if limits["lower_fires_from"] is None:
             log.warning("automatic rollback of %s cannot fire on a LOW reject rate: %d rejects in %d baseline frames "
                         "cannot tell 0 rejects in %d frames from chance at %g; a model that rejects nothing would "
-                        "not be rolled back (raise lifecycle.auto_rollback_baseline and auto_rollback_watch)",
+                        "not be rolled back (raise lifecycle.auto_rollback.baseline and auto_rollback.watch)",
                         new.model_id, limits["baseline_rejects"], limits["baseline"], limits["watch"],
                         limits["alpha"])
         return limits
