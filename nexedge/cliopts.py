@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_TPR_FLOOR", "GLOBAL_OPTIONS", "Key", "RETIRED", "add_global_
 #: Global option -> the number of values it takes.
 GLOBAL_OPTIONS: Dict[str, int] = {"--threads": 1, "--no-progress": 0, "--json": 0}
 #: Global option -> attribute it sets.
-GLOBAL_DESTS: Dict[str, str] = {"--threads": "threads", "--no-progress": "no_progress", "--json": "json"}
+GLOBAL_DESTS: Dict[str, str] = {flag: flag[2:].replace("-", "_") for flag in GLOBAL_OPTIONS}
 #: (command, flag): the command has an option of that name of its own (``bench --json OUT``: a file).
 OWN_OPTIONS = {("bench", "--json")}
 

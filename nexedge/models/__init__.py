@@ -22,9 +22,8 @@ import os
 import pkgutil
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-#: ImageNet's input normalisation (``nexedge.card.IMAGENET_MEAN``/``_STD``), the default of a spec.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from nexedge.card import IMAGENET_MEAN, IMAGENET_STD  # a spec's default normalisation
+
 #: ``--pretrained`` values that mean "no weights".
 NO_WEIGHTS = ("none", "")
 
