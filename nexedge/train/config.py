@@ -3,8 +3,15 @@ does not import torch (``nexedge.train.transforms`` uses them)."""
 
 from typing import Dict
 
-#: Loss functions ``--loss`` accepts: declared with the losses themselves (torch-free at import).
-from nexedge.train.losses import LOSSES  # noqa: F401
+#: The losses ``--loss`` accepts, with the line ``nexedge train --help`` shows for each (the CLI's choices
+#: and help come from here); each is built by ``nexedge.train.losses.build_loss``.
+LOSSES: Dict[str, str] = {
+    "ce": "cross entropy (default)",
+    "wbce": "CE + weighted binary CE (good vs defect)",
+    "sat": "self-adaptive training: soft labels from the model's own predictions after epoch sat_es (--loss-kw)",
+    "sat_good": "sat, with soft labels only for images labelled good",
+    "sat_boost": "sat_good with class weights (x5 for lead_defect, marking_defect, pocket_damage, scratch)",
+}
 
 #: Random mirror augmentations: none, horizontal (the mirror TenCrop scores at test time), vertical, or both.
 FLIPS = ("none", "h", "v", "hv")

@@ -16,33 +16,13 @@ class weights (``--boost``) are normalised over the batch.
   marking_defect, pocket_damage, scratch, where those classes exist).
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    import torch
-
-#: The losses ``--loss`` accepts, with the line ``nexedge train --help`` shows for each (the CLI's
-#: choices and help come from here). Adding a loss is this file: a line here, its class, its branch
-#: in :func:`build_loss`. torch is imported on first use, so the CLI reads this without it.
-LOSSES: Dict[str, str] = {
-    "ce": "cross entropy (default)",
-    "wbce": "CE + weighted binary CE (good vs defect)",
-    "sat": "self-adaptive training: soft labels from the model's own predictions after --sat-es",
-    "sat_good": "sat, with soft labels only for images labelled good",
-    "sat_boost": "sat_good with class weights (x5 for lead_defect, marking_defect, pocket_damage, scratch)",
-}
-
-
-def _torch() -> Tuple[Any, Any]:
-    """``torch`` and ``torch.nn.functional``, imported on first use."""
-    import torch
-    import torch.nn.functional as F
-
-    return torch, F
+from nexedge.train.config import LOSSES
 
 DEFAULT_BOOST = {"lead_defect": 5.0, "marking_defect": 5.0, "pocket_damage": 5.0, "scratch": 5.0}
 
@@ -57,7 +37,6 @@ class TrainLoss:
     name = "ce"
 
     def __init__(self, num_classes: int, good_index: int, class_weights: Optional[Sequence[float]] = None) -> None:
-        torch, _ = _torch()
         self.num_classes = num_classes
         self.good_index = good_index
         cw = torch.ones(num_classes) if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
@@ -69,7 +48,6 @@ class TrainLoss:
         return self.class_weights.to(targets.device)[targets]
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        _, F = _torch()
         ce = F.cross_entropy(logits, targets, reduction="none")
         return _weighted_mean(ce, self.sample_weights(targets))
 
@@ -96,7 +74,6 @@ class WBCELoss(TrainLoss):
         start_epochs: Optional[Sequence[int]] = None,
         class_weights: Optional[Sequence[float]] = None,
     ) -> None:
-        torch, _ = _torch()
         super().__init__(num_classes, good_index, class_weights)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"--loss-kw wbce_lambda must be in [0, 1], got {lam}")
@@ -109,7 +86,6 @@ class WBCELoss(TrainLoss):
 
     def terms(self, logits: torch.Tensor, targets: torch.Tensor):
         """Per-sample (CE, binary CE), both with gradients."""
-        torch, F = _torch()
         lp = F.log_softmax(logits, dim=1)
         ce = -lp.gather(1, targets[:, None])[:, 0]
         log_good = lp[:, self.good_index]
@@ -118,7 +94,6 @@ class WBCELoss(TrainLoss):
         return ce, bce
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        torch, _ = _torch()
         ce, bce = self.terms(logits, targets)
         active = self.start_epochs.to(targets.device)[targets] <= epoch
         per = torch.where(active, self.lam * ce + (1.0 - self.lam) * bce, ce)
@@ -138,7 +113,6 @@ class SATLoss(TrainLoss):
         only_good: bool = False,
         class_weights: Optional[Sequence[float]] = None,
     ) -> None:
-        torch, F = _torch()
         super().__init__(num_classes, good_index, class_weights)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"--loss-kw sat_alpha must be in [0, 1), got {alpha}")
@@ -154,7 +128,6 @@ class SATLoss(TrainLoss):
         self.updated_epoch = torch.zeros(len(labels_t), dtype=torch.long)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        torch, F = _torch()
         cw = self.sample_weights(targets)
         if epoch <= self.es:
             return _weighted_mean(F.cross_entropy(logits, targets, reduction="none"), cw)

@@ -59,15 +59,11 @@ def untrained_checkpoint(path: str, arch: str, size: int = UNTRAINED_SIZE, crop:
     checkpoint with its card (``crop_mode`` ten)."""
     from nexedge.card import ModelCard
     from nexedge.export.toy import CLASSES
-    from nexedge.models import create_model
+    from nexedge.models import accepts, create_model
     from nexedge.models.checkpoint import save_checkpoint
 
-    kwargs: Dict[str, Any] = {"input_size": [crop, crop]}  # the zoo's factories take the crop size (STN needs it)
-    try:
-        model = create_model(arch, 3, **kwargs)
-    except TypeError:  # e.g. tiny: any input size
-        kwargs = {}
-        model = create_model(arch, 3)
+    kwargs: Dict[str, Any] = accepts(arch, {"input_size": [crop, crop]})  # the STN needs the crop size
+    model = create_model(arch, 3, **kwargs)
     card = ModelCard.new(CLASSES, resize=(size, size), crop=(crop, crop), crop_mode="ten", color=color)
     return save_checkpoint(path, model.eval(), arch, CLASSES, "good", arch_kwargs=kwargs, card=card)
 
