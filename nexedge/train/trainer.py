@@ -87,13 +87,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.resize is None or self.crop is None:
-            from nexedge.models import arch_specs
+            from nexedge.models import ArchSpec, arch_specs
 
-            spec = arch_specs().get(self.arch)  # an unknown arch fails in check()
-            if self.resize is None:
-                self.resize = spec.resize if spec else (72, 72)
-            if self.crop is None:
-                self.crop = spec.crop if spec else (64, 64)
+            spec = arch_specs().get(self.arch)  # an unknown arch fails in check(); until then, a spec's defaults
+            defaults = spec._asdict() if spec else ArchSpec._field_defaults
+            self.resize = self.resize or defaults["resize"]
+            self.crop = self.crop or defaults["crop"]
 
     def check(self) -> None:
         from nexedge.models import check_pretrained, list_models
